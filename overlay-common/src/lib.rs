@@ -1,0 +1,262 @@
+//! Map key/value types shared by the kernel programs (`overlay-ebpf`) and the agent
+//! (`overlay-ctl`).
+//!
+//! Every type is `#[repr(C)]`, has no implicit padding (explicit `_pad` fields where the
+//! layout needs them) and a compile-time size assertion, because the kernel and user space
+//! must agree on every byte. IPv4 addresses are stored in network byte order (`u32` as
+//! read from the packet), so the kernel side never byte-swaps them; the user side converts
+//! with [`ipv4_to_map`] / [`ipv4_from_map`].
+#![no_std]
+
+pub mod counters;
+pub mod proto;
+
+pub use counters::{Counter, CounterKey, CounterValue};
+
+/// Map names as they appear in the object file and under the pin directory.
+pub mod map_names {
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const LOCAL_IFACES: &str = "LOCAL_IFACES";
+    pub const NETWORKS: &str = "NETWORKS";
+    pub const SUBNETS: &str = "SUBNETS";
+    pub const VTEPS: &str = "VTEPS";
+    pub const UNDERLAY: &str = "UNDERLAY";
+}
+
+/// Program names (the function names in `overlay-ebpf`).
+pub mod program_names {
+    /// XDP on the underlay interface: classifies, validates and decapsulates VXLAN.
+    pub const UNDERLAY_XDP: &str = "overlay_underlay";
+    /// TC ingress on each host-side container veth: ARP, anti-spoofing, switching, encap.
+    pub const CONTAINER_TC: &str = "overlay_container";
+    /// A pass-through XDP program for container-side veths: gives the veth the NAPI
+    /// context that `XDP_REDIRECT` into it needs.
+    pub const XDP_PASS: &str = "overlay_xdp_pass";
+}
+
+/// Map capacities.
+pub mod capacity {
+    pub const COUNTERS: u32 = 16_384;
+    pub const ENDPOINTS: u32 = 65_536;
+    pub const LOCAL_IFACES: u32 = 4_096;
+    pub const NETWORKS: u32 = 4_096;
+    pub const SUBNETS: u32 = 4_096;
+    pub const VTEPS: u32 = 4_096;
+    pub const UNDERLAY: u32 = 1;
+}
+
+/// Largest valid VXLAN network identifier (24 bits).
+pub const VNI_MAX: u32 = (1 << 24) - 1;
+
+/// VXLAN encapsulation overhead on an IPv4 underlay: outer Ethernet + IPv4 + UDP + VXLAN.
+pub const VXLAN_OVERHEAD: u32 = proto::ETH_HLEN as u32
+    + proto::IPV4_HLEN_MIN as u32
+    + proto::UDP_HLEN as u32
+    + proto::VXLAN_HLEN as u32;
+
+/// Converts an address to its map representation (network byte order in a `u32`).
+pub const fn ipv4_to_map(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// Converts a map representation back to octets.
+pub const fn ipv4_from_map(value: u32) -> [u8; 4] {
+    value.to_ne_bytes()
+}
+
+/// Key of [`map_names::ENDPOINTS`]: an endpoint is identified by its network and address,
+/// so two networks may use the same subnet and stay apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub vni: u32,
+    /// Network byte order.
+    pub ip: u32,
+}
+
+/// Where an endpoint lives.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointKind {
+    /// On this node, behind the host-side veth `ifindex`.
+    Local = 1,
+    /// On another node, reached through the VXLAN tunnel to `vtep`.
+    Remote = 2,
+}
+
+/// Value of [`map_names::ENDPOINTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointValue {
+    /// An [`EndpointKind`] as `u32`.
+    pub kind: u32,
+    /// Host-side veth of a local endpoint; 0 for remote ones.
+    pub ifindex: u32,
+    /// Underlay address of the node of a remote endpoint (network byte order); 0 for local.
+    pub vtep: u32,
+    /// The endpoint's own MAC address (answered to ARP, checked against spoofing).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl EndpointValue {
+    pub const fn local(ifindex: u32, mac: [u8; 6]) -> Self {
+        Self {
+            kind: EndpointKind::Local as u32,
+            ifindex,
+            vtep: 0,
+            mac,
+            _pad: [0; 2],
+        }
+    }
+
+    pub const fn remote(vtep: u32, mac: [u8; 6]) -> Self {
+        Self {
+            kind: EndpointKind::Remote as u32,
+            ifindex: 0,
+            vtep,
+            mac,
+            _pad: [0; 2],
+        }
+    }
+
+    pub const fn is_local(&self) -> bool {
+        self.kind == EndpointKind::Local as u32
+    }
+}
+
+/// Value of [`map_names::LOCAL_IFACES`], keyed by the host-side veth ifindex (`u32`): which
+/// endpoint sits behind this veth. The TC program uses it to find the sender's network and
+/// to reject spoofed source addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalIface {
+    pub vni: u32,
+    /// The container's address (network byte order).
+    pub ip: u32,
+    /// The container's MAC.
+    pub mac: [u8; 6],
+    /// The host-side veth's MAC: the gateway's ARP answer, so traffic for the gateway and
+    /// the world reaches the host stack addressed to it.
+    pub host_mac: [u8; 6],
+}
+
+/// Value of [`map_names::NETWORKS`], keyed by VNI (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetworkInfo {
+    /// Network byte order.
+    pub subnet: u32,
+    /// Network byte order (e.g. `255.255.255.0` for a /24).
+    pub netmask: u32,
+    /// Network byte order.
+    pub gateway: u32,
+    /// The containers' MTU (underlay MTU minus [`VXLAN_OVERHEAD`]).
+    pub mtu: u32,
+}
+
+impl NetworkInfo {
+    /// Whether `ip` (network byte order) lies in this network's subnet.
+    pub const fn contains(&self, ip: u32) -> bool {
+        ip & self.netmask == self.subnet
+    }
+}
+
+/// Key of [`map_names::SUBNETS`], an LPM trie of every network's subnet, used to tell
+/// traffic to another network (dropped) from traffic to the outside world (to the host).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubnetKey {
+    pub prefix_len: u32,
+    /// Network byte order.
+    pub ip: u32,
+}
+
+/// Value of [`map_names::SUBNETS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubnetValue {
+    /// A network that owns this subnet (the lowest VNI when several share it).
+    pub vni: u32,
+}
+
+/// Value of [`map_names::VTEPS`], keyed by a cluster node's underlay address (`u32`,
+/// network byte order). Only VXLAN from these sources is accepted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VtepInfo {
+    /// Bit 0: this entry is the local node.
+    pub flags: u32,
+}
+
+impl VtepInfo {
+    pub const LOCAL: u32 = 1;
+}
+
+/// Value of [`map_names::UNDERLAY`] (an array with one element): this node's underlay.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnderlayConfig {
+    pub ifindex: u32,
+    /// This node's VTEP address (network byte order); 0 until the agent has configured it.
+    pub vtep: u32,
+    pub mtu: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+macro_rules! assert_size {
+    ($t:ty, $n:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $n);
+    };
+}
+
+assert_size!(EndpointKey, 8);
+assert_size!(EndpointValue, 20);
+assert_size!(LocalIface, 20);
+assert_size!(NetworkInfo, 16);
+assert_size!(SubnetKey, 8);
+assert_size!(SubnetValue, 4);
+assert_size!(VtepInfo, 4);
+assert_size!(UnderlayConfig, 20);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is `repr(C)`, made only of integers and byte arrays, and has no
+    // implicit padding (checked by the size assertions above).
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for LocalIface {}
+    unsafe impl aya::Pod for NetworkInfo {}
+    unsafe impl aya::Pod for SubnetKey {}
+    unsafe impl aya::Pod for SubnetValue {}
+    unsafe impl aya::Pod for VtepInfo {}
+    unsafe impl aya::Pod for UnderlayConfig {}
+    unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for CounterValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_contains_uses_network_byte_order() {
+        let net = NetworkInfo {
+            subnet: ipv4_to_map([10, 100, 0, 0]),
+            netmask: ipv4_to_map([255, 255, 255, 0]),
+            gateway: ipv4_to_map([10, 100, 0, 1]),
+            mtu: 1450,
+        };
+        assert!(net.contains(ipv4_to_map([10, 100, 0, 77])));
+        assert!(!net.contains(ipv4_to_map([10, 100, 1, 77])));
+        assert_eq!(ipv4_from_map(net.gateway), [10, 100, 0, 1]);
+    }
+
+    #[test]
+    fn vxlan_overhead_is_fifty_bytes() {
+        assert_eq!(VXLAN_OVERHEAD, 50);
+    }
+}

@@ -1,0 +1,503 @@
+//! The data plane as user space sees it: loading the kernel programs, attaching them,
+//! pinning, and typed updates of every map. Everything that touches the BPF side goes
+//! through [`Datapath`]; the agent, the CLI and the tests share it.
+//!
+//! Interface indexes and names are resolved in the calling thread's network namespace,
+//! as are attachments: callers working in another namespace call from a thread that
+//! entered it (see [`crate::netns`]).
+use std::{
+    collections::{BTreeMap, HashMap},
+    ffi::CString,
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap,
+    },
+    programs::{
+        tc::{self, SchedClassifierLinkId, TcAttachType},
+        xdp::XdpLinkId,
+        ProgramError, SchedClassifier, Xdp, XdpMode,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader, Pod,
+};
+use overlay_common::{
+    ipv4_to_map, map_names, program_names, Counter, CounterKey, CounterValue, EndpointKey,
+    EndpointValue, LocalIface, NetworkInfo, SubnetValue, UnderlayConfig, VtepInfo,
+};
+
+/// The kernel object, built from `overlay-ebpf` by `build.rs`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.bpf.o"));
+
+/// Where the agent pins its maps and links unless told otherwise.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/overlay";
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// TCX (multi-program TC links) replaced netlink attachment in Linux 6.6.
+const TCX_KERNEL: (u8, u8, u16) = (6, 6, 0);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot load the eBPF programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("network interface {0:?} not found")]
+    UnknownInterface(String),
+    #[error("TC on {iface}: {source}")]
+    Tc {
+        iface: String,
+        #[source]
+        source: tc::TcError,
+    },
+    #[error("bpffs at {path}: {source}")]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// How the underlay XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+pub enum XdpAttachMode {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    /// Native mode only (veth, most NICs); fails where unsupported.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Skb,
+}
+
+impl XdpAttachMode {
+    fn to_aya(self) -> XdpMode {
+        match self {
+            XdpAttachMode::Auto => XdpMode::default(),
+            XdpAttachMode::Native => XdpMode::Driver,
+            XdpAttachMode::Skb => XdpMode::Skb,
+        }
+    }
+}
+
+/// Loaded programs and their maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_root: PathBuf,
+    underlay: Option<(u32, XdpLinkId)>,
+    containers: HashMap<u32, SchedClassifierLinkId>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_root", &self.pin_root)
+            .field("underlay", &self.underlay.as_ref().map(|(i, _)| *i))
+            .field("containers", &self.containers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Datapath {
+    /// Loads the programs, reusing the maps pinned under `pin_root/maps` if an earlier
+    /// agent left them (so a restart keeps all forwarding state), pinning new ones there.
+    pub fn load(pin_root: &Path) -> Result<Self> {
+        ensure_bpffs(pin_root)?;
+        let map_dir = pin_root.join("maps");
+        std::fs::create_dir_all(&map_dir).map_err(|source| DatapathError::Bpffs {
+            path: map_dir.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .load(EBPF_OBJECT)?;
+        for name in [program_names::UNDERLAY_XDP, program_names::XDP_PASS] {
+            xdp_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        tc_program(&mut ebpf)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: program_names::CONTAINER_TC,
+                source,
+            })?;
+        Ok(Self {
+            ebpf,
+            pin_root: pin_root.to_path_buf(),
+            underlay: None,
+            containers: HashMap::new(),
+        })
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.pin_root
+    }
+
+    /// Attaches the underlay XDP program to `ifindex` (replacing an earlier underlay).
+    pub fn attach_underlay(&mut self, ifindex: u32, mode: XdpAttachMode) -> Result<()> {
+        self.detach_underlay()?;
+        let name = program_names::UNDERLAY_XDP;
+        let link = xdp_program(&mut self.ebpf, name)?
+            .attach_to_if_index(ifindex, mode.to_aya())
+            .map_err(|source| DatapathError::Program { name, source })?;
+        self.underlay = Some((ifindex, link));
+        Ok(())
+    }
+
+    pub fn underlay_ifindex(&self) -> Option<u32> {
+        self.underlay.as_ref().map(|(ifindex, _)| *ifindex)
+    }
+
+    pub fn detach_underlay(&mut self) -> Result<()> {
+        if let Some((_, link)) = self.underlay.take() {
+            let name = program_names::UNDERLAY_XDP;
+            xdp_program(&mut self.ebpf, name)?
+                .detach(link)
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the container program to TC ingress of a host-side veth: TCX on kernels
+    /// that have it, a clsact qdisc and netlink filter on older ones.
+    pub fn attach_container(&mut self, host_veth: &str) -> Result<u32> {
+        let ifindex = ifindex_of(host_veth)?;
+        if self.containers.contains_key(&ifindex) {
+            return Ok(ifindex);
+        }
+        if !tcx_supported() {
+            match tc::qdisc_add_clsact(host_veth) {
+                Ok(()) => {}
+                Err(tc::TcError::AlreadyAttached) => {}
+                Err(source) => {
+                    return Err(DatapathError::Tc {
+                        iface: host_veth.to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        let name = program_names::CONTAINER_TC;
+        let link = tc_program(&mut self.ebpf)?
+            .attach(host_veth, TcAttachType::Ingress)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        self.containers.insert(ifindex, link);
+        Ok(ifindex)
+    }
+
+    /// Detaches from a host-side veth. A veth that is already gone took its attachment
+    /// with it, which is not an error.
+    pub fn detach_container(&mut self, ifindex: u32) -> Result<()> {
+        if let Some(link) = self.containers.remove(&ifindex) {
+            let name = program_names::CONTAINER_TC;
+            match tc_program(&mut self.ebpf)?.detach(link) {
+                Ok(()) => {}
+                Err(_) if !interface_exists(ifindex) => {}
+                Err(source) => return Err(DatapathError::Program { name, source }),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn attached_containers(&self) -> impl Iterator<Item = u32> + '_ {
+        self.containers.keys().copied()
+    }
+
+    /// Kernel ids of the loaded programs, by name.
+    pub fn program_ids(&self) -> BTreeMap<&'static str, u32> {
+        let mut ids = BTreeMap::new();
+        for name in [
+            program_names::UNDERLAY_XDP,
+            program_names::CONTAINER_TC,
+            program_names::XDP_PASS,
+        ] {
+            if let Some(Ok(info)) = self.ebpf.program(name).map(|p| p.info()) {
+                ids.insert(name, info.id());
+            }
+        }
+        ids
+    }
+
+    // ---- typed map updates -------------------------------------------------------------
+
+    pub fn set_underlay(&mut self, config: &UnderlayConfig) -> Result<()> {
+        let name = map_names::UNDERLAY;
+        let mut array: Array<&mut MapData, UnderlayConfig> = self.typed_map(name)?;
+        array
+            .set(0, config, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    pub fn underlay_config(&mut self) -> Result<UnderlayConfig> {
+        let name = map_names::UNDERLAY;
+        let array: Array<&mut MapData, UnderlayConfig> = self.typed_map(name)?;
+        array
+            .get(&0, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    pub fn upsert_network(&mut self, vni: u32, network: &NetworkInfo) -> Result<()> {
+        self.hash_insert(map_names::NETWORKS, vni, *network)
+    }
+
+    pub fn remove_network(&mut self, vni: u32) -> Result<()> {
+        self.hash_remove::<u32, NetworkInfo>(map_names::NETWORKS, &vni)
+    }
+
+    pub fn networks(&mut self) -> Result<BTreeMap<u32, NetworkInfo>> {
+        self.hash_entries(map_names::NETWORKS)
+    }
+
+    pub fn upsert_endpoint(&mut self, key: EndpointKey, value: &EndpointValue) -> Result<()> {
+        self.hash_insert(map_names::ENDPOINTS, key, *value)
+    }
+
+    pub fn remove_endpoint(&mut self, key: EndpointKey) -> Result<()> {
+        self.hash_remove::<EndpointKey, EndpointValue>(map_names::ENDPOINTS, &key)
+    }
+
+    pub fn endpoints(&mut self) -> Result<BTreeMap<EndpointKey, EndpointValue>> {
+        self.hash_entries(map_names::ENDPOINTS)
+    }
+
+    pub fn upsert_local_iface(&mut self, ifindex: u32, iface: &LocalIface) -> Result<()> {
+        self.hash_insert(map_names::LOCAL_IFACES, ifindex, *iface)
+    }
+
+    pub fn remove_local_iface(&mut self, ifindex: u32) -> Result<()> {
+        self.hash_remove::<u32, LocalIface>(map_names::LOCAL_IFACES, &ifindex)
+    }
+
+    pub fn local_ifaces(&mut self) -> Result<BTreeMap<u32, LocalIface>> {
+        self.hash_entries(map_names::LOCAL_IFACES)
+    }
+
+    pub fn upsert_vtep(&mut self, vtep: Ipv4Addr, info: &VtepInfo) -> Result<()> {
+        self.hash_insert(map_names::VTEPS, ipv4_to_map(vtep.octets()), *info)
+    }
+
+    pub fn remove_vtep(&mut self, vtep: Ipv4Addr) -> Result<()> {
+        self.hash_remove::<u32, VtepInfo>(map_names::VTEPS, &ipv4_to_map(vtep.octets()))
+    }
+
+    pub fn vteps(&mut self) -> Result<BTreeMap<Ipv4Addr, VtepInfo>> {
+        Ok(self
+            .hash_entries::<u32, VtepInfo>(map_names::VTEPS)?
+            .into_iter()
+            .map(|(k, v)| (Ipv4Addr::from(overlay_common::ipv4_from_map(k)), v))
+            .collect())
+    }
+
+    pub fn upsert_subnet(&mut self, subnet: ipnetwork::Ipv4Network, vni: u32) -> Result<()> {
+        let name = map_names::SUBNETS;
+        let mut trie: LpmTrie<&mut MapData, u32, SubnetValue> = self.typed_map(name)?;
+        let key = LpmKey::new(subnet.prefix() as u32, ipv4_to_map(subnet.network().octets()));
+        trie.insert(&key, SubnetValue { vni }, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    pub fn remove_subnet(&mut self, subnet: ipnetwork::Ipv4Network) -> Result<()> {
+        let name = map_names::SUBNETS;
+        let mut trie: LpmTrie<&mut MapData, u32, SubnetValue> = self.typed_map(name)?;
+        let key = LpmKey::new(subnet.prefix() as u32, ipv4_to_map(subnet.network().octets()));
+        ignore_missing(trie.remove(&key)).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    pub fn subnets(&mut self) -> Result<BTreeMap<ipnetwork::Ipv4Network, u32>> {
+        let name = map_names::SUBNETS;
+        let trie: LpmTrie<&mut MapData, u32, SubnetValue> = self.typed_map(name)?;
+        let mut out = BTreeMap::new();
+        for entry in trie.iter() {
+            let (key, value) = entry.map_err(|source| DatapathError::Map { name, source })?;
+            let addr = Ipv4Addr::from(overlay_common::ipv4_from_map(key.data()));
+            if let Ok(net) = ipnetwork::Ipv4Network::new(addr, key.prefix_len() as u8) {
+                out.insert(net, value.vni);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn counters(&self) -> Result<BTreeMap<(u32, Counter), CounterValue>> {
+        let name = map_names::COUNTERS;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })?;
+        let counters: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
+            PerCpuHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        let mut out = BTreeMap::new();
+        for entry in counters.iter() {
+            let (key, per_cpu) = entry.map_err(|source| DatapathError::Map { name, source })?;
+            let Some(counter) = Counter::from_u32(key.counter) else {
+                continue;
+            };
+            let sum = per_cpu.iter().fold(CounterValue::default(), |acc, v| CounterValue {
+                packets: acc.packets + v.packets,
+                bytes: acc.bytes + v.bytes,
+            });
+            out.insert((key.vni, counter), sum);
+        }
+        Ok(out)
+    }
+
+    /// Entries and capacity of every map, for status and metrics.
+    pub fn map_occupancy(&mut self) -> Result<Vec<(&'static str, usize, u32)>> {
+        use overlay_common::capacity;
+        Ok(vec![
+            (map_names::ENDPOINTS, self.endpoints()?.len(), capacity::ENDPOINTS),
+            (map_names::LOCAL_IFACES, self.local_ifaces()?.len(), capacity::LOCAL_IFACES),
+            (map_names::NETWORKS, self.networks()?.len(), capacity::NETWORKS),
+            (map_names::SUBNETS, self.subnets()?.len(), capacity::SUBNETS),
+            (map_names::VTEPS, self.vteps()?.len(), capacity::VTEPS),
+            (map_names::COUNTERS, self.counters()?.len(), capacity::COUNTERS),
+        ])
+    }
+
+    fn typed_map<'a, M>(&'a mut self, name: &'static str) -> Result<M>
+    where
+        M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })?;
+        M::try_from(map).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    fn hash_insert<K: Pod, V: Pod>(&mut self, name: &'static str, key: K, value: V) -> Result<()> {
+        let mut map: BpfHashMap<&mut MapData, K, V> = self.typed_map(name)?;
+        map.insert(key, value, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    fn hash_remove<K: Pod, V: Pod>(&mut self, name: &'static str, key: &K) -> Result<()> {
+        let mut map: BpfHashMap<&mut MapData, K, V> = self.typed_map(name)?;
+        ignore_missing(map.remove(key)).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    fn hash_entries<K: Pod + Ord, V: Pod>(&mut self, name: &'static str) -> Result<BTreeMap<K, V>> {
+        let map: BpfHashMap<&mut MapData, K, V> = self.typed_map(name)?;
+        map.iter()
+            .collect::<std::result::Result<BTreeMap<K, V>, MapError>>()
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+}
+
+/// Removing what is not there is what an idempotent reconcile asks for.
+fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing { kind: "program", name })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    let name = program_names::CONTAINER_TC;
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing { kind: "program", name })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Whether TC programs attach through TCX links (else through a clsact qdisc).
+pub fn tcx_supported() -> bool {
+    let (major, minor, patch) = TCX_KERNEL;
+    KernelVersion::current()
+        .map(|v| v >= KernelVersion::new(major, minor, patch))
+        .unwrap_or(false)
+}
+
+/// The index of interface `name` in the calling thread's network namespace.
+pub fn ifindex_of(name: &str) -> Result<u32> {
+    let c_name = CString::new(name).map_err(|_| DatapathError::UnknownInterface(name.to_string()))?;
+    // SAFETY: `c_name` is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        return Err(DatapathError::UnknownInterface(name.to_string()));
+    }
+    Ok(index)
+}
+
+fn interface_exists(ifindex: u32) -> bool {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has room for IF_NAMESIZE bytes as the call requires.
+    !unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) }.is_null()
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (fresh machines and
+/// minimal VMs), then checks that `pin_root` lies on a bpffs.
+pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
+    let root = Path::new(BPFFS_ROOT);
+    if pin_root.starts_with(root) && !is_bpffs(root) {
+        std::fs::create_dir_all(root).map_err(|source| DatapathError::Bpffs {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|errno| DatapathError::Bpffs {
+            path: root.to_path_buf(),
+            source: io::Error::from(errno),
+        })?;
+    }
+    std::fs::create_dir_all(pin_root).map_err(|source| DatapathError::Bpffs {
+        path: pin_root.to_path_buf(),
+        source,
+    })?;
+    if !is_bpffs(pin_root) {
+        return Err(DatapathError::Bpffs {
+            path: pin_root.to_path_buf(),
+            source: io::Error::other("not on a bpf filesystem (mount -t bpf bpf <dir>)"),
+        });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Removes the pinned maps (and any pinned links) under `pin_root`. The next load starts
+/// from empty maps.
+pub fn remove_pins(pin_root: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(pin_root) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,5 @@
+//! The overlay agent and operator CLI as a library: the data plane handle
+//! ([`datapath`]), netlink helpers ([`netlink`]) and the agent ([`agent`]).
+pub mod agent;
+pub mod datapath;
+pub mod netlink;

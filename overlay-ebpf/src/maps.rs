@@ -1,0 +1,46 @@
+//! The maps the agent fills and the programs read. Pinned by name so that an agent
+//! restart finds them again and traffic keeps flowing.
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::LpmTrie, Array, HashMap, PerCpuHashMap},
+};
+use overlay_common::{
+    capacity, CounterKey, CounterValue, EndpointKey, EndpointValue, LocalIface, NetworkInfo,
+    SubnetValue, UnderlayConfig, VtepInfo,
+};
+
+/// `BPF_F_NO_PREALLOC`: LPM tries require it.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map]
+pub static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
+    PerCpuHashMap::pinned(capacity::COUNTERS, 0);
+
+#[map]
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> =
+    HashMap::pinned(capacity::ENDPOINTS, 0);
+
+/// Keyed by host-side veth ifindex.
+#[map]
+pub static LOCAL_IFACES: HashMap<u32, LocalIface> = HashMap::pinned(capacity::LOCAL_IFACES, 0);
+
+/// Keyed by VNI.
+#[map]
+pub static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(capacity::NETWORKS, 0);
+
+/// Every network's subnet, keyed by (prefix length, network-order address).
+#[map]
+pub static SUBNETS: LpmTrie<u32, SubnetValue> =
+    LpmTrie::pinned(capacity::SUBNETS, BPF_F_NO_PREALLOC);
+
+/// Keyed by node underlay address (network order).
+#[map]
+pub static VTEPS: HashMap<u32, VtepInfo> = HashMap::pinned(capacity::VTEPS, 0);
+
+#[map]
+pub static UNDERLAY: Array<UnderlayConfig> = Array::pinned(capacity::UNDERLAY, 0);
+
+#[inline(always)]
+pub fn underlay_config() -> Option<&'static UnderlayConfig> {
+    UNDERLAY.get(0)
+}
