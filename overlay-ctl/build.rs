@@ -10,8 +10,17 @@ use std::{env, path::PathBuf};
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let workspace_root = manifest_dir.parent().unwrap().to_path_buf();
-    for input in ["overlay-ebpf/src", "overlay-ebpf/Cargo.toml", "overlay-common/src", "overlay-common/Cargo.toml", "Cargo.lock"] {
-        println!("cargo:rerun-if-changed={}", workspace_root.join(input).display());
+    for input in [
+        "overlay-ebpf/src",
+        "overlay-ebpf/Cargo.toml",
+        "overlay-common/src",
+        "overlay-common/Cargo.toml",
+        "Cargo.lock",
+    ] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace_root.join(input).display()
+        );
     }
     println!("cargo:rerun-if-changed=ebpf_build.rs");
     match ebpf_build::build_ebpf(&workspace_root) {

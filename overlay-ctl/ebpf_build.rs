@@ -64,7 +64,9 @@ pub fn missing_ebpf_tools() -> Vec<String> {
         missing.push(format!("{DEBIAN_CARGO} (Debian package cargo-web)"));
     }
     if !Path::new(BPF_SYSROOT).is_dir() {
-        missing.push(format!("{BPF_SYSROOT} (Debian package libstd-rust-web-dev-bpf)"));
+        missing.push(format!(
+            "{BPF_SYSROOT} (Debian package libstd-rust-web-dev-bpf)"
+        ));
     }
     if find_bpf_linker().is_none() {
         missing.push("bpf-linker 0.13 (cargo install bpf-linker)".to_string());
@@ -84,7 +86,14 @@ pub fn build_ebpf(workspace_root: &Path) -> Result<PathBuf, String> {
     let target_dir = ebpf_target_dir(workspace_root);
     let mut cmd = Command::new(DEBIAN_CARGO);
     cmd.current_dir(workspace_root)
-        .args(["build", "--release", "--target", EBPF_TARGET, "-p", EBPF_PACKAGE])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            EBPF_TARGET,
+            "-p",
+            EBPF_PACKAGE,
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("PATH", path_with_cargo_bin())
@@ -122,7 +131,8 @@ pub fn build_ebpf(workspace_root: &Path) -> Result<PathBuf, String> {
 
 /// Refuses an empty or non-ELF object, so nothing stale or empty is ever embedded.
 pub fn check_object(object: &Path) -> Result<(), String> {
-    let bytes = std::fs::read(object).map_err(|e| format!("cannot read {}: {e}", object.display()))?;
+    let bytes =
+        std::fs::read(object).map_err(|e| format!("cannot read {}: {e}", object.display()))?;
     if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
         return Err(format!("{} is not an eBPF ELF object", object.display()));
     }

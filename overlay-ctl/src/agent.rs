@@ -39,7 +39,9 @@ pub async fn run(
     let link = match &options.iface {
         Some(name) => netlink::link_by_name(&handle, name).await?,
         None => {
-            info!("identifying the underlay interface from the default route (use --iface to choose)");
+            info!(
+                "identifying the underlay interface from the default route (use --iface to choose)"
+            );
             netlink::default_route_link(&handle).await?
         }
     };
@@ -54,7 +56,12 @@ pub async fn run(
         mac: link.mac,
         _pad: [0; 2],
     })?;
-    datapath.upsert_vtep(vtep, &VtepInfo { flags: VtepInfo::LOCAL })?;
+    datapath.upsert_vtep(
+        vtep,
+        &VtepInfo {
+            flags: VtepInfo::LOCAL,
+        },
+    )?;
     datapath.attach_underlay(link.index, options.xdp_mode)?;
     info!(
         programs = ?datapath.program_ids(),

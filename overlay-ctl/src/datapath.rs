@@ -32,7 +32,8 @@ use overlay_common::{
 };
 
 /// The kernel object, built from `overlay-ebpf` by `build.rs`.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.bpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.bpf.o"));
 
 /// Where the agent pins its maps and links unless told otherwise.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/overlay";
@@ -58,7 +59,10 @@ pub enum DatapathError {
         source: MapError,
     },
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("network interface {0:?} not found")]
     UnknownInterface(String),
     #[error("TC on {iface}: {source}")]
@@ -311,7 +315,10 @@ impl Datapath {
     pub fn upsert_subnet(&mut self, subnet: ipnetwork::Ipv4Network, vni: u32) -> Result<()> {
         let name = map_names::SUBNETS;
         let mut trie: LpmTrie<&mut MapData, u32, SubnetValue> = self.typed_map(name)?;
-        let key = LpmKey::new(subnet.prefix() as u32, ipv4_to_map(subnet.network().octets()));
+        let key = LpmKey::new(
+            subnet.prefix() as u32,
+            ipv4_to_map(subnet.network().octets()),
+        );
         trie.insert(&key, SubnetValue { vni }, 0)
             .map_err(|source| DatapathError::Map { name, source })
     }
@@ -319,7 +326,10 @@ impl Datapath {
     pub fn remove_subnet(&mut self, subnet: ipnetwork::Ipv4Network) -> Result<()> {
         let name = map_names::SUBNETS;
         let mut trie: LpmTrie<&mut MapData, u32, SubnetValue> = self.typed_map(name)?;
-        let key = LpmKey::new(subnet.prefix() as u32, ipv4_to_map(subnet.network().octets()));
+        let key = LpmKey::new(
+            subnet.prefix() as u32,
+            ipv4_to_map(subnet.network().octets()),
+        );
         ignore_missing(trie.remove(&key)).map_err(|source| DatapathError::Map { name, source })
     }
 
@@ -352,10 +362,12 @@ impl Datapath {
             let Some(counter) = Counter::from_u32(key.counter) else {
                 continue;
             };
-            let sum = per_cpu.iter().fold(CounterValue::default(), |acc, v| CounterValue {
-                packets: acc.packets + v.packets,
-                bytes: acc.bytes + v.bytes,
-            });
+            let sum = per_cpu
+                .iter()
+                .fold(CounterValue::default(), |acc, v| CounterValue {
+                    packets: acc.packets + v.packets,
+                    bytes: acc.bytes + v.bytes,
+                });
             out.insert((key.vni, counter), sum);
         }
         Ok(out)
@@ -365,12 +377,28 @@ impl Datapath {
     pub fn map_occupancy(&mut self) -> Result<Vec<(&'static str, usize, u32)>> {
         use overlay_common::capacity;
         Ok(vec![
-            (map_names::ENDPOINTS, self.endpoints()?.len(), capacity::ENDPOINTS),
-            (map_names::LOCAL_IFACES, self.local_ifaces()?.len(), capacity::LOCAL_IFACES),
-            (map_names::NETWORKS, self.networks()?.len(), capacity::NETWORKS),
+            (
+                map_names::ENDPOINTS,
+                self.endpoints()?.len(),
+                capacity::ENDPOINTS,
+            ),
+            (
+                map_names::LOCAL_IFACES,
+                self.local_ifaces()?.len(),
+                capacity::LOCAL_IFACES,
+            ),
+            (
+                map_names::NETWORKS,
+                self.networks()?.len(),
+                capacity::NETWORKS,
+            ),
             (map_names::SUBNETS, self.subnets()?.len(), capacity::SUBNETS),
             (map_names::VTEPS, self.vteps()?.len(), capacity::VTEPS),
-            (map_names::COUNTERS, self.counters()?.len(), capacity::COUNTERS),
+            (
+                map_names::COUNTERS,
+                self.counters()?.len(),
+                capacity::COUNTERS,
+            ),
         ])
     }
 
@@ -415,7 +443,10 @@ fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Res
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
     ebpf.program_mut(name)
-        .ok_or(DatapathError::Missing { kind: "program", name })?
+        .ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })
 }
@@ -423,7 +454,10 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
 fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
     let name = program_names::CONTAINER_TC;
     ebpf.program_mut(name)
-        .ok_or(DatapathError::Missing { kind: "program", name })?
+        .ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })
 }
@@ -438,7 +472,8 @@ pub fn tcx_supported() -> bool {
 
 /// The index of interface `name` in the calling thread's network namespace.
 pub fn ifindex_of(name: &str) -> Result<u32> {
-    let c_name = CString::new(name).map_err(|_| DatapathError::UnknownInterface(name.to_string()))?;
+    let c_name =
+        CString::new(name).map_err(|_| DatapathError::UnknownInterface(name.to_string()))?;
     // SAFETY: `c_name` is a valid NUL-terminated string.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if index == 0 {

@@ -3,3 +3,4 @@
 pub mod agent;
 pub mod datapath;
 pub mod netlink;
+pub mod netns;

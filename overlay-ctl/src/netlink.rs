@@ -53,9 +53,7 @@ fn link_info(message: &LinkMessage) -> LinkInfo {
         match attr {
             LinkAttribute::IfName(name) => info.name = name.clone(),
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
-            LinkAttribute::Address(bytes) if bytes.len() == 6 => {
-                info.mac.copy_from_slice(bytes)
-            }
+            LinkAttribute::Address(bytes) if bytes.len() == 6 => info.mac.copy_from_slice(bytes),
             _ => {}
         }
     }
@@ -124,4 +122,198 @@ pub async fn default_route_link(handle: &Handle) -> Result<LinkInfo> {
         }
     }
     Err(NetlinkError::NoDefaultRoute)
+}
+
+// ---- changes ------------------------------------------------------------------------
+
+/// Creates a veth pair `name` <-> `peer` in the current namespace and returns both.
+pub async fn create_veth(handle: &Handle, name: &str, peer: &str) -> Result<(LinkInfo, LinkInfo)> {
+    handle
+        .link()
+        .add()
+        .veth(name.to_string(), peer.to_string())
+        .execute()
+        .await?;
+    Ok((
+        link_by_name(handle, name).await?,
+        link_by_name(handle, peer).await?,
+    ))
+}
+
+pub async fn create_bridge(handle: &Handle, name: &str) -> Result<LinkInfo> {
+    handle
+        .link()
+        .add()
+        .bridge(name.to_string())
+        .execute()
+        .await?;
+    link_by_name(handle, name).await
+}
+
+pub async fn set_master(handle: &Handle, index: u32, master: u32) -> Result<()> {
+    Ok(handle
+        .link()
+        .set(index)
+        .controller(master)
+        .execute()
+        .await?)
+}
+
+pub async fn set_up(handle: &Handle, index: u32) -> Result<()> {
+    Ok(handle.link().set(index).up().execute().await?)
+}
+
+pub async fn set_mtu(handle: &Handle, index: u32, mtu: u32) -> Result<()> {
+    Ok(handle.link().set(index).mtu(mtu).execute().await?)
+}
+
+pub async fn set_mac(handle: &Handle, index: u32, mac: [u8; 6]) -> Result<()> {
+    Ok(handle
+        .link()
+        .set(index)
+        .address(mac.to_vec())
+        .execute()
+        .await?)
+}
+
+pub async fn rename(handle: &Handle, index: u32, name: &str) -> Result<()> {
+    Ok(handle
+        .link()
+        .set(index)
+        .name(name.to_string())
+        .execute()
+        .await?)
+}
+
+/// Moves a link into the namespace behind `netns` (an open `/run/netns/X` or
+/// `/proc/PID/ns/net`).
+pub async fn move_to_netns(handle: &Handle, index: u32, netns: &std::fs::File) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    Ok(handle
+        .link()
+        .set(index)
+        .setns_by_fd(netns.as_raw_fd())
+        .execute()
+        .await?)
+}
+
+/// Deletes a link; one that is already gone is not an error.
+pub async fn delete_link(handle: &Handle, index: u32) -> Result<()> {
+    match handle.clone().link().del(index).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+pub async fn add_address(handle: &Handle, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<()> {
+    match handle
+        .address()
+        .add(index, ip.into(), prefix)
+        .execute()
+        .await
+    {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// `ip route add default via GATEWAY` (the gateway must be on a connected subnet).
+pub async fn add_default_route(handle: &Handle, gateway: Ipv4Addr) -> Result<()> {
+    Ok(handle.route().add().v4().gateway(gateway).execute().await?)
+}
+
+/// `ip route replace DST/PREFIX dev OIF scope link [src SRC]`.
+pub async fn replace_link_route(
+    handle: &Handle,
+    dst: Ipv4Addr,
+    prefix: u8,
+    oif: u32,
+    src: Option<Ipv4Addr>,
+) -> Result<()> {
+    let mut request = handle
+        .route()
+        .add()
+        .v4()
+        .destination_prefix(dst, prefix)
+        .output_interface(oif)
+        .scope(netlink_packet_route::route::RouteScope::Link)
+        .replace();
+    if let Some(src) = src {
+        request = request.pref_source(src);
+    }
+    Ok(request.execute().await?)
+}
+
+/// `ip route add DST/PREFIX via GATEWAY`.
+pub async fn add_route_via(
+    handle: &Handle,
+    dst: Ipv4Addr,
+    prefix: u8,
+    gateway: Ipv4Addr,
+) -> Result<()> {
+    Ok(handle
+        .route()
+        .add()
+        .v4()
+        .destination_prefix(dst, prefix)
+        .gateway(gateway)
+        .execute()
+        .await?)
+}
+
+/// A permanent neighbour entry (`ip neigh replace IP lladdr MAC dev IFINDEX nud permanent`).
+pub async fn add_permanent_neighbour(
+    handle: &Handle,
+    index: u32,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+) -> Result<()> {
+    Ok(handle
+        .neighbours()
+        .add(index, ip.into())
+        .link_local_address(&mac)
+        .state(netlink_packet_route::neighbour::NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await?)
+}
+
+/// A static forwarding entry on a VXLAN device (`bridge fdb append MAC dev VXLAN dst VTEP`).
+pub async fn add_vxlan_fdb(
+    handle: &Handle,
+    vxlan_index: u32,
+    mac: [u8; 6],
+    vtep: Ipv4Addr,
+) -> Result<()> {
+    use netlink_packet_route::neighbour::{NeighbourFlag, NeighbourState};
+    Ok(handle
+        .neighbours()
+        .add_bridge(vxlan_index, &mac)
+        .destination(vtep.into())
+        .flags(vec![NeighbourFlag::Own])
+        .state(NeighbourState::Permanent)
+        .execute()
+        .await?)
+}
+
+/// A Linux VXLAN device with learning off (`ip link add NAME type vxlan id VNI local
+/// LOCAL dstport 4789 nolearning`).
+pub async fn create_vxlan(
+    handle: &Handle,
+    name: &str,
+    vni: u32,
+    local: Ipv4Addr,
+    underlay: u32,
+) -> Result<LinkInfo> {
+    handle
+        .link()
+        .add()
+        .vxlan(name.to_string(), vni)
+        .local(local)
+        .link(underlay)
+        .port(overlay_common::proto::VXLAN_PORT)
+        .learning(false)
+        .execute()
+        .await?;
+    link_by_name(handle, name).await
 }

@@ -43,7 +43,11 @@ pub fn handle(ctx: &TcContext) -> i32 {
         return pass_to_host(VNI_UNDERLAY, len);
     };
     let vni = iface.vni;
-    let pull = if skb.len < PULL_LEN { skb.len } else { PULL_LEN };
+    let pull = if skb.len < PULL_LEN {
+        skb.len
+    } else {
+        PULL_LEN
+    };
     if ctx.pull_data(pull).is_err() {
         return drop(vni, Counter::DropMalformed, len);
     }

@@ -11,14 +11,16 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh,
+    },
     programs::TcContext,
 };
 use overlay_common::{
     proto::{
         ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, IPV4_DEFAULT_TTL, IPV4_FLAG_DF,
-        IPV4_HLEN_MIN, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I, VXLAN_HLEN,
-        VXLAN_PORT, VXLAN_SRC_PORT_MIN, VXLAN_SRC_PORT_RANGE,
+        IPV4_HLEN_MIN, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I, VXLAN_HLEN, VXLAN_PORT,
+        VXLAN_SRC_PORT_MIN, VXLAN_SRC_PORT_RANGE,
     },
     Counter, EndpointValue, LocalIface, NetworkInfo, UnderlayConfig, VXLAN_OVERHEAD,
 };
@@ -70,7 +72,14 @@ pub fn encapsulate(
     };
     if segment_len + VXLAN_OVERHEAD > underlay.mtu {
         if inner_ip.dont_fragment() {
-            return icmp::send_frag_needed(ctx, iface, network, inner_ip, underlay.mtu - VXLAN_OVERHEAD, len);
+            return icmp::send_frag_needed(
+                ctx,
+                iface,
+                network,
+                inner_ip,
+                underlay.mtu - VXLAN_OVERHEAD,
+                len,
+            );
         }
         return drop(vni, Counter::DropMtuExceeded, len);
     }
@@ -82,11 +91,25 @@ pub fn encapsulate(
     let flow_hash = unsafe { bpf_get_hash_recalc(skb) };
     let src_port = VXLAN_SRC_PORT_MIN + (flow_hash % VXLAN_SRC_PORT_RANGE) as u16;
 
-    if ctx.adjust_room(ENCAP_ROOM as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS).is_err() {
+    if ctx
+        .adjust_room(ENCAP_ROOM as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+        .is_err()
+    {
         return drop(vni, Counter::DropInternal, len);
     }
     let new_len = len + ENCAP_ROOM as u64;
-    if write_headers(ctx, &underlay, iface, endpoint, vni, inner_ip.tos, src_port, new_len).is_none() {
+    if write_headers(
+        ctx,
+        &underlay,
+        iface,
+        endpoint,
+        vni,
+        inner_ip.tos,
+        src_port,
+        new_len,
+    )
+    .is_none()
+    {
         return drop(vni, Counter::DropInternal, len);
     }
     count(vni, Counter::Encapsulated, len);

@@ -57,7 +57,13 @@ pub fn send_frag_needed(
 }
 
 #[inline(always)]
-fn write_reply(ctx: &TcContext, iface: &LocalIface, gateway: u32, mtu: u32, icmp_len: usize) -> Option<()> {
+fn write_reply(
+    ctx: &TcContext,
+    iface: &LocalIface,
+    gateway: u32,
+    mtu: u32,
+    icmp_len: usize,
+) -> Option<()> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let eth = ptr_at::<EthHdr>(data, data_end, 0)?;
     let ip = ptr_at::<Ipv4Hdr>(data, data_end, ETH_HLEN)?;

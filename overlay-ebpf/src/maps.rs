@@ -17,8 +17,7 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
     PerCpuHashMap::pinned(capacity::COUNTERS, 0);
 
 #[map]
-pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> =
-    HashMap::pinned(capacity::ENDPOINTS, 0);
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 /// Keyed by host-side veth ifindex.
 #[map]

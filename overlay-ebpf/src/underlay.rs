@@ -6,8 +6,10 @@
 //! outer headers and are redirected into the endpoint's veth.
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use overlay_common::{
-    proto::{ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I,
-        VXLAN_HLEN, VXLAN_PORT},
+    proto::{
+        ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I,
+        VXLAN_HLEN, VXLAN_PORT,
+    },
     Counter, EndpointKey,
 };
 
@@ -25,7 +27,11 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     match classify(data, data_end) {
         Classified::Other => pass_other(frame_len),
         Classified::Malformed => drop(VNI_UNDERLAY, Counter::DropMalformed, frame_len),
-        Classified::Vxlan { outer_src, inner_offset, vxlan } => {
+        Classified::Vxlan {
+            outer_src,
+            inner_offset,
+            vxlan,
+        } => {
             count(VNI_UNDERLAY, Counter::UnderlayVxlan, frame_len);
             decapsulate(ctx, outer_src, inner_offset, vxlan, frame_len)
         }

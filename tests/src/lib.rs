@@ -1,1 +1,5 @@
-
+//! Test support for the overlay integration tests: namespaces, links and pins that clean
+//! up after themselves ([`harness`]) and
+//! hand-built frames ([`frames`]).
+pub mod frames;
+pub mod harness;

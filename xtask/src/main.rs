@@ -1,1 +1,135 @@
-fn main(){}
+//! Project tasks: `cargo xtask <command>`. Run `cargo xtask --help` for the list.
+#[path = "../../overlay-ctl/ebpf_build.rs"]
+#[allow(dead_code)]
+mod ebpf_build;
+mod setup;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run and test the overlay network", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (Debian packages, bpf-linker). Needs root;
+    /// a fast no-op when everything is present.
+    Setup,
+    /// Build the eBPF programs (overlay-ebpf) for bpfel-unknown-none.
+    BuildEbpf,
+    /// Build everything, load and attach the data plane on IFACE and run the agent in the
+    /// foreground; Ctrl-C detaches everything.
+    Run {
+        /// Underlay interface. Default: the interface of the IPv4 default route.
+        #[arg(long)]
+        iface: Option<String>,
+        /// Extra arguments for `overlay-ctl agent`.
+        #[arg(last = true)]
+        agent_args: Vec<String>,
+    },
+    /// The one test command: setup if needed, fmt, clippy, the eBPF build, unit and
+    /// integration tests (as root, in network namespaces). Ends with "N passed, M failed".
+    Test {
+        /// Only run tests whose name contains this filter (checks still run).
+        filter: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => build_ebpf().map(|object| println!("built {}", object.display())),
+        Task::Run { iface, agent_args } => run(iface, agent_args),
+        Task::Test { filter } => test::run(filter.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs `f` between a start line and an end line with the elapsed time.
+pub fn step<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    println!("==> {what}");
+    let started = Instant::now();
+    let result = f();
+    let secs = started.elapsed().as_secs_f32();
+    match &result {
+        Ok(_) => println!("==> {what}: ok ({secs:.1}s)"),
+        Err(_) => println!("==> {what}: FAILED ({secs:.1}s)"),
+    }
+    result
+}
+
+pub fn setup_if_needed() -> Result<()> {
+    if setup::needed()? {
+        step("setup (missing tools found)", setup::run)?;
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> Result<PathBuf> {
+    setup_if_needed()?;
+    step("build eBPF programs", || {
+        ebpf_build::build_ebpf(&workspace_root()).map_err(anyhow::Error::msg)
+    })
+}
+
+/// `cargo <args>` in the workspace root, inheriting output.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("cannot run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn run(iface: Option<String>, agent_args: Vec<String>) -> Result<()> {
+    if !setup::is_root() {
+        bail!("the agent loads eBPF programs and needs root: sudo -E cargo xtask run");
+    }
+    build_ebpf()?;
+    step("build overlay-ctl", || {
+        cargo(&["build", "--release", "-p", "overlay-ctl"])
+    })?;
+    let binary = workspace_root().join("target/release/overlay-ctl");
+    let mut command = Command::new(&binary);
+    command.arg("agent").arg("--ephemeral");
+    if let Some(iface) = iface {
+        command.arg("--iface").arg(iface);
+    }
+    command.args(agent_args);
+    println!(
+        "==> running {} (Ctrl-C to stop and detach)",
+        binary.display()
+    );
+    // Replace this process so Ctrl-C and SIGTERM reach the agent directly.
+    use std::os::unix::process::CommandExt;
+    Err(command.exec()).context("cannot start overlay-ctl")
+}
