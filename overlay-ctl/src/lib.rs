@@ -2,5 +2,6 @@
 //! ([`datapath`]), netlink helpers ([`netlink`]) and the agent ([`agent`]).
 pub mod agent;
 pub mod datapath;
+pub mod endpoint;
 pub mod netlink;
 pub mod netns;

@@ -3,3 +3,5 @@
 //! hand-built frames ([`frames`]).
 pub mod frames;
 pub mod harness;
+pub mod net;
+pub mod topology;

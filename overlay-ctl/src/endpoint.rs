@@ -1,0 +1,207 @@
+//! Plumbing of a local endpoint: the veth pair between a container's network namespace and
+//! the host, the container side's address, MTU and default route, and the data-plane
+//! entries that make the programs forward for it.
+use std::{io, net::Ipv4Addr};
+
+use ipnetwork::Ipv4Network;
+use overlay_common::{ipv4_to_map, EndpointKey, EndpointValue, LocalIface};
+use rtnetlink::Handle;
+
+use crate::{
+    datapath::{Datapath, DatapathError},
+    netlink::{self, LinkInfo, NetlinkError},
+    netns::{self, NetNs},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T, E = EndpointError> = std::result::Result<T, E>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> EndpointError {
+    let what = what.into();
+    move |source| EndpointError::Io { what, source }
+}
+
+/// The container side of an endpoint.
+#[derive(Clone, Debug)]
+pub struct EndpointSpec {
+    /// Host-side veth name (<= 15 bytes).
+    pub host_ifname: String,
+    /// Interface name inside the container.
+    pub container_ifname: String,
+    pub ip: Ipv4Addr,
+    pub subnet: Ipv4Network,
+    pub gateway: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// A locally plumbed endpoint.
+#[derive(Clone, Debug)]
+pub struct PlumbedEndpoint {
+    pub host: LinkInfo,
+}
+
+/// The MAC address an endpoint gets: locally administered, derived from its address the
+/// way Docker and SocketPlane did (02:42:a:b:c:d), so it is stable and readable.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+/// Creates the veth pair from the calling thread's namespace (the host's) into
+/// `container`, and configures both ends. The host side gets the gateway address (/32)
+/// and a /32 route to the container, so traffic for the gateway and the outside world
+/// reaches the host stack, which routes it.
+pub async fn plumb(
+    handle: &Handle,
+    container: &NetNs,
+    spec: &EndpointSpec,
+) -> Result<PlumbedEndpoint> {
+    let temp_peer = format!("{}p", &spec.host_ifname[..spec.host_ifname.len().min(14)]);
+    let (host, peer) = netlink::create_veth(handle, &spec.host_ifname, &temp_peer).await?;
+    let result = configure(handle, container, spec, &host, &peer).await;
+    if result.is_err() {
+        let _ = netlink::delete_link(handle, host.index).await;
+    }
+    result.map(|()| PlumbedEndpoint { host })
+}
+
+async fn configure(
+    handle: &Handle,
+    container: &NetNs,
+    spec: &EndpointSpec,
+    host: &LinkInfo,
+    peer: &LinkInfo,
+) -> Result<()> {
+    // The overlay is IPv4 only; no IPv6 link-local chatter on the host side.
+    let _ = netns::write_net_sysctl(&format!("ipv6.conf.{}.disable_ipv6", spec.host_ifname), "1");
+    netlink::set_mac(handle, peer.index, spec.mac).await?;
+    netlink::set_mtu(handle, peer.index, spec.mtu).await?;
+    // XDP_REDIRECT into a veth needs a NAPI context on the receiving end: GRO gives it
+    // one (and batches), without a program of ours living in the container.
+    set_gro(&peer.name, true).map_err(io_err(format!("enable GRO on {}", peer.name)))?;
+    netlink::move_to_netns(handle, peer.index, container.file()).await?;
+    netlink::set_up(handle, host.index).await?;
+    netlink::add_address(handle, host.index, spec.gateway, 32).await?;
+    netlink::replace_link_route(handle, spec.ip, 32, host.index, Some(spec.gateway)).await?;
+
+    let (temp_name, spec) = (peer.name.clone(), spec.clone());
+    container
+        .block_on(|| async move {
+            let _ = netns::write_net_sysctl("ipv6.conf.all.disable_ipv6", "1");
+            let _ = netns::write_net_sysctl("ipv6.conf.default.disable_ipv6", "1");
+            let handle = netlink::connect()?;
+            let link = netlink::link_by_name(&handle, &temp_name).await?;
+            netlink::rename(&handle, link.index, &spec.container_ifname).await?;
+            netlink::add_address(&handle, link.index, spec.ip, spec.subnet.prefix()).await?;
+            netlink::set_up(&handle, link.index).await?;
+            if let Ok(lo) = netlink::link_by_name(&handle, "lo").await {
+                netlink::set_up(&handle, lo.index).await?;
+            }
+            netlink::add_default_route(&handle, spec.gateway).await?;
+            Ok::<(), NetlinkError>(())
+        })
+        .map_err(io_err("enter the container namespace"))??;
+    Ok(())
+}
+
+/// Registers a plumbed endpoint with the data plane: attaches the container program to
+/// its host-side veth and adds its entries.
+pub fn attach(
+    datapath: &mut Datapath,
+    vni: u32,
+    spec: &EndpointSpec,
+    plumbed: &PlumbedEndpoint,
+) -> Result<()> {
+    let ifindex = datapath.attach_container(&plumbed.host.name)?;
+    let ip = ipv4_to_map(spec.ip.octets());
+    datapath.upsert_local_iface(
+        ifindex,
+        &LocalIface {
+            vni,
+            ip,
+            mac: spec.mac,
+            host_mac: plumbed.host.mac,
+        },
+    )?;
+    datapath.upsert_endpoint(
+        EndpointKey { vni, ip },
+        &EndpointValue::local(ifindex, spec.mac),
+    )?;
+    Ok(())
+}
+
+/// Removes an endpoint's data-plane entries and detaches from its veth.
+pub fn detach(datapath: &mut Datapath, vni: u32, ip: Ipv4Addr, host_ifindex: u32) -> Result<()> {
+    datapath.remove_endpoint(EndpointKey {
+        vni,
+        ip: ipv4_to_map(ip.octets()),
+    })?;
+    datapath.remove_local_iface(host_ifindex)?;
+    datapath.detach_container(host_ifindex)?;
+    Ok(())
+}
+
+/// Turns generic receive offload on or off (`ethtool -K IFACE gro on|off`) for an
+/// interface of the calling thread's namespace.
+pub fn set_gro(ifname: &str, enabled: bool) -> io::Result<()> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_SGRO: u32 = 0x0000_002c;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    if ifname.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_SGRO,
+        data: enabled as u32,
+    };
+    let mut request = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    for (dst, src) in request.name.iter_mut().zip(ifname.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: a plain datagram socket used only for this ioctl and closed below; the
+    // request points at live, correctly laid out structures.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut request);
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! Traffic for the tests, from plain sockets (no external tools, so the same binaries run
+//! inside minimal VMs): ICMP echo, bulk TCP with a digest, UDP datagrams.
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use crate::frames::checksum;
+
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_ECHO_REPLY: u8 = 0;
+
+/// Sends one ICMP echo request to `dst` and waits up to `timeout` for the matching reply.
+/// Call from a thread inside the sender's namespace. `payload_len` sets the size.
+pub fn ping(dst: Ipv4Addr, seq: u16, payload_len: usize, timeout: Duration) -> bool {
+    // SAFETY: a raw ICMP socket used only in this function and closed at its end.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "raw ICMP socket: {}",
+        std::io::Error::last_os_error()
+    );
+    let id = (std::process::id() as u16) ^ seq.rotate_left(7);
+    let mut packet = vec![ICMP_ECHO_REQUEST, 0, 0, 0];
+    packet.extend_from_slice(&id.to_be_bytes());
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend((0..payload_len).map(|i| i as u8));
+    let c = checksum(&packet);
+    packet[2..4].copy_from_slice(&c.to_be_bytes());
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let deadline = Instant::now() + timeout;
+    let mut got = false;
+    // SAFETY: pointers to live buffers of the stated lengths.
+    unsafe {
+        let sent = libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        if sent >= 0 {
+            let mut buf = vec![0u8; 65536];
+            while Instant::now() < deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let tv = libc::timeval {
+                    tv_sec: left.as_secs() as i64,
+                    tv_usec: left.subsec_micros().max(1000) as i64,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                if n <= 0 {
+                    break;
+                }
+                let n = n as usize;
+                let ihl = ((buf[0] & 0x0f) as usize) * 4;
+                if n < ihl + 8 {
+                    continue;
+                }
+                let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+                let icmp = &buf[ihl..n];
+                if src == dst
+                    && icmp[0] == ICMP_ECHO_REPLY
+                    && u16::from_be_bytes([icmp[4], icmp[5]]) == id
+                    && u16::from_be_bytes([icmp[6], icmp[7]]) == seq
+                {
+                    got = true;
+                    break;
+                }
+            }
+        }
+        libc::close(fd);
+    }
+    got
+}
+
+/// Pings until one reply arrives or `timeout` passes (the first may wait for ARP).
+pub fn ping_until_reply(dst: Ipv4Addr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut seq = 1;
+    while Instant::now() < deadline {
+        if ping(dst, seq, 56, Duration::from_millis(500)) {
+            return true;
+        }
+        seq += 1;
+    }
+    false
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends can agree on content.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// FNV-1a, enough to tell corrupted or truncated streams from intact ones.
+pub fn digest(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// A TCP sink: accepts one connection, reads to EOF, returns (bytes, digest).
+pub fn tcp_listen(addr: Ipv4Addr, port: u16) -> TcpListener {
+    TcpListener::bind(SocketAddrV4::new(addr, port)).expect("bind TCP sink")
+}
+
+pub fn tcp_receive_all(listener: &TcpListener, timeout: Duration) -> (usize, u64) {
+    let (mut stream, _) = listener.accept().expect("accept");
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut data = Vec::new();
+    stream
+        .read_to_end(&mut data)
+        .expect("read the whole stream");
+    (data.len(), digest(&data))
+}
+
+pub fn tcp_send_all(dst: Ipv4Addr, port: u16, data: &[u8], timeout: Duration) {
+    let mut stream =
+        TcpStream::connect_timeout(&SocketAddrV4::new(dst, port).into(), timeout).expect("connect");
+    stream.set_write_timeout(Some(timeout)).unwrap();
+    stream.write_all(data).expect("write");
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    // Wait for the peer to close: all data acknowledged and read.
+    let mut rest = Vec::new();
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let _ = stream.read_to_end(&mut rest);
+}
+
+/// Sends `count` datagrams of `len` bytes from `src` to `dst`.
+pub fn udp_send(src: Ipv4Addr, dst: SocketAddrV4, count: usize, len: usize) {
+    let socket = UdpSocket::bind((src, 0)).unwrap();
+    let payload = vec![0x5a; len];
+    for _ in 0..count {
+        socket.send_to(&payload, dst).unwrap();
+    }
+}

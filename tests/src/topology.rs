@@ -1,0 +1,273 @@
+//! A simulated cluster: an underlay bridge (in its own namespace), hosts (namespaces with
+//! one underlay veth and their own data plane) and containers (namespaces plumbed to a
+//! host by the same library code `overlay-ctl run` uses).
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use overlay_common::{
+    ipv4_to_map, EndpointKey, EndpointValue, NetworkInfo, UnderlayConfig, VtepInfo, VXLAN_OVERHEAD,
+};
+use overlay_ctl::{
+    datapath::{Datapath, XdpAttachMode},
+    endpoint::{self, EndpointSpec},
+    netlink::{self, LinkInfo},
+};
+
+use crate::harness::{block_on, unique_name, PinGuard, TestNs};
+
+pub const UNDERLAY_PREFIX: u8 = 24;
+pub const UNDERLAY_MTU: u32 = 1500;
+/// Name of every host's underlay interface inside its namespace.
+pub const UNDERLAY_IFNAME: &str = "eth0";
+
+/// The underlay network: a bridge that every host's underlay veth plugs into.
+pub struct Underlay {
+    pub ns: TestNs,
+    bridge: LinkInfo,
+}
+
+impl Underlay {
+    pub fn new() -> Self {
+        let ns = TestNs::new("ul");
+        let bridge = ns.block_on(|| async {
+            let handle = netlink::connect().unwrap();
+            let bridge = netlink::create_bridge(&handle, "br0").await.unwrap();
+            netlink::set_up(&handle, bridge.index).await.unwrap();
+            bridge
+        });
+        Self { ns, bridge }
+    }
+
+    /// Address of host number `n` (1-based) on the underlay.
+    pub fn host_address(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(192, 0, 2, n)
+    }
+
+    /// A new namespace plugged into the bridge with address `host_address(n)` on `eth0`.
+    pub fn plug(&self, prefix: &str, n: u8) -> (TestNs, LinkInfo) {
+        let ns = TestNs::new(prefix);
+        let (outer, inner) = (unique_name("uo"), unique_name("ui"));
+        block_on(async {
+            let handle = netlink::connect().unwrap();
+            let (port, host_end) = netlink::create_veth(&handle, &outer, &inner).await.unwrap();
+            netlink::move_to_netns(&handle, port.index, self.ns.ns().file())
+                .await
+                .unwrap();
+            netlink::move_to_netns(&handle, host_end.index, ns.ns().file())
+                .await
+                .unwrap();
+        });
+        let bridge = self.bridge.index;
+        self.ns.block_on(|| async {
+            let handle = netlink::connect().unwrap();
+            let port = netlink::link_by_name(&handle, &outer).await.unwrap();
+            netlink::set_master(&handle, port.index, bridge)
+                .await
+                .unwrap();
+            netlink::set_up(&handle, port.index).await.unwrap();
+        });
+        let link = ns.block_on(|| async {
+            let handle = netlink::connect().unwrap();
+            let link = netlink::link_by_name(&handle, &inner).await.unwrap();
+            netlink::rename(&handle, link.index, UNDERLAY_IFNAME)
+                .await
+                .unwrap();
+            netlink::add_address(&handle, link.index, Self::host_address(n), UNDERLAY_PREFIX)
+                .await
+                .unwrap();
+            netlink::set_up(&handle, link.index).await.unwrap();
+            netlink::link_by_name(&handle, UNDERLAY_IFNAME)
+                .await
+                .unwrap()
+        });
+        ns.run(|| overlay_ctl::netns::write_net_sysctl("ipv4.ip_forward", "1").unwrap());
+        (ns, link)
+    }
+}
+
+impl Default for Underlay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A tenant network.
+#[derive(Clone, Copy, Debug)]
+pub struct Network {
+    pub vni: u32,
+    pub subnet: Ipv4Network,
+    pub gateway: Ipv4Addr,
+}
+
+impl Network {
+    pub fn new(vni: u32, subnet: &str) -> Self {
+        let subnet: Ipv4Network = subnet.parse().unwrap();
+        let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+        Self {
+            vni,
+            subnet,
+            gateway,
+        }
+    }
+
+    pub fn address(&self, host_part: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet.network()) + host_part)
+    }
+
+    pub fn info(&self) -> NetworkInfo {
+        NetworkInfo {
+            subnet: ipv4_to_map(self.subnet.network().octets()),
+            netmask: ipv4_to_map(self.subnet.mask().octets()),
+            gateway: ipv4_to_map(self.gateway.octets()),
+            mtu: UNDERLAY_MTU - VXLAN_OVERHEAD,
+        }
+    }
+}
+
+/// A host running this project's data plane. Field order matters for drop: the data
+/// plane goes before its pins and its namespace.
+pub struct Host {
+    pub datapath: Datapath,
+    pub pins: PinGuard,
+    pub ns: TestNs,
+    pub underlay: LinkInfo,
+    pub vtep: Ipv4Addr,
+}
+
+/// A container: a namespace with one interface `eth0` plumbed to a host.
+pub struct Container {
+    pub ns: TestNs,
+    pub network: Network,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub host_ifindex: u32,
+}
+
+impl Host {
+    /// Host number `n` on `underlay`, with the data plane loaded and XDP attached.
+    pub fn new(underlay: &Underlay, n: u8) -> Self {
+        let (ns, link) = underlay.plug("host", n);
+        let vtep = Underlay::host_address(n);
+        let pins = PinGuard::new();
+        let mut datapath = Datapath::load(&pins.path).expect("load data plane");
+        datapath
+            .set_underlay(&UnderlayConfig {
+                ifindex: link.index,
+                vtep: ipv4_to_map(vtep.octets()),
+                mtu: link.mtu,
+                mac: link.mac,
+                _pad: [0; 2],
+            })
+            .unwrap();
+        ns.run(|| datapath.attach_underlay(link.index, XdpAttachMode::Native))
+            .expect("attach XDP natively on the underlay veth");
+        Self {
+            datapath,
+            pins,
+            ns,
+            underlay: link,
+            vtep,
+        }
+    }
+
+    /// Accepts VXLAN from these cluster VTEPs.
+    pub fn add_vteps(&mut self, vteps: &[Ipv4Addr]) {
+        for vtep in vteps {
+            let flags = if *vtep == self.vtep {
+                VtepInfo::LOCAL
+            } else {
+                0
+            };
+            self.datapath
+                .upsert_vtep(*vtep, &VtepInfo { flags })
+                .unwrap();
+        }
+    }
+
+    pub fn add_network(&mut self, network: &Network) {
+        self.datapath
+            .upsert_network(network.vni, &network.info())
+            .unwrap();
+        self.datapath
+            .upsert_subnet(network.subnet, network.vni)
+            .unwrap();
+    }
+
+    /// Starts a container on this host with address `ip` in `network`.
+    pub fn add_container(&mut self, network: &Network, ip: Ipv4Addr) -> Container {
+        self.add_container_with_mtu(network, ip, network.info().mtu)
+    }
+
+    pub fn add_container_with_mtu(
+        &mut self,
+        network: &Network,
+        ip: Ipv4Addr,
+        mtu: u32,
+    ) -> Container {
+        let ns = TestNs::new("ctr");
+        let spec = EndpointSpec {
+            host_ifname: unique_name("ov"),
+            container_ifname: "eth0".into(),
+            ip,
+            subnet: network.subnet,
+            gateway: network.gateway,
+            mac: endpoint::mac_for(ip),
+            mtu,
+        };
+        let plumbed = self
+            .ns
+            .block_on(|| async {
+                let handle = netlink::connect().unwrap();
+                endpoint::plumb(&handle, ns.ns(), &spec).await
+            })
+            .expect("plumb container");
+        let datapath = &mut self.datapath;
+        self.ns
+            .run(|| endpoint::attach(datapath, network.vni, &spec, &plumbed))
+            .expect("attach container program");
+        Container {
+            ns,
+            network: *network,
+            ip,
+            mac: spec.mac,
+            host_ifindex: plumbed.host.index,
+        }
+    }
+
+    /// Tells this host's data plane where a container of another host lives.
+    pub fn add_remote(&mut self, container: &Container, vtep: Ipv4Addr) {
+        self.add_remote_endpoint(container.network.vni, container.ip, container.mac, vtep);
+    }
+
+    pub fn add_remote_endpoint(&mut self, vni: u32, ip: Ipv4Addr, mac: [u8; 6], vtep: Ipv4Addr) {
+        self.datapath
+            .upsert_endpoint(
+                EndpointKey {
+                    vni,
+                    ip: ipv4_to_map(ip.octets()),
+                },
+                &EndpointValue::remote(ipv4_to_map(vtep.octets()), mac),
+            )
+            .unwrap();
+    }
+
+    /// Packets of counter `c` for `vni` on this host.
+    pub fn packets(&self, vni: u32, c: overlay_common::Counter) -> u64 {
+        self.datapath
+            .counters()
+            .unwrap()
+            .get(&(vni, c))
+            .map(|v| v.packets)
+            .unwrap_or(0)
+    }
+}
+
+/// A ready cluster: `hosts` hosts that all know each other's VTEPs.
+pub fn cluster(underlay: &Underlay, hosts: u8) -> Vec<Host> {
+    let mut all: Vec<Host> = (1..=hosts).map(|n| Host::new(underlay, n)).collect();
+    let vteps: Vec<Ipv4Addr> = all.iter().map(|h| h.vtep).collect();
+    for host in &mut all {
+        host.add_vteps(&vteps);
+    }
+    all
+}
