@@ -48,6 +48,16 @@ pub async fn run(
     let vtep = netlink::first_ipv4(&handle, &link).await?;
     info!(iface = %link.name, ifindex = link.index, %vtep, mtu = link.mtu, "binding to underlay");
 
+    if link.is_veth {
+        match crate::endpoint::set_tx_checksum(&link.name, false) {
+            Ok(()) => {
+                info!(iface = %link.name, "veth underlay: TX checksum offload turned off so inner checksums are complete on the wire")
+            }
+            Err(e) => {
+                warn!(iface = %link.name, error = %e, "cannot turn off TX checksum offload on the veth underlay; TCP/UDP across nodes may fail")
+            }
+        }
+    }
     let mut datapath = Datapath::load(&options.pin_root)?;
     datapath.set_underlay(&UnderlayConfig {
         ifindex: link.index,

@@ -155,11 +155,27 @@ pub fn detach(datapath: &mut Datapath, vni: u32, ip: Ipv4Addr, host_ifindex: u32
     Ok(())
 }
 
+const ETHTOOL_STXCSUM: u32 = 0x0000_0017;
+const ETHTOOL_SGRO: u32 = 0x0000_002c;
+
 /// Turns generic receive offload on or off (`ethtool -K IFACE gro on|off`) for an
 /// interface of the calling thread's namespace.
 pub fn set_gro(ifname: &str, enabled: bool) -> io::Result<()> {
+    set_ethtool_value(ifname, ETHTOOL_SGRO, enabled)
+}
+
+/// Turns transmit checksum offload on or off (`ethtool -K IFACE tx on|off`).
+///
+/// On a veth underlay (containers-in-containers, test rigs) packets keep their partial
+/// checksum state across the "wire", and XDP_REDIRECT on the receiving node drops that
+/// state, so inner checksums must be finished before they leave: a physical NIC always
+/// does that; a veth only does it with its offload off.
+pub fn set_tx_checksum(ifname: &str, enabled: bool) -> io::Result<()> {
+    set_ethtool_value(ifname, ETHTOOL_STXCSUM, enabled)
+}
+
+fn set_ethtool_value(ifname: &str, cmd: u32, enabled: bool) -> io::Result<()> {
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_SGRO: u32 = 0x0000_002c;
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
@@ -178,7 +194,7 @@ pub fn set_gro(ifname: &str, enabled: bool) -> io::Result<()> {
         ));
     }
     let mut value = EthtoolValue {
-        cmd: ETHTOOL_SGRO,
+        cmd,
         data: enabled as u32,
     };
     let mut request = IfReq {

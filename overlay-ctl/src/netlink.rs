@@ -33,6 +33,9 @@ pub struct LinkInfo {
     pub index: u32,
     pub mtu: u32,
     pub mac: [u8; 6],
+    /// A veth rather than a physical NIC (checksum offload needs care, see
+    /// `endpoint::set_tx_checksum`).
+    pub is_veth: bool,
 }
 
 /// Opens a netlink connection, driven by a task on the current tokio runtime.
@@ -48,6 +51,7 @@ fn link_info(message: &LinkMessage) -> LinkInfo {
         index: message.header.index,
         mtu: 0,
         mac: [0; 6],
+        is_veth: false,
     };
     for attr in &message.attributes {
         match attr {

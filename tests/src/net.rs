@@ -163,3 +163,53 @@ pub fn udp_send(src: Ipv4Addr, dst: SocketAddrV4, count: usize, len: usize) {
         socket.send_to(&payload, dst).unwrap();
     }
 }
+
+/// Sends `count` copies of `payload` over UDP from `src` to `dst`.
+pub fn udp_send_payload(src: Ipv4Addr, dst: SocketAddrV4, payload: &[u8], count: usize) {
+    let socket = UdpSocket::bind((src, 0)).unwrap();
+    for _ in 0..count {
+        socket.send_to(payload, dst).unwrap();
+    }
+}
+
+/// Sends one UDP datagram with a hand-written IPv4 header (any source address).
+pub fn raw_udp_send(src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16, payload: &[u8]) {
+    use overlay_common::proto::{IPPROTO_UDP, IPV4_FLAG_DF, UDP_HLEN};
+    let mut packet = crate::frames::ipv4_header(
+        src,
+        dst,
+        IPPROTO_UDP,
+        UDP_HLEN + payload.len(),
+        IPV4_FLAG_DF,
+    );
+    packet.extend(crate::frames::udp_header(40001, dst_port, payload.len()));
+    packet.extend_from_slice(payload);
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a raw socket (IP_HDRINCL implied) used and closed here; live buffers.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        );
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let sent = libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert!(sent >= 0, "raw send: {err}");
+    }
+}

@@ -148,6 +148,8 @@ impl Host {
     pub fn new(underlay: &Underlay, n: u8) -> Self {
         let (ns, link) = underlay.plug("host", n);
         let vtep = Underlay::host_address(n);
+        ns.run(|| endpoint::set_tx_checksum(UNDERLAY_IFNAME, false))
+            .expect("turn off TX checksum offload on the underlay veth");
         let pins = PinGuard::new();
         let mut datapath = Datapath::load(&pins.path).expect("load data plane");
         datapath

@@ -97,3 +97,154 @@ fn ping_same_host_cross_host_and_gateway_both_ways() {
     );
     let _ = &s.other;
 }
+
+const QUIET: Duration = Duration::from_millis(800);
+
+#[test]
+fn tcp_50_mb_across_hosts_arrives_intact() {
+    let s = scenario();
+    const PORT: u16 = 5001;
+    let data = net::pattern(50 * 1024 * 1024, 7);
+    let expected = (data.len(), net::digest(&data));
+    let listener = s.b1.ns.run(|| net::tcp_listen(s.b1.ip, PORT));
+    let receiver =
+        s.b1.ns
+            .ns()
+            .spawn(move || net::tcp_receive_all(&listener, Duration::from_secs(60)))
+            .unwrap();
+    s.a1.ns
+        .run(|| net::tcp_send_all(s.b1.ip, PORT, &data, Duration::from_secs(60)));
+    let received = receiver.join().unwrap().unwrap();
+    assert_eq!(
+        received, expected,
+        "50 MB arrived with the same length and digest"
+    );
+    assert!(s.hosts[0].packets(100, Counter::Encapsulated) > 0);
+    assert!(s.hosts[1].packets(100, Counter::Decapsulated) > 0);
+}
+
+#[test]
+fn other_networks_are_unreachable() {
+    let s = scenario();
+    assert!(
+        !s.a1.ns.run(|| net::ping(s.other.ip, 1, 56, QUIET)),
+        "net1 must not reach net2"
+    );
+    assert!(
+        !s.other.ns.run(|| net::ping(s.a1.ip, 1, 56, QUIET)),
+        "net2 must not reach net1"
+    );
+    assert!(s.hosts[0].packets(100, Counter::DropCrossNetwork) >= 1);
+    assert!(s.hosts[2].packets(200, Counter::DropCrossNetwork) >= 1);
+    // Nothing of net1 ever reached net2's host as a delivery.
+    assert_eq!(s.hosts[2].packets(200, Counter::Decapsulated), 0);
+}
+
+#[test]
+fn spoofed_source_is_dropped() {
+    let s = scenario();
+    // Resolve b1 first, so the spoofed datagram leaves with a valid destination MAC.
+    assert!(s.a1.ns.run(|| net::ping_until_reply(s.b1.ip, REPLY)));
+    let sink =
+        s.b1.ns
+            .run(|| std::net::UdpSocket::bind((s.b1.ip, 6000)).unwrap());
+    sink.set_read_timeout(Some(QUIET)).unwrap();
+    let spoofed = s.a1.network.address(99);
+    s.a1.ns
+        .run(|| net::raw_udp_send(spoofed, s.b1.ip, 6000, b"spoofed"));
+    let mut buf = [0u8; 64];
+    assert!(
+        sink.recv_from(&mut buf).is_err(),
+        "a spoofed datagram arrived"
+    );
+    assert_eq!(s.hosts[0].packets(100, Counter::DropSpoofed), 1);
+    // The real address still works.
+    s.a1.ns
+        .run(|| net::raw_udp_send(s.a1.ip, s.b1.ip, 6000, b"genuine"));
+    let (n, _) = sink
+        .recv_from(&mut buf)
+        .expect("the genuine datagram arrives");
+    assert_eq!(&buf[..n], b"genuine");
+}
+
+#[test]
+fn vxlan_from_unknown_vtep_or_with_unknown_vni_is_dropped() {
+    let s = scenario();
+    let host2 = &s.hosts[1];
+    let inner = overlay_tests::frames::inner_udp_frame(s.b1.mac, s.a1.mac, s.a1.ip, s.b1.ip, b"x");
+    let flag_i = overlay_common::proto::VXLAN_FLAG_I;
+    let to_host2 = std::net::SocketAddrV4::new(host2.vtep, overlay_common::proto::VXLAN_PORT);
+
+    // An intruder on the underlay that is not a cluster member.
+    let (intruder, _) = s._underlay.plug("intr", 9);
+    let payload = overlay_tests::frames::vxlan_payload(flag_i, 100, &inner);
+    intruder.run(|| net::udp_send_payload(Underlay::host_address(9), to_host2, &payload, 5));
+    // A cluster member, but a VNI nobody created.
+    let unknown = overlay_tests::frames::vxlan_payload(flag_i, 999, &inner);
+    s.hosts[0]
+        .ns
+        .run(|| net::udp_send_payload(s.hosts[0].vtep, to_host2, &unknown, 3));
+    // A cluster member, a known VNI, but the I flag unset.
+    let no_flag = overlay_tests::frames::vxlan_payload(0, 100, &inner);
+    s.hosts[0]
+        .ns
+        .run(|| net::udp_send_payload(s.hosts[0].vtep, to_host2, &no_flag, 2));
+
+    wait_until("the drops to be counted", REPLY, || {
+        host2.packets(0, Counter::DropUnknownVtep) >= 5
+            && host2.packets(0, Counter::DropUnknownVni) >= 3
+            && host2.packets(0, Counter::DropMalformed) >= 2
+    });
+    assert_eq!(host2.packets(0, Counter::DropUnknownVtep), 5);
+    assert_eq!(host2.packets(0, Counter::DropUnknownVni), 3);
+    assert_eq!(host2.packets(0, Counter::DropMalformed), 2);
+    assert_eq!(host2.packets(100, Counter::Decapsulated), 0);
+}
+
+#[test]
+fn counters_equal_the_traffic_sent() {
+    let s = scenario();
+    assert!(s.a1.ns.run(|| net::ping_until_reply(s.b1.ip, REPLY)));
+    let (host1, host2) = (&s.hosts[0], &s.hosts[1]);
+    let encap_before = host1.packets(100, Counter::Encapsulated);
+    let decap_before = host2.packets(100, Counter::Decapsulated);
+    const SENT: usize = 200;
+    let sink =
+        s.b1.ns
+            .run(|| std::net::UdpSocket::bind((s.b1.ip, 6001)).unwrap());
+    sink.set_read_timeout(Some(REPLY)).unwrap();
+    // Bursts of ten, each received before the next: the point is exact accounting, not
+    // how deep the queues are.
+    const BURST: usize = 10;
+    let mut buf = [0u8; 256];
+    for burst in 0..SENT / BURST {
+        s.a1.ns.run(|| {
+            net::udp_send(
+                s.a1.ip,
+                std::net::SocketAddrV4::new(s.b1.ip, 6001),
+                BURST,
+                100,
+            )
+        });
+        for i in 0..BURST {
+            sink.recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("datagram {} of {SENT} lost: {e}", burst * BURST + i));
+        }
+    }
+    assert_eq!(
+        host1.packets(100, Counter::Encapsulated) - encap_before,
+        SENT as u64
+    );
+    assert_eq!(
+        host2.packets(100, Counter::Decapsulated) - decap_before,
+        SENT as u64
+    );
+    for c in Counter::ALL.iter().filter(|c| c.is_drop()) {
+        assert_eq!(
+            host1.packets(100, *c) + host2.packets(100, *c),
+            0,
+            "unexpected {}",
+            c.name()
+        );
+    }
+}
