@@ -80,7 +80,11 @@ impl Underlay {
                 .await
                 .unwrap()
         });
-        ns.run(|| overlay_ctl::netns::write_net_sysctl("ipv4.ip_forward", "1").unwrap());
+        ns.run(|| {
+            overlay_ctl::netns::write_net_sysctl("ipv4.ip_forward", "1").unwrap();
+            // The veth stands for a NIC: finish checksums before the "wire" as hardware would.
+            endpoint::set_tx_checksum(UNDERLAY_IFNAME, false).unwrap();
+        });
         (ns, link)
     }
 }
@@ -148,8 +152,6 @@ impl Host {
     pub fn new(underlay: &Underlay, n: u8) -> Self {
         let (ns, link) = underlay.plug("host", n);
         let vtep = Underlay::host_address(n);
-        ns.run(|| endpoint::set_tx_checksum(UNDERLAY_IFNAME, false))
-            .expect("turn off TX checksum offload on the underlay veth");
         let pins = PinGuard::new();
         let mut datapath = Datapath::load(&pins.path).expect("load data plane");
         datapath

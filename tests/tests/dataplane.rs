@@ -248,3 +248,101 @@ fn counters_equal_the_traffic_sent() {
         );
     }
 }
+
+#[test]
+fn path_mtu_discovery_through_icmp_frag_needed() {
+    let mut s = scenario();
+    let net1 = s.a1.network;
+    // Containers whose MTU ignores the VXLAN overhead (e.g. attached by hand): their
+    // full-size DF packets cannot fit the underlay once encapsulated.
+    let big_a = s.hosts[0].add_container_with_mtu(&net1, net1.address(20), UNDERLAY_MTU);
+    let big_b = s.hosts[1].add_container_with_mtu(&net1, net1.address(21), UNDERLAY_MTU);
+    let (v1, v2) = (s.hosts[0].vtep, s.hosts[1].vtep);
+    s.hosts[1].add_remote(&big_a, v1);
+    s.hosts[0].add_remote(&big_b, v2);
+
+    // A DF ping that fits the container MTU but not the tunnel gets no echo reply...
+    assert!(
+        big_a.ns.run(|| net::ping_until_reply(big_b.ip, REPLY)),
+        "small pings pass"
+    );
+    assert!(!big_a.ns.run(|| net::ping(big_b.ip, 900, 1472 - 8, QUIET)));
+    assert!(
+        s.hosts[0].packets(100, Counter::FragNeededSent) >= 1,
+        "ICMP frag-needed was sent"
+    );
+
+    // ...and TCP still completes, after the stack learnt the path MTU from the ICMP.
+    const PORT: u16 = 5002;
+    let data = net::pattern(4 * 1024 * 1024, 11);
+    let expected = (data.len(), net::digest(&data));
+    let listener = big_b.ns.run(|| net::tcp_listen(big_b.ip, PORT));
+    let receiver = big_b
+        .ns
+        .ns()
+        .spawn(move || net::tcp_receive_all(&listener, Duration::from_secs(60)))
+        .unwrap();
+    big_a
+        .ns
+        .run(|| net::tcp_send_all(big_b.ip, PORT, &data, Duration::from_secs(60)));
+    assert_eq!(receiver.join().unwrap().unwrap(), expected);
+    assert_eq!(
+        s.hosts[0].packets(100, Counter::DropMtuExceeded),
+        0,
+        "DF packets are never silently dropped"
+    );
+}
+
+#[test]
+fn interoperates_with_a_linux_vxlan_device() {
+    let mut s = scenario();
+    let net1 = s.a1.network;
+    // Host 4 runs no eBPF: a plain Linux vxlan device for VNI 100 with static entries.
+    let (linux_host, linux_underlay) = s._underlay.plug("lnx", 4);
+    let linux_vtep = Underlay::host_address(4);
+    let linux_ip = net1.address(50);
+    let (a1_ip, a1_mac, host1_vtep) = (s.a1.ip, s.a1.mac, s.hosts[0].vtep);
+    let vxlan = linux_host.block_on(|| async move {
+        use overlay_ctl::netlink;
+        let handle = netlink::connect().unwrap();
+        let vx = netlink::create_vxlan(&handle, "vx100", 100, linux_vtep, linux_underlay.index)
+            .await
+            .unwrap();
+        netlink::set_mtu(&handle, vx.index, 1450).await.unwrap();
+        netlink::add_address(&handle, vx.index, linux_ip, 24)
+            .await
+            .unwrap();
+        netlink::set_up(&handle, vx.index).await.unwrap();
+        netlink::add_permanent_neighbour(&handle, vx.index, a1_ip, a1_mac)
+            .await
+            .unwrap();
+        netlink::add_vxlan_fdb(&handle, vx.index, a1_mac, host1_vtep)
+            .await
+            .unwrap();
+        netlink::link_by_name(&handle, "vx100").await.unwrap()
+    });
+    s.hosts[0].add_vteps(&[linux_vtep]);
+    s.hosts[0].add_remote_endpoint(100, linux_ip, vxlan.mac, linux_vtep);
+
+    assert!(
+        s.a1.ns.run(|| net::ping_until_reply(linux_ip, REPLY)),
+        "eBPF -> Linux vxlan"
+    );
+    assert!(
+        linux_host.run(|| net::ping_until_reply(a1_ip, REPLY)),
+        "Linux vxlan -> eBPF"
+    );
+    // And a stream, both ways over one connection.
+    const PORT: u16 = 5003;
+    let data = net::pattern(2 * 1024 * 1024, 5);
+    let expected = (data.len(), net::digest(&data));
+    let listener = linux_host.run(|| net::tcp_listen(linux_ip, PORT));
+    let receiver = linux_host
+        .ns()
+        .spawn(move || net::tcp_receive_all(&listener, Duration::from_secs(60)))
+        .unwrap();
+    s.a1.ns
+        .run(|| net::tcp_send_all(linux_ip, PORT, &data, Duration::from_secs(60)));
+    assert_eq!(receiver.join().unwrap().unwrap(), expected);
+    assert!(s.hosts[0].packets(100, Counter::Decapsulated) > 0);
+}
