@@ -103,6 +103,17 @@ impl XdpAttachMode {
     }
 }
 
+/// What one `BPF_PROG_TEST_RUN` returned.
+#[derive(Clone, Debug)]
+pub struct TestRunOutcome {
+    /// The program's return value (an XDP action or a TC action).
+    pub verdict: u32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// Mean time per run as measured by the kernel.
+    pub duration: std::time::Duration,
+}
+
 /// Loaded programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -240,6 +251,44 @@ impl Datapath {
             }
         }
         ids
+    }
+
+    /// Runs a program once per `repeat` on `frame` with `BPF_PROG_TEST_RUN` (no device
+    /// involved) and returns its verdict, output frame and mean run time. For the TC
+    /// program the kernel presents the frame as received on loopback (ifindex 1).
+    pub fn test_run(
+        &self,
+        name: &'static str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutcome> {
+        use aya::programs::{Program, TestRun, TestRunOptions};
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat.max(1);
+        let program = self.ebpf.program(name).ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?;
+        let result = match program {
+            Program::Xdp(p) => p.test_run(opts),
+            Program::SchedClassifier(p) => p.test_run(opts),
+            _ => {
+                return Err(DatapathError::Missing {
+                    kind: "testable program",
+                    name,
+                })
+            }
+        }
+        .map_err(|source| DatapathError::Program { name, source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutcome {
+            verdict: result.return_value,
+            frame: out,
+            duration: result.duration,
+        })
     }
 
     // ---- typed map updates -------------------------------------------------------------
