@@ -264,10 +264,12 @@ impl Datapath {
     ) -> Result<TestRunOutcome> {
         use aya::programs::{Program, TestRun, TestRunOptions};
         let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.repeat = repeat.max(1);
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: repeat.max(1),
+            ..Default::default()
+        };
         let program = self.ebpf.program(name).ok_or(DatapathError::Missing {
             kind: "program",
             name,

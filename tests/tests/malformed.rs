@@ -93,7 +93,7 @@ fn vxlan_frame_with(flags: u8, vni: u32, inner: &[u8], ip_options: usize, frag: 
     );
     if ip_options > 0 {
         ip[0] = IPV4_VERSION << 4 | (IPV4_IHL_MIN + (ip_options / 4) as u8);
-        ip.extend(std::iter::repeat(1u8).take(ip_options)); // NOP options
+        ip.extend(std::iter::repeat_n(1u8, ip_options)); // NOP options
         ip[10] = 0;
         ip[11] = 0;
         let c = frames::checksum(&ip);
