@@ -213,3 +213,28 @@ pub fn raw_udp_send(src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16, payload: &[u8])
         assert!(sent >= 0, "raw send: {err}");
     }
 }
+
+/// Sends one datagram of `len` bytes with DF clear (`IP_PMTUDISC_DONT`), whatever the
+/// path MTU the socket's stack has learnt.
+pub fn udp_send_no_df(src: Ipv4Addr, dst: SocketAddrV4, len: usize) {
+    use std::os::fd::AsRawFd;
+    let socket = UdpSocket::bind((src, 0)).unwrap();
+    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: setsockopt on a live socket with a correctly sized int.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&dont as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "IP_MTU_DISCOVER: {}",
+        std::io::Error::last_os_error()
+    );
+    socket.send_to(&vec![0x33; len], dst).unwrap();
+}
