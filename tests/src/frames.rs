@@ -77,12 +77,15 @@ pub fn udp_header(src_port: u16, dst_port: u16, payload_len: usize) -> Vec<u8> {
     h
 }
 
-/// A full inner frame: Ethernet + IPv4 + UDP + payload.
-pub fn inner_udp_frame(
+/// Ethernet + IPv4 (DF) + UDP + payload.
+#[allow(clippy::too_many_arguments)]
+pub fn udp_frame(
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
     src: Ipv4Addr,
     dst: Ipv4Addr,
+    src_port: u16,
+    dst_port: u16,
     payload: &[u8],
 ) -> Vec<u8> {
     let mut f = ethernet(dst_mac, src_mac, ETH_P_IP);
@@ -93,9 +96,20 @@ pub fn inner_udp_frame(
         UDP_HLEN + payload.len(),
         IPV4_FLAG_DF,
     ));
-    f.extend(udp_header(40000, 7, payload.len()));
+    f.extend(udp_header(src_port, dst_port, payload.len()));
     f.extend_from_slice(payload);
     f
+}
+
+/// A full inner frame: Ethernet + IPv4 + UDP + payload.
+pub fn inner_udp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    payload: &[u8],
+) -> Vec<u8> {
+    udp_frame(dst_mac, src_mac, src, dst, 40000, 7, payload)
 }
 
 /// The UDP payload of a VXLAN packet: VXLAN header + inner frame.
@@ -105,23 +119,18 @@ pub fn vxlan_payload(flags: u8, vni: u32, inner: &[u8]) -> Vec<u8> {
     p
 }
 
-/// A complete outer frame: Ethernet + IPv4 + UDP(4789) + `vxlan_payload`.
-pub fn vxlan_frame(
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut f = ethernet(dst_mac, src_mac, ETH_P_IP);
-    f.extend(ipv4_header(
-        src,
-        dst,
-        IPPROTO_UDP,
-        UDP_HLEN + payload.len(),
-        IPV4_FLAG_DF,
-    ));
-    f.extend(udp_header(50000, VXLAN_PORT, payload.len()));
-    f.extend_from_slice(payload);
-    f
+/// A deterministic xorshift64 generator: reproducible "random" frames and data.
+pub struct Xorshift(u64);
+
+impl Xorshift {
+    pub fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
 }

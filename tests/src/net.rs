@@ -34,14 +34,7 @@ pub fn ping(dst: Ipv4Addr, seq: u16, payload_len: usize, timeout: Duration) -> b
     packet.extend((0..payload_len).map(|i| i as u8));
     let c = checksum(&packet);
     packet[2..4].copy_from_slice(&c.to_be_bytes());
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(dst.octets()),
-        },
-        sin_zero: [0; 8],
-    };
+    let addr = sockaddr(dst);
     let deadline = Instant::now() + timeout;
     let mut got = false;
     // SAFETY: pointers to live buffers of the stated lengths.
@@ -110,15 +103,8 @@ pub fn ping_until_reply(dst: Ipv4Addr, timeout: Duration) -> bool {
 
 /// Deterministic pseudo-random bytes (xorshift), so both ends can agree on content.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut rng = crate::frames::Xorshift::new(seed);
+    (0..len).map(|_| rng.next_u64() as u8).collect()
 }
 
 /// FNV-1a, enough to tell corrupted or truncated streams from intact ones.
@@ -184,14 +170,7 @@ pub fn raw_udp_send(src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16, payload: &[u8])
     );
     packet.extend(crate::frames::udp_header(40001, dst_port, payload.len()));
     packet.extend_from_slice(payload);
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(dst.octets()),
-        },
-        sin_zero: [0; 8],
-    };
+    let addr = sockaddr(dst);
     // SAFETY: a raw socket (IP_HDRINCL implied) used and closed here; live buffers.
     unsafe {
         let fd = libc::socket(
@@ -237,4 +216,16 @@ pub fn udp_send_no_df(src: Ipv4Addr, dst: SocketAddrV4, len: usize) {
         std::io::Error::last_os_error()
     );
     socket.send_to(&vec![0x33; len], dst).unwrap();
+}
+
+/// A `sockaddr_in` for raw sockets (port unused).
+fn sockaddr(dst: Ipv4Addr) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    }
 }

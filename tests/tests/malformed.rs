@@ -261,13 +261,8 @@ fn underlay_program_survives_malformed_frames() {
     // Random bytes and random corruptions of the valid frame: any verdict but a crash,
     // and every frame lands in exactly one verdict counter.
     let verdicts_before = verdict_total(&dp);
-    let mut rng = 0x9e3779b97f4a7c15u64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = frames::Xorshift::new(0x9e3779b97f4a7c15u64);
+    let mut next = move || rng.next_u64();
     const RANDOM: u64 = 2000;
     for i in 0..RANDOM {
         let frame: Vec<u8> = if i % 2 == 0 {
@@ -401,13 +396,8 @@ fn container_program_survives_malformed_frames() {
 
     expect.check(&dp);
 
-    let mut rng = 0x2545f4914f6cdd1du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = frames::Xorshift::new(0x2545f4914f6cdd1du64);
+    let mut next = move || rng.next_u64();
     let (mut ran, mut refused) = (0u64, 0u64);
     for i in 0..1000 {
         let frame: Vec<u8> = if i % 2 == 0 {
