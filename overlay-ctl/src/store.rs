@@ -1,0 +1,721 @@
+//! The cluster state in Consul's KV store: networks, VNI and address allocations, nodes
+//! and endpoints, under a configurable prefix (default `overlay/`). Values are JSON:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `overlay/networks/<name>` | [`Network`] |
+//! | `overlay/vni/<N>` | the network name owning VNI N (created with cas=0) |
+//! | `overlay/ipam/<network>/<ip>` | [`IpAllocation`] (created with cas=0) |
+//! | `overlay/nodes/<node>` | [`NodeInfo`], held by the node's session |
+//! | `overlay/endpoints/<network>/<id>` | [`Endpoint`] |
+//! | `overlay/config/bootstrapped` | marker written by [`Store::bootstrap`] |
+//!
+//! Exclusivity comes from Consul's check-and-set: a VNI or an address is taken by
+//! whoever creates its key first (`?cas=0`), so concurrent creators and allocators on
+//! different hosts never get the same one. Every input is validated before the first
+//! write, and a multi-key operation that loses a race rolls back what it wrote.
+use std::{collections::BTreeSet, net::Ipv4Addr, str::FromStr};
+
+use ipnetwork::Ipv4Network;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::{
+    consul::{ConsulClient, ConsulError, KvPair},
+    ipam::{self, IpamError},
+};
+
+pub const DEFAULT_PREFIX: &str = "overlay/";
+/// The network created by [`Store::bootstrap`] (as SocketPlane's default network).
+pub const DEFAULT_NETWORK: &str = "default";
+pub const DEFAULT_SUBNET: &str = "10.1.0.0/16";
+pub const DEFAULT_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Consul(#[from] ConsulError),
+    #[error(transparent)]
+    Invalid(#[from] IpamError),
+    #[error("network {0:?} already exists")]
+    NetworkExists(String),
+    #[error("network {0:?} does not exist")]
+    NoSuchNetwork(String),
+    #[error("VNI {vni} is already used by network {owner:?}")]
+    VniTaken { vni: u32, owner: String },
+    #[error("no free VNI left")]
+    NoFreeVni,
+    #[error("subnet {subnet} overlaps network {other:?} ({other_subnet})")]
+    SubnetOverlap {
+        subnet: Ipv4Network,
+        other: String,
+        other_subnet: Ipv4Network,
+    },
+    #[error(
+        "network {name:?} still has {count} endpoint(s); remove them first or force the deletion"
+    )]
+    NetworkInUse { name: String, count: usize },
+    #[error("address {ip} is already allocated in network {network:?}")]
+    AddressInUse { network: String, ip: Ipv4Addr },
+    #[error("network {network:?} ({subnet}) has no free addresses left")]
+    Exhausted {
+        network: String,
+        subnet: Ipv4Network,
+    },
+    #[error("node {0:?} is registered by another live session, or its previous session's lock-delay has not passed yet")]
+    NodeHeld(String),
+    #[error("invalid {what} {value:?}: {reason}")]
+    BadName {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("corrupt value at {key}: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+/// An overlay network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub name: String,
+    #[serde(with = "as_string")]
+    pub subnet: Ipv4Network,
+    pub gateway: Ipv4Addr,
+    pub vni: u32,
+    pub mtu: u32,
+}
+
+/// Who holds an allocated address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpAllocation {
+    pub endpoint: String,
+    pub node: String,
+}
+
+/// A node of the cluster: where its VTEP is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub vtep: Ipv4Addr,
+    pub iface: String,
+}
+
+/// A container's interface on a network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub id: String,
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub node: String,
+    pub vtep: Ipv4Addr,
+    pub ifname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+mod as_string {
+    use std::{fmt::Display, str::FromStr};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Decodes a JSON value read from the store.
+pub fn decode<T: DeserializeOwned>(pair: &KvPair) -> Result<T, StoreError> {
+    serde_json::from_slice(&pair.value).map_err(|e| StoreError::Corrupt {
+        key: pair.key.clone(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain structs cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Node names and endpoint IDs become key segments: no `/`, whitespace or control
+/// characters, and not empty.
+fn check_segment(what: &'static str, value: &str) -> Result<(), StoreError> {
+    let reason = if value.is_empty() {
+        Some("must not be empty")
+    } else if value.len() > 256 {
+        Some("longer than 256 characters")
+    } else if value
+        .chars()
+        .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
+        Some("must not contain '/', spaces or control characters")
+    } else if value == "." || value == ".." {
+        Some("not a usable name")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(StoreError::BadName {
+            what,
+            value: value.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The cluster state on top of a [`ConsulClient`].
+#[derive(Clone, Debug)]
+pub struct Store {
+    client: ConsulClient,
+    prefix: String,
+}
+
+impl Store {
+    /// `prefix` is normalised to end with `/` (an empty prefix is `overlay/`).
+    pub fn new(client: ConsulClient, prefix: &str) -> Self {
+        let mut prefix = prefix.trim_matches('/').to_string();
+        if prefix.is_empty() {
+            prefix = DEFAULT_PREFIX.trim_end_matches('/').to_string();
+        }
+        prefix.push('/');
+        Self { client, prefix }
+    }
+
+    pub fn client(&self) -> &ConsulClient {
+        &self.client
+    }
+
+    /// The key prefix, ending with `/`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Where the networks live (for watches).
+    pub fn networks_prefix(&self) -> String {
+        format!("{}networks/", self.prefix)
+    }
+
+    /// Where the endpoints live (for watches).
+    pub fn endpoints_prefix(&self) -> String {
+        format!("{}endpoints/", self.prefix)
+    }
+
+    /// Where the nodes live (for watches).
+    pub fn nodes_prefix(&self) -> String {
+        format!("{}nodes/", self.prefix)
+    }
+
+    fn network_key(&self, name: &str) -> String {
+        format!("{}networks/{name}", self.prefix)
+    }
+
+    fn vni_prefix(&self) -> String {
+        format!("{}vni/", self.prefix)
+    }
+
+    fn vni_key(&self, vni: u32) -> String {
+        format!("{}vni/{vni}", self.prefix)
+    }
+
+    fn ipam_prefix(&self, network: &str) -> String {
+        format!("{}ipam/{network}/", self.prefix)
+    }
+
+    fn ipam_key(&self, network: &str, ip: Ipv4Addr) -> String {
+        format!("{}ipam/{network}/{ip}", self.prefix)
+    }
+
+    fn node_key(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.prefix)
+    }
+
+    fn endpoint_prefix(&self, network: &str) -> String {
+        format!("{}endpoints/{network}/", self.prefix)
+    }
+
+    fn endpoint_key(&self, network: &str, id: &str) -> String {
+        format!("{}endpoints/{network}/{id}", self.prefix)
+    }
+
+    fn bootstrap_key(&self) -> String {
+        format!("{}config/bootstrapped", self.prefix)
+    }
+
+    // ---- networks ----
+
+    /// Creates a network. Everything is validated before anything is written; `gateway`
+    /// defaults to the first address, `vni` to the lowest free one, `mtu` to
+    /// [`ipam::DEFAULT_MTU`]. On a lost race nothing stays written.
+    pub async fn create_network(
+        &self,
+        name: &str,
+        cidr: &str,
+        gateway: Option<Ipv4Addr>,
+        vni: Option<u64>,
+        mtu: Option<u32>,
+    ) -> Result<Network, StoreError> {
+        ipam::validate_name(name)?;
+        let subnet = ipam::parse_subnet(cidr)?;
+        let gateway = gateway.unwrap_or_else(|| ipam::default_gateway(subnet));
+        ipam::validate_gateway(subnet, gateway)?;
+        let vni = vni.map(ipam::validate_vni).transpose()?;
+        let mtu = mtu.unwrap_or(ipam::DEFAULT_MTU);
+        ipam::validate_mtu(mtu)?;
+
+        let existing = self.list_networks().await?;
+        if existing.iter().any(|n| n.name == name) {
+            return Err(StoreError::NetworkExists(name.to_string()));
+        }
+        if let Some(other) = existing.iter().find(|n| n.subnet.overlaps(subnet)) {
+            return Err(StoreError::SubnetOverlap {
+                subnet,
+                other: other.name.clone(),
+                other_subnet: other.subnet,
+            });
+        }
+        let vni = self.claim_vni(name, vni).await?;
+        let network = Network {
+            name: name.to_string(),
+            subnet,
+            gateway,
+            vni,
+            mtu,
+        };
+        let created = self
+            .client
+            .put_cas(&self.network_key(name), &encode(&network), 0)
+            .await;
+        match created {
+            Ok(true) => {
+                info!(network = name, %subnet, %gateway, vni, mtu, "network created");
+                Ok(network)
+            }
+            Ok(false) => {
+                self.unclaim_vni(vni, name).await;
+                Err(StoreError::NetworkExists(name.to_string()))
+            }
+            Err(e) => {
+                self.unclaim_vni(vni, name).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Takes `vni` (or the lowest free one) for `name` with a create-only write.
+    async fn claim_vni(&self, name: &str, wanted: Option<u32>) -> Result<u32, StoreError> {
+        if let Some(vni) = wanted {
+            if self
+                .client
+                .put_cas(&self.vni_key(vni), name.as_bytes(), 0)
+                .await?
+            {
+                return Ok(vni);
+            }
+            let owner = self
+                .client
+                .get(&self.vni_key(vni))
+                .await?
+                .map(|p| p.value_str())
+                .unwrap_or_default();
+            return Err(StoreError::VniTaken { vni, owner });
+        }
+        let prefix = self.vni_prefix();
+        let mut taken: BTreeSet<u32> = self
+            .client
+            .keys(&prefix)
+            .await?
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix)?.parse().ok())
+            .collect();
+        let mut candidate = ipam::MIN_VNI;
+        loop {
+            while taken.contains(&candidate) {
+                candidate = candidate.checked_add(1).ok_or(StoreError::NoFreeVni)?;
+            }
+            if candidate > ipam::MAX_VNI {
+                return Err(StoreError::NoFreeVni);
+            }
+            if self
+                .client
+                .put_cas(&self.vni_key(candidate), name.as_bytes(), 0)
+                .await?
+            {
+                return Ok(candidate);
+            }
+            debug!(vni = candidate, "VNI taken concurrently; trying the next");
+            taken.insert(candidate);
+        }
+    }
+
+    /// Best-effort removal of a VNI claim, only if it is still `name`'s.
+    async fn unclaim_vni(&self, vni: u32, name: &str) {
+        let key = self.vni_key(vni);
+        let result = async {
+            if let Some(pair) = self.client.get(&key).await? {
+                if pair.value == name.as_bytes() {
+                    self.client.delete_cas(&key, pair.modify_index).await?;
+                }
+            }
+            Ok::<_, ConsulError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(%key, error = %e, "could not roll back a VNI claim");
+        }
+    }
+
+    pub async fn get_network(&self, name: &str) -> Result<Option<Network>, StoreError> {
+        ipam::validate_name(name)?;
+        match self.client.get(&self.network_key(name)).await? {
+            Some(pair) => Ok(Some(decode(&pair)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn require_network(&self, name: &str) -> Result<Network, StoreError> {
+        self.get_network(name)
+            .await?
+            .ok_or_else(|| StoreError::NoSuchNetwork(name.to_string()))
+    }
+
+    /// All networks, by name.
+    pub async fn list_networks(&self) -> Result<Vec<Network>, StoreError> {
+        let mut networks = self
+            .client
+            .list(&self.networks_prefix())
+            .await?
+            .iter()
+            .map(decode::<Network>)
+            .collect::<Result<Vec<_>, _>>()?;
+        networks.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(networks)
+    }
+
+    /// Deletes a network with its VNI claim, address allocations and (with `force`)
+    /// endpoints. Refused while endpoints exist unless `force`.
+    pub async fn delete_network(&self, name: &str, force: bool) -> Result<(), StoreError> {
+        let network = self.require_network(name).await?;
+        let endpoints = self.list_endpoints(Some(name)).await?;
+        if !endpoints.is_empty() && !force {
+            return Err(StoreError::NetworkInUse {
+                name: name.to_string(),
+                count: endpoints.len(),
+            });
+        }
+        // The network key first, so no new allocation can start on it.
+        self.client.delete(&self.network_key(name)).await?;
+        self.client.delete_tree(&self.endpoint_prefix(name)).await?;
+        self.client.delete_tree(&self.ipam_prefix(name)).await?;
+        self.unclaim_vni(network.vni, name).await;
+        info!(
+            network = name,
+            endpoints = endpoints.len(),
+            "network deleted"
+        );
+        Ok(())
+    }
+
+    // ---- IPAM ----
+
+    /// Allocates an address on `network` for `endpoint` on `node`: `requested` if it is
+    /// valid and free, else the lowest free one. Concurrent allocators (on any host)
+    /// never get the same address: each address is taken by a create-only write.
+    pub async fn allocate_ip(
+        &self,
+        network: &str,
+        requested: Option<Ipv4Addr>,
+        endpoint: &str,
+        node: &str,
+    ) -> Result<Ipv4Addr, StoreError> {
+        check_segment("endpoint id", endpoint)?;
+        check_segment("node name", node)?;
+        let net = self.require_network(network).await?;
+        let value = encode(&IpAllocation {
+            endpoint: endpoint.to_string(),
+            node: node.to_string(),
+        });
+        let ip = match requested {
+            Some(ip) => {
+                ipam::validate_address(net.subnet, net.gateway, ip)?;
+                if !self
+                    .client
+                    .put_cas(&self.ipam_key(network, ip), &value, 0)
+                    .await?
+                {
+                    return Err(StoreError::AddressInUse {
+                        network: network.to_string(),
+                        ip,
+                    });
+                }
+                ip
+            }
+            None => {
+                let mut taken = self.allocated_set(network).await?;
+                loop {
+                    let Some(ip) = ipam::next_free(net.subnet, net.gateway, &taken) else {
+                        return Err(StoreError::Exhausted {
+                            network: network.to_string(),
+                            subnet: net.subnet,
+                        });
+                    };
+                    if self
+                        .client
+                        .put_cas(&self.ipam_key(network, ip), &value, 0)
+                        .await?
+                    {
+                        break ip;
+                    }
+                    // Someone else took it since we listed; that address is out.
+                    taken.insert(ip);
+                }
+            }
+        };
+        // The network may have been deleted (and its allocations wiped) meanwhile; do
+        // not leave an orphan allocation behind.
+        if self.get_network(network).await?.as_ref() != Some(&net) {
+            let _ = self.client.delete(&self.ipam_key(network, ip)).await;
+            return Err(StoreError::NoSuchNetwork(network.to_string()));
+        }
+        debug!(network, %ip, endpoint, node, "address allocated");
+        Ok(ip)
+    }
+
+    async fn allocated_set(&self, network: &str) -> Result<BTreeSet<Ipv4Addr>, StoreError> {
+        let prefix = self.ipam_prefix(network);
+        Ok(self
+            .client
+            .keys(&prefix)
+            .await?
+            .iter()
+            .filter_map(|k| Ipv4Addr::from_str(k.strip_prefix(&prefix)?).ok())
+            .collect())
+    }
+
+    /// Frees an address (freeing a free address is not an error).
+    pub async fn release_ip(&self, network: &str, ip: Ipv4Addr) -> Result<(), StoreError> {
+        ipam::validate_name(network)?;
+        self.client.delete(&self.ipam_key(network, ip)).await?;
+        debug!(network, %ip, "address released");
+        Ok(())
+    }
+
+    /// The allocated addresses of a network, in address order.
+    pub async fn list_allocations(
+        &self,
+        network: &str,
+    ) -> Result<Vec<(Ipv4Addr, IpAllocation)>, StoreError> {
+        ipam::validate_name(network)?;
+        let prefix = self.ipam_prefix(network);
+        let mut out = Vec::new();
+        for pair in self.client.list(&prefix).await? {
+            let Some(ip) = pair
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|s| Ipv4Addr::from_str(s).ok())
+            else {
+                return Err(StoreError::Corrupt {
+                    key: pair.key.clone(),
+                    message: "key does not end in an IPv4 address".to_string(),
+                });
+            };
+            out.push((ip, decode(&pair)?));
+        }
+        out.sort_by_key(|(ip, _)| *ip);
+        Ok(out)
+    }
+
+    // ---- nodes ----
+
+    /// Registers a node under its session's lock, so the entry disappears when the
+    /// session is invalidated (create the session with `SessionBehavior::Delete`).
+    pub async fn register_node(&self, session: &str, node: &NodeInfo) -> Result<(), StoreError> {
+        check_segment("node name", &node.name)?;
+        if self
+            .client
+            .acquire(&self.node_key(&node.name), &encode(node), session)
+            .await?
+        {
+            info!(node = %node.name, vtep = %node.vtep, "node registered");
+            Ok(())
+        } else {
+            Err(StoreError::NodeHeld(node.name.clone()))
+        }
+    }
+
+    /// Removes a node's entry (e.g. on an orderly agent shutdown).
+    pub async fn deregister_node(&self, name: &str) -> Result<(), StoreError> {
+        check_segment("node name", name)?;
+        self.client.delete(&self.node_key(name)).await?;
+        Ok(())
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        let mut nodes = self
+            .client
+            .list(&self.nodes_prefix())
+            .await?
+            .iter()
+            .map(decode::<NodeInfo>)
+            .collect::<Result<Vec<_>, _>>()?;
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(nodes)
+    }
+
+    // ---- endpoints ----
+
+    /// Writes (creates or replaces) an endpoint; its network must exist.
+    pub async fn put_endpoint(&self, endpoint: &Endpoint) -> Result<(), StoreError> {
+        check_segment("endpoint id", &endpoint.id)?;
+        check_segment("node name", &endpoint.node)?;
+        self.require_network(&endpoint.network).await?;
+        self.client
+            .put(
+                &self.endpoint_key(&endpoint.network, &endpoint.id),
+                &encode(endpoint),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get_endpoint(
+        &self,
+        network: &str,
+        id: &str,
+    ) -> Result<Option<Endpoint>, StoreError> {
+        ipam::validate_name(network)?;
+        check_segment("endpoint id", id)?;
+        match self.client.get(&self.endpoint_key(network, id)).await? {
+            Some(pair) => Ok(Some(decode(&pair)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The endpoints of one network, or of all networks with `None`.
+    pub async fn list_endpoints(&self, network: Option<&str>) -> Result<Vec<Endpoint>, StoreError> {
+        let prefix = match network {
+            Some(n) => {
+                ipam::validate_name(n)?;
+                self.endpoint_prefix(n)
+            }
+            None => self.endpoints_prefix(),
+        };
+        let mut endpoints = self
+            .client
+            .list(&prefix)
+            .await?
+            .iter()
+            .map(decode::<Endpoint>)
+            .collect::<Result<Vec<_>, _>>()?;
+        endpoints.sort_by(|a, b| (&a.network, &a.id).cmp(&(&b.network, &b.id)));
+        Ok(endpoints)
+    }
+
+    /// Deletes an endpoint (deleting a missing one is not an error).
+    pub async fn delete_endpoint(&self, network: &str, id: &str) -> Result<(), StoreError> {
+        ipam::validate_name(network)?;
+        check_segment("endpoint id", id)?;
+        self.client.delete(&self.endpoint_key(network, id)).await?;
+        Ok(())
+    }
+
+    // ---- bootstrap ----
+
+    /// Creates the `default` network (10.1.0.0/16, gateway 10.1.0.1) and the
+    /// bootstrapped marker, once per cluster; later and concurrent calls do nothing.
+    /// Returns whether this call bootstrapped.
+    pub async fn bootstrap(&self) -> Result<bool, StoreError> {
+        let marker = self.bootstrap_key();
+        if self.client.get(&marker).await?.is_some() {
+            return Ok(false);
+        }
+        match self
+            .create_network(
+                DEFAULT_NETWORK,
+                DEFAULT_SUBNET,
+                Some(DEFAULT_GATEWAY),
+                None,
+                None,
+            )
+            .await
+        {
+            Ok(_) | Err(StoreError::NetworkExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let done = self.client.put_cas(&marker, b"true", 0).await?;
+        if done {
+            info!(prefix = %self.prefix, "cluster state bootstrapped");
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_json_layout() {
+        let n = Network {
+            name: "web".into(),
+            subnet: "10.100.0.0/24".parse().unwrap(),
+            gateway: Ipv4Addr::new(10, 100, 0, 1),
+            vni: 42,
+            mtu: 1450,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&encode(&n)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"name":"web","subnet":"10.100.0.0/24","gateway":"10.100.0.1","vni":42,"mtu":1450})
+        );
+        let back: Network = serde_json::from_value(v).unwrap();
+        assert_eq!(back, n);
+    }
+
+    #[test]
+    fn endpoint_json_omits_missing_container() {
+        let e = Endpoint {
+            id: "abc".into(),
+            network: "web".into(),
+            ip: Ipv4Addr::new(10, 100, 0, 2),
+            mac: "02:00:0a:64:00:02".into(),
+            node: "n1".into(),
+            vtep: Ipv4Addr::new(192, 0, 2, 1),
+            ifname: "ov-abc".into(),
+            container: None,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&encode(&e)).unwrap();
+        assert!(v.get("container").is_none());
+        assert_eq!(v["vtep"], "192.0.2.1");
+    }
+
+    #[test]
+    fn segments() {
+        assert!(check_segment("node name", "node-1").is_ok());
+        assert!(check_segment("node name", "").is_err());
+        assert!(check_segment("node name", "a/b").is_err());
+        assert!(check_segment("node name", "a b").is_err());
+        assert!(check_segment("node name", "..").is_err());
+    }
+
+    #[test]
+    fn prefixes_normalise() {
+        let c = ConsulClient::new("127.0.0.1:1", None).unwrap();
+        assert_eq!(Store::new(c.clone(), "").prefix(), "overlay/");
+        assert_eq!(Store::new(c.clone(), "/x/y").prefix(), "x/y/");
+        assert_eq!(
+            Store::new(c, "overlay/").network_key("a"),
+            "overlay/networks/a"
+        );
+    }
+}
