@@ -4,6 +4,7 @@
 mod ebpf_build;
 mod setup;
 mod test;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -39,9 +40,25 @@ enum Task {
         agent_args: Vec<String>,
     },
     /// The one test command: setup if needed, fmt, clippy, the eBPF build, unit and
-    /// integration tests (as root, in network namespaces). Ends with "N passed, M failed".
+    /// integration tests (as root, in network namespaces), then the integration tests in
+    /// a VM on Debian's 6.1 kernel. Ends with "N passed, M failed".
     Test {
         /// Only run tests whose name contains this filter (checks still run).
+        filter: Option<String>,
+        /// Run the VM suite on every supported kernel (6.1 and 6.12), not just 6.1.
+        #[arg(long)]
+        all_kernels: bool,
+    },
+    /// The data-plane integration tests inside qemu VMs booting Debian's LTS cloud
+    /// kernels (TCG). Ends with one "vm-test <release>: N passed, M failed" line per kernel.
+    VmTest {
+        /// Which kernel(s) to boot.
+        #[arg(long, value_enum, default_value = "all")]
+        kernel: vm::KernelChoice,
+        /// Seconds one guest may run before it is considered hung and killed.
+        #[arg(long, default_value_t = vm::DEFAULT_TIMEOUT.as_secs())]
+        timeout: u64,
+        /// Only run tests whose name contains this filter.
         filter: Option<String>,
     },
 }
@@ -52,7 +69,19 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::BuildEbpf => build_ebpf().map(|object| println!("built {}", object.display())),
         Task::Run { iface, agent_args } => run(iface, agent_args),
-        Task::Test { filter } => test::run(filter.as_deref()),
+        Task::Test {
+            filter,
+            all_kernels,
+        } => test::run(filter.as_deref(), all_kernels),
+        Task::VmTest {
+            kernel,
+            timeout,
+            filter,
+        } => vm::command(
+            kernel,
+            std::time::Duration::from_secs(timeout),
+            filter.as_deref(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,7 +29,7 @@ impl Tally {
     }
 }
 
-pub fn run(filter: Option<&str>) -> Result<()> {
+pub fn run(filter: Option<&str>, all_kernels: bool) -> Result<()> {
     if !setup::is_root() {
         bail!("the integration tests create network namespaces and load BPF: run as root (sudo -E cargo xtask test)");
     }
@@ -59,6 +59,31 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         run_libtest(&args, &mut tally)
     })
     .ok();
+
+    // The data plane on the oldest supported kernel (Debian's 6.1, no TCX) in a VM.
+    let (kernel, what) = if all_kernels {
+        (
+            crate::vm::KernelChoice::All,
+            "VM tests (Debian 6.1 and 6.12 kernels, qemu)",
+        )
+    } else {
+        (
+            crate::vm::KernelChoice::V6_1,
+            "VM tests (Debian 6.1 kernel, qemu)",
+        )
+    };
+    match step(what, || crate::vm::run_kernel(kernel, filter)) {
+        Ok((passed, failed)) => {
+            tally.passed += passed;
+            tally.failed += failed;
+            if failed > 0 {
+                tally.failures.push(format!(
+                    "VM tests: {failed} failed (guest console logs under target/vm/)"
+                ));
+            }
+        }
+        Err(e) => tally.check("VM tests", Err(e)),
+    }
 
     println!();
     for failure in &tally.failures {
