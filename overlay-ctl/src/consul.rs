@@ -254,6 +254,16 @@ struct RawResponse {
     body: Bytes,
 }
 
+/// The error for a response whose status the caller does not accept.
+fn status_error(method: &Method, path: &str, resp: &RawResponse) -> ConsulError {
+    ConsulError::Status {
+        code: resp.status.as_u16(),
+        method: method.clone(),
+        path: path.to_string(),
+        body: String::from_utf8_lossy(&resp.body).trim().to_string(),
+    }
+}
+
 /// The Consul HTTP API client. Cheap to clone (clones share the connection pool).
 #[derive(Clone)]
 pub struct ConsulClient {
@@ -535,12 +545,7 @@ impl ConsulClient {
                 Ok(resp) => {
                     let retryable =
                         resp.status.is_server_error() && idempotence == Idempotence::Idempotent;
-                    let err = ConsulError::Status {
-                        code: resp.status.as_u16(),
-                        method: method.clone(),
-                        path: path.to_string(),
-                        body: String::from_utf8_lossy(&resp.body).trim().to_string(),
-                    };
+                    let err = status_error(&method, path, &resp);
                     (err, retryable)
                 }
                 Err((err, connect_failed)) => {
@@ -793,12 +798,7 @@ impl ConsulClient {
             )
             .await?;
         if resp.status == StatusCode::NOT_FOUND {
-            return Err(ConsulError::Status {
-                code: 404,
-                method: Method::PUT,
-                path,
-                body: String::from_utf8_lossy(&resp.body).trim().to_string(),
-            });
+            return Err(status_error(&Method::PUT, &path, &resp));
         }
         Self::decode_bool(&path, &resp.body)
     }
@@ -880,12 +880,7 @@ impl ConsulClient {
             .call(Method::DELETE, &path, None, idempotence, self.timeout)
             .await?;
         if resp.status == StatusCode::NOT_FOUND {
-            return Err(ConsulError::Status {
-                code: 404,
-                method: Method::DELETE,
-                path,
-                body: String::from_utf8_lossy(&resp.body).trim().to_string(),
-            });
+            return Err(status_error(&Method::DELETE, &path, &resp));
         }
         Self::decode_bool(&path, &resp.body)
     }
@@ -967,12 +962,7 @@ impl ConsulClient {
             )
             .await?;
         if resp.status == StatusCode::NOT_FOUND {
-            return Err(ConsulError::Status {
-                code: 404,
-                method: Method::PUT,
-                path: path.to_string(),
-                body: String::from_utf8_lossy(&resp.body).trim().to_string(),
-            });
+            return Err(status_error(&Method::PUT, path, &resp));
         }
         let created: Created = Self::decode(path, &resp.body)?;
         Ok(created.id)
@@ -1007,12 +997,7 @@ impl ConsulClient {
             )
             .await?;
         if resp.status == StatusCode::NOT_FOUND {
-            return Err(ConsulError::Status {
-                code: 404,
-                method: Method::PUT,
-                path,
-                body: String::from_utf8_lossy(&resp.body).trim().to_string(),
-            });
+            return Err(status_error(&Method::PUT, &path, &resp));
         }
         Ok(())
     }
@@ -1084,12 +1069,7 @@ impl ConsulClient {
             )
             .await?;
         if resp.status == StatusCode::NOT_FOUND {
-            return Err(ConsulError::Status {
-                code: 404,
-                method: Method::PUT,
-                path: path.to_string(),
-                body: String::from_utf8_lossy(&resp.body).trim().to_string(),
-            });
+            return Err(status_error(&Method::PUT, path, &resp));
         }
         Ok(())
     }
@@ -1129,12 +1109,7 @@ impl ConsulClient {
             )
             .await?;
         if resp.status == StatusCode::NOT_FOUND {
-            return Err(ConsulError::Status {
-                code: 404,
-                method: Method::GET,
-                path: path.to_string(),
-                body: String::from_utf8_lossy(&resp.body).trim().to_string(),
-            });
+            return Err(status_error(&Method::GET, path, &resp));
         }
         Self::decode(path, &resp.body)
     }

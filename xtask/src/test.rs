@@ -141,7 +141,7 @@ fn run_libtest(args: &[&str], tally: &mut Tally) -> Result<()> {
 }
 
 /// The number just before `suffix` in "ok. 3 passed; 0 failed; ...".
-fn count_before(text: &str, suffix: &str) -> u64 {
+pub(crate) fn count_before(text: &str, suffix: &str) -> u64 {
     text.find(suffix)
         .and_then(|end| text[..end].rsplit(|c: char| !c.is_ascii_digit()).next())
         .and_then(|digits| digits.parse().ok())

@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{setup, step, workspace_root};
+use crate::{setup, step, test::count_before, workspace_root};
 
 /// How long one guest may run, boot to power-off. A run takes well under a minute.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -1226,14 +1226,6 @@ fn parse_guest(lines: &[String]) -> Outcome {
         }
     }
     outcome
-}
-
-/// The number just before `suffix` in "ok. 3 passed; 0 failed; ...".
-fn count_before(text: &str, suffix: &str) -> u64 {
-    text.find(suffix)
-        .and_then(|end| text[..end].rsplit(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|digits| digits.parse().ok())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
