@@ -5,6 +5,7 @@ pub mod consul;
 pub mod datapath;
 pub mod endpoint;
 pub mod ipam;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod store;

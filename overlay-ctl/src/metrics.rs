@@ -1,0 +1,1 @@
+//! Prometheus metrics of the agent (being written: see issue #5).
