@@ -1,14 +1,47 @@
-//! The node agent: loads the data plane, binds it to the underlay interface and keeps it
-//! running until told to stop.
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+//! The node agent: loads and pins the data plane, binds it to the underlay, joins the
+//! cluster (a node key held by a session it renews) and keeps the maps equal to the
+//! cluster state in Consul: a blocking-query watch applies every change as it happens,
+//! and a periodic full resync repairs any drift.
+//!
+//! Nothing here is needed for forwarding: maps and links are pinned, so the data plane
+//! keeps running with the last known state while the agent restarts or Consul is away.
+use std::{
+    collections::BTreeMap,
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime},
+};
 
-use overlay_common::{ipv4_to_map, Counter, CounterValue, UnderlayConfig, VtepInfo};
-use tracing::{info, warn};
+use overlay_common::{ipv4_to_map, Counter, CounterValue, UnderlayConfig};
+use rtnetlink::Handle;
+use tokio::{
+    io::{AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::Notify,
+    task::JoinSet,
+};
+use tracing::{debug, info, warn};
 
 use crate::{
+    consul::{ConsulClient, ConsulError, KvWatch, SessionBehavior},
+    control::{
+        self, AgentStatus, BindReply, ConsulStatus, MapUsage, ReconcileReply, ReconcileStatus,
+        Request,
+    },
     datapath::{self, Datapath, DatapathError, XdpAttachMode},
-    netlink::{self, NetlinkError},
+    logs::LogBuffer,
+    netlink::{self, LinkInfo, NetlinkError},
+    reconcile::{self, ApplyReport, ClusterState, HostVeth, LocalNode},
+    store::{NodeInfo, Store, StoreError},
 };
+
+/// Consul's own minimum session TTL (`session_ttl_min`).
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(10);
+pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(60);
+const SESSION_FILE: &str = "session";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -16,25 +49,85 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("an agent is already running with state directory {0} (stop it, or use another --state-dir and --pin-root)")]
+    AlreadyRunning(PathBuf),
 }
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
+    /// This node's name in the cluster.
+    pub node: String,
     /// Underlay interface; the default route's when `None`.
     pub iface: Option<String>,
     pub pin_root: PathBuf,
+    pub state_dir: PathBuf,
     pub xdp_mode: XdpAttachMode,
-    /// Detach everything and remove the pins on exit (development runs).
+    /// Create the `default` network if the cluster has never been bootstrapped.
+    pub bootstrap: bool,
+    /// Leave nothing behind on exit: leave the cluster, detach, remove the pins.
     pub ephemeral: bool,
-    /// How often data-plane counters are logged when they changed.
+    pub session_ttl: Duration,
+    pub resync_interval: Duration,
+    pub watch_wait: Duration,
+    /// How often data-plane counters are summarised in the log (when they changed).
     pub stats_interval: Duration,
+    /// Where Prometheus metrics are served (None: not served).
+    pub metrics_addr: Option<String>,
+}
+
+struct Underlay {
+    link: LinkInfo,
+    vtep: Ipv4Addr,
+}
+
+#[derive(Default)]
+struct Health {
+    consul_reachable: bool,
+    consul_error: Option<String>,
+    session: Option<String>,
+    registered: bool,
+    last_reconcile: Option<ReconcileStatus>,
+    members: usize,
+    local_endpoints: usize,
+    remote_endpoints: usize,
+    attached: Vec<String>,
+}
+
+struct Agent {
+    options: AgentOptions,
+    store: Store,
+    handle: Handle,
+    /// `None` once the agent is stopping.
+    datapath: Mutex<Option<Datapath>>,
+    underlay: Mutex<Underlay>,
+    /// The last cluster state read from Consul (`None` until the first read).
+    desired: Mutex<Option<ClusterState>>,
+    health: Mutex<Health>,
+    reconcile_lock: tokio::sync::Mutex<()>,
+    /// Asks the membership task to write this node's entry again (after `bind`).
+    reregister: Notify,
+    logs: LogBuffer,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Runs the agent until `shutdown` completes.
 pub async fn run(
     options: AgentOptions,
+    consul: ConsulClient,
+    prefix: &str,
+    logs: LogBuffer,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let listener = bind_control_socket(&options.state_dir).await?;
     let handle = netlink::connect()?;
     let link = match &options.iface {
         Some(name) => netlink::link_by_name(&handle, name).await?,
@@ -46,19 +139,88 @@ pub async fn run(
         }
     };
     let vtep = netlink::first_ipv4(&handle, &link).await?;
-    info!(iface = %link.name, ifindex = link.index, %vtep, mtu = link.mtu, "binding to underlay");
+    info!(node = %options.node, iface = %link.name, ifindex = link.index, %vtep, mtu = link.mtu, "binding to underlay");
 
+    // Encapsulated packets leave through a FIB lookup on behalf of the containers' veths,
+    // which the kernel only answers for a forwarding host (and the containers' traffic
+    // to the outside world is routed by the host), as with Docker.
+    match crate::netns::write_net_sysctl("ipv4.ip_forward", "1") {
+        Ok(()) => debug!("IPv4 forwarding on"),
+        Err(e) => {
+            warn!(error = %e, "cannot turn IPv4 forwarding on; containers cannot reach other nodes")
+        }
+    }
+    let mut datapath = Datapath::load(&options.pin_root)?;
+    configure_underlay(&mut datapath, &link, vtep, options.xdp_mode)?;
+    info!(
+        programs = ?datapath.program_ids(),
+        pins = %options.pin_root.display(),
+        "data plane attached and pinned"
+    );
+
+    let agent = Arc::new(Agent {
+        store: Store::new(consul, prefix),
+        handle,
+        datapath: Mutex::new(Some(datapath)),
+        underlay: Mutex::new(Underlay { link, vtep }),
+        desired: Mutex::new(None),
+        health: Mutex::new(Health::default()),
+        reconcile_lock: tokio::sync::Mutex::new(()),
+        reregister: Notify::new(),
+        logs,
+        options,
+    });
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(agent.clone().control_loop(listener));
+    tasks.spawn(agent.clone().membership_loop());
+    tasks.spawn(agent.clone().watch_loop());
+    tasks.spawn(agent.clone().resync_loop());
+    tasks.spawn(agent.clone().stats_loop());
+    info!(consul = %agent.store.client().addr(), prefix = %agent.store.prefix(), "agent running; Ctrl-C to stop");
+
+    shutdown.await;
+    tasks.shutdown().await;
+    agent.stop().await;
+    Ok(())
+}
+
+/// Creates the state directory and listens on its control socket, refusing to run next to
+/// a live agent with the same state directory.
+async fn bind_control_socket(state_dir: &Path) -> Result<UnixListener, AgentError> {
+    let dir_err = |source| AgentError::StateDir {
+        path: state_dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(state_dir).map_err(dir_err)?;
+    let path = control::socket_path(state_dir);
+    if UnixStream::connect(&path).await.is_ok() {
+        return Err(AgentError::AlreadyRunning(state_dir.to_path_buf()));
+    }
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(dir_err(e)),
+        _ => {}
+    }
+    UnixListener::bind(&path).map_err(dir_err)
+}
+
+/// Points the data plane at `link`: underlay settings and the XDP program.
+fn configure_underlay(
+    datapath: &mut Datapath,
+    link: &LinkInfo,
+    vtep: Ipv4Addr,
+    mode: XdpAttachMode,
+) -> Result<(), DatapathError> {
     if link.is_veth {
         match crate::endpoint::set_tx_checksum(&link.name, false) {
             Ok(()) => {
-                info!(iface = %link.name, "veth underlay: TX checksum offload turned off so inner checksums are complete on the wire")
+                debug!(iface = %link.name, "veth underlay: TX checksum offload turned off so inner checksums are complete on the wire")
             }
             Err(e) => {
                 warn!(iface = %link.name, error = %e, "cannot turn off TX checksum offload on the veth underlay; TCP/UDP across nodes may fail")
             }
         }
     }
-    let mut datapath = Datapath::load(&options.pin_root)?;
     datapath.set_underlay(&UnderlayConfig {
         ifindex: link.index,
         vtep: ipv4_to_map(vtep.octets()),
@@ -66,61 +228,529 @@ pub async fn run(
         mac: link.mac,
         _pad: [0; 2],
     })?;
-    datapath.upsert_vtep(
-        vtep,
-        &VtepInfo {
-            flags: VtepInfo::LOCAL,
-        },
-    )?;
-    datapath.attach_underlay(link.index, options.xdp_mode)?;
-    info!(
-        programs = ?datapath.program_ids(),
-        pins = %options.pin_root.display(),
-        "data plane attached; Ctrl-C to stop"
-    );
-
-    let mut last = BTreeMap::new();
-    let mut ticker = tokio::time::interval(options.stats_interval);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = ticker.tick() => match datapath.counters() {
-                Ok(now) => {
-                    log_counter_changes(&last, &now);
-                    last = now;
-                }
-                Err(e) => warn!(error = %e, "cannot read counters"),
-            },
-        }
-    }
-
-    info!("stopping: detaching the data plane");
-    datapath.detach_underlay()?;
-    if options.ephemeral {
-        drop(datapath);
-        if let Err(e) = datapath::remove_pins(&options.pin_root) {
-            warn!(error = %e, "cannot remove pins");
-        }
-    }
-    info!("stopped");
-    Ok(())
+    datapath.attach_underlay(link.index, mode)
 }
 
-fn log_counter_changes(
-    before: &BTreeMap<(u32, Counter), CounterValue>,
-    now: &BTreeMap<(u32, Counter), CounterValue>,
-) {
-    for ((vni, counter), value) in now {
-        let previous = before.get(&(*vni, *counter)).copied().unwrap_or_default();
-        if previous != *value {
-            info!(
-                vni,
-                counter = counter.name(),
-                packets = value.packets,
-                bytes = value.bytes,
-                "counter"
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Agent {
+    fn node(&self) -> &str {
+        &self.options.node
+    }
+
+    fn session_file(&self) -> PathBuf {
+        self.options.state_dir.join(SESSION_FILE)
+    }
+
+    fn consul_ok(&self) {
+        let mut health = lock(&self.health);
+        if !health.consul_reachable {
+            info!(consul = %self.store.client().addr(), "Consul reachable");
+        }
+        health.consul_reachable = true;
+        health.consul_error = None;
+    }
+
+    /// An outage is logged once when it starts (and at debug level while it lasts).
+    fn consul_failed(&self, what: &str, error: &dyn std::fmt::Display) {
+        let mut health = lock(&self.health);
+        if health.consul_reachable || health.consul_error.is_none() {
+            warn!(consul = %self.store.client().addr(), error = %error, "{what}: Consul unreachable; the data plane keeps forwarding with the last known state");
+        } else {
+            debug!(error = %error, "{what}: Consul still unreachable");
+        }
+        health.consul_reachable = false;
+        health.consul_error = Some(error.to_string());
+    }
+
+    // ---- reconcile ----
+
+    /// Applies the cluster state to the maps: a fresh read from Consul when `fetch` (the
+    /// last known state when Consul cannot be read), else the last known state.
+    async fn reconcile(&self, fetch: bool) -> Result<ReconcileReply, String> {
+        let _one_at_a_time = self.reconcile_lock.lock().await;
+        let started = Instant::now();
+        let mut fresh = false;
+        if fetch {
+            match self.store.client().list(self.store.prefix()).await {
+                Ok(pairs) => {
+                    self.consul_ok();
+                    *lock(&self.desired) =
+                        Some(ClusterState::from_pairs(self.store.prefix(), &pairs));
+                    fresh = true;
+                }
+                Err(e) => self.consul_failed("resync", &e),
+            }
+        }
+        let result = self.apply_desired().await;
+        let elapsed = started.elapsed();
+        let mut health = lock(&self.health);
+        health.last_reconcile = Some(ReconcileStatus {
+            at_unix_ms: unix_ms(SystemTime::now()),
+            ok: result.is_ok(),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            error: result.as_ref().err().cloned(),
+            report: result.as_ref().cloned().unwrap_or_default(),
+        });
+        match result {
+            Ok(report) => Ok(ReconcileReply {
+                report,
+                attached: health.attached.clone(),
+                fresh,
+            }),
+            Err(e) => {
+                warn!(error = %e, "reconcile failed");
+                Err(e)
+            }
+        }
+    }
+
+    async fn apply_desired(&self) -> Result<ApplyReport, String> {
+        let Some(state) = lock(&self.desired).clone() else {
+            // Nothing known yet: keep whatever the maps hold (a restart keeps forwarding).
+            return Ok(ApplyReport::default());
+        };
+        let local = LocalNode {
+            name: self.node().to_string(),
+            vtep: lock(&self.underlay).vtep,
+        };
+        let wanted: std::collections::BTreeSet<&str> = state
+            .local_endpoints(self.node())
+            .map(|e| e.ifname.as_str())
+            .collect();
+        let links = netlink::list_links(&self.handle)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut veths = BTreeMap::new();
+        let mut veth_names = BTreeMap::new();
+        for link in links
+            .into_iter()
+            .filter(|l| wanted.contains(l.name.as_str()))
+        {
+            veth_names.insert(link.index, link.name.clone());
+            veths.insert(
+                link.name,
+                HostVeth {
+                    ifindex: link.index,
+                    mac: link.mac,
+                },
             );
+        }
+        let plan = reconcile::plan(&state, &local, &veths);
+        let report = {
+            let mut guard = lock(&self.datapath);
+            let datapath = guard.as_mut().ok_or("the agent is stopping")?;
+            reconcile::apply(datapath, &plan.maps, &veth_names).map_err(|e| e.to_string())?
+        };
+        {
+            let mut health = lock(&self.health);
+            health.members = state.nodes.len();
+            health.local_endpoints = plan.maps.local_ifaces.len();
+            health.remote_endpoints = plan.maps.endpoints.len() - plan.maps.local_ifaces.len();
+            health.attached = state
+                .local_endpoints(self.node())
+                .filter(|e| veths.contains_key(&e.ifname))
+                .map(|e| format!("{}/{}", e.network, e.id))
+                .collect();
+        }
+        for stale in &plan.missing_veths {
+            // Its `overlay-ctl run` ended without cleaning up (killed): free what it held.
+            warn!(network = %stale.network, endpoint = %stale.id, ip = %stale.ip, ifname = %stale.ifname, "local endpoint without its veth: removing it and releasing its address");
+            if let Err(e) = self.store.delete_endpoint(&stale.network, &stale.id).await {
+                warn!(error = %e, "cannot remove the stale endpoint");
+                continue;
+            }
+            if let Err(e) = self.store.release_ip(&stale.network, stale.ip).await {
+                warn!(error = %e, "cannot release the stale endpoint's address");
+            }
+        }
+        Ok(report)
+    }
+
+    // ---- tasks ----
+
+    /// Follows every change under the prefix with blocking queries.
+    async fn watch_loop(self: Arc<Self>) {
+        let mut watch = KvWatch::new(
+            self.store.client().clone(),
+            self.store.prefix(),
+            self.options.watch_wait,
+        );
+        loop {
+            match watch.next().await {
+                Ok((pairs, index)) => {
+                    self.consul_ok();
+                    let state = ClusterState::from_pairs(self.store.prefix(), &pairs);
+                    let changed = {
+                        let mut desired = lock(&self.desired);
+                        let changed = desired.as_ref() != Some(&state);
+                        if changed {
+                            *desired = Some(state);
+                        }
+                        changed
+                    };
+                    if changed {
+                        debug!(index, "cluster state changed");
+                        let _ = self.reconcile(false).await;
+                    }
+                }
+                Err(e) => self.consul_failed("watch", &e),
+            }
+        }
+    }
+
+    /// Full resync on a timer: catches map drift and anything a watch may have missed.
+    async fn resync_loop(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(self.options.resync_interval);
+        loop {
+            ticker.tick().await;
+            let _ = self.reconcile(true).await;
+        }
+    }
+
+    /// Keeps this node in the cluster: a session (reused across agent restarts through
+    /// the state directory, so peers never see the node leave), the node key held by it,
+    /// and renewals well within the TTL. Lost sessions are replaced; outages retried.
+    async fn membership_loop(self: Arc<Self>) {
+        let mut session: Option<String> = std::fs::read_to_string(self.session_file())
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        let mut registered = false;
+        let mut bootstrapped = !self.options.bootstrap;
+        let renew_every = (self.options.session_ttl / 3).max(Duration::from_millis(200));
+        loop {
+            let step = self
+                .membership_step(&mut session, &mut registered, &mut bootstrapped)
+                .await;
+            let pause = match step {
+                Ok(()) => renew_every,
+                Err(e) => {
+                    if let MembershipError::Consul(ref e) = e {
+                        self.consul_failed("membership", e);
+                    } else {
+                        warn!(error = %e, "cannot join the cluster yet");
+                    }
+                    Duration::from_secs(1).min(renew_every)
+                }
+            };
+            {
+                let mut health = lock(&self.health);
+                health.session = session.clone();
+                health.registered = registered;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.reregister.notified() => registered = false,
+            }
+        }
+    }
+
+    async fn membership_step(
+        &self,
+        session: &mut Option<String>,
+        registered: &mut bool,
+        bootstrapped: &mut bool,
+    ) -> Result<(), MembershipError> {
+        let client = self.store.client();
+        if let Some(id) = session.clone() {
+            if !client.session_renew(&id).await? {
+                warn!(session = %id, "session expired (agent or Consul was away longer than its TTL); rejoining");
+                *session = None;
+                *registered = false;
+            }
+        }
+        if session.is_none() {
+            let id = client
+                .session_create(
+                    &format!("overlay-node:{}", self.node()),
+                    self.options.session_ttl,
+                    SessionBehavior::Delete,
+                    Duration::ZERO,
+                )
+                .await?;
+            if let Err(e) = std::fs::write(self.session_file(), &id) {
+                warn!(error = %e, "cannot save the session ID; a restart will rejoin with a new one");
+            }
+            *session = Some(id);
+            *registered = false;
+        }
+        self.consul_ok();
+        let id = session.clone().unwrap_or_default();
+        if *registered {
+            // The key may have gone (deleted by hand, a Consul that lost its state).
+            let held = self
+                .store
+                .client()
+                .get(&format!("{}{}", self.store.nodes_prefix(), self.node()))
+                .await?
+                .is_some_and(|pair| pair.session.as_deref() == Some(id.as_str()));
+            if !held {
+                warn!("this node's key is gone; registering again");
+                *registered = false;
+            }
+        }
+        if !*registered {
+            let info = {
+                let underlay = lock(&self.underlay);
+                NodeInfo {
+                    name: self.node().to_string(),
+                    vtep: underlay.vtep,
+                    iface: underlay.link.name.clone(),
+                }
+            };
+            self.store.register_node(&id, &info).await?;
+            *registered = true;
+            info!(node = %info.name, vtep = %info.vtep, session = %id, "joined the cluster");
+        }
+        if !*bootstrapped {
+            if self.store.bootstrap().await? {
+                info!("bootstrapped the cluster: network \"default\" created");
+            }
+            *bootstrapped = true;
+        }
+        Ok(())
+    }
+
+    /// Summarises traffic in the log when counters moved.
+    async fn stats_loop(self: Arc<Self>) {
+        let mut last: BTreeMap<(u32, Counter), CounterValue> = BTreeMap::new();
+        let mut ticker = tokio::time::interval(self.options.stats_interval);
+        loop {
+            ticker.tick().await;
+            let now = match lock(&self.datapath).as_ref().map(|d| d.counters()) {
+                Some(Ok(now)) => now,
+                Some(Err(e)) => {
+                    warn!(error = %e, "cannot read counters");
+                    continue;
+                }
+                None => return,
+            };
+            let (mut forwarded, mut dropped) = (0u64, 0u64);
+            for (key, value) in &now {
+                let before = last.get(key).copied().unwrap_or_default();
+                let delta = value.packets.saturating_sub(before.packets);
+                if delta > 0 {
+                    debug!(
+                        vni = key.0,
+                        counter = key.1.name(),
+                        packets = value.packets,
+                        bytes = value.bytes,
+                        "counter"
+                    );
+                }
+                if key.1.is_drop() {
+                    dropped += delta;
+                } else {
+                    forwarded += delta;
+                }
+            }
+            if forwarded + dropped > 0 && !last.is_empty() {
+                info!(
+                    forwarded,
+                    dropped, "traffic since the last report (packets)"
+                );
+            }
+            last = now;
+        }
+    }
+
+    // ---- control socket ----
+
+    async fn control_loop(self: Arc<Self>, listener: UnixListener) {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let agent = self.clone();
+                        connections.spawn(async move { agent.serve_control(stream).await });
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "control socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+    }
+
+    async fn serve_control(&self, stream: UnixStream) {
+        let mut stream = BufReader::new(stream);
+        let request = control::read_request(&mut stream).await;
+        let _ = match request {
+            Err(e) => control::write_reply::<()>(&mut stream, Err(e)).await,
+            Ok(Request::Status) => control::write_reply(&mut stream, Ok(self.status())).await,
+            Ok(Request::Reconcile) => {
+                let reply = self.reconcile(true).await;
+                control::write_reply(&mut stream, reply).await
+            }
+            Ok(Request::Bind { iface }) => {
+                let reply = self.bind(&iface).await;
+                control::write_reply(&mut stream, reply).await
+            }
+            Ok(Request::Logs { lines, follow }) => self.stream_logs(stream, lines, follow).await,
+        };
+    }
+
+    async fn stream_logs(
+        &self,
+        mut stream: BufReader<UnixStream>,
+        lines: usize,
+        follow: bool,
+    ) -> io::Result<()> {
+        control::write_reply(&mut stream, Ok(())).await?;
+        let (recent, mut live) = self.logs.follow(lines);
+        let out = stream.get_mut();
+        for line in recent {
+            out.write_all(format!("{line}\n").as_bytes()).await?;
+        }
+        if !follow {
+            return Ok(());
+        }
+        loop {
+            use tokio::sync::broadcast::error::RecvError;
+            let line = match live.recv().await {
+                Ok(line) => line,
+                Err(RecvError::Lagged(n)) => format!("... {n} lines skipped (reader too slow)"),
+                Err(RecvError::Closed) => return Ok(()),
+            };
+            out.write_all(format!("{line}\n").as_bytes()).await?;
+        }
+    }
+
+    fn status(&self) -> AgentStatus {
+        let (iface, ifindex, vtep) = {
+            let u = lock(&self.underlay);
+            (u.link.name.clone(), u.link.index, u.vtep)
+        };
+        let (programs, maps) = {
+            let mut guard = lock(&self.datapath);
+            match guard.as_mut() {
+                Some(datapath) => (
+                    datapath
+                        .program_ids()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                    datapath
+                        .map_occupancy()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(name, entries, capacity)| MapUsage {
+                            name: name.to_string(),
+                            entries,
+                            capacity,
+                        })
+                        .collect(),
+                ),
+                None => Default::default(),
+            }
+        };
+        let health = lock(&self.health);
+        AgentStatus {
+            node: self.node().to_string(),
+            pid: std::process::id(),
+            iface,
+            ifindex,
+            vtep: Some(vtep),
+            xdp_mode: format!("{:?}", self.options.xdp_mode).to_lowercase(),
+            tc_attach: if datapath::tcx_supported() {
+                "tcx".into()
+            } else {
+                "clsact (netlink)".into()
+            },
+            pin_root: self.options.pin_root.display().to_string(),
+            programs,
+            maps,
+            consul: ConsulStatus {
+                addr: self.store.client().addr().to_string(),
+                prefix: self.store.prefix().to_string(),
+                reachable: health.consul_reachable,
+                last_error: health.consul_error.clone(),
+                session: health.session.clone(),
+                registered: health.registered,
+            },
+            last_reconcile: health.last_reconcile.clone(),
+            members: health.members,
+            local_endpoints: health.local_endpoints,
+            remote_endpoints: health.remote_endpoints,
+            attached: health.attached.clone(),
+            metrics_addr: self.options.metrics_addr.clone(),
+        }
+    }
+
+    /// Moves the underlay to `iface` at runtime: the XDP program, the underlay settings,
+    /// this node's VTEP in the maps and in its cluster entry.
+    async fn bind(&self, iface: &str) -> Result<BindReply, String> {
+        let link = netlink::link_by_name(&self.handle, iface)
+            .await
+            .map_err(|e| e.to_string())?;
+        let vtep = netlink::first_ipv4(&self.handle, &link)
+            .await
+            .map_err(|e| e.to_string())?;
+        {
+            let mut guard = lock(&self.datapath);
+            let datapath = guard.as_mut().ok_or("the agent is stopping")?;
+            configure_underlay(datapath, &link, vtep, self.options.xdp_mode)
+                .map_err(|e| e.to_string())?;
+        }
+        let reply = BindReply {
+            iface: link.name.clone(),
+            ifindex: link.index,
+            vtep,
+        };
+        let old = std::mem::replace(&mut *lock(&self.underlay), Underlay { link, vtep });
+        info!(from = %old.link.name, to = %reply.iface, %vtep, "underlay moved");
+        self.reregister.notify_one();
+        self.reconcile(false).await?;
+        Ok(reply)
+    }
+
+    async fn stop(&self) {
+        let datapath = lock(&self.datapath).take();
+        let _ = std::fs::remove_file(control::socket_path(&self.options.state_dir));
+        if !self.options.ephemeral {
+            if let Some(datapath) = datapath {
+                datapath.release();
+            }
+            info!("stopped; the data plane stays attached and pinned (a restart takes over without interrupting traffic)");
+            return;
+        }
+        let session = lock(&self.health).session.clone();
+        if let Some(id) = session {
+            // Behavior=delete: the node key goes with it, peers drop this node now.
+            if let Err(e) = self.store.client().session_destroy(&id).await {
+                warn!(error = %e, "cannot leave the cluster cleanly; peers drop this node when its session TTL expires");
+            }
+        }
+        let _ = std::fs::remove_file(self.session_file());
+        drop(datapath);
+        if let Err(e) = datapath::remove_pins(&self.options.pin_root) {
+            warn!(error = %e, "cannot remove pins");
+        }
+        info!("stopped; left the cluster, detached and removed the pins");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum MembershipError {
+    #[error(transparent)]
+    Consul(#[from] ConsulError),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for MembershipError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Consul(e) => Self::Consul(e),
+            other => Self::Store(other),
         }
     }
 }

@@ -19,8 +19,9 @@ use aya::{
         Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap,
     },
     programs::{
-        tc::{self, SchedClassifierLinkId, TcAttachType},
-        xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, TcAttachType},
+        xdp::XdpLink,
         ProgramError, SchedClassifier, Xdp, XdpMode,
     },
     util::KernelVersion,
@@ -35,7 +36,9 @@ use overlay_common::{
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.bpf.o"));
 
-/// Where the agent pins its maps and links unless told otherwise.
+/// Where the agent pins its maps and links unless told otherwise: maps under `maps/`,
+/// attachments under `links/` (`xdp-<ifindex>`, `tc-<ifindex>`), so the programs stay
+/// attached and forwarding while no agent runs (a restart or an upgrade).
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/overlay";
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -71,6 +74,8 @@ pub enum DatapathError {
         #[source]
         source: tc::TcError,
     },
+    #[error("pinned link {path}: {message}")]
+    Pin { path: PathBuf, message: String },
     #[error("bpffs at {path}: {source}")]
     Bpffs {
         path: PathBuf,
@@ -114,12 +119,21 @@ pub struct TestRunOutcome {
     pub duration: std::time::Duration,
 }
 
+/// How the container program is attached to one host-side veth.
+enum TcAttachment {
+    /// A TCX link pinned under `links/`: survives the agent.
+    Pinned(PinnedLink),
+    /// A netlink filter on a clsact qdisc (kernels before 6.6): not a pinnable object,
+    /// but it outlives the process unless detached.
+    Netlink(SchedClassifierLink),
+}
+
 /// Loaded programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_root: PathBuf,
-    underlay: Option<(u32, XdpLinkId)>,
-    containers: HashMap<u32, SchedClassifierLinkId>,
+    underlay: Option<(u32, PinnedLink)>,
+    containers: HashMap<u32, TcAttachment>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -168,14 +182,56 @@ impl Datapath {
         &self.pin_root
     }
 
-    /// Attaches the underlay XDP program to `ifindex` (replacing an earlier underlay).
+    fn links_dir(&self) -> Result<PathBuf> {
+        let dir = self.pin_root.join("links");
+        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Bpffs {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(dir)
+    }
+
+    /// Attaches the underlay XDP program to `ifindex` and pins the link. A link an
+    /// earlier agent pinned there is taken over with an atomic program replacement (no
+    /// packet sees an interface without a program); links pinned for other interfaces
+    /// (an earlier underlay) are removed.
     pub fn attach_underlay(&mut self, ifindex: u32, mode: XdpAttachMode) -> Result<()> {
-        self.detach_underlay()?;
+        let dir = self.links_dir()?;
+        let pin = dir.join(format!("{XDP_LINK_PREFIX}{ifindex}"));
         let name = program_names::UNDERLAY_XDP;
-        let link = xdp_program(&mut self.ebpf, name)?
-            .attach_to_if_index(ifindex, mode.to_aya())
+        if self.underlay.as_ref().is_some_and(|(i, _)| *i == ifindex) {
+            return Ok(());
+        }
+        let program = xdp_program(&mut self.ebpf, name)?;
+        let taken_over = match pinned_fd_link(&pin) {
+            Some(fd_link) => match XdpLink::try_from(fd_link) {
+                Ok(link) => program.attach_to_link(link).ok(),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let link_id = match taken_over {
+            Some(id) => id,
+            None => {
+                let _ = std::fs::remove_file(&pin);
+                program
+                    .attach_to_if_index(ifindex, mode.to_aya())
+                    .map_err(|source| DatapathError::Program { name, source })?
+            }
+        };
+        let link = program
+            .take_link(link_id)
             .map_err(|source| DatapathError::Program { name, source })?;
-        self.underlay = Some((ifindex, link));
+        let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Pin {
+            path: pin.clone(),
+            message: format!("XDP attached without a BPF link: {e}"),
+        })?;
+        let pinned = repin(fd_link, &pin)?;
+        let previous = self.underlay.replace((ifindex, pinned));
+        if let Some((_, old)) = previous {
+            let _ = old.unpin();
+        }
+        remove_other_pins(&dir, XDP_LINK_PREFIX, &[ifindex]);
         Ok(())
     }
 
@@ -183,23 +239,26 @@ impl Datapath {
         self.underlay.as_ref().map(|(ifindex, _)| *ifindex)
     }
 
+    /// Detaches the underlay program (and removes its pin).
     pub fn detach_underlay(&mut self) -> Result<()> {
         if let Some((_, link)) = self.underlay.take() {
-            let name = program_names::UNDERLAY_XDP;
-            xdp_program(&mut self.ebpf, name)?
-                .detach(link)
-                .map_err(|source| DatapathError::Program { name, source })?;
+            let _ = link.unpin();
+        }
+        if let Ok(dir) = self.links_dir() {
+            remove_other_pins(&dir, XDP_LINK_PREFIX, &[]);
         }
         Ok(())
     }
 
-    /// Attaches the container program to TC ingress of a host-side veth: TCX on kernels
-    /// that have it, a clsact qdisc and netlink filter on older ones.
+    /// Attaches the container program to TC ingress of a host-side veth: a pinned TCX
+    /// link on kernels that have it (taking over a link an earlier agent pinned with an
+    /// atomic replacement), a clsact qdisc and netlink filter on older ones.
     pub fn attach_container(&mut self, host_veth: &str) -> Result<u32> {
         let ifindex = ifindex_of(host_veth)?;
         if self.containers.contains_key(&ifindex) {
             return Ok(ifindex);
         }
+        let name = program_names::CONTAINER_TC;
         if !tcx_supported() {
             match tc::qdisc_add_clsact(host_veth) {
                 Ok(()) => {}
@@ -211,29 +270,94 @@ impl Datapath {
                     })
                 }
             }
+            // A filter an earlier agent left would run next to ours: replace it.
+            let _ = tc::qdisc_detach_program(host_veth, TcAttachType::Ingress, name);
+            let program = tc_program(&mut self.ebpf)?;
+            let link_id = program
+                .attach(host_veth, TcAttachType::Ingress)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let link = program
+                .take_link(link_id)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            self.containers.insert(ifindex, TcAttachment::Netlink(link));
+            return Ok(ifindex);
         }
-        let name = program_names::CONTAINER_TC;
-        let link = tc_program(&mut self.ebpf)?
-            .attach(host_veth, TcAttachType::Ingress)
+        let dir = self.links_dir()?;
+        let pin = dir.join(format!("{TC_LINK_PREFIX}{ifindex}"));
+        let program = tc_program(&mut self.ebpf)?;
+        let taken_over = match pinned_fd_link(&pin) {
+            Some(fd_link) => match SchedClassifierLink::try_from(fd_link) {
+                Ok(link) => program.attach_to_link(link).ok(),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let link_id = match taken_over {
+            Some(id) => id,
+            None => {
+                let _ = std::fs::remove_file(&pin);
+                program
+                    .attach(host_veth, TcAttachType::Ingress)
+                    .map_err(|source| DatapathError::Program { name, source })?
+            }
+        };
+        let link = program
+            .take_link(link_id)
             .map_err(|source| DatapathError::Program { name, source })?;
-        self.containers.insert(ifindex, link);
+        let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Pin {
+            path: pin.clone(),
+            message: format!("TC attached without a BPF link: {e}"),
+        })?;
+        let pinned = repin(fd_link, &pin)?;
+        self.containers
+            .insert(ifindex, TcAttachment::Pinned(pinned));
         Ok(ifindex)
     }
 
-    /// Detaches from a host-side veth. A veth that is already gone took its attachment
-    /// with it, which is not an error.
+    /// Detaches from a host-side veth (removing its pin). A veth that is already gone
+    /// took its attachment with it, which is not an error.
     pub fn detach_container(&mut self, ifindex: u32) -> Result<()> {
-        if let Some(link) = self.containers.remove(&ifindex) {
-            let name = program_names::CONTAINER_TC;
-            match tc_program(&mut self.ebpf)?.detach(link) {
-                Ok(()) => {}
-                Err(_) if !interface_exists(ifindex) => {}
-                Err(source) => return Err(DatapathError::Program { name, source }),
+        match self.containers.remove(&ifindex) {
+            Some(TcAttachment::Pinned(link)) => {
+                let _ = link.unpin();
+            }
+            Some(TcAttachment::Netlink(link)) => {
+                use aya::programs::Link as _;
+                let name = program_names::CONTAINER_TC;
+                match link.detach() {
+                    Ok(()) => {}
+                    Err(_) if !interface_exists(ifindex) => {}
+                    Err(source) => return Err(DatapathError::Program { name, source }),
+                }
+            }
+            None => {
+                let _ = std::fs::remove_file(
+                    self.pin_root
+                        .join("links")
+                        .join(format!("{TC_LINK_PREFIX}{ifindex}")),
+                );
             }
         }
         Ok(())
     }
 
+    /// Interfaces with a container-program link pinned by this or an earlier agent.
+    pub fn pinned_container_links(&self) -> Vec<u32> {
+        pinned_ifindexes(&self.pin_root.join("links"), TC_LINK_PREFIX)
+    }
+
+    /// Gives up this handle without detaching anything: the pinned links keep the
+    /// programs attached, and netlink filters (kernels before 6.6) stay in place, so
+    /// traffic flows on while no agent runs.
+    pub fn release(mut self) {
+        for (_, attachment) in self.containers.drain() {
+            if let TcAttachment::Netlink(link) = attachment {
+                std::mem::forget(link);
+            }
+        }
+    }
+
+    /// Interfaces this handle attached the container program to.
     pub fn attached_containers(&self) -> impl Iterator<Item = u32> + '_ {
         self.containers.keys().copied()
     }
@@ -480,6 +604,49 @@ impl Datapath {
         map.iter()
             .collect::<std::result::Result<BTreeMap<K, V>, MapError>>()
             .map_err(|source| DatapathError::Map { name, source })
+    }
+}
+
+const XDP_LINK_PREFIX: &str = "xdp-";
+const TC_LINK_PREFIX: &str = "tc-";
+
+/// The link pinned at `pin`, if there is a usable one.
+fn pinned_fd_link(pin: &Path) -> Option<FdLink> {
+    if !pin.exists() {
+        return None;
+    }
+    PinnedLink::from_pin(pin).ok().map(FdLink::from)
+}
+
+/// Pins `link` at `pin`, replacing an older pin there (the open fd keeps the link alive
+/// in between).
+fn repin(link: FdLink, pin: &Path) -> Result<PinnedLink> {
+    let _ = std::fs::remove_file(pin);
+    link.pin(pin).map_err(|e| DatapathError::Pin {
+        path: pin.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn pinned_ifindexes(dir: &Path, prefix: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Removes the pins with `prefix` except those for `keep` (which detaches them unless
+/// someone else holds the link).
+fn remove_other_pins(dir: &Path, prefix: &str, keep: &[u32]) {
+    for ifindex in pinned_ifindexes(dir, prefix) {
+        if !keep.contains(&ifindex) {
+            let _ = std::fs::remove_file(dir.join(format!("{prefix}{ifindex}")));
+        }
     }
 }
 

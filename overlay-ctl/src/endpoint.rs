@@ -46,6 +46,9 @@ pub struct EndpointSpec {
     pub gateway: Ipv4Addr,
     pub mac: [u8; 6],
     pub mtu: u32,
+    /// Keep a default route the namespace already has (joining an existing container)
+    /// instead of failing on it; the overlay subnet is reachable through its own route.
+    pub keep_existing_default_route: bool,
 }
 
 /// A locally plumbed endpoint.
@@ -111,7 +114,10 @@ async fn configure(
             if let Ok(lo) = netlink::link_by_name(&handle, "lo").await {
                 netlink::set_up(&handle, lo.index).await?;
             }
-            netlink::add_default_route(&handle, spec.gateway).await?;
+            match netlink::add_default_route(&handle, spec.gateway).await {
+                Err(e) if spec.keep_existing_default_route && netlink::is_exists(&e) => {}
+                other => other?,
+            }
             Ok::<(), NetlinkError>(())
         })
         .map_err(io_err("enter the container namespace"))??;

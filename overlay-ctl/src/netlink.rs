@@ -88,6 +88,16 @@ pub async fn link_by_index(handle: &Handle, index: u32) -> Result<LinkInfo> {
     }
 }
 
+/// Every interface of the namespace (one dump, however many there are).
+pub async fn list_links(handle: &Handle) -> Result<Vec<LinkInfo>> {
+    let mut links = handle.link().get().execute();
+    let mut out = Vec::new();
+    while let Some(message) = links.try_next().await? {
+        out.push(link_info(&message));
+    }
+    Ok(out)
+}
+
 /// The first IPv4 address on the link: the node's VTEP address.
 pub async fn first_ipv4(handle: &Handle, link: &LinkInfo) -> Result<Ipv4Addr> {
     let mut addrs = handle
@@ -224,6 +234,11 @@ pub async fn add_address(handle: &Handle, index: u32, ip: Ipv4Addr, prefix: u8) 
 /// `ip route add default via GATEWAY` (the gateway must be on a connected subnet).
 pub async fn add_default_route(handle: &Handle, gateway: Ipv4Addr) -> Result<()> {
     Ok(handle.route().add().v4().gateway(gateway).execute().await?)
+}
+
+/// Whether an error is the kernel's "already exists" (EEXIST).
+pub fn is_exists(error: &NetlinkError) -> bool {
+    matches!(error, NetlinkError::Request(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST)
 }
 
 /// `ip route replace DST/PREFIX dev OIF scope link [src SRC]`.

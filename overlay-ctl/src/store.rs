@@ -55,6 +55,8 @@ pub enum StoreError {
         "network {name:?} still has {count} endpoint(s); remove them first or force the deletion"
     )]
     NetworkInUse { name: String, count: usize },
+    #[error("an endpoint named {id:?} already exists on network {network:?}")]
+    EndpointExists { network: String, id: String },
     #[error("address {ip} is already allocated in network {network:?}")]
     AddressInUse { network: String, ip: Ipv4Addr },
     #[error("network {network:?} ({subnet}) has no free addresses left")]
@@ -586,6 +588,23 @@ impl Store {
             )
             .await?;
         Ok(())
+    }
+
+    /// Creates an endpoint; refused (with nothing written) when one with the same ID
+    /// exists on its network, also when two callers race for the name.
+    pub async fn create_endpoint(&self, endpoint: &Endpoint) -> Result<(), StoreError> {
+        check_segment("endpoint id", &endpoint.id)?;
+        check_segment("node name", &endpoint.node)?;
+        self.require_network(&endpoint.network).await?;
+        let key = self.endpoint_key(&endpoint.network, &endpoint.id);
+        if self.client.put_cas(&key, &encode(endpoint), 0).await? {
+            Ok(())
+        } else {
+            Err(StoreError::EndpointExists {
+                network: endpoint.network.clone(),
+                id: endpoint.id.clone(),
+            })
+        }
     }
 
     pub async fn get_endpoint(

@@ -217,6 +217,7 @@ impl Host {
             gateway: network.gateway,
             mac: endpoint::mac_for(ip),
             mtu,
+            keep_existing_default_route: false,
         };
         let plumbed = self
             .ns

@@ -1,0 +1,376 @@
+//! Containers on an overlay network, as the CLI's `run`, `attach` and `detach` do them:
+//! an address from IPAM, the veth pair into the container's network namespace, the
+//! endpoint in the cluster state, and the local agent told to forward for it at once.
+//!
+//! Every step that changes something is undone when a later one fails, so a refused or
+//! failed command leaves no address, endpoint, veth or namespace behind.
+use std::{
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::ExitStatus,
+};
+
+use tracing::{debug, info, warn};
+
+use crate::{
+    consul::{CatalogService, ConsulError},
+    control::{AgentClient, AgentStatus, ControlError},
+    endpoint::{self, EndpointError, EndpointSpec},
+    ipam,
+    netlink::{self, NetlinkError},
+    netns::NetNs,
+    reconcile::format_mac,
+    store::{Endpoint, Network, Store, StoreError},
+};
+
+/// The interface name a `run` container sees.
+pub const CONTAINER_IFNAME: &str = "eth0";
+/// The interface name an attached (existing) container gets, next to its own.
+pub const ATTACH_IFNAME: &str = "ovl0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Agent(#[from] ControlError),
+    #[error(transparent)]
+    Consul(#[from] ConsulError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("network {0:?} does not exist (see `overlay-ctl network list`)")]
+    NoSuchNetwork(String),
+    #[error("the agent has not attached endpoint {0}; see `overlay-ctl agent logs`")]
+    NotAttached(String),
+    #[error("no endpoint {id:?} on network {network:?}")]
+    NoSuchEndpoint { network: String, id: String },
+    #[error(
+        "endpoint {id:?} lives on node {node:?}, not on this node ({local:?}): detach it there"
+    )]
+    WrongNode {
+        id: String,
+        node: String,
+        local: String,
+    },
+    #[error("agent has no VTEP address yet")]
+    NoVtep,
+}
+
+pub type Result<T, E = ContainerError> = std::result::Result<T, E>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerError {
+    let what = what.into();
+    move |source| ContainerError::Io { what, source }
+}
+
+/// What every container operation needs: the cluster state and the local agent.
+pub struct Context {
+    pub store: Store,
+    pub agent: AgentClient,
+    pub status: AgentStatus,
+}
+
+/// The host-side veth name of an endpoint: stable, unique per (network, id), <= 15 bytes.
+pub fn host_ifname(network: &str, id: &str) -> String {
+    // FNV-1a: no dependency, and stable across versions (the name is in the KV store).
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in network.bytes().chain([b'/']).chain(id.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("ov{:010x}", hash & 0xff_ffff_ffff)
+}
+
+/// A random endpoint ID for containers started without `--name`.
+pub fn random_id() -> String {
+    let mut bytes = [0u8; 4];
+    let read = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    if read.is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        bytes = (nanos ^ std::process::id().rotate_left(16)).to_be_bytes();
+    }
+    format!(
+        "c{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// How to join a container's namespace.
+pub struct JoinSpec<'a> {
+    pub network: &'a str,
+    pub id: &'a str,
+    pub ip: Option<Ipv4Addr>,
+    pub container_ifname: &'a str,
+    /// What the container is (a command, a netns path), recorded in the endpoint.
+    pub container: Option<String>,
+    /// Joining an existing namespace that may already route elsewhere.
+    pub keep_existing_default_route: bool,
+}
+
+/// An endpoint plumbed and forwarded for by the local data plane.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub endpoint: Endpoint,
+    pub network: Network,
+}
+
+/// Plumbs `netns` into a network: validates everything first, then allocates, plumbs,
+/// records the endpoint and has the agent attach it. Undoes its steps on failure.
+pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<Joined> {
+    let network = ctx
+        .store
+        .get_network(spec.network)
+        .await?
+        .ok_or_else(|| ContainerError::NoSuchNetwork(spec.network.to_string()))?;
+    if let Some(ip) = spec.ip {
+        ipam::validate_address(network.subnet, network.gateway, ip).map_err(StoreError::from)?;
+    }
+    if ctx
+        .store
+        .get_endpoint(spec.network, spec.id)
+        .await?
+        .is_some()
+    {
+        return Err(StoreError::EndpointExists {
+            network: spec.network.to_string(),
+            id: spec.id.to_string(),
+        }
+        .into());
+    }
+    let vtep = ctx.status.vtep.ok_or(ContainerError::NoVtep)?;
+    let node = ctx.status.node.clone();
+
+    let ip = ctx
+        .store
+        .allocate_ip(spec.network, spec.ip, spec.id, &node)
+        .await?;
+    let mut undo = Undo::new(ctx, spec.network, ip);
+    let endpoint_spec = EndpointSpec {
+        host_ifname: host_ifname(spec.network, spec.id),
+        container_ifname: spec.container_ifname.to_string(),
+        ip,
+        subnet: network.subnet,
+        gateway: network.gateway,
+        mac: endpoint::mac_for(ip),
+        mtu: network.mtu,
+        keep_existing_default_route: spec.keep_existing_default_route,
+    };
+    let result = async {
+        let handle = netlink::connect()?;
+        let plumbed = endpoint::plumb(&handle, netns, &endpoint_spec).await?;
+        undo.veth = Some(plumbed.host.index);
+        let endpoint = Endpoint {
+            id: spec.id.to_string(),
+            network: spec.network.to_string(),
+            ip,
+            mac: format_mac(endpoint_spec.mac),
+            node: node.clone(),
+            vtep,
+            ifname: endpoint_spec.host_ifname.clone(),
+            container: spec.container.clone(),
+        };
+        ctx.store.create_endpoint(&endpoint).await?;
+        undo.endpoint = Some(spec.id.to_string());
+        let wanted = format!("{}/{}", spec.network, spec.id);
+        let reply = ctx.agent.reconcile().await?;
+        if !reply.attached.contains(&wanted) {
+            return Err(ContainerError::NotAttached(wanted));
+        }
+        Ok(endpoint)
+    }
+    .await;
+    match result {
+        Ok(endpoint) => {
+            undo.disarm();
+            info!(network = %spec.network, endpoint = %spec.id, %ip, "endpoint attached");
+            Ok(Joined { endpoint, network })
+        }
+        Err(e) => {
+            undo.run().await;
+            Err(e)
+        }
+    }
+}
+
+/// Removes an endpoint of this node: its cluster entry, its address, its veth (which
+/// takes the container side with it), then has the agent drop it from the maps.
+pub async fn leave(ctx: &Context, endpoint: &Endpoint) -> Result<()> {
+    if endpoint.node != ctx.status.node {
+        return Err(ContainerError::WrongNode {
+            id: endpoint.id.clone(),
+            node: endpoint.node.clone(),
+            local: ctx.status.node.clone(),
+        });
+    }
+    ctx.store
+        .delete_endpoint(&endpoint.network, &endpoint.id)
+        .await?;
+    ctx.store.release_ip(&endpoint.network, endpoint.ip).await?;
+    let handle = netlink::connect()?;
+    if let Ok(link) = netlink::link_by_name(&handle, &endpoint.ifname).await {
+        netlink::delete_link(&handle, link.index).await?;
+    }
+    if let Err(e) = ctx.agent.reconcile().await {
+        // The agent's watch removes it anyway; only the timing is lost.
+        warn!(error = %e, "the agent did not reconcile at once");
+    }
+    info!(network = %endpoint.network, endpoint = %endpoint.id, ip = %endpoint.ip, "endpoint detached");
+    Ok(())
+}
+
+/// Undoes the steps of a [`join`] that did not complete.
+struct Undo<'a> {
+    ctx: &'a Context,
+    network: String,
+    ip: Option<Ipv4Addr>,
+    veth: Option<u32>,
+    endpoint: Option<String>,
+}
+
+impl<'a> Undo<'a> {
+    fn new(ctx: &'a Context, network: &str, ip: Ipv4Addr) -> Self {
+        Self {
+            ctx,
+            network: network.to_string(),
+            ip: Some(ip),
+            veth: None,
+            endpoint: None,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.ip = None;
+        self.veth = None;
+        self.endpoint = None;
+    }
+
+    async fn run(&mut self) {
+        if let Some(id) = self.endpoint.take() {
+            if let Err(e) = self.ctx.store.delete_endpoint(&self.network, &id).await {
+                warn!(error = %e, "rollback: cannot remove the endpoint entry");
+            }
+        }
+        if let Some(index) = self.veth.take() {
+            if let Ok(handle) = netlink::connect() {
+                let _ = netlink::delete_link(&handle, index).await;
+            }
+        }
+        if let Some(ip) = self.ip.take() {
+            if let Err(e) = self.ctx.store.release_ip(&self.network, ip).await {
+                warn!(error = %e, "rollback: cannot release the address");
+            }
+        }
+    }
+}
+
+/// The catalog registration of a container's service (the seed's Registrator role).
+pub fn service_for(status: &AgentStatus, joined: &Joined, service: &str) -> CatalogService {
+    CatalogService {
+        id: format!("overlay-{}-{}", joined.endpoint.network, joined.endpoint.id),
+        name: service.to_string(),
+        address: joined.endpoint.ip.to_string(),
+        port: 0,
+        tags: vec![
+            "overlay".to_string(),
+            format!("network={}", joined.endpoint.network),
+            format!("node={}", status.node),
+        ],
+    }
+}
+
+/// Runs `command` inside `netns` with the caller's stdin, stdout and stderr (a terminal
+/// stays a terminal). SIGTERM and SIGHUP are passed on to it; SIGINT from a terminal
+/// reaches it directly, and is passed on when there is no terminal.
+pub async fn run_in(netns: &Path, command: &[String]) -> Result<ExitStatus> {
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| io_err("no command")(std::io::ErrorKind::InvalidInput.into()))?;
+    let ns_file =
+        std::fs::File::open(netns).map_err(io_err(format!("open {}", netns.display())))?;
+    let ns_fd = ns_file.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args);
+    // SAFETY: only the async-signal-safe setns(2) runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(io_err(format!("cannot start {program:?}")))?;
+    drop(ns_file);
+    let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(io_err("signal handler"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(io_err("signal handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io_err("signal handler"))?;
+    let interactive = nix::unistd::isatty(0).unwrap_or(false);
+    let forward = |sig: nix::sys::signal::Signal| {
+        if let Some(pid) = pid {
+            debug!(?sig, "passing the signal on to the container's command");
+            let _ = nix::sys::signal::kill(pid, sig);
+        }
+    };
+    loop {
+        tokio::select! {
+            status = child.wait() => return status.map_err(io_err("wait for the command")),
+            _ = term.recv() => forward(nix::sys::signal::Signal::SIGTERM),
+            _ = hup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
+            _ = int.recv() => if !interactive { forward(nix::sys::signal::Signal::SIGINT) },
+        }
+    }
+}
+
+/// The exit code a shell would report for `status`.
+pub fn exit_code(status: ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => 128u8.wrapping_add(signal as u8),
+        _ => 1,
+    }
+}
+
+/// Where a container's namespace is when joining one: a path, or a process's.
+pub fn netns_path(netns: Option<PathBuf>, pid: Option<u32>) -> Option<PathBuf> {
+    netns.or_else(|| pid.map(|p| PathBuf::from(format!("/proc/{p}/ns/net"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ifnames_fit_and_differ() {
+        let a = host_ifname("net1", "web");
+        assert!(a.len() <= 15, "{a}");
+        assert_eq!(a, host_ifname("net1", "web"));
+        assert_ne!(a, host_ifname("net2", "web"));
+        assert_ne!(a, host_ifname("net1", "web2"));
+    }
+
+    #[test]
+    fn random_ids_are_valid_segments() {
+        let id = random_id();
+        assert_eq!(id.len(), 9);
+        assert!(ipam::validate_name(&id).is_ok());
+        assert_ne!(random_id(), random_id());
+    }
+}

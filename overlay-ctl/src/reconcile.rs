@@ -1,0 +1,464 @@
+//! The reconcile step: from the cluster state in Consul (networks, live nodes, endpoints)
+//! to the exact contents the data-plane maps should have on this node, and the diff that
+//! makes them so. Applying is idempotent: running it twice changes nothing the second
+//! time, and entries nobody asked for are removed.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use ipnetwork::Ipv4Network;
+use overlay_common::{ipv4_to_map, EndpointKey, EndpointValue, LocalIface, NetworkInfo, VtepInfo};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::{
+    consul::KvPair,
+    datapath::{Datapath, DatapathError},
+    store::{decode, Endpoint, Network, NodeInfo},
+};
+
+/// The part of the KV store the data plane follows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    pub networks: Vec<Network>,
+    pub nodes: Vec<NodeInfo>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ClusterState {
+    /// Decodes everything under the store prefix (one recursive read or watch answer).
+    /// A corrupt value is logged and left out rather than failing the whole state.
+    pub fn from_pairs(prefix: &str, pairs: &[KvPair]) -> Self {
+        let mut state = Self::default();
+        for pair in pairs {
+            let Some(rest) = pair.key.strip_prefix(prefix) else {
+                continue;
+            };
+            let result = if rest.starts_with("networks/") {
+                decode(pair).map(|n| state.networks.push(n))
+            } else if rest.starts_with("nodes/") {
+                decode(pair).map(|n| state.nodes.push(n))
+            } else if rest.starts_with("endpoints/") {
+                decode(pair).map(|e| state.endpoints.push(e))
+            } else {
+                Ok(())
+            };
+            if let Err(e) = result {
+                warn!(error = %e, "ignoring a corrupt entry");
+            }
+        }
+        state.networks.sort_by(|a, b| a.name.cmp(&b.name));
+        state.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        state
+            .endpoints
+            .sort_by(|a, b| (&a.network, &a.id).cmp(&(&b.network, &b.id)));
+        state
+    }
+
+    /// Endpoints placed on `node`.
+    pub fn local_endpoints<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Endpoint> {
+        self.endpoints.iter().filter(move |e| e.node == node)
+    }
+}
+
+/// A local endpoint's host-side veth as found on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostVeth {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+/// Who this node is.
+#[derive(Clone, Debug)]
+pub struct LocalNode {
+    pub name: String,
+    pub vtep: Ipv4Addr,
+}
+
+/// What the maps should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredMaps {
+    pub networks: BTreeMap<u32, NetworkInfo>,
+    pub subnets: BTreeMap<Ipv4Network, u32>,
+    pub vteps: BTreeMap<Ipv4Addr, VtepInfo>,
+    pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
+    pub local_ifaces: BTreeMap<u32, LocalIface>,
+}
+
+/// Local endpoints whose veth is missing: left to [`DesiredMaps`]'s caller to clean up.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub maps: DesiredMaps,
+    pub missing_veths: Vec<Endpoint>,
+}
+
+/// Parses `02:42:0a:01:00:02`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Computes the desired maps. Remote endpoints only count while their node is live (its
+/// key exists, held by its session), and they are reached at the node's current VTEP;
+/// local endpoints need their host veth (`veths`, by interface name).
+pub fn plan(state: &ClusterState, local: &LocalNode, veths: &BTreeMap<String, HostVeth>) -> Plan {
+    let mut maps = DesiredMaps::default();
+    let mut vni_of = BTreeMap::new();
+    for network in &state.networks {
+        maps.networks.insert(
+            network.vni,
+            NetworkInfo {
+                subnet: ipv4_to_map(network.subnet.network().octets()),
+                netmask: ipv4_to_map(network.subnet.mask().octets()),
+                gateway: ipv4_to_map(network.gateway.octets()),
+                mtu: network.mtu,
+            },
+        );
+        maps.subnets.insert(network.subnet, network.vni);
+        vni_of.insert(network.name.as_str(), network.vni);
+    }
+    let mut node_vtep = BTreeMap::new();
+    for node in &state.nodes {
+        node_vtep.insert(node.name.as_str(), node.vtep);
+        maps.vteps.insert(node.vtep, VtepInfo { flags: 0 });
+    }
+    // This node is always a VTEP, registered or not (Consul may be away).
+    maps.vteps.insert(
+        local.vtep,
+        VtepInfo {
+            flags: VtepInfo::LOCAL,
+        },
+    );
+
+    let mut missing_veths = Vec::new();
+    for endpoint in &state.endpoints {
+        let Some(&vni) = vni_of.get(endpoint.network.as_str()) else {
+            continue;
+        };
+        let Some(mac) = parse_mac(&endpoint.mac) else {
+            warn!(endpoint = %endpoint.id, mac = %endpoint.mac, "endpoint with an unreadable MAC ignored");
+            continue;
+        };
+        let key = EndpointKey {
+            vni,
+            ip: ipv4_to_map(endpoint.ip.octets()),
+        };
+        if endpoint.node == local.name {
+            let Some(veth) = veths.get(&endpoint.ifname) else {
+                missing_veths.push(endpoint.clone());
+                continue;
+            };
+            maps.endpoints
+                .insert(key, EndpointValue::local(veth.ifindex, mac));
+            maps.local_ifaces.insert(
+                veth.ifindex,
+                LocalIface {
+                    vni,
+                    ip: key.ip,
+                    mac,
+                    host_mac: veth.mac,
+                },
+            );
+        } else if let Some(vtep) = node_vtep.get(endpoint.node.as_str()) {
+            maps.endpoints
+                .insert(key, EndpointValue::remote(ipv4_to_map(vtep.octets()), mac));
+        }
+    }
+    Plan {
+        maps,
+        missing_veths,
+    }
+}
+
+/// What one apply changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ApplyReport {
+    pub upserted: usize,
+    pub removed: usize,
+    pub attached: usize,
+    pub detached: usize,
+}
+
+impl ApplyReport {
+    pub fn changed(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+/// Makes one map equal to `desired`, touching only entries that differ.
+fn sync_map<K: Ord + Copy, V: PartialEq + Copy>(
+    datapath: &mut Datapath,
+    current: BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    report: &mut ApplyReport,
+    upsert: impl Fn(&mut Datapath, K, V) -> Result<(), DatapathError>,
+    remove: impl Fn(&mut Datapath, K) -> Result<(), DatapathError>,
+) -> Result<(), DatapathError> {
+    for (key, value) in desired {
+        if current.get(key) != Some(value) {
+            upsert(datapath, *key, *value)?;
+            report.upserted += 1;
+        }
+    }
+    for key in current.keys() {
+        if !desired.contains_key(key) {
+            remove(datapath, *key)?;
+            report.removed += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the maps and the container attachments equal to `desired`. Order matters for
+/// traffic in flight: new entries go in before the program is attached to a new veth,
+/// and entries of removed endpoints go after their program is detached.
+pub fn apply(
+    datapath: &mut Datapath,
+    desired: &DesiredMaps,
+    veth_names: &BTreeMap<u32, String>,
+) -> Result<ApplyReport, DatapathError> {
+    let mut report = ApplyReport::default();
+
+    let current = datapath.networks()?;
+    sync_map(
+        datapath,
+        current,
+        &desired.networks,
+        &mut report,
+        |d, k, v| d.upsert_network(k, &v),
+        |d, k| d.remove_network(k),
+    )?;
+    let current = datapath.subnets()?;
+    sync_map(
+        datapath,
+        current,
+        &desired.subnets,
+        &mut report,
+        |d, k, v| d.upsert_subnet(k, v),
+        |d, k| d.remove_subnet(k),
+    )?;
+    let current = datapath.vteps()?;
+    sync_map(
+        datapath,
+        current,
+        &desired.vteps,
+        &mut report,
+        |d, k, v| d.upsert_vtep(k, &v),
+        |d, k| d.remove_vtep(k),
+    )?;
+
+    // Attach to new local veths (entries first), detach from gone ones.
+    let wanted: BTreeSet<u32> = desired.local_ifaces.keys().copied().collect();
+    let mut attached: BTreeSet<u32> = datapath.attached_containers().collect();
+    let current = datapath.local_ifaces()?;
+    for (ifindex, iface) in &desired.local_ifaces {
+        if current.get(ifindex) != Some(iface) {
+            datapath.upsert_local_iface(*ifindex, iface)?;
+            report.upserted += 1;
+        }
+    }
+    let current = datapath.endpoints()?;
+    for (key, value) in &desired.endpoints {
+        if current.get(key) != Some(value) {
+            datapath.upsert_endpoint(*key, value)?;
+            report.upserted += 1;
+        }
+    }
+    for ifindex in &wanted {
+        if !attached.contains(ifindex) {
+            let Some(name) = veth_names.get(ifindex) else {
+                continue;
+            };
+            datapath.attach_container(name)?;
+            attached.insert(*ifindex);
+            report.attached += 1;
+        }
+    }
+    let pinned: BTreeSet<u32> = datapath.pinned_container_links().into_iter().collect();
+    for ifindex in attached.union(&pinned) {
+        if !wanted.contains(ifindex) {
+            datapath.detach_container(*ifindex)?;
+            report.detached += 1;
+        }
+    }
+    for key in current.keys() {
+        if !desired.endpoints.contains_key(key) {
+            datapath.remove_endpoint(*key)?;
+            report.removed += 1;
+        }
+    }
+    for ifindex in datapath.local_ifaces()?.keys() {
+        if !desired.local_ifaces.contains_key(ifindex) {
+            datapath.remove_local_iface(*ifindex)?;
+            report.removed += 1;
+        }
+    }
+    if report.changed() {
+        info!(
+            upserted = report.upserted,
+            removed = report.removed,
+            attached = report.attached,
+            detached = report.detached,
+            "data plane maps updated"
+        );
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn network(name: &str, subnet: &str, vni: u32) -> Network {
+        let subnet: Ipv4Network = subnet.parse().unwrap();
+        Network {
+            name: name.into(),
+            subnet,
+            gateway: Ipv4Addr::from(u32::from(subnet.network()) + 1),
+            vni,
+            mtu: 1450,
+        }
+    }
+
+    fn endpoint(id: &str, network: &str, ip: [u8; 4], node: &str) -> Endpoint {
+        let ip = Ipv4Addr::from(ip);
+        Endpoint {
+            id: id.into(),
+            network: network.into(),
+            ip,
+            mac: format_mac(crate::endpoint::mac_for(ip)),
+            node: node.into(),
+            vtep: Ipv4Addr::new(192, 0, 2, 99),
+            ifname: format!("ov-{id}"),
+            container: None,
+        }
+    }
+
+    fn node(name: &str, last: u8) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            vtep: Ipv4Addr::new(192, 0, 2, last),
+            iface: "eth0".into(),
+        }
+    }
+
+    #[test]
+    fn macs_round_trip() {
+        let mac = [0x02, 0x42, 0x0a, 0x01, 0x00, 0xff];
+        assert_eq!(parse_mac(&format_mac(mac)), Some(mac));
+        assert_eq!(parse_mac("02:42:0a:01:00"), None);
+        assert_eq!(parse_mac("02:42:0a:01:00:02:03"), None);
+        assert_eq!(parse_mac("zz:42:0a:01:00:02"), None);
+    }
+
+    #[test]
+    fn plan_places_local_and_remote_endpoints() {
+        let state = ClusterState {
+            networks: vec![network("net1", "10.100.0.0/24", 7)],
+            nodes: vec![node("a", 1), node("b", 2)],
+            endpoints: vec![
+                endpoint("one", "net1", [10, 100, 0, 2], "a"),
+                endpoint("two", "net1", [10, 100, 0, 3], "b"),
+                // A node without a live key: its endpoints are not reachable.
+                endpoint("three", "net1", [10, 100, 0, 4], "gone"),
+                // An endpoint of a network that no longer exists.
+                endpoint("four", "net9", [10, 9, 0, 4], "b"),
+            ],
+        };
+        let local = LocalNode {
+            name: "a".into(),
+            vtep: Ipv4Addr::new(192, 0, 2, 1),
+        };
+        let veths = BTreeMap::from([(
+            "ov-one".to_string(),
+            HostVeth {
+                ifindex: 42,
+                mac: [2, 0, 0, 0, 0, 1],
+            },
+        )]);
+        let plan = plan(&state, &local, &veths);
+        assert!(plan.missing_veths.is_empty());
+        let maps = plan.maps;
+        assert_eq!(maps.networks.len(), 1);
+        assert_eq!(maps.networks[&7].mtu, 1450);
+        assert_eq!(maps.subnets.len(), 1);
+        assert_eq!(maps.vteps.len(), 2);
+        assert_eq!(maps.vteps[&local.vtep].flags, VtepInfo::LOCAL);
+        assert_eq!(maps.endpoints.len(), 2);
+        let one = EndpointKey {
+            vni: 7,
+            ip: ipv4_to_map([10, 100, 0, 2]),
+        };
+        assert!(maps.endpoints[&one].is_local());
+        let two = EndpointKey {
+            vni: 7,
+            ip: ipv4_to_map([10, 100, 0, 3]),
+        };
+        assert_eq!(
+            maps.endpoints[&two],
+            EndpointValue::remote(
+                ipv4_to_map([192, 0, 2, 2]),
+                crate::endpoint::mac_for(Ipv4Addr::new(10, 100, 0, 3))
+            )
+        );
+        assert_eq!(maps.local_ifaces[&42].vni, 7);
+        assert_eq!(maps.local_ifaces[&42].host_mac, [2, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn plan_reports_local_endpoints_without_veth() {
+        let state = ClusterState {
+            networks: vec![network("net1", "10.100.0.0/24", 7)],
+            nodes: vec![node("a", 1)],
+            endpoints: vec![endpoint("one", "net1", [10, 100, 0, 2], "a")],
+        };
+        let local = LocalNode {
+            name: "a".into(),
+            vtep: Ipv4Addr::new(192, 0, 2, 1),
+        };
+        let plan = plan(&state, &local, &BTreeMap::new());
+        assert_eq!(plan.missing_veths.len(), 1);
+        assert!(plan.maps.endpoints.is_empty());
+    }
+
+    #[test]
+    fn state_decodes_from_pairs_and_skips_corrupt_values() {
+        let pair = |key: &str, value: &[u8]| KvPair {
+            key: key.into(),
+            value: value.to_vec(),
+            create_index: 1,
+            modify_index: 1,
+            lock_index: 0,
+            flags: 0,
+            session: None,
+        };
+        let pairs = vec![
+            pair(
+                "overlay/networks/net1",
+                br#"{"name":"net1","subnet":"10.100.0.0/24","gateway":"10.100.0.1","vni":7,"mtu":1450}"#,
+            ),
+            pair("overlay/networks/bad", b"not json"),
+            pair(
+                "overlay/nodes/a",
+                br#"{"name":"a","vtep":"192.0.2.1","iface":"eth0"}"#,
+            ),
+            pair("overlay/ipam/net1/10.100.0.2", b"{}"),
+        ];
+        let state = ClusterState::from_pairs("overlay/", &pairs);
+        assert_eq!(state.networks.len(), 1);
+        assert_eq!(state.nodes.len(), 1);
+        assert!(state.endpoints.is_empty());
+    }
+}
