@@ -311,6 +311,7 @@ fn init_tracing(is_agent: bool, logs: &LogBuffer) {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
     };
     let stderr = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_filter(filter());
     let ring = is_agent.then(|| {
@@ -417,6 +418,9 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
                 agent,
                 status,
             };
+            if ctx.store.get_network(network).await?.is_none() {
+                bail!("network {network:?} does not exist (see `overlay-ctl network list`)");
+            }
             let netns = NetNs::open_path(&id, path.clone())
                 .with_context(|| format!("cannot open network namespace {}", path.display()))?;
             let joined = container::join(
@@ -582,6 +586,13 @@ async fn run_container(
     // Refuse bad input before creating anything.
     if ctx.store.get_network(network).await?.is_none() {
         bail!("network {network:?} does not exist (see `overlay-ctl network list`)");
+    }
+    if ctx.store.get_endpoint(network, &id).await?.is_some() {
+        return Err(crate::store::StoreError::EndpointExists {
+            network: network.to_string(),
+            id,
+        }
+        .into());
     }
     let netns_name = format!("ovl-{network}-{id}");
     let netns = NetNs::create(&netns_name)

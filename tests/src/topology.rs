@@ -38,6 +38,18 @@ impl Underlay {
         Self { ns, bridge }
     }
 
+    /// Gives the bridge itself an address, for services on the underlay (the Consul
+    /// server of the control-plane tests listens there).
+    pub fn add_bridge_address(&self, ip: Ipv4Addr) {
+        let bridge = self.bridge.index;
+        self.ns.block_on(|| async {
+            let handle = netlink::connect().unwrap();
+            netlink::add_address(&handle, bridge, ip, UNDERLAY_PREFIX)
+                .await
+                .unwrap();
+        });
+    }
+
     /// Address of host number `n` (1-based) on the underlay.
     pub fn host_address(n: u8) -> Ipv4Addr {
         Ipv4Addr::new(192, 0, 2, n)

@@ -1,0 +1,466 @@
+//! A control-plane cluster for the tests: the Consul dev server on the underlay (as a
+//! process in the underlay namespace) and nodes (host namespaces) each running a real
+//! `overlay-ctl agent` process, with the CLI run inside the node's namespace the way an
+//! operator runs it on a host.
+use std::{
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use overlay_ctl::{consul::ConsulClient, netns::NetNs};
+
+use crate::{
+    harness::{unique_name, wait_until, PinGuard, TestNs},
+    topology::Underlay,
+};
+
+/// The binaries the cluster runs; build it with [`bins!`] in the test crate.
+#[derive(Clone, Copy, Debug)]
+pub struct Bins {
+    pub cli: &'static str,
+    pub consul_dev: &'static str,
+}
+
+/// The binaries of this package, as cargo built them for the calling integration test.
+#[macro_export]
+macro_rules! bins {
+    () => {
+        $crate::cluster::Bins {
+            cli: env!("CARGO_BIN_EXE_overlay-cli"),
+            consul_dev: env!("CARGO_BIN_EXE_overlay-consul-dev"),
+        }
+    };
+}
+
+/// Where the dev server listens: the underlay bridge's own address.
+pub const CONSUL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 254);
+pub const CONSUL_PORT: u16 = 8500;
+
+/// `command`, started inside the network namespace at `netns`.
+pub fn spawn_in(netns: &Path, command: &mut Command) -> Child {
+    let ns = std::fs::File::open(netns).expect("open namespace");
+    let fd = ns.as_raw_fd();
+    // SAFETY: only setns(2) runs between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().expect("spawn process");
+    drop(ns);
+    child
+}
+
+fn kill(child: &mut Child, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+}
+
+/// Waits for `child` to exit, up to `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The Consul dev server, a process in the underlay namespace; killed on drop.
+pub struct DevConsul {
+    child: Option<Child>,
+    bin: &'static str,
+    netns: PathBuf,
+    data_dir: Option<PathBuf>,
+}
+
+impl DevConsul {
+    /// Starts the server on [`CONSUL_IP`] (which this adds to the bridge), keeping its
+    /// state in `data_dir` when given (so a restart keeps it, as a real server does).
+    pub fn start(bins: &Bins, underlay: &Underlay, data_dir: Option<&Path>) -> Self {
+        underlay.add_bridge_address(CONSUL_IP);
+        let mut server = Self {
+            child: None,
+            bin: bins.consul_dev,
+            netns: underlay.ns.ns().path().to_path_buf(),
+            data_dir: data_dir.map(Path::to_path_buf),
+        };
+        server.launch();
+        server
+    }
+
+    pub fn addr(&self) -> String {
+        format!("{CONSUL_IP}:{CONSUL_PORT}")
+    }
+
+    fn launch(&mut self) {
+        let mut command = Command::new(self.bin);
+        command
+            .args(["--listen", &self.addr()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(dir) = &self.data_dir {
+            command.arg("--data-dir").arg(dir);
+        }
+        let mut child = spawn_in(&self.netns, &mut command);
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the dev server did not print its ready line within 10 s");
+        assert!(
+            line.contains("listening on"),
+            "unexpected dev server output: {line:?}"
+        );
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same address (and data directory).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// Runs `f` with a client of this server, from a thread inside the underlay (where
+    /// the server is reachable).
+    pub fn with_client<R: Send, Fut: std::future::Future<Output = R>>(
+        &self,
+        f: impl FnOnce(ConsulClient) -> Fut + Send,
+    ) -> R {
+        let addr = self.addr();
+        NetNs::open_path("underlay", self.netns.clone())
+            .unwrap()
+            .block_on(|| async move {
+                let client = ConsulClient::new(&addr, None).unwrap();
+                f(client).await
+            })
+            .expect("enter the underlay namespace")
+    }
+
+    /// Every key under `prefix` with its value and modify index.
+    pub fn kv_snapshot(&self, prefix: &str) -> Vec<(String, Vec<u8>, u64)> {
+        let prefix = prefix.to_string();
+        self.with_client(|client| async move {
+            let mut pairs: Vec<_> = client
+                .list(&prefix)
+                .await
+                .expect("list the KV store")
+                .into_iter()
+                .map(|p| (p.key, p.value, p.modify_index))
+                .collect();
+            pairs.sort();
+            pairs
+        })
+    }
+}
+
+impl Drop for DevConsul {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a CLI invocation printed and returned.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Panics with the whole output unless the command succeeded.
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "command failed: {self:#?}");
+        self
+    }
+}
+
+/// A host running an agent.
+pub struct Node {
+    pub name: String,
+    pub vtep: Ipv4Addr,
+    pub state_dir: PathBuf,
+    agent: Option<Child>,
+    bins: Bins,
+    consul: String,
+    /// Field order: the agent dies first (above), then the pins go, then the namespace.
+    pub pins: PinGuard,
+    pub ns: TestNs,
+}
+
+impl Node {
+    /// Host `n` on the underlay (no agent yet).
+    pub fn new(bins: &Bins, underlay: &Underlay, n: u8, consul: &DevConsul) -> Self {
+        let (ns, _) = underlay.plug("node", n);
+        let state_dir = std::env::temp_dir().join(unique_name("overlay-state-"));
+        std::fs::create_dir_all(&state_dir).unwrap();
+        Self {
+            name: format!("node{n}"),
+            vtep: Underlay::host_address(n),
+            state_dir,
+            agent: None,
+            bins: *bins,
+            consul: consul.addr(),
+            pins: PinGuard::new(),
+            ns,
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.state_dir.join("agent.log")
+    }
+
+    /// Starts `overlay-ctl agent` in this host with `extra` arguments.
+    pub fn start_agent(&mut self, extra: &[&str]) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut command = Command::new(self.bins.cli);
+        command
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args([
+                "--consul",
+                &self.consul,
+                "agent",
+                "--iface",
+                "eth0",
+                "--node",
+            ])
+            .arg(&self.name)
+            .arg("--pin-root")
+            .arg(&self.pins.path)
+            .args(["--metrics-addr", "off"])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                "info,netlink_packet_route=error,netlink_proto=error",
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.agent = Some(spawn_in(self.ns.ns().path(), &mut command));
+    }
+
+    /// Waits until the agent answers and holds its node key.
+    pub fn wait_registered(&self, timeout: Duration) {
+        let what = format!("{} to join the cluster", self.name);
+        wait_until(&what, timeout, || {
+            self.status()
+                .is_some_and(|s| s["consul"]["registered"] == true)
+        });
+    }
+
+    /// The agent's pid, if it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+
+    /// `kill -9` of the agent.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            kill(&mut child, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the agent to exit; returns its exit status.
+    pub fn stop_agent(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.agent.take()?;
+        kill(&mut child, nix::sys::signal::Signal::SIGTERM);
+        let status = wait_exit(&mut child, Duration::from_secs(10));
+        if status.is_none() {
+            kill(&mut child, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        status
+    }
+
+    fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(self.bins.cli);
+        command
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--consul", &self.consul])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                "warn,netlink_packet_route=error,netlink_proto=error",
+            )
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `overlay-ctl ARGS` on this host and waits for it.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        let mut command = self.cli_command(args);
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = spawn_in(self.ns.ns().path(), &mut command);
+        let output = child.wait_with_output().unwrap();
+        CliOutput {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Starts `overlay-ctl run -n NETWORK --name NAME -- CMD...` in the background; the
+    /// guard ends it (SIGTERM, so it cleans up) when dropped.
+    pub fn spawn_run(&self, network: &str, name: &str, command: &[&str]) -> Background {
+        self.spawn_run_with(network, name, &[], command)
+    }
+
+    /// [`Node::spawn_run`] with extra `run` options (e.g. `--service S`).
+    pub fn spawn_run_with(
+        &self,
+        network: &str,
+        name: &str,
+        options: &[&str],
+        command: &[&str],
+    ) -> Background {
+        let mut args = vec!["run", "-n", network, "--name", name];
+        args.extend_from_slice(options);
+        args.push("--");
+        args.extend_from_slice(command);
+        let mut cmd = self.cli_command(&args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        Background {
+            child: Some(spawn_in(self.ns.ns().path(), &mut cmd)),
+            netns: format!("ovl-{network}-{name}"),
+        }
+    }
+
+    /// `status --json`, or `None` while the agent does not answer.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = self.cli(&["status", "--json"]);
+        if out.code != 0 {
+            return None;
+        }
+        serde_json::from_str(&out.stdout).ok()
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.agent_log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- last agent log lines of {} ----", self.name);
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        self.kill_agent();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// A background `overlay-ctl run`; ended with SIGTERM on drop (its netns removed if the
+/// command could not clean up).
+pub struct Background {
+    child: Option<Child>,
+    /// The container's namespace name (`ovl-NETWORK-NAME`).
+    pub netns: String,
+}
+
+impl Background {
+    /// The container's network namespace, once `run` created it.
+    pub fn open_netns(&self) -> Option<NetNs> {
+        NetNs::open(&self.netns).ok()
+    }
+
+    /// Waits for the command to exit and returns its exit code and output.
+    pub fn wait(mut self, timeout: Duration) -> CliOutput {
+        let mut child = self.child.take().unwrap();
+        let status = wait_exit(&mut child, timeout);
+        if status.is_none() {
+            kill(&mut child, nix::sys::signal::Signal::SIGKILL);
+        }
+        let output = child.wait_with_output().unwrap();
+        CliOutput {
+            code: status.and_then(|s| s.code()).unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Ends the container with SIGTERM (the CLI passes it on and cleans up).
+    pub fn stop(mut self) -> CliOutput {
+        if let Some(child) = &mut self.child {
+            kill(child, nix::sys::signal::Signal::SIGTERM);
+        }
+        self.wait(Duration::from_secs(10))
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child, nix::sys::signal::Signal::SIGTERM);
+            if wait_exit(&mut child, Duration::from_secs(5)).is_none() {
+                kill(&mut child, nix::sys::signal::Signal::SIGKILL);
+                let _ = child.wait();
+            }
+        }
+        if let Ok(ns) = NetNs::open(&self.netns) {
+            let _ = ns.delete();
+        }
+    }
+}
+
+/// A dev server and `n` nodes with agents running (node 1 bootstraps), all joined.
+pub fn start_cluster(
+    bins: &Bins,
+    underlay: &Underlay,
+    n: u8,
+    data_dir: Option<&Path>,
+    agent_args: &[&str],
+) -> (DevConsul, Vec<Node>) {
+    let consul = DevConsul::start(bins, underlay, data_dir);
+    let mut nodes: Vec<Node> = (1..=n)
+        .map(|i| Node::new(bins, underlay, i, &consul))
+        .collect();
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let mut args = agent_args.to_vec();
+        if i == 0 {
+            args.push("--bootstrap");
+        }
+        node.start_agent(&args);
+    }
+    for node in &nodes {
+        node.wait_registered(Duration::from_secs(20));
+    }
+    (consul, nodes)
+}

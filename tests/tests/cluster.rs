@@ -1,0 +1,562 @@
+//! The control plane end to end: real `overlay-ctl agent` processes in host namespaces,
+//! the Consul dev server on the underlay, and the operator CLI, as in the seed post.
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use overlay_tests::{
+    bins,
+    cluster::{start_cluster, Background, Bins, Node},
+    harness::{require_root, unique_name, wait_until},
+    net,
+    topology::Underlay,
+};
+
+const BINS: Bins = bins!();
+const JOIN: Duration = Duration::from_secs(20);
+
+/// Runs `f` inside a background container's namespace once `run` has created it.
+fn in_container<R: Send>(container: &Background, f: impl FnOnce() -> R + Send) -> R {
+    wait_until(
+        &format!("container namespace {}", container.netns),
+        Duration::from_secs(15),
+        || container.open_netns().is_some(),
+    );
+    container.open_netns().unwrap().run(f).unwrap()
+}
+
+/// Waits until `node` lists endpoint `name` and returns its address.
+fn wait_endpoint(node: &Node, network: &str, name: &str) -> Ipv4Addr {
+    let mut ip = None;
+    wait_until(
+        &format!("endpoint {network}/{name}"),
+        Duration::from_secs(15),
+        || {
+            let out = node.cli(&["endpoint", "list", "-n", network, "--json"]);
+            let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+            ip = list.as_array().and_then(|l| {
+                l.iter()
+                    .find(|e| e["id"] == name)
+                    .and_then(|e| e["ip"].as_str()?.parse().ok())
+            });
+            ip.is_some()
+        },
+    );
+    ip.unwrap()
+}
+
+fn status_number(node: &Node, pointer: &str) -> Option<u64> {
+    node.status()?.pointer(pointer)?.as_u64()
+}
+
+fn map_entries(node: &Node, map: &str) -> Option<u64> {
+    let status = node.status()?;
+    status["maps"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == map)?["entries"]
+        .as_u64()
+}
+
+/// The address a `run` reported on stderr ("... has address X ...").
+fn reported_address(stderr: &str) -> Option<Ipv4Addr> {
+    let rest = stderr.split("has address ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn seed_walkthrough_end_to_end() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_cluster(&BINS, &underlay, 3, None, &[]);
+
+    // The bootstrapped cluster has SocketPlane's default network.
+    let list = nodes[1].cli(&["network", "list"]).ok();
+    assert!(
+        list.stdout
+            .lines()
+            .any(|l| l.starts_with("default") && l.contains("10.1.0.0/16")),
+        "{}",
+        list.stdout
+    );
+
+    let created = nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    assert!(created.stdout.contains("net1"), "{}", created.stdout);
+    let listed = nodes[2].cli(&["network", "list", "--json"]).ok();
+    let networks: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    let names: Vec<&str> = networks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default", "net1"]);
+    let table = nodes[2].cli(&["network", "list"]).ok();
+    assert!(table
+        .stdout
+        .lines()
+        .any(|l| l.starts_with("net1") && l.contains("10.100.0.0/24") && l.contains("10.100.0.1")));
+
+    // Containers on two hosts get the first addresses, in order.
+    let web_name = unique_name("web");
+    let web = nodes[0].spawn_run("net1", &web_name, &["sleep", "120"]);
+    let web_ip = wait_endpoint(&nodes[0], "net1", &web_name);
+    let db_name = unique_name("db");
+    let db = nodes[1].spawn_run("net1", &db_name, &["sleep", "120"]);
+    let db_ip = wait_endpoint(&nodes[0], "net1", &db_name);
+    assert_eq!(web_ip, Ipv4Addr::new(10, 100, 0, 2));
+    assert_eq!(db_ip, Ipv4Addr::new(10, 100, 0, 3));
+
+    // Pings both ways across hosts, and to the gateway.
+    assert!(in_container(&web, || net::ping_until_reply(
+        db_ip,
+        Duration::from_secs(10)
+    )));
+    assert!(in_container(&db, || net::ping_until_reply(
+        web_ip,
+        Duration::from_secs(10)
+    )));
+    assert!(in_container(&web, || net::ping_until_reply(
+        Ipv4Addr::new(10, 100, 0, 1),
+        Duration::from_secs(5)
+    )));
+
+    // A third host runs a command the way `socketplane run` did; its output and exit
+    // code come through.
+    let pinged = nodes[2].cli(&[
+        "run",
+        "-n",
+        "net1",
+        "--",
+        "ping",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        "10.100.0.2",
+    ]);
+    assert_eq!(pinged.code, 0, "{pinged:#?}");
+    assert!(
+        pinged.stdout.contains("bytes from 10.100.0.2"),
+        "{pinged:#?}"
+    );
+    assert_eq!(
+        reported_address(&pinged.stderr),
+        Some(Ipv4Addr::new(10, 100, 0, 4))
+    );
+    let code = nodes[2].cli(&["run", "-n", "net1", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(code.code, 7, "the command's exit code is run's: {code:#?}");
+
+    // Another network cannot reach net1.
+    nodes[0]
+        .cli(&["network", "create", "net2", "10.200.0.0/24"])
+        .ok();
+    let isolated = nodes[2].cli(&[
+        "run",
+        "-n",
+        "net2",
+        "--",
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "1",
+        "10.100.0.2",
+    ]);
+    assert_ne!(isolated.code, 0, "net2 reached net1: {isolated:#?}");
+
+    // --service registers the container's overlay address in the catalog for its life.
+    let api_name = unique_name("api");
+    let service = unique_name("svc");
+    let api = nodes[2].spawn_run_with(
+        "net1",
+        &api_name,
+        &["--service", &service],
+        &["sleep", "120"],
+    );
+    let api_ip = wait_endpoint(&nodes[2], "net1", &api_name);
+    let catalog = |service: String| {
+        consul.with_client(|c| async move { c.catalog_service(&service).await.unwrap() })
+    };
+    wait_until("service in the catalog", Duration::from_secs(10), || {
+        catalog(service.clone())
+            .iter()
+            .any(|e| e.service_address == api_ip.to_string())
+    });
+    let stopped = api.stop();
+    assert_eq!(stopped.code, 143, "sleep ends by SIGTERM: {stopped:#?}");
+    assert!(catalog(service.clone()).is_empty(), "service left behind");
+
+    // Members and their VTEPs.
+    let members = nodes[0].cli(&["cluster", "members", "--json"]).ok();
+    let members: serde_json::Value = serde_json::from_str(&members.stdout).unwrap();
+    let vteps: BTreeSet<&str> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["vtep"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        vteps,
+        BTreeSet::from(["192.0.2.1", "192.0.2.2", "192.0.2.3"])
+    );
+
+    // When the containers end, everything they held is gone.
+    web.stop();
+    db.stop();
+    let left = nodes[0].cli(&["endpoint", "list", "--json"]).ok();
+    assert_eq!(left.stdout.trim(), "[]");
+    let inspect = nodes[0].cli(&["network", "inspect", "net1"]).ok();
+    let inspect: serde_json::Value = serde_json::from_str(&inspect.stdout).unwrap();
+    assert_eq!(inspect["allocations"], serde_json::json!([]));
+    for node in &nodes {
+        wait_until("local endpoints gone from the maps", JOIN, || {
+            map_entries(node, "ENDPOINTS") == Some(0)
+                && map_entries(node, "LOCAL_IFACES") == Some(0)
+        });
+    }
+    assert!(web_ns_gone(&web_name), "run left its namespace behind");
+}
+
+fn web_ns_gone(name: &str) -> bool {
+    !std::path::Path::new("/run/netns")
+        .join(format!("ovl-net1-{name}"))
+        .exists()
+}
+
+#[test]
+fn three_agents_allocating_fifty_addresses_each_at_once_never_share_one() {
+    require_root();
+    let underlay = Underlay::new();
+    let (_consul, nodes) = start_cluster(&BINS, &underlay, 3, None, &[]);
+    nodes[0]
+        .cli(&["network", "create", "wide", "10.60.0.0/24"])
+        .ok();
+    const PER_NODE: usize = 50;
+    // All 150 containers alive at once: allocations race across the three hosts.
+    let runs: Vec<(usize, String, Background)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(n, node)| {
+                scope.spawn(move || {
+                    (0..PER_NODE)
+                        .map(|i| {
+                            let name = format!("{}-{i}", node.name);
+                            let run = node.spawn_run("wide", &name, &["sleep", "300"]);
+                            (n, name, run)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let mut seen = BTreeSet::new();
+    wait_until("150 endpoints", Duration::from_secs(120), || {
+        let out = nodes[0].cli(&["endpoint", "list", "-n", "wide", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        list.as_array().is_some_and(|l| l.len() == 3 * PER_NODE)
+    });
+    let out = nodes[0]
+        .cli(&["endpoint", "list", "-n", "wide", "--json"])
+        .ok();
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    for endpoint in list.as_array().unwrap() {
+        let ip = endpoint["ip"].as_str().unwrap().to_string();
+        assert!(seen.insert(ip.clone()), "address {ip} handed out twice");
+    }
+    assert_eq!(seen.len(), 3 * PER_NODE);
+    // Each host's data plane knows all 150 (its own locally, the others remotely).
+    for node in &nodes {
+        wait_until("all endpoints in the maps", JOIN, || {
+            map_entries(node, "ENDPOINTS") == Some((3 * PER_NODE) as u64)
+                && map_entries(node, "LOCAL_IFACES") == Some(PER_NODE as u64)
+        });
+    }
+    drop(runs);
+}
+
+#[test]
+fn kill_9_and_restart_of_agents_loses_no_packet() {
+    require_root();
+    let underlay = Underlay::new();
+    let (_consul, mut nodes) = start_cluster(&BINS, &underlay, 2, None, &[]);
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let target_name = unique_name("tgt");
+    let _target = nodes[1].spawn_run("net1", &target_name, &["sleep", "120"]);
+    let target_ip = wait_endpoint(&nodes[1], "net1", &target_name);
+    // Warm up (ARP, both sides' maps), then a measured stream of 400 pings, 20 ms apart.
+    let script = format!(
+        "until ping -c 1 -W 1 {target_ip} >/dev/null; do sleep 0.1; done; \
+         echo warm; ping -i 0.02 -c 400 -W 1 {target_ip}"
+    );
+    let pinger = nodes[0].spawn_run("net1", &unique_name("png"), &["sh", "-c", &script]);
+    wait_endpoint(&nodes[0], "net1", &pinger.netns["ovl-net1-".len()..]);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let before: Vec<_> = nodes.iter().map(|n| n.status().unwrap()).collect();
+    // The receiving side's agent dies, comes back and takes over; then the sender's.
+    for node in nodes.iter_mut().rev() {
+        node.kill_agent();
+        node.start_agent(&[]);
+        node.wait_registered(JOIN);
+    }
+    for (node, before) in nodes.iter().zip(&before) {
+        let after = node.status().unwrap();
+        assert_eq!(
+            after["consul"]["session"], before["consul"]["session"],
+            "the restarted agent kept its session (peers never saw it leave)"
+        );
+        assert_ne!(
+            after["programs"]["overlay_underlay"], before["programs"]["overlay_underlay"],
+            "the restarted agent's programs took over the links"
+        );
+        assert_ne!(after["pid"], before["pid"]);
+    }
+    let out = pinger.wait(Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert!(
+        out.stdout.contains("400 packets transmitted, 400 received"),
+        "packets were lost across the restarts:\n{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn a_killed_node_leaves_its_peers_within_the_session_ttl() {
+    require_root();
+    let underlay = Underlay::new();
+    const TTL: Duration = Duration::from_secs(2);
+    let (_consul, mut nodes) = start_cluster(&BINS, &underlay, 3, None, &["--session-ttl", "2s"]);
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let name = unique_name("c");
+    let _container = nodes[1].spawn_run("net1", &name, &["sleep", "120"]);
+    wait_endpoint(&nodes[1], "net1", &name);
+    for peer in [&nodes[0], &nodes[2]] {
+        wait_until("peer knows the remote endpoint", JOIN, || {
+            status_number(peer, "/remote_endpoints") == Some(1)
+                && status_number(peer, "/members") == Some(3)
+        });
+    }
+    let killed_at = Instant::now();
+    nodes[1].kill_agent();
+    // Consul invalidates a session between TTL and twice the TTL; the dev server at TTL.
+    let margin = Duration::from_secs(3);
+    for peer in [&nodes[0], &nodes[2]] {
+        wait_until("peer drops the dead node", TTL * 2 + margin, || {
+            status_number(peer, "/members") == Some(2)
+                && status_number(peer, "/remote_endpoints") == Some(0)
+                && map_entries(peer, "VTEPS") == Some(2)
+        });
+    }
+    let elapsed = killed_at.elapsed();
+    assert!(
+        elapsed < TTL + margin,
+        "peers took {elapsed:?} to drop a node with a {TTL:?} session TTL"
+    );
+    let members = nodes[0].cli(&["cluster", "members"]).ok();
+    assert!(!members.stdout.contains("node2"), "{}", members.stdout);
+}
+
+#[test]
+fn bad_input_is_refused_with_one_line_and_no_change() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_cluster(&BINS, &underlay, 1, None, &[]);
+    let node = &nodes[0];
+    node.cli(&[
+        "network",
+        "create",
+        "vetted",
+        "10.100.0.0/24",
+        "--vni",
+        "100",
+    ])
+    .ok();
+    let taken = unique_name("t");
+    let _holder = node.spawn_run("vetted", &taken, &["sleep", "120"]);
+    let taken_ip = wait_endpoint(node, "vetted", &taken).to_string();
+    let links_before = link_names(node);
+    let netns_before = netns_names("ovl-vetted-");
+    let before = consul.kv_snapshot("");
+
+    let cases: &[(&[&str], &str)] = &[
+        (&["network", "create", "bad", "10.0.0.1/24"], "host bits"),
+        (
+            &["network", "create", "bad", "10.0.0.0/33"],
+            "invalid subnet",
+        ),
+        (&["network", "create", "bad", "nonsense"], "invalid subnet"),
+        (&["network", "create", "bad", "10.0.0.0/31"], "too small"),
+        (
+            &["network", "create", "vetted", "10.9.0.0/24"],
+            "already exists",
+        ),
+        (
+            &["network", "create", "bad", "10.9.0.0/24", "--vni", "0"],
+            "out of range",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "bad",
+                "10.9.0.0/24",
+                "--vni",
+                "16777216",
+            ],
+            "out of range",
+        ),
+        (
+            &["network", "create", "bad", "10.9.0.0/24", "--vni", "100"],
+            "already used",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "bad",
+                "10.9.0.0/24",
+                "--gateway",
+                "10.8.0.1",
+            ],
+            "outside",
+        ),
+        (
+            &["network", "create", "bad name", "10.9.0.0/24"],
+            "invalid network name",
+        ),
+        (&["network", "inspect", "nope"], "does not exist"),
+        (&["network", "delete", "nope"], "does not exist"),
+        (&["network", "delete", "vetted"], "still has 1 endpoint"),
+        (&["run", "-n", "nope", "--", "true"], "does not exist"),
+        (
+            &["run", "-n", "vetted", "--ip", "10.101.0.5", "--", "true"],
+            "outside",
+        ),
+        (
+            &["run", "-n", "vetted", "--ip", "10.100.0.1", "--", "true"],
+            "gateway",
+        ),
+        (
+            &["run", "-n", "vetted", "--ip", &taken_ip, "--", "true"],
+            "already allocated",
+        ),
+        (
+            &["run", "-n", "vetted", "--name", &taken, "--", "true"],
+            "already exists",
+        ),
+        (&["attach", "-n", "nope", "--pid", "1"], "does not exist"),
+        (&["detach", "-n", "vetted", "nobody"], "no endpoint"),
+    ];
+    for (args, needle) in cases {
+        let out = node.cli(args);
+        assert_eq!(out.code, 1, "{args:?}: {out:#?}");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one line expected: {out:#?}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
+            "{args:?}: expected {needle:?} in {:?}",
+            lines[0]
+        );
+        assert_eq!(out.stdout, "", "{args:?}");
+    }
+    // Usage errors are clap's: exit code 2.
+    assert_eq!(node.cli(&["network", "create", "only-a-name"]).code, 2);
+    assert_eq!(node.cli(&["run", "-n", "vetted"]).code, 2);
+
+    assert_eq!(consul.kv_snapshot(""), before, "the KV store changed");
+    assert_eq!(
+        link_names(node),
+        links_before,
+        "an interface was left behind"
+    );
+    assert_eq!(
+        netns_names("ovl-vetted-"),
+        netns_before,
+        "a namespace was left behind"
+    );
+}
+
+fn link_names(node: &Node) -> BTreeSet<String> {
+    node.ns.block_on(|| async {
+        let handle = overlay_ctl::netlink::connect().unwrap();
+        overlay_ctl::netlink::list_links(&handle)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.name)
+            .collect()
+    })
+}
+
+/// The container namespaces of one network (tests run in parallel).
+fn netns_names(prefix: &str) -> BTreeSet<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn attach_and_detach_an_existing_namespace() {
+    require_root();
+    let underlay = Underlay::new();
+    let (_consul, nodes) = start_cluster(&BINS, &underlay, 2, None, &[]);
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let peer_name = unique_name("peer");
+    let peer = nodes[1].spawn_run("net1", &peer_name, &["sleep", "120"]);
+    let peer_ip = wait_endpoint(&nodes[1], "net1", &peer_name);
+
+    // A namespace made by someone else (a Docker or podman container stands for it).
+    let existing = overlay_tests::harness::TestNs::new("ext");
+    let path = existing.ns().path().display().to_string();
+    let attached = nodes[0]
+        .cli(&["attach", "-n", "net1", "--netns", &path, "--name", "ext1"])
+        .ok();
+    let ext_ip: Ipv4Addr = attached
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or_else(|| panic!("attach prints NAME IP NETWORK/PREFIX: {attached:#?}"));
+    assert!(
+        attached.stdout.starts_with("ext1 10.100.0."),
+        "{attached:#?}"
+    );
+    assert!(existing.run(|| net::ping_until_reply(peer_ip, Duration::from_secs(10))));
+    assert!(in_container(&peer, || net::ping_until_reply(
+        ext_ip,
+        Duration::from_secs(10)
+    )));
+
+    let detached = nodes[0]
+        .cli(&["detach", "-n", "net1", "--netns", &path])
+        .ok();
+    assert!(detached.stdout.contains("ext1"), "{detached:#?}");
+    let left = nodes[0]
+        .cli(&["endpoint", "list", "-n", "net1", "--json"])
+        .ok();
+    assert!(!left.stdout.contains("ext1"), "{}", left.stdout);
+    assert!(!existing.run(|| net::ping(peer_ip, 1, 56, Duration::from_millis(500))));
+}
