@@ -29,8 +29,9 @@ enum Task {
     Setup,
     /// Build the eBPF programs (overlay-ebpf) for bpfel-unknown-none.
     BuildEbpf,
-    /// Build everything, load and attach the data plane on IFACE and run the agent in the
-    /// foreground; Ctrl-C detaches everything.
+    /// Build everything and run a node agent in the foreground on IFACE, with the Consul
+    /// dev server (bootstrapping the cluster) unless CONSUL_HTTP_ADDR points at a Consul.
+    /// Ctrl-C stops both and leaves nothing behind.
     Run {
         /// Underlay interface. Default: the interface of the IPv4 default route.
         #[arg(long)]
@@ -144,21 +145,63 @@ fn run(iface: Option<String>, agent_args: Vec<String>) -> Result<()> {
         bail!("the agent loads eBPF programs and needs root: sudo -E cargo xtask run");
     }
     build_ebpf()?;
-    step("build overlay-ctl", || {
-        cargo(&["build", "--release", "-p", "overlay-ctl"])
+    let own_consul = std::env::var_os("CONSUL_HTTP_ADDR").is_none()
+        && !agent_args.iter().any(|a| a.starts_with("--consul"));
+    step("build overlay-ctl and the Consul dev server", || {
+        cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "overlay-ctl",
+            "-p",
+            "overlay-tests",
+            "--bin",
+            "overlay-ctl",
+            "--bin",
+            "overlay-consul-dev",
+        ])
     })?;
-    let binary = workspace_root().join("target/release/overlay-ctl");
-    let mut command = Command::new(&binary);
-    command.arg("agent").arg("--ephemeral");
+    let release = workspace_root().join("target/release");
+    // Ctrl-C reaches the children (same process group); they stop cleanly, then we do.
+    // SAFETY: setting a signal disposition before any thread is started.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let mut dev_consul = None;
+    let mut command = Command::new(release.join("overlay-ctl"));
+    if own_consul {
+        println!("==> CONSUL_HTTP_ADDR is not set: starting the Consul dev server on {DEV_CONSUL_ADDR} (in memory; set CONSUL_HTTP_ADDR to use a real Consul)");
+        let child = Command::new(release.join("overlay-consul-dev"))
+            .args(["--listen", DEV_CONSUL_ADDR])
+            .spawn()
+            .context("cannot start overlay-consul-dev")?;
+        dev_consul = Some(child);
+        command.args(["--consul", DEV_CONSUL_ADDR]);
+    }
+    command.args(["agent", "--ephemeral"]);
+    if own_consul {
+        command.arg("--bootstrap");
+    }
     if let Some(iface) = iface {
         command.arg("--iface").arg(iface);
     }
     command.args(agent_args);
-    println!(
-        "==> running {} (Ctrl-C to stop and detach)",
-        binary.display()
-    );
-    // Replace this process so Ctrl-C and SIGTERM reach the agent directly.
-    use std::os::unix::process::CommandExt;
-    Err(command.exec()).context("cannot start overlay-ctl")
+    println!("==> running the agent (Ctrl-C stops it; --ephemeral leaves nothing behind). In another shell:");
+    let cli = release.join("overlay-ctl");
+    println!("    {} status", cli.display());
+    println!("    {} network create net1 10.100.0.0/24", cli.display());
+    println!("    {} run -n net1 -- sh", cli.display());
+    let status = command
+        .status()
+        .context("cannot start overlay-ctl agent")?;
+    if let Some(mut child) = dev_consul {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+    if !status.success() {
+        bail!("the agent exited with {status}");
+    }
+    Ok(())
 }
+
+/// Where `cargo xtask run` starts the Consul dev server when no Consul is configured.
+const DEV_CONSUL_ADDR: &str = "127.0.0.1:8500";
