@@ -204,6 +204,8 @@ impl CliOutput {
 pub struct Node {
     pub name: String,
     pub vtep: Ipv4Addr,
+    /// The underlay interface the agent is started with.
+    pub iface: String,
     pub state_dir: PathBuf,
     agent: Option<Child>,
     bins: Bins,
@@ -222,6 +224,7 @@ impl Node {
         Self {
             name: format!("node{n}"),
             vtep: Underlay::host_address(n),
+            iface: crate::topology::UNDERLAY_IFNAME.to_string(),
             state_dir,
             agent: None,
             bins: *bins,
@@ -438,6 +441,24 @@ impl Drop for Background {
             let _ = ns.delete();
         }
     }
+}
+
+/// Starts `overlay-ctl agent logs -f` on `node`; its stdout lines arrive on the channel.
+pub fn follow_logs(node: &Node) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut command = node.cli_command(&["agent", "logs", "-f", "-n", "0"]);
+    command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = spawn_in(node.ns.ns().path(), &mut command);
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
 }
 
 /// A dev server and `n` nodes with agents running (node 1 bootstraps), all joined.

@@ -560,3 +560,232 @@ fn attach_and_detach_an_existing_namespace() {
     assert!(!left.stdout.contains("ext1"), "{}", left.stdout);
     assert!(!existing.run(|| net::ping(peer_ip, 1, 56, Duration::from_millis(500))));
 }
+
+#[test]
+fn status_and_logs_show_what_the_agent_does() {
+    require_root();
+    let underlay = Underlay::new();
+    let (_consul, nodes) = start_cluster(&BINS, &underlay, 2, None, &[]);
+    let node = &nodes[0];
+    wait_until("a first reconcile", JOIN, || {
+        node.status()
+            .is_some_and(|s| s["last_reconcile"]["ok"] == true && s["members"] == 2)
+    });
+    let status = node.status().unwrap();
+    assert_eq!(status["node"], "node1");
+    assert_eq!(status["iface"], "eth0");
+    assert_eq!(status["vtep"], "192.0.2.1");
+    assert_eq!(status["consul"]["reachable"], true);
+    for program in ["overlay_underlay", "overlay_container", "overlay_xdp_pass"] {
+        let id = status["programs"][program].as_u64().unwrap_or(0);
+        assert!(id > 0, "{program} has no id: {status:#}");
+    }
+    let vteps = status["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "VTEPS")
+        .unwrap();
+    assert_eq!(vteps["entries"], 2);
+    assert_eq!(vteps["capacity"], overlay_common::capacity::VTEPS);
+
+    let human = node.cli(&["status"]).ok();
+    for needle in [
+        "node1",
+        "192.0.2.1",
+        "VTEPS",
+        "reachable",
+        "registered (2 members)",
+    ] {
+        assert!(
+            human.stdout.contains(needle),
+            "{needle:?} in {}",
+            human.stdout
+        );
+    }
+
+    let logs = node.cli(&["agent", "logs"]).ok();
+    assert!(
+        logs.stdout.contains("joined the cluster"),
+        "{}",
+        logs.stdout
+    );
+    assert!(
+        logs.stdout.contains(" INFO "),
+        "levels are shown: {}",
+        logs.stdout
+    );
+
+    // -f follows: a change made now shows up as it happens.
+    let (mut follower, lines) = overlay_tests::cluster::follow_logs(node);
+    node.cli(&["network", "create", "followed", "10.77.0.0/24"])
+        .ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+            let done = line.contains("data plane maps updated");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(
+        seen.iter().any(|l| l.contains("data plane maps updated")),
+        "agent logs -f showed no map change: {seen:#?}"
+    );
+
+    // A stopped agent is reported as such, with exit code 1.
+    let mut nodes = nodes;
+    nodes[1].stop_agent();
+    let missing = nodes[1].cli(&["status"]);
+    assert_eq!(missing.code, 1);
+    assert!(
+        missing.stderr.contains("no agent is running"),
+        "{missing:#?}"
+    );
+}
+
+/// Whether `iface` in `node` has an XDP program attached (as `ip link` shows it).
+fn has_xdp(node: &Node, iface: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-n", node.ns.name(), "link", "show", iface])
+        .output()
+        .expect("ip (iproute2) is installed by cargo xtask setup");
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+#[test]
+fn cluster_bind_moves_the_underlay_at_runtime() {
+    require_root();
+    let underlay = Underlay::new();
+    let (_consul, nodes) = start_cluster(&BINS, &underlay, 2, None, &[]);
+    // A second interface on node 1, with an address of another network.
+    nodes[0].ns.block_on(|| async {
+        use overlay_ctl::netlink;
+        let handle = netlink::connect().unwrap();
+        let (other, peer) = netlink::create_veth(&handle, "eth1", "eth1p")
+            .await
+            .unwrap();
+        netlink::add_address(&handle, other.index, "203.0.113.1".parse().unwrap(), 24)
+            .await
+            .unwrap();
+        netlink::set_up(&handle, peer.index).await.unwrap();
+        netlink::set_up(&handle, other.index).await.unwrap();
+    });
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
+    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
+    let b_ip = wait_endpoint(&nodes[0], "net1", &b.netns["ovl-net1-".len()..]);
+    wait_endpoint(&nodes[0], "net1", &a.netns["ovl-net1-".len()..]);
+    assert!(in_container(&a, || net::ping_until_reply(
+        b_ip,
+        Duration::from_secs(10)
+    )));
+    assert!(has_xdp(&nodes[0], "eth0") && !has_xdp(&nodes[0], "eth1"));
+
+    let moved = nodes[0].cli(&["cluster", "bind", "eth1"]).ok();
+    assert!(moved.stdout.contains("203.0.113.1"), "{moved:#?}");
+    assert!(has_xdp(&nodes[0], "eth1") && !has_xdp(&nodes[0], "eth0"));
+    wait_until("node1's new VTEP at its peer", JOIN, || {
+        let out = nodes[1].cli(&["cluster", "members", "--json"]);
+        out.stdout.contains("203.0.113.1") && !out.stdout.contains("192.0.2.1")
+    });
+    let status = nodes[0].status().unwrap();
+    assert_eq!(status["iface"], "eth1");
+    assert_eq!(status["vtep"], "203.0.113.1");
+
+    // And back, as the seed's fix for a wrong auto-detection: traffic flows again.
+    nodes[0].cli(&["cluster", "bind", "eth0"]).ok();
+    wait_until("node1's VTEP back at its peer", JOIN, || {
+        let out = nodes[1].cli(&["cluster", "members", "--json"]);
+        out.stdout.contains("192.0.2.1") && !out.stdout.contains("203.0.113.1")
+    });
+    assert!(has_xdp(&nodes[0], "eth0") && !has_xdp(&nodes[0], "eth1"));
+    assert!(in_container(&a, || net::ping_until_reply(
+        b_ip,
+        Duration::from_secs(10)
+    )));
+    let bad = nodes[0].cli(&["cluster", "bind", "nope0"]);
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("nope0"), "{bad:#?}");
+}
+
+#[test]
+fn agents_ride_out_a_consul_restart() {
+    require_root();
+    let underlay = Underlay::new();
+    let data_dir = std::env::temp_dir().join(unique_name("consul-data-"));
+    std::fs::create_dir_all(&data_dir).unwrap();
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveDir(data_dir.clone());
+    let (mut consul, nodes) = start_cluster(
+        &BINS,
+        &underlay,
+        2,
+        Some(&data_dir),
+        &["--session-ttl", "3s", "--resync-interval", "1s"],
+    );
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
+    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
+    let a_ip = wait_endpoint(&nodes[0], "net1", &a.netns["ovl-net1-".len()..]);
+    let b_ip = wait_endpoint(&nodes[0], "net1", &b.netns["ovl-net1-".len()..]);
+    assert!(in_container(&a, || net::ping_until_reply(
+        b_ip,
+        Duration::from_secs(10)
+    )));
+
+    consul.kill();
+    for node in &nodes {
+        wait_until("the agent notices the outage", JOIN, || {
+            node.status()
+                .is_some_and(|s| s["consul"]["reachable"] == false)
+        });
+    }
+    // The data plane keeps forwarding with the last known state.
+    assert!(in_container(&a, || net::ping_until_reply(
+        b_ip,
+        Duration::from_secs(5)
+    )));
+    assert!(in_container(&b, || net::ping_until_reply(
+        a_ip,
+        Duration::from_secs(5)
+    )));
+
+    consul.restart();
+    for node in &nodes {
+        wait_until("the agent is back in the cluster", JOIN, || {
+            node.status().is_some_and(|s| {
+                s["consul"]["reachable"] == true && s["consul"]["registered"] == true
+            })
+        });
+    }
+    // Changes made after the restart reach every data plane.
+    nodes[1]
+        .cli(&["network", "create", "net2", "10.200.0.0/24"])
+        .ok();
+    for node in &nodes {
+        wait_until("net2 in the maps", JOIN, || {
+            map_entries(node, "NETWORKS") == Some(3)
+        });
+    }
+    let after = nodes[1].cli(&["run", "-n", "net2", "--", "true"]);
+    assert_eq!(after.code, 0, "{after:#?}");
+    assert!(in_container(&a, || net::ping_until_reply(
+        b_ip,
+        Duration::from_secs(5)
+    )));
+}
