@@ -189,9 +189,7 @@ fn run(iface: Option<String>, agent_args: Vec<String>) -> Result<()> {
     println!("    {} status", cli.display());
     println!("    {} network create net1 10.100.0.0/24", cli.display());
     println!("    {} run -n net1 -- sh", cli.display());
-    let status = command
-        .status()
-        .context("cannot start overlay-ctl agent")?;
+    let status = command.status().context("cannot start overlay-ctl agent")?;
     if let Some(mut child) = dev_consul {
         // SAFETY: plain kill(2) of our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -752,9 +752,11 @@ fn build_test_binaries(vm_dir: &Path) -> Result<TestBinaries> {
     if binaries.tests.is_empty() {
         bail!("cargo built no test executables for overlay-tests");
     }
-    binaries
-        .tests
-        .retain(|(name, _)| !HOST_ONLY_TESTS.iter().any(|(host_only, _)| host_only == name));
+    binaries.tests.retain(|(name, _)| {
+        !HOST_ONLY_TESTS
+            .iter()
+            .any(|(host_only, _)| host_only == name)
+    });
     binaries.tests.sort();
     for (name, path) in &binaries.tests {
         check_static(path)?;
