@@ -380,6 +380,7 @@ impl Agent {
             self.store.prefix(),
             self.options.watch_wait,
         );
+        let mut acknowledged = 0;
         loop {
             match watch.next().await {
                 Ok((pairs, index)) => {
@@ -395,7 +396,14 @@ impl Agent {
                     };
                     if changed {
                         debug!(index, "cluster state changed");
-                        let _ = self.reconcile(false).await;
+                        if self.reconcile(false).await.is_ok() && index > acknowledged {
+                            // Lets `run` (and benchmarks) see when every node forwards
+                            // for a new endpoint.
+                            match self.store.put_applied(self.node(), index).await {
+                                Ok(()) => acknowledged = index,
+                                Err(e) => debug!(error = %e, "cannot record the applied index"),
+                            }
+                        }
                     }
                 }
                 Err(e) => self.consul_failed("watch", &e),

@@ -189,6 +189,7 @@ pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<J
         if !reply.attached.contains(&wanted) {
             return Err(ContainerError::NotAttached(wanted));
         }
+        wait_for_peers(ctx, spec.network, spec.id).await;
         Ok(endpoint)
     }
     .await;
@@ -201,6 +202,32 @@ pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<J
         Err(e) => {
             undo.run().await;
             Err(e)
+        }
+    }
+}
+
+/// How long `run` waits for the other nodes to forward for a new container before
+/// starting its command anyway (their first packets back would wait for ARP otherwise).
+const PEER_CONVERGENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Waits until every live node has applied the endpoint's entry (see
+/// [`Store::wait_applied`]); a slow or unreachable peer only costs a warning.
+async fn wait_for_peers(ctx: &Context, network: &str, id: &str) {
+    let index = match ctx.store.endpoint_index(network, id).await {
+        Ok(Some(index)) => index,
+        _ => return,
+    };
+    match ctx
+        .store
+        .wait_applied(index, PEER_CONVERGENCE_TIMEOUT)
+        .await
+    {
+        Ok(behind) if behind.is_empty() => {}
+        Ok(behind) => {
+            warn!(nodes = ?behind, "these nodes have not applied the new endpoint yet; traffic from them may be delayed")
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot check whether the other nodes applied the new endpoint")
         }
     }
 }

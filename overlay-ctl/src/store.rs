@@ -9,6 +9,7 @@
 //! | `overlay/nodes/<node>` | [`NodeInfo`], held by the node's session |
 //! | `overlay/endpoints/<network>/<id>` | [`Endpoint`] |
 //! | `overlay/config/bootstrapped` | marker written by [`Store::bootstrap`] |
+//! | `overlay/applied/<node>` | the KV index whose state the node's maps hold |
 //!
 //! Exclusivity comes from Consul's check-and-set: a VNI or an address is taken by
 //! whoever creates its key first (`?cas=0`), so concurrent creators and allocators on
@@ -248,6 +249,10 @@ impl Store {
 
     fn endpoint_key(&self, network: &str, id: &str) -> String {
         format!("{}endpoints/{network}/{id}", self.prefix)
+    }
+
+    fn applied_key(&self, node: &str) -> String {
+        format!("{}applied/{node}", self.prefix)
     }
 
     fn bootstrap_key(&self) -> String {
@@ -646,6 +651,69 @@ impl Store {
         check_segment("endpoint id", id)?;
         self.client.delete(&self.endpoint_key(network, id)).await?;
         Ok(())
+    }
+
+    // ---- convergence ----
+
+    /// Records that `node`'s maps hold the cluster state as of KV index `index`.
+    pub async fn put_applied(&self, node: &str, index: u64) -> Result<(), StoreError> {
+        check_segment("node name", node)?;
+        self.client
+            .put(&self.applied_key(node), index.to_string().as_bytes())
+            .await?;
+        Ok(())
+    }
+
+    /// The index each node last reported applied.
+    pub async fn applied_indexes(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        let prefix = format!("{}applied/", self.prefix);
+        Ok(self
+            .client
+            .list(&prefix)
+            .await?
+            .iter()
+            .filter_map(|p| {
+                let node = p.key.strip_prefix(&prefix)?.to_string();
+                Some((node, p.value_str().trim().parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// The modify index of an endpoint's entry (for waiting until peers applied it).
+    pub async fn endpoint_index(&self, network: &str, id: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .client
+            .get(&self.endpoint_key(network, id))
+            .await?
+            .map(|p| p.modify_index))
+    }
+
+    /// Waits until every live node reports having applied KV index `index`, up to
+    /// `timeout`; returns the nodes that had not.
+    pub async fn wait_applied(
+        &self,
+        index: u64,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = std::time::Duration::from_millis(5);
+        loop {
+            let applied = self.applied_indexes().await?;
+            let behind: Vec<String> = self
+                .list_nodes()
+                .await?
+                .into_iter()
+                .map(|n| n.name)
+                .filter(|n| applied.get(n).is_none_or(|i| *i < index))
+                .collect();
+            if behind.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(behind);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(100));
+        }
     }
 
     // ---- bootstrap ----

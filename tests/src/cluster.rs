@@ -261,7 +261,7 @@ impl Node {
             .arg(&self.name)
             .arg("--pin-root")
             .arg(&self.pins.path)
-            .args(["--metrics-addr", "off"])
+            .args(["--metrics-addr", "127.0.0.1:9465"])
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -368,6 +368,26 @@ impl Node {
             return None;
         }
         serde_json::from_str(&out.stdout).ok()
+    }
+
+    /// One scrape of the agent's Prometheus endpoint (127.0.0.1:9465 in this host).
+    pub fn metrics(&self) -> Option<String> {
+        use std::io::{Read, Write};
+        self.ns.run(|| {
+            let mut stream = std::net::TcpStream::connect_timeout(
+                &"127.0.0.1:9465".parse().unwrap(),
+                Duration::from_secs(2),
+            )
+            .ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).ok()?;
+            let (head, body) = response.split_once("\r\n\r\n")?;
+            head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+        })
     }
 
     pub fn agent_log(&self) -> String {

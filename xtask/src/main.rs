@@ -40,6 +40,9 @@ enum Task {
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
+    /// The SocketPlane walkthrough on three simulated hosts (network namespaces) with the
+    /// Consul dev server, narrated; ends with a pass/fail line and leaves nothing behind.
+    Demo,
     /// The one test command: setup if needed, fmt, clippy, the eBPF build, unit and
     /// integration tests (as root, in network namespaces), then the integration tests in
     /// a VM on Debian's 6.1 kernel. Ends with "N passed, M failed".
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::BuildEbpf => build_ebpf().map(|object| println!("built {}", object.display())),
         Task::Run { iface, agent_args } => run(iface, agent_args),
+        Task::Demo => demo(),
         Task::Test {
             filter,
             all_kernels,
@@ -197,6 +201,39 @@ fn run(iface: Option<String>, agent_args: Vec<String>) -> Result<()> {
     }
     if !status.success() {
         bail!("the agent exited with {status}");
+    }
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    if !setup::is_root() {
+        bail!(
+            "the demo creates network namespaces and loads eBPF programs: sudo -E cargo xtask demo"
+        );
+    }
+    build_ebpf()?;
+    step(
+        "build the agent, the Consul dev server and the demo",
+        || {
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "overlay-tests",
+                "--bin",
+                "overlay-cli",
+                "--bin",
+                "overlay-consul-dev",
+                "--bin",
+                "overlay-demo",
+            ])
+        },
+    )?;
+    let status = Command::new(workspace_root().join("target/release/overlay-demo"))
+        .status()
+        .context("cannot start overlay-demo")?;
+    if !status.success() {
+        bail!("the demo failed ({status})");
     }
     Ok(())
 }

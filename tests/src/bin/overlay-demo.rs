@@ -1,0 +1,225 @@
+//! `overlay-demo`: the SocketPlane walkthrough replayed on three simulated hosts (network
+//! namespaces on a veth underlay) with the Consul dev server, narrated step by step, ending
+//! with a pass/fail line. Everything it creates is removed when it ends. Run it through
+//! `cargo xtask demo` (as root).
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use overlay_tests::{
+    cluster::{start_cluster, Bins, CliOutput, Node},
+    harness::wait_until,
+    topology::Underlay,
+};
+
+struct Demo {
+    checks: usize,
+    failed: Vec<String>,
+}
+
+impl Demo {
+    fn say(&self, text: &str) {
+        println!("\n## {text}");
+    }
+
+    /// Shows an operator command on `node` and its output.
+    fn show(&self, node: &Node, args: &[&str]) -> CliOutput {
+        println!("{}$ overlay-ctl {}", node.name, args.join(" "));
+        let out = node.cli(args);
+        for line in out.stdout.lines().chain(out.stderr.lines()) {
+            println!("    {line}");
+        }
+        out
+    }
+
+    fn check(&mut self, what: &str, ok: bool) {
+        self.checks += 1;
+        if ok {
+            println!("   ok: {what}");
+        } else {
+            println!("   FAILED: {what}");
+            self.failed.push(what.to_string());
+        }
+    }
+}
+
+/// The demo's sibling binaries (built together by `cargo xtask demo`).
+fn bins() -> Bins {
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(PathBuf::from))
+        .unwrap_or_default();
+    let leak = |name: &str| -> &'static str {
+        Box::leak(dir.join(name).display().to_string().into_boxed_str())
+    };
+    Bins {
+        cli: leak("overlay-cli"),
+        consul_dev: leak("overlay-consul-dev"),
+    }
+}
+
+fn main() -> ExitCode {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("error: the demo creates network namespaces and loads BPF programs: run it as root (sudo -E cargo xtask demo)");
+        return ExitCode::FAILURE;
+    }
+    let bins = bins();
+    for path in [bins.cli, bins.consul_dev] {
+        if !std::path::Path::new(path).exists() {
+            eprintln!("error: {path} is missing; run the demo through `cargo xtask demo`");
+            return ExitCode::FAILURE;
+        }
+    }
+    let mut demo = Demo {
+        checks: 0,
+        failed: Vec::new(),
+    };
+    println!("# The SocketPlane walkthrough on three simulated hosts");
+    println!("Each host is a network namespace with its own eBPF data plane and agent; they");
+    println!("share an underlay (a bridge), where a Consul dev server listens at 192.0.2.254.");
+
+    demo.say("Start Consul, bootstrap the first host, join two more");
+    println!("node1$ overlay-ctl agent --bootstrap --iface eth0");
+    println!("node2$ overlay-ctl agent --iface eth0");
+    println!("node3$ overlay-ctl agent --iface eth0");
+    let underlay = Underlay::new();
+    let (_consul, nodes) = start_cluster(&bins, &underlay, 3, None, &[]);
+    let members = demo.show(&nodes[0], &["cluster", "members"]);
+    demo.check(
+        "three members, each with its VTEP",
+        members.code == 0
+            && ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+                .iter()
+                .all(|v| members.stdout.contains(v)),
+    );
+
+    demo.say("The bootstrapped cluster has a default network");
+    let list = demo.show(&nodes[1], &["network", "list"]);
+    demo.check(
+        "network default 10.1.0.0/16 exists",
+        list.stdout.contains("10.1.0.0/16"),
+    );
+
+    demo.say("Create a network for a tenant");
+    let created = demo.show(&nodes[0], &["network", "create", "net1", "10.100.0.0/24"]);
+    demo.check("net1 created", created.code == 0);
+    let list = demo.show(&nodes[2], &["network", "list"]);
+    demo.check(
+        "every host sees net1",
+        list.stdout.contains("10.100.0.0/24"),
+    );
+
+    demo.say("Start containers on two hosts");
+    println!("node1$ overlay-ctl run -n net1 --name web -- sleep 300 &");
+    let web = nodes[0].spawn_run("net1", "demo-web", &["sleep", "300"]);
+    println!("node2$ overlay-ctl run -n net1 --name db -- sleep 300 &");
+    let db = nodes[1].spawn_run("net1", "demo-db", &["sleep", "300"]);
+    let mut listed = String::new();
+    let ready = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("both containers", Duration::from_secs(20), || {
+            listed = nodes[2].cli(&["endpoint", "list", "-n", "net1"]).stdout;
+            listed.contains("demo-web") && listed.contains("demo-db")
+        })
+    }))
+    .is_ok();
+    demo.show(&nodes[2], &["endpoint", "list", "-n", "net1"]);
+    demo.check("both containers are up with addresses from net1", ready);
+    demo.check(
+        "addresses handed out in order (.2, .3)",
+        listed.contains("10.100.0.2") && listed.contains("10.100.0.3"),
+    );
+
+    demo.say("Ping across hosts from a container on the third host, and the gateway");
+    let ping = demo.show(
+        &nodes[2],
+        &[
+            "run",
+            "-n",
+            "net1",
+            "--",
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "10.100.0.2",
+        ],
+    );
+    demo.check("a container on node3 reaches web on node1", ping.code == 0);
+    let ping = demo.show(
+        &nodes[1],
+        &[
+            "run",
+            "-n",
+            "net1",
+            "--",
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "10.100.0.1",
+        ],
+    );
+    demo.check("the gateway answers", ping.code == 0);
+
+    demo.say("Another network cannot reach net1");
+    demo.show(&nodes[0], &["network", "create", "net2", "10.200.0.0/24"]);
+    let isolated = demo.show(
+        &nodes[2],
+        &[
+            "run",
+            "-n",
+            "net2",
+            "--",
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "10.100.0.2",
+        ],
+    );
+    demo.check("net2 is isolated from net1", isolated.code != 0);
+
+    demo.say("What the agent on node1 sees");
+    let status = demo.show(&nodes[0], &["status"]);
+    demo.check(
+        "node1's agent is healthy",
+        status.stdout.contains("reachable"),
+    );
+    let metrics = nodes[0].metrics();
+    match &metrics {
+        Some(text) => {
+            println!("node1$ curl -s http://127.0.0.1:9465/metrics | grep overlay_packets_total");
+            for line in text
+                .lines()
+                .filter(|l| l.starts_with("overlay_packets_total"))
+            {
+                println!("    {line}");
+            }
+        }
+        None => println!("    (metrics not available)"),
+    }
+    demo.check(
+        "metrics count the encapsulated traffic",
+        metrics.is_some_and(|m| {
+            m.lines()
+                .any(|l| l.starts_with("overlay_packets_total") && !l.ends_with(" 0"))
+        }),
+    );
+
+    drop(web);
+    drop(db);
+    println!();
+    if demo.failed.is_empty() {
+        println!("demo: PASS ({} checks)", demo.checks);
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "demo: FAIL ({} of {} checks failed: {})",
+            demo.failed.len(),
+            demo.checks,
+            demo.failed.join("; ")
+        );
+        ExitCode::FAILURE
+    }
+}
