@@ -25,6 +25,36 @@ pub struct Bins {
     pub consul_dev: &'static str,
 }
 
+impl Bins {
+    /// The binaries next to the running executable (a binary of this package, built
+    /// together with them, e.g. by `cargo xtask demo`).
+    pub fn beside_current_exe() -> Self {
+        let dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(PathBuf::from))
+            .unwrap_or_default();
+        let leak = |name: &str| -> &'static str {
+            Box::leak(dir.join(name).display().to_string().into_boxed_str())
+        };
+        Self {
+            cli: leak("overlay-cli"),
+            consul_dev: leak("overlay-consul-dev"),
+        }
+    }
+
+    /// A one-line error when a binary is missing.
+    pub fn check(&self) -> Result<(), String> {
+        for path in [self.cli, self.consul_dev] {
+            if !Path::new(path).exists() {
+                return Err(format!(
+                    "{path} is missing (build the overlay-tests binaries)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The binaries of this package, as cargo built them for the calling integration test.
 #[macro_export]
 macro_rules! bins {

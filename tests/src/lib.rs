@@ -3,6 +3,7 @@
 //! hand-built frames ([`frames`]).
 pub mod cluster;
 pub mod consul_dev;
+pub mod control_bench;
 pub mod frames;
 pub mod harness;
 pub mod net;

@@ -2,7 +2,7 @@
 //! namespaces on a veth underlay) with the Consul dev server, narrated step by step, ending
 //! with a pass/fail line. Everything it creates is removed when it ends. Run it through
 //! `cargo xtask demo` (as root).
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{process::ExitCode, time::Duration};
 
 use overlay_tests::{
     cluster::{start_cluster, Bins, CliOutput, Node},
@@ -41,32 +41,15 @@ impl Demo {
     }
 }
 
-/// The demo's sibling binaries (built together by `cargo xtask demo`).
-fn bins() -> Bins {
-    let dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(PathBuf::from))
-        .unwrap_or_default();
-    let leak = |name: &str| -> &'static str {
-        Box::leak(dir.join(name).display().to_string().into_boxed_str())
-    };
-    Bins {
-        cli: leak("overlay-cli"),
-        consul_dev: leak("overlay-consul-dev"),
-    }
-}
-
 fn main() -> ExitCode {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("error: the demo creates network namespaces and loads BPF programs: run it as root (sudo -E cargo xtask demo)");
         return ExitCode::FAILURE;
     }
-    let bins = bins();
-    for path in [bins.cli, bins.consul_dev] {
-        if !std::path::Path::new(path).exists() {
-            eprintln!("error: {path} is missing; run the demo through `cargo xtask demo`");
-            return ExitCode::FAILURE;
-        }
+    let bins = Bins::beside_current_exe();
+    if let Err(e) = bins.check() {
+        eprintln!("error: {e}; run the demo through `cargo xtask demo`");
+        return ExitCode::FAILURE;
     }
     let mut demo = Demo {
         checks: 0,

@@ -1,0 +1,177 @@
+//! The control-plane benchmark of `cargo xtask bench`: how long three agents take to put
+//! 1,000 new endpoints into their maps, and how much memory an agent holds then.
+//!
+//! The endpoints belong to a live remote node that has no agent (a node key held by a
+//! session of the benchmark's own), so every one of the three agents must program them
+//! all as remote endpoints. Convergence is measured from the first write to the moment
+//! every agent has recorded (`overlay/applied/<node>`) an index at or after the last
+//! write; the maps are then checked to hold all of them.
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use overlay_ctl::{
+    consul::SessionBehavior,
+    reconcile::format_mac,
+    store::{Endpoint, NodeInfo},
+};
+
+use crate::{
+    cluster::{start_cluster, Bins},
+    topology::Underlay,
+};
+
+#[derive(Clone, Debug)]
+pub struct ControlPlaneResult {
+    pub endpoints: usize,
+    pub agents: usize,
+    /// First write to every agent having applied the last one.
+    pub converge: Duration,
+    /// How long the writes alone took (part of `converge`).
+    pub writes: Duration,
+    /// Resident memory of each agent after convergence, in bytes.
+    pub agent_rss: Vec<u64>,
+}
+
+const GHOST_NODE: &str = "bench-ghost";
+const GHOST_VTEP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs the measurement once on a fresh cluster of `agents` nodes.
+pub fn measure(bins: &Bins, agents: u8, endpoints: usize) -> Result<ControlPlaneResult, String> {
+    bins.check()?;
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_cluster(bins, &underlay, agents, None, &[]);
+    let created = nodes[0].cli(&["network", "create", "bench", "10.128.0.0/16"]);
+    if created.code != 0 {
+        return Err(format!("network create failed: {}", created.stderr.trim()));
+    }
+    let node_names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+
+    let (writes, converge) = consul.with_client(|client| async move {
+        let session = client
+            .session_create(
+                GHOST_NODE,
+                Duration::from_secs(120),
+                SessionBehavior::Delete,
+                Duration::ZERO,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let ghost = NodeInfo {
+            name: GHOST_NODE.into(),
+            vtep: GHOST_VTEP,
+            iface: "eth0".into(),
+        };
+        let acquired = client
+            .acquire(
+                &format!("overlay/nodes/{GHOST_NODE}"),
+                &serde_json::to_vec(&ghost).unwrap(),
+                &session,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if !acquired {
+            return Err("cannot register the remote node".to_string());
+        }
+        // Let the agents settle on the ghost node before the clock starts.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let started = Instant::now();
+        let base = u32::from(Ipv4Addr::new(10, 128, 1, 0));
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        use futures_util::StreamExt as _;
+        for i in 0..endpoints {
+            let ip = Ipv4Addr::from(base + i as u32);
+            let endpoint = Endpoint {
+                id: format!("e{i}"),
+                network: "bench".into(),
+                ip,
+                mac: format_mac(overlay_ctl::endpoint::mac_for(ip)),
+                node: GHOST_NODE.into(),
+                vtep: GHOST_VTEP,
+                ifname: format!("ghost{i}"),
+                container: None,
+            };
+            let client = client.clone();
+            pending.push(async move {
+                client
+                    .put(
+                        &format!("overlay/endpoints/bench/{}", endpoint.id),
+                        &serde_json::to_vec(&endpoint).unwrap(),
+                    )
+                    .await
+            });
+            // Bounded concurrency, as a busy cluster would see.
+            if pending.len() >= 32 {
+                pending.next().await.unwrap().map_err(|e| e.to_string())?;
+            }
+        }
+        while let Some(result) = pending.next().await {
+            result.map_err(|e| e.to_string())?;
+        }
+        let written = started.elapsed();
+        let last = client
+            .list("overlay/endpoints/bench/")
+            .await
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|p| p.modify_index)
+            .max()
+            .unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let applied = client
+                .list("overlay/applied/")
+                .await
+                .map_err(|e| e.to_string())?;
+            let done = node_names.iter().all(|name| {
+                applied.iter().any(|p| {
+                    p.key.ends_with(&format!("/{name}"))
+                        && p.value_str().trim().parse::<u64>().is_ok_and(|i| i >= last)
+                })
+            });
+            if done {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("the agents did not converge within 60 s".to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok::<_, String>((written, started.elapsed()))
+    })?;
+
+    for node in &nodes {
+        let status = node.status().ok_or("an agent stopped answering")?;
+        let entries = status["maps"]
+            .as_array()
+            .and_then(|maps| maps.iter().find(|m| m["name"] == "ENDPOINTS"))
+            .and_then(|m| m["entries"].as_u64())
+            .unwrap_or(0);
+        if entries != endpoints as u64 {
+            return Err(format!(
+                "{} reported convergence with {entries} of {endpoints} endpoints in its map",
+                node.name
+            ));
+        }
+    }
+    let agent_rss = nodes
+        .iter()
+        .filter_map(|n| n.agent_pid().and_then(rss_bytes))
+        .collect();
+    Ok(ControlPlaneResult {
+        endpoints,
+        agents: nodes.len(),
+        converge,
+        writes,
+        agent_rss,
+    })
+}
