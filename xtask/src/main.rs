@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask <command>`. Run `cargo xtask --help` for the list.
+mod bench;
 #[path = "../../overlay-ctl/ebpf_build.rs"]
 #[allow(dead_code)]
 mod ebpf_build;
@@ -65,6 +66,32 @@ enum Task {
         /// Only run tests whose name contains this filter.
         filter: Option<String>,
     },
+    /// Measure the data plane against no overlay and the Linux VXLAN device (as root).
+    ///
+    /// Builds three two-host topologies side by side, each an underlay bridge with two
+    /// hosts and one container per host, all network namespaces on this machine:
+    /// (a) no overlay (plain routed veths, the ceiling), (b) the Linux VXLAN device with a
+    /// bridge and static FDB/neighbour entries (Docker's classic overlay, the incumbent),
+    /// (c) this project's eBPF data plane. The hosts' underlay veths get the same settings
+    /// in all three.
+    ///
+    /// Every round measures, with (a), (b), (c) interleaved within each measurement:
+    /// TCP throughput with 1 and 4 streams (iperf3), 64-byte UDP datagrams delivered per
+    /// second (a sendmmsg flood), request/response round trips p50/p99 (sockperf
+    /// ping-pong, both ends on one CPU), machine CPU time per gigabit; then the encap and
+    /// decap programs alone through BPF_PROG_TEST_RUN (ns/packet, minus an empty
+    /// program). The control-plane rows (3 agents converging on 1,000 endpoints, agent
+    /// memory) are in the table as "not measured yet" until their measurement is wired in.
+    ///
+    /// Output: bench/results/latest.md (the table: medians, ratios c/b and c/a, each
+    /// target met or missed, why from bench/notes.json) and bench/results/latest.json
+    /// (every sample). The defaults take about 7 minutes; a noisy machine wants more
+    /// rounds, not longer ones. To see why a target is missed, run one measurement on
+    /// one setup for a while, e.g. `cargo xtask bench --setups c --only udp --rounds 1
+    /// --duration 20` (or `--only testrun --rounds 20`), and in another shell
+    /// `perf record -a -g -- sleep 10; perf report --children --comm overlay-bench`;
+    /// the programs show up as bpf_prog_<tag>_*. Partial runs write nothing.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +114,7 @@ fn main() -> ExitCode {
             std::time::Duration::from_secs(timeout),
             filter.as_deref(),
         ),
+        Task::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -173,8 +201,12 @@ fn run(iface: Option<String>, agent_args: Vec<String>) -> Result<()> {
     let mut command = Command::new(release.join("overlay-ctl"));
     if own_consul {
         println!("==> CONSUL_HTTP_ADDR is not set: starting the Consul dev server on {DEV_CONSUL_ADDR} (in memory; set CONSUL_HTTP_ADDR to use a real Consul)");
+        use std::os::unix::process::CommandExt as _;
+        // Its own process group: Ctrl-C stops the agent first, which still needs Consul
+        // to leave the cluster; the server is stopped after it.
         let child = Command::new(release.join("overlay-consul-dev"))
             .args(["--listen", DEV_CONSUL_ADDR])
+            .process_group(0)
             .spawn()
             .context("cannot start overlay-consul-dev")?;
         dev_consul = Some(child);
