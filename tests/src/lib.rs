@@ -1,6 +1,7 @@
 //! Test support for the overlay integration tests: namespaces, links and pins that clean
 //! up after themselves ([`harness`]) and
 //! hand-built frames ([`frames`]).
+pub mod bench;
 pub mod cluster;
 pub mod consul_dev;
 pub mod control_bench;

@@ -25,6 +25,14 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip, bridge, tc for inspecting the data plane"),
     ("iputils-ping", "ping across the overlay"),
     ("iperf3", "TCP/UDP throughput (tests, benchmarks)"),
+    (
+        "sockperf",
+        "request/response latency in `cargo xtask bench` (ping-pong p50/p99)",
+    ),
+    (
+        "linux-perf",
+        "profiling what misses a `cargo xtask bench` target (`perf record`)",
+    ),
     ("bpftool", "inspecting programs and maps"),
     (
         "qemu-system-x86",
