@@ -318,8 +318,11 @@ impl Agent {
             name: self.node().to_string(),
             vtep: lock(&self.underlay).vtep,
         };
+        // A `run` container whose process is gone (its `run` was killed) is removed
+        // like one whose veth is gone.
         let wanted: std::collections::BTreeSet<&str> = state
             .local_endpoints(self.node())
+            .filter(|e| !crate::container::owner_gone(e))
             .map(|e| e.ifname.as_str())
             .collect();
         let links = netlink::list_links(&self.handle)
@@ -359,7 +362,15 @@ impl Agent {
         }
         for stale in &plan.missing_veths {
             // Its `overlay-ctl run` ended without cleaning up (killed): free what it held.
-            warn!(network = %stale.network, endpoint = %stale.id, ip = %stale.ip, ifname = %stale.ifname, "local endpoint without its veth: removing it and releasing its address");
+            warn!(network = %stale.network, endpoint = %stale.id, ip = %stale.ip, ifname = %stale.ifname, "local endpoint whose container is gone: removing it and releasing its address");
+            if let Ok(link) = netlink::link_by_name(&self.handle, &stale.ifname).await {
+                let _ = netlink::delete_link(&self.handle, link.index).await;
+            }
+            if let Some(name) = &stale.netns {
+                if let Ok(ns) = crate::netns::NetNs::open(name) {
+                    let _ = ns.delete();
+                }
+            }
             if let Err(e) = self.store.delete_endpoint(&stale.network, &stale.id).await {
                 warn!(error = %e, "cannot remove the stale endpoint");
                 continue;

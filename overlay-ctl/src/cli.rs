@@ -433,6 +433,7 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
                     container_ifname: ifname,
                     container: Some(path.display().to_string()),
                     keep_existing_default_route: true,
+                    netns_name: None,
                 },
             )
             .await?;
@@ -607,6 +608,7 @@ async fn run_container(
             container_ifname: container::CONTAINER_IFNAME,
             container: Some(command.join(" ")),
             keep_existing_default_route: false,
+            netns_name: Some(netns_name.clone()),
         },
     )
     .await;
@@ -640,7 +642,18 @@ async fn run_container(
             }
         }
     }
-    let status = container::run_in(netns.path(), command).await;
+    let status = match container::spawn_in(netns.path(), command) {
+        Ok(child) => {
+            // Recorded so that the agent can clean up if this process is killed.
+            let mut endpoint = joined.endpoint.clone();
+            endpoint.pid = child.id();
+            if let Err(e) = ctx.store.put_endpoint(&endpoint).await {
+                tracing::warn!(error = %e, "cannot record the container's process");
+            }
+            container::wait_passing_signals(child).await
+        }
+        Err(e) => Err(e),
+    };
     if let Some(service_id) = registered {
         if let Err(e) = ctx
             .store

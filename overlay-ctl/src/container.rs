@@ -118,6 +118,8 @@ pub struct JoinSpec<'a> {
     pub container: Option<String>,
     /// Joining an existing namespace that may already route elsewhere.
     pub keep_existing_default_route: bool,
+    /// The `/run/netns` name of a namespace `run` created (removed with the container).
+    pub netns_name: Option<String>,
 }
 
 /// An endpoint plumbed and forwarded for by the local data plane.
@@ -181,6 +183,8 @@ pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<J
             vtep,
             ifname: endpoint_spec.host_ifname.clone(),
             container: spec.container.clone(),
+            pid: None,
+            netns: spec.netns_name.clone(),
         };
         ctx.store.create_endpoint(&endpoint).await?;
         undo.endpoint = Some(spec.id.to_string());
@@ -318,10 +322,9 @@ pub fn service_for(status: &AgentStatus, joined: &Joined, service: &str) -> Cata
     }
 }
 
-/// Runs `command` inside `netns` with the caller's stdin, stdout and stderr (a terminal
-/// stays a terminal). SIGTERM and SIGHUP are passed on to it; SIGINT from a terminal
-/// reaches it directly, and is passed on when there is no terminal.
-pub async fn run_in(netns: &Path, command: &[String]) -> Result<ExitStatus> {
+/// Starts `command` inside `netns` with the caller's stdin, stdout and stderr (a terminal
+/// stays a terminal).
+pub fn spawn_in(netns: &Path, command: &[String]) -> Result<tokio::process::Child> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| io_err("no command")(std::io::ErrorKind::InvalidInput.into()))?;
@@ -339,10 +342,16 @@ pub async fn run_in(netns: &Path, command: &[String]) -> Result<ExitStatus> {
             Ok(())
         });
     }
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .map_err(io_err(format!("cannot start {program:?}")))?;
     drop(ns_file);
+    Ok(child)
+}
+
+/// Waits for a command started by [`spawn_in`]. SIGTERM and SIGHUP are passed on to it;
+/// SIGINT from a terminal reaches it directly, and is passed on when there is none.
+pub async fn wait_passing_signals(mut child: tokio::process::Child) -> Result<ExitStatus> {
     let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(io_err("signal handler"))?;
@@ -362,6 +371,22 @@ pub async fn run_in(netns: &Path, command: &[String]) -> Result<ExitStatus> {
             _ = hup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
             _ = int.recv() => if !interactive { forward(nix::sys::signal::Signal::SIGINT) },
         }
+    }
+}
+
+/// Whether the process a container's endpoint names has ended (gone, or a zombie that
+/// nobody reaped yet: its `run` was killed and it was orphaned).
+pub fn owner_gone(endpoint: &Endpoint) -> bool {
+    let Some(pid) = endpoint.pid else {
+        return false;
+    };
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+        Err(_) => true,
     }
 }
 

@@ -343,6 +343,8 @@ mod tests {
             vtep: Ipv4Addr::new(192, 0, 2, 99),
             ifname: format!("ov-{id}"),
             container: None,
+            pid: None,
+            netns: None,
         }
     }
 

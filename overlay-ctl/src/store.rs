@@ -115,6 +115,13 @@ pub struct Endpoint {
     pub ifname: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// The container's process on `node`, for `run` containers: when it is gone the
+    /// node's agent removes what the container held (its `run` may have been killed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The `/run/netns` name `run` created for the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 mod as_string {
@@ -780,6 +787,8 @@ mod tests {
             vtep: Ipv4Addr::new(192, 0, 2, 1),
             ifname: "ov-abc".into(),
             container: None,
+            pid: None,
+            netns: None,
         };
         let v: serde_json::Value = serde_json::from_slice(&encode(&e)).unwrap();
         assert!(v.get("container").is_none());

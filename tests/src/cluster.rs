@@ -469,6 +469,14 @@ impl Background {
         }
     }
 
+    /// `kill -9` of the `run` process itself (its command lives on, orphaned).
+    pub fn kill_cli(&mut self) {
+        if let Some(child) = &mut self.child {
+            kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
     /// Ends the container with SIGTERM (the CLI passes it on and cleans up).
     pub fn stop(mut self) -> CliOutput {
         if let Some(child) = &mut self.child {

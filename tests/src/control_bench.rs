@@ -99,6 +99,8 @@ pub fn measure(bins: &Bins, agents: u8, endpoints: usize) -> Result<ControlPlane
                 vtep: GHOST_VTEP,
                 ifname: format!("ghost{i}"),
                 container: None,
+                pid: None,
+                netns: None,
             };
             let client = client.clone();
             pending.push(async move {

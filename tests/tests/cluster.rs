@@ -789,3 +789,49 @@ fn agents_ride_out_a_consul_restart() {
         Duration::from_secs(5)
     )));
 }
+
+#[test]
+fn a_killed_run_leaves_nothing_behind_once_its_command_ends() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_cluster(&BINS, &underlay, 1, None, &["--resync-interval", "1s"]);
+    let node = &nodes[0];
+    node.cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let name = unique_name("orphan");
+    let marker = std::env::temp_dir().join(unique_name("orphan-go-"));
+    // The command ends when the marker file appears.
+    let script = format!("while [ ! -e {} ]; do sleep 0.1; done", marker.display());
+    let mut run = node.spawn_run("net1", &name, &["sh", "-c", &script]);
+    let ip = wait_endpoint(node, "net1", &name);
+    wait_until("the container's process recorded", JOIN, || {
+        let out = node.cli(&["endpoint", "list", "-n", "net1", "--json"]);
+        out.stdout.contains("\"pid\"")
+    });
+    run.kill_cli();
+    // Its command still runs: the container keeps its address and network.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(wait_endpoint(node, "net1", &name), ip);
+    assert!(run.open_netns().is_some());
+
+    std::fs::write(&marker, b"").unwrap();
+    let removed = std::panic::catch_unwind(|| {
+        wait_until("the agent removes the orphaned container", JOIN, || {
+            let out = node.cli(&["endpoint", "list", "-n", "net1", "--json"]);
+            out.stdout.trim() == "[]"
+        })
+    });
+    let _ = std::fs::remove_file(&marker);
+    if let Err(panic) = removed {
+        std::panic::resume_unwind(panic);
+    }
+    assert!(
+        consul.kv_snapshot("overlay/ipam/net1/").is_empty(),
+        "address not released"
+    );
+    wait_until("namespace and maps cleaned", JOIN, || {
+        run.open_netns().is_none()
+            && map_entries(node, "ENDPOINTS") == Some(0)
+            && map_entries(node, "LOCAL_IFACES") == Some(0)
+    });
+}

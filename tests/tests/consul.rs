@@ -635,6 +635,8 @@ async fn networks_create_list_delete() {
         vtep: Ipv4Addr::new(192, 0, 2, 1),
         ifname: "ovl-ep1".into(),
         container: Some("c1".into()),
+        pid: None,
+        netns: None,
     };
     store.put_endpoint(&ep).await.unwrap();
     assert_eq!(
