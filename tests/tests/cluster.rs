@@ -150,6 +150,12 @@ fn seed_walkthrough_end_to_end() {
         reported_address(&pinged.stderr),
         Some(Ipv4Addr::new(10, 100, 0, 4))
     );
+    let chosen = nodes[2].cli(&["run", "-n", "net1", "--ip", "10.100.0.50", "--", "true"]);
+    assert_eq!(chosen.code, 0, "{chosen:#?}");
+    assert_eq!(
+        reported_address(&chosen.stderr),
+        Some(Ipv4Addr::new(10, 100, 0, 50))
+    );
     let code = nodes[2].cli(&["run", "-n", "net1", "--", "sh", "-c", "exit 7"]);
     assert_eq!(code.code, 7, "the command's exit code is run's: {code:#?}");
 
@@ -205,6 +211,18 @@ fn seed_walkthrough_end_to_end() {
     assert_eq!(
         vteps,
         BTreeSet::from(["192.0.2.1", "192.0.2.2", "192.0.2.3"])
+    );
+
+    // A network without endpoints can be deleted; its VNI is free again.
+    nodes[1].cli(&["network", "delete", "net2"]).ok();
+    let listed = nodes[0].cli(&["network", "list"]).ok();
+    assert!(!listed.stdout.contains("net2"), "{}", listed.stdout);
+    assert!(
+        !consul
+            .kv_snapshot("overlay/vni/")
+            .iter()
+            .any(|(_, value, _)| value == b"net2"),
+        "net2's VNI claim is left"
     );
 
     // When the containers end, everything they held is gone.
