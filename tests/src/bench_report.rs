@@ -567,9 +567,10 @@ impl Report {
         let _ = writeln!(md, "# Data-plane benchmark\n");
         let _ = writeln!(
             md,
-            "Run {} on {}, revision {}; {} round(s), {:.0} s in all. Medians over the rounds; \
-             ratios are of medians. Setups interleaved (a, b, c) within every measurement \
-             of every round.\n",
+            "Run {} on {}, revision {}; {} round(s), {:.0} s in all. Values are medians over \
+             the rounds. Within every measurement of every round (a), (b), (c) run back to \
+             back; c/b and c/a are taken per round and the table shows their median (so a \
+             ratio can differ from the ratio of the medians shown; latest.json has both).\n",
             utc_timestamp(self.started),
             self.machine.summary(),
             self.revision,
