@@ -817,7 +817,16 @@ fn a_killed_run_leaves_nothing_behind_once_its_command_ends() {
     node.cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
     let name = unique_name("orphan");
-    let marker = std::env::temp_dir().join(unique_name("orphan-go-"));
+    /// Ends the orphaned command however the test ends (it outlives its `run`).
+    struct Marker(std::path::PathBuf);
+    impl Drop for Marker {
+        fn drop(&mut self) {
+            let _ = std::fs::write(&self.0, b"");
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let marker = Marker(std::env::temp_dir().join(unique_name("orphan-go-")));
     // The command ends when the marker file appears.
     let script = format!("while [ ! -e {} ]; do sleep 0.1; done", marker.display());
     let mut run = node.spawn_run("net1", &name, &["sh", "-c", &script]);
@@ -832,17 +841,11 @@ fn a_killed_run_leaves_nothing_behind_once_its_command_ends() {
     assert_eq!(wait_endpoint(node, "net1", &name), ip);
     assert!(run.open_netns().is_some());
 
-    std::fs::write(&marker, b"").unwrap();
-    let removed = std::panic::catch_unwind(|| {
-        wait_until("the agent removes the orphaned container", JOIN, || {
-            let out = node.cli(&["endpoint", "list", "-n", "net1", "--json"]);
-            out.stdout.trim() == "[]"
-        })
+    std::fs::write(&marker.0, b"").unwrap();
+    wait_until("the agent removes the orphaned container", JOIN, || {
+        let out = node.cli(&["endpoint", "list", "-n", "net1", "--json"]);
+        out.stdout.trim() == "[]"
     });
-    let _ = std::fs::remove_file(&marker);
-    if let Err(panic) = removed {
-        std::panic::resume_unwind(panic);
-    }
     assert!(
         consul.kv_snapshot("overlay/ipam/net1/").is_empty(),
         "address not released"
