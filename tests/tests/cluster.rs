@@ -828,7 +828,7 @@ fn a_killed_run_leaves_nothing_behind_once_its_command_ends() {
     }
     let marker = Marker(std::env::temp_dir().join(unique_name("orphan-go-")));
     // The command ends when the marker file appears.
-    let script = format!("while [ ! -e {} ]; do sleep 0.1; done", marker.display());
+    let script = format!("while [ ! -e {} ]; do sleep 0.1; done", marker.0.display());
     let mut run = node.spawn_run("net1", &name, &["sh", "-c", &script]);
     let ip = wait_endpoint(node, "net1", &name);
     wait_until("the container's process recorded", JOIN, || {
