@@ -28,11 +28,14 @@ pub const CONVERGENCE_ROW: &str = "control_convergence_1000";
 pub const AGENT_RSS_ROW: &str = "control_agent_rss";
 
 /// The control-plane rows: time for 3 agents to converge on 1,000 endpoints, and the
-/// agent's resident memory. Not measured yet: the agent is being written. Replace the
-/// body with a measurement that returns the same rows with
-/// [`report::Measured::Own`] samples; the table and the targets follow.
+/// agent's resident memory. Not measured here yet. Replace the body with a measurement
+/// (e.g. running `overlay-control-bench` and reading its JSON lines) that returns the
+/// same rows with [`report::Measured::Own`] samples, one per round
+/// ([`report::Samples::push`]); the table, the targets and the JSON follow.
 pub fn control_plane_rows() -> Vec<BenchRow> {
-    const WHY: &str = "not measured yet: the agent (overlay-ctl) is still being written";
+    const WHY: &str = "not measured yet by this command: the control-plane measurement \
+                       (overlay-control-bench, tests/src/control_bench.rs) is not wired into \
+                       this table yet";
     vec![
         BenchRow::not_measured(
             CONVERGENCE_ROW,

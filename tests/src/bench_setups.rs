@@ -38,14 +38,14 @@ impl UnderlayTuning {
                 .into(),
             format!(
                 "GRO {} on every host's underlay `eth0`",
-                if self.gro { "on" } else { "off" }
+                if self.gro { "enabled" } else { "disabled" }
             ),
             "bridges (the underlay's, and (b)'s in each host) forward without netfilter \
              (bridge-nf-call-iptables/ip6tables/arptables = 0; the kernel has br_netfilter built \
              in and on by default)"
                 .into(),
-            "IPv4 forwarding on in the hosts; IPv6 off everywhere; containers' veths have GRO on \
-             on the container side"
+            "IPv4 forwarding on in the hosts; IPv6 off everywhere; GRO enabled on the container \
+             end of every container veth"
                 .into(),
         ]
     }
