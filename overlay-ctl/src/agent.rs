@@ -32,6 +32,7 @@ use crate::{
     },
     datapath::{self, Datapath, DatapathError, XdpAttachMode},
     logs::LogBuffer,
+    metrics::{self, ControlPlaneMetrics, MetricsError},
     netlink::{self, LinkInfo, NetlinkError},
     reconcile::{self, ApplyReport, ClusterState, HostVeth, LocalNode},
     store::{NodeInfo, Store, StoreError},
@@ -57,6 +58,8 @@ pub enum AgentError {
     },
     #[error("an agent is already running with state directory {0} (stop it, or use another --state-dir and --pin-root)")]
     AlreadyRunning(PathBuf),
+    #[error("{0} (choose another with --metrics-addr, or `--metrics-addr off`)")]
+    Metrics(#[from] MetricsError),
 }
 
 #[derive(Clone, Debug)]
@@ -113,6 +116,7 @@ struct Agent {
     /// Asks the membership task to write this node's entry again (after `bind`).
     reregister: Notify,
     logs: LogBuffer,
+    metrics: ControlPlaneMetrics,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -128,6 +132,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let listener = bind_control_socket(&options.state_dir).await?;
+    let metrics_listener = match &options.metrics_addr {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let handle = netlink::connect()?;
     let link = match &options.iface {
         Some(name) => netlink::link_by_name(&handle, name).await?,
@@ -168,6 +176,7 @@ pub async fn run(
         reconcile_lock: tokio::sync::Mutex::new(()),
         reregister: Notify::new(),
         logs,
+        metrics: ControlPlaneMetrics::default(),
         options,
     });
 
@@ -177,6 +186,12 @@ pub async fn run(
     tasks.spawn(agent.clone().watch_loop());
     tasks.spawn(agent.clone().resync_loop());
     tasks.spawn(agent.clone().stats_loop());
+    if let Some(listener) = metrics_listener {
+        let scraped = agent.clone();
+        let render: metrics::RenderFn = Arc::new(move || scraped.render_metrics());
+        info!(addr = ?listener.local_addr().ok(), "serving Prometheus metrics on /metrics");
+        tasks.spawn(metrics::serve(listener, render, std::future::pending()));
+    }
     info!(consul = %agent.store.client().addr(), prefix = %agent.store.prefix(), "agent running; Ctrl-C to stop");
 
     shutdown.await;
@@ -253,6 +268,7 @@ impl Agent {
         }
         health.consul_reachable = true;
         health.consul_error = None;
+        self.metrics.set_consul_up();
     }
 
     /// An outage is logged once when it starts (and at debug level while it lasts).
@@ -265,6 +281,35 @@ impl Agent {
         }
         health.consul_reachable = false;
         health.consul_error = Some(error.to_string());
+        self.metrics.record_consul_error();
+    }
+
+    /// One Prometheus scrape: counters summed over CPUs right now.
+    fn render_metrics(&self) -> Result<String, String> {
+        let networks: BTreeMap<u32, String> = lock(&self.desired)
+            .as_ref()
+            .map(|state| {
+                state
+                    .networks
+                    .iter()
+                    .map(|n| (n.vni, n.name.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (counters, occupancy) = {
+            let mut guard = lock(&self.datapath);
+            let datapath = guard.as_mut().ok_or("the agent is stopping")?;
+            (
+                datapath.counters().map_err(|e| e.to_string())?,
+                datapath.map_occupancy().map_err(|e| e.to_string())?,
+            )
+        };
+        Ok(metrics::render(&metrics::Scrape {
+            counters: &counters,
+            networks: &networks,
+            occupancy: &occupancy,
+            control: &self.metrics,
+        }))
     }
 
     // ---- reconcile ----
@@ -288,6 +333,7 @@ impl Agent {
         }
         let result = self.apply_desired().await;
         let elapsed = started.elapsed();
+        self.metrics.record_reconcile(result.is_ok(), elapsed);
         let mut health = lock(&self.health);
         health.last_reconcile = Some(ReconcileStatus {
             at_unix_ms: unix_ms(SystemTime::now()),
@@ -354,6 +400,11 @@ impl Agent {
             health.members = state.nodes.len();
             health.local_endpoints = plan.maps.local_ifaces.len();
             health.remote_endpoints = plan.maps.endpoints.len() - plan.maps.local_ifaces.len();
+            self.metrics.set_endpoints_known(
+                health.local_endpoints as u64,
+                health.remote_endpoints as u64,
+            );
+            self.metrics.set_members_known(health.members as u64);
             health.attached = state
                 .local_endpoints(self.node())
                 .filter(|e| veths.contains_key(&e.ifname))

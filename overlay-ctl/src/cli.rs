@@ -172,8 +172,9 @@ struct AgentArgs {
     /// Period of the traffic summary in the log.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     stats_interval: Duration,
-    /// Serve Prometheus metrics here (`off` to disable).
-    #[arg(long, default_value = "127.0.0.1:9465")]
+    /// Serve Prometheus metrics here (`off` to disable). Loopback by default: give an
+    /// address of a scraping network explicitly to open it.
+    #[arg(long, default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
     metrics_addr: String,
 }
 

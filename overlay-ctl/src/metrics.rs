@@ -1,1 +1,478 @@
-//! Prometheus metrics of the agent (being written: see issue #5).
+//! Prometheus metrics of the agent: the text exposition format (0.0.4) on `GET /metrics`.
+//!
+//! Data-plane counters are read from the per-CPU map and summed on every scrape. Labels
+//! come from closed sets only (the counter enum, the map names) plus the networks the
+//! maps know, so cardinality stays bounded: no per-CPU and no per-endpoint series.
+//!
+//! | family | labels |
+//! | --- | --- |
+//! | `overlay_packets_total`, `overlay_bytes_total` | `network`, `vni`, `direction` (encapsulated, decapsulated, switched_local, arp_reply, passed_to_host, frag_needed_sent, underlay_vxlan, underlay_other) |
+//! | `overlay_dropped_packets_total`, `overlay_dropped_bytes_total` | `network`, `vni`, `reason` (spoofed, unknown_vtep, unknown_vni, no_endpoint, cross_network, mtu_exceeded, malformed, internal) |
+//! | `overlay_map_entries`, `overlay_map_capacity` | `map` |
+//! | `overlay_reconcile_runs_total`, `overlay_reconcile_failures_total`, `overlay_reconcile_duration_seconds` (last run) | |
+//! | `overlay_consul_request_errors_total`, `overlay_consul_up` | |
+//! | `overlay_endpoints` | `location` (local, remote) |
+//! | `overlay_members` | |
+//!
+//! Events seen on the underlay before a packet's network is known are counted under
+//! VNI 0, exported as `network="underlay"`.
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    fmt::Write as _,
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, header, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use overlay_common::{Counter, CounterValue};
+use tokio::{net::TcpListener, task::JoinSet};
+use tracing::{debug, warn};
+
+/// Where the agent serves metrics unless told otherwise: loopback only.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9465";
+/// The label value for VNI 0 (underlay-scope events).
+pub const UNDERLAY_NETWORK: &str = "underlay";
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Control-plane counters and gauges the agent updates.
+#[derive(Debug, Default)]
+pub struct ControlPlaneMetrics {
+    reconcile_runs: AtomicU64,
+    reconcile_failures: AtomicU64,
+    reconcile_duration_ns: AtomicU64,
+    consul_errors: AtomicU64,
+    consul_up: AtomicBool,
+    local_endpoints: AtomicU64,
+    remote_endpoints: AtomicU64,
+    members: AtomicU64,
+}
+
+impl ControlPlaneMetrics {
+    pub fn record_reconcile(&self, ok: bool, duration: Duration) {
+        self.reconcile_runs.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.reconcile_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.reconcile_duration_ns
+            .store(duration.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub fn record_consul_error(&self) {
+        self.consul_errors.fetch_add(1, Ordering::Relaxed);
+        self.consul_up.store(false, Ordering::Relaxed);
+    }
+
+    pub fn set_consul_up(&self) {
+        self.consul_up.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_endpoints_known(&self, local: u64, remote: u64) {
+        self.local_endpoints.store(local, Ordering::Relaxed);
+        self.remote_endpoints.store(remote, Ordering::Relaxed);
+    }
+
+    pub fn set_members_known(&self, members: u64) {
+        self.members.store(members, Ordering::Relaxed);
+    }
+}
+
+/// Everything one scrape renders.
+pub struct Scrape<'a> {
+    pub counters: &'a BTreeMap<(u32, Counter), CounterValue>,
+    /// Network names by VNI (VNIs without a name are exported by number).
+    pub networks: &'a BTreeMap<u32, String>,
+    /// (map name, entries, capacity).
+    pub occupancy: &'a [(&'static str, usize, u32)],
+    pub control: &'a ControlPlaneMetrics,
+}
+
+/// Escapes a label value (backslash, double quote, newline).
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One metric family: HELP and TYPE once, then its samples.
+struct Family<'o> {
+    out: &'o mut String,
+}
+
+impl<'o> Family<'o> {
+    fn new(out: &'o mut String, name: &str, kind: &str, help: &str) -> Self {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        Self { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let _ = write!(self.out, "{name}");
+        if !labels.is_empty() {
+            let rendered: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                .collect();
+            let _ = write!(self.out, "{{{}}}", rendered.join(","));
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+fn network_label(vni: u32, networks: &BTreeMap<u32, String>) -> String {
+    if vni == 0 {
+        return UNDERLAY_NETWORK.to_string();
+    }
+    networks
+        .get(&vni)
+        .cloned()
+        .unwrap_or_else(|| format!("vni-{vni}"))
+}
+
+/// Renders a scrape in the Prometheus text format.
+pub fn render(scrape: &Scrape) -> String {
+    let mut out = String::new();
+    let traffic: Vec<_> = scrape
+        .counters
+        .iter()
+        .filter(|((_, c), _)| !c.is_drop())
+        .collect();
+    let drops: Vec<_> = scrape
+        .counters
+        .iter()
+        .filter(|((_, c), _)| c.is_drop())
+        .collect();
+    type Pick = fn(&CounterValue) -> u64;
+    let packets: Pick = |v| v.packets;
+    let bytes: Pick = |v| v.bytes;
+    for (name, help, rows, label, pick) in [
+        (
+            "overlay_packets_total",
+            "Packets handled by the data plane, by network and direction.",
+            &traffic,
+            "direction",
+            packets,
+        ),
+        (
+            "overlay_bytes_total",
+            "Bytes handled by the data plane, by network and direction.",
+            &traffic,
+            "direction",
+            bytes,
+        ),
+        (
+            "overlay_dropped_packets_total",
+            "Packets dropped by the data plane, by network and reason.",
+            &drops,
+            "reason",
+            packets,
+        ),
+        (
+            "overlay_dropped_bytes_total",
+            "Bytes dropped by the data plane, by network and reason.",
+            &drops,
+            "reason",
+            bytes,
+        ),
+    ] {
+        let mut family = Family::new(&mut out, name, "counter", help);
+        for ((vni, counter), value) in rows.iter() {
+            let network = network_label(*vni, scrape.networks);
+            let vni = vni.to_string();
+            family.sample(
+                name,
+                &[
+                    ("network", &network),
+                    ("vni", &vni),
+                    (label, counter.name()),
+                ],
+                pick(value),
+            );
+        }
+    }
+
+    let mut family = Family::new(
+        &mut out,
+        "overlay_map_entries",
+        "gauge",
+        "Entries in each data-plane map.",
+    );
+    for (map, entries, _) in scrape.occupancy {
+        family.sample("overlay_map_entries", &[("map", map)], entries);
+    }
+    let mut family = Family::new(
+        &mut out,
+        "overlay_map_capacity",
+        "gauge",
+        "Capacity (max entries) of each data-plane map.",
+    );
+    for (map, _, capacity) in scrape.occupancy {
+        family.sample("overlay_map_capacity", &[("map", map)], capacity);
+    }
+
+    let c = scrape.control;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let single = |out: &mut String, name: &str, kind: &str, help: &str, value: String| {
+        Family::new(out, name, kind, help).sample(name, &[], value);
+    };
+    single(
+        &mut out,
+        "overlay_reconcile_runs_total",
+        "counter",
+        "Reconcile runs (cluster state applied to the maps).",
+        load(&c.reconcile_runs).to_string(),
+    );
+    single(
+        &mut out,
+        "overlay_reconcile_failures_total",
+        "counter",
+        "Reconcile runs that failed.",
+        load(&c.reconcile_failures).to_string(),
+    );
+    single(
+        &mut out,
+        "overlay_reconcile_duration_seconds",
+        "gauge",
+        "Duration of the last reconcile run.",
+        format!("{:.9}", load(&c.reconcile_duration_ns) as f64 / 1e9),
+    );
+    single(
+        &mut out,
+        "overlay_consul_request_errors_total",
+        "counter",
+        "Consul requests that failed (after retries).",
+        load(&c.consul_errors).to_string(),
+    );
+    single(
+        &mut out,
+        "overlay_consul_up",
+        "gauge",
+        "Whether the last Consul request succeeded.",
+        u8::from(c.consul_up.load(Ordering::Relaxed)).to_string(),
+    );
+    let mut family = Family::new(
+        &mut out,
+        "overlay_endpoints",
+        "gauge",
+        "Endpoints in this node's maps, by location.",
+    );
+    family.sample(
+        "overlay_endpoints",
+        &[("location", "local")],
+        load(&c.local_endpoints),
+    );
+    family.sample(
+        "overlay_endpoints",
+        &[("location", "remote")],
+        load(&c.remote_endpoints),
+    );
+    single(
+        &mut out,
+        "overlay_members",
+        "gauge",
+        "Live nodes of the cluster.",
+        load(&c.members).to_string(),
+    );
+    out
+}
+
+/// Binds the metrics listener (a clear error naming the address when it cannot).
+pub async fn bind(addr: &str) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// What a scrape calls to render the page.
+pub type RenderFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// Serves `GET /metrics` (404 elsewhere) until `shutdown` completes.
+pub async fn serve(listener: TcpListener, render: RenderFn, shutdown: impl Future<Output = ()>) {
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "metrics: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let render = render.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |req| {
+                        let render = render.clone();
+                        async move { Ok::<_, Infallible>(respond(&req, &render)) }
+                    });
+                    if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        debug!(%peer, error = %e, "metrics connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+}
+
+fn respond(req: &Request<Incoming>, render: &RenderFn) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "see /metrics\n".into());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into());
+    }
+    match render() {
+        Ok(body) => reply(StatusCode::OK, body),
+        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape_with(counters: BTreeMap<(u32, Counter), CounterValue>) -> String {
+        let networks = BTreeMap::from([(7, "net1".to_string())]);
+        let control = ControlPlaneMetrics::default();
+        control.record_reconcile(true, Duration::from_millis(2));
+        control.record_reconcile(false, Duration::from_millis(3));
+        control.set_endpoints_known(1, 4);
+        control.set_members_known(3);
+        let occupancy = [("ENDPOINTS", 5, 65_536)];
+        render(&Scrape {
+            counters: &counters,
+            networks: &networks,
+            occupancy: &occupancy,
+            control: &control,
+        })
+    }
+
+    #[test]
+    fn counters_become_labelled_series() {
+        let text = scrape_with(BTreeMap::from([
+            (
+                (7, Counter::Encapsulated),
+                CounterValue {
+                    packets: 10,
+                    bytes: 1000,
+                },
+            ),
+            (
+                (7, Counter::DropCrossNetwork),
+                CounterValue {
+                    packets: 2,
+                    bytes: 84,
+                },
+            ),
+            (
+                (0, Counter::UnderlayOther),
+                CounterValue {
+                    packets: 1,
+                    bytes: 60,
+                },
+            ),
+            (
+                (9, Counter::Decapsulated),
+                CounterValue {
+                    packets: 3,
+                    bytes: 300,
+                },
+            ),
+        ]));
+        for line in [
+            r#"overlay_packets_total{network="net1",vni="7",direction="encapsulated"} 10"#,
+            r#"overlay_bytes_total{network="net1",vni="7",direction="encapsulated"} 1000"#,
+            r#"overlay_dropped_packets_total{network="net1",vni="7",reason="cross_network"} 2"#,
+            r#"overlay_dropped_bytes_total{network="net1",vni="7",reason="cross_network"} 84"#,
+            r#"overlay_packets_total{network="underlay",vni="0",direction="underlay_other"} 1"#,
+            r#"overlay_packets_total{network="vni-9",vni="9",direction="decapsulated"} 3"#,
+            r#"overlay_map_entries{map="ENDPOINTS"} 5"#,
+            r#"overlay_map_capacity{map="ENDPOINTS"} 65536"#,
+            "overlay_reconcile_runs_total 2",
+            "overlay_reconcile_failures_total 1",
+            "overlay_reconcile_duration_seconds 0.003000000",
+            r#"overlay_endpoints{location="remote"} 4"#,
+            "overlay_members 3",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(!text.contains("cpu"), "no per-CPU series");
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_once() {
+        let text = scrape_with(BTreeMap::from([(
+            (7, Counter::Encapsulated),
+            CounterValue {
+                packets: 1,
+                bytes: 1,
+            },
+        )]));
+        let mut types = std::collections::BTreeSet::new();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split_whitespace().nth(2).unwrap().to_string();
+            assert!(types.insert(name.clone()), "{name} typed twice");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP"
+            );
+        }
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(types.contains(name), "{name} has no TYPE");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape("x\ny"), "x\\ny");
+    }
+}

@@ -365,6 +365,17 @@ impl Node {
         }
     }
 
+    /// Starts `program args...` inside this host, output discarded; killed on drop.
+    pub fn spawn_process(&self, program: &str, args: &[String]) -> ProcessGuard {
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        ProcessGuard(spawn_in(self.ns.ns().path(), &mut command))
+    }
+
     /// Starts `overlay-ctl run -n NETWORK --name NAME -- CMD...` in the background; the
     /// guard ends it (SIGTERM, so it cleans up) when dropped.
     pub fn spawn_run(&self, network: &str, name: &str, command: &[&str]) -> Background {
@@ -402,21 +413,29 @@ impl Node {
 
     /// One scrape of the agent's Prometheus endpoint (127.0.0.1:9465 in this host).
     pub fn metrics(&self) -> Option<String> {
+        self.http_get(9465, "/metrics")
+    }
+
+    /// `GET path` from 127.0.0.1:`port` inside this host; the body of a 200 answer.
+    pub fn http_get(&self, port: u16, path: &str) -> Option<String> {
         use std::io::{Read, Write};
         self.ns.run(|| {
             let mut stream = std::net::TcpStream::connect_timeout(
-                &"127.0.0.1:9465".parse().unwrap(),
+                &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
                 Duration::from_secs(2),
             )
             .ok()?;
             stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            stream
-                .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .ok()?;
+            let request =
+                format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).ok()?;
             let mut response = String::new();
             stream.read_to_string(&mut response).ok()?;
             let (head, body) = response.split_once("\r\n\r\n")?;
-            head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+            head.split_whitespace()
+                .nth(1)
+                .is_some_and(|code| code == "200")
+                .then(|| body.to_string())
         })
     }
 
@@ -437,6 +456,16 @@ impl Drop for Node {
         }
         self.kill_agent();
         let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// A helper process (e.g. Prometheus), killed on drop.
+pub struct ProcessGuard(Child);
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -673,10 +673,16 @@ fn check_static(path: &Path) -> Result<()> {
 
 /// Integration tests that need the host's userland and so run on the host only (in
 /// `cargo xtask test`), never in the busybox guest, with why.
-const HOST_ONLY_TESTS: &[(&str, &str)] = &[(
-    "cluster",
-    "runs agent and CLI processes with ping, sh and sleep; the kernel features it uses are the data plane's, covered by the guest's data-plane tests",
-)];
+const HOST_ONLY_TESTS: &[(&str, &str)] = &[
+    (
+        "cluster",
+        "runs agent and CLI processes with ping, sh and sleep; the kernel features it uses are the data plane's, covered by the guest's data-plane tests",
+    ),
+    (
+        "prometheus",
+        "needs Debian's prometheus server, which the busybox guest does not have",
+    ),
+];
 
 /// The static executables a guest runs.
 struct TestBinaries {
