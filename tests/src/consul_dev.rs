@@ -1,6 +1,7 @@
 //! A Consul-compatible development server: the subset of Consul's HTTP API that
 //! `overlay_ctl::consul` uses, with Consul's documented edge semantics, state in memory
-//! only (as `consul agent -dev` keeps it). It exists because no Consul binary can be
+//! (as `consul agent -dev` keeps it) or, with a data directory, also on disk so that a
+//! restarted server has it all again, as a real Consul server does. It exists because no Consul binary can be
 //! installed where the project is built and tested; the client is written against the
 //! real API and works unchanged against a real agent.
 //!
@@ -14,6 +15,12 @@
 //!   `Behavior` `release`/`delete`, lock-delay, create/renew/destroy/info/list;
 //! - catalog register/deregister, `service/:name`, `services`, `nodes`;
 //! - `/v1/status/leader`, `/v1/status/peers`, `/v1/agent/self`.
+//!
+//! With `data_dir` the state (KV with all indexes, the global index, sessions, catalog) is
+//! written to `DIR/state.json` after every change (temporary file and rename, so a kill
+//! never leaves a torn file) and loaded at start. Instants cannot be saved: on load every
+//! session's TTL clock restarts (as Consul restarts them on a leader change) and pending
+//! lock-delays are dropped.
 //!
 //! ACLs are not enforced (as in `consul agent -dev` without an ACL config): a token is
 //! accepted and ignored. Anything else answers 404 with a text body.
@@ -37,7 +44,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::{
     net::TcpListener,
@@ -68,6 +75,8 @@ pub struct DevConfig {
     pub datacenter: String,
     /// How often expired sessions are looked for.
     pub reap_interval: Duration,
+    /// Keep the state in `state.json` here across restarts (`None`: memory only).
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for DevConfig {
@@ -77,6 +86,7 @@ impl Default for DevConfig {
             node_name: "overlay-consul-dev".to_string(),
             datacenter: "dc1".to_string(),
             reap_interval: Duration::from_millis(50),
+            data_dir: None,
         }
     }
 }
@@ -87,6 +97,11 @@ pub enum DevError {
     Bind {
         addr: String,
         source: std::io::Error,
+    },
+    #[error("cannot load the saved state {path}: {message}")]
+    Load {
+        path: std::path::PathBuf,
+        message: String,
     },
 }
 
@@ -116,7 +131,7 @@ impl ConsulDev {
             addr: listen.to_string(),
             source,
         })?;
-        let shared = Arc::new(Shared::new(config));
+        let shared = Arc::new(Shared::new(config)?);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
         let reaper = tokio::spawn(reap_loop(shared.clone()));
@@ -230,7 +245,7 @@ async fn reap_loop(shared: Arc<Shared>) {
 // ---------------------------------------------------------------------------
 // State
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Entry {
     value: Vec<u8>,
     flags: u64,
@@ -240,7 +255,7 @@ struct Entry {
     session: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Behavior {
     Release,
     Delete,
@@ -255,7 +270,7 @@ impl Behavior {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Session {
     id: String,
     name: String,
@@ -265,6 +280,7 @@ struct Session {
     lock_delay: Duration,
     create_index: u64,
     /// When the session is invalidated unless renewed (twice the TTL, as Consul does).
+    #[serde(skip)]
     deadline: Option<Instant>,
 }
 
@@ -285,7 +301,7 @@ impl Session {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Service {
     id: String,
     name: String,
@@ -297,12 +313,13 @@ struct Service {
     modify_index: u64,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Node {
     address: String,
     services: BTreeMap<String, Service>,
 }
 
+#[derive(Serialize, Deserialize)]
 struct State {
     index: u64,
     kv: BTreeMap<String, Entry>,
@@ -310,6 +327,7 @@ struct State {
     /// blocking query wakes on) deletions under it.
     tombstones: BTreeMap<String, u64>,
     /// Keys that cannot be acquired before the given instant.
+    #[serde(skip)]
     lock_delays: HashMap<String, Instant>,
     sessions: BTreeMap<String, Session>,
     session_index: u64,
@@ -437,8 +455,62 @@ struct Shared {
     id_seed: std::collections::hash_map::RandomState,
 }
 
+const STATE_FILE: &str = "state.json";
+
 impl Shared {
-    fn new(config: DevConfig) -> Self {
+    fn new(config: DevConfig) -> Result<Self, DevError> {
+        let state = match &config.data_dir {
+            Some(dir) if dir.join(STATE_FILE).exists() => Self::load(&dir.join(STATE_FILE))?,
+            _ => Self::fresh_state(&config),
+        };
+        let (changes, _) = watch::channel(state.index);
+        let shared = Self {
+            state: Mutex::new(state),
+            changes,
+            config,
+            ids: AtomicU64::new(0),
+            id_seed: std::collections::hash_map::RandomState::new(),
+        };
+        shared.save(&shared.lock());
+        Ok(shared)
+    }
+
+    /// Reads a saved state; session TTL clocks restart now.
+    fn load(path: &std::path::Path) -> Result<State, DevError> {
+        let fail = |message: String| DevError::Load {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        let mut state: State = serde_json::from_slice(&text).map_err(|e| fail(e.to_string()))?;
+        let now = Instant::now();
+        for session in state.sessions.values_mut() {
+            session.deadline = session.ttl.as_ref().map(|(_, ttl)| now + *ttl * 2);
+        }
+        info!(path = %path.display(), index = state.index, keys = state.kv.len(), sessions = state.sessions.len(), "state loaded");
+        Ok(state)
+    }
+
+    /// Writes the state to the data directory, if there is one (temp file + rename).
+    fn save(&self, state: &State) {
+        let Some(dir) = &self.config.data_dir else {
+            return;
+        };
+        let result = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(dir)?;
+            let temp = dir.join(format!("{STATE_FILE}.tmp"));
+            std::fs::write(
+                &temp,
+                serde_json::to_vec(state).map_err(std::io::Error::other)?,
+            )?;
+            std::fs::rename(&temp, dir.join(STATE_FILE))
+        })();
+        if let Err(e) = result {
+            warn!(dir = %dir.display(), error = %e, "cannot save the state");
+        }
+    }
+
+    fn fresh_state(config: &DevConfig) -> State {
         let mut state = State {
             index: 0,
             kv: BTreeMap::new(),
@@ -473,14 +545,7 @@ impl Shared {
                 services,
             },
         );
-        let (changes, _) = watch::channel(state.index);
-        Self {
-            state: Mutex::new(state),
-            changes,
-            config,
-            ids: AtomicU64::new(0),
-            id_seed: std::collections::hash_map::RandomState::new(),
-        }
+        state
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -495,6 +560,9 @@ impl Shared {
             let mut state = self.lock();
             let before = state.index;
             let result = f(&mut state);
+            if state.index != before {
+                self.save(&state);
+            }
             (result, before, state.index)
         };
         if after != before {
@@ -1409,7 +1477,7 @@ mod tests {
 
     #[test]
     fn uuids_look_like_uuids() {
-        let shared = Shared::new(DevConfig::default());
+        let shared = Shared::new(DevConfig::default()).unwrap();
         let a = shared.new_uuid();
         let b = shared.new_uuid();
         assert_ne!(a, b);

@@ -1046,3 +1046,152 @@ async fn bootstrap_is_idempotent() {
         .is_some());
     assert_eq!(store.client().keys("overlay/vni/").await.unwrap().len(), 1);
 }
+
+/// A data directory removed on drop.
+struct DataDir(std::path::PathBuf);
+
+impl DataDir {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("overlay-consul-data-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn dev_with_data(dir: &std::path::Path) -> (ConsulDev, ConsulClient) {
+    let config = overlay_tests::consul_dev::DevConfig {
+        data_dir: Some(dir.to_path_buf()),
+        ..Default::default()
+    };
+    let server = ConsulDev::start_with("127.0.0.1:0", config)
+        .await
+        .expect("start dev server");
+    let client = ConsulClient::new(&server.http_addr(), None).expect("client");
+    (server, client)
+}
+
+#[tokio::test]
+async fn a_restarted_server_with_a_data_dir_keeps_its_state() {
+    let dir = DataDir::new();
+    let (server, c) = dev_with_data(&dir.0).await;
+    c.put("plain", b"one").await.unwrap();
+    assert!(c.put_cas("created", b"two", 0).await.unwrap());
+    let session = c
+        .session_create(
+            "s",
+            Duration::from_secs(1),
+            SessionBehavior::Delete,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    assert!(c.acquire("held", b"three", &session).await.unwrap());
+    let before = snapshot(&c).await;
+    let index_before = server.index();
+    server.shutdown().await;
+
+    let (server, c) = dev_with_data(&dir.0).await;
+    assert_eq!(
+        snapshot(&c).await,
+        before,
+        "keys, values and indexes survive"
+    );
+    assert!(server.index() >= index_before, "the index never goes back");
+    assert!(c.session_info(&session).await.unwrap().is_some());
+    // The restored session still expires without renewals (TTL clock restarted)...
+    wait_for("the restored session to expire", DEADLINE, || async {
+        c.get("held").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(c.session_info(&session).await.unwrap().is_none());
+    // ...and a renewed one lives on.
+    let kept = c
+        .session_create(
+            "k",
+            Duration::from_secs(1),
+            SessionBehavior::Delete,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    assert!(c.acquire("kept", b"4", &kept).await.unwrap());
+    server.shutdown().await;
+    let (_server, c) = dev_with_data(&dir.0).await;
+    let renew_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < renew_until {
+        assert!(
+            c.session_renew(&kept).await.unwrap(),
+            "session lost while renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(c.get("kept").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_is_a_clear_error() {
+    let dir = DataDir::new();
+    std::fs::write(dir.0.join("state.json"), b"{ not json").unwrap();
+    let config = overlay_tests::consul_dev::DevConfig {
+        data_dir: Some(dir.0.clone()),
+        ..Default::default()
+    };
+    let error = ConsulDev::start_with("127.0.0.1:0", config)
+        .await
+        .err()
+        .expect("a corrupt state must not start");
+    let message = error.to_string();
+    assert!(message.contains("state.json"), "{message}");
+}
+
+#[test]
+fn the_dev_server_binary_keeps_state_across_a_kill() {
+    use std::io::BufRead as _;
+    let dir = DataDir::new();
+    let start = || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_overlay-consul-dev"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir.0)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .expect("ready line ends with the address")
+            .to_string();
+        (child, addr)
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (mut first, addr) = start();
+    runtime.block_on(async {
+        let c = ConsulClient::new(&addr, None).unwrap();
+        c.put("survivor", b"yes").await.unwrap();
+    });
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (mut second, addr) = start();
+    let value = runtime.block_on(async {
+        let c = ConsulClient::new(&addr, None).unwrap();
+        c.get("survivor").await.unwrap().map(|p| p.value)
+    });
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert_eq!(value.as_deref(), Some(&b"yes"[..]));
+}

@@ -1,5 +1,6 @@
 //! `overlay-consul-dev`: a Consul-compatible development server (the API subset the
-//! overlay control plane uses, state in memory only), for machines without Consul.
+//! overlay control plane uses; state in memory, or kept in `--data-dir` across restarts),
+//! for machines without Consul.
 //!
 //! Prints `consul dev server listening on ADDR` on stdout once it accepts connections,
 //! logs to stderr (`RUST_LOG` filters), and stops on SIGTERM or SIGINT.
@@ -21,6 +22,10 @@ struct Args {
     /// Node name the server reports and registers itself as.
     #[arg(long, default_value = "overlay-consul-dev")]
     node: String,
+    /// Keep the state in DIR/state.json, so a restarted server has it again (as a real
+    /// Consul server). Without it the state lives in memory only, as `consul agent -dev`.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -42,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let config = DevConfig {
         session_ttl_min: args.session_ttl_min,
         node_name: args.node,
+        data_dir: args.data_dir,
         ..DevConfig::default()
     };
     let server = ConsulDev::start_with(&args.listen, config).await?;
