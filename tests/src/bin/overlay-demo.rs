@@ -92,22 +92,34 @@ fn main() -> ExitCode {
 
     demo.say("Start containers on two hosts");
     println!("node1$ overlay-ctl run -n net1 --name web -- sleep 300 &");
-    let web = nodes[0].spawn_run("net1", "demo-web", &["sleep", "300"]);
-    println!("node2$ overlay-ctl run -n net1 --name db -- sleep 300 &");
-    let db = nodes[1].spawn_run("net1", "demo-db", &["sleep", "300"]);
+    let web = nodes[0].spawn_run("net1", "web", &["sleep", "300"]);
     let mut listed = String::new();
-    let ready = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until("both containers", Duration::from_secs(20), || {
-            listed = nodes[2].cli(&["endpoint", "list", "-n", "net1"]).stdout;
-            listed.contains("demo-web") && listed.contains("demo-db")
-        })
-    }))
-    .is_ok();
+    let mut wait_listed = |name: &str| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_until(name, Duration::from_secs(20), || {
+                listed = nodes[2].cli(&["endpoint", "list", "-n", "net1"]).stdout;
+                listed.contains(name)
+            })
+        }))
+        .is_ok()
+    };
+    let web_up = wait_listed("web");
+    println!("node2$ overlay-ctl run -n net1 --name db -- sleep 300 &");
+    let db = nodes[1].spawn_run("net1", "db", &["sleep", "300"]);
+    let ready = web_up && wait_listed("db");
     demo.show(&nodes[2], &["endpoint", "list", "-n", "net1"]);
     demo.check("both containers are up with addresses from net1", ready);
+    let address_of = |name: &str| {
+        listed
+            .lines()
+            .find(|l| l.contains(name))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_string()
+    };
     demo.check(
-        "addresses handed out in order (.2, .3)",
-        listed.contains("10.100.0.2") && listed.contains("10.100.0.3"),
+        "addresses handed out in order (web .2, db .3)",
+        address_of("web") == "10.100.0.2" && address_of("db") == "10.100.0.3",
     );
 
     demo.say("Ping across hosts from a container on the third host, and the gateway");
@@ -170,24 +182,26 @@ fn main() -> ExitCode {
         status.stdout.contains("reachable"),
     );
     let metrics = nodes[0].metrics();
-    match &metrics {
-        Some(text) => {
-            println!("node1$ curl -s http://127.0.0.1:9465/metrics | grep overlay_packets_total");
-            for line in text
-                .lines()
-                .filter(|l| l.starts_with("overlay_packets_total"))
-            {
-                println!("    {line}");
-            }
-        }
-        None => println!("    (metrics not available)"),
-    }
-    demo.check(
-        "metrics count the encapsulated traffic",
-        metrics.is_some_and(|m| {
+    let net1_lines: Vec<&str> = metrics
+        .as_deref()
+        .map(|m| {
             m.lines()
-                .any(|l| l.starts_with("overlay_packets_total") && !l.ends_with(" 0"))
-        }),
+                .filter(|l| l.starts_with("overlay_packets_total{network=\"net1\""))
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("node1$ curl -s http://127.0.0.1:9465/metrics | grep 'overlay_packets_total{{network=\"net1\"'");
+    for line in &net1_lines {
+        println!("    {line}");
+    }
+    let counted = |direction: &str| {
+        net1_lines
+            .iter()
+            .any(|l| l.contains(&format!("direction=\"{direction}\"")) && !l.ends_with(" 0"))
+    };
+    demo.check(
+        "node1's metrics count the pings to web: decapsulated requests, encapsulated replies",
+        counted("decapsulated") && counted("encapsulated"),
     );
 
     drop(web);
