@@ -100,15 +100,18 @@ impl Samples {
 /// Median over the rounds of `num / den`, pairing the two figures of the same round
 /// (measured back to back, so slow changes of the machine's load cancel out).
 pub fn paired_ratio(num: &Samples, den: &Samples) -> Option<f64> {
-    let ratios: Vec<f64> = num
-        .values
+    median(&per_round_ratios(num, den))
+}
+
+/// `num / den` for every round that has both.
+pub fn per_round_ratios(num: &Samples, den: &Samples) -> Vec<f64> {
+    num.values
         .iter()
         .filter_map(|(round, n)| {
             let d = den.get(*round)?;
             (d != 0.0).then(|| n / d)
         })
-        .collect();
-    median(&ratios)
+        .collect()
 }
 
 /// Median (mean of the two middle values for an even count); `None` without samples.
@@ -338,6 +341,10 @@ impl BenchRow {
             (Some(n), Some(d)) if d != 0.0 => Some(n / d),
             _ => None,
         };
+        let per_round = |den: usize| match &self.measured {
+            Measured::Compared(s) => per_round_ratios(&s[2], &s[den]),
+            _ => vec![],
+        };
         let targets: Vec<Value> = self
             .targets
             .iter()
@@ -361,6 +368,8 @@ impl BenchRow {
             "ratio_c_a": ca,
             "ratio_of_medians_c_b": of_medians(c, b),
             "ratio_of_medians_c_a": of_medians(c, a),
+            "ratios_c_b_per_round": per_round(1),
+            "ratios_c_a_per_round": per_round(0),
             "targets": targets,
             "outcome": self.outcome().map(Outcome::word),
             "method": self.method,
@@ -570,7 +579,8 @@ impl Report {
             "Run {} on {}, revision {}; {} round(s), {:.0} s in all. Values are medians over \
              the rounds. Within every measurement of every round (a), (b), (c) run back to \
              back; c/b and c/a are taken per round and the table shows their median (so a \
-             ratio can differ from the ratio of the medians shown; latest.json has both).\n",
+             ratio can differ from the ratio of the medians shown; latest.json has both, and \
+             every sample and per-round ratio).\n",
             utc_timestamp(self.started),
             self.machine.summary(),
             self.revision,
