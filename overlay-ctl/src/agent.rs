@@ -82,7 +82,13 @@ pub struct AgentOptions {
     pub stats_interval: Duration,
     /// Where Prometheus metrics are served (None: not served).
     pub metrics_addr: Option<String>,
+    /// Turn on the kernel programs' aya-log debug messages (every drop and its reason)
+    /// and copy them into the agent's log.
+    pub kernel_log: bool,
 }
+
+/// The log target of the kernel programs' messages (their module path in overlay-ebpf).
+pub const KERNEL_LOG_TARGET: &str = "overlay::counters";
 
 struct Underlay {
     link: LinkInfo,
@@ -158,7 +164,18 @@ pub async fn run(
             warn!(error = %e, "cannot turn IPv4 forwarding on; containers cannot reach other nodes")
         }
     }
-    let mut datapath = Datapath::load(&options.pin_root)?;
+    let mut datapath = Datapath::load_with_kernel_log(&options.pin_root, options.kernel_log)?;
+    let kernel_logger = if options.kernel_log {
+        match datapath.kernel_logger() {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                warn!(error = %e, "kernel-side logs unavailable");
+                None
+            }
+        }
+    } else {
+        None
+    };
     configure_underlay(&mut datapath, &link, vtep, options.xdp_mode)?;
     info!(
         programs = ?datapath.program_ids(),
@@ -186,6 +203,9 @@ pub async fn run(
     tasks.spawn(agent.clone().watch_loop());
     tasks.spawn(agent.clone().resync_loop());
     tasks.spawn(agent.clone().stats_loop());
+    if let Some(logger) = kernel_logger {
+        tasks.spawn(forward_kernel_logs(logger));
+    }
     if let Some(listener) = metrics_listener {
         let scraped = agent.clone();
         let render: metrics::RenderFn = Arc::new(move || scraped.render_metrics());
@@ -217,6 +237,30 @@ async fn bind_control_socket(state_dir: &Path) -> Result<UnixListener, AgentErro
         _ => {}
     }
     UnixListener::bind(&path).map_err(dir_err)
+}
+
+/// Copies the kernel programs' aya-log records into the agent's log as they arrive.
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd and moves into the AsyncFd, which
+    // deregisters it before the logger (and so the fd) is dropped.
+    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(logger) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the kernel log ring");
+            return;
+        }
+    };
+    info!(
+        target = KERNEL_LOG_TARGET,
+        "kernel-side debug logs on (every drop is logged)"
+    );
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 /// Points the data plane at `link`: underlay settings and the XDP program.

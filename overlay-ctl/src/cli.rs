@@ -172,6 +172,10 @@ struct AgentArgs {
     /// Period of the traffic summary in the log.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     stats_interval: Duration,
+    /// Log every packet the kernel programs drop, with its reason (aya-log debug
+    /// messages, shown in the agent's log and `agent logs`). Off: compiled out at load.
+    #[arg(long)]
+    kernel_log: bool,
     /// Serve Prometheus metrics here (`off` to disable). Loopback by default: give an
     /// address of a scraping network explicitly to open it.
     #[arg(long, default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
@@ -280,8 +284,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_agent = matches!(cli.command, Command::Agent { action: None, .. });
+    let kernel_log =
+        matches!(&cli.command, Command::Agent { action: None, args } if args.kernel_log);
     let logs = LogBuffer::default();
-    init_tracing(is_agent, &logs);
+    init_tracing(is_agent, kernel_log, &logs);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -300,7 +306,7 @@ pub fn main() -> ExitCode {
 
 /// The agent logs at info to stderr and into its log ring (for `agent logs`); the CLI
 /// commands log warnings only, their results go to stdout.
-fn init_tracing(is_agent: bool, logs: &LogBuffer) {
+fn init_tracing(is_agent: bool, kernel_log: bool, logs: &LogBuffer) {
     use tracing_subscriber::Layer as _;
     let default = if is_agent {
         "info,netlink_packet_route=error"
@@ -308,8 +314,16 @@ fn init_tracing(is_agent: bool, logs: &LogBuffer) {
         "warn,netlink_packet_route=error"
     };
     let filter = || {
-        tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        if kernel_log {
+            match format!("{}=debug", agent::KERNEL_LOG_TARGET).parse() {
+                Ok(directive) => filter.add_directive(directive),
+                Err(_) => filter,
+            }
+        } else {
+            filter
+        }
     };
     let stderr = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -561,6 +575,7 @@ async fn run_agent(cli: &Cli, args: &AgentArgs, logs: LogBuffer) -> anyhow::Resu
         watch_wait: agent::DEFAULT_WATCH_WAIT,
         stats_interval: args.stats_interval,
         metrics_addr,
+        kernel_log: args.kernel_log,
     };
     agent::run(options, consul, &prefix, logs, shutdown_signal())
         .await

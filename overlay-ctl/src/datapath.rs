@@ -42,6 +42,8 @@ pub static EBPF_OBJECT: &[u8] =
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/overlay";
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// aya-log's debug level (`aya_log_common::Level::Debug`).
+const KERNEL_LOG_DEBUG: u8 = 4;
 /// TCX (multi-program TC links) replaced netlink attachment in Linux 6.6.
 const TCX_KERNEL: (u8, u8, u16) = (6, 6, 0);
 
@@ -149,15 +151,25 @@ impl std::fmt::Debug for Datapath {
 impl Datapath {
     /// Loads the programs, reusing the maps pinned under `pin_root/maps` if an earlier
     /// agent left them (so a restart keeps all forwarding state), pinning new ones there.
+    /// Kernel-side logging is off (compiled out by the verifier).
     pub fn load(pin_root: &Path) -> Result<Self> {
+        Self::load_with_kernel_log(pin_root, false)
+    }
+
+    /// [`Datapath::load`], with the programs' aya-log debug messages (drops and their
+    /// reasons) on or off; read them with [`Datapath::kernel_logger`].
+    pub fn load_with_kernel_log(pin_root: &Path, kernel_log: bool) -> Result<Self> {
         ensure_bpffs(pin_root)?;
         let map_dir = pin_root.join("maps");
         std::fs::create_dir_all(&map_dir).map_err(|source| DatapathError::Bpffs {
             path: map_dir.clone(),
             source,
         })?;
+        // aya-log's level global: 0 disables every log statement at load time.
+        let log_level: u8 = if kernel_log { KERNEL_LOG_DEBUG } else { 0 };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&map_dir)
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
             .load(EBPF_OBJECT)?;
         for name in [program_names::UNDERLAY_XDP, program_names::XDP_PASS] {
             xdp_program(&mut ebpf, name)?
@@ -176,6 +188,14 @@ impl Datapath {
             underlay: None,
             containers: HashMap::new(),
         })
+    }
+
+    /// A reader of the programs' aya-log records (they go to the `log` facade, which the
+    /// agent routes into its tracing output). Poll it when its fd is readable.
+    pub fn kernel_logger(
+        &mut self,
+    ) -> std::result::Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
     }
 
     pub fn pin_root(&self) -> &Path {

@@ -129,5 +129,6 @@ pub fn pass_to_host(vni: u32, len: u64) -> i32 {
 #[inline(always)]
 pub fn drop(vni: u32, reason: Counter, len: u64) -> i32 {
     count(vni, reason, len);
+    crate::counters::log_drop("container", vni, reason, len);
     TC_ACT_SHOT as i32
 }

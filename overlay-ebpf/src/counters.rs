@@ -7,6 +7,21 @@ use crate::maps::COUNTERS;
 /// (keeps the counter map bounded whatever VNIs an attacker sends).
 pub const VNI_UNDERLAY: u32 = 0;
 
+/// Logs a drop through aya-log (debug level). The agent sets the log level at load time
+/// (`--ebpf-log`); when it is off, the verifier removes this path, so it costs nothing.
+#[inline(never)]
+pub fn log_drop(program: &'static str, vni: u32, reason: Counter, bytes: u64) {
+    // aya-log's macros take a context argument they do not use.
+    aya_log_ebpf::debug!(
+        &(),
+        "{}: dropped {} bytes on VNI {}: {}",
+        program,
+        bytes,
+        vni,
+        reason.name()
+    );
+}
+
 /// Adds one packet of `bytes` to (`vni`, `counter`) on this CPU.
 #[inline(always)]
 pub fn count(vni: u32, counter: Counter, bytes: u64) {

@@ -154,5 +154,6 @@ fn pass_other(frame_len: u64) -> u32 {
 #[inline(always)]
 fn drop(vni: u32, reason: Counter, frame_len: u64) -> u32 {
     count(vni, reason, frame_len);
+    crate::counters::log_drop("underlay", vni, reason, frame_len);
     xdp_action::XDP_DROP
 }

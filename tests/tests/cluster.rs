@@ -870,3 +870,51 @@ fn the_demo_passes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn kernel_logs_show_drops_only_when_enabled() {
+    require_root();
+    let underlay = Underlay::new();
+    let consul = overlay_tests::cluster::DevConsul::start(&BINS, &underlay, None);
+    let mut nodes: Vec<Node> = (1..=2)
+        .map(|n| Node::new(&BINS, &underlay, n, &consul))
+        .collect();
+    nodes[0].start_agent(&["--bootstrap", "--kernel-log"]);
+    nodes[1].start_agent(&[]);
+    for node in &nodes {
+        node.wait_registered(JOIN);
+    }
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    nodes[0]
+        .cli(&["network", "create", "net2", "10.200.0.0/24"])
+        .ok();
+    // Another network's subnet: dropped by the container program as cross_network.
+    for node in &nodes {
+        let out = node.cli(&[
+            "run",
+            "-n",
+            "net2",
+            "--",
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "10.100.0.9",
+        ]);
+        assert_ne!(out.code, 0, "{out:#?}");
+    }
+    wait_until("the drop in node1's agent logs", JOIN, || {
+        let logs = nodes[0].cli(&["agent", "logs"]).stdout;
+        logs.lines()
+            .any(|l| l.contains("container: dropped") && l.contains("cross_network"))
+    });
+    let quiet = nodes[1].cli(&["agent", "logs"]).ok();
+    assert!(
+        !quiet.stdout.contains(": dropped "),
+        "kernel logs appeared without --kernel-log:\n{}",
+        quiet.stdout
+    );
+}
