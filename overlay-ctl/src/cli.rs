@@ -590,6 +590,7 @@ async fn run_container(
     service: Option<&str>,
     command: &[String],
 ) -> anyhow::Result<ExitCode> {
+    let mut signals = container::RunSignals::install()?;
     let id = name
         .map(str::to_string)
         .unwrap_or_else(container::random_id);
@@ -658,17 +659,23 @@ async fn run_container(
             }
         }
     }
-    let status = match container::spawn_in(netns.path(), command) {
-        Ok(child) => {
-            // Recorded so that the agent can clean up if this process is killed.
-            let mut endpoint = joined.endpoint.clone();
-            endpoint.pid = child.id();
-            if let Err(e) = ctx.store.put_endpoint(&endpoint).await {
-                tracing::warn!(error = %e, "cannot record the container's process");
+    let status = match signals.pending() {
+        // Told to stop while setting up: the command never starts; clean up.
+        Some(signal) => Ok(std::os::unix::process::ExitStatusExt::from_raw(
+            signal as i32,
+        )),
+        None => match container::spawn_in(netns.path(), command) {
+            Ok(child) => {
+                // Recorded so that the agent can clean up if this process is killed.
+                let mut endpoint = joined.endpoint.clone();
+                endpoint.pid = child.id();
+                if let Err(e) = ctx.store.put_endpoint(&endpoint).await {
+                    tracing::warn!(error = %e, "cannot record the container's process");
+                }
+                container::wait_passing_signals(child, &mut signals).await
             }
-            container::wait_passing_signals(child).await
-        }
-        Err(e) => Err(e),
+            Err(e) => Err(e),
+        },
     };
     if let Some(service_id) = registered {
         if let Err(e) = ctx

@@ -349,14 +349,47 @@ pub fn spawn_in(netns: &Path, command: &[String]) -> Result<tokio::process::Chil
     Ok(child)
 }
 
+/// The signals `run` handles itself, installed before it changes anything so that a
+/// SIGTERM during set-up still ends in an orderly clean-up.
+pub struct RunSignals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl RunSignals {
+    pub fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(io_err("signal handler"))?,
+            hup: signal(SignalKind::hangup()).map_err(io_err("signal handler"))?,
+            int: signal(SignalKind::interrupt()).map_err(io_err("signal handler"))?,
+        })
+    }
+
+    /// The termination signal that arrived so far, if any (without waiting).
+    pub fn pending(&mut self) -> Option<nix::sys::signal::Signal> {
+        use futures_util::FutureExt as _;
+        use nix::sys::signal::Signal;
+        if self.term.recv().now_or_never().is_some() {
+            Some(Signal::SIGTERM)
+        } else if self.hup.recv().now_or_never().is_some() {
+            Some(Signal::SIGHUP)
+        } else if self.int.recv().now_or_never().is_some() {
+            Some(Signal::SIGINT)
+        } else {
+            None
+        }
+    }
+}
+
 /// Waits for a command started by [`spawn_in`]. SIGTERM and SIGHUP are passed on to it;
 /// SIGINT from a terminal reaches it directly, and is passed on when there is none.
-pub async fn wait_passing_signals(mut child: tokio::process::Child) -> Result<ExitStatus> {
+pub async fn wait_passing_signals(
+    mut child: tokio::process::Child,
+    signals: &mut RunSignals,
+) -> Result<ExitStatus> {
     let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(io_err("signal handler"))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(io_err("signal handler"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(io_err("signal handler"))?;
     let interactive = nix::unistd::isatty(0).unwrap_or(false);
     let forward = |sig: nix::sys::signal::Signal| {
         if let Some(pid) = pid {
@@ -367,9 +400,9 @@ pub async fn wait_passing_signals(mut child: tokio::process::Child) -> Result<Ex
     loop {
         tokio::select! {
             status = child.wait() => return status.map_err(io_err("wait for the command")),
-            _ = term.recv() => forward(nix::sys::signal::Signal::SIGTERM),
-            _ = hup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
-            _ = int.recv() => if !interactive { forward(nix::sys::signal::Signal::SIGINT) },
+            _ = signals.term.recv() => forward(nix::sys::signal::Signal::SIGTERM),
+            _ = signals.hup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
+            _ = signals.int.recv() => if !interactive { forward(nix::sys::signal::Signal::SIGINT) },
         }
     }
 }

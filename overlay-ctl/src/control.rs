@@ -200,20 +200,28 @@ impl AgentClient {
         Ok(stream)
     }
 
+    /// Reads one `{"Ok": ...}` / `{"Err": "..."}` answer line.
+    async fn read_reply<T: DeserializeOwned>(
+        &self,
+        stream: &mut BufReader<UnixStream>,
+    ) -> Result<T, ControlError> {
+        let mut line = String::new();
+        stream
+            .read_line(&mut line)
+            .await
+            .map_err(|source| ControlError::Io {
+                path: socket_path(&self.state_dir),
+                source,
+            })?;
+        let reply: Result<T, String> =
+            serde_json::from_str(&line).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        reply.map_err(ControlError::Refused)
+    }
+
     async fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ControlError> {
         let work = async {
             let mut stream = self.send(request).await?;
-            let mut line = String::new();
-            stream
-                .read_line(&mut line)
-                .await
-                .map_err(|source| ControlError::Io {
-                    path: socket_path(&self.state_dir),
-                    source,
-                })?;
-            let reply: Result<T, String> =
-                serde_json::from_str(&line).map_err(|e| ControlError::Protocol(e.to_string()))?;
-            reply.map_err(ControlError::Refused)
+            self.read_reply(&mut stream).await
         };
         tokio::time::timeout(REQUEST_TIMEOUT, work)
             .await
@@ -244,18 +252,9 @@ impl AgentClient {
         mut out: impl FnMut(&str),
     ) -> Result<(), ControlError> {
         let mut stream = self.send(&Request::Logs { lines, follow }).await?;
+        self.read_reply::<()>(&mut stream).await?;
         let path = socket_path(&self.state_dir);
         let mut line = String::new();
-        stream
-            .read_line(&mut line)
-            .await
-            .map_err(|source| ControlError::Io {
-                path: path.clone(),
-                source,
-            })?;
-        let reply: Result<(), String> =
-            serde_json::from_str(&line).map_err(|e| ControlError::Protocol(e.to_string()))?;
-        reply.map_err(ControlError::Refused)?;
         loop {
             line.clear();
             let n = stream

@@ -13,6 +13,7 @@ pub mod container;
 pub mod control;
 pub mod datapath;
 pub mod endpoint;
+pub mod http;
 pub mod ipam;
 pub mod logs;
 pub mod metrics;

@@ -18,7 +18,6 @@
 //! VNI 0, exported as `network="underlay"`.
 use std::{
     collections::BTreeMap,
-    convert::Infallible,
     fmt::Write as _,
     future::Future,
     sync::{
@@ -30,14 +29,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{body::Incoming, header, service::service_fn, Method, Request, Response, StatusCode};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
+use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 use overlay_common::{Counter, CounterValue};
-use tokio::{net::TcpListener, task::JoinSet};
-use tracing::{debug, warn};
+use tokio::net::TcpListener;
 
 /// Where the agent serves metrics unless told otherwise: loopback only.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9465";
@@ -318,37 +312,11 @@ pub type RenderFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
 /// Serves `GET /metrics` (404 elsewhere) until `shutdown` completes.
 pub async fn serve(listener: TcpListener, render: RenderFn, shutdown: impl Future<Output = ()>) {
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "metrics: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let render = render.clone();
-                connections.spawn(async move {
-                    let service = service_fn(move |req| {
-                        let render = render.clone();
-                        async move { Ok::<_, Infallible>(respond(&req, &render)) }
-                    });
-                    if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        debug!(%peer, error = %e, "metrics connection ended with an error");
-                    }
-                });
-            }
-        }
-    }
+    let handler = move |req: Request<Incoming>| {
+        let response = respond(&req, &render);
+        async move { response }
+    };
+    crate::http::serve(listener, handler, shutdown).await;
 }
 
 fn respond(req: &Request<Incoming>, render: &RenderFn) -> Response<Full<Bytes>> {

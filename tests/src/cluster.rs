@@ -402,6 +402,26 @@ impl Node {
         }
     }
 
+    /// Waits until `endpoint list` shows endpoint `name` on `network`; its address.
+    pub fn wait_endpoint(&self, network: &str, name: &str) -> Ipv4Addr {
+        let mut ip = None;
+        wait_until(
+            &format!("endpoint {network}/{name}"),
+            Duration::from_secs(15),
+            || {
+                let out = self.cli(&["endpoint", "list", "-n", network, "--json"]);
+                let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+                ip = list.as_array().and_then(|l| {
+                    l.iter()
+                        .find(|e| e["id"] == name)
+                        .and_then(|e| e["ip"].as_str()?.parse().ok())
+                });
+                ip.is_some()
+            },
+        );
+        ip.unwrap()
+    }
+
     /// `status --json`, or `None` while the agent does not answer.
     pub fn status(&self) -> Option<serde_json::Value> {
         let out = self.cli(&["status", "--json"]);

@@ -26,7 +26,6 @@
 //! accepted and ignored. Anything else answers 404 with a text body.
 use std::{
     collections::{BTreeMap, HashMap},
-    convert::Infallible,
     hash::{BuildHasher, Hasher},
     net::SocketAddr,
     sync::{
@@ -39,17 +38,13 @@ use std::{
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper::{body::Incoming, header, service::service_fn, Method, Request, Response, StatusCode};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
+use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::{
     net::TcpListener,
     sync::{oneshot, watch},
-    task::{JoinHandle, JoinSet},
+    task::JoinHandle,
 };
 use tracing::{debug, info, warn};
 
@@ -181,43 +176,12 @@ impl Drop for ConsulDev {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: oneshot::Receiver<()>,
-) {
-    // Dropping the set (when this task ends or is aborted) aborts every connection.
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let shared = shared.clone();
-                connections.spawn(async move {
-                    let service = service_fn(move |req| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
-                    });
-                    if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
-            }
-        }
-    }
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: oneshot::Receiver<()>) {
+    let handler = move |req| handle(shared.clone(), req);
+    overlay_ctl::http::serve(listener, handler, async {
+        let _ = shutdown.await;
+    })
+    .await;
     debug!("consul dev server stopped accepting");
 }
 

@@ -27,26 +27,6 @@ fn in_container<R: Send>(container: &Background, f: impl FnOnce() -> R + Send) -
     container.open_netns().unwrap().run(f).unwrap()
 }
 
-/// Waits until `node` lists endpoint `name` and returns its address.
-fn wait_endpoint(node: &Node, network: &str, name: &str) -> Ipv4Addr {
-    let mut ip = None;
-    wait_until(
-        &format!("endpoint {network}/{name}"),
-        Duration::from_secs(15),
-        || {
-            let out = node.cli(&["endpoint", "list", "-n", network, "--json"]);
-            let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-            ip = list.as_array().and_then(|l| {
-                l.iter()
-                    .find(|e| e["id"] == name)
-                    .and_then(|e| e["ip"].as_str()?.parse().ok())
-            });
-            ip.is_some()
-        },
-    );
-    ip.unwrap()
-}
-
 fn status_number(node: &Node, pointer: &str) -> Option<u64> {
     node.status()?.pointer(pointer)?.as_u64()
 }
@@ -104,10 +84,10 @@ fn seed_walkthrough_end_to_end() {
     // Containers on two hosts get the first addresses, in order.
     let web_name = unique_name("web");
     let web = nodes[0].spawn_run("net1", &web_name, &["sleep", "120"]);
-    let web_ip = wait_endpoint(&nodes[0], "net1", &web_name);
+    let web_ip = nodes[0].wait_endpoint("net1", &web_name);
     let db_name = unique_name("db");
     let db = nodes[1].spawn_run("net1", &db_name, &["sleep", "120"]);
-    let db_ip = wait_endpoint(&nodes[0], "net1", &db_name);
+    let db_ip = nodes[0].wait_endpoint("net1", &db_name);
     assert_eq!(web_ip, Ipv4Addr::new(10, 100, 0, 2));
     assert_eq!(db_ip, Ipv4Addr::new(10, 100, 0, 3));
 
@@ -186,7 +166,7 @@ fn seed_walkthrough_end_to_end() {
         &["--service", &service],
         &["sleep", "120"],
     );
-    let api_ip = wait_endpoint(&nodes[2], "net1", &api_name);
+    let api_ip = nodes[2].wait_endpoint("net1", &api_name);
     let catalog = |service: String| {
         consul.with_client(|c| async move { c.catalog_service(&service).await.unwrap() })
     };
@@ -314,14 +294,14 @@ fn kill_9_and_restart_of_agents_loses_no_packet() {
         .ok();
     let target_name = unique_name("tgt");
     let _target = nodes[1].spawn_run("net1", &target_name, &["sleep", "120"]);
-    let target_ip = wait_endpoint(&nodes[1], "net1", &target_name);
+    let target_ip = nodes[1].wait_endpoint("net1", &target_name);
     // Warm up (ARP, both sides' maps), then a measured stream of 400 pings, 20 ms apart.
     let script = format!(
         "until ping -c 1 -W 1 {target_ip} >/dev/null; do sleep 0.1; done; \
          echo warm; ping -i 0.02 -c 400 -W 1 {target_ip}"
     );
     let pinger = nodes[0].spawn_run("net1", &unique_name("png"), &["sh", "-c", &script]);
-    wait_endpoint(&nodes[0], "net1", &pinger.netns["ovl-net1-".len()..]);
+    nodes[0].wait_endpoint("net1", &pinger.netns["ovl-net1-".len()..]);
     std::thread::sleep(Duration::from_millis(1500));
 
     let before: Vec<_> = nodes.iter().map(|n| n.status().unwrap()).collect();
@@ -363,7 +343,7 @@ fn a_killed_node_leaves_its_peers_within_the_session_ttl() {
         .ok();
     let name = unique_name("c");
     let _container = nodes[1].spawn_run("net1", &name, &["sleep", "120"]);
-    wait_endpoint(&nodes[1], "net1", &name);
+    nodes[1].wait_endpoint("net1", &name);
     for peer in [&nodes[0], &nodes[2]] {
         wait_until("peer knows the remote endpoint", JOIN, || {
             status_number(peer, "/remote_endpoints") == Some(1)
@@ -407,7 +387,7 @@ fn bad_input_is_refused_with_one_line_and_no_change() {
     .ok();
     let taken = unique_name("t");
     let _holder = node.spawn_run("vetted", &taken, &["sleep", "120"]);
-    let taken_ip = wait_endpoint(node, "vetted", &taken).to_string();
+    let taken_ip = node.wait_endpoint("vetted", &taken).to_string();
     let links_before = link_names(node);
     let netns_before = netns_names("ovl-vetted-");
     let before = consul.kv_snapshot("");
@@ -544,7 +524,7 @@ fn attach_and_detach_an_existing_namespace() {
         .ok();
     let peer_name = unique_name("peer");
     let peer = nodes[1].spawn_run("net1", &peer_name, &["sleep", "120"]);
-    let peer_ip = wait_endpoint(&nodes[1], "net1", &peer_name);
+    let peer_ip = nodes[1].wait_endpoint("net1", &peer_name);
 
     // A namespace made by someone else (a Docker or podman container stands for it).
     let existing = overlay_tests::harness::TestNs::new("ext");
@@ -699,8 +679,8 @@ fn cluster_bind_moves_the_underlay_at_runtime() {
         .ok();
     let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
     let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
-    let b_ip = wait_endpoint(&nodes[0], "net1", &b.netns["ovl-net1-".len()..]);
-    wait_endpoint(&nodes[0], "net1", &a.netns["ovl-net1-".len()..]);
+    let b_ip = nodes[0].wait_endpoint("net1", &b.netns["ovl-net1-".len()..]);
+    nodes[0].wait_endpoint("net1", &a.netns["ovl-net1-".len()..]);
     assert!(in_container(&a, || net::ping_until_reply(
         b_ip,
         Duration::from_secs(10)
@@ -759,8 +739,8 @@ fn agents_ride_out_a_consul_restart() {
         .ok();
     let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
     let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
-    let a_ip = wait_endpoint(&nodes[0], "net1", &a.netns["ovl-net1-".len()..]);
-    let b_ip = wait_endpoint(&nodes[0], "net1", &b.netns["ovl-net1-".len()..]);
+    let a_ip = nodes[0].wait_endpoint("net1", &a.netns["ovl-net1-".len()..]);
+    let b_ip = nodes[0].wait_endpoint("net1", &b.netns["ovl-net1-".len()..]);
     assert!(in_container(&a, || net::ping_until_reply(
         b_ip,
         Duration::from_secs(10)
@@ -830,7 +810,7 @@ fn a_killed_run_leaves_nothing_behind_once_its_command_ends() {
     // The command ends when the marker file appears.
     let script = format!("while [ ! -e {} ]; do sleep 0.1; done", marker.0.display());
     let mut run = node.spawn_run("net1", &name, &["sh", "-c", &script]);
-    let ip = wait_endpoint(node, "net1", &name);
+    let ip = node.wait_endpoint("net1", &name);
     wait_until("the container's process recorded", JOIN, || {
         let out = node.cli(&["endpoint", "list", "-n", "net1", "--json"]);
         out.stdout.contains("\"pid\"")
@@ -838,7 +818,7 @@ fn a_killed_run_leaves_nothing_behind_once_its_command_ends() {
     run.kill_cli();
     // Its command still runs: the container keeps its address and network.
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(wait_endpoint(node, "net1", &name), ip);
+    assert_eq!(node.wait_endpoint("net1", &name), ip);
     assert!(run.open_netns().is_some());
 
     std::fs::write(&marker.0, b"").unwrap();

@@ -123,23 +123,9 @@ fn prometheus_reports_exactly_the_traffic_sent() {
     let a = node.spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
     let other = node.spawn_run("net2", &unique_name("x"), &["sleep", "120"]);
     let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
-    let endpoint_ip = |name: &str, network: &str| -> Ipv4Addr {
-        let mut ip = None;
-        wait_until("endpoint address", Duration::from_secs(20), || {
-            let out = node.cli(&["endpoint", "list", "-n", network, "--json"]);
-            let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-            ip = list.as_array().and_then(|l| {
-                l.iter()
-                    .find(|e| e["id"] == name)
-                    .and_then(|e| e["ip"].as_str()?.parse().ok())
-            });
-            ip.is_some()
-        });
-        ip.unwrap()
-    };
-    let a_ip = endpoint_ip(&a.netns["ovl-net1-".len()..], "net1");
-    let b_ip = endpoint_ip(&b.netns["ovl-net1-".len()..], "net1");
-    let x_ip = endpoint_ip(&other.netns["ovl-net2-".len()..], "net2");
+    let a_ip = node.wait_endpoint("net1", &a.netns["ovl-net1-".len()..]);
+    let b_ip = node.wait_endpoint("net1", &b.netns["ovl-net1-".len()..]);
+    let x_ip = node.wait_endpoint("net2", &other.netns["ovl-net2-".len()..]);
 
     // Settle ARP first (answered locally, counted as arp_reply, not encapsulated).
     send_udp(&a, a_ip, b_ip, 1, 100);
