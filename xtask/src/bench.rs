@@ -45,16 +45,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("the benchmark builds network namespaces and loads eBPF: sudo -E cargo xtask bench");
     }
     setup_if_needed()?;
-    step("build overlay-bench (release)", || {
-        cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "overlay-tests",
-            "--bin",
-            "overlay-bench",
-        ])
-    })?;
+    step(
+        "build overlay-bench, the agent and the dev server (release)",
+        || {
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "overlay-tests",
+                "--bin",
+                "overlay-bench",
+                "--bin",
+                "overlay-cli",
+                "--bin",
+                "overlay-consul-dev",
+            ])
+        },
+    )?;
     let root = workspace_root();
     let binary = root.join("target/release/overlay-bench");
     let mut command = Command::new(&binary);

@@ -424,7 +424,12 @@ fn run(args: &Args) -> Result<()> {
     if fixture.is_some() {
         rows.extend(testrun_rows);
     }
-    rows.extend(control_plane_rows());
+    if complete {
+        rows.extend(control_plane_rows(
+            &overlay_tests::cluster::Bins::beside_current_exe(),
+            overlay_tests::bench::CONTROL_PLANE_ROUNDS,
+        ));
+    }
 
     let analysis: BTreeMap<String, String> = match std::fs::read_to_string(&args.notes) {
         Ok(text) => serde_json::from_str(&text)
