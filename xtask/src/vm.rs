@@ -804,7 +804,8 @@ mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 mkdir -p /dev/pts /dev/shm
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
+# /tmp stays on the (writable) initramfs root: a tmpfs there would hide the helper
+# binaries when the workspace itself lives under /tmp (they keep their host paths).
 mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 echo "VMTEST-BOOTED $(uname -r)"
