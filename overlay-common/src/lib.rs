@@ -28,6 +28,9 @@ pub mod map_names {
 pub mod program_names {
     /// XDP on the underlay interface: classifies, validates and decapsulates VXLAN.
     pub const UNDERLAY_XDP: &str = "overlay_underlay";
+    /// TC ingress on the underlay interface: the same decapsulation for devices whose
+    /// native XDP path loses the skb's checksum and GSO state (veth).
+    pub const UNDERLAY_TC: &str = "overlay_underlay_tc";
     /// TC ingress on each host-side container veth: ARP, anti-spoofing, switching, encap.
     pub const CONTAINER_TC: &str = "overlay_container";
     /// A pass-through XDP program for container-side veths: gives the veth the NAPI

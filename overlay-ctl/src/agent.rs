@@ -10,11 +10,14 @@ use std::{
     io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
-use overlay_common::{ipv4_to_map, Counter, CounterValue, UnderlayConfig};
+use overlay_common::{Counter, CounterValue};
 use rtnetlink::Handle;
 use tokio::{
     io::{AsyncWriteExt, BufReader},
@@ -36,6 +39,7 @@ use crate::{
     netlink::{self, LinkInfo, NetlinkError},
     reconcile::{self, ApplyReport, ClusterState, HostVeth, LocalNode},
     store::{NodeInfo, Store, StoreError},
+    underlay::{self, DecapMode, HostChange, UnderlaySetup},
 };
 
 /// Consul's own minimum session TTL (`session_ttl_min`).
@@ -71,6 +75,8 @@ pub struct AgentOptions {
     pub pin_root: PathBuf,
     pub state_dir: PathBuf,
     pub xdp_mode: XdpAttachMode,
+    /// Where VXLAN is decapsulated on the underlay (XDP or TC ingress).
+    pub decap: DecapMode,
     /// Create the `default` network if the cluster has never been bootstrapped.
     pub bootstrap: bool,
     /// Leave nothing behind on exit: leave the cluster, detach, remove the pins.
@@ -93,6 +99,9 @@ pub const KERNEL_LOG_TARGET: &str = "overlay::counters";
 struct Underlay {
     link: LinkInfo,
     vtep: Ipv4Addr,
+    setup: UnderlaySetup,
+    /// Host settings this agent changed (put back by an `--ephemeral` agent's exit).
+    host_changes: Vec<HostChange>,
 }
 
 #[derive(Default)]
@@ -119,6 +128,10 @@ struct Agent {
     desired: Mutex<Option<ClusterState>>,
     health: Mutex<Health>,
     reconcile_lock: tokio::sync::Mutex<()>,
+    /// A reconcile outside the watch (a `run`'s request, the resync) applied a newer
+    /// state than the watch has seen: the watch acknowledges it when it catches up, as
+    /// it would have applied it itself.
+    ack_pending: AtomicBool,
     /// Asks the membership task to write this node's entry again (after `bind`).
     reregister: Notify,
     logs: LogBuffer,
@@ -155,15 +168,13 @@ pub async fn run(
     let vtep = netlink::first_ipv4(&handle, &link).await?;
     info!(node = %options.node, iface = %link.name, ifindex = link.index, %vtep, mtu = link.mtu, "binding to underlay");
 
-    // Encapsulated packets leave through a FIB lookup on behalf of the containers' veths,
-    // which the kernel only answers for a forwarding host (and the containers' traffic
-    // to the outside world is routed by the host), as with Docker.
-    match crate::netns::write_net_sysctl("ipv4.ip_forward", "1") {
-        Ok(()) => debug!("IPv4 forwarding on"),
+    let host_changes = match underlay::enable_forwarding() {
+        Ok(change) => change.into_iter().collect(),
         Err(e) => {
-            warn!(error = %e, "cannot turn IPv4 forwarding on; containers cannot reach other nodes")
+            warn!(error = %e, "cannot turn IPv4 forwarding on; containers cannot reach other nodes");
+            Vec::new()
         }
-    }
+    };
     let mut datapath = Datapath::load_with_kernel_log(&options.pin_root, options.kernel_log)?;
     let kernel_logger = if options.kernel_log {
         match datapath.kernel_logger() {
@@ -176,7 +187,7 @@ pub async fn run(
     } else {
         None
     };
-    configure_underlay(&mut datapath, &link, vtep, options.xdp_mode)?;
+    let setup = underlay::attach(&mut datapath, &link, vtep, options.decap, options.xdp_mode)?;
     info!(
         programs = ?datapath.program_ids(),
         pins = %options.pin_root.display(),
@@ -187,10 +198,16 @@ pub async fn run(
         store: Store::new(consul, prefix),
         handle,
         datapath: Mutex::new(Some(datapath)),
-        underlay: Mutex::new(Underlay { link, vtep }),
+        underlay: Mutex::new(Underlay {
+            link,
+            vtep,
+            setup,
+            host_changes,
+        }),
         desired: Mutex::new(None),
         health: Mutex::new(Health::default()),
         reconcile_lock: tokio::sync::Mutex::new(()),
+        ack_pending: AtomicBool::new(false),
         reregister: Notify::new(),
         logs,
         metrics: ControlPlaneMetrics::default(),
@@ -261,33 +278,6 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
-}
-
-/// Points the data plane at `link`: underlay settings and the XDP program.
-fn configure_underlay(
-    datapath: &mut Datapath,
-    link: &LinkInfo,
-    vtep: Ipv4Addr,
-    mode: XdpAttachMode,
-) -> Result<(), DatapathError> {
-    if link.is_veth {
-        match crate::endpoint::set_tx_checksum(&link.name, false) {
-            Ok(()) => {
-                debug!(iface = %link.name, "veth underlay: TX checksum offload turned off so inner checksums are complete on the wire")
-            }
-            Err(e) => {
-                warn!(iface = %link.name, error = %e, "cannot turn off TX checksum offload on the veth underlay; TCP/UDP across nodes may fail")
-            }
-        }
-    }
-    datapath.set_underlay(&UnderlayConfig {
-        ifindex: link.index,
-        vtep: ipv4_to_map(vtep.octets()),
-        mtu: link.mtu,
-        mac: link.mac,
-        _pad: [0; 2],
-    })?;
-    datapath.attach_underlay(link.index, mode)
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -364,18 +354,24 @@ impl Agent {
         let _one_at_a_time = self.reconcile_lock.lock().await;
         let started = Instant::now();
         let mut fresh = false;
+        let mut newer = false;
         if fetch {
             match self.store.client().list(self.store.prefix()).await {
                 Ok(pairs) => {
                     self.consul_ok();
-                    *lock(&self.desired) =
-                        Some(ClusterState::from_pairs(self.store.prefix(), &pairs));
+                    let state = ClusterState::from_pairs(self.store.prefix(), &pairs);
+                    let mut desired = lock(&self.desired);
+                    newer = desired.as_ref() != Some(&state);
+                    *desired = Some(state);
                     fresh = true;
                 }
                 Err(e) => self.consul_failed("resync", &e),
             }
         }
         let result = self.apply_desired().await;
+        if newer && result.is_ok() {
+            self.ack_pending.store(true, Ordering::SeqCst);
+        }
         let elapsed = started.elapsed();
         self.metrics.record_reconcile(result.is_ok(), elapsed);
         let mut health = lock(&self.health);
@@ -500,15 +496,18 @@ impl Agent {
                         }
                         changed
                     };
-                    if changed {
+                    let applied = if changed {
                         debug!(index, "cluster state changed");
-                        if self.reconcile(false).await.is_ok() && index > acknowledged {
-                            // Lets `run` (and benchmarks) see when every node forwards
-                            // for a new endpoint.
-                            match self.store.put_applied(self.node(), index).await {
-                                Ok(()) => acknowledged = index,
-                                Err(e) => debug!(error = %e, "cannot record the applied index"),
-                            }
+                        self.reconcile(false).await.is_ok()
+                    } else {
+                        self.ack_pending.swap(false, Ordering::SeqCst)
+                    };
+                    if applied && index > acknowledged {
+                        // Lets `run` (and benchmarks) see when every node forwards for a
+                        // new endpoint.
+                        match self.store.put_applied(self.node(), index).await {
+                            Ok(()) => acknowledged = index,
+                            Err(e) => debug!(error = %e, "cannot record the applied index"),
                         }
                     }
                 }
@@ -739,9 +738,15 @@ impl Agent {
     }
 
     fn status(&self) -> AgentStatus {
-        let (iface, ifindex, vtep) = {
+        let (iface, ifindex, vtep, decap, host_changes) = {
             let u = lock(&self.underlay);
-            (u.link.name.clone(), u.link.index, u.vtep)
+            (
+                u.link.name.clone(),
+                u.link.index,
+                u.vtep,
+                u.setup.clone(),
+                u.host_changes.clone(),
+            )
         };
         let (programs, maps) = {
             let mut guard = lock(&self.datapath);
@@ -774,6 +779,8 @@ impl Agent {
             ifindex,
             vtep: Some(vtep),
             xdp_mode: format!("{:?}", self.options.xdp_mode).to_lowercase(),
+            decap,
+            host_changes,
             tc_attach: if datapath::tcx_supported() {
                 "tcx".into()
             } else {
@@ -808,18 +815,36 @@ impl Agent {
         let vtep = netlink::first_ipv4(&self.handle, &link)
             .await
             .map_err(|e| e.to_string())?;
-        {
+        let setup = {
             let mut guard = lock(&self.datapath);
             let datapath = guard.as_mut().ok_or("the agent is stopping")?;
-            configure_underlay(datapath, &link, vtep, self.options.xdp_mode)
-                .map_err(|e| e.to_string())?;
-        }
+            underlay::attach(
+                datapath,
+                &link,
+                vtep,
+                self.options.decap,
+                self.options.xdp_mode,
+            )
+            .map_err(|e| e.to_string())?
+        };
         let reply = BindReply {
             iface: link.name.clone(),
             ifindex: link.index,
             vtep,
         };
-        let old = std::mem::replace(&mut *lock(&self.underlay), Underlay { link, vtep });
+        let old = {
+            let mut current = lock(&self.underlay);
+            let host_changes = std::mem::take(&mut current.host_changes);
+            std::mem::replace(
+                &mut *current,
+                Underlay {
+                    link,
+                    vtep,
+                    setup,
+                    host_changes,
+                },
+            )
+        };
         info!(from = %old.link.name, to = %reply.iface, %vtep, "underlay moved");
         self.reregister.notify_one();
         self.reconcile(false).await?;
@@ -845,6 +870,7 @@ impl Agent {
         }
         let _ = std::fs::remove_file(self.session_file());
         drop(datapath);
+        underlay::restore(&lock(&self.underlay).host_changes);
         if let Err(e) = datapath::remove_pins(&self.options.pin_root) {
             warn!(error = %e, "cannot remove pins");
         }

@@ -17,6 +17,7 @@ use crate::{
     logs::LogBuffer,
     netns::NetNs,
     store::{Store, DEFAULT_PREFIX},
+    underlay::DecapMode,
 };
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
@@ -155,7 +156,12 @@ struct AgentArgs {
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
-    /// How the XDP program attaches to the underlay.
+    /// Where VXLAN is decapsulated on the underlay: `auto` uses native XDP on NICs and
+    /// TC ingress on veth and other virtual devices (whose XDP path would lose the
+    /// checksum and GSO state of what their peer hands over, breaking TCP).
+    #[arg(long, value_enum, default_value_t = DecapMode::Auto)]
+    decap: DecapMode,
+    /// How the XDP program attaches to the underlay with `--decap xdp`.
     #[arg(long, value_enum, default_value_t = XdpAttachMode::Auto)]
     xdp_mode: XdpAttachMode,
     /// Leave nothing behind on exit (leave the cluster, detach, remove pins). Without
@@ -568,6 +574,7 @@ async fn run_agent(cli: &Cli, args: &AgentArgs, logs: LogBuffer) -> anyhow::Resu
         pin_root: args.pin_root.clone(),
         state_dir: cli.state_dir.clone(),
         xdp_mode: args.xdp_mode,
+        decap: args.decap,
         bootstrap: args.bootstrap,
         ephemeral: args.ephemeral,
         session_ttl: args.session_ttl,
@@ -843,9 +850,15 @@ fn print_status(s: &AgentStatus) {
         s.vtep.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
     );
     println!(
-        "programs:    XDP {} on the underlay, TC via {}",
-        s.xdp_mode, s.tc_attach
+        "decap:       {} on the underlay ({}); TC via {}",
+        s.decap.decap_hook, s.decap.reason, s.tc_attach
     );
+    for change in &s.host_changes {
+        println!(
+            "host:        {} changed {} -> {} (put back by an --ephemeral agent's exit)",
+            change.setting, change.before, change.after
+        );
+    }
     for (name, id) in &s.programs {
         println!("             {name}: id {id}");
     }

@@ -214,8 +214,9 @@ pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<J
 /// starting its command anyway (their first packets back would wait for ARP otherwise).
 const PEER_CONVERGENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Waits until every live node has applied the endpoint's entry (see
-/// [`Store::wait_applied`]); a slow or unreachable peer only costs a warning.
+/// Waits until every other live node's agent has applied the endpoint's entry (see
+/// [`Store::wait_applied`]); this node's agent applied it before the reply that
+/// confirmed the attachment. A slow or unreachable peer only costs a warning.
 async fn wait_for_peers(ctx: &Context, network: &str, id: &str) {
     let index = match ctx.store.endpoint_index(network, id).await {
         Ok(Some(index)) => index,
@@ -223,7 +224,7 @@ async fn wait_for_peers(ctx: &Context, network: &str, id: &str) {
     };
     match ctx
         .store
-        .wait_applied(index, PEER_CONVERGENCE_TIMEOUT)
+        .wait_applied(index, PEER_CONVERGENCE_TIMEOUT, &ctx.status.node)
         .await
     {
         Ok(behind) if behind.is_empty() => {}

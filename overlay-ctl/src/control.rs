@@ -104,6 +104,12 @@ pub struct AgentStatus {
     pub ifindex: u32,
     pub vtep: Option<Ipv4Addr>,
     pub xdp_mode: String,
+    /// Where VXLAN is decapsulated on the underlay, and why there.
+    #[serde(default)]
+    pub decap: crate::underlay::UnderlaySetup,
+    /// Host settings the agent changed (an `--ephemeral` agent puts them back on exit).
+    #[serde(default)]
+    pub host_changes: Vec<crate::underlay::HostChange>,
     pub tc_attach: String,
     pub pin_root: String,
     pub programs: BTreeMap<String, u32>,

@@ -110,6 +110,26 @@ impl XdpAttachMode {
     }
 }
 
+/// The hook the underlay's decapsulation program runs at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnderlayHook {
+    /// The XDP program, attached in this mode.
+    Xdp(XdpAttachMode),
+    /// The TC program at ingress (a TCX link, or a clsact filter before Linux 6.6).
+    TcIngress,
+}
+
+impl std::fmt::Display for UnderlayHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnderlayHook::Xdp(XdpAttachMode::Auto) => f.write_str("xdp"),
+            UnderlayHook::Xdp(XdpAttachMode::Native) => f.write_str("xdp (native)"),
+            UnderlayHook::Xdp(XdpAttachMode::Skb) => f.write_str("xdp (generic)"),
+            UnderlayHook::TcIngress => f.write_str("tc ingress"),
+        }
+    }
+}
+
 /// What one `BPF_PROG_TEST_RUN` returned.
 #[derive(Clone, Debug)]
 pub struct TestRunOutcome {
@@ -130,11 +150,19 @@ enum TcAttachment {
     Netlink(SchedClassifierLink),
 }
 
+/// How the underlay program is attached.
+enum UnderlayAttachment {
+    /// An XDP or TCX link pinned under `links/`: survives the agent.
+    Pinned(PinnedLink),
+    /// A netlink filter on a clsact qdisc (TC before Linux 6.6).
+    Netlink(SchedClassifierLink),
+}
+
 /// Loaded programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_root: PathBuf,
-    underlay: Option<(u32, PinnedLink)>,
+    underlay: Option<(u32, UnderlayHook, UnderlayAttachment)>,
     containers: HashMap<u32, TcAttachment>,
 }
 
@@ -142,7 +170,10 @@ impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Datapath")
             .field("pin_root", &self.pin_root)
-            .field("underlay", &self.underlay.as_ref().map(|(i, _)| *i))
+            .field(
+                "underlay",
+                &self.underlay.as_ref().map(|(i, h, _)| (*i, *h)),
+            )
             .field("containers", &self.containers.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -176,12 +207,11 @@ impl Datapath {
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        tc_program(&mut ebpf)?
-            .load()
-            .map_err(|source| DatapathError::Program {
-                name: program_names::CONTAINER_TC,
-                source,
-            })?;
+        for name in [program_names::CONTAINER_TC, program_names::UNDERLAY_TC] {
+            tc_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
         Ok(Self {
             ebpf,
             pin_root: pin_root.to_path_buf(),
@@ -211,17 +241,49 @@ impl Datapath {
         Ok(dir)
     }
 
-    /// Attaches the underlay XDP program to `ifindex` and pins the link. A link an
-    /// earlier agent pinned there is taken over with an atomic program replacement (no
-    /// packet sees an interface without a program); links pinned for other interfaces
-    /// (an earlier underlay) are removed.
-    pub fn attach_underlay(&mut self, ifindex: u32, mode: XdpAttachMode) -> Result<()> {
-        let dir = self.links_dir()?;
-        let pin = dir.join(format!("{XDP_LINK_PREFIX}{ifindex}"));
-        let name = program_names::UNDERLAY_XDP;
-        if self.underlay.as_ref().is_some_and(|(i, _)| *i == ifindex) {
+    /// Attaches the underlay program to `ifindex` at `hook` and pins the link. A link an
+    /// earlier agent pinned there for the same hook is taken over with an atomic program
+    /// replacement (no packet sees an interface without a program); attachments for
+    /// other interfaces or the other hook (an earlier underlay or decap mode) are removed
+    /// once the new one is in place.
+    pub fn attach_underlay(&mut self, ifindex: u32, hook: UnderlayHook) -> Result<()> {
+        if self
+            .underlay
+            .as_ref()
+            .is_some_and(|(i, h, _)| *i == ifindex && *h == hook)
+        {
             return Ok(());
         }
+        let dir = self.links_dir()?;
+        let attachment = match hook {
+            UnderlayHook::Xdp(mode) => self.attach_underlay_xdp(&dir, ifindex, mode)?,
+            UnderlayHook::TcIngress => self.attach_underlay_tc(&dir, ifindex)?,
+        };
+        if let Some((old_ifindex, old_hook, old)) = self.underlay.take() {
+            // A netlink filter on the interface we just attached to was replaced already.
+            let same_filter = old_ifindex == ifindex && old_hook == hook;
+            if !same_filter {
+                detach_underlay_attachment(old, old_ifindex);
+            }
+        }
+        self.underlay = Some((ifindex, hook, attachment));
+        let (keep_xdp, keep_tc): (&[u32], &[u32]) = match hook {
+            UnderlayHook::Xdp(_) => (&[ifindex], &[]),
+            UnderlayHook::TcIngress => (&[], &[ifindex]),
+        };
+        remove_other_pins(&dir, XDP_LINK_PREFIX, keep_xdp);
+        remove_other_pins(&dir, UNDERLAY_TC_LINK_PREFIX, keep_tc);
+        Ok(())
+    }
+
+    fn attach_underlay_xdp(
+        &mut self,
+        dir: &Path,
+        ifindex: u32,
+        mode: XdpAttachMode,
+    ) -> Result<UnderlayAttachment> {
+        let pin = dir.join(format!("{XDP_LINK_PREFIX}{ifindex}"));
+        let name = program_names::UNDERLAY_XDP;
         let program = xdp_program(&mut self.ebpf, name)?;
         let taken_over = match pinned_fd_link(&pin) {
             Some(fd_link) => match XdpLink::try_from(fd_link) {
@@ -246,26 +308,55 @@ impl Datapath {
             path: pin.clone(),
             message: format!("XDP attached without a BPF link: {e}"),
         })?;
-        let pinned = repin(fd_link, &pin)?;
-        let previous = self.underlay.replace((ifindex, pinned));
-        if let Some((_, old)) = previous {
-            let _ = old.unpin();
+        Ok(UnderlayAttachment::Pinned(repin(fd_link, &pin)?))
+    }
+
+    fn attach_underlay_tc(&mut self, dir: &Path, ifindex: u32) -> Result<UnderlayAttachment> {
+        let iface =
+            name_of(ifindex).ok_or(DatapathError::UnknownInterface(format!("#{ifindex}")))?;
+        let name = program_names::UNDERLAY_TC;
+        let program = tc_program(&mut self.ebpf, name)?;
+        if !tcx_supported() {
+            add_clsact(&iface)?;
+            // A filter an earlier agent left would run next to ours: replace it.
+            let _ = tc::qdisc_detach_program(&iface, TcAttachType::Ingress, name);
+            let link_id = program
+                .attach(&iface, TcAttachType::Ingress)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let link = program
+                .take_link(link_id)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            return Ok(UnderlayAttachment::Netlink(link));
         }
-        remove_other_pins(&dir, XDP_LINK_PREFIX, &[ifindex]);
-        Ok(())
+        let pin = dir.join(format!("{UNDERLAY_TC_LINK_PREFIX}{ifindex}"));
+        let link_id = take_over_or_attach_tc(program, name, &pin, &iface)?;
+        let link = program
+            .take_link(link_id)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Pin {
+            path: pin.clone(),
+            message: format!("TC attached without a BPF link: {e}"),
+        })?;
+        Ok(UnderlayAttachment::Pinned(repin(fd_link, &pin)?))
     }
 
     pub fn underlay_ifindex(&self) -> Option<u32> {
-        self.underlay.as_ref().map(|(ifindex, _)| *ifindex)
+        self.underlay.as_ref().map(|(ifindex, _, _)| *ifindex)
+    }
+
+    /// The hook the underlay program is attached at, if attached.
+    pub fn underlay_hook(&self) -> Option<UnderlayHook> {
+        self.underlay.as_ref().map(|(_, hook, _)| *hook)
     }
 
     /// Detaches the underlay program (and removes its pin).
     pub fn detach_underlay(&mut self) -> Result<()> {
-        if let Some((_, link)) = self.underlay.take() {
-            let _ = link.unpin();
+        if let Some((ifindex, _, attachment)) = self.underlay.take() {
+            detach_underlay_attachment(attachment, ifindex);
         }
         if let Ok(dir) = self.links_dir() {
             remove_other_pins(&dir, XDP_LINK_PREFIX, &[]);
+            remove_other_pins(&dir, UNDERLAY_TC_LINK_PREFIX, &[]);
         }
         Ok(())
     }
@@ -280,19 +371,10 @@ impl Datapath {
         }
         let name = program_names::CONTAINER_TC;
         if !tcx_supported() {
-            match tc::qdisc_add_clsact(host_veth) {
-                Ok(()) => {}
-                Err(tc::TcError::AlreadyAttached) => {}
-                Err(source) => {
-                    return Err(DatapathError::Tc {
-                        iface: host_veth.to_string(),
-                        source,
-                    })
-                }
-            }
+            add_clsact(host_veth)?;
             // A filter an earlier agent left would run next to ours: replace it.
             let _ = tc::qdisc_detach_program(host_veth, TcAttachType::Ingress, name);
-            let program = tc_program(&mut self.ebpf)?;
+            let program = tc_program(&mut self.ebpf, name)?;
             let link_id = program
                 .attach(host_veth, TcAttachType::Ingress)
                 .map_err(|source| DatapathError::Program { name, source })?;
@@ -304,23 +386,8 @@ impl Datapath {
         }
         let dir = self.links_dir()?;
         let pin = dir.join(format!("{TC_LINK_PREFIX}{ifindex}"));
-        let program = tc_program(&mut self.ebpf)?;
-        let taken_over = match pinned_fd_link(&pin) {
-            Some(fd_link) => match SchedClassifierLink::try_from(fd_link) {
-                Ok(link) => program.attach_to_link(link).ok(),
-                Err(_) => None,
-            },
-            None => None,
-        };
-        let link_id = match taken_over {
-            Some(id) => id,
-            None => {
-                let _ = std::fs::remove_file(&pin);
-                program
-                    .attach(host_veth, TcAttachType::Ingress)
-                    .map_err(|source| DatapathError::Program { name, source })?
-            }
-        };
+        let program = tc_program(&mut self.ebpf, name)?;
+        let link_id = take_over_or_attach_tc(program, name, &pin, host_veth)?;
         let link = program
             .take_link(link_id)
             .map_err(|source| DatapathError::Program { name, source })?;
@@ -375,6 +442,9 @@ impl Datapath {
                 std::mem::forget(link);
             }
         }
+        if let Some((_, _, UnderlayAttachment::Netlink(link))) = self.underlay.take() {
+            std::mem::forget(link);
+        }
     }
 
     /// Interfaces this handle attached the container program to.
@@ -387,6 +457,7 @@ impl Datapath {
         let mut ids = BTreeMap::new();
         for name in [
             program_names::UNDERLAY_XDP,
+            program_names::UNDERLAY_TC,
             program_names::CONTAINER_TC,
             program_names::XDP_PASS,
         ] {
@@ -629,6 +700,63 @@ impl Datapath {
 
 const XDP_LINK_PREFIX: &str = "xdp-";
 const TC_LINK_PREFIX: &str = "tc-";
+/// The underlay's TC decap link (`tcu-` does not match the containers' `tc-` prefix).
+const UNDERLAY_TC_LINK_PREFIX: &str = "tcu-";
+
+/// Takes over the TCX link pinned at `pin` with an atomic program replacement, or
+/// attaches `program` to `iface`'s ingress afresh.
+fn take_over_or_attach_tc(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    pin: &Path,
+    iface: &str,
+) -> Result<aya::programs::tc::SchedClassifierLinkId> {
+    let taken_over = match pinned_fd_link(pin) {
+        Some(fd_link) => match SchedClassifierLink::try_from(fd_link) {
+            Ok(link) => program.attach_to_link(link).ok(),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    match taken_over {
+        Some(id) => Ok(id),
+        None => {
+            let _ = std::fs::remove_file(pin);
+            program
+                .attach(iface, TcAttachType::Ingress)
+                .map_err(|source| DatapathError::Program { name, source })
+        }
+    }
+}
+
+/// Adds a clsact qdisc to `iface` unless it has one (TC before Linux 6.6).
+fn add_clsact(iface: &str) -> Result<()> {
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) | Err(tc::TcError::AlreadyAttached) => Ok(()),
+        Err(source) => Err(DatapathError::Tc {
+            iface: iface.to_string(),
+            source,
+        }),
+    }
+}
+
+/// Detaches an underlay attachment: unpinning a link (which detaches it unless someone
+/// else holds it), or removing a netlink filter (gone already with its interface).
+fn detach_underlay_attachment(attachment: UnderlayAttachment, ifindex: u32) {
+    match attachment {
+        UnderlayAttachment::Pinned(link) => {
+            let _ = link.unpin();
+        }
+        UnderlayAttachment::Netlink(link) => {
+            use aya::programs::Link as _;
+            if let Err(e) = link.detach() {
+                if interface_exists(ifindex) {
+                    tracing::warn!(ifindex, error = %e, "cannot detach the underlay TC filter");
+                }
+            }
+        }
+    }
+}
 
 /// The link pinned at `pin`, if there is a usable one.
 fn pinned_fd_link(pin: &Path) -> Option<FdLink> {
@@ -689,8 +817,7 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
         .map_err(|source| DatapathError::Program { name, source })
 }
 
-fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    let name = program_names::CONTAINER_TC;
+fn tc_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
     ebpf.program_mut(name)
         .ok_or(DatapathError::Missing {
             kind: "program",
@@ -721,9 +848,19 @@ pub fn ifindex_of(name: &str) -> Result<u32> {
 }
 
 fn interface_exists(ifindex: u32) -> bool {
+    name_of(ifindex).is_some()
+}
+
+/// The name of interface `ifindex` in the calling thread's network namespace.
+fn name_of(ifindex: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: `buf` has room for IF_NAMESIZE bytes as the call requires.
-    !unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) }.is_null()
+    if unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) }.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (fresh machines and

@@ -1,5 +1,6 @@
 //! The overlay agent and operator CLI as a library. Where things are:
-//! - [`datapath`]: loading, pinning and attaching the kernel programs; typed map access.
+//! - [`datapath`]: loading, pinning and attaching the kernel programs; typed map access;
+//!   [`underlay`]: binding to the underlay (which hook decapsulates, host settings).
 //! - [`consul`]: the Consul HTTP API client; [`store`]: the cluster state's key layout;
 //!   [`ipam`]: address and network validation and the free-address search.
 //! - [`agent`]: the node agent; [`reconcile`]: cluster state -> map contents and the diff.
@@ -21,3 +22,4 @@ pub mod netlink;
 pub mod netns;
 pub mod reconcile;
 pub mod store;
+pub mod underlay;

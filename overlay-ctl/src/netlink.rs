@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use futures_util::TryStreamExt;
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::{LinkAttribute, LinkMessage},
+    link::{LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute},
 };
 use rtnetlink::{Handle, IpVersion};
@@ -33,9 +33,9 @@ pub struct LinkInfo {
     pub index: u32,
     pub mtu: u32,
     pub mac: [u8; 6],
-    /// A veth rather than a physical NIC (checksum offload needs care, see
-    /// `endpoint::set_tx_checksum`).
-    pub is_veth: bool,
+    /// The link kind of a virtual device (`veth`, `bridge`, `vxlan`, ...); `None` for a
+    /// device with a driver of its own (a NIC, virtio_net).
+    pub kind: Option<String>,
 }
 
 /// Opens a netlink connection, driven by a task on the current tokio runtime.
@@ -51,10 +51,17 @@ fn link_info(message: &LinkMessage) -> LinkInfo {
         index: message.header.index,
         mtu: 0,
         mac: [0; 6],
-        is_veth: false,
+        kind: None,
     };
     for attr in &message.attributes {
         match attr {
+            LinkAttribute::LinkInfo(infos) => {
+                for link_info in infos {
+                    if let NlLinkInfo::Kind(kind) = link_info {
+                        info.kind = Some(kind.to_string());
+                    }
+                }
+            }
             LinkAttribute::IfName(name) => info.name = name.clone(),
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
             LinkAttribute::Address(bytes) if bytes.len() == 6 => info.mac.copy_from_slice(bytes),

@@ -147,6 +147,14 @@ pub fn enter(file: &File) -> io::Result<()> {
 }
 
 /// Writes a sysctl under /proc/sys/net for the calling thread's namespace.
+/// Reads a `net.` sysctl of the calling thread's namespace (`key` like `ipv4.ip_forward`).
+pub fn read_net_sysctl(key: &str) -> io::Result<String> {
+    let path = Path::new("/proc/sys/net").join(key.replace('.', "/"));
+    std::fs::read_to_string(&path)
+        .map(|v| v.trim().to_string())
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
 pub fn write_net_sysctl(key: &str, value: &str) -> io::Result<()> {
     let path = Path::new("/proc/sys/net").join(key.replace('.', "/"));
     std::fs::write(&path, value)

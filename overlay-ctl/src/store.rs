@@ -697,12 +697,15 @@ impl Store {
             .map(|p| p.modify_index))
     }
 
-    /// Waits until every live node reports having applied KV index `index`, up to
-    /// `timeout`; returns the nodes that had not.
+    /// Waits until every live node with an agent (a node that has reported an applied
+    /// index at least once; a foreign VTEP written by hand never does) other than
+    /// `except` reports having applied KV index `index`, up to `timeout`; returns the
+    /// nodes that had not.
     pub async fn wait_applied(
         &self,
         index: u64,
         timeout: std::time::Duration,
+        except: &str,
     ) -> Result<Vec<String>, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pause = std::time::Duration::from_millis(5);
@@ -713,7 +716,8 @@ impl Store {
                 .await?
                 .into_iter()
                 .map(|n| n.name)
-                .filter(|n| applied.get(n).is_none_or(|i| *i < index))
+                .filter(|n| n != except)
+                .filter(|n| applied.get(n).is_some_and(|i| *i < index))
                 .collect();
             if behind.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(behind);

@@ -7,11 +7,11 @@ use overlay_common::{
 };
 
 use crate::{
-    container::{drop, pass_to_host},
     counters::count,
     headers::{ArpHdr, EthHdr},
     maps::{ENDPOINTS, NETWORKS},
     packet::ptr_at,
+    verdict::tc::{drop, pass_to_host},
 };
 
 const IPV4_ALEN: u8 = 4;

@@ -4,12 +4,7 @@
 //! source must be that endpoint's own (else spoofed), ARP is answered here, then the
 //! destination decides: same network on this node (switched), same network elsewhere
 //! (encapsulated), another network (dropped), the gateway or the world (host stack).
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect_peer,
-    maps::lpm_trie::Key,
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::bpf_redirect_peer, maps::lpm_trie::Key, programs::TcContext};
 use overlay_common::{
     proto::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, IPV4_IHL_MIN, IPV4_VERSION},
     Counter, EndpointKey, LocalIface,
@@ -22,6 +17,7 @@ use crate::{
     headers::{EthHdr, Ipv4Hdr},
     maps::{ENDPOINTS, LOCAL_IFACES, NETWORKS, SUBNETS},
     packet::ptr_at,
+    verdict::tc::{drop, pass_to_host},
 };
 
 /// Bytes made linear before parsing: Ethernet + the longest IPv4 header + a TCP header
@@ -118,17 +114,4 @@ fn switch_local(ctx: &TcContext, vni: u32, ifindex: u32, mac: &[u8; 6], len: u64
     count(vni, Counter::SwitchedLocal, len);
     // SAFETY: plain helper call; the kernel validates the ifindex.
     unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
-}
-
-#[inline(always)]
-pub fn pass_to_host(vni: u32, len: u64) -> i32 {
-    count(vni, Counter::PassedToHost, len);
-    TC_ACT_OK as i32
-}
-
-#[inline(always)]
-pub fn drop(vni: u32, reason: Counter, len: u64) -> i32 {
-    count(vni, reason, len);
-    crate::counters::log_drop("container", vni, reason, len);
-    TC_ACT_SHOT as i32
 }

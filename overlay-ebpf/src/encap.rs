@@ -26,12 +26,12 @@ use overlay_common::{
 };
 
 use crate::{
-    container::drop,
     counters::count,
     headers::{EthHdr, Ipv4Hdr, TcpHdrPrefix, UdpHdr, VxlanHdr},
     icmp,
     maps::underlay_config,
     packet::{fold_checksum, ipv4_header_sum, ptr_at},
+    verdict::tc::drop,
 };
 
 const AF_INET: u8 = 2;

@@ -15,10 +15,10 @@ use overlay_common::{
 };
 
 use crate::{
-    container::drop,
     counters::count,
     headers::{EthHdr, IcmpHdr, Ipv4Hdr},
     packet::{fold_checksum, ipv4_header_sum, ptr_at},
+    verdict::tc::drop,
 };
 
 const ICMP_OFFSET: usize = ETH_HLEN + IPV4_HLEN_MIN;

@@ -1,12 +1,14 @@
 //! Kernel side of the overlay data plane.
 //!
-//! - [`underlay`]: XDP on the underlay interface. Classifies frames, validates VXLAN and
-//!   decapsulates it straight into the destination container's veth.
+//! - [`underlay`]: the underlay's receive path, at XDP (NICs) or TC ingress (veth and
+//!   other devices whose XDP path loses the skb's checksum and GSO state). Classifies
+//!   frames, validates VXLAN and decapsulates it straight into the destination container.
 //! - [`container`]: TC ingress on every host-side container veth (the container's egress).
 //!   Anti-spoofing, ARP answers ([`arp`]), same-host switching, and VXLAN encapsulation
 //!   ([`encap`]) with the MTU check and ICMP "fragmentation needed" ([`icmp`]).
 //!
-//! All state lives in the maps of [`maps`]; every verdict is counted ([`counters`]).
+//! All state lives in the maps of [`maps`]; every verdict is counted ([`counters`]) and
+//! comes from [`verdict`].
 #![no_std]
 #![no_main]
 
@@ -19,6 +21,7 @@ mod icmp;
 mod maps;
 mod packet;
 mod underlay;
+mod verdict;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -28,7 +31,12 @@ use aya_ebpf::{
 
 #[xdp]
 pub fn overlay_underlay(ctx: XdpContext) -> u32 {
-    underlay::handle(&ctx)
+    underlay::handle_xdp(&ctx)
+}
+
+#[classifier]
+pub fn overlay_underlay_tc(ctx: TcContext) -> i32 {
+    underlay::handle_tc(&ctx)
 }
 
 #[classifier]

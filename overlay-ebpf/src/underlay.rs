@@ -1,16 +1,27 @@
-//! XDP on the underlay interface: the VXLAN decapsulation path.
+//! The underlay's receive path: VXLAN decapsulation, at XDP or at TC ingress.
 //!
 //! Non-VXLAN traffic passes to the host untouched. VXLAN addressed to this node is
 //! accepted only from a known cluster VTEP, with the I flag, for a known VNI, and for an
 //! endpoint on this node; anything else is dropped and counted. Valid packets lose their
-//! outer headers and are redirected into the endpoint's veth.
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+//! outer headers and go straight to the endpoint's container.
+//!
+//! Two hooks share the classification and validation below:
+//! - [`handle_xdp`] for NICs: the earliest point, before an skb exists.
+//! - [`handle_tc`] for devices whose native XDP path rebuilds the skb and so loses its
+//!   checksum and GSO state (veth: a peer hands over its skbs with checksums left to
+//!   "hardware" and 64 KB GSO frames). At TC ingress the skb keeps that state, so TCP
+//!   and UDP stay correct with the host's offloads left as they are.
+use aya_ebpf::{
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO},
+    helpers::{bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
+    programs::{TcContext, XdpContext},
+};
 use overlay_common::{
     proto::{
         ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I,
         VXLAN_HLEN, VXLAN_PORT,
     },
-    Counter, EndpointKey,
+    Counter, EndpointKey, EndpointValue,
 };
 
 use crate::{
@@ -18,24 +29,111 @@ use crate::{
     headers::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     maps::{underlay_config, ENDPOINTS, NETWORKS, VTEPS},
     packet::ptr_at,
+    verdict::{tc, xdp},
 };
 
+/// Bytes made linear before parsing at TC: outer Ethernet, the longest IPv4 header, UDP,
+/// VXLAN, inner Ethernet and inner IPv4 header (14 + 60 + 8 + 8 + 14 + 20 = 124).
+const TC_PULL_LEN: u32 = 128;
+
 #[inline(always)]
-pub fn handle(ctx: &XdpContext) -> u32 {
+pub fn handle_xdp(ctx: &XdpContext) -> u32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let frame_len = (data_end - data) as u64;
-    match classify(data, data_end) {
-        Classified::Other => pass_other(frame_len),
-        Classified::Malformed => drop(VNI_UNDERLAY, Counter::DropMalformed, frame_len),
+    let (outer_src, inner_offset, vxlan) = match classify(data, data_end) {
+        Classified::Other => return xdp::underlay_pass(frame_len),
+        Classified::Malformed => {
+            return xdp::underlay_drop(VNI_UNDERLAY, Counter::DropMalformed, frame_len)
+        }
         Classified::Vxlan {
             outer_src,
             inner_offset,
             vxlan,
-        } => {
-            count(VNI_UNDERLAY, Counter::UnderlayVxlan, frame_len);
-            decapsulate(ctx, outer_src, inner_offset, vxlan, frame_len)
-        }
+        } => (outer_src, inner_offset, vxlan),
+    };
+    count(VNI_UNDERLAY, Counter::UnderlayVxlan, frame_len);
+    let dest = match resolve(data, data_end, outer_src, inner_offset, vxlan) {
+        Ok(dest) => dest,
+        Err((vni, reason)) => return xdp::underlay_drop(vni, reason, frame_len),
+    };
+    // The sender learned this MAC from our ARP answer; a foreign VTEP (e.g. a Linux vxlan
+    // device with static entries) might not have, so deliver to the real one.
+    let Some(inner_eth) = ptr_at::<EthHdr>(data, data_end, inner_offset) else {
+        return xdp::underlay_drop(dest.vni, Counter::DropMalformed, frame_len);
+    };
+    // SAFETY: bounds-checked above.
+    unsafe { (*inner_eth).dst = dest.endpoint.mac };
+    // SAFETY: the helper validates the new head itself; pointers are not reused after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_offset as i32) } != 0 {
+        return xdp::underlay_drop(dest.vni, Counter::DropInternal, frame_len);
     }
+    count(
+        dest.vni,
+        Counter::Decapsulated,
+        frame_len - inner_offset as u64,
+    );
+    // SAFETY: plain helper call; the kernel validates the ifindex.
+    unsafe { bpf_redirect(dest.endpoint.ifindex, 0) as u32 }
+}
+
+#[inline(always)]
+pub fn handle_tc(ctx: &TcContext) -> i32 {
+    let len = ctx.len();
+    let frame_len = len as u64;
+    let pull = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
+    if ctx.pull_data(pull).is_err() {
+        return tc::underlay_drop(VNI_UNDERLAY, Counter::DropMalformed, frame_len);
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (outer_src, inner_offset, vxlan) = match classify(data, data_end) {
+        Classified::Other => return tc::underlay_pass(frame_len),
+        Classified::Malformed => {
+            return tc::underlay_drop(VNI_UNDERLAY, Counter::DropMalformed, frame_len)
+        }
+        Classified::Vxlan {
+            outer_src,
+            inner_offset,
+            vxlan,
+        } => (outer_src, inner_offset, vxlan),
+    };
+    count(VNI_UNDERLAY, Counter::UnderlayVxlan, frame_len);
+    let dest = match resolve(data, data_end, outer_src, inner_offset, vxlan) {
+        Ok(dest) => dest,
+        Err((vni, reason)) => return tc::underlay_drop(vni, reason, frame_len),
+    };
+    // Outer IPv4, UDP, VXLAN and the inner Ethernet header go (the bytes from the end of
+    // the outer Ethernet header to the inner IPv4 header: as many as the inner frame's
+    // offset); the outer Ethernet header stays and becomes the inner one below.
+    // FIXED_GSO keeps a GSO skb's segment size, which counts payload only and so is the
+    // same inside the tunnel.
+    let removed = inner_offset;
+    if ctx
+        .adjust_room(
+            -(removed as i32),
+            BPF_ADJ_ROOM_MAC,
+            BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+        )
+        .is_err()
+    {
+        return tc::underlay_drop(dest.vni, Counter::DropInternal, frame_len);
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+        return tc::underlay_drop(dest.vni, Counter::DropInternal, frame_len);
+    };
+    // SAFETY: bounds-checked above. The EtherType is already IPv4 (outer and inner).
+    unsafe {
+        (*eth).dst = dest.endpoint.mac;
+        (*eth).src = dest.inner_src_mac;
+    }
+    count(
+        dest.vni,
+        Counter::Decapsulated,
+        frame_len - inner_offset as u64,
+    );
+    // SAFETY: plain helper call; the kernel validates the ifindex. The skb enters the
+    // container's namespace as if received by its eth0, checksum and GSO state intact.
+    unsafe { bpf_redirect_peer(dest.endpoint.ifindex, 0) as i32 }
 }
 
 enum Classified {
@@ -93,67 +191,57 @@ fn classify(data: usize, data_end: usize) -> Classified {
     }
 }
 
+/// Where a valid VXLAN packet goes.
+struct Destination {
+    vni: u32,
+    endpoint: EndpointValue,
+    /// The inner frame's source MAC, kept when TC rebuilds the Ethernet header.
+    inner_src_mac: [u8; 6],
+}
+
+/// Validates a classified VXLAN packet against the maps: known VTEP, the I flag, known
+/// VNI, inner IPv4 to an endpoint on this node. Errors carry the VNI and drop reason.
 #[inline(always)]
-fn decapsulate(
-    ctx: &XdpContext,
+fn resolve(
+    data: usize,
+    data_end: usize,
     outer_src: u32,
     inner_offset: usize,
     vxlan: VxlanHdr,
-    frame_len: u64,
-) -> u32 {
+) -> Result<Destination, (u32, Counter)> {
     // SAFETY (map lookups): values are plain data owned by the map.
     if unsafe { VTEPS.get(&outer_src) }.is_none() {
-        return drop(VNI_UNDERLAY, Counter::DropUnknownVtep, frame_len);
+        return Err((VNI_UNDERLAY, Counter::DropUnknownVtep));
     }
     if vxlan.flags & VXLAN_FLAG_I == 0 {
-        return drop(VNI_UNDERLAY, Counter::DropMalformed, frame_len);
+        return Err((VNI_UNDERLAY, Counter::DropMalformed));
     }
     let vni = vxlan.vni();
     if unsafe { NETWORKS.get(&vni) }.is_none() {
-        return drop(VNI_UNDERLAY, Counter::DropUnknownVni, frame_len);
+        return Err((VNI_UNDERLAY, Counter::DropUnknownVni));
     }
-
-    let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(inner_eth) = ptr_at::<EthHdr>(data, data_end, inner_offset) else {
-        return drop(vni, Counter::DropMalformed, frame_len);
+        return Err((vni, Counter::DropMalformed));
     };
-    let inner_eth = unsafe { &mut *inner_eth };
+    // SAFETY: bounds-checked above.
+    let inner_eth = unsafe { *inner_eth };
     if inner_eth.ether_type != ETH_P_IP.to_be() {
-        return drop(vni, Counter::DropMalformed, frame_len);
+        return Err((vni, Counter::DropMalformed));
     }
     let Some(inner_ip) = ptr_at::<Ipv4Hdr>(data, data_end, inner_offset + ETH_HLEN) else {
-        return drop(vni, Counter::DropMalformed, frame_len);
+        return Err((vni, Counter::DropMalformed));
     };
     let key = EndpointKey {
         vni,
+        // SAFETY: bounds-checked above.
         ip: unsafe { (*inner_ip).daddr },
     };
-    let endpoint = match unsafe { ENDPOINTS.get(&key) } {
-        Some(ep) if ep.is_local() => *ep,
-        _ => return drop(vni, Counter::DropNoEndpoint, frame_len),
-    };
-    // The sender learned this MAC from our ARP answer; a foreign VTEP (e.g. a Linux vxlan
-    // device with static entries) might not have, so deliver to the real one.
-    inner_eth.dst = endpoint.mac;
-
-    // SAFETY: the helper validates the new head itself; pointers are not reused after it.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_offset as i32) } != 0 {
-        return drop(vni, Counter::DropInternal, frame_len);
+    match unsafe { ENDPOINTS.get(&key) } {
+        Some(ep) if ep.is_local() => Ok(Destination {
+            vni,
+            endpoint: *ep,
+            inner_src_mac: inner_eth.src,
+        }),
+        _ => Err((vni, Counter::DropNoEndpoint)),
     }
-    count(vni, Counter::Decapsulated, frame_len - inner_offset as u64);
-    // SAFETY: plain helper call.
-    unsafe { aya_ebpf::helpers::bpf_redirect(endpoint.ifindex, 0) as u32 }
-}
-
-#[inline(always)]
-fn pass_other(frame_len: u64) -> u32 {
-    count(VNI_UNDERLAY, Counter::UnderlayOther, frame_len);
-    xdp_action::XDP_PASS
-}
-
-#[inline(always)]
-fn drop(vni: u32, reason: Counter, frame_len: u64) -> u32 {
-    count(vni, reason, frame_len);
-    crate::counters::log_drop("underlay", vni, reason, frame_len);
-    xdp_action::XDP_DROP
 }

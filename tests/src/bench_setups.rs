@@ -1,8 +1,10 @@
 //! The three topologies, built side by side with the same shape: an underlay bridge in
 //! its own namespace, two hosts (namespaces with one underlay veth `eth0`, plugged by
-//! [`Underlay::plug`], so TX checksum offload is off and forwarding on in all three), and
-//! one container per host (a namespace with `eth0`, a veth to its host). The client
-//! container is on host 1, the server container on host 2.
+//! [`Underlay::plug`], offloads as the kernel sets them), and one container per host (a
+//! namespace with `eth0`, a veth to its host). The client container is on host 1, the
+//! server container on host 2. (c) is set up by the agent's own code (see
+//! [`Host::new`]): the bench changes nothing the agent would not, so it measures what
+//! users get.
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
@@ -20,35 +22,22 @@ pub const VNI: u32 = 100;
 /// Container MTU of (b) and (c): the underlay's minus the VXLAN overhead.
 pub const OVERLAY_MTU: u32 = UNDERLAY_MTU - overlay_common::VXLAN_OVERHEAD;
 
-/// Settings every setup's underlay gets.
-#[derive(Clone, Copy, Debug)]
-pub struct UnderlayTuning {
-    /// GRO on each host's underlay `eth0` (a NIC has it on; a veth has it only when asked).
-    pub gro: bool,
-}
-
-impl UnderlayTuning {
-    pub fn describe(&self) -> Vec<String> {
-        vec![
+/// What every setup shares, in words.
+pub fn common_description() -> Vec<String> {
+    vec![
             format!(
-                "underlay: one bridge (own namespace), each host plugged with a veth `eth0`, MTU {UNDERLAY_MTU}"
-            ),
-            "TX checksum offload off on every host's underlay `eth0` (the veth stands for a NIC \
-             that finishes checksums; this project's data plane needs it, so (a) and (b) get it too)"
-                .into(),
-            format!(
-                "GRO {} on every host's underlay `eth0`",
-                if self.gro { "enabled" } else { "disabled" }
+                "underlay: one bridge (own namespace), each host plugged with a veth `eth0`, MTU {UNDERLAY_MTU}, \
+                 offloads as the kernel sets them (the bench changes none)"
             ),
             "bridges (the underlay's, and (b)'s in each host) forward without netfilter \
              (bridge-nf-call-iptables/ip6tables/arptables = 0; the kernel has br_netfilter built \
              in and on by default)"
                 .into(),
-            "IPv4 forwarding on in the hosts; IPv6 off everywhere; GRO enabled on the container \
-             end of every container veth"
+            "IPv4 forwarding on in the hosts of (a) (set by the bench) and (c) (set by the \
+             agent's code); IPv6 off everywhere; GRO enabled on the container end of every \
+             container veth"
                 .into(),
         ]
-    }
 }
 
 /// One setup: a client and a server container on two hosts.
@@ -72,11 +61,11 @@ enum Hosts {
 }
 
 impl Setup {
-    pub fn build(kind: SetupKind, tuning: UnderlayTuning) -> Result<Self> {
+    pub fn build(kind: SetupKind) -> Result<Self> {
         let setup = match kind {
-            SetupKind::Routed => routed(tuning)?,
-            SetupKind::LinuxVxlan => linux_vxlan(tuning)?,
-            SetupKind::Overlay => overlay(tuning)?,
+            SetupKind::Routed => routed()?,
+            SetupKind::LinuxVxlan => linux_vxlan()?,
+            SetupKind::Overlay => overlay()?,
         };
         // Resolve everything (ARP, FDB, the data plane's neighbours) before measuring.
         let dst = setup.server_ip;
@@ -100,11 +89,6 @@ impl Setup {
             Hosts::Plain(_) => &[],
         }
     }
-}
-
-fn tune(host: &TestNs, tuning: UnderlayTuning) -> Result<()> {
-    host.run(|| endpoint::set_gro(UNDERLAY_IFNAME, tuning.gro))
-        .context("set GRO on the underlay")
 }
 
 /// Bridges forward without netfilter: the kernel has br_netfilter built in, with
@@ -174,13 +158,15 @@ fn container_veth(
 
 /// (a): each container in its own /24, the host side of its veth is the gateway, and
 /// each host routes the other container's /24 via the other host's underlay address.
-fn routed(tuning: UnderlayTuning) -> Result<Setup> {
+fn routed() -> Result<Setup> {
     let underlay = underlay()?;
     let mut hosts = Vec::new();
     let mut containers = Vec::new();
     for n in 1..=2u8 {
         let (host, _) = underlay.plug("bah", n);
-        tune(&host, tuning)?;
+        // The hosts route the containers' traffic: that is this baseline's setup.
+        host.run(|| overlay_ctl::netns::write_net_sysctl("ipv4.ip_forward", "1"))
+            .context("turn forwarding on in a routed host")?;
         let container = TestNs::new("bac");
         let subnet = |h: u8| Ipv4Addr::new(10, 1, h, 0);
         let gateway = Ipv4Addr::new(10, 1, n, 1);
@@ -242,7 +228,7 @@ fn iproute(tool: &str, ns: &TestNs, args: &str) -> Result<String> {
 /// and a `vxlan0` device (VNI 100, UDP 4789, learning off, ARP proxy on) as ports; for
 /// the remote container a static FDB entry (its MAC -> the other host's VTEP) and a
 /// permanent neighbour entry on `vxlan0` (answered by the ARP proxy).
-fn linux_vxlan(tuning: UnderlayTuning) -> Result<Setup> {
+fn linux_vxlan() -> Result<Setup> {
     let underlay = underlay()?;
     let net = Network::new(VNI, "10.100.0.0/24");
     let ips = [net.address(2), net.address(3)];
@@ -251,7 +237,6 @@ fn linux_vxlan(tuning: UnderlayTuning) -> Result<Setup> {
     let mut commands = Vec::new();
     for (i, n) in [1u8, 2].into_iter().enumerate() {
         let (host, _) = underlay.plug("bbh", n);
-        tune(&host, tuning)?;
         bridge_without_netfilter(&host)?;
         let vtep = Underlay::host_address(n);
         let (other_vtep, other_ip) = (Underlay::host_address(3 - n), ips[1 - i]);
@@ -307,12 +292,10 @@ fn linux_vxlan(tuning: UnderlayTuning) -> Result<Setup> {
 }
 
 /// (c): this project's data plane, as the data-plane tests build it.
-fn overlay(tuning: UnderlayTuning) -> Result<Setup> {
+fn overlay() -> Result<Setup> {
     let underlay = underlay()?;
     let mut hosts = cluster(&underlay, 2);
-    for host in &hosts {
-        tune(&host.ns, tuning)?;
-    }
+    let decap_hook = hosts[0].setup.decap_hook.clone();
     let net = Network::new(VNI, "10.100.0.0/24");
     for host in &mut hosts {
         host.add_network(&net);
@@ -331,10 +314,11 @@ fn overlay(tuning: UnderlayTuning) -> Result<Setup> {
         server: server.ns,
         _underlay: underlay,
         description: format!(
-            "this project's eBPF data plane loaded in each host (XDP on the underlay `eth0` in \
-             native mode, TC on each container's host-side veth), the maps filled as the agent \
-             would (network VNI {VNI}, both VTEPs, the remote container), containers \
-             10.100.0.2/24 and .3/24 (MTU {OVERLAY_MTU})"
+            "this project's eBPF data plane loaded and bound to the underlay by the agent's \
+             own code in each host (`--decap auto`: {}), TC on each container's host-side \
+             veth, the maps filled as the agent would (network VNI {VNI}, both VTEPs, the remote container), containers \
+             10.100.0.2/24 and .3/24 (MTU {OVERLAY_MTU})",
+            decap_hook
         ),
     })
 }

@@ -92,8 +92,8 @@ impl Fixture {
                 anyhow::Ok(netlink::link_by_name(&handle, "eth0").await?)
             })
             .context("test-run namespace")?;
-        // bpf_fib_lookup answers only for interfaces that forward, as a host's underlay does.
-        ns.run(|| overlay_ctl::netns::write_net_sysctl("ipv4.ip_forward", "1"))?;
+        // bpf_fib_lookup answers only for interfaces that forward: the agent's own setting.
+        ns.run(overlay_ctl::underlay::enable_forwarding)?;
         let pins = PinGuard::new();
         let mut dp = Datapath::load(&pins.path).context("load the data plane")?;
         dp.set_underlay(&UnderlayConfig {

@@ -229,3 +229,56 @@ fn sockaddr(dst: Ipv4Addr) -> libc::sockaddr_in {
         sin_zero: [0; 8],
     }
 }
+
+/// `TcpInCsumErrors` and `UdpInCsumErrors` of the calling thread's network namespace
+/// (`/proc/net/snmp`): segments and datagrams the stack dropped for a bad checksum.
+pub fn checksum_errors() -> (u64, u64) {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
+    (
+        snmp_value(&snmp, "Tcp:", "InCsumErrors"),
+        snmp_value(&snmp, "Udp:", "InCsumErrors"),
+    )
+}
+
+/// One counter of `/proc/net/snmp`, whose sections are a header line and a value line.
+fn snmp_value(snmp: &str, section: &str, name: &str) -> u64 {
+    let mut lines = snmp.lines().filter(|l| l.starts_with(section));
+    let (Some(header), Some(values)) = (lines.next(), lines.next()) else {
+        panic!("no {section} section in /proc/net/snmp");
+    };
+    let column = header
+        .split_whitespace()
+        .position(|h| h == name)
+        .unwrap_or_else(|| panic!("no {section} {name} in /proc/net/snmp"));
+    values
+        .split_whitespace()
+        .nth(column)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable {section} {name}"))
+}
+
+/// Receives datagrams on `socket` until `count` arrived or `timeout` passed; returns the
+/// number whose payload equalled `payload`.
+pub fn udp_receive_matching(
+    socket: &std::net::UdpSocket,
+    payload: &[u8],
+    count: usize,
+    timeout: Duration,
+) -> usize {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; payload.len() + 1];
+    let mut matching = 0;
+    while matching < count {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        socket.set_read_timeout(Some(left)).unwrap();
+        match socket.recv(&mut buf) {
+            Ok(n) if buf[..n] == *payload => matching += 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    matching
+}

@@ -5,12 +5,13 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 use overlay_common::{
-    ipv4_to_map, EndpointKey, EndpointValue, NetworkInfo, UnderlayConfig, VtepInfo, VXLAN_OVERHEAD,
+    ipv4_to_map, EndpointKey, EndpointValue, NetworkInfo, VtepInfo, VXLAN_OVERHEAD,
 };
 use overlay_ctl::{
     datapath::{Datapath, XdpAttachMode},
     endpoint::{self, EndpointSpec},
     netlink::{self, LinkInfo},
+    underlay::{DecapMode, UnderlaySetup},
 };
 
 use crate::harness::{block_on, unique_name, PinGuard, TestNs};
@@ -92,11 +93,6 @@ impl Underlay {
                 .await
                 .unwrap()
         });
-        ns.run(|| {
-            overlay_ctl::netns::write_net_sysctl("ipv4.ip_forward", "1").unwrap();
-            // The veth stands for a NIC: finish checksums before the "wire" as hardware would.
-            endpoint::set_tx_checksum(UNDERLAY_IFNAME, false).unwrap();
-        });
         (ns, link)
     }
 }
@@ -148,6 +144,8 @@ pub struct Host {
     pub ns: TestNs,
     pub underlay: LinkInfo,
     pub vtep: Ipv4Addr,
+    /// The decapsulation hook the agent's code chose, and why.
+    pub setup: UnderlaySetup,
 }
 
 /// A container: a namespace with one interface `eth0` plumbed to a host.
@@ -160,24 +158,35 @@ pub struct Container {
 }
 
 impl Host {
-    /// Host number `n` on `underlay`, with the data plane loaded and XDP attached.
+    /// Host number `n` on `underlay`, with the data plane loaded and bound to the
+    /// underlay as the agent binds it (`--decap auto`: TC ingress on this veth).
     pub fn new(underlay: &Underlay, n: u8) -> Self {
+        Self::with_decap(underlay, n, DecapMode::Auto)
+    }
+
+    /// [`Host::new`] with the decapsulation hook chosen by `decap`. The host is set up
+    /// by the agent's own code ([`overlay_ctl::underlay`]): the harness changes no
+    /// offload or sysctl itself.
+    pub fn with_decap(underlay: &Underlay, n: u8, decap: DecapMode) -> Self {
         let (ns, link) = underlay.plug("host", n);
         let vtep = Underlay::host_address(n);
         let pins = PinGuard::new();
         let mut datapath = Datapath::load(&pins.path).expect("load data plane");
-        datapath
-            .set_underlay(&UnderlayConfig {
-                ifindex: link.index,
-                vtep: ipv4_to_map(vtep.octets()),
-                mtu: link.mtu,
-                mac: link.mac,
-                _pad: [0; 2],
+        let setup = ns
+            .run(|| {
+                overlay_ctl::underlay::enable_forwarding()?;
+                overlay_ctl::underlay::attach(
+                    &mut datapath,
+                    &link,
+                    vtep,
+                    decap,
+                    XdpAttachMode::Native,
+                )
+                .map_err(std::io::Error::other)
             })
-            .unwrap();
-        ns.run(|| datapath.attach_underlay(link.index, XdpAttachMode::Native))
-            .expect("attach XDP natively on the underlay veth");
+            .expect("bind the data plane to the underlay veth");
         Self {
+            setup,
             datapath,
             pins,
             ns,
@@ -281,7 +290,14 @@ impl Host {
 
 /// A ready cluster: `hosts` hosts that all know each other's VTEPs.
 pub fn cluster(underlay: &Underlay, hosts: u8) -> Vec<Host> {
-    let mut all: Vec<Host> = (1..=hosts).map(|n| Host::new(underlay, n)).collect();
+    cluster_with(underlay, hosts, DecapMode::Auto)
+}
+
+/// [`cluster`] with the decapsulation hook chosen by `decap` on every host.
+pub fn cluster_with(underlay: &Underlay, hosts: u8, decap: DecapMode) -> Vec<Host> {
+    let mut all: Vec<Host> = (1..=hosts)
+        .map(|n| Host::with_decap(underlay, n, decap))
+        .collect();
     let vteps: Vec<Ipv4Addr> = all.iter().map(|h| h.vtep).collect();
     for host in &mut all {
         host.add_vteps(&vteps);

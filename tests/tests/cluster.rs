@@ -318,7 +318,7 @@ fn kill_9_and_restart_of_agents_loses_no_packet() {
             "the restarted agent kept its session (peers never saw it leave)"
         );
         assert_ne!(
-            after["programs"]["overlay_underlay"], before["programs"]["overlay_underlay"],
+            after["programs"]["overlay_underlay_tc"], before["programs"]["overlay_underlay_tc"],
             "the restarted agent's programs took over the links"
         );
         assert_ne!(after["pid"], before["pid"]);
@@ -388,6 +388,27 @@ fn bad_input_is_refused_with_one_line_and_no_change() {
     let taken = unique_name("t");
     let _holder = node.spawn_run("vetted", &taken, &["sleep", "120"]);
     let taken_ip = node.wait_endpoint("vetted", &taken).to_string();
+    // Settled: `run` recorded its command's pid and the agent acknowledged the newest
+    // state, so nothing but a bad command could change the store from here.
+    wait_until("the store to settle", Duration::from_secs(15), || {
+        let snapshot = consul.kv_snapshot("");
+        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+        let pid_recorded = snapshot.iter().any(|(k, v, _)| {
+            k.ends_with(&format!("endpoints/vetted/{taken}")) && text(v).contains("\"pid\":")
+        });
+        let newest = snapshot
+            .iter()
+            .filter(|(k, _, _)| !k.contains("/applied/"))
+            .map(|(_, _, index)| *index)
+            .max()
+            .unwrap_or(0);
+        let acknowledged = snapshot
+            .iter()
+            .find(|(k, _, _)| k.ends_with("applied/node1"))
+            .and_then(|(_, v, _)| text(v).parse::<u64>().ok())
+            .unwrap_or(0);
+        pid_recorded && acknowledged >= newest
+    });
     let links_before = link_names(node);
     let netns_before = netns_names("ovl-vetted-");
     let before = consul.kv_snapshot("");
@@ -647,13 +668,80 @@ fn status_and_logs_show_what_the_agent_does() {
     );
 }
 
-/// Whether `iface` in `node` has an XDP program attached (as `ip link` shows it).
-fn has_xdp(node: &Node, iface: &str) -> bool {
-    let out = std::process::Command::new("ip")
-        .args(["-n", node.ns.name(), "link", "show", iface])
-        .output()
-        .expect("ip (iproute2) is installed by cargo xtask setup");
-    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+/// Whether `iface` in `node` has the underlay's decapsulation program attached, at XDP
+/// or TC ingress: the agent holds each attachment as a BPF link pinned under
+/// `<pin root>/links/` and named for the interface index (Debian's bpftool 7.1 cannot
+/// tell a TCX link's interface).
+fn has_decap(node: &Node, iface: &str) -> bool {
+    let pin_root = node.status().unwrap()["pin_root"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let name = iface.to_string();
+    let Some(ifindex) = node.ns.block_on(|| async move {
+        let handle = overlay_ctl::netlink::connect().unwrap();
+        overlay_ctl::netlink::link_by_name(&handle, &name)
+            .await
+            .ok()
+            .map(|l| l.index)
+    }) else {
+        return false;
+    };
+    ["xdp", "tcu"].iter().any(|prefix| {
+        let pin = std::path::Path::new(&pin_root)
+            .join("links")
+            .join(format!("{prefix}-{ifindex}"));
+        aya::programs::links::PinnedLink::from_pin(&pin).is_ok()
+    })
+}
+
+/// Two hosts set up by nothing but their agents (`overlay-ctl agent --iface eth0`, the
+/// host's offloads and sysctls as they came): 1 MB of TCP each way between containers
+/// on the two hosts arrives intact, and neither container drops a segment or datagram
+/// for a bad checksum. The veth underlay hands over skbs with checksums still to be
+/// done, which XDP decapsulation would lose (issue #11); the agent picks TC ingress.
+#[test]
+fn tcp_between_hosts_set_up_only_by_agents_is_intact_both_ways() {
+    require_root();
+    let underlay = Underlay::new();
+    let (_consul, nodes) = start_cluster(&BINS, &underlay, 2, None, &[]);
+    for node in &nodes {
+        let status = node.status().unwrap();
+        assert_eq!(status["decap"]["decap_hook"], "tc ingress", "{status:#}");
+    }
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
+    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
+    let a_ip = nodes[0].wait_endpoint("net1", &a.netns["ovl-net1-".len()..]);
+    let b_ip = nodes[1].wait_endpoint("net1", &b.netns["ovl-net1-".len()..]);
+    for (from, to, to_ip, port, seed) in [(&a, &b, b_ip, 5101, 1), (&b, &a, a_ip, 5102, 2)] {
+        let data = net::pattern(1024 * 1024, seed);
+        let listener = in_container(to, || net::tcp_listen(to_ip, port));
+        let receiver = std::thread::spawn({
+            let ns = to.open_netns().unwrap();
+            move || {
+                ns.run(move || net::tcp_receive_all(&listener, Duration::from_secs(30)))
+                    .unwrap()
+            }
+        });
+        in_container(from, || {
+            net::tcp_send_all(to_ip, port, &data, Duration::from_secs(30))
+        });
+        assert_eq!(
+            receiver.join().unwrap(),
+            (data.len(), net::digest(&data)),
+            "1 MB to {to_ip} arrived with the same length and digest"
+        );
+    }
+    for (container, ip) in [(&a, a_ip), (&b, b_ip)] {
+        assert_eq!(
+            in_container(container, net::checksum_errors),
+            (0, 0),
+            "TcpInCsumErrors/UdpInCsumErrors in the container {ip}"
+        );
+    }
 }
 
 #[test]
@@ -685,11 +773,11 @@ fn cluster_bind_moves_the_underlay_at_runtime() {
         b_ip,
         Duration::from_secs(10)
     )));
-    assert!(has_xdp(&nodes[0], "eth0") && !has_xdp(&nodes[0], "eth1"));
+    assert!(has_decap(&nodes[0], "eth0") && !has_decap(&nodes[0], "eth1"));
 
     let moved = nodes[0].cli(&["cluster", "bind", "eth1"]).ok();
     assert!(moved.stdout.contains("203.0.113.1"), "{moved:#?}");
-    assert!(has_xdp(&nodes[0], "eth1") && !has_xdp(&nodes[0], "eth0"));
+    assert!(has_decap(&nodes[0], "eth1") && !has_decap(&nodes[0], "eth0"));
     wait_until("node1's new VTEP at its peer", JOIN, || {
         let out = nodes[1].cli(&["cluster", "members", "--json"]);
         out.stdout.contains("203.0.113.1") && !out.stdout.contains("192.0.2.1")
@@ -704,7 +792,7 @@ fn cluster_bind_moves_the_underlay_at_runtime() {
         let out = nodes[1].cli(&["cluster", "members", "--json"]);
         out.stdout.contains("192.0.2.1") && !out.stdout.contains("203.0.113.1")
     });
-    assert!(has_xdp(&nodes[0], "eth0") && !has_xdp(&nodes[0], "eth1"));
+    assert!(has_decap(&nodes[0], "eth0") && !has_decap(&nodes[0], "eth1"));
     assert!(in_container(&a, || net::ping_until_reply(
         b_ip,
         Duration::from_secs(10)
@@ -897,4 +985,36 @@ fn kernel_logs_show_drops_only_when_enabled() {
         "kernel logs appeared without --kernel-log:\n{}",
         quiet.stdout
     );
+}
+
+/// `run` waits only for agents that report what they applied, and not for its own node
+/// (whose agent confirmed the attachment before): neither the first `run` on a fresh
+/// cluster nor a `run` beside a node record that no agent stands behind (a foreign VTEP,
+/// which the key layout allows) sits out the peer wait and warns.
+#[test]
+fn run_waits_only_for_peers_with_agents() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_cluster(&BINS, &underlay, 2, None, &[]);
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let behind = "have not applied";
+    let first = nodes[0].cli(&["run", "-n", "net1", "--", "true"]);
+    assert_eq!(first.code, 0, "{first:#?}");
+    assert!(!first.stderr.contains(behind), "{first:#?}");
+
+    consul.with_client(|c| async move {
+        c.put(
+            "overlay/nodes/foreign",
+            br#"{"name":"foreign","vtep":"192.0.2.77","iface":"eth0"}"#,
+        )
+        .await
+        .unwrap()
+    });
+    for node in &nodes {
+        let out = node.cli(&["run", "-n", "net1", "--", "true"]);
+        assert_eq!(out.code, 0, "{out:#?}");
+        assert!(!out.stderr.contains(behind), "{}: {out:#?}", node.name);
+    }
 }

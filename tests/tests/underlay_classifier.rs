@@ -1,4 +1,5 @@
-//! The underlay XDP program classifies VXLAN and other traffic and counts both, exactly.
+//! The underlay programs (XDP and TC ingress) classify VXLAN and other traffic and count
+//! both, exactly.
 //!
 //! Two hosts (namespaces) joined by a veth; the program on host B's end; host A sends a
 //! known number of VXLAN and non-VXLAN datagrams from ordinary UDP sockets; the per-CPU
@@ -10,7 +11,7 @@ use std::{
 
 use overlay_common::{ipv4_to_map, Counter, UnderlayConfig};
 use overlay_ctl::{
-    datapath::{Datapath, XdpAttachMode},
+    datapath::{Datapath, UnderlayHook, XdpAttachMode},
     netlink,
 };
 use overlay_tests::{frames, harness::*};
@@ -21,7 +22,16 @@ const VXLAN_SENT: u64 = 37;
 const OTHER_SENT: u64 = 23;
 
 #[test]
-fn counts_vxlan_and_other_traffic_exactly() {
+fn xdp_counts_vxlan_and_other_traffic_exactly() {
+    counts_vxlan_and_other_traffic_exactly(UnderlayHook::Xdp(XdpAttachMode::Native));
+}
+
+#[test]
+fn tc_counts_vxlan_and_other_traffic_exactly() {
+    counts_vxlan_and_other_traffic_exactly(UnderlayHook::TcIngress);
+}
+
+fn counts_vxlan_and_other_traffic_exactly(hook: UnderlayHook) {
     require_root();
     let host_a = TestNs::new("ula");
     let host_b = TestNs::new("ulb");
@@ -82,8 +92,8 @@ fn counts_vxlan_and_other_traffic_exactly() {
         })
         .unwrap();
     host_b
-        .run(|| datapath.attach_underlay(b_link.index, XdpAttachMode::Native))
-        .expect("attach XDP in native mode on the veth");
+        .run(|| datapath.attach_underlay(b_link.index, hook))
+        .expect("attach the underlay program on the veth");
 
     let inner = frames::inner_udp_frame(
         [2; 6],

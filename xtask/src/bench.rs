@@ -19,9 +19,6 @@ pub struct BenchArgs {
     /// BPF_PROG_TEST_RUN calls per program per round (encap, decap, two empty programs).
     #[arg(long, default_value_t = 100_000)]
     testrun_calls: usize,
-    /// GRO on every host's underlay veth, for all three setups alike ("on" like a NIC).
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    underlay_gro: String,
     /// No new round starts once this many minutes have passed.
     #[arg(long, default_value_t = 10.0)]
     budget_minutes: f64,
@@ -73,8 +70,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .arg(args.duration.to_string())
         .arg("--testrun-calls")
         .arg(args.testrun_calls.to_string())
-        .arg("--underlay-gro")
-        .arg(&args.underlay_gro)
         .arg("--budget-minutes")
         .arg(args.budget_minutes.to_string())
         .arg("--out-dir")

@@ -21,7 +21,7 @@ use clap::Parser;
 use overlay_tests::bench::{
     control_plane_rows,
     report::{fmt_value, BenchRow, Better, Machine, Measured, Report, Samples, SetupKind, Target},
-    setups::{Setup, UnderlayTuning},
+    setups::{self, Setup},
     testrun::Fixture,
     tools::{self, Servers, INTERRUPTED},
 };
@@ -39,9 +39,6 @@ struct Args {
     /// Kernel-timed BPF_PROG_TEST_RUN calls per program per round.
     #[arg(long, default_value_t = 100_000)]
     testrun_calls: usize,
-    /// GRO on the hosts' underlay veths (all setups alike).
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    underlay_gro: String,
     /// Stop starting new rounds once this many minutes have passed (at least one runs).
     #[arg(long, default_value_t = 10.0)]
     budget_minutes: f64,
@@ -207,9 +204,6 @@ fn run(args: &Args) -> Result<()> {
     }
     let started = SystemTime::now();
     let clock = Instant::now();
-    let tuning = UnderlayTuning {
-        gro: args.underlay_gro == "on",
-    };
     let duration = Duration::from_secs(args.duration);
 
     let wanted = |what: &str| args.only.is_empty() || args.only.iter().any(|o| o == what);
@@ -222,7 +216,7 @@ fn run(args: &Args) -> Result<()> {
 
     let mut setups = Vec::new();
     for kind in kinds {
-        let setup = Setup::build(kind, tuning)
+        let setup = Setup::build(kind)
             .with_context(|| format!("build setup ({}) {}", kind.letter(), kind.title()))?;
         let servers = Servers::start(&setup.server, setup.server_ip)?;
         println!(
@@ -436,7 +430,7 @@ fn run(args: &Args) -> Result<()> {
             .with_context(|| format!("{} is not a JSON object of strings", args.notes.display()))?,
         Err(_) => BTreeMap::new(),
     };
-    let mut common = tuning.describe();
+    let mut common = setups::common_description();
     common.push(format!(
         "tools: {}; {}",
         tools::tool_version("iperf3", "--version"),
@@ -451,7 +445,6 @@ fn run(args: &Args) -> Result<()> {
             "rounds": args.rounds,
             "duration_secs": args.duration,
             "testrun_calls": args.testrun_calls,
-            "underlay_gro": args.underlay_gro,
             "budget_minutes": args.budget_minutes,
             "setups": args.setups,
             "only": args.only,

@@ -2,13 +2,68 @@
 //! namespaces on a veth underlay) with the Consul dev server, narrated step by step, ending
 //! with a pass/fail line. Everything it creates is removed when it ends. Run it through
 //! `cargo xtask demo` (as root).
-use std::{process::ExitCode, time::Duration};
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use overlay_tests::{
     cluster::{start_cluster, Bins, CliOutput, Node},
     harness::wait_until,
+    net,
     topology::Underlay,
 };
+
+/// Bytes the demo's TCP transfer moves between hosts.
+const TRANSFER_BYTES: usize = 1024 * 1024;
+const TRANSFER_PORT: &str = "5000";
+
+/// The demo's own TCP ends, run inside containers by `overlay-ctl run`:
+/// `overlay-demo tcp-sink PORT` receives one stream and prints its length and digest;
+/// `overlay-demo tcp-send IP PORT BYTES` sends a deterministic stream and prints the same.
+fn transfer_tool(args: &[String]) -> Option<ExitCode> {
+    let digest_line = |verb: &str, len: usize, digest: u64| {
+        println!("{verb} {len} bytes, digest {digest:016x}");
+        ExitCode::SUCCESS
+    };
+    match args {
+        [mode, port] if mode == "tcp-sink" => {
+            let port: u16 = port.parse().ok()?;
+            let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).ok()?;
+            let (len, digest) = net::tcp_receive_all(&listener, Duration::from_secs(30));
+            Some(digest_line("received", len, digest))
+        }
+        [mode, ip, port, bytes] if mode == "tcp-send" => {
+            let dst = SocketAddrV4::new(ip.parse().ok()?, port.parse().ok()?);
+            let data = net::pattern(bytes.parse().ok()?, 11);
+            // The sink's command starts a moment after its address is listed.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut stream = loop {
+                match TcpStream::connect_timeout(&dst.into(), Duration::from_secs(1)) {
+                    Ok(stream) => break stream,
+                    Err(e) if Instant::now() > deadline => {
+                        eprintln!("tcp-send: cannot connect to {dst}: {e}");
+                        return Some(ExitCode::FAILURE);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            let sent = stream
+                .write_all(&data)
+                .and_then(|()| stream.shutdown(std::net::Shutdown::Write))
+                // The sink closes once it has read everything.
+                .and_then(|()| stream.read_to_end(&mut Vec::new()).map(|_| ()));
+            if let Err(e) = sent {
+                eprintln!("tcp-send: {e}");
+                return Some(ExitCode::FAILURE);
+            }
+            Some(digest_line("sent", data.len(), net::digest(&data)))
+        }
+        _ => None,
+    }
+}
 
 struct Demo {
     checks: usize,
@@ -42,6 +97,13 @@ impl Demo {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.is_empty() {
+        return transfer_tool(&args).unwrap_or_else(|| {
+            eprintln!("usage: overlay-demo [tcp-sink PORT | tcp-send IP PORT BYTES]");
+            ExitCode::from(2)
+        });
+    }
     if !nix::unistd::geteuid().is_root() {
         eprintln!("error: the demo creates network namespaces and loads BPF programs: run it as root (sudo -E cargo xtask demo)");
         return ExitCode::FAILURE;
@@ -155,6 +217,43 @@ fn main() -> ExitCode {
         ],
     );
     demo.check("the gateway answers", ping.code == 0);
+
+    demo.say("TCP across hosts: 1 MiB from node3 to a container on node1, checked end to end");
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    println!(
+        "node1$ overlay-ctl run -n net1 --name sink -- overlay-demo tcp-sink {TRANSFER_PORT} &"
+    );
+    let sink = nodes[0].spawn_run("net1", "sink", &[&exe, "tcp-sink", TRANSFER_PORT]);
+    let sink_ip = nodes[0].wait_endpoint("net1", "sink").to_string();
+    let bytes = TRANSFER_BYTES.to_string();
+    println!(
+        "node3$ overlay-ctl run -n net1 -- overlay-demo tcp-send {sink_ip} {TRANSFER_PORT} {bytes}"
+    );
+    let sent = nodes[2].cli(&[
+        "run",
+        "-n",
+        "net1",
+        "--",
+        &exe,
+        "tcp-send",
+        &sink_ip,
+        TRANSFER_PORT,
+        &bytes,
+    ]);
+    let received = sink.wait(Duration::from_secs(30));
+    println!("    node3: {}", sent.stdout.trim());
+    println!("    node1: {}", received.stdout.trim());
+    let digest = |out: &str| out.split("digest ").nth(1).map(str::trim).map(String::from);
+    demo.check(
+        "1 MiB of TCP arrived whole: same length and digest on both hosts",
+        sent.code == 0
+            && received.code == 0
+            && received.stdout.contains(&format!("received {bytes} bytes"))
+            && digest(&sent.stdout).is_some()
+            && digest(&sent.stdout) == digest(&received.stdout),
+    );
 
     demo.say("Another network cannot reach net1");
     demo.show(&nodes[0], &["network", "create", "net2", "10.200.0.0/24"]);
