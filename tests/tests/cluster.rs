@@ -615,6 +615,8 @@ fn status_and_logs_show_what_the_agent_does() {
         "VTEPS",
         "reachable",
         "registered (2 members)",
+        "decap:       tc ingress",
+        "net.ipv4.ip_forward changed 0 -> 1",
     ] {
         assert!(
             human.stdout.contains(needle),
@@ -1017,4 +1019,26 @@ fn run_waits_only_for_peers_with_agents() {
         assert_eq!(out.code, 0, "{out:#?}");
         assert!(!out.stderr.contains(behind), "{}: {out:#?}", node.name);
     }
+}
+
+/// What the agent changes on the host is in `status`, and an `--ephemeral` agent puts
+/// it back when it stops.
+#[test]
+fn an_ephemeral_agent_puts_back_the_host_settings_it_changed() {
+    require_root();
+    let underlay = Underlay::new();
+    let (_consul, mut nodes) = start_cluster(&BINS, &underlay, 1, None, &["--ephemeral"]);
+    let forwarding = |node: &Node| {
+        node.ns
+            .run(|| overlay_ctl::netns::read_net_sysctl("ipv4.ip_forward").unwrap())
+    };
+    assert_eq!(forwarding(&nodes[0]), "1");
+    let status = nodes[0].status().unwrap();
+    assert_eq!(
+        status["host_changes"],
+        serde_json::json!([{"setting": "net.ipv4.ip_forward", "before": "0", "after": "1"}]),
+        "{status:#}"
+    );
+    assert!(nodes[0].stop_agent().is_some_and(|s| s.success()));
+    assert_eq!(forwarding(&nodes[0]), "0", "put back on exit");
 }
