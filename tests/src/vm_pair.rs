@@ -445,9 +445,17 @@ fn send_all(dst: SocketAddrV4, data: &[u8], timeout: Duration) -> io::Result<()>
     Ok(())
 }
 
-/// The first line of an error chain, all causes joined: markers are one line each.
+/// An error chain on one line (markers are one line each), without repeating causes
+/// that an outer message already quotes.
 fn one_line(error: &anyhow::Error) -> String {
-    format!("{error:#}").replace('\n', " ")
+    let mut kept: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let message = cause.to_string().replace('\n', " ");
+        if !kept.last().is_some_and(|outer| outer.contains(&message)) {
+            kept.push(message);
+        }
+    }
+    kept.join(": ")
 }
 
 /// Turns the console's echo off, so the host's commands do not come back as output.
@@ -514,6 +522,15 @@ mod tests {
         );
         assert_eq!(role_from_cmdline("console=ttyS0 overlay.pair=3"), None);
         assert_eq!(role_from_cmdline("console=ttyS0"), None);
+    }
+
+    #[test]
+    fn error_lines_do_not_repeat_quoted_causes() {
+        let inner = anyhow!("netlink error: MTU too large");
+        let error = inner.context("program x: netlink error: MTU too large");
+        assert_eq!(one_line(&error), "program x: netlink error: MTU too large");
+        let error = anyhow!("os error 22").context("attach").context("set up");
+        assert_eq!(one_line(&error), "set up: attach: os error 22");
     }
 
     #[test]

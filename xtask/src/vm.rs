@@ -290,13 +290,17 @@ fn run_all(choice: KernelChoice, timeout: Duration, filter: Option<&str>) -> Res
         // The two-guest virtio-net scenario, with the same initramfs.
         if let Some(initrd) = initrd.filter(|_| crate::vm_pair::selected(filter)) {
             let work = vm_dir.join(&kernel.release);
-            let pair = step(
-                &format!(
-                    "two guests on virtio-net, XDP on virtio_net ({})",
-                    kernel.release
-                ),
-                || Ok(crate::vm_pair::run(&kernel, &initrd, &work)),
-            )?;
+            let what = format!(
+                "two guests on virtio-net, XDP on virtio_net ({})",
+                kernel.release
+            );
+            println!("==> {what}");
+            let pair = crate::vm_pair::run(&kernel, &initrd, &work);
+            println!(
+                "==> {what}: {} ({:.1}s)",
+                if pair.failed() == 0 { "ok" } else { "FAILED" },
+                pair.elapsed.as_secs_f32()
+            );
             let line = format!(
                 "vm-pair {}: {} passed, {} failed; {}",
                 kernel.release,
@@ -311,7 +315,6 @@ fn run_all(choice: KernelChoice, timeout: Duration, filter: Option<&str>) -> Res
                     Err(why) => println!("  FAILED {name}: {why}"),
                 }
             }
-            println!("  two-guest run {:.1}s", pair.elapsed.as_secs_f32());
             report.passed += pair.passed();
             report.failed += pair.failed();
             report.line = format!("{}\n{line}", report.line);
