@@ -458,6 +458,22 @@ fn one_line(error: &anyhow::Error) -> String {
     kept.join(": ")
 }
 
+/// The kernel's log buffer (`dmesg`).
+fn kernel_log() -> String {
+    const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
+    let mut buf = vec![0u8; 1 << 20];
+    // SAFETY: klogctl writes at most `len` bytes into the live buffer.
+    let n = unsafe {
+        libc::klogctl(
+            SYSLOG_ACTION_READ_ALL,
+            buf.as_mut_ptr().cast(),
+            buf.len() as libc::c_int,
+        )
+    };
+    buf.truncate(n.max(0) as usize);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// Turns the console's echo off, so the host's commands do not come back as output.
 fn quiet_console() {
     // SAFETY: termios calls on fd 0 with a zeroed, then kernel-filled, struct.
@@ -487,6 +503,14 @@ pub fn main() -> i32 {
             return 1;
         }
     };
+    // What the driver said about XDP (e.g. how it shares TX queues); the console is
+    // `quiet`, so it would not show otherwise.
+    for line in kernel_log()
+        .lines()
+        .filter(|l| l.contains("virtio_net") || l.to_ascii_lowercase().contains("xdp"))
+    {
+        println!("VMPAIR-KMSG {line}");
+    }
     println!("VMPAIR-READY {}", node.describe());
     let stdin = io::stdin();
     for line in stdin.lock().lines() {
