@@ -11,7 +11,8 @@
 //! console goes to `target/vm/<release>/console.log` and is parsed for libtest's
 //! `test result:` lines. A guest that hangs past the timeout or panics is killed; qemu
 //! never outlives xtask (it is killed on every exit path, and by the kernel through
-//! `PR_SET_PDEATHSIG` if xtask itself is killed).
+//! `PR_SET_PDEATHSIG` if xtask itself is killed). After the suite, two more guests boot
+//! the same initramfs for the virtio-net scenario of [`crate::vm_pair`].
 use std::{
     collections::{HashMap, HashSet},
     fs,
