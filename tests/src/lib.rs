@@ -9,3 +9,4 @@ pub mod frames;
 pub mod harness;
 pub mod net;
 pub mod topology;
+pub mod vm_pair;

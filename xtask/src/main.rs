@@ -6,6 +6,7 @@ mod ebpf_build;
 mod setup;
 mod test;
 mod vm;
+mod vm_pair;
 
 use std::{
     path::{Path, PathBuf},

@@ -11,7 +11,8 @@
 //! console goes to `target/vm/<release>/console.log` and is parsed for libtest's
 //! `test result:` lines. A guest that hangs past the timeout or panics is killed; qemu
 //! never outlives xtask (it is killed on every exit path, and by the kernel through
-//! `PR_SET_PDEATHSIG` if xtask itself is killed).
+//! `PR_SET_PDEATHSIG` if xtask itself is killed). After the suite, two more guests boot
+//! the same initramfs for the virtio-net scenario of [`crate::vm_pair`].
 use std::{
     collections::{HashMap, HashSet},
     fs,
@@ -30,8 +31,8 @@ use crate::{setup, step, test::count_before, workspace_root};
 /// How long one guest may run, boot to power-off. A run takes well under a minute.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
-const QEMU: &str = "qemu-system-x86_64";
-const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+pub(crate) const QEMU: &str = "qemu-system-x86_64";
+pub(crate) const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
 /// Kernel modules the tests need, with why. Their dependencies are added automatically.
 const MODULES: &[(&str, &str)] = &[
@@ -43,7 +44,20 @@ const MODULES: &[(&str, &str)] = &[
         "clsact qdisc (TC attachment on kernels without TCX)",
     ),
     ("cls_bpf", "BPF classifier under clsact"),
+    (
+        "virtio_pci",
+        "the virtio-net NIC of the two-guest test (crate::vm_pair)",
+    ),
+    (
+        "virtio_net",
+        "its driver, whose native XDP path the two-guest test exercises",
+    ),
 ];
+
+/// The guest program of the two-guest test and the kernel parameter that selects it
+/// (tests/src/vm_pair.rs).
+const PAIR_BINARY: &str = "overlay-vm-pair";
+const PAIR_CMDLINE_PARAM: &str = "overlay.pair=";
 
 /// busybox applets the init script uses. Deliberately no `ip`, `tc` or `ping`: the tests
 /// must bring their own netlink and socket code.
@@ -111,10 +125,10 @@ impl Family {
 }
 
 /// An unpacked kernel package.
-struct Kernel {
+pub(crate) struct Kernel {
     package: String,
-    release: String,
-    vmlinuz: PathBuf,
+    pub(crate) release: String,
+    pub(crate) vmlinuz: PathBuf,
     modules_dir: PathBuf,
 }
 
@@ -236,8 +250,10 @@ fn run_all(choice: KernelChoice, timeout: Duration, filter: Option<&str>) -> Res
                 continue;
             }
         };
-        let report = match run_guest(&kernel, &binaries, &vm_dir, timeout, filter) {
-            Ok((outcome, details)) => {
+        let mut initrd = None;
+        let mut report = match run_guest(&kernel, &binaries, &vm_dir, timeout, filter) {
+            Ok((outcome, details, built)) => {
+                initrd = Some(built);
                 let line = format!(
                     "vm-test {}: {} passed, {} failed",
                     kernel.release,
@@ -272,6 +288,38 @@ fn run_all(choice: KernelChoice, timeout: Duration, filter: Option<&str>) -> Res
                 }
             }
         };
+        // The two-guest virtio-net scenario, with the same initramfs.
+        if let Some(initrd) = initrd.filter(|_| crate::vm_pair::selected(filter)) {
+            let work = vm_dir.join(&kernel.release);
+            let what = format!(
+                "two guests on virtio-net, XDP on virtio_net ({})",
+                kernel.release
+            );
+            println!("==> {what}");
+            let pair = crate::vm_pair::run(&kernel, &initrd, &work);
+            println!(
+                "==> {what}: {} ({:.1}s)",
+                if pair.failed() == 0 { "ok" } else { "FAILED" },
+                pair.elapsed.as_secs_f32()
+            );
+            let line = format!(
+                "vm-pair {}: {} passed, {} failed; {}",
+                kernel.release,
+                pair.passed(),
+                pair.failed(),
+                pair.xdp_line()
+            );
+            println!("{line}");
+            for (name, result) in &pair.checks {
+                match result {
+                    Ok(details) => println!("  ok     {name}: {details}"),
+                    Err(why) => println!("  FAILED {name}: {why}"),
+                }
+            }
+            report.passed += pair.passed();
+            report.failed += pair.failed();
+            report.line = format!("{}\n{line}", report.line);
+        }
         reports.push(report);
     }
     Ok(reports)
@@ -819,6 +867,14 @@ else
     echo "VMTEST-TCX no"
 fi
 cd /tmp
+# One of the two guests of the virtio-net test (xtask/src/vm_pair.rs): the host drives
+# overlay-vm-pair over this console instead of the test list.
+if grep -q ' {pair_param}' /proc/cmdline; then
+    /bin/overlay-vm-pair
+    echo "VMPAIR-EXIT $?"
+    poweroff -f
+    echo o > /proc/sysrq-trigger
+fi
 for t in /tests/*; do
     echo "VMTEST-RUN ${{t##*/}}"
     "$t"{filter}
@@ -829,6 +885,7 @@ poweroff -f
 echo o > /proc/sysrq-trigger
 "#,
         modules = modules.join(" "),
+        pair_param = PAIR_CMDLINE_PARAM,
     )
 }
 
@@ -876,6 +933,9 @@ fn build_initramfs(
     for path in &binaries.bins {
         let inside = path.strip_prefix("/").unwrap_or(path);
         install_executable(path, &dir.join(inside))?;
+        if path.file_name().is_some_and(|n| n == PAIR_BINARY) {
+            install_executable(path, &dir.join("bin").join(PAIR_BINARY))?;
+        }
     }
     let init = dir.join("init");
     fs::write(&init, init_script(&loaded, filter))?;
@@ -952,7 +1012,7 @@ fn list_tree(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
 // Booting
 
 /// qemu, killed (and reaped) when this is dropped unless it already exited.
-struct Guest(Child);
+pub(crate) struct Guest(pub(crate) Child);
 
 impl Drop for Guest {
     fn drop(&mut self) {
@@ -971,7 +1031,7 @@ fn run_guest(
     vm_dir: &Path,
     timeout: Duration,
     filter: Option<&str>,
-) -> Result<(Outcome, String)> {
+) -> Result<(Outcome, String, PathBuf)> {
     let work = vm_dir.join(&kernel.release);
     fs::create_dir_all(&work)?;
     let initrd = step(&format!("initramfs for {}", kernel.release), || {
@@ -1001,7 +1061,7 @@ fn run_guest(
         kernel.package,
         log.display()
     );
-    Ok((outcome, details))
+    Ok((outcome, details, initrd))
 }
 
 fn boot(
@@ -1175,7 +1235,7 @@ fn boot(
 }
 
 /// A console line without escape sequences and control characters.
-fn clean(raw: &str) -> String {
+pub(crate) fn clean(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
     let mut chars = raw.chars().peekable();
     while let Some(c) = chars.next() {
