@@ -1,8 +1,9 @@
 //! The guest side of the two-guest virtio-net test of `cargo xtask vm-test`: one of two
 //! qemu guests whose virtio-net NICs are joined by a socket netdev. The guest is one
 //! overlay host: its virtio NIC is the underlay, the data plane is loaded with the
-//! library and its XDP program attached to `virtio_net` in driver (native) mode, falling
-//! back to generic mode only if the kernel refuses, with the refusal printed. One network,
+//! library and bound to the NIC by the agent's own code (`--decap auto`), which attaches
+//! the XDP program to `virtio_net` in driver (native) mode and decapsulates at TC ingress
+//! only if the driver refuses, with the refusal printed. One network,
 //! one local container namespace, the other guest's container as a remote endpoint.
 //!
 //! The host (xtask/src/vm_pair.rs) drives both guests over their serial consoles: it
@@ -22,13 +23,13 @@ use futures_util::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use netlink_packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
 use overlay_common::{
-    ipv4_to_map, Counter, EndpointKey, EndpointValue, NetworkInfo, UnderlayConfig, VtepInfo,
-    VXLAN_OVERHEAD,
+    ipv4_to_map, Counter, EndpointKey, EndpointValue, NetworkInfo, VtepInfo, VXLAN_OVERHEAD,
 };
 use overlay_ctl::{
     datapath::{Datapath, XdpAttachMode},
     endpoint::{self, EndpointSpec},
     netlink::{self, LinkInfo},
+    underlay::DecapMode,
 };
 
 use crate::{
@@ -83,7 +84,6 @@ impl PairNode {
         ] {
             overlay_ctl::netns::write_net_sysctl(key, "1")?;
         }
-        overlay_ctl::netns::write_net_sysctl("ipv4.ip_forward", "1")?;
         let underlay = block_on(async {
             let handle = netlink::connect()?;
             let links = netlink::list_links(&handle).await?;
@@ -105,22 +105,23 @@ impl PairNode {
 
         let pins = PinGuard::new();
         let mut datapath = Datapath::load(&pins.path).context("load the data plane")?;
-        datapath.set_underlay(&UnderlayConfig {
-            ifindex: underlay.index,
-            vtep: ipv4_to_map(underlay_ip(role).octets()),
-            mtu: underlay.mtu,
-            mac: underlay.mac,
-            _pad: [0; 2],
-        })?;
-        let xdp_summary = match datapath.attach_underlay(underlay.index, XdpAttachMode::Native) {
-            Ok(()) => "native".to_string(),
-            Err(native) => {
-                let refused = one_line(&anyhow::Error::from(native));
-                datapath
-                    .attach_underlay(underlay.index, XdpAttachMode::Skb)
-                    .context("attach XDP in generic (skb) mode after driver mode was refused")?;
-                format!("skb-fallback native-refused: {refused}")
-            }
+        // Bound as the agent binds a node (`--decap auto`): native XDP on a NIC driver,
+        // TC ingress if the driver refuses it (the summary then says why).
+        overlay_ctl::underlay::enable_forwarding()?;
+        let setup = overlay_ctl::underlay::attach(
+            &mut datapath,
+            &underlay,
+            underlay_ip(role),
+            DecapMode::Auto,
+            XdpAttachMode::Native,
+        )?;
+        let xdp_summary = if setup.decap_hook == "xdp (native)" {
+            "native".to_string()
+        } else {
+            format!(
+                "native-refused, decap at {}: {}",
+                setup.decap_hook, setup.reason
+            )
         };
         let reported = block_on(xdp_attached(underlay.index))?;
         let xdp_summary = format!("{xdp_summary}; kernel reports {reported}");
