@@ -127,6 +127,9 @@ struct Agent {
     metrics: ControlPlaneMetrics,
     /// Store records already reported as rejected (each is logged once while it lasts).
     rejections: Mutex<RejectionLog>,
+    /// The interface names on this node at the last reconcile (which local endpoints
+    /// are real containers, for [`records::View::Node`]).
+    links: Mutex<std::collections::BTreeSet<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -199,6 +202,7 @@ pub async fn run(
         logs,
         metrics: ControlPlaneMetrics::default(),
         rejections: Mutex::new(RejectionLog::default()),
+        links: Mutex::default(),
         options,
     });
 
@@ -366,9 +370,11 @@ impl Agent {
     /// Parses a read of the whole prefix at the validation boundary: the valid state for
     /// this node, with every rejected record logged once (while it lasts) and counted.
     fn ingest(&self, pairs: &[crate::consul::KvPair]) -> ClusterState {
+        let links = lock(&self.links).clone();
         let view = records::View::Node {
             name: self.node(),
             vtep: lock(&self.underlay).vtep,
+            links: &links,
         };
         let snapshot = records::parse_snapshot(self.store.prefix(), pairs, view);
         let fresh = lock(&self.rejections).fresh(&snapshot.rejected);
@@ -449,6 +455,7 @@ impl Agent {
         let links = netlink::list_links(&self.handle)
             .await
             .map_err(|e| e.to_string())?;
+        *lock(&self.links) = links.iter().map(|l| l.name.clone()).collect();
         let mut veths = BTreeMap::new();
         let mut veth_names = BTreeMap::new();
         for link in links

@@ -155,14 +155,24 @@ impl Rejection {
 #[derive(Clone, Copy, Debug)]
 pub enum View<'a> {
     Cluster,
-    Node { name: &'a str, vtep: Ipv4Addr },
+    Node {
+        name: &'a str,
+        vtep: Ipv4Addr,
+        /// The interfaces that exist on this node (as last seen): a local endpoint whose
+        /// veth is here is a real container of this node and is never displaced.
+        links: &'a BTreeSet<String>,
+    },
 }
 
 impl View<'_> {
-    fn local_name(&self) -> Option<&str> {
+    /// Whether `endpoint` is a container of this node (its record says so and its
+    /// veth exists here).
+    fn is_present_local(&self, endpoint: &Endpoint) -> bool {
         match self {
-            View::Cluster => None,
-            View::Node { name, .. } => Some(name),
+            View::Cluster => false,
+            View::Node { name, links, .. } => {
+                endpoint.node == *name && links.contains(&endpoint.ifname)
+            }
         }
     }
 }
@@ -500,7 +510,7 @@ pub fn parse_snapshot(prefix: &str, pairs: &[KvPair], view: View<'_>) -> Snapsho
     }
     candidates.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
     let mut vteps: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
-    if let View::Node { name, vtep } = view {
+    if let View::Node { name, vtep, .. } = view {
         vteps.insert(vtep, name.to_string());
     }
     let mut nodes = Vec::new();
@@ -539,7 +549,6 @@ pub fn parse_snapshot(prefix: &str, pairs: &[KvPair], view: View<'_>) -> Snapsho
             Err(r) => rejected.push(r),
         }
     }
-    let local = view.local_name();
     let mut endpoints = Vec::new();
     for ((network, ip), group) in groups {
         let owns = |e: &Endpoint| {
@@ -547,10 +556,13 @@ pub fn parse_snapshot(prefix: &str, pairs: &[KvPair], view: View<'_>) -> Snapsho
                 .get(&(network.clone(), ip))
                 .is_some_and(|a| a.endpoint == e.id && a.node == e.node)
         };
-        // Local (on an agent) first, then the IPAM key's owner; keys are unique.
+        // On an agent, a container of its own first (never displaced by a record of
+        // another node, even one that took over the IPAM key), then the IPAM key's owner.
+        // A record merely naming this node has no say: it would displace a real remote
+        // endpoint (and have the agent clean up after a container that never was).
         let winner = group
             .iter()
-            .filter(|(e, _)| local.is_some_and(|l| e.node == l))
+            .filter(|(e, _)| view.is_present_local(e))
             .min_by_key(|(e, key)| (!owns(e), *key))
             .or_else(|| group.iter().find(|(e, _)| owns(e)))
             .map(|(_, key)| *key);
@@ -798,12 +810,14 @@ mod tests {
             ]
         );
         // An agent never lets another node take its VTEP.
+        let links = BTreeSet::new();
         let s = parse_snapshot(
             P,
             &[node("b", "192.0.2.9", 1, Some("s"))],
             View::Node {
                 name: "a",
                 vtep: "192.0.2.9".parse().unwrap(),
+                links: &links,
             },
         );
         assert!(s.state.nodes.is_empty());
@@ -864,9 +878,11 @@ mod tests {
         pairs.extend(endpoint("net1", "mine", "10.100.0.2", "a", false));
         // The remote one even owns the IPAM key.
         pairs.extend(endpoint("net1", "theirs", "10.100.0.2", "b", true));
+        let links = BTreeSet::from([container::host_ifname("net1", "mine")]);
         let view = View::Node {
             name: "a",
             vtep: "192.0.2.1".parse().unwrap(),
+            links: &links,
         };
         let s = parse_snapshot(P, &pairs, view);
         let ids: Vec<_> = s.state.endpoints.iter().map(|e| e.id.as_str()).collect();
@@ -874,6 +890,15 @@ mod tests {
         assert_eq!(s.rejected[0].reason, RejectReason::DuplicateAddress);
         // The CLI's view goes by the IPAM key.
         let s = parse_snapshot(P, &pairs, View::Cluster);
+        assert_eq!(s.state.endpoints[0].id, "theirs");
+        // A record naming this node without a container here does not win either.
+        let none = BTreeSet::new();
+        let view = View::Node {
+            name: "a",
+            vtep: "192.0.2.1".parse().unwrap(),
+            links: &none,
+        };
+        let s = parse_snapshot(P, &pairs, view);
         assert_eq!(s.state.endpoints[0].id, "theirs");
     }
 
