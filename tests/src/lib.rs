@@ -8,4 +8,5 @@ pub mod control_bench;
 pub mod frames;
 pub mod harness;
 pub mod net;
+pub mod pinned;
 pub mod topology;
