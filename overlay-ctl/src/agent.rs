@@ -38,6 +38,7 @@ use crate::{
     metrics::{self, ControlPlaneMetrics, MetricsError},
     netlink::{self, LinkInfo, NetlinkError},
     reconcile::{self, ApplyReport, ClusterState, HostVeth, LocalNode},
+    records::{self, RejectionLog},
     store::{NodeInfo, Store, StoreError},
     underlay::{self, DecapMode, HostChange, UnderlaySetup},
 };
@@ -115,6 +116,7 @@ struct Health {
     local_endpoints: usize,
     remote_endpoints: usize,
     attached: Vec<String>,
+    rejected_records: usize,
 }
 
 struct Agent {
@@ -136,6 +138,11 @@ struct Agent {
     reregister: Notify,
     logs: LogBuffer,
     metrics: ControlPlaneMetrics,
+    /// Store records already reported as rejected (each is logged once while it lasts).
+    rejections: Mutex<RejectionLog>,
+    /// The interface names on this node at the last reconcile (which local endpoints
+    /// are real containers, for [`records::View::Node`]).
+    links: Mutex<std::collections::BTreeSet<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -211,6 +218,8 @@ pub async fn run(
         reregister: Notify::new(),
         logs,
         metrics: ControlPlaneMetrics::default(),
+        rejections: Mutex::new(RejectionLog::default()),
+        links: Mutex::default(),
         options,
     });
 
@@ -348,6 +357,28 @@ impl Agent {
 
     // ---- reconcile ----
 
+    /// Parses a read of the whole prefix at the validation boundary: the valid state for
+    /// this node, with every rejected record logged once (while it lasts) and counted.
+    fn ingest(&self, pairs: &[crate::consul::KvPair]) -> ClusterState {
+        let links = lock(&self.links).clone();
+        let view = records::View::Node {
+            name: self.node(),
+            vtep: lock(&self.underlay).vtep,
+            links: &links,
+        };
+        let snapshot = records::parse_snapshot(self.store.prefix(), pairs, view);
+        let fresh = lock(&self.rejections).fresh(&snapshot.rejected);
+        for r in &fresh {
+            warn!(key = %r.key, kind = r.kind.as_str(), reason = %r.reason, "ignoring an invalid store record: {}", r.detail);
+        }
+        self.metrics.record_rejections(
+            records::count(&snapshot.rejected),
+            fresh.iter().map(|r| (r.kind, r.reason)),
+        );
+        lock(&self.health).rejected_records = snapshot.rejected.len();
+        snapshot.state
+    }
+
     /// Applies the cluster state to the maps: a fresh read from Consul when `fetch` (the
     /// last known state when Consul cannot be read), else the last known state.
     async fn reconcile(&self, fetch: bool) -> Result<ReconcileReply, String> {
@@ -359,7 +390,7 @@ impl Agent {
             match self.store.client().list(self.store.prefix()).await {
                 Ok(pairs) => {
                     self.consul_ok();
-                    let state = ClusterState::from_pairs(self.store.prefix(), &pairs);
+                    let state = self.ingest(&pairs);
                     let mut desired = lock(&self.desired);
                     newer = desired.as_ref() != Some(&state);
                     *desired = Some(state);
@@ -373,13 +404,20 @@ impl Agent {
             self.ack_pending.store(true, Ordering::SeqCst);
         }
         let elapsed = started.elapsed();
-        self.metrics.record_reconcile(result.is_ok(), elapsed);
+        // Entries that could not be written (a full map) fail the run for status and
+        // metrics, but not the caller: everything else was applied.
+        let partial = result.as_ref().ok().and_then(ApplyReport::failure_summary);
+        let ok = result.is_ok() && partial.is_none();
+        self.metrics.record_reconcile(ok, elapsed);
+        if let Ok(report) = &result {
+            self.metrics.record_apply_failures(report);
+        }
         let mut health = lock(&self.health);
         health.last_reconcile = Some(ReconcileStatus {
             at_unix_ms: unix_ms(SystemTime::now()),
-            ok: result.is_ok(),
+            ok,
             duration_ms: elapsed.as_secs_f64() * 1000.0,
-            error: result.as_ref().err().cloned(),
+            error: result.as_ref().err().cloned().or(partial),
             report: result.as_ref().cloned().unwrap_or_default(),
         });
         match result {
@@ -414,6 +452,7 @@ impl Agent {
         let links = netlink::list_links(&self.handle)
             .await
             .map_err(|e| e.to_string())?;
+        *lock(&self.links) = links.iter().map(|l| l.name.clone()).collect();
         let mut veths = BTreeMap::new();
         let mut veth_names = BTreeMap::new();
         for link in links
@@ -430,10 +469,14 @@ impl Agent {
             );
         }
         let plan = reconcile::plan(&state, &local, &veths);
-        let report = {
+        let (report, attached_now) = {
             let mut guard = lock(&self.datapath);
             let datapath = guard.as_mut().ok_or("the agent is stopping")?;
-            reconcile::apply(datapath, &plan.maps, &veth_names).map_err(|e| e.to_string())?
+            let report = reconcile::apply(datapath, &plan.maps, &veth_names)
+                .map_err(|e| reconcile::error_chain(&e))?;
+            let attached: std::collections::BTreeSet<u32> =
+                datapath.attached_containers().collect();
+            (report, attached)
         };
         {
             let mut health = lock(&self.health);
@@ -445,9 +488,15 @@ impl Agent {
                 health.remote_endpoints as u64,
             );
             self.metrics.set_members_known(health.members as u64);
+            // Only what the data plane really forwards for (an endpoint whose entries
+            // did not fit in the maps is not attached).
             health.attached = state
                 .local_endpoints(self.node())
-                .filter(|e| veths.contains_key(&e.ifname))
+                .filter(|e| {
+                    veths
+                        .get(&e.ifname)
+                        .is_some_and(|v| attached_now.contains(&v.ifindex))
+                })
                 .map(|e| format!("{}/{}", e.network, e.id))
                 .collect();
         }
@@ -487,7 +536,7 @@ impl Agent {
             match watch.next().await {
                 Ok((pairs, index)) => {
                     self.consul_ok();
-                    let state = ClusterState::from_pairs(self.store.prefix(), &pairs);
+                    let state = self.ingest(&pairs);
                     let changed = {
                         let mut desired = lock(&self.desired);
                         let changed = desired.as_ref() != Some(&state);
@@ -803,6 +852,7 @@ impl Agent {
             remote_endpoints: health.remote_endpoints,
             attached: health.attached.clone(),
             metrics_addr: self.options.metrics_addr.clone(),
+            rejected_records: health.rejected_records,
         }
     }
 

@@ -16,6 +16,7 @@ use crate::{
     datapath::{XdpAttachMode, DEFAULT_PIN_ROOT},
     logs::LogBuffer,
     netns::NetNs,
+    records::RecordKind,
     store::{Store, DEFAULT_PREFIX},
     underlay::DecapMode,
 };
@@ -505,7 +506,20 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
         Command::Endpoint(EndpointCommand::List { network, json }) => {
             let agent = try_agent(&cli.state_dir).await;
             let store = store_for(&cli, agent.as_ref())?;
-            let endpoints = store.list_endpoints(network.as_deref()).await?;
+            if let Some(n) = network {
+                crate::ipam::validate_name(n)?;
+            }
+            let snapshot = store.snapshot().await?;
+            let in_scope = |net: &str| network.as_deref().is_none_or(|n| n == net);
+            warn_rejected(&store, &snapshot, |kind, rest| {
+                kind == RecordKind::Endpoint && in_scope(rest.split('/').nth(1).unwrap_or(""))
+            });
+            let endpoints: Vec<_> = snapshot
+                .state
+                .endpoints
+                .into_iter()
+                .filter(|e| in_scope(&e.network))
+                .collect();
             if *json {
                 println!("{}", serde_json::to_string_pretty(&endpoints)?);
             } else {
@@ -619,7 +633,7 @@ async fn run_container(
         }
         .into());
     }
-    let netns_name = format!("ovl-{network}-{id}");
+    let netns_name = container::run_netns_name(network, &id);
     let netns = NetNs::create(&netns_name)
         .with_context(|| format!("cannot create network namespace {netns_name}"))?;
     let joined = container::join(
@@ -722,8 +736,10 @@ async fn network(cli: &Cli, command: &NetworkCommand) -> anyhow::Result<()> {
             );
         }
         NetworkCommand::List { json } => {
-            let networks = store.list_networks().await?;
-            let endpoints = store.list_endpoints(None).await?;
+            let snapshot = store.snapshot().await?;
+            warn_rejected(&store, &snapshot, |kind, _| kind == RecordKind::Network);
+            let networks = &snapshot.state.networks;
+            let endpoints = &snapshot.state.endpoints;
             let count = |name: &str| endpoints.iter().filter(|e| e.network == name).count();
             if *json {
                 let list: Vec<_> = networks
@@ -756,19 +772,36 @@ async fn network(cli: &Cli, command: &NetworkCommand) -> anyhow::Result<()> {
             }
         }
         NetworkCommand::Inspect { name } => {
-            let network = store
-                .get_network(name)
-                .await?
-                .with_context(|| format!("network {name:?} does not exist"))?;
-            let allocations: Vec<_> = store
-                .list_allocations(name)
-                .await?
-                .into_iter()
+            crate::ipam::validate_name(name)?;
+            let snapshot = store.snapshot().await?;
+            let of_network = |rest: &str| rest.split('/').nth(1) == Some(name.as_str());
+            warn_rejected(&store, &snapshot, |kind, rest| match kind {
+                RecordKind::Network => rest == format!("networks/{name}"),
+                RecordKind::Endpoint | RecordKind::Ipam => of_network(rest),
+                RecordKind::Node => false,
+            });
+            let network = snapshot
+                .state
+                .networks
+                .iter()
+                .find(|n| n.name == *name)
+                .with_context(|| {
+                    format!("network {name:?} does not exist or its record is invalid")
+                })?;
+            let allocations: Vec<_> = snapshot
+                .allocations
+                .iter()
+                .filter(|((net, _), _)| net == name)
                 .map(
-                    |(ip, a)| serde_json::json!({"ip": ip, "endpoint": a.endpoint, "node": a.node}),
+                    |((_, ip), a)| serde_json::json!({"ip": ip, "endpoint": a.endpoint, "node": a.node}),
                 )
                 .collect();
-            let endpoints = store.list_endpoints(Some(name)).await?;
+            let endpoints: Vec<_> = snapshot
+                .state
+                .endpoints
+                .iter()
+                .filter(|e| e.network == *name)
+                .collect();
             let out = serde_json::json!({
                 "network": network,
                 "allocations": allocations,
@@ -784,9 +817,32 @@ async fn network(cli: &Cli, command: &NetworkCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Warns on stderr about the rejected records `relevant` selects (by kind and key
+/// without the prefix), once each.
+fn warn_rejected(
+    store: &Store,
+    snapshot: &crate::records::Snapshot,
+    relevant: impl Fn(RecordKind, &str) -> bool,
+) {
+    for r in &snapshot.rejected {
+        let rest = r.key.strip_prefix(store.prefix()).unwrap_or(&r.key);
+        if relevant(r.kind, rest) {
+            eprintln!(
+                "warning: ignoring invalid record {}: {} ({}/{})",
+                r.key,
+                r.detail,
+                r.kind.as_str(),
+                r.reason
+            );
+        }
+    }
+}
+
 async fn members(store: &Store, agent: Option<&AgentStatus>, json: bool) -> anyhow::Result<()> {
-    let nodes = store.list_nodes().await?;
-    let endpoints = store.list_endpoints(None).await?;
+    let snapshot = store.snapshot().await?;
+    warn_rejected(store, &snapshot, |kind, _| kind == RecordKind::Node);
+    let nodes = &snapshot.state.nodes;
+    let endpoints = &snapshot.state.endpoints;
     let pairs = store.client().list(&store.nodes_prefix()).await?;
     let session_of = |name: &str| {
         pairs
@@ -901,6 +957,12 @@ fn print_status(s: &AgentStatus) {
         "endpoints:   {} local, {} remote",
         s.local_endpoints, s.remote_endpoints
     );
+    if s.rejected_records > 0 {
+        println!(
+            "store:       {} invalid record(s) ignored (see `overlay-ctl agent logs`)",
+            s.rejected_records
+        );
+    }
     match &s.last_reconcile {
         Some(r) => {
             let ago = std::time::SystemTime::now()

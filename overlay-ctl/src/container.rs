@@ -90,6 +90,11 @@ pub fn host_ifname(network: &str, id: &str) -> String {
     format!("ov{:010x}", hash & 0xff_ffff_ffff)
 }
 
+/// The `/run/netns` name `run` gives a container's namespace (recorded in its endpoint).
+pub fn run_netns_name(network: &str, id: &str) -> String {
+    format!("ovl-{network}-{id}")
+}
+
 /// A random endpoint ID for containers started without `--name`.
 pub fn random_id() -> String {
     let mut bytes = [0u8; 4];
@@ -154,6 +159,7 @@ pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<J
     }
     let vtep = ctx.status.vtep.ok_or(ContainerError::NoVtep)?;
     let node = ctx.status.node.clone();
+    check_capacity(ctx).await?;
 
     let ip = ctx
         .store
@@ -208,6 +214,30 @@ pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<J
             Err(e)
         }
     }
+}
+
+/// Refuses an endpoint the maps could not hold: the cluster's endpoints (every node's
+/// ENDPOINTS map) and this node's local interfaces (its LOCAL_IFACES map, whose
+/// occupancy the agent reports).
+async fn check_capacity(ctx: &Context) -> Result<()> {
+    use overlay_common::{capacity, map_names};
+    ctx.store.check_endpoint_capacity().await?;
+    let local = ctx
+        .status
+        .maps
+        .iter()
+        .find(|m| m.name == map_names::LOCAL_IFACES)
+        .map_or(0, |m| m.entries);
+    if local >= capacity::LOCAL_IFACES as usize {
+        return Err(StoreError::Capacity {
+            what: "this node has its maximum number of local endpoints",
+            count: local,
+            limit: capacity::LOCAL_IFACES,
+            map: map_names::LOCAL_IFACES,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// How long `run` waits for the other nodes to forward for a new container before

@@ -2,6 +2,7 @@
 //! - [`datapath`]: loading, pinning and attaching the kernel programs; typed map access;
 //!   [`underlay`]: binding to the underlay (which hook decapsulates, host settings).
 //! - [`consul`]: the Consul HTTP API client; [`store`]: the cluster state's key layout;
+//!   [`records`]: the one boundary where store records are validated;
 //!   [`ipam`]: address and network validation and the free-address search.
 //! - [`agent`]: the node agent; [`reconcile`]: cluster state -> map contents and the diff.
 //! - [`container`]: `run`/`attach`/`detach` of containers; [`endpoint`]: veth plumbing.
@@ -21,5 +22,6 @@ pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod reconcile;
+pub mod records;
 pub mod store;
 pub mod underlay;

@@ -13,6 +13,9 @@
 //! | `overlay_consul_request_errors_total`, `overlay_consul_up` | |
 //! | `overlay_endpoints` | `location` (local, remote) |
 //! | `overlay_members` | |
+//! | `overlay_store_records_rejected` (now), `overlay_store_rejections_total` (each record once per reason) | `kind` (network, node, endpoint, ipam), `reason` (see [`crate::records::RejectReason`]) |
+//! | `overlay_map_missing_entries` (last reconcile) | `map` |
+//! | `overlay_map_update_failures_total` | |
 //!
 //! Events seen on the underlay before a packet's network is known are counted under
 //! VNI 0, exported as `network="underlay"`.
@@ -22,7 +25,7 @@ use std::{
     future::Future,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -32,6 +35,13 @@ use http_body_util::Full;
 use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 use overlay_common::{Counter, CounterValue};
 use tokio::net::TcpListener;
+
+use crate::{
+    reconcile::ApplyReport,
+    records::{RecordKind, RejectReason},
+};
+
+type RejectionCounts = BTreeMap<(RecordKind, RejectReason), u64>;
 
 /// Where the agent serves metrics unless told otherwise: loopback only.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9465";
@@ -60,6 +70,17 @@ pub struct ControlPlaneMetrics {
     local_endpoints: AtomicU64,
     remote_endpoints: AtomicU64,
     members: AtomicU64,
+    /// Store records rejected in the last read of the store.
+    rejected_now: Mutex<RejectionCounts>,
+    /// Rejections reported (each record once per reason while it lasts).
+    rejections_total: Mutex<RejectionCounts>,
+    /// Wanted entries missing from each map after the last reconcile.
+    map_missing: Mutex<BTreeMap<String, u64>>,
+    map_update_failures: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ControlPlaneMetrics {
@@ -88,6 +109,31 @@ impl ControlPlaneMetrics {
 
     pub fn set_members_known(&self, members: u64) {
         self.members.store(members, Ordering::Relaxed);
+    }
+
+    /// The rejections of the latest read of the store, and those reported for the first
+    /// time in it.
+    pub fn record_rejections(
+        &self,
+        now: RejectionCounts,
+        fresh: impl IntoIterator<Item = (RecordKind, RejectReason)>,
+    ) {
+        *lock(&self.rejected_now) = now;
+        let mut total = lock(&self.rejections_total);
+        for key in fresh {
+            *total.entry(key).or_default() += 1;
+        }
+    }
+
+    /// What an apply could not write.
+    pub fn record_apply_failures(&self, report: &ApplyReport) {
+        self.map_update_failures
+            .fetch_add(report.failed as u64, Ordering::Relaxed);
+        *lock(&self.map_missing) = report
+            .missing
+            .iter()
+            .map(|(k, v)| (k.clone(), *v as u64))
+            .collect();
     }
 }
 
@@ -293,6 +339,50 @@ pub fn render(scrape: &Scrape) -> String {
         "gauge",
         "Live nodes of the cluster.",
         load(&c.members).to_string(),
+    );
+    for (name, kind, help, counts) in [
+        (
+            "overlay_store_records_rejected",
+            "gauge",
+            "Store records ignored as invalid or conflicting in the last read, by kind and reason.",
+            lock(&c.rejected_now).clone(),
+        ),
+        (
+            "overlay_store_rejections_total",
+            "counter",
+            "Invalid or conflicting store records reported (each record once per reason while it lasts).",
+            lock(&c.rejections_total).clone(),
+        ),
+    ] {
+        let mut family = Family::new(&mut out, name, kind, help);
+        for ((record, reason), n) in counts {
+            family.sample(
+                name,
+                &[("kind", record.as_str()), ("reason", reason.as_str())],
+                n,
+            );
+        }
+    }
+    let mut family = Family::new(
+        &mut out,
+        "overlay_map_missing_entries",
+        "gauge",
+        "Wanted entries the last reconcile could not write, by map (0 when all fit).",
+    );
+    let missing = lock(&c.map_missing).clone();
+    for (map, _, _) in scrape.occupancy {
+        family.sample(
+            "overlay_map_missing_entries",
+            &[("map", map)],
+            missing.get(*map).copied().unwrap_or(0),
+        );
+    }
+    single(
+        &mut out,
+        "overlay_map_update_failures_total",
+        "counter",
+        "Map updates (and attachments) that failed.",
+        load(&c.map_update_failures).to_string(),
     );
     out
 }

@@ -4,6 +4,7 @@
 //! time, and entries nobody asked for are removed.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt,
     net::Ipv4Addr,
 };
 
@@ -15,7 +16,8 @@ use tracing::{info, warn};
 use crate::{
     consul::KvPair,
     datapath::{Datapath, DatapathError},
-    store::{decode, Endpoint, Network, NodeInfo},
+    records,
+    store::{Endpoint, Network, NodeInfo},
 };
 
 /// The part of the KV store the data plane follows.
@@ -27,33 +29,11 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// Decodes everything under the store prefix (one recursive read or watch answer).
-    /// A corrupt value is logged and left out rather than failing the whole state.
+    /// The valid part of everything under the store prefix (one recursive read or watch
+    /// answer), as the cluster sees it: see [`records::parse_snapshot`], the one place
+    /// where records are validated. Invalid records are left out.
     pub fn from_pairs(prefix: &str, pairs: &[KvPair]) -> Self {
-        let mut state = Self::default();
-        for pair in pairs {
-            let Some(rest) = pair.key.strip_prefix(prefix) else {
-                continue;
-            };
-            let result = if rest.starts_with("networks/") {
-                decode(pair).map(|n| state.networks.push(n))
-            } else if rest.starts_with("nodes/") {
-                decode(pair).map(|n| state.nodes.push(n))
-            } else if rest.starts_with("endpoints/") {
-                decode(pair).map(|e| state.endpoints.push(e))
-            } else {
-                Ok(())
-            };
-            if let Err(e) = result {
-                warn!(error = %e, "ignoring a corrupt entry");
-            }
-        }
-        state.networks.sort_by(|a, b| a.name.cmp(&b.name));
-        state.nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        state
-            .endpoints
-            .sort_by(|a, b| (&a.network, &a.id).cmp(&(&b.network, &b.id)));
-        state
+        records::parse_snapshot(prefix, pairs, records::View::Cluster).state
     }
 
     /// Endpoints placed on `node`.
@@ -172,6 +152,11 @@ pub fn plan(state: &ClusterState, local: &LocalNode, veths: &BTreeMap<String, Ho
                 },
             );
         } else if let Some(vtep) = node_vtep.get(endpoint.node.as_str()) {
+            // A remote record never displaces a local endpoint (the validated state has
+            // one endpoint per address; this holds whatever the order).
+            if maps.endpoints.get(&key).is_some_and(|v| v.is_local()) {
+                continue;
+            }
             maps.endpoints
                 .insert(key, EndpointValue::remote(ipv4_to_map(vtep.octets()), mac));
         }
@@ -182,127 +167,266 @@ pub fn plan(state: &ClusterState, local: &LocalNode, veths: &BTreeMap<String, Ho
     }
 }
 
-/// What one apply changed.
+/// How many failures an [`ApplyReport`] describes in full.
+const MAX_REPORTED_ERRORS: usize = 8;
+
+/// What one apply changed, and what it could not.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ApplyReport {
     pub upserted: usize,
     pub removed: usize,
     pub attached: usize,
     pub detached: usize,
+    /// Map updates and attachments that failed (each independently of the others).
+    #[serde(default)]
+    pub failed: usize,
+    /// Wanted entries that are not in their map after this run, by map.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub missing: BTreeMap<String, usize>,
+    /// The first failures, each with what it was for and the kernel's errno.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 impl ApplyReport {
     pub fn changed(&self) -> bool {
-        *self != Self::default()
+        self.upserted + self.removed + self.attached + self.detached > 0
+    }
+
+    /// One line about the failures, `None` when there were none.
+    pub fn failure_summary(&self) -> Option<String> {
+        if self.failed == 0 {
+            return None;
+        }
+        let missing: Vec<String> = self
+            .missing
+            .iter()
+            .map(|(map, n)| format!("{map} {n}"))
+            .collect();
+        Some(format!(
+            "{} map update(s) failed (missing entries: {}); first: {}",
+            self.failed,
+            if missing.is_empty() {
+                "none".to_string()
+            } else {
+                missing.join(", ")
+            },
+            self.errors.first().map(String::as_str).unwrap_or("-")
+        ))
+    }
+
+    fn fail(&mut self, map: Option<&str>, what: impl fmt::Display, error: &DatapathError) {
+        self.failed += 1;
+        if let Some(map) = map {
+            *self.missing.entry(map.to_string()).or_default() += 1;
+        }
+        if self.errors.len() < MAX_REPORTED_ERRORS {
+            self.errors.push(format!("{what}: {}", error_chain(error)));
+        }
     }
 }
 
-/// Makes one map equal to `desired`, touching only entries that differ.
-fn sync_map<K: Ord + Copy, V: PartialEq + Copy>(
+/// An error with all its sources, so the errno of a failed map update shows (aya's own
+/// message stops at "`bpf_map_update_elem` failed").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// Removes the entries of `current` that `desired` does not have.
+fn remove_stale<K: Ord + Copy + fmt::Debug, V>(
     datapath: &mut Datapath,
-    current: BTreeMap<K, V>,
+    map: &str,
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    report: &mut ApplyReport,
+    remove: impl Fn(&mut Datapath, K) -> Result<(), DatapathError>,
+) {
+    for key in current.keys() {
+        if !desired.contains_key(key) {
+            match remove(datapath, *key) {
+                Ok(()) => report.removed += 1,
+                Err(e) => report.fail(None, format_args!("remove {map} {key:?}"), &e),
+            }
+        }
+    }
+}
+
+/// Writes the entries of `desired` that differ from `current`; returns the keys whose
+/// write failed (each entry is tried, whatever happened to the others).
+fn upsert_changed<K: Ord + Copy + fmt::Debug, V: PartialEq + Copy>(
+    datapath: &mut Datapath,
+    map: &str,
+    current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
     report: &mut ApplyReport,
     upsert: impl Fn(&mut Datapath, K, V) -> Result<(), DatapathError>,
-    remove: impl Fn(&mut Datapath, K) -> Result<(), DatapathError>,
-) -> Result<(), DatapathError> {
+) -> BTreeSet<K> {
+    let mut failed = BTreeSet::new();
     for (key, value) in desired {
         if current.get(key) != Some(value) {
-            upsert(datapath, *key, *value)?;
-            report.upserted += 1;
+            match upsert(datapath, *key, *value) {
+                Ok(()) => report.upserted += 1,
+                Err(e) => {
+                    report.fail(Some(map), format_args!("write {map} {key:?}"), &e);
+                    failed.insert(*key);
+                }
+            }
         }
     }
-    for key in current.keys() {
-        if !desired.contains_key(key) {
-            remove(datapath, *key)?;
-            report.removed += 1;
-        }
-    }
-    Ok(())
+    failed
 }
 
-/// Makes the maps and the container attachments equal to `desired`. Order matters for
-/// traffic in flight: new entries go in before the program is attached to a new veth,
-/// and entries of removed endpoints go after their program is detached.
+/// Makes the maps and the container attachments equal to `desired`, as far as the maps
+/// allow. Removals go first (so replacing entries never needs more room than the maps
+/// have), then additions; every entry is applied independently, and what fails is
+/// counted in the report with its errno, the rest goes on. Order matters for traffic in
+/// flight: a removed endpoint's program is detached before its entries go, and a new
+/// veth gets its program only once its entries are in (never when they could not be
+/// written). Only reading the maps can fail the whole apply.
 pub fn apply(
     datapath: &mut Datapath,
     desired: &DesiredMaps,
     veth_names: &BTreeMap<u32, String>,
 ) -> Result<ApplyReport, DatapathError> {
+    use overlay_common::map_names as names;
     let mut report = ApplyReport::default();
 
-    let current = datapath.networks()?;
-    sync_map(
+    // Detach from veths that are no longer local endpoints.
+    let wanted: BTreeSet<u32> = desired.local_ifaces.keys().copied().collect();
+    let mut attached: BTreeSet<u32> = datapath.attached_containers().collect();
+    let pinned: BTreeSet<u32> = datapath.pinned_container_links().into_iter().collect();
+    for ifindex in attached.clone().union(&pinned) {
+        if !wanted.contains(ifindex) {
+            match datapath.detach_container(*ifindex) {
+                Ok(()) => {
+                    report.detached += 1;
+                    attached.remove(ifindex);
+                }
+                Err(e) => report.fail(None, format_args!("detach ifindex {ifindex}"), &e),
+            }
+        }
+    }
+
+    // Removals, dependents first.
+    let endpoints = datapath.endpoints()?;
+    remove_stale(
         datapath,
-        current,
+        names::ENDPOINTS,
+        &endpoints,
+        &desired.endpoints,
+        &mut report,
+        |d, k| d.remove_endpoint(k),
+    );
+    let local_ifaces = datapath.local_ifaces()?;
+    remove_stale(
+        datapath,
+        names::LOCAL_IFACES,
+        &local_ifaces,
+        &desired.local_ifaces,
+        &mut report,
+        |d, k| d.remove_local_iface(k),
+    );
+    let vteps = datapath.vteps()?;
+    remove_stale(
+        datapath,
+        names::VTEPS,
+        &vteps,
+        &desired.vteps,
+        &mut report,
+        |d, k| d.remove_vtep(k),
+    );
+    let subnets = datapath.subnets()?;
+    remove_stale(
+        datapath,
+        names::SUBNETS,
+        &subnets,
+        &desired.subnets,
+        &mut report,
+        |d, k| d.remove_subnet(k),
+    );
+    let networks = datapath.networks()?;
+    remove_stale(
+        datapath,
+        names::NETWORKS,
+        &networks,
+        &desired.networks,
+        &mut report,
+        |d, k| d.remove_network(k),
+    );
+
+    // Additions and changes, what others depend on first.
+    upsert_changed(
+        datapath,
+        names::NETWORKS,
+        &networks,
         &desired.networks,
         &mut report,
         |d, k, v| d.upsert_network(k, &v),
-        |d, k| d.remove_network(k),
-    )?;
-    let current = datapath.subnets()?;
-    sync_map(
+    );
+    upsert_changed(
         datapath,
-        current,
+        names::SUBNETS,
+        &subnets,
         &desired.subnets,
         &mut report,
         |d, k, v| d.upsert_subnet(k, v),
-        |d, k| d.remove_subnet(k),
-    )?;
-    let current = datapath.vteps()?;
-    sync_map(
+    );
+    upsert_changed(
         datapath,
-        current,
+        names::VTEPS,
+        &vteps,
         &desired.vteps,
         &mut report,
         |d, k, v| d.upsert_vtep(k, &v),
-        |d, k| d.remove_vtep(k),
-    )?;
+    );
+    let failed_ifaces = upsert_changed(
+        datapath,
+        names::LOCAL_IFACES,
+        &local_ifaces,
+        &desired.local_ifaces,
+        &mut report,
+        |d, k, v| d.upsert_local_iface(k, &v),
+    );
+    let failed_endpoints = upsert_changed(
+        datapath,
+        names::ENDPOINTS,
+        &endpoints,
+        &desired.endpoints,
+        &mut report,
+        |d, k, v| d.upsert_endpoint(k, &v),
+    );
 
-    // Attach to new local veths (entries first), detach from gone ones.
-    let wanted: BTreeSet<u32> = desired.local_ifaces.keys().copied().collect();
-    let mut attached: BTreeSet<u32> = datapath.attached_containers().collect();
-    let current = datapath.local_ifaces()?;
+    // Attach to new local veths whose entries are in place.
     for (ifindex, iface) in &desired.local_ifaces {
-        if current.get(ifindex) != Some(iface) {
-            datapath.upsert_local_iface(*ifindex, iface)?;
-            report.upserted += 1;
+        if attached.contains(ifindex) {
+            continue;
         }
-    }
-    let current = datapath.endpoints()?;
-    for (key, value) in &desired.endpoints {
-        if current.get(key) != Some(value) {
-            datapath.upsert_endpoint(*key, value)?;
-            report.upserted += 1;
+        let key = EndpointKey {
+            vni: iface.vni,
+            ip: iface.ip,
+        };
+        if failed_ifaces.contains(ifindex) || failed_endpoints.contains(&key) {
+            continue;
         }
-    }
-    for ifindex in &wanted {
-        if !attached.contains(ifindex) {
-            let Some(name) = veth_names.get(ifindex) else {
-                continue;
-            };
-            datapath.attach_container(name)?;
-            attached.insert(*ifindex);
-            report.attached += 1;
-        }
-    }
-    let pinned: BTreeSet<u32> = datapath.pinned_container_links().into_iter().collect();
-    for ifindex in attached.union(&pinned) {
-        if !wanted.contains(ifindex) {
-            datapath.detach_container(*ifindex)?;
-            report.detached += 1;
-        }
-    }
-    for key in current.keys() {
-        if !desired.endpoints.contains_key(key) {
-            datapath.remove_endpoint(*key)?;
-            report.removed += 1;
-        }
-    }
-    for ifindex in datapath.local_ifaces()?.keys() {
-        if !desired.local_ifaces.contains_key(ifindex) {
-            datapath.remove_local_iface(*ifindex)?;
-            report.removed += 1;
+        let Some(name) = veth_names.get(ifindex) else {
+            continue;
+        };
+        match datapath.attach_container(name) {
+            Ok(_) => {
+                attached.insert(*ifindex);
+                report.attached += 1;
+            }
+            Err(e) => report.fail(None, format_args!("attach {name}"), &e),
         }
     }
     if report.changed() {
@@ -313,6 +437,9 @@ pub fn apply(
             detached = report.detached,
             "data plane maps updated"
         );
+    }
+    if let Some(summary) = report.failure_summary() {
+        warn!("{summary}");
     }
     Ok(report)
 }
@@ -444,17 +571,23 @@ mod tests {
             modify_index: 1,
             lock_index: 0,
             flags: 0,
-            session: None,
+            session: key.ends_with("/a").then(|| "s1".to_string()),
         };
         let pairs = vec![
             pair(
                 "overlay/networks/net1",
                 br#"{"name":"net1","subnet":"10.100.0.0/24","gateway":"10.100.0.1","vni":7,"mtu":1450}"#,
             ),
+            pair("overlay/vni/7", b"net1"),
             pair("overlay/networks/bad", b"not json"),
             pair(
                 "overlay/nodes/a",
                 br#"{"name":"a","vtep":"192.0.2.1","iface":"eth0"}"#,
+            ),
+            // Not held by a session: not a live node.
+            pair(
+                "overlay/nodes/b",
+                br#"{"name":"b","vtep":"192.0.2.2","iface":"eth0"}"#,
             ),
             pair("overlay/ipam/net1/10.100.0.2", b"{}"),
         ];

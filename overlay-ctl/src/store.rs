@@ -18,12 +18,14 @@
 use std::{collections::BTreeSet, net::Ipv4Addr, str::FromStr};
 
 use ipnetwork::Ipv4Network;
+use overlay_common::{capacity, map_names};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::{
     consul::{ConsulClient, ConsulError, KvPair},
     ipam::{self, IpamError},
+    records,
 };
 
 pub const DEFAULT_PREFIX: &str = "overlay/";
@@ -75,6 +77,15 @@ pub enum StoreError {
     },
     #[error("corrupt value at {key}: {message}")]
     Corrupt { key: String, message: String },
+    #[error("invalid record {0}")]
+    Rejected(#[from] records::Rejection),
+    #[error("{what}: {count} of at most {limit} (the data plane's {map} map holds {limit} entries); remove some first")]
+    Capacity {
+        what: &'static str,
+        count: usize,
+        limit: u32,
+        map: &'static str,
+    },
 }
 
 /// An overlay network.
@@ -152,6 +163,13 @@ pub fn decode<T: DeserializeOwned>(pair: &KvPair) -> Result<T, StoreError> {
     })
 }
 
+/// A record that failed validation is skipped, with a warning.
+fn skip_invalid<T>(parsed: Result<T, records::Rejection>) -> Option<T> {
+    parsed
+        .map_err(|r| debug!(key = %r.key, reason = %r.reason, "skipping an invalid record: {}", r.detail))
+        .ok()
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serialising these plain structs cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
@@ -159,7 +177,7 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Node names and endpoint IDs become key segments: no `/`, whitespace or control
 /// characters, and not empty.
-fn check_segment(what: &'static str, value: &str) -> Result<(), StoreError> {
+pub(crate) fn check_segment(what: &'static str, value: &str) -> Result<(), StoreError> {
     let reason = if value.is_empty() {
         Some("must not be empty")
     } else if value.len() > 256 {
@@ -291,6 +309,16 @@ impl Store {
         if existing.iter().any(|n| n.name == name) {
             return Err(StoreError::NetworkExists(name.to_string()));
         }
+        // Every node's NETWORKS and SUBNETS maps hold one entry per network.
+        let limit = capacity::NETWORKS.min(capacity::SUBNETS);
+        if existing.len() >= limit as usize {
+            return Err(StoreError::Capacity {
+                what: "the cluster has its maximum number of networks",
+                count: existing.len(),
+                limit,
+                map: map_names::NETWORKS,
+            });
+        }
         if let Some(other) = existing.iter().find(|n| n.subnet.overlaps(subnet)) {
             return Err(StoreError::SubnetOverlap {
                 subnet,
@@ -392,7 +420,7 @@ impl Store {
     pub async fn get_network(&self, name: &str) -> Result<Option<Network>, StoreError> {
         ipam::validate_name(name)?;
         match self.client.get(&self.network_key(name)).await? {
-            Some(pair) => Ok(Some(decode(&pair)?)),
+            Some(pair) => Ok(Some(records::parse_network(&self.prefix, &pair)?)),
             None => Ok(None),
         }
     }
@@ -403,17 +431,29 @@ impl Store {
             .ok_or_else(|| StoreError::NoSuchNetwork(name.to_string()))
     }
 
-    /// All networks, by name.
+    /// All networks whose records are valid, by name (invalid ones are skipped with a
+    /// warning; [`Store::snapshot`] says why, with the cross-record rules).
     pub async fn list_networks(&self) -> Result<Vec<Network>, StoreError> {
-        let mut networks = self
+        let mut networks: Vec<Network> = self
             .client
             .list(&self.networks_prefix())
             .await?
             .iter()
-            .map(decode::<Network>)
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|p| skip_invalid(records::parse_network(&self.prefix, p)))
+            .collect();
         networks.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(networks)
+    }
+
+    /// Everything under the prefix in one read, parsed at the validation boundary
+    /// ([`records::parse_snapshot`]): the valid cluster state and the rejected records.
+    pub async fn snapshot(&self) -> Result<records::Snapshot, StoreError> {
+        let pairs = self.client.list(&self.prefix).await?;
+        Ok(records::parse_snapshot(
+            &self.prefix,
+            &pairs,
+            records::View::Cluster,
+        ))
     }
 
     /// Deletes a network with its VNI claim, address allocations and (with `force`)
@@ -516,6 +556,24 @@ impl Store {
             .collect())
     }
 
+    /// Refuses a new endpoint when every node's ENDPOINTS map (which holds every
+    /// endpoint of the cluster) would overflow. Counts endpoint keys (one cheap read, and
+    /// an endpoint of a node that is away still counts: it comes back with its node).
+    /// Not atomic with the creation: concurrent creators can go a few over, which the
+    /// agents survive (reconcile reports the entries that did not fit).
+    pub async fn check_endpoint_capacity(&self) -> Result<(), StoreError> {
+        let count = self.client.keys(&self.endpoints_prefix()).await?.len();
+        if count >= capacity::ENDPOINTS as usize {
+            return Err(StoreError::Capacity {
+                what: "the cluster has its maximum number of endpoints",
+                count,
+                limit: capacity::ENDPOINTS,
+                map: map_names::ENDPOINTS,
+            });
+        }
+        Ok(())
+    }
+
     /// Frees an address (freeing a free address is not an error).
     pub async fn release_ip(&self, network: &str, ip: Ipv4Addr) -> Result<(), StoreError> {
         ipam::validate_name(network)?;
@@ -538,12 +596,13 @@ impl Store {
                 .strip_prefix(&prefix)
                 .and_then(|s| Ipv4Addr::from_str(s).ok())
             else {
-                return Err(StoreError::Corrupt {
-                    key: pair.key.clone(),
-                    message: "key does not end in an IPv4 address".to_string(),
-                });
+                warn!(key = %pair.key, "skipping an address allocation whose key is not an IPv4 address");
+                continue;
             };
-            out.push((ip, decode(&pair)?));
+            match decode(&pair) {
+                Ok(allocation) => out.push((ip, allocation)),
+                Err(e) => warn!(error = %e, "skipping an unreadable address allocation"),
+            }
         }
         out.sort_by_key(|(ip, _)| *ip);
         Ok(out)
@@ -574,14 +633,16 @@ impl Store {
         Ok(())
     }
 
+    /// The live nodes: valid records held by a session (others are skipped; see
+    /// [`Store::snapshot`] for why).
     pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
-        let mut nodes = self
+        let mut nodes: Vec<NodeInfo> = self
             .client
             .list(&self.nodes_prefix())
             .await?
             .iter()
-            .map(decode::<NodeInfo>)
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|p| records::parse_node(&self.prefix, p).ok())
+            .collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(nodes)
     }
@@ -632,22 +693,37 @@ impl Store {
         }
     }
 
-    /// The endpoints of one network, or of all networks with `None`.
+    /// The endpoints of one network, or of all networks with `None`, whose records are
+    /// valid on their own (invalid ones are skipped with a warning; [`Store::snapshot`]
+    /// also checks addresses against their IPAM keys and each other).
     pub async fn list_endpoints(&self, network: Option<&str>) -> Result<Vec<Endpoint>, StoreError> {
-        let prefix = match network {
+        let (prefix, networks) = match network {
             Some(n) => {
                 ipam::validate_name(n)?;
-                self.endpoint_prefix(n)
+                let network = match self.client.get(&self.network_key(n)).await? {
+                    Some(pair) => skip_invalid(records::parse_network(&self.prefix, &pair)),
+                    None => None,
+                };
+                (self.endpoint_prefix(n), network.into_iter().collect())
             }
-            None => self.endpoints_prefix(),
+            None => (self.endpoints_prefix(), self.list_networks().await?),
         };
-        let mut endpoints = self
+        let by_name: std::collections::BTreeMap<&str, &Network> =
+            networks.iter().map(|n| (n.name.as_str(), n)).collect();
+        let mut endpoints: Vec<Endpoint> = self
             .client
             .list(&prefix)
             .await?
             .iter()
-            .map(decode::<Endpoint>)
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|pair| {
+                let network = pair
+                    .key
+                    .strip_prefix(&self.endpoints_prefix())
+                    .and_then(|rest| rest.split('/').next())
+                    .and_then(|name| by_name.get(name).copied());
+                skip_invalid(records::parse_endpoint(&self.prefix, pair, network))
+            })
+            .collect();
         endpoints.sort_by(|a, b| (&a.network, &a.id).cmp(&(&b.network, &b.id)));
         Ok(endpoints)
     }

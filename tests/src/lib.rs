@@ -8,5 +8,6 @@ pub mod control_bench;
 pub mod frames;
 pub mod harness;
 pub mod net;
+pub mod pinned;
 pub mod topology;
 pub mod vm_pair;

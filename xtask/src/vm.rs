@@ -727,6 +727,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "runs agent and CLI processes with ping, sh and sleep; the kernel features it uses are the data plane's, covered by the guest's data-plane tests",
     ),
     (
+        "hostile_store",
+        "runs agent and CLI processes with ping and sleep against the dev server, like cluster",
+    ),
+    (
         "prometheus",
         "needs Debian's prometheus server, which the busybox guest does not have",
     ),
