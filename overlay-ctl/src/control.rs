@@ -126,6 +126,14 @@ pub struct AgentStatus {
     /// Store records the agent ignores as invalid (see `agent logs` for which and why).
     #[serde(default)]
     pub rejected_records: usize,
+    /// Whether the store is this cluster's: unknown, trusted, missing, foreign, healing
+    /// (see [`crate::identity`]).
+    #[serde(default)]
+    pub store_trust: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -16,6 +16,8 @@
 //! | `overlay_store_records_rejected` (now), `overlay_store_rejections_total` (each record once per reason) | `kind` (network, node, endpoint, ipam), `reason` (see [`crate::records::RejectReason`]) |
 //! | `overlay_map_missing_entries` (last reconcile) | `map` |
 //! | `overlay_map_update_failures_total` | |
+//! | `overlay_store_state` | `state` (unknown, trusted, missing, foreign, healing): 1 for the current one |
+//! | `overlay_gc_collected_total` | `kind` (local_endpoint, address, endpoint, vni, subnet) |
 //!
 //! Events seen on the underlay before a packet's network is known are counted under
 //! VNI 0, exported as `network="underlay"`.
@@ -70,6 +72,10 @@ pub struct ControlPlaneMetrics {
     local_endpoints: AtomicU64,
     remote_endpoints: AtomicU64,
     members: AtomicU64,
+    /// The store's trust state ([`crate::identity::Trust`]).
+    store_state: std::sync::Mutex<&'static str>,
+    /// Left-overs collected, by kind ([`crate::gc::Kind`]).
+    gc_collected: std::sync::Mutex<BTreeMap<&'static str, u64>>,
     /// Store records rejected in the last read of the store.
     rejected_now: Mutex<RejectionCounts>,
     /// Rejections reported (each record once per reason while it lasts).
@@ -134,6 +140,19 @@ impl ControlPlaneMetrics {
             .iter()
             .map(|(k, v)| (k.clone(), *v as u64))
             .collect();
+    }
+
+    pub fn set_store_state(&self, state: &'static str) {
+        *self.store_state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    pub fn record_collected(&self, kind: &'static str) {
+        *self
+            .gc_collected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
+            .or_default() += 1;
     }
 }
 
@@ -384,6 +403,44 @@ pub fn render(scrape: &Scrape) -> String {
         "Map updates (and attachments) that failed.",
         load(&c.map_update_failures).to_string(),
     );
+    let current = *c.store_state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut family = Family::new(
+        &mut out,
+        "overlay_store_state",
+        "gauge",
+        "Whether the store is this cluster's (1 for the current state; missing and foreign: the data plane keeps its last state).",
+    );
+    for trust in crate::identity::Trust::ALL {
+        let state = trust.name();
+        let current = if current.is_empty() {
+            "unknown"
+        } else {
+            current
+        };
+        family.sample(
+            "overlay_store_state",
+            &[("state", state)],
+            u8::from(state == current),
+        );
+    }
+    let collected = c
+        .gc_collected
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut family = Family::new(
+        &mut out,
+        "overlay_gc_collected_total",
+        "counter",
+        "Left-overs of crashed commands and outages collected, by kind.",
+    );
+    for kind in crate::gc::Kind::ALL {
+        family.sample(
+            "overlay_gc_collected_total",
+            &[("kind", kind.name())],
+            collected.get(kind.name()).copied().unwrap_or(0),
+        );
+    }
     out
 }
 

@@ -731,6 +731,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "runs agent and CLI processes with ping and sleep against the dev server, like cluster",
     ),
     (
+        "lifecycle",
+        "like cluster: agent, CLI and Consul dev server processes with ping, sh and true",
+    ),
+    (
         "prometheus",
         "needs Debian's prometheus server, which the busybox guest does not have",
     ),
