@@ -635,6 +635,7 @@ impl Agent {
             self.options.watch_wait,
         );
         let mut acknowledged = 0;
+        let mut acknowledged_state: Option<ClusterState> = None;
         loop {
             match watch.next().await {
                 Ok((pairs, index)) => {
@@ -656,11 +657,17 @@ impl Agent {
                     } else {
                         self.ack_pending.swap(false, Ordering::SeqCst)
                     };
-                    if applied && index > acknowledged {
+                    // An acknowledgement is itself a write under the prefix: one for a
+                    // state already acknowledged would only cause another.
+                    let current = lock(&self.desired).clone();
+                    if applied && index > acknowledged && current != acknowledged_state {
                         // Lets `run` (and benchmarks) see when every node forwards for a
                         // new endpoint.
                         match self.store.put_applied(self.node(), index).await {
-                            Ok(()) => acknowledged = index,
+                            Ok(()) => {
+                                acknowledged = index;
+                                acknowledged_state = current;
+                            }
                             Err(e) => debug!(error = %e, "cannot record the applied index"),
                         }
                     }

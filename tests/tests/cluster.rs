@@ -246,7 +246,8 @@ fn three_agents_allocating_fifty_addresses_each_at_once_never_share_one() {
                 scope.spawn(move || {
                     (0..PER_NODE)
                         .map(|i| {
-                            let name = format!("{}-{i}", node.name);
+                            // Unique per process: other test runs may share the machine.
+                            let name = format!("{}-{i}-{}", node.name, std::process::id());
                             let run = node.spawn_run("wide", &name, &["sleep", "300"]);
                             (n, name, run)
                         })
