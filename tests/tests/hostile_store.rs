@@ -666,20 +666,43 @@ fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
         .ok();
     let limit = capacity::ENDPOINTS as usize;
     let away_vtep = Ipv4Addr::new(192, 0, 2, 77);
-    let mut pairs = Vec::with_capacity(2 * limit);
+    let (mut allocations, mut endpoints) = (Vec::new(), Vec::new());
     for i in 0..limit {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 1, 0)) + i as u32);
         let id = format!("e{i}");
-        pairs.push((
-            format!("overlay/endpoints/wide/{id}"),
-            endpoint_json("wide", &id, ip, "away", away_vtep),
-        ));
-        pairs.push((
+        allocations.push((
             format!("overlay/ipam/wide/{ip}"),
             allocation_json(&id, "away"),
         ));
+        endpoints.push((
+            format!("overlay/endpoints/wide/{id}"),
+            endpoint_json("wide", &id, ip, "away", away_vtep),
+        ));
     }
-    put_all(&consul, pairs);
+    // In the CLI's order: the address first, then the endpoint.
+    put_all(&consul, allocations);
+    put_all(&consul, endpoints);
+    // Once the agent has applied the last write, it has read all of them: they are
+    // valid (nothing rejected) and none is in the maps (their node is away).
+    let last = consul
+        .kv_snapshot("overlay/endpoints/wide/")
+        .iter()
+        .map(|(_, _, index)| *index)
+        .max()
+        .unwrap();
+    wait_until(
+        "the agent to apply the last write",
+        Duration::from_secs(60),
+        || {
+            consul
+                .kv_snapshot("overlay/applied/node1")
+                .first()
+                .and_then(|(_, v, _)| String::from_utf8_lossy(v).parse::<u64>().ok())
+                .is_some_and(|applied| applied >= last)
+        },
+    );
+    assert_eq!(node.status().unwrap()["rejected_records"], 0);
+    assert!(Maps::read(&node.pins.path).endpoints.is_empty());
     let before = consul.kv_snapshot("overlay/ipam/").len();
     let refused = node.cli(&["run", "-n", "wide", "--", "true"]);
     assert_eq!(refused.code, 1, "{refused:#?}");
@@ -703,9 +726,6 @@ fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
                 .starts_with("ovl-wide-")),
         "run left its namespace"
     );
-    // The records are valid: nothing rejected, and none in the maps (their node is away).
-    assert_eq!(node.status().unwrap()["rejected_records"], 0);
-    assert!(Maps::read(&node.pins.path).endpoints.is_empty());
     // One fewer, and creation works again.
     consul.with_client(|c| async move {
         c.delete("overlay/endpoints/wide/e0").await.unwrap();
