@@ -460,7 +460,8 @@ impl Store {
     /// endpoints. Refused while endpoints exist unless `force`.
     pub async fn delete_network(&self, name: &str, force: bool) -> Result<(), StoreError> {
         let network = self.require_network(name).await?;
-        let endpoints = self.list_endpoints(Some(name)).await?;
+        // Every endpoint record counts here, valid or not: they all go with the network.
+        let endpoints = self.client.keys(&self.endpoint_prefix(name)).await?;
         if !endpoints.is_empty() && !force {
             return Err(StoreError::NetworkInUse {
                 name: name.to_string(),
