@@ -356,8 +356,8 @@ pub fn parse_endpoint(
     Ok(endpoint)
 }
 
-/// One `ipam/<network>/<ip>` record.
-fn parse_allocation(
+/// One `ipam/<network>/<ip>` record: ((network, address), allocation).
+pub fn parse_allocation(
     prefix: &str,
     pair: &KvPair,
 ) -> Result<((String, Ipv4Addr), IpAllocation), Rejection> {

@@ -590,21 +590,14 @@ impl Store {
     ) -> Result<Vec<(Ipv4Addr, IpAllocation)>, StoreError> {
         ipam::validate_name(network)?;
         let prefix = self.ipam_prefix(network);
-        let mut out = Vec::new();
-        for pair in self.client.list(&prefix).await? {
-            let Some(ip) = pair
-                .key
-                .strip_prefix(&prefix)
-                .and_then(|s| Ipv4Addr::from_str(s).ok())
-            else {
-                warn!(key = %pair.key, "skipping an address allocation whose key is not an IPv4 address");
-                continue;
-            };
-            match decode(&pair) {
-                Ok(allocation) => out.push((ip, allocation)),
-                Err(e) => warn!(error = %e, "skipping an unreadable address allocation"),
-            }
-        }
+        let mut out: Vec<(Ipv4Addr, IpAllocation)> = self
+            .client
+            .list(&prefix)
+            .await?
+            .iter()
+            .filter_map(|pair| skip_invalid(records::parse_allocation(&self.prefix, pair)))
+            .map(|((_, ip), allocation)| (ip, allocation))
+            .collect();
         out.sort_by_key(|(ip, _)| *ip);
         Ok(out)
     }
@@ -688,10 +681,19 @@ impl Store {
     ) -> Result<Option<Endpoint>, StoreError> {
         ipam::validate_name(network)?;
         check_segment("endpoint id", id)?;
-        match self.client.get(&self.endpoint_key(network, id)).await? {
-            Some(pair) => Ok(Some(decode(&pair)?)),
-            None => Ok(None),
-        }
+        let Some(pair) = self.client.get(&self.endpoint_key(network, id)).await? else {
+            return Ok(None);
+        };
+        // Validated like every record read (`detach` acts on its interface name).
+        let net = match self.client.get(&self.network_key(network)).await? {
+            Some(p) => Some(records::parse_network(&self.prefix, &p)?),
+            None => None,
+        };
+        Ok(Some(records::parse_endpoint(
+            &self.prefix,
+            &pair,
+            net.as_ref(),
+        )?))
     }
 
     /// The endpoints of one network, or of all networks with `None`, whose records are
