@@ -156,7 +156,6 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         .iter()
         .map(|n| n.status().unwrap()["pid"].clone())
         .collect();
-    let runs_before = metric(&nodes[0], "overlay_reconcile_runs_total").unwrap();
 
     // Every class of bad record, each with the (kind, reason) it must be rejected for.
     let p = "overlay/";
@@ -164,7 +163,42 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
     let outside = Ipv4Addr::new(10, 200, 0, 5);
     let orphan_ip = Ipv4Addr::new(10, 100, 0, 77);
     let vni_big = 1u64 << 24;
+    // Records naming node1 as theirs, owning their addresses, that would have node1's
+    // agent attach the container program to its underlay (`eth0`) or open and delete a
+    // "namespace" that is a file outside /run/netns.
+    let canary = std::env::temp_dir().join(unique_name("canary"));
+    std::fs::write(&canary, b"still here").unwrap();
+    let evil_ip = Ipv4Addr::new(10, 100, 0, 90);
+    let evilns_ip = Ipv4Addr::new(10, 100, 0, 91);
+    let mut evil = serde_json::from_str::<serde_json::Value>(&endpoint_json(
+        "net1",
+        "evil",
+        evil_ip,
+        "node1",
+        nodes[0].vtep,
+    ))
+    .unwrap();
+    evil["ifname"] = "eth0".into();
+    let mut evilns = serde_json::from_str::<serde_json::Value>(&endpoint_json(
+        "net1",
+        "evilns",
+        evilns_ip,
+        "node1",
+        nodes[0].vtep,
+    ))
+    .unwrap();
+    evilns["netns"] = format!("../..{}", canary.display()).into();
     let plain: Vec<(String, String)> = vec![
+        (
+            format!("{p}ipam/net1/{evil_ip}"),
+            allocation_json("evil", "node1"),
+        ),
+        (format!("{p}endpoints/net1/evil"), evil.to_string()),
+        (
+            format!("{p}ipam/net1/{evilns_ip}"),
+            allocation_json("evilns", "node1"),
+        ),
+        (format!("{p}endpoints/net1/evilns"), evilns.to_string()),
         // A network with net1's VNI (whose vni/N claim names net1).
         (
             format!("{p}networks/dupvni"),
@@ -242,6 +276,8 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         ("nodes/zero", "node", "bad_vtep", 2.0),
         ("nodes/lo", "node", "bad_vtep", 2.0),
         ("nodes/garbage", "node", "malformed", 1.0),
+        ("endpoints/net1/evil", "endpoint", "bad_ifname", 1.0),
+        ("endpoints/net1/evilns", "endpoint", "bad_netns", 1.0),
     ];
     // A valid change after the attack: a new container on node2. Once node1 forwards
     // for it, node1 has applied a state that includes every bad record above.
@@ -312,6 +348,12 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         );
     }
 
+    // The canary file is untouched, and node1's underlay still has no container program
+    // (the maps above would show it in LOCAL_IFACES; its membership would go too).
+    assert_eq!(std::fs::read(&canary).unwrap(), b"still here");
+    let _ = std::fs::remove_file(&canary);
+    assert_eq!(nodes[0].status().unwrap()["consul"]["registered"], true);
+
     // The agents stayed up (the same processes), and traffic flows as before.
     for (node, pid) in nodes.iter().zip(&pids) {
         assert_eq!(
@@ -324,23 +366,6 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
     assert!(pings(&web, db_ip), "web cannot reach db after the attack");
     assert!(pings(&db, web_ip), "db cannot reach web after the attack");
     assert!(pings(&web, late_ip), "web cannot reach the late container");
-
-    // Each bad record was logged once, although the agents read the store again since.
-    assert!(metric(&nodes[0], "overlay_reconcile_runs_total").unwrap() >= runs_before + 2.0);
-    for (key, kind, reason, _) in expected {
-        let key = format!("{p}{key}");
-        assert_eq!(
-            rejection_log_lines(&nodes[0], &key),
-            1,
-            "{key} ({kind}/{reason}) logged once:\n{}",
-            nodes[0].agent_log()
-        );
-    }
-    for (_, kind, reason, n) in expected {
-        let total =
-            format!("overlay_store_rejections_total{{kind=\"{kind}\",reason=\"{reason}\"}}");
-        assert_eq!(metric(&nodes[0], &total), Some(*n), "{total}");
-    }
 
     // The CLI lists the valid records and warns about the others.
     let warned = |stderr: &str, key: &str| {
@@ -387,6 +412,8 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         "endpoints/net1/dupip",
         "endpoints/net1/outside",
         "endpoints/net1/garbage",
+        "endpoints/net1/evil",
+        "endpoints/net1/evilns",
     ] {
         assert!(
             warned(&endpoints.stderr, key),
@@ -425,17 +452,37 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
     }
     let status = nodes[0].cli(&["status"]).ok();
     assert!(
-        status.stdout.contains("11 invalid record(s) ignored"),
+        status.stdout.contains("13 invalid record(s) ignored"),
         "{}",
         status.stdout
     );
 
     // Writes are not blocked by unrelated bad records.
+    let runs_before = metric(&nodes[1], "overlay_reconcile_runs_total").unwrap();
     nodes[1]
         .cli(&["network", "create", "net3", "10.103.0.0/24"])
         .ok();
     let short = nodes[1].cli(&["run", "-n", "net3", "--", "true"]);
     assert_eq!(short.code, 0, "{short:#?}");
+
+    // Each bad record was logged once on each node, although the agents read the store
+    // again since (node2's `run` alone had its agent re-read it twice).
+    assert!(metric(&nodes[1], "overlay_reconcile_runs_total").unwrap() >= runs_before + 2.0);
+    for node in &nodes {
+        for (key, kind, reason, n) in expected {
+            let key = format!("{p}{key}");
+            assert_eq!(
+                rejection_log_lines(node, &key),
+                1,
+                "{}: {key} ({kind}/{reason}) logged once:\n{}",
+                node.name,
+                node.agent_log()
+            );
+            let total =
+                format!("overlay_store_rejections_total{{kind=\"{kind}\",reason=\"{reason}\"}}");
+            assert_eq!(metric(node, &total), Some(*n), "{}: {total}", node.name);
+        }
+    }
 
     // Once the bad records are gone, nothing is rejected any more.
     consul.with_client(|c| async move {
@@ -447,6 +494,8 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
             "endpoints/net1/dupip",
             "endpoints/net1/outside",
             "endpoints/net1/garbage",
+            "endpoints/net1/evil",
+            "endpoints/net1/evilns",
             "nodes/nosess",
             "nodes/zero",
             "nodes/lo",
