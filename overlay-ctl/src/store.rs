@@ -79,6 +79,8 @@ pub enum StoreError {
     Corrupt { key: String, message: String },
     #[error("invalid record {0}")]
     Rejected(#[from] records::Rejection),
+    #[error("invalid record {0}; --force deletes it")]
+    InvalidNetworkRecord(records::Rejection),
     #[error("{what}: {count} of at most {limit} (the data plane's {map} map holds {limit} entries); remove some first")]
     Capacity {
         what: &'static str,
@@ -458,8 +460,19 @@ impl Store {
 
     /// Deletes a network with its VNI claim, address allocations and (with `force`)
     /// endpoints. Refused while endpoints exist unless `force`.
+    /// An invalid network record is deleted too, with `force` (its VNI claim stays).
     pub async fn delete_network(&self, name: &str, force: bool) -> Result<(), StoreError> {
-        let network = self.require_network(name).await?;
+        let network = match self.require_network(name).await {
+            Ok(network) => Some(network),
+            Err(StoreError::Rejected(r)) if force => {
+                warn!(key = %r.key, "deleting an invalid network record: {}", r.detail);
+                None
+            }
+            Err(StoreError::Rejected(r)) => {
+                return Err(StoreError::InvalidNetworkRecord(r));
+            }
+            Err(e) => return Err(e),
+        };
         // Every endpoint record counts here, valid or not: they all go with the network.
         let endpoints = self.client.keys(&self.endpoint_prefix(name)).await?;
         if !endpoints.is_empty() && !force {
@@ -472,7 +485,9 @@ impl Store {
         self.client.delete(&self.network_key(name)).await?;
         self.client.delete_tree(&self.endpoint_prefix(name)).await?;
         self.client.delete_tree(&self.ipam_prefix(name)).await?;
-        self.unclaim_vni(network.vni, name).await;
+        if let Some(network) = network {
+            self.unclaim_vni(network.vni, name).await;
+        }
         info!(
             network = name,
             endpoints = endpoints.len(),

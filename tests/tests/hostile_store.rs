@@ -484,13 +484,20 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         }
     }
 
+    // An invalid network record can be deleted with the CLI, with --force.
+    let refused = nodes[0].cli(&["network", "delete", "garbage"]);
+    assert_eq!(refused.code, 1, "{refused:#?}");
+    assert!(refused.stderr.contains("--force"), "{refused:#?}");
+    nodes[0]
+        .cli(&["network", "delete", "garbage", "--force"])
+        .ok();
+
     // Once the bad records are gone, nothing is rejected any more.
     consul.with_client(|c| async move {
         for key in [
             "networks/dupvni",
             "networks/vnizero",
             "networks/vnihuge",
-            "networks/garbage",
             "endpoints/net1/dupip",
             "endpoints/net1/outside",
             "endpoints/net1/garbage",
