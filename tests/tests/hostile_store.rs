@@ -718,7 +718,9 @@ fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
     let underlay = Underlay::new();
     let (consul, nodes) = start_cluster(&BINS, &underlay, 1, None, &[]);
     let node = &nodes[0];
-    node.cli(&["network", "create", "wide", "10.128.0.0/14"])
+    // A name of its own: namespaces (/run/netns) are shared with other tests.
+    let wide = unique_name("wide");
+    node.cli(&["network", "create", &wide, "10.128.0.0/14"])
         .ok();
     let limit = capacity::ENDPOINTS as usize;
     let away_vtep = Ipv4Addr::new(192, 0, 2, 77);
@@ -727,12 +729,12 @@ fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 1, 0)) + i as u32);
         let id = format!("e{i}");
         allocations.push((
-            format!("overlay/ipam/wide/{ip}"),
+            format!("overlay/ipam/{wide}/{ip}"),
             allocation_json(&id, "away"),
         ));
         endpoints.push((
-            format!("overlay/endpoints/wide/{id}"),
-            endpoint_json("wide", &id, ip, "away", away_vtep),
+            format!("overlay/endpoints/{wide}/{id}"),
+            endpoint_json(&wide, &id, ip, "away", away_vtep),
         ));
     }
     // In the CLI's order: the address first, then the endpoint.
@@ -741,7 +743,7 @@ fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
     // Once the agent has applied the last write, it has read all of them: they are
     // valid (nothing rejected) and none is in the maps (their node is away).
     let last = consul
-        .kv_snapshot("overlay/endpoints/wide/")
+        .kv_snapshot(&format!("overlay/endpoints/{wide}/"))
         .iter()
         .map(|(_, _, index)| *index)
         .max()
@@ -760,7 +762,7 @@ fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
     assert_eq!(node.status().unwrap()["rejected_records"], 0);
     assert!(Maps::read(&node.pins.path).endpoints.is_empty());
     let before = consul.kv_snapshot("overlay/ipam/").len();
-    let refused = node.cli(&["run", "-n", "wide", "--", "true"]);
+    let refused = node.cli(&["run", "-n", &wide, "--", "true"]);
     assert_eq!(refused.code, 1, "{refused:#?}");
     assert!(
         refused.stderr.contains(&limit.to_string()) && refused.stderr.contains("ENDPOINTS"),
@@ -779,13 +781,14 @@ fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
                 .unwrap()
                 .file_name()
                 .to_string_lossy()
-                .starts_with("ovl-wide-")),
+                .starts_with(&format!("ovl-{wide}-"))),
         "run left its namespace"
     );
     // One fewer, and creation works again.
+    let first = format!("overlay/endpoints/{wide}/e0");
     consul.with_client(|c| async move {
-        c.delete("overlay/endpoints/wide/e0").await.unwrap();
+        c.delete(&first).await.unwrap();
     });
-    let ok = node.cli(&["run", "-n", "wide", "--", "true"]);
+    let ok = node.cli(&["run", "-n", &wide, "--", "true"]);
     assert_eq!(ok.code, 0, "{ok:#?}");
 }
