@@ -264,6 +264,12 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         &node_json("lo", "127.0.0.1"),
     );
     put_held(&consul, &format!("{p}nodes/garbage"), "null");
+    // A node (held by a session) claiming node1's VTEP, registered after node1.
+    put_held(
+        &consul,
+        &format!("{p}nodes/thief"),
+        &node_json("thief", &nodes[0].vtep.to_string()),
+    );
     let expected: &[(&str, &str, &str, f64)] = &[
         ("networks/dupvni", "network", "vni_not_owned", 1.0),
         ("networks/vnizero", "network", "bad_vni", 2.0),
@@ -276,6 +282,7 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         ("nodes/zero", "node", "bad_vtep", 2.0),
         ("nodes/lo", "node", "bad_vtep", 2.0),
         ("nodes/garbage", "node", "malformed", 1.0),
+        ("nodes/thief", "node", "duplicate_vtep", 1.0),
         ("endpoints/net1/evil", "endpoint", "bad_ifname", 1.0),
         ("endpoints/net1/evilns", "endpoint", "bad_netns", 1.0),
     ];
@@ -443,7 +450,13 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         .map(|n| n["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(member_names, ["node1", "node2"]);
-    for key in ["nodes/nosess", "nodes/zero", "nodes/lo", "nodes/garbage"] {
+    for key in [
+        "nodes/nosess",
+        "nodes/zero",
+        "nodes/lo",
+        "nodes/garbage",
+        "nodes/thief",
+    ] {
         assert!(
             warned(&members.stderr, key),
             "cluster members does not warn about {key}: {}",
@@ -452,7 +465,7 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
     }
     let status = nodes[0].cli(&["status"]).ok();
     assert!(
-        status.stdout.contains("13 invalid record(s) ignored"),
+        status.stdout.contains("14 invalid record(s) ignored"),
         "{}",
         status.stdout
     );
@@ -507,6 +520,7 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
             "nodes/zero",
             "nodes/lo",
             "nodes/garbage",
+            "nodes/thief",
         ] {
             c.delete(&format!("overlay/{key}")).await.unwrap();
         }
