@@ -14,7 +14,9 @@
 //! Exclusivity comes from Consul's check-and-set: a VNI or an address is taken by
 //! whoever creates its key first (`?cas=0`), so concurrent creators and allocators on
 //! different hosts never get the same one. Every input is validated before the first
-//! write, and a multi-key operation that loses a race rolls back what it wrote.
+//! write, and a multi-key operation that loses a race rolls back what it wrote. Every
+//! record read is validated too, by the same rules, in [`crate::records`] (anyone who can
+//! write the prefix can write anything): reads skip or refuse invalid records.
 use std::{collections::BTreeSet, net::Ipv4Addr, str::FromStr};
 
 use ipnetwork::Ipv4Network;
