@@ -397,7 +397,13 @@ impl Agent {
         let snapshot = records::parse_snapshot(self.store.prefix(), pairs, view);
         let fresh = lock(&self.rejections).fresh(&snapshot.rejected);
         for r in &fresh {
-            warn!(key = %r.key, kind = r.kind.as_str(), reason = %r.reason, "ignoring an invalid store record: {}", r.detail);
+            if r.reason == records::RejectReason::UnknownNetwork {
+                // Also what `network delete --force` looks like for a moment (the
+                // network's key goes first, then its endpoints).
+                info!(key = %r.key, kind = r.kind.as_str(), reason = %r.reason, "ignoring an invalid store record: {}", r.detail);
+            } else {
+                warn!(key = %r.key, kind = r.kind.as_str(), reason = %r.reason, "ignoring an invalid store record: {}", r.detail);
+            }
         }
         self.metrics.record_rejections(
             records::count(&snapshot.rejected),

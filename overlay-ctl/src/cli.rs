@@ -986,6 +986,22 @@ fn print_status(s: &AgentStatus) {
             100.0 * m.entries as f64 / f64::from(m.capacity.max(1))
         );
     }
+    if let Some(r) = s
+        .last_reconcile
+        .as_ref()
+        .filter(|r| !r.report.missing.is_empty())
+    {
+        let missing: Vec<String> = r
+            .report
+            .missing
+            .iter()
+            .map(|(map, n)| format!("{map} {n}"))
+            .collect();
+        println!(
+            "             MISSING (could not be written): {}",
+            missing.join(", ")
+        );
+    }
     println!(
         "consul:      {} prefix {}: {}{}",
         s.consul.addr,

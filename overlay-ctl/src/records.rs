@@ -23,7 +23,7 @@
 //! [`parse_node`] and [`parse_endpoint`] (the per-record rules); whole-state readers (the
 //! agent, CLI listings) use [`parse_snapshot`], which adds the cross-record rules.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::Ipv4Addr,
     str::FromStr,
@@ -243,17 +243,8 @@ pub fn parse_network(prefix: &str, pair: &KvPair) -> Result<Network, Rejection> 
             format!("the record names network {:?}", network.name),
         ));
     }
+    // As `network create` parses it: no host bits, at most a /30.
     ipam::parse_subnet(&network.subnet.to_string())
-        .and_then(|s| {
-            if s.ip() == network.subnet.ip() {
-                Ok(s)
-            } else {
-                Err(ipam::IpamError::HostBitsSet {
-                    given: network.subnet.to_string(),
-                    suggested: s,
-                })
-            }
-        })
         .map_err(|e| reject(BadSubnet, e.to_string()))?;
     ipam::validate_gateway(network.subnet, network.gateway)
         .map_err(|e| reject(BadGateway, e.to_string()))?;
@@ -356,8 +347,8 @@ pub fn parse_endpoint(
     Ok(endpoint)
 }
 
-/// One `ipam/<network>/<ip>` record.
-fn parse_allocation(
+/// One `ipam/<network>/<ip>` record: ((network, address), allocation).
+pub fn parse_allocation(
     prefix: &str,
     pair: &KvPair,
 ) -> Result<((String, Ipv4Addr), IpAllocation), Rejection> {
@@ -378,9 +369,10 @@ fn parse_allocation(
 /// contains the other.
 #[derive(Default)]
 struct SubnetSet {
-    by_start: BTreeMap<u32, (Ipv4Network, String)>,
-    exact: HashSet<(u32, u8)>,
-    names: BTreeMap<(u32, u8), String>,
+    /// Network address -> name (accepted subnets never overlap, so starts are unique).
+    by_start: BTreeMap<u32, String>,
+    /// (network address, prefix length) -> name.
+    exact: HashMap<(u32, u8), String>,
 }
 
 impl SubnetSet {
@@ -390,8 +382,8 @@ impl SubnetSet {
         for len in 0..=subnet.prefix() {
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
             let key = (start & mask, len);
-            if self.exact.contains(&key) {
-                return self.names.get(&key).map(String::as_str);
+            if let Some(name) = self.exact.get(&key) {
+                return Some(name);
             }
         }
         // A subnet inside `subnet`: one starting within its range.
@@ -399,14 +391,13 @@ impl SubnetSet {
         self.by_start
             .range(start..=end)
             .next()
-            .map(|(_, (_, name))| name.as_str())
+            .map(|(_, name)| name.as_str())
     }
 
     fn insert(&mut self, subnet: Ipv4Network, name: &str) {
         let key = (u32::from(subnet.network()), subnet.prefix());
-        self.exact.insert(key);
-        self.names.insert(key, name.to_string());
-        self.by_start.insert(key.0, (subnet, name.to_string()));
+        self.exact.insert(key, name.to_string());
+        self.by_start.insert(key.0, name.to_string());
     }
 }
 
@@ -900,6 +891,21 @@ mod tests {
         };
         let s = parse_snapshot(P, &pairs, view);
         assert_eq!(s.state.endpoints[0].id, "theirs");
+    }
+
+    #[test]
+    fn subnet_overlaps_both_ways_but_not_neighbours() {
+        let mut set = SubnetSet::default();
+        set.insert("10.1.0.0/16".parse().unwrap(), "a");
+        set.insert("10.3.0.0/24".parse().unwrap(), "b");
+        let overlaps = |s: &str| set.overlapping(s.parse().unwrap()).map(str::to_string);
+        assert_eq!(overlaps("10.1.2.0/24").as_deref(), Some("a"));
+        assert_eq!(overlaps("10.0.0.0/8").as_deref(), Some("a"));
+        assert_eq!(overlaps("10.3.0.0/24").as_deref(), Some("b"));
+        assert_eq!(overlaps("10.3.0.128/25").as_deref(), Some("b"));
+        assert_eq!(overlaps("10.2.0.0/16"), None);
+        assert_eq!(overlaps("10.3.1.0/24"), None);
+        assert_eq!(overlaps("0.0.0.0/0").as_deref(), Some("a"));
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //! Exclusivity comes from Consul's check-and-set: a VNI or an address is taken by
 //! whoever creates its key first (`?cas=0`), so concurrent creators and allocators on
 //! different hosts never get the same one. Every input is validated before the first
-//! write, and a multi-key operation that loses a race rolls back what it wrote.
+//! write, and a multi-key operation that loses a race rolls back what it wrote. Every
+//! record read is validated too, by the same rules, in [`crate::records`] (anyone who can
+//! write the prefix can write anything): reads skip or refuse invalid records.
 use std::{collections::BTreeSet, net::Ipv4Addr, str::FromStr};
 
 use ipnetwork::Ipv4Network;
@@ -81,6 +83,8 @@ pub enum StoreError {
     Corrupt { key: String, message: String },
     #[error("invalid record {0}")]
     Rejected(#[from] records::Rejection),
+    #[error("invalid record {0}; --force deletes it")]
+    InvalidNetworkRecord(records::Rejection),
     #[error("{what}: {count} of at most {limit} (the data plane's {map} map holds {limit} entries); remove some first")]
     Capacity {
         what: &'static str,
@@ -558,9 +562,21 @@ impl Store {
 
     /// Deletes a network with its VNI claim, address allocations and (with `force`)
     /// endpoints. Refused while endpoints exist unless `force`.
+    /// An invalid network record is deleted too, with `force` (its VNI claim stays).
     pub async fn delete_network(&self, name: &str, force: bool) -> Result<(), StoreError> {
-        let network = self.require_network(name).await?;
-        let endpoints = self.list_endpoints(Some(name)).await?;
+        let network = match self.require_network(name).await {
+            Ok(network) => Some(network),
+            Err(StoreError::Rejected(r)) if force => {
+                warn!(key = %r.key, "deleting an invalid network record: {}", r.detail);
+                None
+            }
+            Err(StoreError::Rejected(r)) => {
+                return Err(StoreError::InvalidNetworkRecord(r));
+            }
+            Err(e) => return Err(e),
+        };
+        // Every endpoint record counts here, valid or not: they all go with the network.
+        let endpoints = self.client.keys(&self.endpoint_prefix(name)).await?;
         if !endpoints.is_empty() && !force {
             return Err(StoreError::NetworkInUse {
                 name: name.to_string(),
@@ -571,8 +587,10 @@ impl Store {
         self.client.delete(&self.network_key(name)).await?;
         self.client.delete_tree(&self.endpoint_prefix(name)).await?;
         self.client.delete_tree(&self.ipam_prefix(name)).await?;
-        self.unclaim_vni(network.vni, name).await;
-        self.unclaim_subnet(network.subnet, name).await;
+        if let Some(network) = network {
+            self.unclaim_vni(network.vni, name).await;
+            self.unclaim_subnet(network.subnet, name).await;
+        }
         info!(
             network = name,
             endpoints = endpoints.len(),
@@ -690,21 +708,14 @@ impl Store {
     ) -> Result<Vec<(Ipv4Addr, IpAllocation)>, StoreError> {
         ipam::validate_name(network)?;
         let prefix = self.ipam_prefix(network);
-        let mut out = Vec::new();
-        for pair in self.client.list(&prefix).await? {
-            let Some(ip) = pair
-                .key
-                .strip_prefix(&prefix)
-                .and_then(|s| Ipv4Addr::from_str(s).ok())
-            else {
-                warn!(key = %pair.key, "skipping an address allocation whose key is not an IPv4 address");
-                continue;
-            };
-            match decode(&pair) {
-                Ok(allocation) => out.push((ip, allocation)),
-                Err(e) => warn!(error = %e, "skipping an unreadable address allocation"),
-            }
-        }
+        let mut out: Vec<(Ipv4Addr, IpAllocation)> = self
+            .client
+            .list(&prefix)
+            .await?
+            .iter()
+            .filter_map(|pair| skip_invalid(records::parse_allocation(&self.prefix, pair)))
+            .map(|((_, ip), allocation)| (ip, allocation))
+            .collect();
         out.sort_by_key(|(ip, _)| *ip);
         Ok(out)
     }
@@ -788,10 +799,19 @@ impl Store {
     ) -> Result<Option<Endpoint>, StoreError> {
         ipam::validate_name(network)?;
         check_segment("endpoint id", id)?;
-        match self.client.get(&self.endpoint_key(network, id)).await? {
-            Some(pair) => Ok(Some(decode(&pair)?)),
-            None => Ok(None),
-        }
+        let Some(pair) = self.client.get(&self.endpoint_key(network, id)).await? else {
+            return Ok(None);
+        };
+        // Validated like every record read (`detach` acts on its interface name).
+        let net = match self.client.get(&self.network_key(network)).await? {
+            Some(p) => Some(records::parse_network(&self.prefix, &p)?),
+            None => None,
+        };
+        Ok(Some(records::parse_endpoint(
+            &self.prefix,
+            &pair,
+            net.as_ref(),
+        )?))
     }
 
     /// The endpoints of one network, or of all networks with `None`, whose records are

@@ -3,7 +3,8 @@
 //!
 //! The endpoints belong to a live remote node that has no agent (a node key held by a
 //! session of the benchmark's own), so every one of the three agents must program them
-//! all as remote endpoints. Convergence is measured from the first write to the moment
+//! all as remote endpoints. They are written as the CLI writes them (each address's IPAM
+//! key first, untimed; then the endpoint records, timed), or the agents would reject them. Convergence is measured from the first write to the moment
 //! every agent has recorded (`overlay/applied/<node>`) an index at or after the last
 //! write; the maps are then checked to hold all of them.
 use std::{
@@ -14,7 +15,7 @@ use std::{
 use overlay_ctl::{
     consul::SessionBehavior,
     reconcile::format_mac,
-    store::{Endpoint, NodeInfo},
+    store::{Endpoint, IpAllocation, NodeInfo},
 };
 
 use crate::{
@@ -81,13 +82,38 @@ pub fn measure(bins: &Bins, agents: u8, endpoints: usize) -> Result<ControlPlane
         if !acquired {
             return Err("cannot register the remote node".to_string());
         }
+        let base = u32::from(Ipv4Addr::new(10, 128, 1, 0));
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        use futures_util::StreamExt as _;
+        // The addresses, allocated as `run` allocates them (agents only accept an
+        // endpoint whose address its IPAM key gives it), before the clock starts.
+        for i in 0..endpoints {
+            let ip = Ipv4Addr::from(base + i as u32);
+            let allocation = IpAllocation {
+                endpoint: format!("e{i}"),
+                node: GHOST_NODE.into(),
+            };
+            let client = client.clone();
+            pending.push(async move {
+                client
+                    .put(
+                        &format!("overlay/ipam/bench/{ip}"),
+                        &serde_json::to_vec(&allocation).unwrap(),
+                    )
+                    .await
+            });
+            if pending.len() >= 32 {
+                pending.next().await.unwrap().map_err(|e| e.to_string())?;
+            }
+        }
+        while let Some(result) = pending.next().await {
+            result.map_err(|e| e.to_string())?;
+        }
         // Let the agents settle on the ghost node before the clock starts.
         tokio::time::sleep(Duration::from_millis(300)).await;
 
         let started = Instant::now();
-        let base = u32::from(Ipv4Addr::new(10, 128, 1, 0));
         let mut pending = futures_util::stream::FuturesUnordered::new();
-        use futures_util::StreamExt as _;
         for i in 0..endpoints {
             let ip = Ipv4Addr::from(base + i as u32);
             let endpoint = Endpoint {
@@ -97,7 +123,7 @@ pub fn measure(bins: &Bins, agents: u8, endpoints: usize) -> Result<ControlPlane
                 mac: format_mac(overlay_ctl::endpoint::mac_for(ip)),
                 node: GHOST_NODE.into(),
                 vtep: GHOST_VTEP,
-                ifname: format!("ghost{i}"),
+                ifname: overlay_ctl::container::host_ifname("bench", &format!("e{i}")),
                 container: None,
                 pid: None,
                 netns: None,

@@ -633,7 +633,8 @@ async fn networks_create_list_delete() {
         mac: "02:42:0a:64:00:02".into(),
         node: "node-1".into(),
         vtep: Ipv4Addr::new(192, 0, 2, 1),
-        ifname: "ovl-ep1".into(),
+        // The host veth name the CLI gives it (the store rejects any other).
+        ifname: overlay_ctl::container::host_ifname("web", "ep1"),
         container: Some("c1".into()),
         pid: None,
         netns: None,

@@ -156,7 +156,6 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         .iter()
         .map(|n| n.status().unwrap()["pid"].clone())
         .collect();
-    let runs_before = metric(&nodes[0], "overlay_reconcile_runs_total").unwrap();
 
     // Every class of bad record, each with the (kind, reason) it must be rejected for.
     let p = "overlay/";
@@ -164,7 +163,42 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
     let outside = Ipv4Addr::new(10, 200, 0, 5);
     let orphan_ip = Ipv4Addr::new(10, 100, 0, 77);
     let vni_big = 1u64 << 24;
+    // Records naming node1 as theirs, owning their addresses, that would have node1's
+    // agent attach the container program to its underlay (`eth0`) or open and delete a
+    // "namespace" that is a file outside /run/netns.
+    let canary = std::env::temp_dir().join(unique_name("canary"));
+    std::fs::write(&canary, b"still here").unwrap();
+    let evil_ip = Ipv4Addr::new(10, 100, 0, 90);
+    let evilns_ip = Ipv4Addr::new(10, 100, 0, 91);
+    let mut evil = serde_json::from_str::<serde_json::Value>(&endpoint_json(
+        "net1",
+        "evil",
+        evil_ip,
+        "node1",
+        nodes[0].vtep,
+    ))
+    .unwrap();
+    evil["ifname"] = "eth0".into();
+    let mut evilns = serde_json::from_str::<serde_json::Value>(&endpoint_json(
+        "net1",
+        "evilns",
+        evilns_ip,
+        "node1",
+        nodes[0].vtep,
+    ))
+    .unwrap();
+    evilns["netns"] = format!("../..{}", canary.display()).into();
     let plain: Vec<(String, String)> = vec![
+        (
+            format!("{p}ipam/net1/{evil_ip}"),
+            allocation_json("evil", "node1"),
+        ),
+        (format!("{p}endpoints/net1/evil"), evil.to_string()),
+        (
+            format!("{p}ipam/net1/{evilns_ip}"),
+            allocation_json("evilns", "node1"),
+        ),
+        (format!("{p}endpoints/net1/evilns"), evilns.to_string()),
         // A network with net1's VNI (whose vni/N claim names net1).
         (
             format!("{p}networks/dupvni"),
@@ -230,6 +264,12 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         &node_json("lo", "127.0.0.1"),
     );
     put_held(&consul, &format!("{p}nodes/garbage"), "null");
+    // A node (held by a session) claiming node1's VTEP, registered after node1.
+    put_held(
+        &consul,
+        &format!("{p}nodes/thief"),
+        &node_json("thief", &nodes[0].vtep.to_string()),
+    );
     let expected: &[(&str, &str, &str, f64)] = &[
         ("networks/dupvni", "network", "vni_not_owned", 1.0),
         ("networks/vnizero", "network", "bad_vni", 2.0),
@@ -242,6 +282,9 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         ("nodes/zero", "node", "bad_vtep", 2.0),
         ("nodes/lo", "node", "bad_vtep", 2.0),
         ("nodes/garbage", "node", "malformed", 1.0),
+        ("nodes/thief", "node", "duplicate_vtep", 1.0),
+        ("endpoints/net1/evil", "endpoint", "bad_ifname", 1.0),
+        ("endpoints/net1/evilns", "endpoint", "bad_netns", 1.0),
     ];
     // A valid change after the attack: a new container on node2. Once node1 forwards
     // for it, node1 has applied a state that includes every bad record above.
@@ -312,6 +355,12 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         );
     }
 
+    // The canary file is untouched, and node1's underlay still has no container program
+    // (the maps above would show it in LOCAL_IFACES; its membership would go too).
+    assert_eq!(std::fs::read(&canary).unwrap(), b"still here");
+    let _ = std::fs::remove_file(&canary);
+    assert_eq!(nodes[0].status().unwrap()["consul"]["registered"], true);
+
     // The agents stayed up (the same processes), and traffic flows as before.
     for (node, pid) in nodes.iter().zip(&pids) {
         assert_eq!(
@@ -324,23 +373,6 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
     assert!(pings(&web, db_ip), "web cannot reach db after the attack");
     assert!(pings(&db, web_ip), "db cannot reach web after the attack");
     assert!(pings(&web, late_ip), "web cannot reach the late container");
-
-    // Each bad record was logged once, although the agents read the store again since.
-    assert!(metric(&nodes[0], "overlay_reconcile_runs_total").unwrap() >= runs_before + 2.0);
-    for (key, kind, reason, _) in expected {
-        let key = format!("{p}{key}");
-        assert_eq!(
-            rejection_log_lines(&nodes[0], &key),
-            1,
-            "{key} ({kind}/{reason}) logged once:\n{}",
-            nodes[0].agent_log()
-        );
-    }
-    for (_, kind, reason, n) in expected {
-        let total =
-            format!("overlay_store_rejections_total{{kind=\"{kind}\",reason=\"{reason}\"}}");
-        assert_eq!(metric(&nodes[0], &total), Some(*n), "{total}");
-    }
 
     // The CLI lists the valid records and warns about the others.
     let warned = |stderr: &str, key: &str| {
@@ -387,6 +419,8 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         "endpoints/net1/dupip",
         "endpoints/net1/outside",
         "endpoints/net1/garbage",
+        "endpoints/net1/evil",
+        "endpoints/net1/evilns",
     ] {
         assert!(
             warned(&endpoints.stderr, key),
@@ -416,7 +450,13 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
         .map(|n| n["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(member_names, ["node1", "node2"]);
-    for key in ["nodes/nosess", "nodes/zero", "nodes/lo", "nodes/garbage"] {
+    for key in [
+        "nodes/nosess",
+        "nodes/zero",
+        "nodes/lo",
+        "nodes/garbage",
+        "nodes/thief",
+    ] {
         assert!(
             warned(&members.stderr, key),
             "cluster members does not warn about {key}: {}",
@@ -425,17 +465,45 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
     }
     let status = nodes[0].cli(&["status"]).ok();
     assert!(
-        status.stdout.contains("11 invalid record(s) ignored"),
+        status.stdout.contains("14 invalid record(s) ignored"),
         "{}",
         status.stdout
     );
 
     // Writes are not blocked by unrelated bad records.
+    let runs_before = metric(&nodes[1], "overlay_reconcile_runs_total").unwrap();
     nodes[1]
         .cli(&["network", "create", "net3", "10.103.0.0/24"])
         .ok();
     let short = nodes[1].cli(&["run", "-n", "net3", "--", "true"]);
     assert_eq!(short.code, 0, "{short:#?}");
+
+    // Each bad record was logged once on each node, although the agents read the store
+    // again since (node2's `run` alone had its agent re-read it twice).
+    assert!(metric(&nodes[1], "overlay_reconcile_runs_total").unwrap() >= runs_before + 2.0);
+    for node in &nodes {
+        for (key, kind, reason, n) in expected {
+            let key = format!("{p}{key}");
+            assert_eq!(
+                rejection_log_lines(node, &key),
+                1,
+                "{}: {key} ({kind}/{reason}) logged once:\n{}",
+                node.name,
+                node.agent_log()
+            );
+            let total =
+                format!("overlay_store_rejections_total{{kind=\"{kind}\",reason=\"{reason}\"}}");
+            assert_eq!(metric(node, &total), Some(*n), "{}: {total}", node.name);
+        }
+    }
+
+    // An invalid network record can be deleted with the CLI, with --force.
+    let refused = nodes[0].cli(&["network", "delete", "garbage"]);
+    assert_eq!(refused.code, 1, "{refused:#?}");
+    assert!(refused.stderr.contains("--force"), "{refused:#?}");
+    nodes[0]
+        .cli(&["network", "delete", "garbage", "--force"])
+        .ok();
 
     // Once the bad records are gone, nothing is rejected any more.
     consul.with_client(|c| async move {
@@ -443,14 +511,16 @@ fn hostile_records_never_reach_the_maps_and_are_counted_logged_once_and_listed_a
             "networks/dupvni",
             "networks/vnizero",
             "networks/vnihuge",
-            "networks/garbage",
             "endpoints/net1/dupip",
             "endpoints/net1/outside",
             "endpoints/net1/garbage",
+            "endpoints/net1/evil",
+            "endpoints/net1/evilns",
             "nodes/nosess",
             "nodes/zero",
             "nodes/lo",
             "nodes/garbage",
+            "nodes/thief",
         ] {
             c.delete(&format!("overlay/{key}")).await.unwrap();
         }
@@ -662,26 +732,51 @@ fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
     let underlay = Underlay::new();
     let (consul, nodes) = start_cluster(&BINS, &underlay, 1, None, &[]);
     let node = &nodes[0];
-    node.cli(&["network", "create", "wide", "10.128.0.0/14"])
+    // A name of its own: namespaces (/run/netns) are shared with other tests.
+    let wide = unique_name("wide");
+    node.cli(&["network", "create", &wide, "10.128.0.0/14"])
         .ok();
     let limit = capacity::ENDPOINTS as usize;
     let away_vtep = Ipv4Addr::new(192, 0, 2, 77);
-    let mut pairs = Vec::with_capacity(2 * limit);
+    let (mut allocations, mut endpoints) = (Vec::new(), Vec::new());
     for i in 0..limit {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 1, 0)) + i as u32);
         let id = format!("e{i}");
-        pairs.push((
-            format!("overlay/endpoints/wide/{id}"),
-            endpoint_json("wide", &id, ip, "away", away_vtep),
-        ));
-        pairs.push((
-            format!("overlay/ipam/wide/{ip}"),
+        allocations.push((
+            format!("overlay/ipam/{wide}/{ip}"),
             allocation_json(&id, "away"),
         ));
+        endpoints.push((
+            format!("overlay/endpoints/{wide}/{id}"),
+            endpoint_json(&wide, &id, ip, "away", away_vtep),
+        ));
     }
-    put_all(&consul, pairs);
+    // In the CLI's order: the address first, then the endpoint.
+    put_all(&consul, allocations);
+    put_all(&consul, endpoints);
+    // Once the agent has applied the last write, it has read all of them: they are
+    // valid (nothing rejected) and none is in the maps (their node is away).
+    let last = consul
+        .kv_snapshot(&format!("overlay/endpoints/{wide}/"))
+        .iter()
+        .map(|(_, _, index)| *index)
+        .max()
+        .unwrap();
+    wait_until(
+        "the agent to apply the last write",
+        Duration::from_secs(60),
+        || {
+            consul
+                .kv_snapshot("overlay/applied/node1")
+                .first()
+                .and_then(|(_, v, _)| String::from_utf8_lossy(v).parse::<u64>().ok())
+                .is_some_and(|applied| applied >= last)
+        },
+    );
+    assert_eq!(node.status().unwrap()["rejected_records"], 0);
+    assert!(Maps::read(&node.pins.path).endpoints.is_empty());
     let before = consul.kv_snapshot("overlay/ipam/").len();
-    let refused = node.cli(&["run", "-n", "wide", "--", "true"]);
+    let refused = node.cli(&["run", "-n", &wide, "--", "true"]);
     assert_eq!(refused.code, 1, "{refused:#?}");
     assert!(
         refused.stderr.contains(&limit.to_string()) && refused.stderr.contains("ENDPOINTS"),
@@ -700,16 +795,14 @@ fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
                 .unwrap()
                 .file_name()
                 .to_string_lossy()
-                .starts_with("ovl-wide-")),
+                .starts_with(&format!("ovl-{wide}-"))),
         "run left its namespace"
     );
-    // The records are valid: nothing rejected, and none in the maps (their node is away).
-    assert_eq!(node.status().unwrap()["rejected_records"], 0);
-    assert!(Maps::read(&node.pins.path).endpoints.is_empty());
     // One fewer, and creation works again.
+    let first = format!("overlay/endpoints/{wide}/e0");
     consul.with_client(|c| async move {
-        c.delete("overlay/endpoints/wide/e0").await.unwrap();
+        c.delete(&first).await.unwrap();
     });
-    let ok = node.cli(&["run", "-n", "wide", "--", "true"]);
+    let ok = node.cli(&["run", "-n", &wide, "--", "true"]);
     assert_eq!(ok.code, 0, "{ok:#?}");
 }
