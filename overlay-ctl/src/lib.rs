@@ -7,6 +7,7 @@
 //! - [`container`]: `run`/`attach`/`detach` of containers; [`endpoint`]: veth plumbing.
 //! - [`control`]: the CLI <-> agent socket; [`logs`]: the agent's log ring;
 //!   [`metrics`]: Prometheus exposition.
+//! - [`runtimes`]: container-runtime integrations (the CNI plugin).
 pub mod agent;
 pub mod cli;
 pub mod consul;
@@ -21,5 +22,6 @@ pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod reconcile;
+pub mod runtimes;
 pub mod store;
 pub mod underlay;
