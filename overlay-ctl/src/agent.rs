@@ -695,8 +695,9 @@ impl Agent {
 
     async fn serve_control(&self, stream: UnixStream) {
         let mut stream = BufReader::new(stream);
-        if !control::peer_is_root(stream.get_ref()) {
-            let refused = Err("the control socket is root-only".to_string());
+        if !control::peer_is_trusted(stream.get_ref()) {
+            let refused =
+                Err("the control socket is root's (and the agent's user's) only".to_string());
             let _ = control::write_reply::<()>(&mut stream, refused).await;
             return;
         }

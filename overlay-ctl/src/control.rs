@@ -167,10 +167,14 @@ pub fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Whether the process at the other end of an accepted connection runs as root (a
-/// second check behind the socket's mode, e.g. should someone widen it).
-pub fn peer_is_root(stream: &UnixStream) -> bool {
-    stream.peer_cred().is_ok_and(|cred| cred.uid() == 0)
+/// Whether the process at the other end of an accepted connection runs as root or as
+/// the agent's own user (a second check behind the socket's mode, should someone widen
+/// it; an agent run with capabilities instead of as root serves its own user).
+pub fn peer_is_trusted(stream: &UnixStream) -> bool {
+    let own = nix::unistd::geteuid().as_raw();
+    stream
+        .peer_cred()
+        .is_ok_and(|cred| cred.uid() == 0 || cred.uid() == own)
 }
 
 /// Reads one request line (server side).
