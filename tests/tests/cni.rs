@@ -2,7 +2,17 @@
 //! and the Consul dev server: the spec's ADD, CHECK, DEL and VERSION, every error with
 //! its code, chaining with Debian's portmap, tuning and bandwidth, and nothing leaked
 //! (cluster keys, host veths, map entries) whatever the outcome.
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixListener,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use futures_util::TryStreamExt as _;
 use overlay_ctl::netlink;
@@ -10,7 +20,7 @@ use overlay_tests::{
     bins,
     cluster::{start_cluster, Bins, DevConsul, Node},
     cni::{self, call, interface_address, invoke, overlay_conf, CniOut, Footprint},
-    harness::{require_root, wait_until, TestNs},
+    harness::{require_root, unique_name, wait_until, TestNs},
     net,
     topology::Underlay,
 };
@@ -155,6 +165,32 @@ fn add_check_del_and_a_second_add() {
         "{again:#?}"
     );
     add(&node, "other", netns, "1.0.0").error(100);
+    assert_eq!(Footprint::of(&consul, &node), added_once);
+    // Another container asking for the address c1 holds: refused before any plumbing.
+    let second = TestNs::new("cnic");
+    let taken = format!("IP={ip}");
+    let second_ns = second.ns().path().display().to_string();
+    let out = invoke(
+        PLUGIN,
+        &node,
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c2"),
+            ("CNI_NETNS", second_ns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", taken.as_str()),
+        ],
+        &overlay_conf(&node, "net1", "1.0.0").to_string(),
+    )
+    .error(102);
+    assert!(
+        out.json["details"]
+            .as_str()
+            .unwrap()
+            .contains("already allocated"),
+        "{out:#?}"
+    );
+    assert_eq!(interface_address(second.ns().path(), "eth0"), None);
     assert_eq!(Footprint::of(&consul, &node), added_once);
     assert_eq!(interface_address(netns, "eth0"), Some(Some(ip)));
 
@@ -498,6 +534,88 @@ fn debian_plugins_chain_after_it() {
         );
         assert_back_to(&consul, &node, &before, "after the chain's DEL");
     }
+}
+
+/// A stand-in for the agent on its own socket: answers `status` with the real agent's
+/// status (so the plugin finds Consul and the node) and refuses `reconcile`, the last
+/// step of an ADD, after the address, the veth and the endpoint record exist.
+struct RefusingAgent {
+    dir: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RefusingAgent {
+    fn start(real: &Node) -> Self {
+        let status = real.status().expect("the real agent's status");
+        let dir = std::env::temp_dir().join(unique_name("ovl-fake-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = UnixListener::bind(dir.join("agent.sock")).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                stream.set_nonblocking(false).unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let request: Value = serde_json::from_str(&line).unwrap_or_default();
+                let reply = match request["op"].as_str() {
+                    Some("status") => json!({"Ok": status}),
+                    _ => json!({"Err": "injected failure"}),
+                };
+                let _ = writeln!(reader.get_mut(), "{reply}");
+            }
+        });
+        Self {
+            dir,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for RefusingAgent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_failure_after_plumbing_is_undone() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, node) = one_node(&underlay);
+    let container = TestNs::new("cnic");
+    let netns = container.ns().path();
+    let before = Footprint::of(&consul, &node);
+    let fake = RefusingAgent::start(&node);
+    let mut conf = overlay_conf(&node, "net1", "1.0.0");
+    conf["stateDir"] = json!(fake.dir);
+
+    let out = call(PLUGIN, &node, "ADD", "c1", Some(netns), "eth0", &conf).error(103);
+    assert!(
+        out.json["details"]
+            .as_str()
+            .unwrap()
+            .contains("injected failure"),
+        "{out:#?}"
+    );
+    // The address, the veth (and with it the container's end) and the record are gone;
+    // the real agent, which may have seen the record for a moment, lets go of it too.
+    assert_eq!(interface_address(netns, "eth0"), None);
+    assert_back_to(&consul, &node, &before, "after the failed ADD");
 }
 
 fn iptables_save(node: &Node) -> String {

@@ -233,11 +233,18 @@ fn container_error(e: ContainerError) -> CniError {
 }
 
 fn agent_error(e: ControlError) -> CniError {
-    CniError::new(
-        code::TRY_AGAIN_LATER,
-        "the overlay agent did not answer",
-        e.to_string(),
-    )
+    match e {
+        ControlError::Refused(_) | ControlError::Protocol(_) => CniError::new(
+            code::NOT_ATTACHED,
+            "the overlay agent did not attach the endpoint",
+            e.to_string(),
+        ),
+        _ => CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the overlay agent did not answer",
+            e.to_string(),
+        ),
+    }
 }
 
 fn netlink_error(what: &str) -> impl FnOnce(NetlinkError) -> CniError + '_ {
