@@ -333,6 +333,18 @@ fn conflist(node: &Node) -> Value {
     })
 }
 
+/// `ctr task exec` repeated until it succeeds or 20 s pass; the last attempt's output.
+fn exec_until_ok(host: &Containerd, id: &str, cmd: &[&str]) -> Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = host.exec(id, cmd);
+        if out.status.success() || std::time::Instant::now() >= deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn assert_ok(what: &str, out: &Output) {
     assert!(
         out.status.success(),
@@ -389,13 +401,12 @@ fn containerd_containers_on_two_hosts_reach_each_other() {
         let sysctl = host.exec(me, &["/bin/cat", "/proc/sys/net/core/somaxconn"]);
         assert_eq!(String::from_utf8_lossy(&sysctl.stdout).trim(), "321");
 
-        let ping = host.exec(
-            me,
-            &["/bin/ping", "-c", "3", "-W", "2", &ips[peer].to_string()],
-        );
-        assert_ok(&format!("ping {} -> {}", me, ips[peer]), &ping);
-        let url = format!("http://{}:8080/data", ips[peer]);
-        let fetched = host.exec(me, &["/bin/wget", "-q", "-O", "/tmp/got", &url]);
+        let peer_ip = ips[peer].to_string();
+        let ping = exec_until_ok(host, me, &["/bin/ping", "-c", "3", "-W", "2", &peer_ip]);
+        assert_ok(&format!("ping {me} -> {peer_ip}"), &ping);
+        // The peer's httpd may still be starting: retried until the deadline.
+        let url = format!("http://{peer_ip}:8080/data");
+        let fetched = exec_until_ok(host, me, &["/bin/wget", "-q", "-O", "/tmp/got", &url]);
         assert_ok(&format!("wget {url} in {me}"), &fetched);
         let got = std::fs::read(rootfs[i].join("tmp/got")).unwrap();
         assert_eq!(got.len(), DATA_LEN, "{me} fetched {} bytes", got.len());
