@@ -374,13 +374,20 @@ fn del_after_the_namespace_is_gone() {
 }
 
 #[test]
-fn add_fails_cleanly_while_the_agent_is_down() {
+fn add_fails_cleanly_and_del_succeeds_while_the_agent_is_down() {
     require_root();
     let underlay = Underlay::new();
     let (consul, mut node) = one_node(&underlay);
     let container = TestNs::new("cnic");
     let netns = container.ns().path();
+    let earlier = TestNs::new("cnic");
     let before = Footprint::of(&consul, &node);
+    let conf = overlay_conf(&node, "net1", "1.0.0");
+    // A container added while the agent ran.
+    add(&node, "c0", earlier.ns().path(), "1.0.0").ok();
+    let kv_with_c0 =
+        consul.kv_snapshot("overlay/endpoints/").len() + consul.kv_snapshot("overlay/ipam/").len();
+    let veths_with_c0 = cni::host_veths(&node);
     node.stop_agent().expect("the agent stops");
 
     let out = add(&node, "c1", netns, "1.0.0").error(11);
@@ -399,21 +406,37 @@ fn add_fails_cleanly_while_the_agent_is_down() {
         "{out:#?}"
     );
     assert_eq!(interface_address(netns, "eth0"), None);
-    assert_eq!(cni::host_veths(&node), before.veths);
-    assert_eq!(
-        consul.kv_snapshot("overlay/endpoints/").len() + consul.kv_snapshot("overlay/ipam/").len(),
-        before.kv.len()
-    );
+    assert_eq!(cni::host_veths(&node), veths_with_c0);
+    let kv_now = || {
+        consul.kv_snapshot("overlay/endpoints/").len() + consul.kv_snapshot("overlay/ipam/").len()
+    };
+    assert_eq!(kv_now(), kv_with_c0);
 
-    // Back up, the same ADD works.
+    // DEL is best effort: the veth goes now, the record and address once the agent is
+    // back and sees it gone.
+    call(
+        PLUGIN,
+        &node,
+        "DEL",
+        "c0",
+        Some(earlier.ns().path()),
+        "eth0",
+        &conf,
+    )
+    .ok();
+    assert_eq!(interface_address(earlier.ns().path(), "eth0"), None);
+    assert_eq!(cni::host_veths(&node), before.veths);
+    assert_eq!(kv_now(), kv_with_c0);
+
     node.start_agent(&[]);
     node.wait_registered(Duration::from_secs(20));
+    assert_back_to(&consul, &node, &before, "after the agent came back");
+    // And the ADD that was refused works now.
     let added = add(&node, "c1", netns, "1.0.0").ok();
     assert_eq!(
         interface_address(netns, "eth0"),
         Some(Some(result_ip(&added.json)))
     );
-    let conf = overlay_conf(&node, "net1", "1.0.0");
     call(PLUGIN, &node, "DEL", "c1", Some(netns), "eth0", &conf).ok();
     assert_back_to(&consul, &node, &before, "after DEL");
 }

@@ -13,7 +13,9 @@
 //!   MUST return with an error").
 //! - DEL removes the record, the address and the veth; it succeeds when there is nothing
 //!   to remove (never added, namespace gone, network gone). It also frees what an ADD
-//!   killed midway left (its veth, an address held under the attachment's name).
+//!   killed midway left (its veth, an address held under the attachment's name). Without
+//!   the agent it removes the veth and succeeds: the agent releases the record and the
+//!   address when it sees the veth gone.
 //! - CHECK lists every difference from what ADD left (code 101).
 //!
 //! stdout carries only the result or error JSON; logs go to stderr (and `logFile`).
@@ -445,8 +447,24 @@ async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
 
 async fn del(inv: &Invocation, config: &Config) -> Result<(), CniError> {
     let network = config.network.as_str();
-    let ctx = context(config).await?;
     let id = cni::endpoint_id(&inv.container_id, &inv.ifname);
+    let ctx = match context(config).await {
+        Ok(ctx) => ctx,
+        Err(e) if e.code == code::TRY_AGAIN_LATER => {
+            // DEL is best effort: without the agent (or Consul) remove what is local,
+            // the veth; the agent releases the endpoint and its address once it sees the
+            // veth gone (at its next reconcile, also right after it starts).
+            remove_veth(network, &id).await?;
+            warn!(
+                network,
+                endpoint = %id,
+                reason = %e.details,
+                "DEL without the agent: removed the veth; the agent releases the endpoint and its address when it is back"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     let mut removed = false;
     match ctx
         .store
@@ -470,13 +488,8 @@ async fn del(inv: &Invocation, config: &Config) -> Result<(), CniError> {
         None => {}
     }
     // What an ADD killed midway may have left: its veth, an address under its name.
-    let handle = netlink::connect().map_err(netlink_error("netlink"))?;
-    let veth = container::host_ifname(network, &id);
-    if let Ok(link) = netlink::link_by_name(&handle, &veth).await {
-        netlink::delete_link(&handle, link.index)
-            .await
-            .map_err(netlink_error("cannot delete the host-side veth"))?;
-        info!(network, endpoint = %id, veth, "DEL: removed a left-over veth");
+    if remove_veth(network, &id).await? {
+        info!(network, endpoint = %id, "DEL: removed a left-over veth");
         removed = true;
     }
     let allocations = match ctx.store.list_allocations(network).await {
@@ -503,6 +516,22 @@ async fn del(inv: &Invocation, config: &Config) -> Result<(), CniError> {
         }
     }
     Ok(())
+}
+
+/// Deletes the attachment's host-side veth (and so the container's end) if it exists.
+async fn remove_veth(network: &str, id: &str) -> Result<bool, CniError> {
+    let handle = netlink::connect().map_err(netlink_error("netlink"))?;
+    let veth = container::host_ifname(network, id);
+    match netlink::link_by_name(&handle, &veth).await {
+        Ok(link) => {
+            netlink::delete_link(&handle, link.index)
+                .await
+                .map_err(netlink_error("cannot delete the host-side veth"))?;
+            Ok(true)
+        }
+        Err(NetlinkError::NoSuchLink(_)) => Ok(false),
+        Err(e) => Err(netlink_error("cannot look up the host-side veth")(e)),
+    }
 }
 
 async fn check(inv: &Invocation, config: &Config) -> Result<(), CniError> {
