@@ -224,7 +224,15 @@ fn add_check_del_and_a_second_add() {
         "{drift:#?}"
     );
 
-    call(PLUGIN, &node, "DEL", "c1", Some(netns), "eth0", &conf).ok();
+    // With logFile, the log goes there (stdout keeps only the result).
+    let log = std::env::temp_dir().join(unique_name("ovl-cni-log-"));
+    let mut logged = conf.clone();
+    logged["logFile"] = json!(log);
+    let del = call(PLUGIN, &node, "DEL", "c1", Some(netns), "eth0", &logged).ok();
+    assert!(del.stdout.trim().is_empty(), "{del:#?}");
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert!(log_text.contains("DEL: detached"), "log file: {log_text:?}");
     assert_eq!(interface_address(netns, "eth0"), None);
     assert_back_to(&consul, &node, &before, "after DEL");
     // DEL is idempotent.

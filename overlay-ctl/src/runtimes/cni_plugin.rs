@@ -84,9 +84,11 @@ fn init_tracing(log_file: Option<PathBuf>) {
         })
     };
     let file = log_file.and_then(|path| {
+        use std::os::unix::fs::OpenOptionsExt as _;
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .ok()
     });
