@@ -290,7 +290,7 @@ async fn bind_control_socket(state_dir: &Path) -> Result<UnixListener, AgentErro
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(dir_err(e)),
         _ => {}
     }
-    UnixListener::bind(&path).map_err(dir_err)
+    control::bind_private(&path).map_err(dir_err)
 }
 
 /// Copies the kernel programs' aya-log records into the agent's log as they arrive.
@@ -997,6 +997,12 @@ impl Agent {
 
     async fn serve_control(&self, stream: UnixStream) {
         let mut stream = BufReader::new(stream);
+        if !control::peer_is_trusted(stream.get_ref()) {
+            let refused =
+                Err("the control socket is root's (and the agent's user's) only".to_string());
+            let _ = control::write_reply::<()>(&mut stream, refused).await;
+            return;
+        }
         let request = control::read_request(&mut stream).await;
         let _ = match request {
             Err(e) => control::write_reply::<()>(&mut stream, Err(e)).await,

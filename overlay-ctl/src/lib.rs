@@ -11,6 +11,7 @@
 //!   store that lost its data from the real one.
 //! - [`control`]: the CLI <-> agent socket; [`logs`]: the agent's log ring;
 //!   [`metrics`]: Prometheus exposition.
+//! - [`runtimes`]: container-runtime integrations (the CNI plugin).
 pub mod agent;
 pub mod cli;
 pub mod consul;
@@ -29,6 +30,7 @@ pub mod netlink;
 pub mod netns;
 pub mod reconcile;
 pub mod records;
+pub mod runtimes;
 pub mod store;
 pub mod testhook;
 pub mod underlay;

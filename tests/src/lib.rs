@@ -3,6 +3,7 @@
 //! hand-built frames ([`frames`]).
 pub mod bench;
 pub mod cluster;
+pub mod cni;
 pub mod consul_dev;
 pub mod control_bench;
 pub mod frames;

@@ -43,6 +43,14 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "metrics test scrapes the agent with a real Prometheus",
     ),
+    (
+        "containerd",
+        "CNI test: containerd 1.6 and `ctr run --cni` start real containers on the plugin",
+    ),
+    (
+        "containernetworking-plugins",
+        "CNI test: Debian's portmap (and bandwidth, tuning) chained after overlay-cni",
+    ),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

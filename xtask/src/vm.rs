@@ -738,6 +738,18 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "prometheus",
         "needs Debian's prometheus server, which the busybox guest does not have",
     ),
+    (
+        "cni",
+        "chains Debian's CNI plugins (portmap needs iptables), which the busybox guest does not have",
+    ),
+    (
+        "cni_containerd",
+        "needs Debian's containerd, runc and CNI plugins, which the busybox guest does not have",
+    ),
+    (
+        "control_socket",
+        "runs agent and CLI processes like the cluster tests; nothing kernel-specific",
+    ),
 ];
 
 /// The static executables a guest runs.

@@ -1,0 +1,669 @@
+//! The `overlay-cni` plugin: ADD, DEL, CHECK and VERSION of the CNI spec on top of the
+//! same library path as `overlay-ctl attach --netns` ([`container::join`] and
+//! [`container::leave`]): the address comes from the cluster IPAM, the endpoint is
+//! recorded in Consul, and the local agent (through its control socket) attaches it to
+//! the data plane before ADD answers.
+//!
+//! - ADD asks the agent for its status first: when the agent is down (or cannot reach
+//!   Consul), nothing is created and the error is code 11 (try again later). Every later
+//!   step is undone when one fails ([`container::join`]).
+//! - A second ADD for the same (container, interface), or for an interface name the
+//!   container already has, fails with code 100 and changes nothing (the spec: "If an
+//!   interface of the requested name already exists in the container, the CNI plugin
+//!   MUST return with an error").
+//! - DEL removes the record, the address and the veth; it succeeds when there is nothing
+//!   to remove (never added, namespace gone, network gone). It also frees what an ADD
+//!   killed midway left (its veth, an address held under the attachment's name). Without
+//!   the agent it removes the veth and succeeds: the agent releases the record and the
+//!   address when it sees the veth gone.
+//! - CHECK lists every difference from what ADD left (code 101).
+//!
+//! stdout carries only the result or error JSON; logs go to stderr (and `logFile`).
+use std::{io::Read as _, net::Ipv4Addr, path::PathBuf, process::ExitCode};
+
+use futures_util::TryStreamExt as _;
+use ipnetwork::Ipv4Network;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    route::{RouteAddress, RouteAttribute},
+};
+use rtnetlink::IpVersion;
+use serde_json::Value;
+use tracing::{info, warn};
+
+use super::cni::{self, code, CniError, Command, Config, Invocation};
+use crate::{
+    consul::{ConsulClient, ConsulError},
+    container::{self, ContainerError, Context, JoinSpec},
+    control::{AgentClient, ControlError, DEFAULT_STATE_DIR},
+    local_state::{self, LocalEndpoint, LocalState, LocalStateError},
+    netlink::{self, NetlinkError},
+    netns::NetNs,
+    store::{Store, StoreError},
+};
+
+/// The plugin's entry point: reads the environment and stdin, runs the command, prints
+/// the result or the error object on stdout, and returns the exit code.
+pub fn main() -> ExitCode {
+    let mut stdin = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut stdin);
+    let version = cni::input_version(&stdin).unwrap_or_else(|| cni::DEFAULT_VERSION.into());
+    let log_file = serde_json::from_slice::<Value>(&stdin)
+        .ok()
+        .and_then(|v| v.get("logFile")?.as_str().map(PathBuf::from));
+    init_tracing(log_file);
+    let outcome = match read {
+        Err(e) => Err(CniError::new(
+            code::IO_FAILURE,
+            "cannot read the network configuration from stdin",
+            e.to_string(),
+        )),
+        Ok(_) => run(|k| std::env::var(k).ok(), &stdin),
+    };
+    match outcome {
+        Ok(Some(result)) => {
+            println!("{result}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(code = e.code, "{}: {}", e.msg, e.details);
+            println!("{}", e.to_json(&version));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr (warnings by default, `OVERLAY_CNI_LOG` to change), or to
+/// `logFile` (info by default), never to stdout.
+fn init_tracing(log_file: Option<PathBuf>) {
+    let filter = |default: &str| {
+        tracing_subscriber::EnvFilter::try_from_env("OVERLAY_CNI_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!(
+                "{default},netlink_packet_route=error,netlink_proto=error"
+            ))
+        })
+    };
+    let file = log_file.and_then(|path| {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .ok()
+    });
+    let builder = tracing_subscriber::fmt().with_ansi(false);
+    let _ = match file {
+        Some(file) => builder
+            .with_env_filter(filter("info"))
+            .with_writer(std::sync::Mutex::new(file))
+            .try_init(),
+        None => builder
+            .with_env_filter(filter("warn"))
+            .with_writer(std::io::stderr)
+            .try_init(),
+    };
+}
+
+/// Runs one invocation: `Some(result)` to print on success.
+pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    let inv = cni::parse_env(env)?;
+    if inv.command == Command::Version {
+        return Ok(Some(cni::version_result(stdin)));
+    }
+    let config = cni::parse_config(stdin)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            CniError::new(
+                code::IO_FAILURE,
+                "cannot start the async runtime",
+                e.to_string(),
+            )
+        })?;
+    runtime.block_on(async {
+        match inv.command {
+            Command::Add => add(&inv, &config).await.map(Some),
+            Command::Del => del(&inv, &config).await.map(|()| None),
+            Command::Check => check(&inv, &config).await.map(|()| None),
+            Command::Version => unreachable!("answered above"),
+        }
+    })
+}
+
+fn state_dir(config: &Config) -> PathBuf {
+    config
+        .conf
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+}
+
+/// The local agent's status and the cluster state it uses; code 11 when the agent does
+/// not answer or has lost Consul (nothing has been changed at that point).
+async fn context(config: &Config) -> Result<Context, CniError> {
+    let dir = state_dir(config);
+    let agent = AgentClient::new(&dir);
+    let status = agent.status().await.map_err(|e| {
+        CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the overlay agent is not reachable",
+            format!(
+                "{e} (its control socket: {}/agent.sock; set \"stateDir\" in the plugin configuration for another one); nothing was changed",
+                dir.display()
+            ),
+        )
+    })?;
+    if !status.consul.reachable {
+        return Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the overlay agent cannot reach Consul",
+            format!(
+                "Consul at {}: {}; nothing was changed",
+                status.consul.addr,
+                status.consul.last_error.as_deref().unwrap_or("unreachable")
+            ),
+        ));
+    }
+    let client = ConsulClient::from_env(Some(&status.consul.addr)).map_err(consul_error)?;
+    Ok(Context {
+        store: Store::new(client, &status.consul.prefix),
+        agent,
+        status,
+        local: LocalState::new(&dir),
+    })
+}
+
+fn local_error(e: LocalStateError) -> CniError {
+    CniError::new(
+        code::IO_FAILURE,
+        "cannot keep this node's record of the attachment",
+        e.to_string(),
+    )
+}
+
+fn consul_error(e: ConsulError) -> CniError {
+    match e {
+        ConsulError::Transport { .. } | ConsulError::Timeout { .. } => CniError::new(
+            code::TRY_AGAIN_LATER,
+            "Consul is not reachable",
+            e.to_string(),
+        ),
+        _ => CniError::new(code::IO_FAILURE, "Consul request failed", e.to_string()),
+    }
+}
+
+fn store_error(e: StoreError) -> CniError {
+    match e {
+        StoreError::Consul(e) => consul_error(e),
+        StoreError::NoSuchNetwork(_) => CniError::new(
+            code::INVALID_CONFIG,
+            "invalid network configuration",
+            format!("{e} (see `overlay-ctl network list`)"),
+        ),
+        StoreError::EndpointExists { .. } => {
+            CniError::new(code::ALREADY_ADDED, "already added", e.to_string())
+        }
+        StoreError::Corrupt { .. } => {
+            CniError::new(code::IO_FAILURE, "corrupt cluster state", e.to_string())
+        }
+        _ => CniError::new(code::REFUSED, "refused by the cluster", e.to_string()),
+    }
+}
+
+fn container_error(e: ContainerError) -> CniError {
+    match e {
+        ContainerError::Store(e) => store_error(e),
+        ContainerError::Consul(e) => consul_error(e),
+        ContainerError::Agent(e) => agent_error(e),
+        ContainerError::NoSuchNetwork(network) => CniError::new(
+            code::INVALID_CONFIG,
+            "invalid network configuration",
+            format!("network {network:?} does not exist (see `overlay-ctl network list`)"),
+        ),
+        ContainerError::NoVtep => CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the overlay agent is not ready",
+            e.to_string(),
+        ),
+        ContainerError::NotAttached(_) => CniError::new(
+            code::NOT_ATTACHED,
+            "the agent did not attach",
+            e.to_string(),
+        ),
+        ContainerError::WrongNode { .. } | ContainerError::NoSuchEndpoint { .. } => {
+            CniError::new(code::REFUSED, "refused by the cluster", e.to_string())
+        }
+        ContainerError::Local(e) => local_error(e),
+        ContainerError::Endpoint(_) | ContainerError::Netlink(_) | ContainerError::Io { .. } => {
+            CniError::new(
+                code::IO_FAILURE,
+                "cannot plumb the interface",
+                e.to_string(),
+            )
+        }
+    }
+}
+
+fn agent_error(e: ControlError) -> CniError {
+    match e {
+        ControlError::Refused(_) | ControlError::Protocol(_) => CniError::new(
+            code::NOT_ATTACHED,
+            "the overlay agent did not attach the endpoint",
+            e.to_string(),
+        ),
+        _ => CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the overlay agent did not answer",
+            e.to_string(),
+        ),
+    }
+}
+
+fn netlink_error(what: &str) -> impl FnOnce(NetlinkError) -> CniError + '_ {
+    move |e| CniError::new(code::IO_FAILURE, what, e.to_string())
+}
+
+/// Opens `CNI_NETNS`: code 3 when it does not exist.
+fn open_netns(inv: &Invocation) -> Result<NetNs, CniError> {
+    let path = inv.netns.clone().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_ENVIRONMENT,
+            "invalid CNI environment variables",
+            "CNI_NETNS is not set",
+        )
+    })?;
+    NetNs::open_path(&inv.container_id, path.clone()).map_err(|e| {
+        let code = if e.kind() == std::io::ErrorKind::NotFound {
+            code::UNKNOWN_CONTAINER
+        } else {
+            code::IO_FAILURE
+        };
+        CniError::new(
+            code,
+            "cannot open the container's network namespace",
+            format!("CNI_NETNS={}: {e}", path.display()),
+        )
+    })
+}
+
+/// An interface inside the container as netlink reports it.
+#[derive(Debug)]
+struct ContainerIface {
+    mac: [u8; 6],
+    addresses: Vec<Ipv4Network>,
+    /// The gateway of the namespace's IPv4 default route, if it has one.
+    default_gateway: Option<Ipv4Addr>,
+}
+
+/// Looks at interface `ifname` inside `netns`: `None` when there is none.
+fn inspect(netns: &NetNs, ifname: &str) -> Result<Option<ContainerIface>, CniError> {
+    let ifname = ifname.to_string();
+    netns
+        .block_on(|| async move {
+            let handle = netlink::connect()?;
+            let link = match netlink::link_by_name(&handle, &ifname).await {
+                Ok(link) => link,
+                Err(NetlinkError::NoSuchLink(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut addresses = Vec::new();
+            let mut dump = handle
+                .address()
+                .get()
+                .set_link_index_filter(link.index)
+                .execute();
+            while let Some(message) = dump.try_next().await? {
+                for attr in &message.attributes {
+                    if let AddressAttribute::Address(std::net::IpAddr::V4(ip)) = attr {
+                        if let Ok(net) = Ipv4Network::new(*ip, message.header.prefix_len) {
+                            addresses.push(net);
+                        }
+                    }
+                }
+            }
+            let mut default_gateway = None;
+            let mut routes = handle.route().get(IpVersion::V4).execute();
+            while let Some(route) = routes.try_next().await? {
+                if route.header.destination_prefix_length != 0
+                    || route.header.table != libc::RT_TABLE_MAIN
+                {
+                    continue;
+                }
+                default_gateway = route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(RouteAddress::Inet(gw)) => Some(*gw),
+                    _ => None,
+                });
+            }
+            Ok(Some(ContainerIface {
+                mac: link.mac,
+                addresses,
+                default_gateway,
+            }))
+        })
+        .map_err(|e| {
+            CniError::new(
+                code::IO_FAILURE,
+                "cannot enter the container's network namespace",
+                e.to_string(),
+            )
+        })?
+        .map_err(netlink_error("cannot read the container's interfaces"))
+}
+
+fn format_mac(mac: [u8; 6]) -> String {
+    crate::reconcile::format_mac(mac)
+}
+
+async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
+    let network = config.network.as_str();
+    let netns = open_netns(inv)?;
+    let requested = cni::requested_ip(inv, &config.conf)?;
+    let ctx = context(config).await?;
+    let id = cni::endpoint_id(&inv.container_id, &inv.ifname);
+    // Refuse a second ADD before changing anything.
+    if let Some(existing) = ctx
+        .store
+        .get_endpoint(network, &id)
+        .await
+        .map_err(store_error)?
+    {
+        return Err(CniError::new(
+            code::ALREADY_ADDED,
+            "already added",
+            format!(
+                "container {} interface {} is already on network {network} as endpoint {id} ({}); DEL it first",
+                inv.container_id, inv.ifname, existing.ip
+            ),
+        ));
+    }
+    if inspect(&netns, &inv.ifname)?.is_some() {
+        return Err(CniError::new(
+            code::ALREADY_ADDED,
+            "interface already exists",
+            format!(
+                "the container already has an interface named {} (CNI_NETNS={})",
+                inv.ifname,
+                netns.path().display()
+            ),
+        ));
+    }
+    let sandbox = netns.path().display().to_string();
+    // This node's record of the attachment comes first and is owned by this process
+    // until ADD completes: a plugin killed midway leaves nothing the agent cannot collect.
+    let mut record =
+        LocalEndpoint::new(network, &id, local_state::Kind::Attach).map_err(local_error)?;
+    ctx.local.create(&record).map_err(local_error)?;
+    let joined = container::join(
+        &ctx,
+        &netns,
+        &JoinSpec {
+            network,
+            id: &id,
+            ip: requested,
+            container_ifname: &inv.ifname,
+            container: Some(format!("cni:{}:{}", inv.container_id, inv.ifname)),
+            keep_existing_default_route: true,
+            netns_name: None,
+        },
+        &mut record,
+    )
+    .await;
+    let joined = match joined {
+        Ok(joined) => joined,
+        Err(e) => {
+            if record.ip.is_none() && record.endpoint.is_none() {
+                let _ = ctx.local.remove(network, &id);
+            }
+            return Err(container_error(e));
+        }
+    };
+    let describe = async {
+        let handle = netlink::connect().map_err(netlink_error("netlink"))?;
+        let host = netlink::link_by_name(&handle, &joined.endpoint.ifname)
+            .await
+            .map_err(netlink_error("cannot read the host-side veth"))?;
+        let inside = inspect(&netns, &inv.ifname)?.ok_or_else(|| {
+            CniError::new(
+                code::IO_FAILURE,
+                "the new interface vanished",
+                format!("{} is not in {sandbox}", inv.ifname),
+            )
+        })?;
+        Ok::<_, CniError>((host, inside))
+    };
+    let (host, inside) = match describe.await {
+        Ok(found) => found,
+        Err(e) => {
+            // Nothing half-done stays behind.
+            match container::leave(&ctx, &joined.endpoint).await {
+                Ok(()) => {
+                    let _ = ctx.local.remove(network, &id);
+                }
+                Err(undo) => warn!(error = %undo, "cannot undo the ADD"),
+            }
+            return Err(e);
+        }
+    };
+    // Committed: the attachment lives until DEL (or until its container's veth is gone).
+    record.owner = None;
+    ctx.local.update(&record).map_err(local_error)?;
+    let address = Ipv4Network::new(joined.endpoint.ip, joined.network.subnet.prefix())
+        .map_err(|e| CniError::new(code::IO_FAILURE, "bad address", e.to_string()))?;
+    info!(
+        network,
+        container = %inv.container_id,
+        ifname = %inv.ifname,
+        endpoint = %id,
+        ip = %joined.endpoint.ip,
+        "ADD: attached"
+    );
+    Ok(cni::add_result(
+        &config.conf.cni_version,
+        &cni::Attachment {
+            host_ifname: host.name,
+            host_mac: format_mac(host.mac),
+            container_ifname: inv.ifname.clone(),
+            container_mac: format_mac(inside.mac),
+            mtu: joined.network.mtu,
+            sandbox,
+            address,
+            gateway: joined.network.gateway,
+            default_route: inside.default_gateway == Some(joined.network.gateway),
+        },
+        config.conf.dns.as_ref(),
+        config.conf.prev_result.as_ref(),
+    ))
+}
+
+async fn del(inv: &Invocation, config: &Config) -> Result<(), CniError> {
+    let network = config.network.as_str();
+    let id = cni::endpoint_id(&inv.container_id, &inv.ifname);
+    let ctx = match context(config).await {
+        Ok(ctx) => ctx,
+        Err(e) if e.code == code::TRY_AGAIN_LATER => {
+            // DEL is best effort: without the agent (or Consul) remove what is local,
+            // the veth; the agent releases the endpoint and its address once it sees the
+            // veth gone (at its next reconcile, also right after it starts).
+            remove_veth(network, &id).await?;
+            warn!(
+                network,
+                endpoint = %id,
+                reason = %e.details,
+                "DEL without the agent: removed the veth; the agent releases the endpoint and its address when it is back"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut removed = false;
+    match ctx
+        .store
+        .get_endpoint(network, &id)
+        .await
+        .map_err(store_error)?
+    {
+        Some(endpoint) if endpoint.node == ctx.status.node => {
+            container::leave(&ctx, &endpoint)
+                .await
+                .map_err(container_error)?;
+            ctx.local.remove(network, &id).map_err(local_error)?;
+            info!(network, endpoint = %id, ip = %endpoint.ip, "DEL: detached");
+            removed = true;
+        }
+        Some(endpoint) => warn!(
+            network,
+            endpoint = %id,
+            node = %endpoint.node,
+            "DEL: the endpoint belongs to another node; left alone"
+        ),
+        None => {}
+    }
+    // What an ADD killed midway may have left: its veth, an address under its name.
+    if remove_veth(network, &id).await? {
+        info!(network, endpoint = %id, "DEL: removed a left-over veth");
+        removed = true;
+    }
+    let allocations = match ctx.store.list_allocations(network).await {
+        Ok(list) => list,
+        Err(StoreError::Consul(e)) => return Err(consul_error(e)),
+        Err(e) => {
+            warn!(error = %e, "DEL: cannot list the network's addresses");
+            Vec::new()
+        }
+    };
+    for (ip, holder) in allocations {
+        if holder.endpoint == id && holder.node == ctx.status.node {
+            ctx.store
+                .release_ip(network, ip)
+                .await
+                .map_err(store_error)?;
+            info!(network, endpoint = %id, %ip, "DEL: released a left-over address");
+            removed = true;
+        }
+    }
+    if removed {
+        if let Err(e) = ctx.agent.reconcile().await {
+            warn!(error = %e, "the agent did not reconcile at once");
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the attachment's host-side veth (and so the container's end) if it exists.
+async fn remove_veth(network: &str, id: &str) -> Result<bool, CniError> {
+    let handle = netlink::connect().map_err(netlink_error("netlink"))?;
+    let veth = container::host_ifname(network, id);
+    match netlink::link_by_name(&handle, &veth).await {
+        Ok(link) => {
+            netlink::delete_link(&handle, link.index)
+                .await
+                .map_err(netlink_error("cannot delete the host-side veth"))?;
+            Ok(true)
+        }
+        Err(NetlinkError::NoSuchLink(_)) => Ok(false),
+        Err(e) => Err(netlink_error("cannot look up the host-side veth")(e)),
+    }
+}
+
+async fn check(inv: &Invocation, config: &Config) -> Result<(), CniError> {
+    let network = config.network.as_str();
+    let netns = open_netns(inv)?;
+    let ctx = context(config).await?;
+    let id = cni::endpoint_id(&inv.container_id, &inv.ifname);
+    let sandbox = netns.path().display().to_string();
+    let mut problems = Vec::new();
+
+    let endpoint = ctx
+        .store
+        .get_endpoint(network, &id)
+        .await
+        .map_err(store_error)?;
+    let subnet = ctx
+        .store
+        .get_network(network)
+        .await
+        .map_err(store_error)?
+        .map(|n| n.subnet);
+    match &endpoint {
+        None => problems.push(format!(
+            "no endpoint record {id} on network {network} in the cluster state"
+        )),
+        Some(e) if e.node != ctx.status.node => problems.push(format!(
+            "endpoint {id} is recorded on node {}, not on this node {}",
+            e.node, ctx.status.node
+        )),
+        Some(_) => {}
+    }
+    let expected = endpoint
+        .as_ref()
+        .zip(subnet)
+        .and_then(|(e, s)| Ipv4Network::new(e.ip, s.prefix()).ok());
+    match inspect(&netns, &inv.ifname)? {
+        None => problems.push(format!("interface {} is missing in {sandbox}", inv.ifname)),
+        Some(iface) => {
+            if let Some(want) = expected {
+                if !iface.addresses.contains(&want) {
+                    problems.push(format!(
+                        "interface {} has addresses {:?}, expected {want}",
+                        inv.ifname,
+                        iface
+                            .addresses
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                    ));
+                }
+            }
+            if let Some(e) = &endpoint {
+                if format_mac(iface.mac) != e.mac {
+                    problems.push(format!(
+                        "interface {} has MAC {}, expected {}",
+                        inv.ifname,
+                        format_mac(iface.mac),
+                        e.mac
+                    ));
+                }
+            }
+            if let Some(prev) = &config.conf.prev_result {
+                for address in cni::prev_addresses(prev, &inv.ifname, &sandbox) {
+                    if !iface.addresses.contains(&address) {
+                        problems.push(format!(
+                            "address {address} of prevResult is not on {}",
+                            inv.ifname
+                        ));
+                    }
+                    if expected.is_some_and(|want| want != address) {
+                        problems.push(format!(
+                            "prevResult has {address} but the cluster records {}",
+                            expected.map(|w| w.to_string()).unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(e) = &endpoint {
+        let handle = netlink::connect().map_err(netlink_error("netlink"))?;
+        if netlink::link_by_name(&handle, &e.ifname).await.is_err() {
+            problems.push(format!("host-side veth {} is missing", e.ifname));
+        }
+        let wanted = format!("{network}/{id}");
+        if !ctx.status.attached.contains(&wanted) {
+            problems.push(format!(
+                "the agent does not forward for {wanted} (see `overlay-ctl agent logs`)"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::DRIFT,
+            "the container's network is not as ADD left it",
+            problems.join("; "),
+        ))
+    }
+}
