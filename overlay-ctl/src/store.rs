@@ -9,6 +9,8 @@
 //! | `overlay/nodes/<node>` | [`NodeInfo`], held by the node's session |
 //! | `overlay/endpoints/<network>/<id>` | [`Endpoint`] |
 //! | `overlay/config/bootstrapped` | marker written by [`Store::bootstrap`] |
+//! | `overlay/config/cluster-id` | the cluster's identity, see [`crate::identity`] |
+//! | `overlay/subnets` | [`SubnetClaims`]: every network's subnet, updated with cas=index |
 //! | `overlay/applied/<node>` | the KV index whose state the node's maps hold |
 //!
 //! Exclusivity comes from Consul's check-and-set: a VNI or an address is taken by
@@ -94,6 +96,11 @@ pub struct IpAllocation {
     pub endpoint: String,
     pub node: String,
 }
+
+/// The subnets networks hold (CIDR -> network name), all in one key updated with
+/// check-and-set on its modify index: two `network create` with overlapping subnets
+/// cannot both add theirs, however they interleave.
+pub type SubnetClaims = std::collections::BTreeMap<String, String>;
 
 /// A node of the cluster: where its VTEP is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,7 +241,7 @@ impl Store {
         format!("{}vni/", self.prefix)
     }
 
-    fn vni_key(&self, vni: u32) -> String {
+    pub fn vni_key(&self, vni: u32) -> String {
         format!("{}vni/{vni}", self.prefix)
     }
 
@@ -262,8 +269,13 @@ impl Store {
         format!("{}applied/{node}", self.prefix)
     }
 
-    fn bootstrap_key(&self) -> String {
+    pub fn bootstrap_key(&self) -> String {
         format!("{}config/bootstrapped", self.prefix)
+    }
+
+    /// The one key holding every network's subnet ([`SubnetClaims`]).
+    pub fn subnets_key(&self) -> String {
+        format!("{}subnets", self.prefix)
     }
 
     // ---- networks ----
@@ -298,7 +310,27 @@ impl Store {
                 other_subnet: other.subnet,
             });
         }
-        let vni = self.claim_vni(name, vni).await?;
+        // Refuse a requested VNI that is visibly taken before writing anything (its
+        // create-only claim below still decides a race).
+        if let Some(vni) = vni {
+            if let Some(pair) = self.client.get(&self.vni_key(vni)).await? {
+                return Err(StoreError::VniTaken {
+                    vni,
+                    owner: pair.value_str(),
+                });
+            }
+        }
+        // The check that decides: the subnet is added to the claims with check-and-set.
+        self.claim_subnet(name, subnet).await?;
+        crate::testhook::pause("subnet-claimed");
+        let vni = match self.claim_vni(name, vni).await {
+            Ok(vni) => vni,
+            Err(e) => {
+                self.unclaim_subnet(subnet, name).await;
+                return Err(e);
+            }
+        };
+        crate::testhook::pause("vni-claimed");
         let network = Network {
             name: name.to_string(),
             subnet,
@@ -317,12 +349,80 @@ impl Store {
             }
             Ok(false) => {
                 self.unclaim_vni(vni, name).await;
+                self.unclaim_subnet(subnet, name).await;
                 Err(StoreError::NetworkExists(name.to_string()))
             }
             Err(e) => {
                 self.unclaim_vni(vni, name).await;
+                self.unclaim_subnet(subnet, name).await;
                 Err(e.into())
             }
+        }
+    }
+
+    /// The subnet claims and the modify index to update them with (0: no key yet).
+    pub async fn subnet_claims(&self) -> Result<(SubnetClaims, u64), StoreError> {
+        match self.client.get(&self.subnets_key()).await? {
+            Some(pair) => Ok((decode(&pair)?, pair.modify_index)),
+            None => Ok((SubnetClaims::new(), 0)),
+        }
+    }
+
+    /// Adds `subnet` for `name` to the claims unless a claimed subnet overlaps it: one
+    /// check-and-set write on the claims' modify index, re-read and re-checked when a
+    /// concurrent writer got there first. Returns whether it was added now (false: it
+    /// was already `name`'s).
+    pub async fn claim_subnet(&self, name: &str, subnet: Ipv4Network) -> Result<bool, StoreError> {
+        loop {
+            let (mut claims, index) = self.subnet_claims().await?;
+            for (cidr, owner) in &claims {
+                let Ok(other_subnet) = cidr.parse::<Ipv4Network>() else {
+                    continue;
+                };
+                if owner == name && other_subnet == subnet {
+                    return Ok(false);
+                }
+                if other_subnet.overlaps(subnet) {
+                    return Err(StoreError::SubnetOverlap {
+                        subnet,
+                        other: owner.clone(),
+                        other_subnet,
+                    });
+                }
+            }
+            claims.insert(subnet.to_string(), name.to_string());
+            if self
+                .client
+                .put_cas(&self.subnets_key(), &encode(&claims), index)
+                .await?
+            {
+                return Ok(true);
+            }
+            debug!(%subnet, "subnet claims changed concurrently; checking again");
+        }
+    }
+
+    /// Removes `subnet` from the claims if it is still `name`'s (best effort, logged).
+    pub async fn unclaim_subnet(&self, subnet: Ipv4Network, name: &str) {
+        let result = async {
+            loop {
+                let (mut claims, index) = self.subnet_claims().await?;
+                if claims.get(&subnet.to_string()).map(String::as_str) != Some(name) {
+                    return Ok(());
+                }
+                claims.remove(&subnet.to_string());
+                if self
+                    .client
+                    .put_cas(&self.subnets_key(), &encode(&claims), index)
+                    .await?
+                {
+                    return Ok::<_, StoreError>(());
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(%subnet, network = name, error = %e, "could not remove a subnet claim");
         }
     }
 
@@ -373,7 +473,7 @@ impl Store {
     }
 
     /// Best-effort removal of a VNI claim, only if it is still `name`'s.
-    async fn unclaim_vni(&self, vni: u32, name: &str) {
+    pub async fn unclaim_vni(&self, vni: u32, name: &str) {
         let key = self.vni_key(vni);
         let result = async {
             if let Some(pair) = self.client.get(&key).await? {
@@ -432,6 +532,7 @@ impl Store {
         self.client.delete_tree(&self.endpoint_prefix(name)).await?;
         self.client.delete_tree(&self.ipam_prefix(name)).await?;
         self.unclaim_vni(network.vni, name).await;
+        self.unclaim_subnet(network.subnet, name).await;
         info!(
             network = name,
             endpoints = endpoints.len(),
