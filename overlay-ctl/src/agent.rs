@@ -31,6 +31,9 @@ use crate::{
         Request,
     },
     datapath::{self, Datapath, DatapathError, XdpAttachMode},
+    gc::{self, Sweeper},
+    identity::{self, Identity, Judgement, Trust},
+    local_state::{self, LocalState},
     logs::LogBuffer,
     metrics::{self, ControlPlaneMetrics, MetricsError},
     netlink::{self, LinkInfo, NetlinkError},
@@ -43,6 +46,9 @@ pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(10);
 pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_WATCH_WAIT: Duration = Duration::from_secs(60);
 const SESSION_FILE: &str = "session";
+/// How often, and how patiently, the store is probed for `status`.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -85,6 +91,10 @@ pub struct AgentOptions {
     /// Turn on the kernel programs' aya-log debug messages (every drop and its reason)
     /// and copy them into the agent's log.
     pub kernel_log: bool,
+    /// How often left-overs are looked for ([`crate::gc`]).
+    pub gc_interval: Duration,
+    /// How long a store entry must look left over before it is collected.
+    pub gc_grace: Duration,
 }
 
 /// The log target of the kernel programs' messages (their module path in overlay-ebpf).
@@ -123,6 +133,13 @@ struct Agent {
     reregister: Notify,
     logs: LogBuffer,
     metrics: ControlPlaneMetrics,
+    /// This node's records of the endpoints it created (the only thing it acts on).
+    local: LocalState,
+    /// Whether the store is this cluster's ([`crate::identity`]).
+    identity: Mutex<Identity>,
+    /// Asks the republish task to write this node's records again (a restored store).
+    republish: Notify,
+    sweeper: tokio::sync::Mutex<Sweeper>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -194,6 +211,13 @@ pub async fn run(
         reregister: Notify::new(),
         logs,
         metrics: ControlPlaneMetrics::default(),
+        local: LocalState::new(&options.state_dir),
+        identity: Mutex::new(Identity::load(
+            &options.state_dir,
+            (options.session_ttl * 3).max(Duration::from_secs(10)),
+        )),
+        republish: Notify::new(),
+        sweeper: tokio::sync::Mutex::new(Sweeper::default()),
         options,
     });
 
@@ -203,6 +227,9 @@ pub async fn run(
     tasks.spawn(agent.clone().watch_loop());
     tasks.spawn(agent.clone().resync_loop());
     tasks.spawn(agent.clone().stats_loop());
+    tasks.spawn(agent.clone().gc_loop());
+    tasks.spawn(agent.clone().republish_loop());
+    tasks.spawn(agent.clone().probe_loop());
     if let Some(logger) = kernel_logger {
         tasks.spawn(forward_kernel_logs(logger));
     }
@@ -227,7 +254,8 @@ async fn bind_control_socket(state_dir: &Path) -> Result<UnixListener, AgentErro
         path: state_dir.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(state_dir).map_err(dir_err)?;
+    // Only root may read or change what the agent keeps here (0700, not the umask's).
+    local_state::ensure_private_dir(state_dir).map_err(dir_err)?;
     let path = control::socket_path(state_dir);
     if UnixStream::connect(&path).await.is_ok() {
         return Err(AgentError::AlreadyRunning(state_dir.to_path_buf()));
@@ -368,9 +396,10 @@ impl Agent {
             match self.store.client().list(self.store.prefix()).await {
                 Ok(pairs) => {
                     self.consul_ok();
-                    *lock(&self.desired) =
-                        Some(ClusterState::from_pairs(self.store.prefix(), &pairs));
-                    fresh = true;
+                    if let Some(state) = self.judge(&pairs) {
+                        *lock(&self.desired) = Some(state);
+                        fresh = true;
+                    }
                 }
                 Err(e) => self.consul_failed("resync", &e),
             }
@@ -400,7 +429,7 @@ impl Agent {
     }
 
     async fn apply_desired(&self) -> Result<ApplyReport, String> {
-        let Some(state) = lock(&self.desired).clone() else {
+        let Some(mut state) = lock(&self.desired).clone() else {
             // Nothing known yet: keep whatever the maps hold (a restart keeps forwarding).
             return Ok(ApplyReport::default());
         };
@@ -408,22 +437,37 @@ impl Agent {
             name: self.node().to_string(),
             vtep: lock(&self.underlay).vtep,
         };
-        // A `run` container whose process is gone (its `run` was killed) is removed
-        // like one whose veth is gone.
-        let wanted: std::collections::BTreeSet<&str> = state
-            .local_endpoints(self.node())
-            .filter(|e| !crate::container::owner_gone(e))
-            .map(|e| e.ifname.as_str())
+        // This node forwards for the endpoints it recorded creating, with the values it
+        // recorded and the veth name generated from them: a store entry naming this node
+        // only says whether it is still wanted, never which interface or address to use.
+        let records = self.local_records();
+        let node = self.node().to_string();
+        state.endpoints = std::mem::take(&mut state.endpoints)
+            .into_iter()
+            .filter_map(|e| {
+                if e.node != node {
+                    return Some(e);
+                }
+                let record = records.get(&(e.network.clone(), e.id.clone()))?;
+                if !record.in_use() {
+                    return None;
+                }
+                let mut mine = record.endpoint.clone()?;
+                mine.node = node.clone();
+                mine.ifname = record.host_ifname();
+                Some(mine)
+            })
             .collect();
-        let links = netlink::list_links(&self.handle)
+        let wanted: std::collections::BTreeSet<String> = state
+            .local_endpoints(self.node())
+            .map(|e| e.ifname.clone())
+            .collect();
+        let links = gc::list_links_retrying(&self.handle)
             .await
             .map_err(|e| e.to_string())?;
         let mut veths = BTreeMap::new();
         let mut veth_names = BTreeMap::new();
-        for link in links
-            .into_iter()
-            .filter(|l| wanted.contains(l.name.as_str()))
-        {
+        for link in links.into_iter().filter(|l| wanted.contains(&l.name)) {
             veth_names.insert(link.index, link.name.clone());
             veths.insert(
                 link.name,
@@ -455,26 +499,80 @@ impl Agent {
                 .map(|e| format!("{}/{}", e.network, e.id))
                 .collect();
         }
+        // A local endpoint whose veth is gone: a completed `attach` whose container ended
+        // is collected now; one whose `run`/`attach` process lives is left to that
+        // process, which removes it itself (one owner for every clean-up).
         for stale in &plan.missing_veths {
-            // Its `overlay-ctl run` ended without cleaning up (killed): free what it held.
-            warn!(network = %stale.network, endpoint = %stale.id, ip = %stale.ip, ifname = %stale.ifname, "local endpoint whose container is gone: removing it and releasing its address");
-            if let Ok(link) = netlink::link_by_name(&self.handle, &stale.ifname).await {
-                let _ = netlink::delete_link(&self.handle, link.index).await;
-            }
-            if let Some(name) = &stale.netns {
-                if let Ok(ns) = crate::netns::NetNs::open(name) {
-                    let _ = ns.delete();
-                }
-            }
-            if let Err(e) = self.store.delete_endpoint(&stale.network, &stale.id).await {
-                warn!(error = %e, "cannot remove the stale endpoint");
+            let Some(record) = records.get(&(stale.network.clone(), stale.id.clone())) else {
                 continue;
-            }
-            if let Err(e) = self.store.release_ip(&stale.network, stale.ip).await {
-                warn!(error = %e, "cannot release the stale endpoint's address");
+            };
+            if let Some(why) = gc::left_over(record, false) {
+                self.collect_local(record, why).await;
             }
         }
         Ok(report)
+    }
+
+    /// This node's valid local records by (network, id); unreadable ones are logged.
+    fn local_records(&self) -> BTreeMap<(String, String), local_state::LocalEndpoint> {
+        let (records, unreadable) = self.local.load_all();
+        for e in unreadable {
+            debug!(error = %e, "ignoring an unreadable local record");
+        }
+        records
+            .into_iter()
+            .map(|r| ((r.network.clone(), r.id.clone()), r))
+            .collect()
+    }
+
+    async fn collect_local(&self, record: &local_state::LocalEndpoint, why: &str) {
+        match gc::collect_local(
+            &self.store,
+            &self.handle,
+            self.node(),
+            &self.local,
+            record,
+            why,
+        )
+        .await
+        {
+            Ok(()) => self
+                .metrics
+                .record_collected(gc::Kind::LocalEndpoint.name()),
+            Err(e) => {
+                warn!(network = %record.network, endpoint = %record.id, error = %e, "cannot collect a left-over local endpoint yet; retrying next period")
+            }
+        }
+    }
+
+    /// Judges one full read of the store against the cluster id ([`crate::identity`]):
+    /// the state to apply, or `None` to keep the maps as they are.
+    fn judge(&self, pairs: &[crate::consul::KvPair]) -> Option<ClusterState> {
+        let prefix = self.store.prefix();
+        let read = ClusterState::from_pairs(prefix, pairs);
+        let found = identity::find(prefix, pairs);
+        let (judgement, actions, trust) = {
+            let mut identity = lock(&self.identity);
+            let (judgement, actions) = identity.judge(found, read, Instant::now());
+            (judgement, actions, identity.trust())
+        };
+        self.metrics.set_store_state(trust.name());
+        if let Some(id) = actions.restore {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = identity::restore(&store, &id).await {
+                    warn!(error = %e, "cannot restore the cluster id yet");
+                }
+            });
+        }
+        if actions.republish {
+            self.republish.notify_one();
+            self.reregister.notify_one();
+        }
+        match judgement {
+            Judgement::Apply(state) => Some(state),
+            Judgement::Hold => None,
+        }
     }
 
     // ---- tasks ----
@@ -491,7 +589,9 @@ impl Agent {
             match watch.next().await {
                 Ok((pairs, index)) => {
                     self.consul_ok();
-                    let state = ClusterState::from_pairs(self.store.prefix(), &pairs);
+                    let Some(state) = self.judge(&pairs) else {
+                        continue;
+                    };
                     let changed = {
                         let mut desired = lock(&self.desired);
                         let changed = desired.as_ref() != Some(&state);
@@ -513,6 +613,106 @@ impl Agent {
                     }
                 }
                 Err(e) => self.consul_failed("watch", &e),
+            }
+        }
+    }
+
+    /// Collects what crashed commands and outages left ([`crate::gc`]): local records
+    /// without a live owner at once, store entries after the grace period, and the latter
+    /// only while the store is trusted.
+    async fn gc_loop(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(self.options.gc_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let records = self.local_records();
+            let links: std::collections::BTreeSet<String> =
+                match gc::list_links_retrying(&self.handle).await {
+                    Ok(links) => links.into_iter().map(|l| l.name).collect(),
+                    Err(e) => {
+                        warn!(error = %e, "gc: cannot list interfaces");
+                        continue;
+                    }
+                };
+            for record in records.values() {
+                let veth = links.contains(&record.host_ifname());
+                if let Some(why) = gc::left_over(record, veth) {
+                    let _one_at_a_time = self.reconcile_lock.lock().await;
+                    self.collect_local(record, why).await;
+                }
+            }
+            if !lock(&self.identity).trust().allows_gc() {
+                continue;
+            }
+            let swept = {
+                let mut sweeper = self.sweeper.lock().await;
+                sweeper
+                    .sweep(&self.store, self.node(), &self.local, self.options.gc_grace)
+                    .await
+            };
+            match swept {
+                Ok(collected) => {
+                    for kind in collected {
+                        self.metrics.record_collected(kind.name());
+                    }
+                }
+                Err(e) => debug!(error = %e, "gc: cannot sweep the store now"),
+            }
+        }
+    }
+
+    /// Writes this node's records back into a store that was restored after losing them.
+    async fn republish_loop(self: Arc<Self>) {
+        loop {
+            self.republish.notified().await;
+            let mut pause = Duration::from_millis(200);
+            loop {
+                let last = lock(&self.identity).last_trusted().cloned();
+                match identity::republish(&self.store, self.node(), &self.local, last.as_ref())
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(e) => {
+                        warn!(error = %e, "cannot republish this node's records yet");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps `status` honest within about a second: one quick read of this node's key
+    /// (short timeout, no retries) tells whether the store answers and still holds the
+    /// key under this node's session.
+    async fn probe_loop(self: Arc<Self>) {
+        let probe = self
+            .store
+            .client()
+            .clone()
+            .with_retry(crate::consul::RetryPolicy::none())
+            .with_timeout(PROBE_TIMEOUT);
+        let key = format!("{}{}", self.store.nodes_prefix(), self.node());
+        let mut ticker = tokio::time::interval(PROBE_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match probe.get(&key).await {
+                Ok(pair) => {
+                    self.consul_ok();
+                    let mut health = lock(&self.health);
+                    let held =
+                        pair.is_some_and(|p| p.session.is_some() && p.session == health.session);
+                    if health.registered && !held {
+                        warn!("this node's key is gone or no longer held by its session: not registered");
+                        self.reregister.notify_one();
+                    }
+                    health.registered = held;
+                }
+                Err(e) => {
+                    self.consul_failed("probe", &e);
+                    lock(&self.health).registered = false;
+                }
             }
         }
     }
@@ -541,6 +741,7 @@ impl Agent {
             let step = self
                 .membership_step(&mut session, &mut registered, &mut bootstrapped)
                 .await;
+            let step_ok = step.is_ok();
             let pause = match step {
                 Ok(()) => renew_every,
                 Err(e) => {
@@ -555,7 +756,8 @@ impl Agent {
             {
                 let mut health = lock(&self.health);
                 health.session = session.clone();
-                health.registered = registered;
+                // Unknown while the store does not answer: not claimed as registered.
+                health.registered = registered && step_ok;
             }
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
@@ -587,7 +789,7 @@ impl Agent {
                     Duration::ZERO,
                 )
                 .await?;
-            if let Err(e) = std::fs::write(self.session_file(), &id) {
+            if let Err(e) = local_state::write_private_file(&self.session_file(), id.as_bytes()) {
                 warn!(error = %e, "cannot save the session ID; a restart will rejoin with a new one");
             }
             *session = Some(id);
@@ -608,6 +810,10 @@ impl Agent {
                 *registered = false;
             }
         }
+        if !*registered && lock(&self.identity).trust() == Trust::Foreign {
+            // Never write this node into another cluster's store.
+            return Ok(());
+        }
         if !*registered {
             let info = {
                 let underlay = lock(&self.underlay);
@@ -625,6 +831,8 @@ impl Agent {
             if self.store.bootstrap().await? {
                 info!("bootstrapped the cluster: network \"default\" created");
             }
+            let known = lock(&self.identity).cluster().cloned();
+            identity::ensure_cluster_id(&self.store, known.as_ref()).await?;
             *bootstrapped = true;
         }
         Ok(())
@@ -766,6 +974,7 @@ impl Agent {
                 None => Default::default(),
             }
         };
+        let identity = lock(&self.identity);
         let health = lock(&self.health);
         AgentStatus {
             node: self.node().to_string(),
@@ -796,6 +1005,9 @@ impl Agent {
             remote_endpoints: health.remote_endpoints,
             attached: health.attached.clone(),
             metrics_addr: self.options.metrics_addr.clone(),
+            store_trust: identity.trust().name().to_string(),
+            store_detail: identity.detail().map(str::to_string),
+            cluster_id: identity.cluster().map(|c| c.cluster.clone()),
         }
     }
 

@@ -14,6 +14,7 @@ use crate::{
     container::{self, Context, JoinSpec},
     control::{AgentClient, AgentStatus, DEFAULT_STATE_DIR},
     datapath::{XdpAttachMode, DEFAULT_PIN_ROOT},
+    local_state::{self, LocalEndpoint, LocalState},
     logs::LogBuffer,
     netns::NetNs,
     store::{Store, DEFAULT_PREFIX},
@@ -180,6 +181,13 @@ struct AgentArgs {
     /// address of a scraping network explicitly to open it.
     #[arg(long, default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
     metrics_addr: String,
+    /// How often to look for what crashed commands and store outages left (addresses
+    /// without endpoint, VNI and subnet claims without network, containers without owner).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    gc_interval: Duration,
+    /// How long a store entry must look left over before it is collected.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    gc_grace: Duration,
 }
 
 #[derive(Args)]
@@ -432,12 +440,16 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
                 store: store_for(&cli, Some(&status))?,
                 agent,
                 status,
+                local: LocalState::new(&cli.state_dir),
             };
             if ctx.store.get_network(network).await?.is_none() {
                 bail!("network {network:?} does not exist (see `overlay-ctl network list`)");
             }
             let netns = NetNs::open_path(&id, path.clone())
                 .with_context(|| format!("cannot open network namespace {}", path.display()))?;
+            // Recorded before anything is created, owned by this process until done.
+            let mut record = LocalEndpoint::new(network, &id, local_state::Kind::Attach)?;
+            ctx.local.create(&record)?;
             let joined = container::join(
                 &ctx,
                 &netns,
@@ -450,8 +462,21 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
                     keep_existing_default_route: true,
                     netns_name: None,
                 },
+                &mut record,
             )
-            .await?;
+            .await;
+            let joined = match joined {
+                Ok(joined) => joined,
+                Err(e) => {
+                    if record.ip.is_none() && record.endpoint.is_none() {
+                        let _ = ctx.local.remove(network, &id);
+                    }
+                    return Err(e.into());
+                }
+            };
+            // Committed: the endpoint now lives until `detach` (or its container ends).
+            record.owner = None;
+            ctx.local.update(&record)?;
             println!(
                 "{} {} {}/{}",
                 joined.endpoint.id,
@@ -470,6 +495,7 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
                 store: store_for(&cli, Some(&status))?,
                 agent,
                 status,
+                local: LocalState::new(&cli.state_dir),
             };
             let endpoint = match (
                 name,
@@ -494,6 +520,7 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
                 (None, None) => bail!("name the endpoint, or pass --netns or --pid"),
             };
             container::leave(&ctx, &endpoint).await?;
+            ctx.local.remove(&endpoint.network, &endpoint.id)?;
             println!("{} detached", endpoint.id);
         }
         Command::Endpoint(EndpointCommand::List { network, json }) => {
@@ -576,6 +603,8 @@ async fn run_agent(cli: &Cli, args: &AgentArgs, logs: LogBuffer) -> anyhow::Resu
         stats_interval: args.stats_interval,
         metrics_addr,
         kernel_log: args.kernel_log,
+        gc_interval: args.gc_interval,
+        gc_grace: args.gc_grace,
     };
     agent::run(options, consul, &prefix, logs, shutdown_signal())
         .await
@@ -600,6 +629,7 @@ async fn run_container(
         store: store_for(cli, Some(&status))?,
         agent,
         status,
+        local: LocalState::new(&cli.state_dir),
     };
     // Refuse bad input before creating anything.
     if ctx.store.get_network(network).await?.is_none() {
@@ -612,9 +642,21 @@ async fn run_container(
         }
         .into());
     }
-    let netns_name = format!("ovl-{network}-{id}");
-    let netns = NetNs::create(&netns_name)
-        .with_context(|| format!("cannot create network namespace {netns_name}"))?;
+    // This node's record of the container comes first: whatever happens to this process
+    // from here on, the agent finds what it created and collects it once it is gone.
+    let mut record = LocalEndpoint::new(network, &id, local_state::Kind::Run)?;
+    ctx.local.create(&record)?;
+    crate::testhook::pause("recorded");
+    let netns_name = local_state::run_netns_name(network, &id);
+    let netns = match NetNs::create(&netns_name) {
+        Ok(netns) => netns,
+        Err(e) => {
+            let _ = ctx.local.remove(network, &id);
+            return Err(anyhow::Error::from(e)
+                .context(format!("cannot create network namespace {netns_name}")));
+        }
+    };
+    crate::testhook::pause("netns");
     let joined = container::join(
         &ctx,
         &netns,
@@ -627,12 +669,15 @@ async fn run_container(
             keep_existing_default_route: false,
             netns_name: Some(netns_name.clone()),
         },
+        &mut record,
     )
     .await;
     let joined = match joined {
         Ok(j) => j,
         Err(e) => {
-            let _ = netns.delete();
+            if netns.delete().is_ok() && record.ip.is_none() && record.endpoint.is_none() {
+                let _ = ctx.local.remove(network, &id);
+            }
             return Err(e.into());
         }
     };
@@ -651,8 +696,10 @@ async fn run_container(
         {
             Ok(()) => registered = Some(entry.id),
             Err(e) => {
-                let _ = container::leave(&ctx, &joined.endpoint).await;
-                let _ = netns.delete();
+                if container::leave(&ctx, &joined.endpoint).await.is_ok() && netns.delete().is_ok()
+                {
+                    let _ = ctx.local.remove(network, &id);
+                }
                 return Err(
                     anyhow::Error::from(e).context(format!("cannot register service {service:?}"))
                 );
@@ -666,12 +713,15 @@ async fn run_container(
         )),
         None => match container::spawn_in(netns.path(), command) {
             Ok(child) => {
-                // Recorded so that the agent can clean up if this process is killed.
-                let mut endpoint = joined.endpoint.clone();
-                endpoint.pid = child.id();
-                if let Err(e) = ctx.store.put_endpoint(&endpoint).await {
+                // Recorded so that a killed `run` leaves the container to its command:
+                // the agent collects it once neither runs.
+                record.command = child
+                    .id()
+                    .and_then(|pid| local_state::ProcessId::of(pid).ok());
+                if let Err(e) = ctx.local.update(&record) {
                     tracing::warn!(error = %e, "cannot record the container's process");
                 }
+                crate::testhook::pause("started");
                 container::wait_passing_signals(child, &mut signals).await
             }
             Err(e) => Err(e),
@@ -687,8 +737,15 @@ async fn run_container(
             eprintln!("warning: cannot deregister service {service_id}: {e}");
         }
     }
+    // This process removes its container itself (the agent leaves a record alone while
+    // its owner lives), and the record goes last, once everything else is gone.
     let left = container::leave(&ctx, &joined.endpoint).await;
     let deleted = netns.delete();
+    if left.is_ok() && deleted.is_ok() {
+        if let Err(e) = ctx.local.remove(network, &id) {
+            tracing::warn!(error = %e, "cannot remove the container's local record");
+        }
+    }
     let status = status?;
     left.context("cannot remove the container's endpoint")?;
     deleted.with_context(|| format!("cannot delete network namespace {netns_name}"))?;
@@ -908,6 +965,24 @@ fn print_status(s: &AgentStatus) {
             );
         }
         None => println!("reconcile:   not yet"),
+    }
+    if !s.store_trust.is_empty() {
+        println!(
+            "store:       {}{}{}",
+            if matches!(s.store_trust.as_str(), "missing" | "foreign") {
+                s.store_trust.to_uppercase()
+            } else {
+                s.store_trust.clone()
+            },
+            s.cluster_id
+                .as_ref()
+                .map(|c| format!(" (cluster {c})"))
+                .unwrap_or_default(),
+            s.store_detail
+                .as_ref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default()
+        );
     }
     if let Some(addr) = &s.metrics_addr {
         println!("metrics:     http://{addr}/metrics");

@@ -18,6 +18,7 @@ use crate::{
     control::{AgentClient, AgentStatus, ControlError},
     endpoint::{self, EndpointError, EndpointSpec},
     ipam,
+    local_state::{LocalEndpoint, LocalState, LocalStateError},
     netlink::{self, NetlinkError},
     netns::NetNs,
     reconcile::format_mac,
@@ -41,6 +42,8 @@ pub enum ContainerError {
     Endpoint(#[from] EndpointError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Local(#[from] LocalStateError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -72,11 +75,13 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerEr
     move |source| ContainerError::Io { what, source }
 }
 
-/// What every container operation needs: the cluster state and the local agent.
+/// What every container operation needs: the cluster state, the local agent and this
+/// node's own records of the endpoints it created.
 pub struct Context {
     pub store: Store,
     pub agent: AgentClient,
     pub status: AgentStatus,
+    pub local: LocalState,
 }
 
 /// The host-side veth name of an endpoint: stable, unique per (network, id), <= 15 bytes.
@@ -131,7 +136,18 @@ pub struct Joined {
 
 /// Plumbs `netns` into a network: validates everything first, then allocates, plumbs,
 /// records the endpoint and has the agent attach it. Undoes its steps on failure.
-pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<Joined> {
+///
+/// `record` is this node's local record of the endpoint, created by the caller before
+/// anything else; every step is written to it before the next one starts, so whatever
+/// a kill leaves behind, the agent can find and collect. On failure the record is left
+/// to the caller (it is removed only when the undo completed).
+pub async fn join(
+    ctx: &Context,
+    netns: &NetNs,
+    spec: &JoinSpec<'_>,
+    record: &mut LocalEndpoint,
+) -> Result<Joined> {
+    ipam::validate_name(spec.id).map_err(StoreError::from)?;
     let network = ctx
         .store
         .get_network(spec.network)
@@ -160,6 +176,14 @@ pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<J
         .allocate_ip(spec.network, spec.ip, spec.id, &node)
         .await?;
     let mut undo = Undo::new(ctx, spec.network, ip);
+    record.ip = Some(ip);
+    if let Err(e) = ctx.local.update(record) {
+        if undo.run().await {
+            record.ip = None;
+        }
+        return Err(e.into());
+    }
+    crate::testhook::pause("allocated");
     let endpoint_spec = EndpointSpec {
         host_ifname: host_ifname(spec.network, spec.id),
         container_ifname: spec.container_ifname.to_string(),
@@ -174,6 +198,7 @@ pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<J
         let handle = netlink::connect()?;
         let plumbed = endpoint::plumb(&handle, netns, &endpoint_spec).await?;
         undo.veth = Some(plumbed.host.index);
+        crate::testhook::pause("plumbed");
         let endpoint = Endpoint {
             id: spec.id.to_string(),
             network: spec.network.to_string(),
@@ -186,8 +211,13 @@ pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<J
             pid: None,
             netns: spec.netns_name.clone(),
         };
+        // Recorded locally first: the agent forwards only for endpoints this node
+        // recorded, with the values recorded here.
+        record.endpoint = Some(endpoint.clone());
+        ctx.local.update(record)?;
         ctx.store.create_endpoint(&endpoint).await?;
         undo.endpoint = Some(spec.id.to_string());
+        crate::testhook::pause("endpoint");
         let wanted = format!("{}/{}", spec.network, spec.id);
         let reply = ctx.agent.reconcile().await?;
         if !reply.attached.contains(&wanted) {
@@ -204,7 +234,10 @@ pub async fn join(ctx: &Context, netns: &NetNs, spec: &JoinSpec<'_>) -> Result<J
             Ok(Joined { endpoint, network })
         }
         Err(e) => {
-            undo.run().await;
+            if undo.run().await {
+                record.ip = None;
+                record.endpoint = None;
+            }
             Err(e)
         }
     }
@@ -238,6 +271,11 @@ async fn wait_for_peers(ctx: &Context, network: &str, id: &str) {
 
 /// Removes an endpoint of this node: its cluster entry, its address, its veth (which
 /// takes the container side with it), then has the agent drop it from the maps.
+///
+/// The veth is found through this node's local record (its name generated from the
+/// endpoint's names), never through the store entry's `ifname`: an endpoint this node
+/// has no record of loses only its cluster entry and address. The caller removes the
+/// local record once everything else is gone.
 pub async fn leave(ctx: &Context, endpoint: &Endpoint) -> Result<()> {
     if endpoint.node != ctx.status.node {
         return Err(ContainerError::WrongNode {
@@ -250,9 +288,14 @@ pub async fn leave(ctx: &Context, endpoint: &Endpoint) -> Result<()> {
         .delete_endpoint(&endpoint.network, &endpoint.id)
         .await?;
     ctx.store.release_ip(&endpoint.network, endpoint.ip).await?;
-    let handle = netlink::connect()?;
-    if let Ok(link) = netlink::link_by_name(&handle, &endpoint.ifname).await {
-        netlink::delete_link(&handle, link.index).await?;
+    if let Some(record) = ctx.local.get(&endpoint.network, &endpoint.id) {
+        if let Some(ip) = record.ip.filter(|ip| *ip != endpoint.ip) {
+            ctx.store.release_ip(&endpoint.network, ip).await?;
+        }
+        let handle = netlink::connect()?;
+        if let Ok(link) = netlink::link_by_name(&handle, &record.host_ifname()).await {
+            netlink::delete_link(&handle, link.index).await?;
+        }
     }
     if let Err(e) = ctx.agent.reconcile().await {
         // The agent's watch removes it anyway; only the timing is lost.
@@ -288,10 +331,13 @@ impl<'a> Undo<'a> {
         self.endpoint = None;
     }
 
-    async fn run(&mut self) {
+    /// Whether everything was undone (else the local record stays for the agent).
+    async fn run(&mut self) -> bool {
+        let mut clean = true;
         if let Some(id) = self.endpoint.take() {
             if let Err(e) = self.ctx.store.delete_endpoint(&self.network, &id).await {
-                warn!(error = %e, "rollback: cannot remove the endpoint entry");
+                warn!(error = %e, "rollback: cannot remove the endpoint entry; the agent will");
+                clean = false;
             }
         }
         if let Some(index) = self.veth.take() {
@@ -301,9 +347,11 @@ impl<'a> Undo<'a> {
         }
         if let Some(ip) = self.ip.take() {
             if let Err(e) = self.ctx.store.release_ip(&self.network, ip).await {
-                warn!(error = %e, "rollback: cannot release the address");
+                warn!(error = %e, "rollback: cannot release the address; the agent will");
+                clean = false;
             }
         }
+        clean
     }
 }
 
@@ -404,22 +452,6 @@ pub async fn wait_passing_signals(
             _ = signals.hup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
             _ = signals.int.recv() => if !interactive { forward(nix::sys::signal::Signal::SIGINT) },
         }
-    }
-}
-
-/// Whether the process a container's endpoint names has ended (gone, or a zombie that
-/// nobody reaped yet: its `run` was killed and it was orphaned).
-pub fn owner_gone(endpoint: &Endpoint) -> bool {
-    let Some(pid) = endpoint.pid else {
-        return false;
-    };
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state == "Z" || state == "X"),
-        Err(_) => true,
     }
 }
 

@@ -117,6 +117,14 @@ pub struct AgentStatus {
     pub attached: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
+    /// Whether the store is this cluster's: unknown, trusted, missing, foreign, healing
+    /// (see [`crate::identity`]).
+    #[serde(default)]
+    pub store_trust: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

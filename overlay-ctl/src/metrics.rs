@@ -13,6 +13,8 @@
 //! | `overlay_consul_request_errors_total`, `overlay_consul_up` | |
 //! | `overlay_endpoints` | `location` (local, remote) |
 //! | `overlay_members` | |
+//! | `overlay_store_state` | `state` (unknown, trusted, missing, foreign, healing): 1 for the current one |
+//! | `overlay_gc_collected_total` | `kind` (local_endpoint, address, endpoint, vni, subnet) |
 //!
 //! Events seen on the underlay before a packet's network is known are counted under
 //! VNI 0, exported as `network="underlay"`.
@@ -60,6 +62,10 @@ pub struct ControlPlaneMetrics {
     local_endpoints: AtomicU64,
     remote_endpoints: AtomicU64,
     members: AtomicU64,
+    /// The store's trust state ([`crate::identity::Trust`]).
+    store_state: std::sync::Mutex<&'static str>,
+    /// Left-overs collected, by kind ([`crate::gc::Kind`]).
+    gc_collected: std::sync::Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl ControlPlaneMetrics {
@@ -88,6 +94,19 @@ impl ControlPlaneMetrics {
 
     pub fn set_members_known(&self, members: u64) {
         self.members.store(members, Ordering::Relaxed);
+    }
+
+    pub fn set_store_state(&self, state: &'static str) {
+        *self.store_state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    pub fn record_collected(&self, kind: &'static str) {
+        *self
+            .gc_collected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
+            .or_default() += 1;
     }
 }
 
@@ -294,6 +313,44 @@ pub fn render(scrape: &Scrape) -> String {
         "Live nodes of the cluster.",
         load(&c.members).to_string(),
     );
+    let current = *c.store_state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut family = Family::new(
+        &mut out,
+        "overlay_store_state",
+        "gauge",
+        "Whether the store is this cluster's (1 for the current state; missing and foreign: the data plane keeps its last state).",
+    );
+    for trust in crate::identity::Trust::ALL {
+        let state = trust.name();
+        let current = if current.is_empty() {
+            "unknown"
+        } else {
+            current
+        };
+        family.sample(
+            "overlay_store_state",
+            &[("state", state)],
+            u8::from(state == current),
+        );
+    }
+    let collected = c
+        .gc_collected
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut family = Family::new(
+        &mut out,
+        "overlay_gc_collected_total",
+        "counter",
+        "Left-overs of crashed commands and outages collected, by kind.",
+    );
+    for kind in crate::gc::Kind::ALL {
+        family.sample(
+            "overlay_gc_collected_total",
+            &[("kind", kind.name())],
+            collected.get(kind.name()).copied().unwrap_or(0),
+        );
+    }
     out
 }
 

@@ -402,6 +402,37 @@ impl Node {
         }
     }
 
+    /// [`Node::spawn_run`] with extra environment variables (e.g. the test-only pause
+    /// `OVERLAY_TEST_PAUSE=POINT:FILE`, see `overlay_ctl::testhook`).
+    pub fn spawn_run_env(
+        &self,
+        network: &str,
+        name: &str,
+        env: &[(&str, &str)],
+        command: &[&str],
+    ) -> Background {
+        let mut args = vec!["run", "-n", network, "--name", name, "--"];
+        args.extend_from_slice(command);
+        let mut cmd = self.cli_command(&args);
+        cmd.envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Background {
+            child: Some(spawn_in(self.ns.ns().path(), &mut cmd)),
+            netns: format!("ovl-{network}-{name}"),
+        }
+    }
+
+    /// Starts `overlay-ctl ARGS` on this host in the background with extra environment
+    /// variables; killed on drop.
+    pub fn spawn_cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> CliProcess {
+        let mut cmd = self.cli_command(args);
+        cmd.envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        CliProcess(Some(spawn_in(self.ns.ns().path(), &mut cmd)))
+    }
+
     /// Waits until `endpoint list` shows endpoint `name` on `network`; its address.
     pub fn wait_endpoint(&self, network: &str, name: &str) -> Ipv4Addr {
         let mut ip = None;
@@ -476,6 +507,40 @@ impl Drop for Node {
         }
         self.kill_agent();
         let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// A background CLI command, SIGKILLed on drop if still running.
+pub struct CliProcess(Option<Child>);
+
+impl CliProcess {
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(child) = &mut self.0 {
+            kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for it to exit (killing it at `timeout`); its exit code and output.
+    pub fn wait(mut self, timeout: Duration) -> CliOutput {
+        let mut child = self.0.take().unwrap();
+        let status = wait_exit(&mut child, timeout);
+        if status.is_none() {
+            kill(&mut child, nix::sys::signal::Signal::SIGKILL);
+        }
+        let output = child.wait_with_output().unwrap();
+        CliOutput {
+            code: status.and_then(|s| s.code()).unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl Drop for CliProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

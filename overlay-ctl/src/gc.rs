@@ -1,0 +1,411 @@
+//! Garbage collection: what a crashed `run`/`attach`/`network create`, or a store outage
+//! in the middle of one, left behind.
+//!
+//! Two passes, each run by the agent every collection period:
+//!
+//! - **Local** ([`collect_local`]): a record of [`crate::local_state`] whose owner and
+//!   command are gone (pid and start time), or a completed `attach` whose veth is gone,
+//!   is collected: its veth and `run` namespace (names generated from the record, never
+//!   read from the store), then its endpoint entry and addresses in the store (only
+//!   entries naming this node and this endpoint), then the record itself, last, so a
+//!   failed step is retried next period. It does not depend on what the store says, so
+//!   it also runs while the store is away or untrusted (the store steps then wait).
+//! - **Store** ([`Sweeper::sweep`]): entries nobody will ever remove, seen unchanged
+//!   (same modify index) for a whole grace period, are deleted with check-and-set on
+//!   that index: addresses whose endpoint never came (on this node: no local record;
+//!   of a node that is gone: no endpoint entry), endpoint entries naming this node that
+//!   this node has no record of, VNI claims and subnet claims without their network.
+//!   It only runs while the store is trusted (see [`crate::identity`]).
+//!
+//! Everything collected is logged with what it was and why.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    str::FromStr,
+    time::{Duration, Instant},
+};
+
+use ipnetwork::Ipv4Network;
+use rtnetlink::Handle;
+use tracing::{info, warn};
+
+use crate::{
+    consul::ConsulError,
+    local_state::{LocalEndpoint, LocalState, LocalStateError},
+    netlink::{self, NetlinkError},
+    netns::NetNs,
+    store::{decode, Endpoint, IpAllocation, Network, Store, StoreError, SubnetClaims},
+};
+
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Consul(#[from] ConsulError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Local(#[from] LocalStateError),
+    #[error("namespace {name}: {source}")]
+    Netns {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What kind of thing was collected (the metric's label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// A local endpoint (veth, namespace, its entries) whose owner is gone.
+    LocalEndpoint,
+    /// An address without its endpoint.
+    Address,
+    /// An endpoint entry naming this node that this node did not create.
+    Endpoint,
+    /// A VNI claim without its network.
+    Vni,
+    /// A subnet claim without its network.
+    Subnet,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::LocalEndpoint,
+        Kind::Address,
+        Kind::Endpoint,
+        Kind::Vni,
+        Kind::Subnet,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::LocalEndpoint => "local_endpoint",
+            Kind::Address => "address",
+            Kind::Endpoint => "endpoint",
+            Kind::Vni => "vni",
+            Kind::Subnet => "subnet",
+        }
+    }
+}
+
+/// Every interface of the namespace. A dump that the kernel interrupted because links
+/// changed meanwhile (EBUSY, common while many containers start) is repeated.
+pub async fn list_links_retrying(handle: &Handle) -> Result<Vec<netlink::LinkInfo>, NetlinkError> {
+    let mut attempt = 0;
+    loop {
+        match netlink::list_links(handle).await {
+            Err(NetlinkError::Request(rtnetlink::Error::NetlinkError(e)))
+                if e.raw_code() == -libc::EBUSY && attempt < 20 =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The IPAM key prefix of a network (layout in [`crate::store`]).
+fn ipam_prefix(store: &Store, network: &str) -> String {
+    format!("{}ipam/{network}/", store.prefix())
+}
+
+/// Removes everything `record` covers, the record last. `why` goes to the log.
+pub async fn collect_local(
+    store: &Store,
+    handle: &Handle,
+    node: &str,
+    local: &LocalState,
+    record: &LocalEndpoint,
+    why: &str,
+) -> Result<(), GcError> {
+    // Local resources first: they go whatever the store's state.
+    let ifname = record.host_ifname();
+    let mut removed = Vec::new();
+    if let Ok(link) = netlink::link_by_name(handle, &ifname).await {
+        netlink::delete_link(handle, link.index).await?;
+        removed.push(format!("veth {ifname}"));
+    }
+    if let Some(name) = record.netns_name() {
+        if let Ok(ns) = NetNs::open(&name) {
+            ns.delete().map_err(|source| GcError::Netns {
+                name: name.clone(),
+                source,
+            })?;
+            removed.push(format!("namespace {name}"));
+        }
+    }
+    // Then its entries: only those naming this node and this endpoint.
+    if let Some(entry) = store.get_endpoint(&record.network, &record.id).await? {
+        if entry.node == node {
+            store.delete_endpoint(&record.network, &record.id).await?;
+            removed.push("endpoint entry".to_string());
+        }
+    }
+    let prefix = ipam_prefix(store, &record.network);
+    for pair in store.client().list(&prefix).await? {
+        let Ok(allocation) = decode::<IpAllocation>(&pair) else {
+            continue;
+        };
+        if allocation.endpoint == record.id
+            && allocation.node == node
+            && store
+                .client()
+                .delete_cas(&pair.key, pair.modify_index)
+                .await?
+        {
+            removed.push(format!(
+                "address {}",
+                pair.key.strip_prefix(&prefix).unwrap_or(&pair.key)
+            ));
+        }
+    }
+    local.remove(&record.network, &record.id)?;
+    info!(
+        network = %record.network,
+        endpoint = %record.id,
+        kind = ?record.kind,
+        removed = ?removed,
+        "collected a left-over local endpoint: {why}"
+    );
+    Ok(())
+}
+
+/// Why a record is left over, if it is (None: in use, or `veth_gone` unknown).
+pub fn left_over(record: &LocalEndpoint, veth_exists: bool) -> Option<&'static str> {
+    if record.committed() {
+        (!veth_exists).then_some("its container is gone (veth removed)")
+    } else if record.has_live_process() {
+        None
+    } else if record.owner.is_some() && record.endpoint.is_none() && record.command.is_none() {
+        Some("the command that was setting it up died before it finished")
+    } else {
+        Some("its `run`/`attach` process and its command are gone")
+    }
+}
+
+/// The store pass, with what it has seen so far (key -> modify index, first seen).
+#[derive(Debug, Default)]
+pub struct Sweeper {
+    seen: HashMap<String, (u64, Instant)>,
+}
+
+/// One store entry that may be garbage.
+struct Candidate {
+    key: String,
+    index: u64,
+    kind: Kind,
+    what: String,
+    why: &'static str,
+}
+
+impl Sweeper {
+    /// Whether `key` at `index` has been a candidate for at least `grace`.
+    fn ripe(&mut self, key: &str, index: u64, now: Instant, grace: Duration) -> bool {
+        let entry = self.seen.entry(key.to_string()).or_insert((index, now));
+        if entry.0 != index {
+            *entry = (index, now);
+        }
+        now.duration_since(entry.1) >= grace
+    }
+
+    /// One pass over the store. Returns what was collected.
+    pub async fn sweep(
+        &mut self,
+        store: &Store,
+        node: &str,
+        local: &LocalState,
+        grace: Duration,
+    ) -> Result<Vec<Kind>, GcError> {
+        let prefix = store.prefix().to_string();
+        let pairs = store.client().list(&prefix).await?;
+        let (records, _) = local.load_all();
+        let recorded: BTreeSet<(&str, &str)> = records
+            .iter()
+            .map(|r| (r.network.as_str(), r.id.as_str()))
+            .collect();
+
+        let mut networks: BTreeMap<String, Network> = BTreeMap::new();
+        let mut live_nodes = BTreeSet::new();
+        let mut endpoints: BTreeMap<(String, String), Endpoint> = BTreeMap::new();
+        for pair in &pairs {
+            let rest = &pair.key[prefix.len()..];
+            if let Some(name) = rest.strip_prefix("networks/") {
+                if let Ok(network) = decode::<Network>(pair) {
+                    if network.name == name {
+                        networks.insert(name.to_string(), network);
+                    }
+                }
+            } else if let Some(name) = rest.strip_prefix("nodes/") {
+                if pair.session.is_some() {
+                    live_nodes.insert(name.to_string());
+                }
+            } else if rest.starts_with("endpoints/") {
+                if let Ok(endpoint) = decode::<Endpoint>(pair) {
+                    endpoints.insert((endpoint.network.clone(), endpoint.id.clone()), endpoint);
+                }
+            }
+        }
+
+        let mut candidates = Vec::new();
+        let mut subnet_orphans = Vec::new();
+        for pair in &pairs {
+            let rest = &pair.key[prefix.len()..];
+            if let Some(path) = rest.strip_prefix("endpoints/") {
+                let Some((network, id)) = path.split_once('/') else {
+                    continue;
+                };
+                let Ok(endpoint) = decode::<Endpoint>(pair) else {
+                    continue;
+                };
+                if endpoint.node == node && !recorded.contains(&(network, id)) {
+                    candidates.push(Candidate {
+                        key: pair.key.clone(),
+                        index: pair.modify_index,
+                        kind: Kind::Endpoint,
+                        what: format!("endpoint {network}/{id}"),
+                        why: "it names this node, which has no record of creating it",
+                    });
+                }
+            } else if let Some(path) = rest.strip_prefix("ipam/") {
+                let Some((network, ip)) = path.split_once('/') else {
+                    continue;
+                };
+                let (Ok(ip), Ok(allocation)) =
+                    (Ipv4Addr::from_str(ip), decode::<IpAllocation>(pair))
+                else {
+                    continue;
+                };
+                let why = if !networks.contains_key(network) {
+                    Some("its network does not exist")
+                } else if allocation.node == node {
+                    (!recorded.contains(&(network, allocation.endpoint.as_str())))
+                        .then_some("it names this node, which has no record of its endpoint")
+                } else {
+                    let has_endpoint = endpoints
+                        .get(&(network.to_string(), allocation.endpoint.clone()))
+                        .is_some_and(|e| e.ip == ip);
+                    (!has_endpoint && !live_nodes.contains(&allocation.node))
+                        .then_some("its endpoint never came and its node is gone")
+                };
+                if let Some(why) = why {
+                    candidates.push(Candidate {
+                        key: pair.key.clone(),
+                        index: pair.modify_index,
+                        kind: Kind::Address,
+                        what: format!(
+                            "address {network}/{ip} (endpoint {}, node {})",
+                            allocation.endpoint, allocation.node
+                        ),
+                        why,
+                    });
+                }
+            } else if let Some(vni) = rest.strip_prefix("vni/") {
+                let owner = pair.value_str();
+                let held = networks
+                    .get(&owner)
+                    .is_some_and(|n| n.vni.to_string() == vni);
+                if !held {
+                    candidates.push(Candidate {
+                        key: pair.key.clone(),
+                        index: pair.modify_index,
+                        kind: Kind::Vni,
+                        what: format!("VNI {vni} claimed by {owner:?}"),
+                        why: "no such network holds it",
+                    });
+                }
+            } else if rest == "subnets" {
+                let Ok(claims) = decode::<SubnetClaims>(pair) else {
+                    continue;
+                };
+                for (cidr, owner) in claims {
+                    let held = networks
+                        .get(&owner)
+                        .is_some_and(|n| n.subnet.to_string() == cidr);
+                    if !held {
+                        subnet_orphans.push((cidr, owner));
+                    }
+                }
+            }
+        }
+
+        let now = Instant::now();
+        let mut alive_keys: BTreeSet<String> = BTreeSet::new();
+        let mut collected = Vec::new();
+        for candidate in candidates {
+            alive_keys.insert(candidate.key.clone());
+            if !self.ripe(&candidate.key, candidate.index, now, grace) {
+                continue;
+            }
+            match store
+                .client()
+                .delete_cas(&candidate.key, candidate.index)
+                .await
+            {
+                Ok(true) => {
+                    warn!(what = %candidate.what, key = %candidate.key, "collected a left-over store entry: {}", candidate.why);
+                    collected.push(candidate.kind);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(key = %candidate.key, error = %e, "cannot collect a left-over store entry")
+                }
+            }
+        }
+        for (cidr, owner) in subnet_orphans {
+            let key = format!("subnet:{cidr}={owner}");
+            alive_keys.insert(key.clone());
+            if !self.ripe(&key, 0, now, grace) {
+                continue;
+            }
+            let Ok(subnet) = Ipv4Network::from_str(&cidr) else {
+                continue;
+            };
+            store.unclaim_subnet(subnet, &owner).await;
+            warn!(subnet = %cidr, network = %owner, "collected a left-over subnet claim: no such network holds it");
+            collected.push(Kind::Subnet);
+        }
+        self.seen.retain(|key, _| alive_keys.contains(key));
+        Ok(collected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local_state::{Kind as RecordKind, ProcessId};
+
+    #[test]
+    fn candidates_ripen_after_the_grace_period_unless_they_change() {
+        let mut sweeper = Sweeper::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(5);
+        assert!(!sweeper.ripe("k", 7, t0, grace));
+        assert!(!sweeper.ripe("k", 7, t0 + Duration::from_secs(4), grace));
+        // Written again: the clock starts over.
+        assert!(!sweeper.ripe("k", 8, t0 + Duration::from_secs(6), grace));
+        assert!(sweeper.ripe("k", 8, t0 + Duration::from_secs(11), grace));
+    }
+
+    #[test]
+    fn a_record_is_left_over_only_without_a_live_process() {
+        let mut record = LocalEndpoint::new("net1", "web", RecordKind::Run).unwrap();
+        assert_eq!(left_over(&record, false), None, "owner (this test) lives");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = ProcessId::of(child.id()).unwrap();
+        child.wait().unwrap();
+        record.owner = Some(dead);
+        assert!(left_over(&record, true).is_some());
+        record.command = Some(ProcessId::current().unwrap());
+        assert_eq!(left_over(&record, true), None, "its command lives");
+        let mut attach = LocalEndpoint::new("net1", "x", RecordKind::Attach).unwrap();
+        attach.owner = None;
+        assert_eq!(left_over(&attach, true), None);
+        assert!(left_over(&attach, false).is_some());
+    }
+}
