@@ -679,6 +679,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "runs agent and CLI processes with ping, sh and sleep; the kernel features it uses are the data plane's, covered by the guest's data-plane tests",
     ),
     (
+        "lifecycle",
+        "like cluster: agent, CLI and Consul dev server processes with ping, sh and true",
+    ),
+    (
         "prometheus",
         "needs Debian's prometheus server, which the busybox guest does not have",
     ),
