@@ -666,6 +666,7 @@ fn a_store_restarted_empty_keeps_traffic_and_is_refilled() {
     );
 
     // The dev server comes back without its data (no data dir).
+    let log_offsets: Vec<usize> = nodes.iter().map(|n| n.agent_log().len()).collect();
     consul.restart();
     // Every record is back, without anyone doing anything.
     wait_until("the records republished", JOIN, || {
@@ -686,6 +687,25 @@ fn a_store_restarted_empty_keeps_traffic_and_is_refilled() {
                 .contains("THE STORE HAS LOST THE CLUSTER'S DATA")
                 || node.agent_log().contains("the store was restored"),
             "{} said nothing about the store's loss",
+            node.name
+        );
+    }
+    // No agent removed anything from its maps on account of the empty store.
+    for (node, offset) in nodes.iter().zip(&log_offsets) {
+        let log = node.agent_log();
+        let removals: Vec<&str> = log[*offset..]
+            .lines()
+            .filter(|l| l.contains("data plane maps updated"))
+            .filter(|l| {
+                l.split("removed=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .is_some_and(|n| n != "0")
+            })
+            .collect();
+        assert!(
+            removals.is_empty(),
+            "{} removed entries while the store was empty: {removals:#?}",
             node.name
         );
     }
