@@ -526,6 +526,11 @@ impl Agent {
     }
 
     async fn collect_local(&self, record: &local_state::LocalEndpoint, why: &str) {
+        if lock(&self.identity).trust() == Trust::Foreign {
+            // Its entries are in this cluster's store, not in the one answering now.
+            debug!(network = %record.network, endpoint = %record.id, "left-over kept until the store is this cluster's again");
+            return;
+        }
         match gc::collect_local(
             &self.store,
             &self.handle,
@@ -643,6 +648,33 @@ impl Agent {
             }
             if !lock(&self.identity).trust().allows_gc() {
                 continue;
+            }
+            let Some(listed) = lock(&self.desired).as_ref().map(|state| {
+                state
+                    .local_endpoints(self.node())
+                    .map(|e| (e.network.clone(), e.id.clone()))
+                    .collect::<std::collections::BTreeSet<_>>()
+            }) else {
+                // Nothing read from the store yet.
+                continue;
+            };
+            let unlisted: Vec<local_state::LocalEndpoint> = self
+                .sweeper
+                .lock()
+                .await
+                .unlisted_attachments(
+                    records.values(),
+                    &listed,
+                    Instant::now(),
+                    self.options.gc_grace,
+                )
+                .into_iter()
+                .cloned()
+                .collect();
+            for record in &unlisted {
+                let _one_at_a_time = self.reconcile_lock.lock().await;
+                self.collect_local(record, "its endpoint entry was removed from the store")
+                    .await;
             }
             let swept = {
                 let mut sweeper = self.sweeper.lock().await;

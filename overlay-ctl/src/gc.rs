@@ -14,7 +14,8 @@
 //!   (same modify index) for a whole grace period, are deleted with check-and-set on
 //!   that index: addresses whose endpoint never came (on this node: no local record;
 //!   of a node that is gone: no endpoint entry), endpoint entries naming this node that
-//!   this node has no record of, VNI claims and subnet claims without their network.
+//!   this node has no record of, addresses and endpoint entries of a network that does
+//!   not exist (a killed `network delete`), VNI and subnet claims without their network.
 //!   It only runs while the store is trusted (see [`crate::identity`]).
 //!
 //! Everything collected is logged with what it was and why.
@@ -193,6 +194,8 @@ pub fn left_over(record: &LocalEndpoint, veth_exists: bool) -> Option<&'static s
 #[derive(Debug, Default)]
 pub struct Sweeper {
     seen: HashMap<String, (u64, Instant)>,
+    /// Completed `attach`es whose endpoint entry is gone from the store: since when.
+    unlisted: HashMap<(String, String), Instant>,
 }
 
 /// One store entry that may be garbage.
@@ -212,6 +215,34 @@ impl Sweeper {
             *entry = (index, now);
         }
         now.duration_since(entry.1) >= grace
+    }
+
+    /// Completed `attach`es (veth still there) whose endpoint entry has been absent from
+    /// a trusted store for `grace`: removed by hand or with its network; nothing else
+    /// would ever remove their veth and record. `listed` holds the (network, id) of the
+    /// store's endpoint entries naming this node.
+    pub fn unlisted_attachments<'a>(
+        &mut self,
+        records: impl Iterator<Item = &'a LocalEndpoint>,
+        listed: &BTreeSet<(String, String)>,
+        now: Instant,
+        grace: Duration,
+    ) -> Vec<&'a LocalEndpoint> {
+        let mut ripe = Vec::new();
+        let mut still = BTreeSet::new();
+        for record in records.filter(|r| r.committed()) {
+            let key = (record.network.clone(), record.id.clone());
+            if listed.contains(&key) {
+                continue;
+            }
+            let since = *self.unlisted.entry(key.clone()).or_insert(now);
+            if now.duration_since(since) >= grace {
+                ripe.push(record);
+            }
+            still.insert(key);
+        }
+        self.unlisted.retain(|key, _| still.contains(key));
+        ripe
     }
 
     /// One pass over the store. Returns what was collected.
@@ -263,13 +294,20 @@ impl Sweeper {
                 let Ok(endpoint) = decode::<Endpoint>(pair) else {
                     continue;
                 };
-                if endpoint.node == node && !recorded.contains(&(network, id)) {
+                let why = if !networks.contains_key(network) {
+                    Some("its network does not exist")
+                } else if endpoint.node == node && !recorded.contains(&(network, id)) {
+                    Some("it names this node, which has no record of creating it")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
                     candidates.push(Candidate {
                         key: pair.key.clone(),
                         index: pair.modify_index,
                         kind: Kind::Endpoint,
-                        what: format!("endpoint {network}/{id}"),
-                        why: "it names this node, which has no record of creating it",
+                        what: format!("endpoint {network}/{id} (node {})", endpoint.node),
+                        why,
                     });
                 }
             } else if let Some(path) = rest.strip_prefix("ipam/") {
@@ -390,6 +428,31 @@ mod tests {
         // Written again: the clock starts over.
         assert!(!sweeper.ripe("k", 8, t0 + Duration::from_secs(6), grace));
         assert!(sweeper.ripe("k", 8, t0 + Duration::from_secs(11), grace));
+    }
+
+    #[test]
+    fn attachments_missing_from_the_store_ripen_after_the_grace_period() {
+        let mut attached = LocalEndpoint::new("net1", "x", RecordKind::Attach).unwrap();
+        attached.owner = None;
+        let running = LocalEndpoint::new("net1", "y", RecordKind::Run).unwrap();
+        let records = [attached.clone(), running];
+        let mut sweeper = Sweeper::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(5);
+        let none = BTreeSet::new();
+        assert!(sweeper
+            .unlisted_attachments(records.iter(), &none, t0, grace)
+            .is_empty());
+        let ripe = sweeper.unlisted_attachments(records.iter(), &none, t0 + grace, grace);
+        assert_eq!(ripe, vec![&attached], "only the completed attach");
+        // Listed again: the clock starts over.
+        let listed = BTreeSet::from([("net1".to_string(), "x".to_string())]);
+        assert!(sweeper
+            .unlisted_attachments(records.iter(), &listed, t0 + grace, grace)
+            .is_empty());
+        assert!(sweeper
+            .unlisted_attachments(records.iter(), &none, t0 + grace * 2, grace)
+            .is_empty());
     }
 
     #[test]
