@@ -1088,6 +1088,8 @@ impl Agent {
             }
         }
         let _ = std::fs::remove_file(self.session_file());
+        // A node that left may join another cluster next time.
+        let _ = std::fs::remove_file(self.options.state_dir.join(identity::CLUSTER_ID_FILE));
         drop(datapath);
         if let Err(e) = datapath::remove_pins(&self.options.pin_root) {
             warn!(error = %e, "cannot remove pins");
