@@ -759,3 +759,68 @@ fn a_store_restarted_empty_keeps_traffic_and_is_refilled() {
         .agent_log()
         .contains("THE STORE BELONGS TO ANOTHER CLUSTER"));
 }
+
+#[test]
+fn attachments_are_collected_when_their_cli_dies_or_their_entry_goes() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_cluster(&BINS, &underlay, 1, None, GC_ARGS);
+    let node = &nodes[0];
+    node.cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    // Someone else's namespace (a Docker or podman container stands for it).
+    let existing = overlay_tests::harness::TestNs::new("ext");
+    let path = existing.ns().path().display().to_string();
+    let ns_links = || -> BTreeSet<String> {
+        existing.block_on(|| async {
+            let handle = overlay_ctl::netlink::connect().unwrap();
+            overlay_ctl::netlink::list_links(&handle)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|l| l.name)
+                .collect()
+        })
+    };
+    for point in ["allocated", "plumbed", "endpoint"] {
+        let name = unique_name("att");
+        let pause = Pause::new();
+        let env = pause.env(point);
+        let mut attach = node.spawn_cli_env(
+            &["attach", "-n", "net1", "--netns", &path, "--name", &name],
+            &[("OVERLAY_TEST_PAUSE", env.as_str())],
+        );
+        pause.wait_reached(&format!("attach at {point}"));
+        assert!(record_path(node, "net1", &name).exists());
+        attach.kill();
+        pause.release();
+        wait_collected(
+            node,
+            &consul,
+            "net1",
+            &name,
+            &format!("attach killed at {point}"),
+        );
+        assert!(
+            !ns_links().contains("ovl0"),
+            "the container side went with the veth"
+        );
+        assert!(
+            existing.ns().path().exists(),
+            "the namespace is not ours to remove"
+        );
+    }
+    // A completed attachment whose entry is removed from the store (by hand, or with its
+    // network) is collected after the grace period: nothing else would remove its veth.
+    let name = unique_name("att");
+    node.cli(&["attach", "-n", "net1", "--netns", &path, "--name", &name])
+        .ok();
+    assert!(ns_links().contains("ovl0"));
+    consul.with_client(|client| {
+        let key = format!("overlay/endpoints/net1/{name}");
+        async move { client.delete(&key).await.unwrap() }
+    });
+    wait_collected(node, &consul, "net1", &name, "attachment without its entry");
+    assert!(!ns_links().contains("ovl0"));
+    assert!(existing.ns().path().exists());
+}
