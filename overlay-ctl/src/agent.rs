@@ -264,7 +264,14 @@ async fn bind_control_socket(state_dir: &Path) -> Result<UnixListener, AgentErro
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(dir_err(e)),
         _ => {}
     }
-    UnixListener::bind(&path).map_err(dir_err)
+    let listener = UnixListener::bind(&path).map_err(dir_err)?;
+    // Root's only, like everything in the state directory (not left to the umask).
+    std::fs::set_permissions(
+        &path,
+        std::os::unix::fs::PermissionsExt::from_mode(local_state::FILE_MODE),
+    )
+    .map_err(dir_err)?;
+    Ok(listener)
 }
 
 /// Copies the kernel programs' aya-log records into the agent's log as they arrive.

@@ -564,6 +564,7 @@ fn state_is_private_and_status_follows_the_store_within_seconds() {
     // The harness made the directory with the default umask; the agent tightens it.
     assert_eq!(mode(&node.state_dir), 0o700);
     assert_eq!(mode(&node.state_dir.join("session")), 0o600);
+    assert_eq!(mode(&node.state_dir.join("agent.sock")), 0o600);
     wait_until("the cluster id remembered", JOIN, || {
         node.state_dir.join("cluster-id").exists()
     });
