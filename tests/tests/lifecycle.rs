@@ -572,6 +572,25 @@ fn state_is_private_and_status_follows_the_store_within_seconds() {
     assert_eq!(mode(&node.state_dir.join("endpoints")), 0o700);
     assert_eq!(mode(&record_path(node, "net1", &name)), 0o600);
 
+    // The store stops answering (connections still accepted, as when the network cuts
+    // it off): `status` says so within a few seconds, not after request timeouts.
+    consul.freeze();
+    let started = Instant::now();
+    wait_until(
+        "status shows the frozen store unreachable",
+        Duration::from_secs(5),
+        || {
+            node.status().is_some_and(|s| {
+                s["consul"]["reachable"] == false && s["consul"]["registered"] == false
+            })
+        },
+    );
+    eprintln!("frozen store shown after {:?}", started.elapsed());
+    consul.resume();
+    wait_until("reachable again", JOIN, || {
+        node.status()
+            .is_some_and(|s| s["consul"]["reachable"] == true && s["consul"]["registered"] == true)
+    });
     // The store goes away: `status` says so within a few seconds.
     consul.kill();
     let started = Instant::now();
