@@ -531,8 +531,29 @@ fn a_finished_run_is_removed_by_run_alone() {
         let out = node.cli(&["run", "-n", "net1", "--", "true"]);
         assert_eq!(out.code, 0, "{out:#?}");
     }
-    // The agent's old race acted while `run` was removing the container, so it would be
-    // in the log by now; and `run` left nothing for a later collection.
+    // The deterministic case: `run` stays paused after its command ended, while the agent
+    // completes two collection passes; the container is `run`'s to remove, not the agent's.
+    let name = unique_name("own");
+    let pause = Pause::new();
+    let env = pause.env("exited");
+    let run = node.spawn_run_env(
+        "net1",
+        &name,
+        &[("OVERLAY_TEST_PAUSE", env.as_str())],
+        &["true"],
+    );
+    pause.wait_reached("run after its command ended");
+    let passes = gc_runs(node);
+    wait_until("two collection passes", JOIN, || {
+        gc_runs(node) >= passes + 2
+    });
+    assert_evidence(node, &consul, &name, "exited");
+    assert_eq!(map_entries(node, "LOCAL_IFACES"), Some(1));
+    pause.release();
+    let out = run.wait(Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out:#?}");
+    // The agent never collected anything here (its old race would be in the log), and
+    // `run` left nothing behind.
     let log = node.agent_log();
     assert!(
         !log.contains("collected a left-over") && !log.contains("whose container is gone"),
@@ -544,6 +565,20 @@ fn a_finished_run_is_removed_by_run_alone() {
     assert!(std::fs::read_dir(node.state_dir.join("endpoints"))
         .map(|d| d.count() == 0)
         .unwrap_or(true));
+}
+
+/// `overlay_gc_runs_total`: collection passes the agent completed.
+fn gc_runs(node: &Node) -> u64 {
+    node.metrics()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("overlay_gc_runs_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 fn mode(path: &Path) -> u32 {
