@@ -97,14 +97,15 @@ impl Kind {
 /// Every interface of the namespace. A dump that the kernel interrupted because links
 /// changed meanwhile (EBUSY, common while many containers start) is repeated.
 pub async fn list_links_retrying(handle: &Handle) -> Result<Vec<netlink::LinkInfo>, NetlinkError> {
-    let mut attempt = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_millis(2);
     loop {
         match netlink::list_links(handle).await {
             Err(NetlinkError::Request(rtnetlink::Error::NetlinkError(e)))
-                if e.raw_code() == -libc::EBUSY && attempt < 20 =>
+                if e.raw_code() == -libc::EBUSY && Instant::now() < deadline =>
             {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
             }
             other => return other,
         }
