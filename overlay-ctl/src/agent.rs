@@ -140,6 +140,8 @@ struct Agent {
     /// Asks the republish task to write this node's records again (a restored store).
     republish: Notify,
     sweeper: tokio::sync::Mutex<Sweeper>,
+    /// Whether endpoints made before local records existed were looked for (once).
+    adopted: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,6 +220,7 @@ pub async fn run(
         )),
         republish: Notify::new(),
         sweeper: tokio::sync::Mutex::new(Sweeper::default()),
+        adopted: std::sync::atomic::AtomicBool::new(false),
         options,
     });
 
@@ -444,6 +447,12 @@ impl Agent {
             name: self.node().to_string(),
             vtep: lock(&self.underlay).vtep,
         };
+        if !self
+            .adopted
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            gc::adopt_unrecorded(&self.handle, self.node(), &self.local, &state.endpoints).await;
+        }
         // This node forwards for the endpoints it recorded creating, with the values it
         // recorded and the veth name generated from them: a store entry naming this node
         // only says whether it is still wanted, never which interface or address to use.

@@ -879,3 +879,53 @@ fn attachments_are_collected_when_their_cli_dies_or_their_entry_goes() {
     assert!(!ns_links().contains("ovl0"));
     assert!(existing.ns().path().exists());
 }
+
+#[test]
+fn endpoints_from_before_local_records_are_adopted_not_dropped() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, mut nodes) = start_cluster(&BINS, &underlay, 1, None, GC_ARGS);
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let name = unique_name("old");
+    let run = nodes[0].spawn_run("net1", &name, &["sleep", "120"]);
+    nodes[0].wait_endpoint("net1", &name);
+    let record = record_path(&nodes[0], "net1", &name);
+    assert!(record.exists());
+    wait_until("the container's command started", JOIN, || {
+        std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"command\": {"))
+    });
+    // As an agent of the previous version left it: the container, no local record.
+    nodes[0].kill_agent();
+    std::fs::remove_file(&record).unwrap();
+    nodes[0].start_agent(GC_ARGS);
+    nodes[0].wait_registered(JOIN);
+    wait_until("the endpoint adopted", JOIN, || record.exists());
+    let adopted = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        adopted.contains("\"kind\": \"run\"") && adopted.contains("\"command\": {"),
+        "{adopted}\n{}",
+        nodes[0]
+            .agent_log()
+            .lines()
+            .filter(|l| l.contains("adopt"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Forwarded for, and still there after more than a grace period of collection.
+    let passes = gc_runs(&nodes[0]);
+    wait_until("four collection passes", JOIN, || {
+        gc_runs(&nodes[0]) >= passes + 4
+    });
+    assert_eq!(map_entries(&nodes[0], "LOCAL_IFACES"), Some(1));
+    assert_eq!(
+        consul
+            .kv_snapshot(&format!("overlay/endpoints/net1/{name}"))
+            .len(),
+        1
+    );
+    let out = run.stop();
+    assert_eq!(out.code, 143, "{out:#?}");
+    wait_collected(&nodes[0], &consul, "net1", &name, "adopted container ended");
+}
