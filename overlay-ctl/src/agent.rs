@@ -160,6 +160,8 @@ struct Agent {
     /// Asks the republish task to write this node's records again (a restored store).
     republish: Notify,
     sweeper: tokio::sync::Mutex<Sweeper>,
+    /// Whether endpoints made before local records existed were looked for (once).
+    adopted: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -244,6 +246,7 @@ pub async fn run(
         )),
         republish: Notify::new(),
         sweeper: tokio::sync::Mutex::new(Sweeper::default()),
+        adopted: std::sync::atomic::AtomicBool::new(false),
         options,
     });
 
@@ -477,6 +480,12 @@ impl Agent {
             name: self.node().to_string(),
             vtep: lock(&self.underlay).vtep,
         };
+        if !self
+            .adopted
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            gc::adopt_unrecorded(&self.handle, self.node(), &self.local, &state.endpoints).await;
+        }
         // This node forwards for the endpoints it recorded creating, with the values it
         // recorded and the veth name generated from them: a store entry naming this node
         // only says whether it is still wanted, never which interface or address to use.
@@ -691,66 +700,72 @@ impl Agent {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let records = self.local_records();
-            let links: std::collections::BTreeSet<String> =
-                match gc::list_links_retrying(&self.handle).await {
-                    Ok(links) => links.into_iter().map(|l| l.name).collect(),
-                    Err(e) => {
-                        warn!(error = %e, "gc: cannot list interfaces");
-                        continue;
-                    }
-                };
-            for record in records.values() {
-                let veth = links.contains(&record.host_ifname());
-                if let Some(why) = gc::left_over(record, veth) {
-                    let _one_at_a_time = self.reconcile_lock.lock().await;
-                    self.collect_local(record, why).await;
+            self.gc_pass().await;
+            self.metrics.record_gc_run();
+        }
+    }
+
+    /// One collection pass (see [`Agent::gc_loop`]).
+    async fn gc_pass(&self) {
+        let records = self.local_records();
+        let links: std::collections::BTreeSet<String> =
+            match gc::list_links_retrying(&self.handle).await {
+                Ok(links) => links.into_iter().map(|l| l.name).collect(),
+                Err(e) => {
+                    warn!(error = %e, "gc: cannot list interfaces");
+                    return;
                 }
-            }
-            if !lock(&self.identity).trust().allows_gc() {
-                continue;
-            }
-            let Some(listed) = lock(&self.desired).as_ref().map(|state| {
-                state
-                    .local_endpoints(self.node())
-                    .map(|e| (e.network.clone(), e.id.clone()))
-                    .collect::<std::collections::BTreeSet<_>>()
-            }) else {
-                // Nothing read from the store yet.
-                continue;
             };
-            let unlisted: Vec<local_state::LocalEndpoint> = self
-                .sweeper
-                .lock()
-                .await
-                .unlisted_attachments(
-                    records.values(),
-                    &listed,
-                    Instant::now(),
-                    self.options.gc_grace,
-                )
-                .into_iter()
-                .cloned()
-                .collect();
-            for record in &unlisted {
+        for record in records.values() {
+            let veth = links.contains(&record.host_ifname());
+            if let Some(why) = gc::left_over(record, veth) {
                 let _one_at_a_time = self.reconcile_lock.lock().await;
-                self.collect_local(record, "its endpoint entry was removed from the store")
-                    .await;
+                self.collect_local(record, why).await;
             }
-            let swept = {
-                let mut sweeper = self.sweeper.lock().await;
-                sweeper
-                    .sweep(&self.store, self.node(), &self.local, self.options.gc_grace)
-                    .await
-            };
-            match swept {
-                Ok(collected) => {
-                    for kind in collected {
-                        self.metrics.record_collected(kind.name());
-                    }
+        }
+        if !lock(&self.identity).trust().allows_gc() {
+            return;
+        }
+        let Some(listed) = lock(&self.desired).as_ref().map(|state| {
+            state
+                .local_endpoints(self.node())
+                .map(|e| (e.network.clone(), e.id.clone()))
+                .collect::<std::collections::BTreeSet<_>>()
+        }) else {
+            // Nothing read from the store yet.
+            return;
+        };
+        let unlisted: Vec<local_state::LocalEndpoint> = self
+            .sweeper
+            .lock()
+            .await
+            .unlisted_attachments(
+                records.values(),
+                &listed,
+                Instant::now(),
+                self.options.gc_grace,
+            )
+            .into_iter()
+            .cloned()
+            .collect();
+        for record in &unlisted {
+            let _one_at_a_time = self.reconcile_lock.lock().await;
+            self.collect_local(record, "its endpoint entry was removed from the store")
+                .await;
+        }
+        let swept = {
+            let mut sweeper = self.sweeper.lock().await;
+            sweeper
+                .sweep(&self.store, self.node(), &self.local, self.options.gc_grace)
+                .await
+        };
+        match swept {
+            Ok(collected) => {
+                for kind in collected {
+                    self.metrics.record_collected(kind.name());
                 }
-                Err(e) => debug!(error = %e, "gc: cannot sweep the store now"),
             }
+            Err(e) => debug!(error = %e, "gc: cannot sweep the store now"),
         }
     }
 
@@ -1182,6 +1197,8 @@ impl Agent {
             }
         }
         let _ = std::fs::remove_file(self.session_file());
+        // A node that left may join another cluster next time.
+        let _ = std::fs::remove_file(self.options.state_dir.join(identity::CLUSTER_ID_FILE));
         drop(datapath);
         underlay::restore(&lock(&self.underlay).host_changes);
         if let Err(e) = datapath::remove_pins(&self.options.pin_root) {

@@ -748,6 +748,7 @@ async fn run_container(
             Err(e) => Err(e),
         },
     };
+    crate::testhook::pause("exited");
     if let Some(service_id) = registered {
         if let Err(e) = ctx
             .store

@@ -97,18 +97,99 @@ impl Kind {
 /// Every interface of the namespace. A dump that the kernel interrupted because links
 /// changed meanwhile (EBUSY, common while many containers start) is repeated.
 pub async fn list_links_retrying(handle: &Handle) -> Result<Vec<netlink::LinkInfo>, NetlinkError> {
-    let mut attempt = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_millis(2);
     loop {
         match netlink::list_links(handle).await {
             Err(NetlinkError::Request(rtnetlink::Error::NetlinkError(e)))
-                if e.raw_code() == -libc::EBUSY && attempt < 20 =>
+                if e.raw_code() == -libc::EBUSY && Instant::now() < deadline =>
             {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
             }
             other => return other,
         }
     }
+}
+
+/// The first process found in the network namespace mounted at `path`.
+fn process_in_netns(path: &std::path::Path) -> Option<crate::local_state::ProcessId> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = std::fs::metadata(path).ok()?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        if meta.ino() == ns.ino() && meta.dev() == ns.dev() {
+            if let Ok(process) = crate::local_state::ProcessId::of(pid) {
+                return Some(process);
+            }
+        }
+    }
+    None
+}
+
+/// Once, when an agent first runs where an older one created endpoints without local
+/// records (an upgrade): an endpoint entry naming this node is adopted only if the veth
+/// this node would have generated for it exists here (proof that this node made it). A
+/// `run` container (its `ovl-NETWORK-ID` namespace exists) gets the first process found
+/// in that namespace as its command, so it is collected once that ends; an attached one
+/// lives until its veth goes. Returns how many were adopted.
+pub async fn adopt_unrecorded(
+    handle: &Handle,
+    node: &str,
+    local: &LocalState,
+    endpoints: &[Endpoint],
+) -> usize {
+    let links: BTreeSet<String> = match list_links_retrying(handle).await {
+        Ok(links) => links.into_iter().map(|l| l.name).collect(),
+        Err(e) => {
+            warn!(error = %e, "cannot list interfaces to adopt older endpoints");
+            return 0;
+        }
+    };
+    let mut adopted = 0;
+    for entry in endpoints.iter().filter(|e| e.node == node) {
+        if local.get(&entry.network, &entry.id).is_some() {
+            continue;
+        }
+        let Ok(mut record) =
+            LocalEndpoint::new(&entry.network, &entry.id, crate::local_state::Kind::Attach)
+        else {
+            continue;
+        };
+        if !links.contains(&record.host_ifname()) {
+            continue;
+        }
+        record.owner = None;
+        let netns = crate::local_state::run_netns_name(&entry.network, &entry.id);
+        let netns_path = std::path::Path::new(crate::netns::NETNS_RUN_DIR).join(&netns);
+        if netns_path.exists() {
+            record.kind = crate::local_state::Kind::Run;
+            record.command = process_in_netns(&netns_path);
+        }
+        let mut endpoint = entry.clone();
+        endpoint.ifname = record.host_ifname();
+        record.ip = Some(endpoint.ip);
+        record.endpoint = Some(endpoint);
+        match local.create(&record) {
+            Ok(()) => {
+                adopted += 1;
+                info!(network = %record.network, endpoint = %record.id, kind = ?record.kind, command = ?record.command, "adopted an endpoint created before local records existed");
+            }
+            Err(e) => {
+                warn!(network = %record.network, endpoint = %record.id, error = %e, "cannot adopt an older endpoint")
+            }
+        }
+    }
+    adopted
 }
 
 /// The IPAM key prefix of a network (layout in [`crate::store`]).

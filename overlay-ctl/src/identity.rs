@@ -304,7 +304,9 @@ impl Identity {
                         (Judgement::Apply(merged), actions)
                     }
                     _ => {
-                        if self.heal_until.take().is_some() || self.trust != Trust::Trusted {
+                        let was_untrusted = self.heal_until.take().is_some()
+                            || matches!(self.trust, Trust::Missing | Trust::Foreign);
+                        if was_untrusted {
                             info!(cluster = %found_cluster(&self.remembered), "the store is trusted again");
                         }
                         self.set(Trust::Trusted, None);

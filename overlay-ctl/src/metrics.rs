@@ -18,6 +18,7 @@
 //! | `overlay_map_update_failures_total` | |
 //! | `overlay_store_state` | `state` (unknown, trusted, missing, foreign, healing): 1 for the current one |
 //! | `overlay_gc_collected_total` | `kind` (local_endpoint, address, endpoint, vni, subnet) |
+//! | `overlay_gc_runs_total` | |
 //!
 //! Events seen on the underlay before a packet's network is known are counted under
 //! VNI 0, exported as `network="underlay"`.
@@ -76,6 +77,7 @@ pub struct ControlPlaneMetrics {
     store_state: std::sync::Mutex<&'static str>,
     /// Left-overs collected, by kind ([`crate::gc::Kind`]).
     gc_collected: std::sync::Mutex<BTreeMap<&'static str, u64>>,
+    gc_runs: AtomicU64,
     /// Store records rejected in the last read of the store.
     rejected_now: Mutex<RejectionCounts>,
     /// Rejections reported (each record once per reason while it lasts).
@@ -144,6 +146,10 @@ impl ControlPlaneMetrics {
 
     pub fn set_store_state(&self, state: &'static str) {
         *self.store_state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    pub fn record_gc_run(&self) {
+        self.gc_runs.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn record_collected(&self, kind: &'static str) {
@@ -423,6 +429,13 @@ pub fn render(scrape: &Scrape) -> String {
             u8::from(state == current),
         );
     }
+    single(
+        &mut out,
+        "overlay_gc_runs_total",
+        "counter",
+        "Garbage-collection passes completed.",
+        load(&c.gc_runs).to_string(),
+    );
     let collected = c
         .gc_collected
         .lock()

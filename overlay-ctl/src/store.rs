@@ -353,12 +353,16 @@ impl Store {
             }
         }
         // The check that decides: the subnet is added to the claims with check-and-set.
-        self.claim_subnet(name, subnet).await?;
+        // Only a claim this call added is rolled back (a concurrent create of the same
+        // name may hold it).
+        let claimed = self.claim_subnet(name, subnet).await?;
         crate::testhook::pause("subnet-claimed");
         let vni = match self.claim_vni(name, vni).await {
             Ok(vni) => vni,
             Err(e) => {
-                self.unclaim_subnet(subnet, name).await;
+                if claimed {
+                    self.unclaim_subnet(subnet, name).await;
+                }
                 return Err(e);
             }
         };
@@ -381,12 +385,16 @@ impl Store {
             }
             Ok(false) => {
                 self.unclaim_vni(vni, name).await;
-                self.unclaim_subnet(subnet, name).await;
+                if claimed {
+                    self.unclaim_subnet(subnet, name).await;
+                }
                 Err(StoreError::NetworkExists(name.to_string()))
             }
             Err(e) => {
                 self.unclaim_vni(vni, name).await;
-                self.unclaim_subnet(subnet, name).await;
+                if claimed {
+                    self.unclaim_subnet(subnet, name).await;
+                }
                 Err(e.into())
             }
         }
@@ -434,9 +442,15 @@ impl Store {
         }
     }
 
-    /// Removes `subnet` from the claims if it is still `name`'s (best effort, logged).
+    /// Removes `subnet` from the claims if it is still `name`'s and no network `name` with
+    /// that subnet exists (best effort, logged).
     pub async fn unclaim_subnet(&self, subnet: Ipv4Network, name: &str) {
         let result = async {
+            if let Some(pair) = self.client.get(&self.network_key(name)).await? {
+                if decode::<Network>(&pair).is_ok_and(|n| n.subnet == subnet) {
+                    return Ok(());
+                }
+            }
             loop {
                 let (mut claims, index) = self.subnet_claims().await?;
                 if claims.get(&subnet.to_string()).map(String::as_str) != Some(name) {

@@ -165,7 +165,23 @@ impl DevConsul {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             kill(&mut child, nix::sys::signal::Signal::SIGKILL);
+            kill(&mut child, nix::sys::signal::Signal::SIGCONT);
             let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the server still accepts connections (the kernel does) but answers
+    /// nothing, as a store cut off by the network would. [`DevConsul::resume`] undoes it.
+    pub fn freeze(&mut self) {
+        if let Some(child) = &mut self.child {
+            kill(child, nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`DevConsul::freeze`].
+    pub fn resume(&mut self) {
+        if let Some(child) = &mut self.child {
+            kill(child, nix::sys::signal::Signal::SIGCONT);
         }
     }
 

@@ -855,6 +855,13 @@ async fn racing_creators_leave_no_half_written_state() {
     let vnis = store.client().keys("overlay/vni/").await.unwrap();
     assert_eq!(networks.len(), 20);
     assert_eq!(vnis.len(), 20);
+    // And every network's subnet is claimed, by it (a loser never drops the winner's).
+    let (claims, _) = store.subnet_claims().await.unwrap();
+    let expected: std::collections::BTreeMap<String, String> = networks
+        .iter()
+        .map(|n| (n.subnet.to_string(), n.name.clone()))
+        .collect();
+    assert_eq!(claims, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

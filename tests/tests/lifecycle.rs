@@ -531,8 +531,29 @@ fn a_finished_run_is_removed_by_run_alone() {
         let out = node.cli(&["run", "-n", "net1", "--", "true"]);
         assert_eq!(out.code, 0, "{out:#?}");
     }
-    // The agent's old race acted while `run` was removing the container, so it would be
-    // in the log by now; and `run` left nothing for a later collection.
+    // The deterministic case: `run` stays paused after its command ended, while the agent
+    // completes two collection passes; the container is `run`'s to remove, not the agent's.
+    let name = unique_name("own");
+    let pause = Pause::new();
+    let env = pause.env("exited");
+    let run = node.spawn_run_env(
+        "net1",
+        &name,
+        &[("OVERLAY_TEST_PAUSE", env.as_str())],
+        &["true"],
+    );
+    pause.wait_reached("run after its command ended");
+    let passes = gc_runs(node);
+    wait_until("two collection passes", JOIN, || {
+        gc_runs(node) >= passes + 2
+    });
+    assert_evidence(node, &consul, &name, "exited");
+    assert_eq!(map_entries(node, "LOCAL_IFACES"), Some(1));
+    pause.release();
+    let out = run.wait(Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out:#?}");
+    // The agent never collected anything here (its old race would be in the log), and
+    // `run` left nothing behind.
     let log = node.agent_log();
     assert!(
         !log.contains("collected a left-over") && !log.contains("whose container is gone"),
@@ -544,6 +565,20 @@ fn a_finished_run_is_removed_by_run_alone() {
     assert!(std::fs::read_dir(node.state_dir.join("endpoints"))
         .map(|d| d.count() == 0)
         .unwrap_or(true));
+}
+
+/// `overlay_gc_runs_total`: collection passes the agent completed.
+fn gc_runs(node: &Node) -> u64 {
+    node.metrics()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("overlay_gc_runs_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 fn mode(path: &Path) -> u32 {
@@ -564,6 +599,7 @@ fn state_is_private_and_status_follows_the_store_within_seconds() {
     // The harness made the directory with the default umask; the agent tightens it.
     assert_eq!(mode(&node.state_dir), 0o700);
     assert_eq!(mode(&node.state_dir.join("session")), 0o600);
+    assert_eq!(mode(&node.state_dir.join("agent.sock")), 0o600);
     wait_until("the cluster id remembered", JOIN, || {
         node.state_dir.join("cluster-id").exists()
     });
@@ -571,6 +607,25 @@ fn state_is_private_and_status_follows_the_store_within_seconds() {
     assert_eq!(mode(&node.state_dir.join("endpoints")), 0o700);
     assert_eq!(mode(&record_path(node, "net1", &name)), 0o600);
 
+    // The store stops answering (connections still accepted, as when the network cuts
+    // it off): `status` says so within a few seconds, not after request timeouts.
+    consul.freeze();
+    let started = Instant::now();
+    wait_until(
+        "status shows the frozen store unreachable",
+        Duration::from_secs(5),
+        || {
+            node.status().is_some_and(|s| {
+                s["consul"]["reachable"] == false && s["consul"]["registered"] == false
+            })
+        },
+    );
+    eprintln!("frozen store shown after {:?}", started.elapsed());
+    consul.resume();
+    wait_until("reachable again", JOIN, || {
+        node.status()
+            .is_some_and(|s| s["consul"]["reachable"] == true && s["consul"]["registered"] == true)
+    });
     // The store goes away: `status` says so within a few seconds.
     consul.kill();
     let started = Instant::now();
@@ -758,4 +813,119 @@ fn a_store_restarted_empty_keeps_traffic_and_is_refilled() {
     assert!(nodes[0]
         .agent_log()
         .contains("THE STORE BELONGS TO ANOTHER CLUSTER"));
+}
+
+#[test]
+fn attachments_are_collected_when_their_cli_dies_or_their_entry_goes() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_cluster(&BINS, &underlay, 1, None, GC_ARGS);
+    let node = &nodes[0];
+    node.cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    // Someone else's namespace (a Docker or podman container stands for it).
+    let existing = overlay_tests::harness::TestNs::new("ext");
+    let path = existing.ns().path().display().to_string();
+    let ns_links = || -> BTreeSet<String> {
+        existing.block_on(|| async {
+            let handle = overlay_ctl::netlink::connect().unwrap();
+            overlay_ctl::netlink::list_links(&handle)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|l| l.name)
+                .collect()
+        })
+    };
+    for point in ["allocated", "plumbed", "endpoint"] {
+        let name = unique_name("att");
+        let pause = Pause::new();
+        let env = pause.env(point);
+        let mut attach = node.spawn_cli_env(
+            &["attach", "-n", "net1", "--netns", &path, "--name", &name],
+            &[("OVERLAY_TEST_PAUSE", env.as_str())],
+        );
+        pause.wait_reached(&format!("attach at {point}"));
+        assert!(record_path(node, "net1", &name).exists());
+        attach.kill();
+        pause.release();
+        wait_collected(
+            node,
+            &consul,
+            "net1",
+            &name,
+            &format!("attach killed at {point}"),
+        );
+        assert!(
+            !ns_links().contains("ovl0"),
+            "the container side went with the veth"
+        );
+        assert!(
+            existing.ns().path().exists(),
+            "the namespace is not ours to remove"
+        );
+    }
+    // A completed attachment whose entry is removed from the store (by hand, or with its
+    // network) is collected after the grace period: nothing else would remove its veth.
+    let name = unique_name("att");
+    node.cli(&["attach", "-n", "net1", "--netns", &path, "--name", &name])
+        .ok();
+    assert!(ns_links().contains("ovl0"));
+    consul.with_client(|client| {
+        let key = format!("overlay/endpoints/net1/{name}");
+        async move { client.delete(&key).await.unwrap() }
+    });
+    wait_collected(node, &consul, "net1", &name, "attachment without its entry");
+    assert!(!ns_links().contains("ovl0"));
+    assert!(existing.ns().path().exists());
+}
+
+#[test]
+fn endpoints_from_before_local_records_are_adopted_not_dropped() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, mut nodes) = start_cluster(&BINS, &underlay, 1, None, GC_ARGS);
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let name = unique_name("old");
+    let run = nodes[0].spawn_run("net1", &name, &["sleep", "120"]);
+    nodes[0].wait_endpoint("net1", &name);
+    let record = record_path(&nodes[0], "net1", &name);
+    assert!(record.exists());
+    wait_until("the container's command started", JOIN, || {
+        std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"command\": {"))
+    });
+    // As an agent of the previous version left it: the container, no local record.
+    nodes[0].kill_agent();
+    std::fs::remove_file(&record).unwrap();
+    nodes[0].start_agent(GC_ARGS);
+    nodes[0].wait_registered(JOIN);
+    wait_until("the endpoint adopted", JOIN, || record.exists());
+    let adopted = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        adopted.contains("\"kind\": \"run\"") && adopted.contains("\"command\": {"),
+        "{adopted}\n{}",
+        nodes[0]
+            .agent_log()
+            .lines()
+            .filter(|l| l.contains("adopt"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Forwarded for, and still there after more than a grace period of collection.
+    let passes = gc_runs(&nodes[0]);
+    wait_until("four collection passes", JOIN, || {
+        gc_runs(&nodes[0]) >= passes + 4
+    });
+    assert_eq!(map_entries(&nodes[0], "LOCAL_IFACES"), Some(1));
+    assert_eq!(
+        consul
+            .kv_snapshot(&format!("overlay/endpoints/net1/{name}"))
+            .len(),
+        1
+    );
+    let out = run.stop();
+    assert_eq!(out.code, 143, "{out:#?}");
+    wait_collected(&nodes[0], &consul, "net1", &name, "adopted container ended");
 }
