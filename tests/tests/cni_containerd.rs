@@ -333,6 +333,22 @@ fn conflist(node: &Node) -> Value {
     })
 }
 
+/// Waits until `ctr task ls` shows container `id` RUNNING: ctr starts the task only after
+/// the whole CNI chain ran.
+fn wait_running(host: &Containerd, id: &str) {
+    wait_until(
+        &format!("container {id} running"),
+        Duration::from_secs(30),
+        || {
+            let out = host.ctr(&["task", "ls"]);
+            String::from_utf8_lossy(&out.stdout).lines().any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.first() == Some(&id) && fields.last() == Some(&"RUNNING")
+            })
+        },
+    );
+}
+
 /// `ctr task exec` repeated until it succeeds or 20 s pass; the last attempt's output.
 fn exec_until_ok(host: &Containerd, id: &str, cmd: &[&str]) -> Output {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -386,6 +402,11 @@ fn containerd_containers_on_two_hosts_reach_each_other() {
         .map(|i| endpoint_address(&nodes[i], ids[i]))
         .collect();
     assert_ne!(ips[0], ips[1]);
+    // The endpoint exists once overlay-cni's ADD is done; the plugins chained after it
+    // (tuning's sysctl) have run once ctr started the task.
+    for (host, id) in hosts.iter().zip(&ids) {
+        wait_running(host, id);
+    }
 
     for (i, host) in hosts.iter().enumerate() {
         let (me, peer) = (ids[i], 1 - i);
