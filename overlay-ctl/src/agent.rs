@@ -318,6 +318,9 @@ fn bind_docker_socket(path: &Path) -> Result<UnixListener, AgentError> {
         path: path.to_path_buf(),
         source,
     };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
         _ => {}
