@@ -1,0 +1,576 @@
+//! Docker 20.10 (Debian's docker.io) end to end with the agent's `overlay-net` network
+//! and IPAM driver: two simulated hosts, each a host network namespace with an agent
+//! and its own dockerd (own --data-root, --exec-root, -H socket and --pidfile) in a
+//! mount namespace of its own, where /run is an overlay (the machine's /run is never
+//! written) and /run/docker/plugins a private tmpfs holding a link to that host's
+//! agent's plugin socket. The image is made offline with `docker import` from a
+//! directory holding busybox-static's busybox.
+//!
+//! One scenario, in order: `docker network create` on both hosts (the first creates the
+//! cluster network, the second maps to it by subnet), `docker network inspect`,
+//! `docker run --network net1` on both (one with `--ip`), ping and 1 MB over HTTP both
+//! ways, `docker restart`, each refusal seen in the `docker` command's own output
+//! (overlapping subnet, taken address, exhausted pool, unknown network) leaving nothing
+//! behind, and `docker rm -f` plus `docker network rm` leaving no KV key, map entry or
+//! veth.
+use std::{
+    fs::File,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use overlay_tests::{
+    bins,
+    cluster::{wait_exit, Bins, DevConsul, Node},
+    cni,
+    harness::{require_root, unique_name, wait_until},
+    topology::Underlay,
+};
+
+const BINS: Bins = bins!();
+const BUSYBOX: &str = "/bin/busybox";
+const DOCKER: &str = "/usr/bin/docker";
+const IMAGE: &str = "busybox:overlay-test";
+const DRIVER: &str = "overlay-net";
+
+/// One host's dockerd: a mount-namespace holder (`unshare --mount` running `sleep`) and
+/// dockerd inside it and the host's network namespace. Drop stops dockerd (its
+/// containers leave the network through the driver), then the holder, then whatever
+/// process still names this host's directory (shims), and removes the directory.
+struct DockerHost {
+    dir: PathBuf,
+    netns: PathBuf,
+    holder: Child,
+    daemon: Option<Child>,
+}
+
+impl DockerHost {
+    fn start(node: &Node) -> Self {
+        let dir = std::env::temp_dir().join(unique_name("ovl-docker-"));
+        for sub in ["run-upper", "run-work", "cli", "rootfs"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let socket = docker_plugin_dir(node).join(format!("{DRIVER}.sock"));
+        // /run/docker/plugins: a private tmpfs in this host's own mount namespace (on an
+        // overlay of /run, so no directory is made in the machine's /run); the
+        // machine's containerd socket is hidden so dockerd starts its own.
+        let script = format!(
+            "set -e\n\
+             mount -t overlay overlay -o lowerdir=/run,upperdir={d}/run-upper,workdir={d}/run-work /run\n\
+             rm -rf /run/containerd /run/docker\n\
+             mkdir -p /run/docker/plugins\n\
+             mount -t tmpfs -o mode=0700 tmpfs /run/docker/plugins\n\
+             ln -s {socket} /run/docker/plugins/{DRIVER}.sock\n\
+             echo ready\n\
+             exec sleep 100000\n",
+            d = dir.display(),
+            socket = socket.display(),
+        );
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut holder = overlay_tests::cluster::spawn_in(node.ns.ns().path(), &mut command);
+        let stdout = holder.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+            let _ = tx.send(line);
+        });
+        let mut this = Self {
+            dir,
+            netns: node.ns.ns().path().to_path_buf(),
+            holder,
+            daemon: None,
+        };
+        let ready = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        assert_eq!(ready.trim(), "ready", "the mount namespace was not set up");
+        this.start_daemon();
+        this
+    }
+
+    fn start_daemon(&mut self) {
+        let d = self.dir.display().to_string();
+        let log = File::create(self.dir.join("dockerd.log")).unwrap();
+        let mut daemon = Command::new("dockerd");
+        daemon
+            .args([
+                "--iptables=false",
+                "--ip-masq=false",
+                "--bridge=none",
+                "--storage-driver=vfs",
+            ])
+            .args(["--data-root", &format!("{d}/data")])
+            .args(["--exec-root", &format!("{d}/exec")])
+            .args(["-H", &format!("unix://{d}/docker.sock")])
+            .args(["--pidfile", &format!("{d}/docker.pid")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.daemon = Some(self.spawn(&mut daemon));
+        wait_until("dockerd to answer", Duration::from_secs(60), || {
+            self.docker(&["version"]).status.success()
+        });
+    }
+
+    /// Spawns `command` in this host's network and mount namespaces.
+    fn spawn(&self, command: &mut Command) -> Child {
+        let net = File::open(&self.netns).unwrap();
+        let mnt = File::open(format!("/proc/{}/ns/mnt", self.holder.id())).unwrap();
+        let (net_fd, mnt_fd) = (net.as_raw_fd(), mnt.as_raw_fd());
+        // SAFETY: only setns(2) runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(net_fd, libc::CLONE_NEWNET) != 0
+                    || libc::setns(mnt_fd, libc::CLONE_NEWNS) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("spawn in the host's namespaces");
+        drop((net, mnt));
+        child
+    }
+
+    fn docker_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(DOCKER);
+        command
+            .arg("-H")
+            .arg(format!("unix://{}/docker.sock", self.dir.display()))
+            .args(args)
+            .env("DOCKER_CONFIG", self.dir.join("cli"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// `docker ARGS` against this host's daemon, waited for (at most 90 s).
+    fn docker(&self, args: &[&str]) -> Output {
+        let mut child = self.docker_command(args).spawn().unwrap();
+        if wait_exit(&mut child, Duration::from_secs(90)).is_none() {
+            let _ = child.kill();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// `docker ARGS`, which must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert_ok(&format!("docker {}", args.join(" ")), &out);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// `docker ARGS`, which must fail; its output (stdout and stderr).
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !out.status.success(),
+            "docker {} should have failed:\n{text}",
+            args.join(" ")
+        );
+        text
+    }
+
+    /// The busybox image, made offline: a directory with busybox and its applets.
+    fn import_image(&self) {
+        let root = self.dir.join("rootfs");
+        for sub in ["bin", "tmp", "www", "etc"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
+        for applet in [
+            "sh", "ping", "httpd", "wget", "cat", "sleep", "ip", "head", "md5sum", "wc",
+        ] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+        let mut tar = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .args(["-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut import = self.docker_command(&["import", "-", IMAGE]);
+        import.stdin(tar.stdout.take().unwrap());
+        let out = import.spawn().unwrap().wait_with_output().unwrap();
+        assert!(tar.wait().unwrap().success(), "tar of the image failed");
+        assert_ok("docker import", &out);
+    }
+
+    /// A container's address on `network`.
+    fn address(&self, container: &str, network: &str) -> String {
+        let format = format!("{{{{.NetworkSettings.Networks.{network}.IPAddress}}}}");
+        self.ok(&["inspect", "-f", &format, container])
+    }
+
+    /// `docker exec` repeated until it succeeds or 20 s pass; the last attempt's output.
+    fn exec_until_ok(&self, container: &str, cmd: &[&str]) -> Output {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut args = vec!["exec", container];
+        args.extend_from_slice(cmd);
+        loop {
+            let out = self.docker(&args);
+            if out.status.success() || Instant::now() >= deadline {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for DockerHost {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("---- dockerd {} ----", self.dir.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        if let Some(mut daemon) = self.daemon.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(daemon.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            if wait_exit(&mut daemon, Duration::from_secs(30)).is_none() {
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+            }
+        }
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        kill_processes_naming(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// SIGKILLs every process whose command line contains `dir` (unique to one test).
+fn kill_processes_naming(dir: &Path) {
+    let needle = dir.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn assert_ok(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn assert_contains(text: &str, wanted: &str) {
+    assert!(text.contains(wanted), "{wanted:?} not in:\n{text}");
+}
+
+/// Where a node's agent serves the driver (linked into its dockerd's plugin directory).
+fn docker_plugin_dir(node: &Node) -> PathBuf {
+    node.state_dir.join("docker-plugins")
+}
+
+/// The dev server and two agents serving the Docker driver.
+fn start_nodes(underlay: &Underlay) -> (DevConsul, Vec<Node>) {
+    let consul = DevConsul::start(&BINS, underlay, None);
+    let mut nodes: Vec<Node> = (1..=2)
+        .map(|i| Node::new(&BINS, underlay, i, &consul))
+        .collect();
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let dir = docker_plugin_dir(node).display().to_string();
+        let mut args = vec!["--docker-plugin", "--docker-plugin-dir", &dir];
+        if i == 0 {
+            args.push("--bootstrap");
+        }
+        node.start_agent(&args);
+    }
+    for node in &nodes {
+        node.wait_registered(Duration::from_secs(20));
+    }
+    (consul, nodes)
+}
+
+fn kv_keys(consul: &DevConsul, prefix: &str) -> Vec<String> {
+    consul
+        .kv_snapshot(prefix)
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .collect()
+}
+
+const CREATE: [&str; 6] = ["network", "create", "-d", DRIVER, "--ipam-driver", DRIVER];
+
+/// `docker network create -d overlay-net --ipam-driver overlay-net EXTRA...`.
+fn create_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = CREATE.to_vec();
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Starts a container serving 1 MB of random bytes over HTTP on :8080.
+fn run_server(host: &DockerHost, name: &str, extra: &[&str]) {
+    let mut args = vec!["run", "-d", "--name", name, "--network", "net1"];
+    args.extend_from_slice(extra);
+    args.extend([
+        IMAGE,
+        "/bin/sh",
+        "-c",
+        "head -c 1048576 /dev/urandom > /www/data && exec httpd -f -p 8080 -h /www",
+    ]);
+    host.ok(&args);
+}
+
+/// Ping and a 1 MB HTTP fetch from `from` (on `a`) to `to` (on `b`), bytes compared.
+fn check_path(a: &DockerHost, from: &str, b: &DockerHost, to: &str, to_ip: &str) {
+    let ping = a.exec_until_ok(from, &["ping", "-c", "3", "-W", "2", to_ip]);
+    assert_ok(&format!("ping {from} -> {to} ({to_ip})"), &ping);
+    let url = format!("http://{to_ip}:8080/data");
+    let fetched = a.exec_until_ok(from, &["wget", "-q", "-O", "/tmp/got", &url]);
+    assert_ok(&format!("wget {url} in {from}"), &fetched);
+    let got = a.ok(&["exec", from, "md5sum", "/tmp/got"]);
+    let served = b.ok(&["exec", to, "md5sum", "/www/data"]);
+    let size = a.ok(&["exec", from, "wc", "-c", "/tmp/got"]);
+    assert!(size.starts_with("1048576 "), "{from} fetched {size}");
+    assert_eq!(
+        got.split_whitespace().next(),
+        served.split_whitespace().next(),
+        "{from} fetched other bytes than {to} serves"
+    );
+}
+
+#[test]
+fn docker_containers_on_two_hosts_reach_each_other() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_nodes(&underlay);
+    // Each node's maps hold both VTEPs and network "default" once the cluster settled.
+    for node in &nodes {
+        wait_until(
+            "the maps to hold both nodes",
+            Duration::from_secs(20),
+            || {
+                let maps = cni::map_entries(node);
+                maps.get("VTEPS") == Some(&2) && maps.get("NETWORKS") == Some(&1)
+            },
+        );
+    }
+    let before: Vec<_> = nodes
+        .iter()
+        .map(|n| cni::Footprint::of(&consul, n))
+        .collect();
+    for node in &nodes {
+        let socket = docker_plugin_dir(node).join(format!("{DRIVER}.sock"));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&socket).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
+    }
+    let hosts: Vec<DockerHost> = nodes.iter().map(DockerHost::start).collect();
+    for host in &hosts {
+        host.import_image();
+    }
+
+    // The first host's Docker creates the cluster network; the second maps to it.
+    hosts[0].ok(&create_args(&[
+        "--subnet",
+        "10.100.0.0/24",
+        "--gateway",
+        "10.100.0.1",
+        "--ipam-opt",
+        "network=net1",
+        "net1",
+    ]));
+    assert_eq!(
+        kv_keys(&consul, "overlay/networks/"),
+        ["overlay/networks/default", "overlay/networks/net1"]
+    );
+    hosts[1].ok(&create_args(&["--subnet", "10.100.0.0/24", "net1"]));
+    // Docker shows the gateway it was given (`--gateway`); without one the cluster's
+    // is used all the same (see the containers' gateway below).
+    let inspect = |host: &DockerHost| {
+        host.ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{.Driver}} {{range .IPAM.Config}}{{.Subnet}} {{.Gateway}}{{end}}",
+            "net1",
+        ])
+    };
+    assert_eq!(inspect(&hosts[0]), "overlay-net 10.100.0.0/24 10.100.0.1");
+    assert_eq!(inspect(&hosts[1]), "overlay-net 10.100.0.0/24");
+    // A gateway other than the cluster network's is refused.
+    let out = hosts[1].fails(&create_args(&[
+        "--subnet",
+        "10.100.0.0/24",
+        "--gateway",
+        "10.100.0.254",
+        "net1b",
+    ]));
+    assert_contains(&out, "has gateway 10.100.0.1 in the cluster");
+
+    // An overlapping subnet is refused with overlay-ctl's reason, nothing written.
+    let kv_before = consul.kv_snapshot("overlay/");
+    let out = hosts[1].fails(&create_args(&["--subnet", "10.100.0.0/16", "wide"]));
+    assert_contains(
+        &out,
+        "subnet 10.100.0.0/16 overlaps network \"net1\" (10.100.0.0/24)",
+    );
+    assert_eq!(consul.kv_snapshot("overlay/"), kv_before);
+
+    run_server(&hosts[0], "c1", &[]);
+    run_server(&hosts[1], "c2", &["--ip", "10.100.0.50"]);
+    let ip1 = hosts[0].address("c1", "net1");
+    let ip2 = hosts[1].address("c2", "net1");
+    assert_eq!(ip1, "10.100.0.2");
+    assert_eq!(ip2, "10.100.0.50");
+    for (host, c) in hosts.iter().zip(["c1", "c2"]) {
+        let format = "{{.NetworkSettings.Networks.net1.Gateway}}";
+        assert_eq!(host.ok(&["inspect", "-f", format, c]), "10.100.0.1");
+    }
+    let eth0 = hosts[1].ok(&[
+        "exec", "c2", "ip", "-4", "-o", "addr", "show", "dev", "eth0",
+    ]);
+    assert_contains(&eth0, "10.100.0.50/24");
+    check_path(&hosts[0], "c1", &hosts[1], "c2", &ip2);
+    check_path(&hosts[1], "c2", &hosts[0], "c1", &ip1);
+
+    // A taken address: refused with overlay-ctl's reason, nothing left behind.
+    let footprints: Vec<_> = nodes
+        .iter()
+        .map(|n| cni::Footprint::of(&consul, n))
+        .collect();
+    let out = hosts[0].fails(&[
+        "run",
+        "--rm",
+        "--network",
+        "net1",
+        "--ip",
+        "10.100.0.50",
+        IMAGE,
+        "true",
+    ]);
+    assert_contains(
+        &out,
+        "address 10.100.0.50 is already allocated in network \"net1\"",
+    );
+    for (node, footprint) in nodes.iter().zip(&footprints) {
+        assert_eq!(&cni::Footprint::of(&consul, node), footprint);
+    }
+
+    // A restarted container gets its network back.
+    hosts[0].ok(&["restart", "-t", "1", "c1"]);
+    let ip1 = hosts[0].address("c1", "net1");
+    check_path(&hosts[1], "c2", &hosts[0], "c1", &ip1);
+
+    check_exhausted_pool(&consul, &hosts[0]);
+    check_unknown_network(&nodes[1], &hosts[1]);
+
+    // docker rm -f and docker network rm leave nothing behind.
+    hosts[0].ok(&["rm", "-f", "c1"]);
+    hosts[1].ok(&["rm", "-f", "c2"]);
+    hosts[1].ok(&["network", "rm", "net1"]);
+    hosts[0].ok(&["network", "rm", "net1"]);
+    for (node, footprint) in nodes.iter().zip(&before) {
+        let now = settled_footprint(&consul, node, footprint);
+        assert_eq!(&now, footprint, "{} is not as before", node.name);
+    }
+    assert_eq!(
+        kv_keys(&consul, "overlay/networks/"),
+        ["overlay/networks/default"]
+    );
+    assert!(kv_keys(&consul, "overlay/ipam/net1/").is_empty());
+    assert!(kv_keys(&consul, "overlay/endpoints/net1/").is_empty());
+    drop(hosts);
+}
+
+/// The node's footprint once it equals `wanted`, or as it is after 10 s (the agents
+/// apply a deletion from their watch, a few milliseconds after it is written).
+fn settled_footprint(consul: &DevConsul, node: &Node, wanted: &cni::Footprint) -> cni::Footprint {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = cni::Footprint::of(consul, node);
+        if &now == wanted || Instant::now() >= deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A /30 has one address for a container: the second is refused.
+fn check_exhausted_pool(consul: &DevConsul, host: &DockerHost) {
+    host.ok(&create_args(&[
+        "--subnet",
+        "10.200.0.0/30",
+        "--ipam-opt",
+        "network=tiny",
+        "tiny",
+    ]));
+    host.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "t1",
+        "--network",
+        "tiny",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+    let out = host.fails(&["run", "--rm", "--network", "tiny", IMAGE, "true"]);
+    assert_contains(
+        &out,
+        "network \"tiny\" (10.200.0.0/30) has no free addresses left",
+    );
+    host.ok(&["rm", "-f", "t1"]);
+    host.ok(&["network", "rm", "tiny"]);
+    assert!(kv_keys(consul, "overlay/networks/tiny").is_empty());
+    assert!(kv_keys(consul, "overlay/ipam/tiny/").is_empty());
+    assert!(kv_keys(consul, "overlay/endpoints/tiny/").is_empty());
+}
+
+/// A Docker network whose cluster network was deleted: containers are refused.
+fn check_unknown_network(node: &Node, host: &DockerHost) {
+    node.cli(&["network", "create", "gone", "10.210.0.0/24"])
+        .ok();
+    host.ok(&create_args(&["--subnet", "10.210.0.0/24", "gone"]));
+    node.cli(&["network", "delete", "gone"]).ok();
+    let out = host.fails(&["run", "--rm", "--network", "gone", IMAGE, "true"]);
+    assert_contains(&out, "network \"gone\" does not exist");
+    host.ok(&["network", "rm", "gone"]);
+}
