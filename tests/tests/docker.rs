@@ -334,6 +334,17 @@ fn kv_keys(consul: &DevConsul, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// The cluster state's keys and values (without the agents' acknowledgements, which
+/// follow every change).
+fn kv_values(consul: &DevConsul) -> Vec<(String, Vec<u8>)> {
+    consul
+        .kv_snapshot("overlay/")
+        .into_iter()
+        .filter(|(k, _, _)| !k.starts_with("overlay/applied/"))
+        .map(|(k, v, _)| (k, v))
+        .collect()
+}
+
 const CREATE: [&str; 6] = ["network", "create", "-d", DRIVER, "--ipam-driver", DRIVER];
 
 /// `docker network create -d overlay-net --ipam-driver overlay-net EXTRA...`.
@@ -443,6 +454,22 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         "net1b",
     ]));
     assert_contains(&out, "has gateway 10.100.0.1 in the cluster");
+    // The same refusal for a new subnet: the network its pool request created goes again.
+    let kv_before = kv_values(&consul);
+    let out = hosts[0].fails(&create_args(&[
+        "--subnet",
+        "10.150.0.0/24",
+        "--gateway",
+        "10.150.0.254",
+        "--ipam-opt",
+        "network=fresh",
+        "fresh",
+    ]));
+    assert_contains(
+        &out,
+        "network \"fresh\" has gateway 10.150.0.1 in the cluster",
+    );
+    assert_eq!(kv_values(&consul), kv_before);
 
     // An overlapping subnet is refused with overlay-ctl's reason, nothing written.
     let kv_before = consul.kv_snapshot("overlay/");
