@@ -105,6 +105,7 @@ impl DockerHost {
                 "--ip-masq=false",
                 "--bridge=none",
                 "--storage-driver=vfs",
+                "--live-restore",
             ])
             .args(["--data-root", &format!("{d}/data")])
             .args(["--exec-root", &format!("{d}/exec")])
@@ -117,6 +118,20 @@ impl DockerHost {
         wait_until("dockerd to answer", Duration::from_secs(60), || {
             self.docker(&["version"]).status.success()
         });
+    }
+
+    /// SIGTERM to dockerd and waits for it (with --live-restore its containers go on).
+    fn stop_daemon(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(daemon.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            if wait_exit(&mut daemon, Duration::from_secs(30)).is_none() {
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+            }
+        }
     }
 
     /// Spawns `command` in this host's network and mount namespaces.
@@ -246,16 +261,14 @@ impl Drop for DockerHost {
                 eprintln!("{line}");
             }
         }
-        if let Some(mut daemon) = self.daemon.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(daemon.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            if wait_exit(&mut daemon, Duration::from_secs(30)).is_none() {
-                let _ = daemon.kill();
-                let _ = daemon.wait();
+        // Containers first (dockerd keeps them running on exit: --live-restore).
+        if self.daemon.is_some() {
+            let out = self.docker(&["ps", "-aq"]);
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = self.docker(&["rm", "-f", id]);
             }
         }
+        self.stop_daemon();
         let _ = self.holder.kill();
         let _ = self.holder.wait();
         kill_processes_naming(&self.dir);
@@ -412,7 +425,7 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         );
         assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
     }
-    let hosts: Vec<DockerHost> = nodes.iter().map(DockerHost::start).collect();
+    let mut hosts: Vec<DockerHost> = nodes.iter().map(DockerHost::start).collect();
     for host in &hosts {
         host.import_image();
     }
@@ -496,6 +509,20 @@ fn docker_containers_on_two_hosts_reach_each_other() {
     assert_contains(&eth0, "10.100.0.50/24");
     check_path(&hosts[0], "c1", &hosts[1], "c2", &ip2);
     check_path(&hosts[1], "c2", &hosts[0], "c1", &ip1);
+
+    // dockerd restarted (--live-restore): its container keeps its network throughout.
+    let kv = kv_values(&consul);
+    hosts[1].stop_daemon();
+    let ping = hosts[0].exec_until_ok("c1", &["ping", "-c", "3", "-W", "2", &ip2]);
+    assert_ok("ping c1 -> c2 while host 2's dockerd is down", &ping);
+    hosts[1].start_daemon();
+    check_path(&hosts[1], "c2", &hosts[0], "c1", &ip1);
+    assert_eq!(hosts[1].address("c2", "net1"), ip2);
+    assert_eq!(
+        kv_values(&consul),
+        kv,
+        "the restart changed the cluster state"
+    );
 
     // A taken address: refused with overlay-ctl's reason, nothing left behind.
     let footprints: Vec<_> = nodes
