@@ -326,17 +326,22 @@ fn start_nodes(underlay: &Underlay) -> (DevConsul, Vec<Node>) {
         .map(|i| Node::new(&BINS, underlay, i, &consul))
         .collect();
     for (i, node) in nodes.iter_mut().enumerate() {
-        let dir = docker_plugin_dir(node).display().to_string();
-        let mut args = vec!["--docker-plugin", "--docker-plugin-dir", &dir];
-        if i == 0 {
-            args.push("--bootstrap");
-        }
-        node.start_agent(&args);
+        start_agent(node, i == 0);
     }
     for node in &nodes {
         node.wait_registered(Duration::from_secs(20));
     }
     (consul, nodes)
+}
+
+/// Starts the node's agent serving the Docker driver.
+fn start_agent(node: &mut Node, bootstrap: bool) {
+    let dir = docker_plugin_dir(node).display().to_string();
+    let mut args = vec!["--docker-plugin", "--docker-plugin-dir", &dir];
+    if bootstrap {
+        args.push("--bootstrap");
+    }
+    node.start_agent(&args);
 }
 
 fn kv_keys(consul: &DevConsul, prefix: &str) -> Vec<String> {
@@ -402,7 +407,7 @@ fn check_path(a: &DockerHost, from: &str, b: &DockerHost, to: &str, to_ip: &str)
 fn docker_containers_on_two_hosts_reach_each_other() {
     require_root();
     let underlay = Underlay::new();
-    let (consul, nodes) = start_nodes(&underlay);
+    let (consul, mut nodes) = start_nodes(&underlay);
     // Each node's maps hold both VTEPs and network "default" once the cluster settled.
     for node in &nodes {
         wait_until(
@@ -523,6 +528,33 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         kv,
         "the restart changed the cluster state"
     );
+
+    // The agent restarted: its socket goes with it and comes back, and the containers
+    // keep their network meanwhile.
+    nodes[0].stop_agent();
+    let socket = docker_plugin_dir(&nodes[0]).join(format!("{DRIVER}.sock"));
+    assert!(
+        !socket.exists(),
+        "the agent left {} behind",
+        socket.display()
+    );
+    let ping = hosts[1].exec_until_ok("c2", &["ping", "-c", "3", "-W", "2", &ip1]);
+    assert_ok("ping c2 -> c1 while host 1's agent is down", &ping);
+    start_agent(&mut nodes[0], false);
+    nodes[0].wait_registered(Duration::from_secs(20));
+    hosts[0].ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "net1",
+        IMAGE,
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "2",
+        &ip2,
+    ]);
 
     // A taken address: refused with overlay-ctl's reason, nothing left behind.
     let footprints: Vec<_> = nodes
