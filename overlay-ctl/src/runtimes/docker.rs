@@ -480,3 +480,87 @@ fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
 pub fn socket_path(plugin_dir: &std::path::Path) -> PathBuf {
     plugin_dir.join(format!("{}.sock", proto::DRIVER_NAME))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver whose agent does not exist: what is answered without the cluster.
+    fn plugin() -> DockerPlugin {
+        DockerPlugin::new(std::env::temp_dir().join("overlay-docker-no-agent"))
+    }
+
+    fn call(path: &str, body: &str) -> Result<Value> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(plugin().handle(path, body.as_bytes()))
+    }
+
+    fn refusal(path: &str, body: &str) -> String {
+        match call(path, body) {
+            Err(e) => e.to_string(),
+            Ok(v) => panic!("{path} answered {v} to {body}"),
+        }
+    }
+
+    #[test]
+    fn handshake_answers_without_the_cluster() {
+        assert_eq!(
+            call("/Plugin.Activate", "").unwrap()["Implements"],
+            serde_json::json!(["NetworkDriver", "IpamDriver"])
+        );
+        assert_eq!(
+            call("/NetworkDriver.GetCapabilities", "{}").unwrap()["Scope"],
+            "local"
+        );
+        assert_eq!(
+            call("/IpamDriver.GetDefaultAddressSpaces", "{}").unwrap()["LocalDefaultAddressSpace"],
+            proto::ADDRESS_SPACE
+        );
+        for path in [
+            "/NetworkDriver.DiscoverNew",
+            "/NetworkDriver.Leave",
+            "/NetworkDriver.ProgramExternalConnectivity",
+            "/NetworkDriver.RevokeExternalConnectivity",
+        ] {
+            assert_eq!(call(path, "{}").unwrap(), serde_json::json!({}));
+        }
+        // Releasing a pool this host's Docker did not create touches nothing.
+        assert_eq!(
+            call("/IpamDriver.ReleasePool", r#"{"PoolID":"net1"}"#).unwrap(),
+            serde_json::json!({})
+        );
+        // Deleting an endpoint this node has no record of is not an error.
+        assert!(call("/NetworkDriver.DeleteEndpoint", r#"{"EndpointID":"e"}"#).is_ok());
+    }
+
+    #[test]
+    fn bad_requests_are_refused_before_anything_is_asked() {
+        assert!(refusal("/NetworkDriver.Nope", "{}").contains("unknown plugin method"));
+        assert!(refusal("/IpamDriver.RequestPool", "{").contains("invalid request body"));
+        assert!(refusal("/IpamDriver.RequestPool", r#"{"Pool":""}"#).contains("--subnet"));
+        assert!(refusal(
+            "/IpamDriver.RequestPool",
+            r#"{"Pool":"fd00::/64","V6":true}"#
+        )
+        .contains("IPv4 only"));
+        assert!(refusal("/IpamDriver.ReleasePool", r#"{"PoolID":"../x"}"#)
+            .contains("unknown address pool"));
+        let default_ipam = r#"{"NetworkID":"n","IPv4Data":[{"AddressSpace":"LocalDefault","Pool":"172.18.0.0/16"}]}"#;
+        assert!(refusal("/NetworkDriver.CreateNetwork", default_ipam)
+            .contains("--ipam-driver overlay-net"));
+        let no_address = r#"{"NetworkID":"n","EndpointID":"e","Interface":{"Address":""}}"#;
+        assert!(refusal("/NetworkDriver.CreateEndpoint", no_address).contains("no IPv4 address"));
+        let own_mac = r#"{"EndpointID":"e","Interface":{"Address":"10.100.0.2/24","MacAddress":"02:00:00:00:00:01"}}"#;
+        assert!(refusal("/NetworkDriver.CreateEndpoint", own_mac).contains("02:42:0a:64:00:02"));
+        assert!(refusal("/NetworkDriver.Join", r#"{"EndpointID":"e"}"#)
+            .contains("not created on this node"));
+        // Anything that needs the cluster says the agent is not there.
+        assert!(
+            refusal("/IpamDriver.RequestPool", r#"{"Pool":"10.100.0.0/24"}"#)
+                .contains("the overlay agent is not ready")
+        );
+    }
+}
