@@ -360,6 +360,13 @@ async fn wait_for_peers(ctx: &Context, network: &str, id: &str) {
 /// has no record of loses only its cluster entry and address. The caller removes the
 /// local record once everything else is gone.
 pub async fn leave(ctx: &Context, endpoint: &Endpoint) -> Result<()> {
+    leave_with(ctx, endpoint, true).await
+}
+
+/// [`leave`], keeping the endpoint's address allocated unless `release_address`: for a
+/// runtime whose IPAM releases it in a call of its own (Docker's `ReleaseAddress`), so
+/// nobody can take it before that call comes.
+pub async fn leave_with(ctx: &Context, endpoint: &Endpoint, release_address: bool) -> Result<()> {
     if endpoint.node != ctx.status.node {
         return Err(ContainerError::WrongNode {
             id: endpoint.id.clone(),
@@ -370,7 +377,9 @@ pub async fn leave(ctx: &Context, endpoint: &Endpoint) -> Result<()> {
     ctx.store
         .delete_endpoint(&endpoint.network, &endpoint.id)
         .await?;
-    ctx.store.release_ip(&endpoint.network, endpoint.ip).await?;
+    if release_address {
+        ctx.store.release_ip(&endpoint.network, endpoint.ip).await?;
+    }
     if let Some(record) = ctx.local.get(&endpoint.network, &endpoint.id) {
         if let Some(ip) = record.ip.filter(|ip| *ip != endpoint.ip) {
             ctx.store.release_ip(&endpoint.network, ip).await?;

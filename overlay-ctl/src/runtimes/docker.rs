@@ -18,8 +18,11 @@
 //!   the veth for that address, records the endpoint (`container` = `docker:<EndpointID>`)
 //!   and has the agent attach it; `Join` hands the container end to Docker, which moves
 //!   it into the container as `eth<N>` and sets the address, MAC and default route.
-//! - `DeleteEndpoint` removes the endpoint, its address and the veth; `ReleaseAddress`
-//!   frees an address still held under its `docker-<ip>` name by this node.
+//! - `DeleteEndpoint` removes the endpoint and the veth; the address stays held until
+//!   `ReleaseAddress` (which Docker sends next) frees it, if it is still held under its
+//!   `docker-<ip>` name by this node and no endpoint of that name is recorded here. (If
+//!   Docker never sends it, the agent's collection frees the address after `--gc-grace`:
+//!   this node holds it without a record of its endpoint.)
 use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
 use bytes::Bytes;
@@ -416,7 +419,8 @@ impl DockerPlugin {
                 DockerError::Refused(format!("endpoint {} has no record", record.id))
             })?,
         };
-        container::leave(&ctx, &endpoint).await?;
+        // The address stays held until Docker's ReleaseAddress, which follows.
+        container::leave_with(&ctx, &endpoint, false).await?;
         ctx.local.remove(&record.network, &record.id)?;
         info!(network = %record.network, endpoint = %record.id, docker_id = %req.endpoint_id, "docker: endpoint deleted");
         Ok(proto::empty())
