@@ -472,6 +472,17 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         "net1b",
     ]));
     assert_contains(&out, "has gateway 10.100.0.1 in the cluster");
+    // Docker's own IPAM is refused (its addresses would clash across hosts).
+    let out = hosts[0].fails(&[
+        "network",
+        "create",
+        "-d",
+        DRIVER,
+        "--subnet",
+        "10.160.0.0/24",
+        "noipam",
+    ]);
+    assert_contains(&out, "add --ipam-driver overlay-net");
     // The same refusal for a new subnet: the network its pool request created goes again.
     let kv_before = kv_values(&consul);
     let out = hosts[0].fails(&create_args(&[
