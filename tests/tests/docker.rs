@@ -435,7 +435,58 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         host.import_image();
     }
 
-    // The first host's Docker creates the cluster network; the second maps to it.
+    create_networks(&consul, &hosts);
+    check_network_refusals(&consul, &hosts);
+    let (ip1, ip2) = start_containers(&hosts);
+    check_restarts(&consul, &mut nodes, &mut hosts, &ip1, &ip2);
+    check_taken_address(&consul, &nodes, &hosts);
+
+    // A restarted container gets its network back.
+    hosts[0].ok(&["restart", "-t", "1", "c1"]);
+    let ip1 = hosts[0].address("c1", "net1");
+    check_path(&hosts[1], "c2", &hosts[0], "c1", &ip1);
+
+    check_exhausted_pool(&consul, &hosts[0]);
+    check_unknown_network(&nodes[1], &hosts[1]);
+
+    // docker rm -f leaves no endpoint, address, veth or map entry (checked before the
+    // network goes, which would take its addresses with it).
+    hosts[0].ok(&["rm", "-f", "c1"]);
+    hosts[1].ok(&["rm", "-f", "c2"]);
+    for (node, footprint) in nodes.iter().zip(&before) {
+        let now = settled_footprint(&consul, node, &without_network(footprint));
+        assert_eq!(now, without_network(footprint), "{} after rm -f", node.name);
+    }
+    // docker network rm (the mapping host first) removes the cluster network.
+    hosts[1].ok(&["network", "rm", "net1"]);
+    hosts[0].ok(&["network", "rm", "net1"]);
+    for (node, footprint) in nodes.iter().zip(&before) {
+        let now = settled_footprint(&consul, node, footprint);
+        assert_eq!(&now, footprint, "{} is not as before", node.name);
+    }
+    assert_eq!(
+        kv_keys(&consul, "overlay/networks/"),
+        ["overlay/networks/default"]
+    );
+    assert!(kv_keys(&consul, "overlay/vni/2").is_empty());
+    drop(hosts);
+}
+
+/// `footprint` with net1 in the maps (a network without endpoints).
+fn without_network(footprint: &cni::Footprint) -> cni::Footprint {
+    let mut maps = footprint.maps.clone();
+    for map in ["NETWORKS", "SUBNETS"] {
+        *maps.get_mut(map).unwrap() += 1;
+    }
+    cni::Footprint {
+        kv: footprint.kv.clone(),
+        veths: footprint.veths.clone(),
+        maps,
+    }
+}
+
+/// The first host's Docker creates the cluster network; the second maps to it.
+fn create_networks(consul: &DevConsul, hosts: &[DockerHost]) {
     hosts[0].ok(&create_args(&[
         "--subnet",
         "10.100.0.0/24",
@@ -446,12 +497,13 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         "net1",
     ]));
     assert_eq!(
-        kv_keys(&consul, "overlay/networks/"),
+        kv_keys(consul, "overlay/networks/"),
         ["overlay/networks/default", "overlay/networks/net1"]
     );
     hosts[1].ok(&create_args(&["--subnet", "10.100.0.0/24", "net1"]));
+    assert_eq!(kv_keys(consul, "overlay/networks/").len(), 2);
     // Docker shows the gateway it was given (`--gateway`); without one the cluster's
-    // is used all the same (see the containers' gateway below).
+    // is used all the same (see the containers' gateway).
     let inspect = |host: &DockerHost| {
         host.ok(&[
             "network",
@@ -463,7 +515,12 @@ fn docker_containers_on_two_hosts_reach_each_other() {
     };
     assert_eq!(inspect(&hosts[0]), "overlay-net 10.100.0.0/24 10.100.0.1");
     assert_eq!(inspect(&hosts[1]), "overlay-net 10.100.0.0/24");
-    // A gateway other than the cluster network's is refused.
+}
+
+/// Refused network creates, each with its reason in docker's output and nothing left.
+fn check_network_refusals(consul: &DevConsul, hosts: &[DockerHost]) {
+    let kv_before = kv_values(consul);
+    // A gateway other than the cluster network's.
     let out = hosts[1].fails(&create_args(&[
         "--subnet",
         "10.100.0.0/24",
@@ -472,7 +529,7 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         "net1b",
     ]));
     assert_contains(&out, "has gateway 10.100.0.1 in the cluster");
-    // Docker's own IPAM is refused (its addresses would clash across hosts).
+    // Docker's own IPAM (its addresses would clash across hosts).
     let out = hosts[0].fails(&[
         "network",
         "create",
@@ -483,8 +540,7 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         "noipam",
     ]);
     assert_contains(&out, "add --ipam-driver overlay-net");
-    // The same refusal for a new subnet: the network its pool request created goes again.
-    let kv_before = kv_values(&consul);
+    // The gateway refusal for a new subnet: the network its pool request created goes.
     let out = hosts[0].fails(&create_args(&[
         "--subnet",
         "10.150.0.0/24",
@@ -498,17 +554,17 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         &out,
         "network \"fresh\" has gateway 10.150.0.1 in the cluster",
     );
-    assert_eq!(kv_values(&consul), kv_before);
-
-    // An overlapping subnet is refused with overlay-ctl's reason, nothing written.
-    let kv_before = consul.kv_snapshot("overlay/");
+    // An overlapping subnet, with overlay-ctl's reason.
     let out = hosts[1].fails(&create_args(&["--subnet", "10.100.0.0/16", "wide"]));
     assert_contains(
         &out,
         "subnet 10.100.0.0/16 overlaps network \"net1\" (10.100.0.0/24)",
     );
-    assert_eq!(consul.kv_snapshot("overlay/"), kv_before);
+    assert_eq!(kv_values(consul), kv_before);
+}
 
+/// c1 on host 1 (an address from the pool) and c2 on host 2 (`--ip`) reach each other.
+fn start_containers(hosts: &[DockerHost]) -> (String, String) {
     run_server(&hosts[0], "c1", &[]);
     run_server(&hosts[1], "c2", &["--ip", "10.100.0.50"]);
     let ip1 = hosts[0].address("c1", "net1");
@@ -525,23 +581,32 @@ fn docker_containers_on_two_hosts_reach_each_other() {
     assert_contains(&eth0, "10.100.0.50/24");
     check_path(&hosts[0], "c1", &hosts[1], "c2", &ip2);
     check_path(&hosts[1], "c2", &hosts[0], "c1", &ip1);
+    (ip1, ip2)
+}
 
-    // dockerd restarted (--live-restore): its container keeps its network throughout.
-    let kv = kv_values(&consul);
+/// A dockerd restart (--live-restore) and an agent restart: the containers keep their
+/// network throughout.
+fn check_restarts(
+    consul: &DevConsul,
+    nodes: &mut [Node],
+    hosts: &mut [DockerHost],
+    ip1: &str,
+    ip2: &str,
+) {
+    let kv = kv_values(consul);
     hosts[1].stop_daemon();
-    let ping = hosts[0].exec_until_ok("c1", &["ping", "-c", "3", "-W", "2", &ip2]);
+    let ping = hosts[0].exec_until_ok("c1", &["ping", "-c", "3", "-W", "2", ip2]);
     assert_ok("ping c1 -> c2 while host 2's dockerd is down", &ping);
     hosts[1].start_daemon();
-    check_path(&hosts[1], "c2", &hosts[0], "c1", &ip1);
+    check_path(&hosts[1], "c2", &hosts[0], "c1", ip1);
     assert_eq!(hosts[1].address("c2", "net1"), ip2);
     assert_eq!(
-        kv_values(&consul),
+        kv_values(consul),
         kv,
         "the restart changed the cluster state"
     );
 
-    // The agent restarted: its socket goes with it and comes back, and the containers
-    // keep their network meanwhile.
+    // The agent's socket goes with it and comes back.
     nodes[0].stop_agent();
     let socket = docker_plugin_dir(&nodes[0]).join(format!("{DRIVER}.sock"));
     assert!(
@@ -549,7 +614,7 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         "the agent left {} behind",
         socket.display()
     );
-    let ping = hosts[1].exec_until_ok("c2", &["ping", "-c", "3", "-W", "2", &ip1]);
+    let ping = hosts[1].exec_until_ok("c2", &["ping", "-c", "3", "-W", "2", ip1]);
     assert_ok("ping c2 -> c1 while host 1's agent is down", &ping);
     start_agent(&mut nodes[0], false);
     nodes[0].wait_registered(Duration::from_secs(20));
@@ -564,13 +629,15 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         "2",
         "-W",
         "2",
-        &ip2,
+        ip2,
     ]);
+}
 
-    // A taken address: refused with overlay-ctl's reason, nothing left behind.
+/// A taken address: refused with overlay-ctl's reason, nothing left behind.
+fn check_taken_address(consul: &DevConsul, nodes: &[Node], hosts: &[DockerHost]) {
     let footprints: Vec<_> = nodes
         .iter()
-        .map(|n| cni::Footprint::of(&consul, n))
+        .map(|n| cni::Footprint::of(consul, n))
         .collect();
     let out = hosts[0].fails(&[
         "run",
@@ -587,33 +654,8 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         "address 10.100.0.50 is already allocated in network \"net1\"",
     );
     for (node, footprint) in nodes.iter().zip(&footprints) {
-        assert_eq!(&cni::Footprint::of(&consul, node), footprint);
+        assert_eq!(&cni::Footprint::of(consul, node), footprint);
     }
-
-    // A restarted container gets its network back.
-    hosts[0].ok(&["restart", "-t", "1", "c1"]);
-    let ip1 = hosts[0].address("c1", "net1");
-    check_path(&hosts[1], "c2", &hosts[0], "c1", &ip1);
-
-    check_exhausted_pool(&consul, &hosts[0]);
-    check_unknown_network(&nodes[1], &hosts[1]);
-
-    // docker rm -f and docker network rm leave nothing behind.
-    hosts[0].ok(&["rm", "-f", "c1"]);
-    hosts[1].ok(&["rm", "-f", "c2"]);
-    hosts[1].ok(&["network", "rm", "net1"]);
-    hosts[0].ok(&["network", "rm", "net1"]);
-    for (node, footprint) in nodes.iter().zip(&before) {
-        let now = settled_footprint(&consul, node, footprint);
-        assert_eq!(&now, footprint, "{} is not as before", node.name);
-    }
-    assert_eq!(
-        kv_keys(&consul, "overlay/networks/"),
-        ["overlay/networks/default"]
-    );
-    assert!(kv_keys(&consul, "overlay/ipam/net1/").is_empty());
-    assert!(kv_keys(&consul, "overlay/endpoints/net1/").is_empty());
-    drop(hosts);
 }
 
 /// The node's footprint once it equals `wanted`, or as it is after 10 s (the agents
