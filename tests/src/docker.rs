@@ -20,7 +20,8 @@ use crate::{
 
 const BUSYBOX: &str = "/bin/busybox";
 pub const DOCKER: &str = "/usr/bin/docker";
-pub const DOCKERD: &str = "/usr/bin/dockerd";
+/// Debian's dockerd (docker.io).
+pub const DOCKERD: &str = "/usr/sbin/dockerd";
 /// The image every host imports.
 pub const IMAGE: &str = "busybox:overlay-test";
 pub const DRIVER: &str = "overlay-net";
