@@ -1147,6 +1147,7 @@ impl Agent {
             remote_endpoints: health.remote_endpoints,
             attached: health.attached.clone(),
             metrics_addr: self.options.metrics_addr.clone(),
+            docker_plugin: (self.options.docker_plugin.as_ref()).map(|p| p.display().to_string()),
             rejected_records: health.rejected_records,
             store_trust: identity.trust().name().to_string(),
             store_detail: identity.detail().map(str::to_string),

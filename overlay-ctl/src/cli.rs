@@ -1100,6 +1100,9 @@ fn print_status(s: &AgentStatus) {
     if let Some(addr) = &s.metrics_addr {
         println!("metrics:     http://{addr}/metrics");
     }
+    if let Some(socket) = &s.docker_plugin {
+        println!("docker:      driver overlay-net on {socket}");
+    }
 }
 
 fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {

@@ -113,6 +113,8 @@ fn docker_containers_on_two_hosts_reach_each_other() {
             &std::fs::metadata(&socket).unwrap().permissions(),
         );
         assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
+        let status = node.status().expect("agent status");
+        assert_eq!(status["docker_plugin"], socket.display().to_string());
     }
     let mut hosts: Vec<DockerHost> = nodes.iter().map(DockerHost::start).collect();
     for host in &hosts {
