@@ -42,6 +42,7 @@ use crate::{
     netlink::{self, LinkInfo, NetlinkError},
     reconcile::{self, ApplyReport, ClusterState, HostVeth, LocalNode},
     records::{self, RejectionLog},
+    runtimes::docker::{self, DockerPlugin},
     store::{NodeInfo, Store, StoreError},
     underlay::{self, DecapMode, HostChange, UnderlaySetup},
 };
@@ -69,6 +70,12 @@ pub enum AgentError {
     },
     #[error("an agent is already running with state directory {0} (stop it, or use another --state-dir and --pin-root)")]
     AlreadyRunning(PathBuf),
+    #[error("Docker plugin socket {path}: {source} (or `--docker-plugin off`)")]
+    DockerSocket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{0} (choose another with --metrics-addr, or `--metrics-addr off`)")]
     Metrics(#[from] MetricsError),
 }
@@ -102,6 +109,8 @@ pub struct AgentOptions {
     pub gc_interval: Duration,
     /// How long a store entry must look left over before it is collected.
     pub gc_grace: Duration,
+    /// Where to serve Docker's `overlay-net` driver (None: not served).
+    pub docker_plugin: Option<PathBuf>,
 }
 
 /// The log target of the kernel programs' messages (their module path in overlay-ebpf).
@@ -268,10 +277,20 @@ pub async fn run(
         info!(addr = ?listener.local_addr().ok(), "serving Prometheus metrics on /metrics");
         tasks.spawn(metrics::serve(listener, render, std::future::pending()));
     }
+    let docker_socket = agent.options.docker_plugin.clone();
+    if let Some(path) = &docker_socket {
+        let listener = bind_docker_socket(path)?;
+        let plugin = Arc::new(DockerPlugin::new(agent.options.state_dir.clone()));
+        info!(socket = %path.display(), "serving Docker's network and IPAM driver");
+        tasks.spawn(docker::serve(listener, plugin, std::future::pending()));
+    }
     info!(consul = %agent.store.client().addr(), prefix = %agent.store.prefix(), "agent running; Ctrl-C to stop");
 
     shutdown.await;
     tasks.shutdown().await;
+    if let Some(path) = &docker_socket {
+        let _ = std::fs::remove_file(path);
+    }
     agent.stop().await;
     Ok(())
 }
@@ -294,6 +313,22 @@ async fn bind_control_socket(state_dir: &Path) -> Result<UnixListener, AgentErro
         _ => {}
     }
     control::bind_private(&path).map_err(dir_err)
+}
+
+/// Listens on Docker's plugin socket (mode 0600, set explicitly), replacing a stale one.
+fn bind_docker_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    let err = |source| AgentError::DockerSocket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    control::bind_private(path).map_err(err)
 }
 
 /// Copies the kernel programs' aya-log records into the agent's log as they arrive.
@@ -1127,6 +1162,7 @@ impl Agent {
             remote_endpoints: health.remote_endpoints,
             attached: health.attached.clone(),
             metrics_addr: self.options.metrics_addr.clone(),
+            docker_plugin: (self.options.docker_plugin.as_ref()).map(|p| p.display().to_string()),
             rejected_records: health.rejected_records,
             store_trust: identity.trust().name().to_string(),
             store_detail: identity.detail().map(str::to_string),

@@ -195,6 +195,21 @@ struct AgentArgs {
     /// How long a store entry must look left over before it is collected.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     gc_grace: Duration,
+    /// Serve Docker's network and IPAM driver `overlay-net` on
+    /// `<docker-plugin-dir>/overlay-net.sock`: `auto` (the default) when that directory
+    /// exists, `on` (also the bare flag), `off`.
+    #[arg(long, value_enum, default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
+    docker_plugin: DockerPluginMode,
+    /// Where Docker looks for plugin sockets.
+    #[arg(long, default_value = "/run/docker/plugins")]
+    docker_plugin_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DockerPluginMode {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Args)]
@@ -609,6 +624,12 @@ async fn run_agent(cli: &Cli, args: &AgentArgs, logs: LogBuffer) -> anyhow::Resu
         .clone()
         .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
     let metrics_addr = (args.metrics_addr != "off").then(|| args.metrics_addr.clone());
+    let docker_plugin = match args.docker_plugin {
+        DockerPluginMode::On => true,
+        DockerPluginMode::Off => false,
+        DockerPluginMode::Auto => args.docker_plugin_dir.is_dir(),
+    }
+    .then(|| crate::runtimes::docker::socket_path(&args.docker_plugin_dir));
     let options = AgentOptions {
         node,
         iface: args.iface.clone(),
@@ -626,6 +647,7 @@ async fn run_agent(cli: &Cli, args: &AgentArgs, logs: LogBuffer) -> anyhow::Resu
         kernel_log: args.kernel_log,
         gc_interval: args.gc_interval,
         gc_grace: args.gc_grace,
+        docker_plugin,
     };
     agent::run(options, consul, &prefix, logs, shutdown_signal())
         .await
@@ -1078,6 +1100,9 @@ fn print_status(s: &AgentStatus) {
     }
     if let Some(addr) = &s.metrics_addr {
         println!("metrics:     http://{addr}/metrics");
+    }
+    if let Some(socket) = &s.docker_plugin {
+        println!("docker:      driver overlay-net on {socket}");
     }
 }
 

@@ -152,6 +152,28 @@ pub async fn join(
     spec: &JoinSpec<'_>,
     record: &mut LocalEndpoint,
 ) -> Result<Joined> {
+    join_with(ctx, Target::Netns(netns), spec, record).await
+}
+
+/// Where the container end of a new endpoint's veth goes.
+#[derive(Clone, Copy)]
+pub enum Target<'a> {
+    /// Into this namespace, addressed and routed ([`join`]).
+    Netns(&'a NetNs),
+    /// Nowhere: it stays in the host's namespace, named [`endpoint::peer_ifname`], for
+    /// the runtime to move and address (Docker). With `preallocated`, `spec.ip` is
+    /// already held in the cluster IPAM under `spec.id` by this node (Docker's IPAM
+    /// driver took it), and releasing it is the runtime's (it is not released on failure).
+    Handoff { preallocated: bool },
+}
+
+/// [`join`] for any [`Target`].
+pub async fn join_with(
+    ctx: &Context,
+    target: Target<'_>,
+    spec: &JoinSpec<'_>,
+    record: &mut LocalEndpoint,
+) -> Result<Joined> {
     ipam::validate_name(spec.id).map_err(StoreError::from)?;
     let network = ctx
         .store
@@ -177,11 +199,19 @@ pub async fn join(
     let node = ctx.status.node.clone();
     check_capacity(ctx).await?;
 
-    let ip = ctx
-        .store
-        .allocate_ip(spec.network, spec.ip, spec.id, &node)
-        .await?;
+    let preallocated = matches!(target, Target::Handoff { preallocated: true });
+    let ip = match (preallocated, spec.ip) {
+        (true, Some(ip)) => held_address(ctx, spec, ip).await?,
+        _ => {
+            ctx.store
+                .allocate_ip(spec.network, spec.ip, spec.id, &node)
+                .await?
+        }
+    };
     let mut undo = Undo::new(ctx, spec.network, ip);
+    if preallocated {
+        undo.ip = None;
+    }
     record.ip = Some(ip);
     if let Err(e) = ctx.local.update(record) {
         if undo.run().await {
@@ -202,7 +232,10 @@ pub async fn join(
     };
     let result = async {
         let handle = netlink::connect()?;
-        let plumbed = endpoint::plumb(&handle, netns, &endpoint_spec).await?;
+        let plumbed = match target {
+            Target::Netns(netns) => endpoint::plumb(&handle, netns, &endpoint_spec).await?,
+            Target::Handoff { .. } => endpoint::plumb_handoff(&handle, &endpoint_spec).await?,
+        };
         undo.veth = Some(plumbed.host.index);
         crate::testhook::pause("plumbed");
         let endpoint = Endpoint {
@@ -246,6 +279,25 @@ pub async fn join(
             }
             Err(e)
         }
+    }
+}
+
+/// Checks that `ip` is held in the cluster IPAM for `spec.id` on this node.
+async fn held_address(ctx: &Context, spec: &JoinSpec<'_>, ip: Ipv4Addr) -> Result<Ipv4Addr> {
+    let held = ctx
+        .store
+        .list_allocations(spec.network)
+        .await?
+        .into_iter()
+        .any(|(held, a)| held == ip && a.endpoint == spec.id && a.node == ctx.status.node);
+    if held {
+        Ok(ip)
+    } else {
+        Err(StoreError::AddressInUse {
+            network: spec.network.to_string(),
+            ip,
+        }
+        .into())
     }
 }
 
@@ -308,6 +360,13 @@ async fn wait_for_peers(ctx: &Context, network: &str, id: &str) {
 /// has no record of loses only its cluster entry and address. The caller removes the
 /// local record once everything else is gone.
 pub async fn leave(ctx: &Context, endpoint: &Endpoint) -> Result<()> {
+    leave_with(ctx, endpoint, true).await
+}
+
+/// [`leave`], keeping the endpoint's address allocated unless `release_address`: for a
+/// runtime whose IPAM releases it in a call of its own (Docker's `ReleaseAddress`), so
+/// nobody can take it before that call comes.
+pub async fn leave_with(ctx: &Context, endpoint: &Endpoint, release_address: bool) -> Result<()> {
     if endpoint.node != ctx.status.node {
         return Err(ContainerError::WrongNode {
             id: endpoint.id.clone(),
@@ -318,7 +377,9 @@ pub async fn leave(ctx: &Context, endpoint: &Endpoint) -> Result<()> {
     ctx.store
         .delete_endpoint(&endpoint.network, &endpoint.id)
         .await?;
-    ctx.store.release_ip(&endpoint.network, endpoint.ip).await?;
+    if release_address {
+        ctx.store.release_ip(&endpoint.network, endpoint.ip).await?;
+    }
     if let Some(record) = ctx.local.get(&endpoint.network, &endpoint.id) {
         if let Some(ip) = record.ip.filter(|ip| *ip != endpoint.ip) {
             ctx.store.release_ip(&endpoint.network, ip).await?;

@@ -123,6 +123,9 @@ pub struct AgentStatus {
     pub attached: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
+    /// Where Docker's `overlay-net` driver is served, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_plugin: Option<String>,
     /// Store records the agent ignores as invalid (see `agent logs` for which and why).
     #[serde(default)]
     pub rejected_records: usize,

@@ -73,9 +73,27 @@ pub async fn plumb(
     container: &NetNs,
     spec: &EndpointSpec,
 ) -> Result<PlumbedEndpoint> {
-    let temp_peer = format!("{}p", &spec.host_ifname[..spec.host_ifname.len().min(14)]);
+    let temp_peer = peer_ifname(&spec.host_ifname);
     let (host, peer) = netlink::create_veth(handle, &spec.host_ifname, &temp_peer).await?;
     let result = configure(handle, container, spec, &host, &peer).await;
+    if result.is_err() {
+        let _ = netlink::delete_link(handle, host.index).await;
+    }
+    result.map(|()| PlumbedEndpoint { host })
+}
+
+/// The name of a veth's container end while it is still in the host's namespace.
+pub fn peer_ifname(host_ifname: &str) -> String {
+    format!("{}p", &host_ifname[..host_ifname.len().min(14)])
+}
+
+/// Creates the veth pair and configures everything but the container's namespace: the
+/// container end (named [`peer_ifname`]) stays in the calling thread's namespace for a
+/// runtime to move and address (Docker's remote drivers hand it over in `Join`).
+pub async fn plumb_handoff(handle: &Handle, spec: &EndpointSpec) -> Result<PlumbedEndpoint> {
+    let temp_peer = peer_ifname(&spec.host_ifname);
+    let (host, peer) = netlink::create_veth(handle, &spec.host_ifname, &temp_peer).await?;
+    let result = configure_host(handle, spec, &host, &peer).await;
     if result.is_err() {
         let _ = netlink::delete_link(handle, host.index).await;
     }
@@ -89,6 +107,19 @@ async fn configure(
     host: &LinkInfo,
     peer: &LinkInfo,
 ) -> Result<()> {
+    configure_host(handle, spec, host, peer).await?;
+    netlink::move_to_netns(handle, peer.index, container.file()).await?;
+    configure_container(container, spec, &peer.name)
+}
+
+/// The host end (up, the gateway address, a route to the container) and the container
+/// end's link settings (MAC, MTU, GRO), both still in the host's namespace.
+async fn configure_host(
+    handle: &Handle,
+    spec: &EndpointSpec,
+    host: &LinkInfo,
+    peer: &LinkInfo,
+) -> Result<()> {
     // The overlay is IPv4 only; no IPv6 link-local chatter on the host side.
     let _ = netns::write_net_sysctl(&format!("ipv6.conf.{}.disable_ipv6", spec.host_ifname), "1");
     netlink::set_mac(handle, peer.index, spec.mac).await?;
@@ -96,12 +127,15 @@ async fn configure(
     // XDP_REDIRECT into a veth needs a NAPI context on the receiving end: GRO gives it
     // one (and batches), without a program of ours living in the container.
     set_gro(&peer.name, true).map_err(io_err(format!("enable GRO on {}", peer.name)))?;
-    netlink::move_to_netns(handle, peer.index, container.file()).await?;
     netlink::set_up(handle, host.index).await?;
     netlink::add_address(handle, host.index, spec.gateway, 32).await?;
     netlink::replace_link_route(handle, spec.ip, 32, host.index, Some(spec.gateway)).await?;
+    Ok(())
+}
 
-    let (temp_name, spec) = (peer.name.clone(), spec.clone());
+/// Inside the container: the interface's name, address, default route, and `lo` up.
+fn configure_container(container: &NetNs, spec: &EndpointSpec, temp_name: &str) -> Result<()> {
+    let (temp_name, spec) = (temp_name.to_string(), spec.clone());
     container
         .block_on(|| async move {
             let _ = netns::write_net_sysctl("ipv6.conf.all.disable_ipv6", "1");

@@ -53,3 +53,51 @@ where
         }
     }
 }
+
+/// [`serve`] on a unix socket (Docker's plugin socket): connections from peers that are
+/// neither root nor this process's user are dropped unanswered, whatever the socket's
+/// mode (see [`crate::control::peer_is_trusted`]).
+pub async fn serve_unix<H, Fut>(
+    listener: tokio::net::UnixListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if !crate::control::peer_is_trusted(&stream) {
+                    warn!("refused a connection from an untrusted peer");
+                    continue;
+                }
+                let handler = handler.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |req| {
+                        let response = handler(req);
+                        async move { Ok::<_, Infallible>(response.await) }
+                    });
+                    if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+}

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod cni;
 pub mod consul_dev;
 pub mod control_bench;
+pub mod docker;
 pub mod frames;
 pub mod harness;
 pub mod net;

@@ -51,6 +51,10 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
         "containernetworking-plugins",
         "CNI test: Debian's portmap (and bandwidth, tuning) chained after overlay-cni",
     ),
+    (
+        "docker.io",
+        "Docker test: dockerd 20.10 runs real containers on the agent's overlay-net driver",
+    ),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -747,6 +747,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "needs Debian's containerd, runc and CNI plugins, which the busybox guest does not have",
     ),
     (
+        "docker",
+        "needs Debian's docker.io (dockerd, containerd, runc), which the busybox guest does not have",
+    ),
+    (
         "control_socket",
         "runs agent and CLI processes like the cluster tests; nothing kernel-specific",
     ),

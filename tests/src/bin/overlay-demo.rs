@@ -1,6 +1,8 @@
 //! `overlay-demo`: the SocketPlane walkthrough replayed on three simulated hosts (network
 //! namespaces on a veth underlay) with the Consul dev server, narrated step by step, ending
-//! with a pass/fail line. Everything it creates is removed when it ends. Run it through
+//! with a pass/fail line; when Debian's docker.io is installed, a last act does the same
+//! with `docker run` on the agents' `overlay-net` driver. Everything it creates is
+//! removed when it ends. Run it through
 //! `cargo xtask demo` (as root).
 use std::{
     io::{Read, Write},
@@ -10,7 +12,8 @@ use std::{
 };
 
 use overlay_tests::{
-    cluster::{start_cluster, Bins, CliOutput, Node},
+    cluster::{Bins, CliOutput, Node},
+    docker::{self, DockerHost},
     harness::wait_until,
     net,
     topology::Underlay,
@@ -122,11 +125,12 @@ fn main() -> ExitCode {
     println!("share an underlay (a bridge), where a Consul dev server listens at 192.0.2.254.");
 
     demo.say("Start Consul, bootstrap the first host, join two more");
-    println!("node1$ overlay-ctl agent --bootstrap --iface eth0");
-    println!("node2$ overlay-ctl agent --iface eth0");
-    println!("node3$ overlay-ctl agent --iface eth0");
+    println!("node1$ overlay-ctl agent --bootstrap --iface eth0 --docker-plugin");
+    println!("node2$ overlay-ctl agent --iface eth0 --docker-plugin");
+    println!("node3$ overlay-ctl agent --iface eth0 --docker-plugin");
     let underlay = Underlay::new();
-    let (_consul, nodes) = start_cluster(&bins, &underlay, 3, None, &[]);
+    // The agents also serve Docker's driver (used by the last act when Docker is there).
+    let (_consul, nodes) = docker::start_cluster(&bins, &underlay, 3);
     let members = demo.show(&nodes[0], &["cluster", "members"]);
     demo.check(
         "three members, each with its VTEP",
@@ -305,6 +309,11 @@ fn main() -> ExitCode {
 
     drop(web);
     drop(db);
+    if std::path::Path::new(docker::DOCKERD).exists() {
+        docker_act(&mut demo, &nodes);
+    } else {
+        println!("\n(The Docker act is skipped: Debian's docker.io is not installed.)");
+    }
     println!();
     if demo.failed.is_empty() {
         println!("demo: PASS ({} checks)", demo.checks);
@@ -318,4 +327,124 @@ fn main() -> ExitCode {
         );
         ExitCode::FAILURE
     }
+}
+
+/// Shows a `docker` command on `host` (of `node`) and its output.
+fn show_docker(node: &Node, host: &DockerHost, args: &[&str]) -> std::process::Output {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("'{a}'")
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    println!("{}$ docker {}", node.name, shown.join(" "));
+    let out = host.docker(args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in text.lines() {
+        println!("    {line}");
+    }
+    out
+}
+
+/// The seed's `docker run` story with a real Docker: a network made with Docker's own
+/// command on two hosts, a web server on one, a client on the other.
+fn docker_act(demo: &mut Demo, nodes: &[Node]) {
+    demo.say("With Docker: the overlay-net driver, a real image, containers on two hosts");
+    println!("(each host gets its own dockerd; the image is busybox, imported offline)");
+    let acted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let hosts: Vec<DockerHost> = nodes[..2].iter().map(DockerHost::start).collect();
+        for host in &hosts {
+            host.import_image();
+        }
+        docker_scenes(demo, nodes, &hosts);
+    }));
+    demo.check("the Docker act ran to its end", acted.is_ok());
+}
+
+fn docker_scenes(demo: &mut Demo, nodes: &[Node], hosts: &[DockerHost]) {
+    let create = |extra: &[&'static str]| {
+        let mut args = vec![
+            "network",
+            "create",
+            "-d",
+            docker::DRIVER,
+            "--ipam-driver",
+            docker::DRIVER,
+            "--subnet",
+            "10.110.0.0/24",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    let made = show_docker(
+        &nodes[0],
+        &hosts[0],
+        &create(&["--ipam-opt", "network=dnet", "dnet"]),
+    );
+    let mapped = show_docker(&nodes[1], &hosts[1], &create(&["dnet"]));
+    demo.check(
+        "docker network create on node1 makes cluster network dnet; node2's Docker maps to it",
+        made.status.success() && mapped.status.success(),
+    );
+    let web = show_docker(
+        &nodes[0],
+        &hosts[0],
+        &[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "--network",
+            "dnet",
+            docker::IMAGE,
+            "sh",
+            "-c",
+            "echo hello from node1 > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ],
+    );
+    let listed = demo.show(&nodes[2], &["endpoint", "list", "-n", "dnet"]);
+    demo.check(
+        "web runs with an address from the cluster IPAM, listed on every host",
+        web.status.success() && listed.stdout.contains("10.110.0.2"),
+    );
+    // httpd may still be starting: the client is retried for a few seconds.
+    let client = [
+        "run",
+        "--rm",
+        "--network",
+        "dnet",
+        docker::IMAGE,
+        "sh",
+        "-c",
+        "ping -c 2 10.110.0.2 && wget -qO- http://10.110.0.2:8080/",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut fetched = show_docker(&nodes[1], &hosts[1], &client);
+    while !fetched.status.success() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        fetched = hosts[1].docker(&client);
+    }
+    demo.check(
+        "a container on node2 pings web on node1 and fetches its page",
+        fetched.status.success()
+            && String::from_utf8_lossy(&fetched.stdout).contains("hello from node1"),
+    );
+    let removed = [
+        show_docker(&nodes[0], &hosts[0], &["rm", "-f", "web"]),
+        show_docker(&nodes[1], &hosts[1], &["network", "rm", "dnet"]),
+        show_docker(&nodes[0], &hosts[0], &["network", "rm", "dnet"]),
+    ];
+    let networks = demo.show(&nodes[2], &["network", "list"]);
+    demo.check(
+        "docker rm -f and docker network rm remove the endpoint and the network",
+        removed.iter().all(|o| o.status.success()) && !networks.stdout.contains("dnet"),
+    );
 }
