@@ -122,6 +122,7 @@ fn docker_containers_on_two_hosts_reach_each_other() {
     }
 
     create_networks(&consul, &hosts);
+    check_concurrent_create(&consul, &hosts);
     check_network_refusals(&consul, &hosts);
     let (ip1, ip2) = start_containers(&hosts);
     check_restarts(&consul, &mut nodes, &mut hosts, &ip1, &ip2);
@@ -201,6 +202,33 @@ fn create_networks(consul: &DevConsul, hosts: &[DockerHost]) {
     };
     assert_eq!(inspect(&hosts[0]), "overlay-net 10.100.0.0/24 10.100.0.1");
     assert_eq!(inspect(&hosts[1]), "overlay-net 10.100.0.0/24");
+}
+
+/// Both hosts' Docker creating the same new network at once: both succeed, on one
+/// cluster network; removing both removes it.
+fn check_concurrent_create(consul: &DevConsul, hosts: &[DockerHost]) {
+    let args = create_args(&[
+        "--subnet",
+        "10.170.0.0/24",
+        "--ipam-opt",
+        "network=race",
+        "race",
+    ]);
+    let outs: Vec<_> = std::thread::scope(|scope| {
+        let running: Vec<_> = hosts
+            .iter()
+            .map(|host| scope.spawn(|| host.docker(&args)))
+            .collect();
+        running.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for out in &outs {
+        assert_ok("concurrent docker network create", out);
+    }
+    assert_eq!(kv_keys(consul, "overlay/networks/race").len(), 1);
+    for host in hosts {
+        host.ok(&["network", "rm", "race"]);
+    }
+    assert!(kv_keys(consul, "overlay/networks/race").is_empty());
 }
 
 /// Refused network creates, each with its reason in docker's output and nothing left.
