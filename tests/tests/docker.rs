@@ -115,6 +115,7 @@ fn docker_containers_on_two_hosts_reach_each_other() {
         assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
         let status = node.status().expect("agent status");
         assert_eq!(status["docker_plugin"], socket.display().to_string());
+        assert_nobody_is_refused(&socket);
     }
     let mut hosts: Vec<DockerHost> = nodes.iter().map(DockerHost::start).collect();
     for host in &hosts {
@@ -122,6 +123,7 @@ fn docker_containers_on_two_hosts_reach_each_other() {
     }
 
     create_networks(&consul, &hosts);
+    check_concurrent_create(&consul, &hosts);
     check_network_refusals(&consul, &hosts);
     let (ip1, ip2) = start_containers(&hosts);
     check_restarts(&consul, &mut nodes, &mut hosts, &ip1, &ip2);
@@ -201,6 +203,65 @@ fn create_networks(consul: &DevConsul, hosts: &[DockerHost]) {
     };
     assert_eq!(inspect(&hosts[0]), "overlay-net 10.100.0.0/24 10.100.0.1");
     assert_eq!(inspect(&hosts[1]), "overlay-net 10.100.0.0/24");
+}
+
+/// An unprivileged user (`nobody`) cannot talk to the driver's socket.
+fn assert_nobody_is_refused(socket: &std::path::Path) {
+    use std::os::unix::process::CommandExt as _;
+    const NOBODY: u32 = 65534;
+    let mut command = std::process::Command::new(overlay_tests::docker::DOCKER);
+    command
+        .arg("-H")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("version")
+        .env("DOCKER_CONFIG", "/nonexistent")
+        .stdin(std::process::Stdio::null());
+    // SAFETY: only setgroups/setgid/setuid run between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("permission denied"),
+        "nobody reached {}: {stderr}",
+        socket.display()
+    );
+}
+
+/// Both hosts' Docker creating the same new network at once: both succeed, on one
+/// cluster network; removing both removes it.
+fn check_concurrent_create(consul: &DevConsul, hosts: &[DockerHost]) {
+    let args = create_args(&[
+        "--subnet",
+        "10.170.0.0/24",
+        "--ipam-opt",
+        "network=race",
+        "race",
+    ]);
+    let outs: Vec<_> = std::thread::scope(|scope| {
+        let running: Vec<_> = hosts
+            .iter()
+            .map(|host| scope.spawn(|| host.docker(&args)))
+            .collect();
+        running.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for out in &outs {
+        assert_ok("concurrent docker network create", out);
+    }
+    assert_eq!(kv_keys(consul, "overlay/networks/race").len(), 1);
+    for host in hosts {
+        host.ok(&["network", "rm", "race"]);
+    }
+    assert!(kv_keys(consul, "overlay/networks/race").is_empty());
 }
 
 /// Refused network creates, each with its reason in docker's output and nothing left.

@@ -176,11 +176,32 @@ impl DockerPlugin {
             info!(network = %existing.name, %subnet, "docker: pool is an existing network");
             return Ok(proto::pool_response(&pool, subnet, existing.gateway));
         }
-        let name = wanted.unwrap_or_else(|| proto::default_network_name(subnet));
-        let created = ctx
+        let name = wanted
+            .clone()
+            .unwrap_or_else(|| proto::default_network_name(subnet));
+        let created = match ctx
             .store
             .create_network(&name, &req.pool, None, None, None)
-            .await?;
+            .await
+        {
+            Ok(created) => created,
+            // Another host's Docker created it a moment ago: use it.
+            Err(e @ (StoreError::NetworkExists(_) | StoreError::SubnetOverlap { .. })) => {
+                let now = ctx.store.list_networks().await?;
+                let Some(existing) = now
+                    .into_iter()
+                    .find(|n| n.subnet == subnet && n.name == name)
+                else {
+                    return Err(e.into());
+                };
+                let pool = PoolId {
+                    network: existing.name.clone(),
+                    created: false,
+                };
+                return Ok(proto::pool_response(&pool, subnet, existing.gateway));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let pool = PoolId {
             network: name,
             created: true,
