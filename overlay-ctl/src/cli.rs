@@ -9,17 +9,17 @@ use std::{
 };
 
 use crate::{
+    agent::control::{AgentClient, AgentStatus, DEFAULT_STATE_DIR},
+    agent::local_state::{self, LocalEndpoint, LocalState},
+    agent::logs::LogBuffer,
     agent::{self, AgentOptions},
-    consul::ConsulClient,
-    container::{self, Context, JoinSpec},
-    control::{AgentClient, AgentStatus, DEFAULT_STATE_DIR},
-    datapath::{XdpAttachMode, DEFAULT_PIN_ROOT},
-    local_state::{self, LocalEndpoint, LocalState},
-    logs::LogBuffer,
-    netns::NetNs,
-    records::RecordKind,
+    dataplane::datapath::{XdpAttachMode, DEFAULT_PIN_ROOT},
+    dataplane::netns::NetNs,
+    dataplane::underlay::DecapMode,
+    runtimes::container::{self, Context, JoinSpec},
+    store::consul::ConsulClient,
+    store::records::RecordKind,
     store::{Store, DEFAULT_PREFIX},
-    underlay::DecapMode,
 };
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
@@ -186,7 +186,7 @@ struct AgentArgs {
     kernel_log: bool,
     /// Serve Prometheus metrics here (`off` to disable). Loopback by default: give an
     /// address of a scraping network explicitly to open it.
-    #[arg(long, default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+    #[arg(long, default_value = crate::agent::metrics::DEFAULT_METRICS_ADDR)]
     metrics_addr: String,
     /// How often to look for what crashed commands and store outages left (addresses
     /// without endpoint, VNI and subnet claims without network, containers without owner).
@@ -549,7 +549,7 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
             let agent = try_agent(&cli.state_dir).await;
             let store = store_for(&cli, agent.as_ref())?;
             if let Some(n) = network {
-                crate::ipam::validate_name(n)?;
+                crate::store::ipam::validate_name(n)?;
             }
             let snapshot = store.snapshot().await?;
             let in_scope = |net: &str| network.as_deref().is_none_or(|n| n == net);
@@ -602,7 +602,7 @@ fn derived_id(netns: Option<&Path>, pid: Option<u32>) -> String {
         (Some(path), _) => path
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
-            .filter(|n| crate::ipam::validate_name(n).is_ok())
+            .filter(|n| crate::store::ipam::validate_name(n).is_ok())
             .unwrap_or_else(container::random_id),
         (None, Some(pid)) => format!("pid{pid}"),
         (None, None) => container::random_id(),
@@ -617,7 +617,8 @@ async fn run_agent(cli: &Cli, args: &AgentArgs, logs: LogBuffer) -> anyhow::Resu
             .trim()
             .to_string(),
     };
-    crate::ipam::validate_name(&node).with_context(|| format!("invalid node name {node:?}"))?;
+    crate::store::ipam::validate_name(&node)
+        .with_context(|| format!("invalid node name {node:?}"))?;
     let consul = consul_client(cli.consul.as_deref(), None)?;
     let prefix = cli
         .prefix
@@ -666,7 +667,8 @@ async fn run_container(
     let id = name
         .map(str::to_string)
         .unwrap_or_else(container::random_id);
-    crate::ipam::validate_name(&id).with_context(|| format!("invalid container name {id:?}"))?;
+    crate::store::ipam::validate_name(&id)
+        .with_context(|| format!("invalid container name {id:?}"))?;
     let (agent, status) = require_agent(&cli.state_dir).await?;
     let ctx = Context {
         store: store_for(cli, Some(&status))?,
@@ -852,7 +854,7 @@ async fn network(cli: &Cli, command: &NetworkCommand) -> anyhow::Result<()> {
             }
         }
         NetworkCommand::Inspect { name } => {
-            crate::ipam::validate_name(name)?;
+            crate::store::ipam::validate_name(name)?;
             let snapshot = store.snapshot().await?;
             let of_network = |rest: &str| rest.split('/').nth(1) == Some(name.as_str());
             warn_rejected(&store, &snapshot, |kind, rest| match kind {
@@ -901,7 +903,7 @@ async fn network(cli: &Cli, command: &NetworkCommand) -> anyhow::Result<()> {
 /// without the prefix), once each.
 fn warn_rejected(
     store: &Store,
-    snapshot: &crate::records::Snapshot,
+    snapshot: &crate::store::records::Snapshot,
     relevant: impl Fn(RecordKind, &str) -> bool,
 ) {
     for r in &snapshot.rejected {

@@ -1,36 +1,18 @@
-//! The overlay agent and operator CLI as a library. Where things are:
-//! - [`datapath`]: loading, pinning and attaching the kernel programs; typed map access;
-//!   [`underlay`]: binding to the underlay (which hook decapsulates, host settings).
-//! - [`consul`]: the Consul HTTP API client; [`store`]: the cluster state's key layout;
-//!   [`records`]: the one boundary where store records are validated;
-//!   [`ipam`]: address and network validation and the free-address search.
-//! - [`agent`]: the node agent; [`reconcile`]: cluster state -> map contents and the diff.
-//! - [`container`]: `run`/`attach`/`detach` of containers; [`endpoint`]: veth plumbing.
-//! - [`local_state`]: this node's records of what it created; [`gc`]: collection of
-//!   what crashed commands and outages left; [`identity`]: the cluster id that tells a
-//!   store that lost its data from the real one.
-//! - [`control`]: the CLI <-> agent socket; [`logs`]: the agent's log ring;
-//!   [`metrics`]: Prometheus exposition.
-//! - [`runtimes`]: container-runtime integrations (the CNI plugin).
+//! The overlay agent and operator CLI as a library, grouped by role:
+//! - [`dataplane`]: the kernel programs as user space sees them (loading, pinning, maps,
+//!   the underlay binding, veth plumbing, netlink and namespaces).
+//! - [`store`]: the cluster state in Consul: key layout, the Consul client, validation of
+//!   every record read, IPAM rules, the cluster id.
+//! - [`agent`]: the node agent (membership, reconcile, local records and collection, the
+//!   control socket, metrics, logs).
+//! - [`runtimes`]: containers on the overlay: `run`/`attach`, the CNI plugin and the
+//!   Docker driver.
+//! - [`cli`]: the operator commands; [`http`]: the small HTTP server loop the metrics
+//!   endpoint and the Docker driver share; [`testhook`]: test-only pause points.
 pub mod agent;
 pub mod cli;
-pub mod consul;
-pub mod container;
-pub mod control;
-pub mod datapath;
-pub mod endpoint;
-pub mod gc;
+pub mod dataplane;
 pub mod http;
-pub mod identity;
-pub mod ipam;
-pub mod local_state;
-pub mod logs;
-pub mod metrics;
-pub mod netlink;
-pub mod netns;
-pub mod reconcile;
-pub mod records;
 pub mod runtimes;
 pub mod store;
 pub mod testhook;
-pub mod underlay;

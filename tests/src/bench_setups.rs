@@ -8,7 +8,7 @@
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use overlay_ctl::{endpoint, netlink};
+use overlay_ctl::{dataplane::endpoint, dataplane::netlink};
 
 use super::report::SetupKind;
 use crate::{
@@ -98,7 +98,7 @@ impl Setup {
 fn bridge_without_netfilter(ns: &TestNs) -> Result<()> {
     ns.run(|| {
         for family in ["iptables", "ip6tables", "arptables"] {
-            match overlay_ctl::netns::write_net_sysctl(
+            match overlay_ctl::dataplane::netns::write_net_sysctl(
                 &format!("bridge.bridge-nf-call-{family}"),
                 "0",
             ) {
@@ -165,7 +165,7 @@ fn routed() -> Result<Setup> {
     for n in 1..=2u8 {
         let (host, _) = underlay.plug("bah", n);
         // The hosts route the containers' traffic: that is this baseline's setup.
-        host.run(|| overlay_ctl::netns::write_net_sysctl("ipv4.ip_forward", "1"))
+        host.run(|| overlay_ctl::dataplane::netns::write_net_sysctl("ipv4.ip_forward", "1"))
             .context("turn forwarding on in a routed host")?;
         let container = TestNs::new("bac");
         let subnet = |h: u8| Ipv4Addr::new(10, 1, h, 0);

@@ -24,7 +24,7 @@ use overlay_common::{
     ipv4_to_map, program_names, proto::*, EndpointKey, EndpointValue, LocalIface, NetworkInfo,
     UnderlayConfig, VtepInfo,
 };
-use overlay_ctl::{datapath::Datapath, netlink};
+use overlay_ctl::{dataplane::datapath::Datapath, dataplane::netlink};
 
 use crate::{
     frames,
@@ -93,7 +93,7 @@ impl Fixture {
             })
             .context("test-run namespace")?;
         // bpf_fib_lookup answers only for interfaces that forward: the agent's own setting.
-        ns.run(overlay_ctl::underlay::enable_forwarding)?;
+        ns.run(overlay_ctl::dataplane::underlay::enable_forwarding)?;
         let pins = PinGuard::new();
         let mut dp = Datapath::load(&pins.path).context("load the data plane")?;
         dp.set_underlay(&UnderlayConfig {
@@ -121,8 +121,8 @@ impl Fixture {
             },
         )?;
         dp.upsert_subnet(subnet, VNI)?;
-        let local_mac = overlay_ctl::endpoint::mac_for(LOCAL_IP);
-        let remote_mac = overlay_ctl::endpoint::mac_for(REMOTE_IP);
+        let local_mac = overlay_ctl::dataplane::endpoint::mac_for(LOCAL_IP);
+        let remote_mac = overlay_ctl::dataplane::endpoint::mac_for(REMOTE_IP);
         // The sender of the encap frame sits behind "loopback" (the test-run device)...
         dp.upsert_local_iface(
             LOOPBACK_IFINDEX,

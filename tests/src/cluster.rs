@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_ctl::{consul::ConsulClient, netns::NetNs};
+use overlay_ctl::{dataplane::netns::NetNs, store::consul::ConsulClient};
 
 use crate::{
     harness::{unique_name, wait_until, PinGuard, TestNs},

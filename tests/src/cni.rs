@@ -8,7 +8,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use overlay_ctl::netlink;
+use overlay_ctl::dataplane::netlink;
 use serde_json::{json, Value};
 
 use crate::cluster::{spawn_in, DevConsul, Node};
@@ -172,7 +172,7 @@ pub fn map_entries(node: &Node) -> BTreeMap<String, u64> {
 /// Interface `ifname` inside the namespace at `netns`: its first IPv4 address, or `None`
 /// when there is no such interface.
 pub fn interface_address(netns: &Path, ifname: &str) -> Option<Option<Ipv4Addr>> {
-    let ns = overlay_ctl::netns::NetNs::open_path("c", netns.to_path_buf()).ok()?;
+    let ns = overlay_ctl::dataplane::netns::NetNs::open_path("c", netns.to_path_buf()).ok()?;
     let ifname = ifname.to_string();
     ns.block_on(|| async move {
         let handle = netlink::connect().unwrap();

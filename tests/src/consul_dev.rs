@@ -1,5 +1,5 @@
 //! A Consul-compatible development server: the subset of Consul's HTTP API that
-//! `overlay_ctl::consul` uses, with Consul's documented edge semantics, state in memory
+//! `overlay_ctl::store::consul` uses, with Consul's documented edge semantics, state in memory
 //! (as `consul agent -dev` keeps it) or, with a data directory, also on disk so that a
 //! restarted server has it all again, as a real Consul server does. It exists because no Consul binary can be
 //! installed where the project is built and tested; the client is written against the

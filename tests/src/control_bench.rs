@@ -13,8 +13,8 @@ use std::{
 };
 
 use overlay_ctl::{
-    consul::SessionBehavior,
-    reconcile::format_mac,
+    agent::reconcile::format_mac,
+    store::consul::SessionBehavior,
     store::{Endpoint, IpAllocation, NodeInfo},
 };
 
@@ -120,10 +120,10 @@ pub fn measure(bins: &Bins, agents: u8, endpoints: usize) -> Result<ControlPlane
                 id: format!("e{i}"),
                 network: "bench".into(),
                 ip,
-                mac: format_mac(overlay_ctl::endpoint::mac_for(ip)),
+                mac: format_mac(overlay_ctl::dataplane::endpoint::mac_for(ip)),
                 node: GHOST_NODE.into(),
                 vtep: GHOST_VTEP,
-                ifname: overlay_ctl::container::host_ifname("bench", &format!("e{i}")),
+                ifname: overlay_ctl::runtimes::container::host_ifname("bench", &format!("e{i}")),
                 container: None,
                 pid: None,
                 netns: None,

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_ctl::{datapath, netlink, netns::NetNs};
+use overlay_ctl::{dataplane::datapath, dataplane::netlink, dataplane::netns::NetNs};
 
 /// Fails (never skips) when the test cannot do what it is about: these tests need root
 /// for namespaces and BPF.
@@ -62,7 +62,7 @@ impl TestNs {
                 "ipv6.conf.all.disable_ipv6",
                 "ipv6.conf.default.disable_ipv6",
             ] {
-                overlay_ctl::netns::write_net_sysctl(key, "1").unwrap();
+                overlay_ctl::dataplane::netns::write_net_sysctl(key, "1").unwrap();
             }
         });
         this

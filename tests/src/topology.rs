@@ -8,10 +8,10 @@ use overlay_common::{
     ipv4_to_map, EndpointKey, EndpointValue, NetworkInfo, VtepInfo, VXLAN_OVERHEAD,
 };
 use overlay_ctl::{
-    datapath::{Datapath, XdpAttachMode},
-    endpoint::{self, EndpointSpec},
-    netlink::{self, LinkInfo},
-    underlay::{DecapMode, UnderlaySetup},
+    dataplane::datapath::{Datapath, XdpAttachMode},
+    dataplane::endpoint::{self, EndpointSpec},
+    dataplane::netlink::{self, LinkInfo},
+    dataplane::underlay::{DecapMode, UnderlaySetup},
 };
 
 use crate::harness::{block_on, unique_name, PinGuard, TestNs};
@@ -165,7 +165,7 @@ impl Host {
     }
 
     /// [`Host::new`] with the decapsulation hook chosen by `decap`. The host is set up
-    /// by the agent's own code ([`overlay_ctl::underlay`]): the harness changes no
+    /// by the agent's own code ([`overlay_ctl::dataplane::underlay`]): the harness changes no
     /// offload or sysctl itself.
     pub fn with_decap(underlay: &Underlay, n: u8, decap: DecapMode) -> Self {
         let (ns, link) = underlay.plug("host", n);
@@ -174,8 +174,8 @@ impl Host {
         let mut datapath = Datapath::load(&pins.path).expect("load data plane");
         let setup = ns
             .run(|| {
-                overlay_ctl::underlay::enable_forwarding()?;
-                overlay_ctl::underlay::attach(
+                overlay_ctl::dataplane::underlay::enable_forwarding()?;
+                overlay_ctl::dataplane::underlay::attach(
                     &mut datapath,
                     &link,
                     vtep,

@@ -26,10 +26,10 @@ use overlay_common::{
     ipv4_to_map, Counter, EndpointKey, EndpointValue, NetworkInfo, VtepInfo, VXLAN_OVERHEAD,
 };
 use overlay_ctl::{
-    datapath::{Datapath, XdpAttachMode},
-    endpoint::{self, EndpointSpec},
-    netlink::{self, LinkInfo},
-    underlay::DecapMode,
+    dataplane::datapath::{Datapath, XdpAttachMode},
+    dataplane::endpoint::{self, EndpointSpec},
+    dataplane::netlink::{self, LinkInfo},
+    dataplane::underlay::DecapMode,
 };
 
 use crate::{
@@ -82,7 +82,7 @@ impl PairNode {
             "ipv6.conf.all.disable_ipv6",
             "ipv6.conf.default.disable_ipv6",
         ] {
-            overlay_ctl::netns::write_net_sysctl(key, "1")?;
+            overlay_ctl::dataplane::netns::write_net_sysctl(key, "1")?;
         }
         let underlay = block_on(async {
             let handle = netlink::connect()?;
@@ -107,8 +107,8 @@ impl PairNode {
         let mut datapath = Datapath::load(&pins.path).context("load the data plane")?;
         // Bound as the agent binds a node (`--decap auto`): native XDP on a NIC driver,
         // TC ingress if the driver refuses it (the summary then says why).
-        overlay_ctl::underlay::enable_forwarding()?;
-        let setup = overlay_ctl::underlay::attach(
+        overlay_ctl::dataplane::underlay::enable_forwarding()?;
+        let setup = overlay_ctl::dataplane::underlay::attach(
             &mut datapath,
             &underlay,
             underlay_ip(role),

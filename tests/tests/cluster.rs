@@ -511,8 +511,8 @@ fn bad_input_is_refused_with_one_line_and_no_change() {
 
 fn link_names(node: &Node) -> BTreeSet<String> {
     node.ns.block_on(|| async {
-        let handle = overlay_ctl::netlink::connect().unwrap();
-        overlay_ctl::netlink::list_links(&handle)
+        let handle = overlay_ctl::dataplane::netlink::connect().unwrap();
+        overlay_ctl::dataplane::netlink::list_links(&handle)
             .await
             .unwrap()
             .into_iter()
@@ -679,8 +679,8 @@ fn has_decap(node: &Node, iface: &str) -> bool {
         .to_string();
     let name = iface.to_string();
     let Some(ifindex) = node.ns.block_on(|| async move {
-        let handle = overlay_ctl::netlink::connect().unwrap();
-        overlay_ctl::netlink::link_by_name(&handle, &name)
+        let handle = overlay_ctl::dataplane::netlink::connect().unwrap();
+        overlay_ctl::dataplane::netlink::link_by_name(&handle, &name)
             .await
             .ok()
             .map(|l| l.index)
@@ -751,7 +751,7 @@ fn cluster_bind_moves_the_underlay_at_runtime() {
     let (_consul, nodes) = start_cluster(&BINS, &underlay, 2, None, &[]);
     // A second interface on node 1, with an address of another network.
     nodes[0].ns.block_on(|| async {
-        use overlay_ctl::netlink;
+        use overlay_ctl::dataplane::netlink;
         let handle = netlink::connect().unwrap();
         let (other, peer) = netlink::create_veth(&handle, "eth1", "eth1p")
             .await
@@ -1028,7 +1028,7 @@ fn an_ephemeral_agent_puts_back_the_host_settings_it_changed() {
     let (_consul, mut nodes) = start_cluster(&BINS, &underlay, 1, None, &["--ephemeral"]);
     let forwarding = |node: &Node| {
         node.ns
-            .run(|| overlay_ctl::netns::read_net_sysctl("ipv4.ip_forward").unwrap())
+            .run(|| overlay_ctl::dataplane::netns::read_net_sysctl("ipv4.ip_forward").unwrap())
     };
     assert_eq!(forwarding(&nodes[0]), "1");
     let status = nodes[0].status().unwrap();

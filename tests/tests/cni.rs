@@ -15,7 +15,7 @@ use std::{
 };
 
 use futures_util::TryStreamExt as _;
-use overlay_ctl::netlink;
+use overlay_ctl::dataplane::netlink;
 use overlay_tests::{
     bins,
     cluster::{start_cluster, Bins, DevConsul, Node},

@@ -9,10 +9,10 @@ use std::{
 };
 
 use overlay_ctl::{
-    consul::{
+    store::consul::{
         CatalogService, ConsulClient, ConsulError, KvPair, KvWatch, RetryPolicy, SessionBehavior,
     },
-    ipam::IpamError,
+    store::ipam::IpamError,
     store::{Endpoint, NodeInfo, Store, StoreError},
 };
 use overlay_tests::consul_dev::ConsulDev;
@@ -634,7 +634,7 @@ async fn networks_create_list_delete() {
         node: "node-1".into(),
         vtep: Ipv4Addr::new(192, 0, 2, 1),
         // The host veth name the CLI gives it (the store rejects any other).
-        ifname: overlay_ctl::container::host_ifname("web", "ep1"),
+        ifname: overlay_ctl::runtimes::container::host_ifname("web", "ep1"),
         container: Some("c1".into()),
         pid: None,
         netns: None,

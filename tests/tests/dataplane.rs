@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use overlay_common::Counter;
-use overlay_ctl::underlay::DecapMode;
+use overlay_ctl::dataplane::underlay::DecapMode;
 use overlay_tests::{harness::*, net, topology::*};
 
 const REPLY: Duration = Duration::from_secs(5);
@@ -381,7 +381,7 @@ fn interoperates_with_a_linux_vxlan_device() {
     let linux_ip = net1.address(50);
     let (a1_ip, a1_mac, host1_vtep) = (s.a1.ip, s.a1.mac, s.hosts[0].vtep);
     let vxlan = linux_host.block_on(|| async move {
-        use overlay_ctl::netlink;
+        use overlay_ctl::dataplane::netlink;
         let handle = netlink::connect().unwrap();
         let vx = netlink::create_vxlan(&handle, "vx100", 100, linux_vtep, linux_underlay.index)
             .await

@@ -11,7 +11,7 @@
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
 use overlay_common::capacity;
-use overlay_ctl::consul::{ConsulClient, SessionBehavior};
+use overlay_ctl::store::consul::{ConsulClient, SessionBehavior};
 use overlay_tests::{
     bins,
     cluster::{start_cluster, Background, Bins, DevConsul, Node},
@@ -93,10 +93,10 @@ fn endpoint_json(network: &str, id: &str, ip: Ipv4Addr, node: &str, vtep: Ipv4Ad
         "id": id,
         "network": network,
         "ip": ip,
-        "mac": overlay_ctl::reconcile::format_mac(overlay_ctl::endpoint::mac_for(ip)),
+        "mac": overlay_ctl::agent::reconcile::format_mac(overlay_ctl::dataplane::endpoint::mac_for(ip)),
         "node": node,
         "vtep": vtep,
-        "ifname": overlay_ctl::container::host_ifname(network, id),
+        "ifname": overlay_ctl::runtimes::container::host_ifname(network, id),
     })
     .to_string()
 }

@@ -75,8 +75,8 @@ fn map_entries(node: &Node, map: &str) -> Option<u64> {
 
 fn link_names(node: &Node) -> BTreeSet<String> {
     node.ns.block_on(|| async {
-        let handle = overlay_ctl::netlink::connect().unwrap();
-        overlay_ctl::netlink::list_links(&handle)
+        let handle = overlay_ctl::dataplane::netlink::connect().unwrap();
+        overlay_ctl::dataplane::netlink::list_links(&handle)
             .await
             .unwrap()
             .into_iter()
@@ -114,7 +114,7 @@ fn leftovers(node: &Node, consul: &DevConsul, network: &str, name: &str) -> Vec<
     if netns_exists(&netns) {
         left.push(format!("namespace {netns}"));
     }
-    let veth = overlay_ctl::container::host_ifname(network, name);
+    let veth = overlay_ctl::runtimes::container::host_ifname(network, name);
     if link_names(node).contains(&veth) {
         left.push(format!("veth {veth}"));
     }
@@ -390,11 +390,12 @@ fn concurrent_overlapping_network_creates_never_both_succeed() {
 fn add_canary(node: &Node, name: &str) {
     let name = name.to_string();
     node.ns.block_on(|| async move {
-        let handle = overlay_ctl::netlink::connect().unwrap();
-        let (link, _) = overlay_ctl::netlink::create_veth(&handle, &name, &format!("{name}p"))
-            .await
-            .unwrap();
-        overlay_ctl::netlink::set_up(&handle, link.index)
+        let handle = overlay_ctl::dataplane::netlink::connect().unwrap();
+        let (link, _) =
+            overlay_ctl::dataplane::netlink::create_veth(&handle, &name, &format!("{name}p"))
+                .await
+                .unwrap();
+        overlay_ctl::dataplane::netlink::set_up(&handle, link.index)
             .await
             .unwrap();
     });
@@ -828,8 +829,8 @@ fn attachments_are_collected_when_their_cli_dies_or_their_entry_goes() {
     let path = existing.ns().path().display().to_string();
     let ns_links = || -> BTreeSet<String> {
         existing.block_on(|| async {
-            let handle = overlay_ctl::netlink::connect().unwrap();
-            overlay_ctl::netlink::list_links(&handle)
+            let handle = overlay_ctl::dataplane::netlink::connect().unwrap();
+            overlay_ctl::dataplane::netlink::list_links(&handle)
                 .await
                 .unwrap()
                 .into_iter()

@@ -7,7 +7,7 @@ use overlay_common::{
     ipv4_to_map, program_names, proto::*, Counter, EndpointKey, EndpointValue, LocalIface,
     NetworkInfo, UnderlayConfig, VtepInfo,
 };
-use overlay_ctl::datapath::Datapath;
+use overlay_ctl::dataplane::datapath::Datapath;
 use overlay_tests::{frames, harness::*};
 
 const XDP_DROP: u32 = 1;

@@ -11,8 +11,8 @@ use std::{
 
 use overlay_common::{ipv4_to_map, Counter, UnderlayConfig};
 use overlay_ctl::{
-    datapath::{Datapath, UnderlayHook, XdpAttachMode},
-    netlink,
+    dataplane::datapath::{Datapath, UnderlayHook, XdpAttachMode},
+    dataplane::netlink,
 };
 use overlay_tests::{frames, harness::*};
 

@@ -12,7 +12,7 @@ use ipnetwork::Ipv4Network;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::ipam;
+use crate::store::ipam;
 
 /// The specification versions the plugin implements (ADD, DEL, CHECK, VERSION).
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0"];

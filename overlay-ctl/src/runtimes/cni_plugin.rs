@@ -33,12 +33,12 @@ use tracing::{info, warn};
 
 use super::cni::{self, code, CniError, Command, Config, Invocation};
 use crate::{
-    consul::{ConsulClient, ConsulError},
-    container::{self, ContainerError, Context, JoinSpec},
-    control::{AgentClient, ControlError, DEFAULT_STATE_DIR},
-    local_state::{self, LocalEndpoint, LocalState, LocalStateError},
-    netlink::{self, NetlinkError},
-    netns::NetNs,
+    agent::control::{AgentClient, ControlError, DEFAULT_STATE_DIR},
+    agent::local_state::{self, LocalEndpoint, LocalState, LocalStateError},
+    dataplane::netlink::{self, NetlinkError},
+    dataplane::netns::NetNs,
+    runtimes::container::{self, ContainerError, Context, JoinSpec},
+    store::consul::{ConsulClient, ConsulError},
     store::{Store, StoreError},
 };
 
@@ -354,7 +354,7 @@ fn inspect(netns: &NetNs, ifname: &str) -> Result<Option<ContainerIface>, CniErr
 }
 
 fn format_mac(mac: [u8; 6]) -> String {
-    crate::reconcile::format_mac(mac)
+    crate::agent::reconcile::format_mac(mac)
 }
 
 async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {

@@ -36,12 +36,13 @@ use tracing::{debug, info, warn};
 
 use super::docker_protocol::{self as proto, Method, PoolId};
 use crate::{
-    consul::ConsulClient,
-    container::{self, Context, JoinSpec, Target},
-    control::AgentClient,
-    endpoint, ipam,
-    local_state::{self, LocalEndpoint, LocalState},
-    reconcile::format_mac,
+    agent::control::AgentClient,
+    agent::local_state::{self, LocalEndpoint, LocalState},
+    agent::reconcile::format_mac,
+    dataplane::endpoint,
+    runtimes::container::{self, Context, JoinSpec, Target},
+    store::consul::ConsulClient,
+    store::ipam,
     store::{Network, Store, StoreError},
 };
 

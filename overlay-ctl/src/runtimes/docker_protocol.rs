@@ -217,7 +217,7 @@ impl PoolId {
             Some(network) => (network, true),
             None => (id, false),
         };
-        crate::ipam::validate_name(network)
+        crate::store::ipam::validate_name(network)
             .map_err(|_| format!("unknown address pool {id:?} (not one of this driver's)"))?;
         Ok(Self {
             network: network.to_string(),
@@ -412,10 +412,10 @@ mod tests {
     fn names_are_valid_cluster_names() {
         let subnet: Ipv4Network = "10.100.0.0/24".parse().unwrap();
         assert_eq!(default_network_name(subnet), "docker-10.100.0.0-24");
-        assert!(crate::ipam::validate_name(&default_network_name(subnet)).is_ok());
+        assert!(crate::store::ipam::validate_name(&default_network_name(subnet)).is_ok());
         let name = endpoint_name(Ipv4Addr::new(10, 100, 0, 2));
         assert_eq!(name, "docker-10.100.0.2");
-        assert!(crate::ipam::validate_name(&name).is_ok());
+        assert!(crate::store::ipam::validate_name(&name).is_ok());
         assert_eq!(
             parse_address("10.100.0.2/24").unwrap(),
             Ipv4Addr::new(10, 100, 0, 2)

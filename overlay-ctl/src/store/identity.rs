@@ -27,9 +27,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::{
-    consul::KvPair,
-    local_state::{write_private_file, LocalState},
-    reconcile::ClusterState,
+    agent::local_state::{write_private_file, LocalState},
+    agent::reconcile::ClusterState,
+    store::consul::KvPair,
     store::{IpAllocation, Store, StoreError},
 };
 

@@ -18,7 +18,7 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::reconcile::ApplyReport;
+use crate::agent::reconcile::ApplyReport;
 
 /// Where the agent keeps its socket and its session ID unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/overlay";
@@ -106,10 +106,10 @@ pub struct AgentStatus {
     pub xdp_mode: String,
     /// Where VXLAN is decapsulated on the underlay, and why there.
     #[serde(default)]
-    pub decap: crate::underlay::UnderlaySetup,
+    pub decap: crate::dataplane::underlay::UnderlaySetup,
     /// Host settings the agent changed (an `--ephemeral` agent puts them back on exit).
     #[serde(default)]
-    pub host_changes: Vec<crate::underlay::HostChange>,
+    pub host_changes: Vec<crate::dataplane::underlay::HostChange>,
     pub tc_attach: String,
     pub pin_root: String,
     pub programs: BTreeMap<String, u32>,
@@ -130,7 +130,7 @@ pub struct AgentStatus {
     #[serde(default)]
     pub rejected_records: usize,
     /// Whether the store is this cluster's: unknown, trusted, missing, foreign, healing
-    /// (see [`crate::identity`]).
+    /// (see [`crate::store::identity`]).
     #[serde(default)]
     pub store_trust: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

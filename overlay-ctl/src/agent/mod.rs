@@ -5,6 +5,17 @@
 //!
 //! Nothing here is needed for forwarding: maps and links are pinned, so the data plane
 //! keeps running with the last known state while the agent restarts or Consul is away.
+//!
+//! Its parts: [`reconcile`] (cluster state -> map contents and the diff), [`local_state`]
+//! (this node's records of what it created) and [`gc`] (collecting what crashed commands
+//! and outages left), [`control`] (the CLI <-> agent socket), [`metrics`] (Prometheus
+//! exposition) and [`logs`] (the agent's log ring).
+pub mod control;
+pub mod gc;
+pub mod local_state;
+pub mod logs;
+pub mod metrics;
+pub mod reconcile;
 use std::{
     collections::BTreeMap,
     io,
@@ -28,23 +39,22 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    consul::{ConsulClient, ConsulError, KvWatch, SessionBehavior},
-    control::{
-        self, AgentStatus, BindReply, ConsulStatus, MapUsage, ReconcileReply, ReconcileStatus,
-        Request,
+    agent::control::{
+        AgentStatus, BindReply, ConsulStatus, MapUsage, ReconcileReply, ReconcileStatus, Request,
     },
-    datapath::{self, Datapath, DatapathError, XdpAttachMode},
-    gc::{self, Sweeper},
-    identity::{self, Identity, Judgement, Trust},
-    local_state::{self, LocalState},
-    logs::LogBuffer,
-    metrics::{self, ControlPlaneMetrics, MetricsError},
-    netlink::{self, LinkInfo, NetlinkError},
-    reconcile::{self, ApplyReport, ClusterState, HostVeth, LocalNode},
-    records::{self, RejectionLog},
+    agent::gc::Sweeper,
+    agent::local_state::LocalState,
+    agent::logs::LogBuffer,
+    agent::metrics::{ControlPlaneMetrics, MetricsError},
+    agent::reconcile::{ApplyReport, ClusterState, HostVeth, LocalNode},
+    dataplane::datapath::{self, Datapath, DatapathError, XdpAttachMode},
+    dataplane::netlink::{self, LinkInfo, NetlinkError},
+    dataplane::underlay::{self, DecapMode, HostChange, UnderlaySetup},
     runtimes::docker::{self, DockerPlugin},
+    store::consul::{ConsulClient, ConsulError, KvWatch, SessionBehavior},
+    store::identity::{self, Identity, Judgement, Trust},
+    store::records::{self, RejectionLog},
     store::{NodeInfo, Store, StoreError},
-    underlay::{self, DecapMode, HostChange, UnderlaySetup},
 };
 
 /// Consul's own minimum session TTL (`session_ttl_min`).
@@ -105,7 +115,7 @@ pub struct AgentOptions {
     /// Turn on the kernel programs' aya-log debug messages (every drop and its reason)
     /// and copy them into the agent's log.
     pub kernel_log: bool,
-    /// How often left-overs are looked for ([`crate::gc`]).
+    /// How often left-overs are looked for ([`crate::agent::gc`]).
     pub gc_interval: Duration,
     /// How long a store entry must look left over before it is collected.
     pub gc_grace: Duration,
@@ -164,7 +174,7 @@ struct Agent {
     links: Mutex<std::collections::BTreeSet<String>>,
     /// This node's records of the endpoints it created (the only thing it acts on).
     local: LocalState,
-    /// Whether the store is this cluster's ([`crate::identity`]).
+    /// Whether the store is this cluster's ([`crate::store::identity`]).
     identity: Mutex<Identity>,
     /// Asks the republish task to write this node's records again (a restored store).
     republish: Notify,
@@ -425,7 +435,7 @@ impl Agent {
 
     /// Parses a read of the whole prefix at the validation boundary: the valid state for
     /// this node, with every rejected record logged once (while it lasts) and counted.
-    fn ingest(&self, pairs: &[crate::consul::KvPair]) -> ClusterState {
+    fn ingest(&self, pairs: &[crate::store::consul::KvPair]) -> ClusterState {
         let links = lock(&self.links).clone();
         let view = records::View::Node {
             name: self.node(),
@@ -645,9 +655,9 @@ impl Agent {
         }
     }
 
-    /// Judges one full read of the store against the cluster id ([`crate::identity`]):
+    /// Judges one full read of the store against the cluster id ([`crate::store::identity`]):
     /// the state to apply, or `None` to keep the maps as they are.
-    fn judge(&self, pairs: &[crate::consul::KvPair]) -> Option<ClusterState> {
+    fn judge(&self, pairs: &[crate::store::consul::KvPair]) -> Option<ClusterState> {
         let prefix = self.store.prefix();
         let read = self.ingest(pairs);
         let found = identity::find(prefix, pairs);
@@ -727,7 +737,7 @@ impl Agent {
         }
     }
 
-    /// Collects what crashed commands and outages left ([`crate::gc`]): local records
+    /// Collects what crashed commands and outages left ([`crate::agent::gc`]): local records
     /// without a live owner at once, store entries after the grace period, and the latter
     /// only while the store is trusted.
     async fn gc_loop(self: Arc<Self>) {
@@ -833,7 +843,7 @@ impl Agent {
             .store
             .client()
             .clone()
-            .with_retry(crate::consul::RetryPolicy::none())
+            .with_retry(crate::store::consul::RetryPolicy::none())
             .with_timeout(PROBE_TIMEOUT);
         let key = format!("{}{}", self.store.nodes_prefix(), self.node());
         let mut ticker = tokio::time::interval(PROBE_INTERVAL);

@@ -14,14 +14,14 @@ use std::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    consul::{CatalogService, ConsulError},
-    control::{AgentClient, AgentStatus, ControlError},
-    endpoint::{self, EndpointError, EndpointSpec},
-    ipam,
-    local_state::{LocalEndpoint, LocalState, LocalStateError},
-    netlink::{self, NetlinkError},
-    netns::NetNs,
-    reconcile::format_mac,
+    agent::control::{AgentClient, AgentStatus, ControlError},
+    agent::local_state::{LocalEndpoint, LocalState, LocalStateError},
+    agent::reconcile::format_mac,
+    dataplane::endpoint::{self, EndpointError, EndpointSpec},
+    dataplane::netlink::{self, NetlinkError},
+    dataplane::netns::NetNs,
+    store::consul::{CatalogService, ConsulError},
+    store::ipam,
     store::{Endpoint, Network, Store, StoreError},
 };
 

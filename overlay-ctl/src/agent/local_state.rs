@@ -13,7 +13,7 @@
 //! A record names its owner (the `run` or `attach` process, by pid *and* start time, so a
 //! reused pid is not mistaken for it) and, for `run`, the container's command. While one
 //! of them lives, the clean-up is theirs; once none does (a SIGKILL at any point), the
-//! agent collects everything the record covers (see [`crate::gc`]). An `attach`ed
+//! agent collects everything the record covers (see [`crate::agent::gc`]). An `attach`ed
 //! endpoint outlives its CLI: `attach` drops the owner when it succeeds ("committed"), and
 //! the endpoint lives until `detach` or until its veth disappears with its container.
 use std::{
@@ -161,7 +161,7 @@ impl LocalEndpoint {
     /// A record owned by the calling process.
     pub fn new(network: &str, id: &str, kind: Kind) -> Result<Self> {
         for name in [network, id] {
-            crate::ipam::validate_name(name)
+            crate::store::ipam::validate_name(name)
                 .map_err(|_| LocalStateError::BadName(name.to_string()))?;
         }
         let owner = ProcessId::current().map_err(|source| LocalStateError::Io {
@@ -186,7 +186,7 @@ impl LocalEndpoint {
 
     /// The host-side veth name, generated from the names (never read from the store).
     pub fn host_ifname(&self) -> String {
-        crate::container::host_ifname(&self.network, &self.id)
+        crate::runtimes::container::host_ifname(&self.network, &self.id)
     }
 
     /// The `/run/netns` name of a `run` container's namespace.
@@ -314,7 +314,7 @@ impl LocalState {
         let record: LocalEndpoint =
             serde_json::from_slice(&data).map_err(|e| corrupt(e.to_string()))?;
         for name in [&record.network, &record.id] {
-            if crate::ipam::validate_name(name).is_err() {
+            if crate::store::ipam::validate_name(name).is_err() {
                 return Err(corrupt(format!("invalid name {name:?}")));
             }
         }
@@ -430,7 +430,7 @@ mod tests {
         let record = LocalEndpoint::new("net1", "web", Kind::Run).unwrap();
         assert_eq!(
             record.host_ifname(),
-            crate::container::host_ifname("net1", "web")
+            crate::runtimes::container::host_ifname("net1", "web")
         );
         assert_eq!(record.netns_name().as_deref(), Some("ovl-net1-web"));
         let attach = LocalEndpoint::new("net1", "web", Kind::Attach).unwrap();

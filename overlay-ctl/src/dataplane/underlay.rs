@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Datapath, DatapathError, UnderlayHook, XdpAttachMode},
-    netlink::LinkInfo,
+    dataplane::datapath::{Datapath, DatapathError, UnderlayHook, XdpAttachMode},
+    dataplane::netlink::LinkInfo,
 };
 
 /// Where the underlay's VXLAN decapsulation runs (`agent --decap`).
@@ -117,11 +117,11 @@ const IP_FORWARD: &str = "ipv4.ip_forward";
 /// containers' traffic to the outside world is routed by the host), as with Docker.
 /// Returns the change made, if any.
 pub fn enable_forwarding() -> std::io::Result<Option<HostChange>> {
-    let before = crate::netns::read_net_sysctl(IP_FORWARD)?;
+    let before = crate::dataplane::netns::read_net_sysctl(IP_FORWARD)?;
     if before == "1" {
         return Ok(None);
     }
-    crate::netns::write_net_sysctl(IP_FORWARD, "1")?;
+    crate::dataplane::netns::write_net_sysctl(IP_FORWARD, "1")?;
     let change = HostChange {
         setting: format!("net.{IP_FORWARD}"),
         before,
@@ -138,7 +138,7 @@ pub fn restore(changes: &[HostChange]) {
             .setting
             .strip_prefix("net.")
             .unwrap_or(&change.setting);
-        match crate::netns::write_net_sysctl(key, &change.before) {
+        match crate::dataplane::netns::write_net_sysctl(key, &change.before) {
             Ok(()) => {
                 info!(setting = %change.setting, value = %change.before, "host setting put back")
             }

@@ -8,9 +8,9 @@ use overlay_common::{ipv4_to_map, EndpointKey, EndpointValue, LocalIface};
 use rtnetlink::Handle;
 
 use crate::{
-    datapath::{Datapath, DatapathError},
-    netlink::{self, LinkInfo, NetlinkError},
-    netns::{self, NetNs},
+    dataplane::datapath::{Datapath, DatapathError},
+    dataplane::netlink::{self, LinkInfo, NetlinkError},
+    dataplane::netns::{self, NetNs},
 };
 
 #[derive(Debug, thiserror::Error)]

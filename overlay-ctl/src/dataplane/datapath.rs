@@ -4,7 +4,7 @@
 //!
 //! Interface indexes and names are resolved in the calling thread's network namespace,
 //! as are attachments: callers working in another namespace call from a thread that
-//! entered it (see [`crate::netns`]).
+//! entered it (see [`crate::dataplane::netns`]).
 use std::{
     collections::{BTreeMap, HashMap},
     ffi::CString,

@@ -3,7 +3,7 @@
 //!
 //! Two passes, each run by the agent every collection period:
 //!
-//! - **Local** ([`collect_local`]): a record of [`crate::local_state`] whose owner and
+//! - **Local** ([`collect_local`]): a record of [`crate::agent::local_state`] whose owner and
 //!   command are gone (pid and start time), or a completed `attach` whose veth is gone,
 //!   is collected: its veth and `run` namespace (names generated from the record, never
 //!   read from the store), then its endpoint entry and addresses in the store (only
@@ -16,7 +16,7 @@
 //!   of a node that is gone: no endpoint entry), endpoint entries naming this node that
 //!   this node has no record of, addresses and endpoint entries of a network that does
 //!   not exist (a killed `network delete`), VNI and subnet claims without their network.
-//!   It only runs while the store is trusted (see [`crate::identity`]).
+//!   It only runs while the store is trusted (see [`crate::store::identity`]).
 //!
 //! Everything collected is logged with what it was and why.
 use std::{
@@ -31,10 +31,10 @@ use rtnetlink::Handle;
 use tracing::{info, warn};
 
 use crate::{
-    consul::ConsulError,
-    local_state::{LocalEndpoint, LocalState, LocalStateError},
-    netlink::{self, NetlinkError},
-    netns::NetNs,
+    agent::local_state::{LocalEndpoint, LocalState, LocalStateError},
+    dataplane::netlink::{self, NetlinkError},
+    dataplane::netns::NetNs,
+    store::consul::ConsulError,
     store::{decode, Endpoint, IpAllocation, Network, Store, StoreError, SubnetClaims},
 };
 
@@ -113,7 +113,7 @@ pub async fn list_links_retrying(handle: &Handle) -> Result<Vec<netlink::LinkInf
 }
 
 /// The first process found in the network namespace mounted at `path`.
-fn process_in_netns(path: &std::path::Path) -> Option<crate::local_state::ProcessId> {
+fn process_in_netns(path: &std::path::Path) -> Option<crate::agent::local_state::ProcessId> {
     use std::os::unix::fs::MetadataExt as _;
     let ns = std::fs::metadata(path).ok()?;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -128,7 +128,7 @@ fn process_in_netns(path: &std::path::Path) -> Option<crate::local_state::Proces
             continue;
         };
         if meta.ino() == ns.ino() && meta.dev() == ns.dev() {
-            if let Ok(process) = crate::local_state::ProcessId::of(pid) {
+            if let Ok(process) = crate::agent::local_state::ProcessId::of(pid) {
                 return Some(process);
             }
         }
@@ -160,19 +160,21 @@ pub async fn adopt_unrecorded(
         if local.get(&entry.network, &entry.id).is_some() {
             continue;
         }
-        let Ok(mut record) =
-            LocalEndpoint::new(&entry.network, &entry.id, crate::local_state::Kind::Attach)
-        else {
+        let Ok(mut record) = LocalEndpoint::new(
+            &entry.network,
+            &entry.id,
+            crate::agent::local_state::Kind::Attach,
+        ) else {
             continue;
         };
         if !links.contains(&record.host_ifname()) {
             continue;
         }
         record.owner = None;
-        let netns = crate::local_state::run_netns_name(&entry.network, &entry.id);
-        let netns_path = std::path::Path::new(crate::netns::NETNS_RUN_DIR).join(&netns);
+        let netns = crate::agent::local_state::run_netns_name(&entry.network, &entry.id);
+        let netns_path = std::path::Path::new(crate::dataplane::netns::NETNS_RUN_DIR).join(&netns);
         if netns_path.exists() {
-            record.kind = crate::local_state::Kind::Run;
+            record.kind = crate::agent::local_state::Kind::Run;
             record.command = process_in_netns(&netns_path);
         }
         let mut endpoint = entry.clone();
@@ -497,7 +499,7 @@ impl Sweeper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::local_state::{Kind as RecordKind, ProcessId};
+    use crate::agent::local_state::{Kind as RecordKind, ProcessId};
 
     #[test]
     fn candidates_ripen_after_the_grace_period_unless_they_change() {

@@ -9,7 +9,7 @@
 //! | `overlay/nodes/<node>` | [`NodeInfo`], held by the node's session |
 //! | `overlay/endpoints/<network>/<id>` | [`Endpoint`] |
 //! | `overlay/config/bootstrapped` | marker written by [`Store::bootstrap`] |
-//! | `overlay/config/cluster-id` | the cluster's identity, see [`crate::identity`] |
+//! | `overlay/config/cluster-id` | the cluster's identity, see [`crate::store::identity`] |
 //! | `overlay/subnets` | [`SubnetClaims`]: every network's subnet, updated with cas=index |
 //! | `overlay/applied/<node>` | the KV index whose state the node's maps hold |
 //!
@@ -17,8 +17,17 @@
 //! whoever creates its key first (`?cas=0`), so concurrent creators and allocators on
 //! different hosts never get the same one. Every input is validated before the first
 //! write, and a multi-key operation that loses a race rolls back what it wrote. Every
-//! record read is validated too, by the same rules, in [`crate::records`] (anyone who can
+//! record read is validated too, by the same rules, in [`crate::store::records`] (anyone who can
 //! write the prefix can write anything): reads skip or refuse invalid records.
+//!
+//! The rest of the store lives beside it: [`consul`] (the Consul HTTP API client),
+//! [`records`] (validation of every record read), [`ipam`] (the address allocator's and
+//! the CLI's naming rules) and [`identity`] (the cluster id that tells a store that lost
+//! its data from the real one).
+pub mod consul;
+pub mod identity;
+pub mod ipam;
+pub mod records;
 use std::{collections::BTreeSet, net::Ipv4Addr, str::FromStr};
 
 use ipnetwork::Ipv4Network;
@@ -27,9 +36,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::{
-    consul::{ConsulClient, ConsulError, KvPair},
-    ipam::{self, IpamError},
-    records,
+    store::consul::{ConsulClient, ConsulError, KvPair},
+    store::ipam::IpamError,
 };
 
 pub const DEFAULT_PREFIX: &str = "overlay/";

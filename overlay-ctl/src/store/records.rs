@@ -33,9 +33,10 @@ use ipnetwork::Ipv4Network;
 use serde::Serialize;
 
 use crate::{
-    consul::KvPair,
-    container, ipam,
-    reconcile::{parse_mac, ClusterState},
+    agent::reconcile::{parse_mac, ClusterState},
+    runtimes::container,
+    store::consul::KvPair,
+    store::ipam,
     store::{self, Endpoint, IpAllocation, Network, NodeInfo},
 };
 
@@ -660,7 +661,7 @@ mod tests {
 
     fn endpoint_json(net: &str, id: &str, ip: &str, node: &str) -> String {
         let ipa: Ipv4Addr = ip.parse().unwrap();
-        let mac = crate::reconcile::format_mac(crate::endpoint::mac_for(ipa));
+        let mac = crate::agent::reconcile::format_mac(crate::dataplane::endpoint::mac_for(ipa));
         let ifname = container::host_ifname(net, id);
         format!(
             r#"{{"id":"{id}","network":"{net}","ip":"{ip}","mac":"{mac}","node":"{node}","vtep":"192.0.2.1","ifname":"{ifname}"}}"#

@@ -14,9 +14,9 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
-    consul::KvPair,
-    datapath::{Datapath, DatapathError},
-    records,
+    dataplane::datapath::{Datapath, DatapathError},
+    store::consul::KvPair,
+    store::records,
     store::{Endpoint, Network, NodeInfo},
 };
 
@@ -465,7 +465,7 @@ mod tests {
             id: id.into(),
             network: network.into(),
             ip,
-            mac: format_mac(crate::endpoint::mac_for(ip)),
+            mac: format_mac(crate::dataplane::endpoint::mac_for(ip)),
             node: node.into(),
             vtep: Ipv4Addr::new(192, 0, 2, 99),
             ifname: format!("ov-{id}"),
@@ -539,7 +539,7 @@ mod tests {
             maps.endpoints[&two],
             EndpointValue::remote(
                 ipv4_to_map([192, 0, 2, 2]),
-                crate::endpoint::mac_for(Ipv4Addr::new(10, 100, 0, 3))
+                crate::dataplane::endpoint::mac_for(Ipv4Addr::new(10, 100, 0, 3))
             )
         );
         assert_eq!(maps.local_ifaces[&42].vni, 7);

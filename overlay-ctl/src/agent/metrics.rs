@@ -13,7 +13,7 @@
 //! | `overlay_consul_request_errors_total`, `overlay_consul_up` | |
 //! | `overlay_endpoints` | `location` (local, remote) |
 //! | `overlay_members` | |
-//! | `overlay_store_records_rejected` (now), `overlay_store_rejections_total` (each record once per reason) | `kind` (network, node, endpoint, ipam), `reason` (see [`crate::records::RejectReason`]) |
+//! | `overlay_store_records_rejected` (now), `overlay_store_rejections_total` (each record once per reason) | `kind` (network, node, endpoint, ipam), `reason` (see [`crate::store::records::RejectReason`]) |
 //! | `overlay_map_missing_entries` (last reconcile) | `map` |
 //! | `overlay_map_update_failures_total` | |
 //! | `overlay_store_state` | `state` (unknown, trusted, missing, foreign, healing): 1 for the current one |
@@ -40,8 +40,8 @@ use overlay_common::{Counter, CounterValue};
 use tokio::net::TcpListener;
 
 use crate::{
-    reconcile::ApplyReport,
-    records::{RecordKind, RejectReason},
+    agent::reconcile::ApplyReport,
+    store::records::{RecordKind, RejectReason},
 };
 
 type RejectionCounts = BTreeMap<(RecordKind, RejectReason), u64>;
@@ -73,9 +73,9 @@ pub struct ControlPlaneMetrics {
     local_endpoints: AtomicU64,
     remote_endpoints: AtomicU64,
     members: AtomicU64,
-    /// The store's trust state ([`crate::identity::Trust`]).
+    /// The store's trust state ([`crate::store::identity::Trust`]).
     store_state: std::sync::Mutex<&'static str>,
-    /// Left-overs collected, by kind ([`crate::gc::Kind`]).
+    /// Left-overs collected, by kind ([`crate::agent::gc::Kind`]).
     gc_collected: std::sync::Mutex<BTreeMap<&'static str, u64>>,
     gc_runs: AtomicU64,
     /// Store records rejected in the last read of the store.
@@ -416,7 +416,7 @@ pub fn render(scrape: &Scrape) -> String {
         "gauge",
         "Whether the store is this cluster's (1 for the current state; missing and foreign: the data plane keeps its last state).",
     );
-    for trust in crate::identity::Trust::ALL {
+    for trust in crate::store::identity::Trust::ALL {
         let state = trust.name();
         let current = if current.is_empty() {
             "unknown"
@@ -447,7 +447,7 @@ pub fn render(scrape: &Scrape) -> String {
         "counter",
         "Left-overs of crashed commands and outages collected, by kind.",
     );
-    for kind in crate::gc::Kind::ALL {
+    for kind in crate::agent::gc::Kind::ALL {
         family.sample(
             "overlay_gc_collected_total",
             &[("kind", kind.name())],
