@@ -141,29 +141,43 @@ pub struct TestRunOutcome {
     pub duration: std::time::Duration,
 }
 
-/// How the container program is attached to one host-side veth.
-enum TcAttachment {
-    /// A TCX link pinned under `links/`: survives the agent.
+/// How a program is attached to one interface (the underlay, or a host-side veth).
+enum Attachment {
+    /// An XDP or TCX link pinned under `links/`: survives the agent.
     Pinned(PinnedLink),
-    /// A netlink filter on a clsact qdisc (kernels before 6.6): not a pinnable object,
+    /// A netlink filter on a clsact qdisc (TC before Linux 6.6): not a pinnable object,
     /// but it outlives the process unless detached.
     Netlink(SchedClassifierLink),
 }
 
-/// How the underlay program is attached.
-enum UnderlayAttachment {
-    /// An XDP or TCX link pinned under `links/`: survives the agent.
-    Pinned(PinnedLink),
-    /// A netlink filter on a clsact qdisc (TC before Linux 6.6).
-    Netlink(SchedClassifierLink),
+impl Attachment {
+    /// Detaches: unpinning a link (which detaches it unless someone else holds it), or
+    /// removing a netlink filter. A filter whose interface is gone went with it.
+    fn detach(self, ifindex: u32, name: &'static str) -> Result<()> {
+        match self {
+            Attachment::Pinned(link) => {
+                let _ = link.unpin();
+                Ok(())
+            }
+            Attachment::Netlink(link) => {
+                use aya::programs::Link as _;
+                match link.detach() {
+                    Err(source) if interface_exists(ifindex) => {
+                        Err(DatapathError::Program { name, source })
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
 }
 
 /// Loaded programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_root: PathBuf,
-    underlay: Option<(u32, UnderlayHook, UnderlayAttachment)>,
-    containers: HashMap<u32, TcAttachment>,
+    underlay: Option<(u32, UnderlayHook, Attachment)>,
+    containers: HashMap<u32, Attachment>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -263,7 +277,7 @@ impl Datapath {
             // A netlink filter on the interface we just attached to was replaced already.
             let same_filter = old_ifindex == ifindex && old_hook == hook;
             if !same_filter {
-                detach_underlay_attachment(old, old_ifindex);
+                detach_underlay(old, old_ifindex, old_hook);
             }
         }
         self.underlay = Some((ifindex, hook, attachment));
@@ -281,7 +295,7 @@ impl Datapath {
         dir: &Path,
         ifindex: u32,
         mode: XdpAttachMode,
-    ) -> Result<UnderlayAttachment> {
+    ) -> Result<Attachment> {
         let pin = dir.join(format!("{XDP_LINK_PREFIX}{ifindex}"));
         let name = program_names::UNDERLAY_XDP;
         let program = xdp_program(&mut self.ebpf, name)?;
@@ -308,36 +322,15 @@ impl Datapath {
             path: pin.clone(),
             message: format!("XDP attached without a BPF link: {e}"),
         })?;
-        Ok(UnderlayAttachment::Pinned(repin(fd_link, &pin)?))
+        Ok(Attachment::Pinned(repin(fd_link, &pin)?))
     }
 
-    fn attach_underlay_tc(&mut self, dir: &Path, ifindex: u32) -> Result<UnderlayAttachment> {
+    fn attach_underlay_tc(&mut self, dir: &Path, ifindex: u32) -> Result<Attachment> {
         let iface =
             name_of(ifindex).ok_or(DatapathError::UnknownInterface(format!("#{ifindex}")))?;
         let name = program_names::UNDERLAY_TC;
-        let program = tc_program(&mut self.ebpf, name)?;
-        if !tcx_supported() {
-            add_clsact(&iface)?;
-            // A filter an earlier agent left would run next to ours: replace it.
-            let _ = tc::qdisc_detach_program(&iface, TcAttachType::Ingress, name);
-            let link_id = program
-                .attach(&iface, TcAttachType::Ingress)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = program
-                .take_link(link_id)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            return Ok(UnderlayAttachment::Netlink(link));
-        }
         let pin = dir.join(format!("{UNDERLAY_TC_LINK_PREFIX}{ifindex}"));
-        let link_id = take_over_or_attach_tc(program, name, &pin, &iface)?;
-        let link = program
-            .take_link(link_id)
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Pin {
-            path: pin.clone(),
-            message: format!("TC attached without a BPF link: {e}"),
-        })?;
-        Ok(UnderlayAttachment::Pinned(repin(fd_link, &pin)?))
+        attach_tc_ingress(tc_program(&mut self.ebpf, name)?, name, &iface, &pin)
     }
 
     pub fn underlay_ifindex(&self) -> Option<u32> {
@@ -351,8 +344,8 @@ impl Datapath {
 
     /// Detaches the underlay program (and removes its pin).
     pub fn detach_underlay(&mut self) -> Result<()> {
-        if let Some((ifindex, _, attachment)) = self.underlay.take() {
-            detach_underlay_attachment(attachment, ifindex);
+        if let Some((ifindex, hook, attachment)) = self.underlay.take() {
+            detach_underlay(attachment, ifindex, hook);
         }
         if let Ok(dir) = self.links_dir() {
             remove_other_pins(&dir, XDP_LINK_PREFIX, &[]);
@@ -370,34 +363,10 @@ impl Datapath {
             return Ok(ifindex);
         }
         let name = program_names::CONTAINER_TC;
-        if !tcx_supported() {
-            add_clsact(host_veth)?;
-            // A filter an earlier agent left would run next to ours: replace it.
-            let _ = tc::qdisc_detach_program(host_veth, TcAttachType::Ingress, name);
-            let program = tc_program(&mut self.ebpf, name)?;
-            let link_id = program
-                .attach(host_veth, TcAttachType::Ingress)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = program
-                .take_link(link_id)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            self.containers.insert(ifindex, TcAttachment::Netlink(link));
-            return Ok(ifindex);
-        }
-        let dir = self.links_dir()?;
-        let pin = dir.join(format!("{TC_LINK_PREFIX}{ifindex}"));
-        let program = tc_program(&mut self.ebpf, name)?;
-        let link_id = take_over_or_attach_tc(program, name, &pin, host_veth)?;
-        let link = program
-            .take_link(link_id)
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Pin {
-            path: pin.clone(),
-            message: format!("TC attached without a BPF link: {e}"),
-        })?;
-        let pinned = repin(fd_link, &pin)?;
-        self.containers
-            .insert(ifindex, TcAttachment::Pinned(pinned));
+        let pin = self.links_dir()?.join(format!("{TC_LINK_PREFIX}{ifindex}"));
+        let attachment =
+            attach_tc_ingress(tc_program(&mut self.ebpf, name)?, name, host_veth, &pin)?;
+        self.containers.insert(ifindex, attachment);
         Ok(ifindex)
     }
 
@@ -405,18 +374,7 @@ impl Datapath {
     /// took its attachment with it, which is not an error.
     pub fn detach_container(&mut self, ifindex: u32) -> Result<()> {
         match self.containers.remove(&ifindex) {
-            Some(TcAttachment::Pinned(link)) => {
-                let _ = link.unpin();
-            }
-            Some(TcAttachment::Netlink(link)) => {
-                use aya::programs::Link as _;
-                let name = program_names::CONTAINER_TC;
-                match link.detach() {
-                    Ok(()) => {}
-                    Err(_) if !interface_exists(ifindex) => {}
-                    Err(source) => return Err(DatapathError::Program { name, source }),
-                }
-            }
+            Some(attachment) => attachment.detach(ifindex, program_names::CONTAINER_TC)?,
             None => {
                 let _ = std::fs::remove_file(
                     self.pin_root
@@ -438,11 +396,11 @@ impl Datapath {
     /// traffic flows on while no agent runs.
     pub fn release(mut self) {
         for (_, attachment) in self.containers.drain() {
-            if let TcAttachment::Netlink(link) = attachment {
+            if let Attachment::Netlink(link) = attachment {
                 std::mem::forget(link);
             }
         }
-        if let Some((_, _, UnderlayAttachment::Netlink(link))) = self.underlay.take() {
+        if let Some((_, _, Attachment::Netlink(link))) = self.underlay.take() {
             std::mem::forget(link);
         }
     }
@@ -703,14 +661,26 @@ const TC_LINK_PREFIX: &str = "tc-";
 /// The underlay's TC decap link (`tcu-` does not match the containers' `tc-` prefix).
 const UNDERLAY_TC_LINK_PREFIX: &str = "tcu-";
 
-/// Takes over the TCX link pinned at `pin` with an atomic program replacement, or
-/// attaches `program` to `iface`'s ingress afresh.
-fn take_over_or_attach_tc(
+/// Attaches `program` to `iface`'s TC ingress: a TCX link pinned at `pin` (taking over
+/// the link an earlier agent pinned there with an atomic program replacement), or before
+/// Linux 6.6 a clsact qdisc and netlink filter, replacing a filter an earlier agent left.
+fn attach_tc_ingress(
     program: &mut SchedClassifier,
     name: &'static str,
-    pin: &Path,
     iface: &str,
-) -> Result<aya::programs::tc::SchedClassifierLinkId> {
+    pin: &Path,
+) -> Result<Attachment> {
+    let program_error = |source| DatapathError::Program { name, source };
+    if !tcx_supported() {
+        add_clsact(iface)?;
+        let _ = tc::qdisc_detach_program(iface, TcAttachType::Ingress, name);
+        let link_id = program
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(program_error)?;
+        return Ok(Attachment::Netlink(
+            program.take_link(link_id).map_err(program_error)?,
+        ));
+    }
     let taken_over = match pinned_fd_link(pin) {
         Some(fd_link) => match SchedClassifierLink::try_from(fd_link) {
             Ok(link) => program.attach_to_link(link).ok(),
@@ -718,15 +688,21 @@ fn take_over_or_attach_tc(
         },
         None => None,
     };
-    match taken_over {
-        Some(id) => Ok(id),
+    let link_id = match taken_over {
+        Some(id) => id,
         None => {
             let _ = std::fs::remove_file(pin);
             program
                 .attach(iface, TcAttachType::Ingress)
-                .map_err(|source| DatapathError::Program { name, source })
+                .map_err(program_error)?
         }
-    }
+    };
+    let link = program.take_link(link_id).map_err(program_error)?;
+    let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Pin {
+        path: pin.to_path_buf(),
+        message: format!("TC attached without a BPF link: {e}"),
+    })?;
+    Ok(Attachment::Pinned(repin(fd_link, pin)?))
 }
 
 /// Adds a clsact qdisc to `iface` unless it has one (TC before Linux 6.6).
@@ -740,21 +716,15 @@ fn add_clsact(iface: &str) -> Result<()> {
     }
 }
 
-/// Detaches an underlay attachment: unpinning a link (which detaches it unless someone
-/// else holds it), or removing a netlink filter (gone already with its interface).
-fn detach_underlay_attachment(attachment: UnderlayAttachment, ifindex: u32) {
-    match attachment {
-        UnderlayAttachment::Pinned(link) => {
-            let _ = link.unpin();
-        }
-        UnderlayAttachment::Netlink(link) => {
-            use aya::programs::Link as _;
-            if let Err(e) = link.detach() {
-                if interface_exists(ifindex) {
-                    tracing::warn!(ifindex, error = %e, "cannot detach the underlay TC filter");
-                }
-            }
-        }
+/// Detaches the underlay program; a failure only costs a warning (the new attachment is
+/// in place, or the agent is going away).
+fn detach_underlay(attachment: Attachment, ifindex: u32, hook: UnderlayHook) {
+    let name = match hook {
+        UnderlayHook::Xdp(_) => program_names::UNDERLAY_XDP,
+        UnderlayHook::TcIngress => program_names::UNDERLAY_TC,
+    };
+    if let Err(e) = attachment.detach(ifindex, name) {
+        tracing::warn!(ifindex, error = %e, "cannot detach the underlay program");
     }
 }
 
