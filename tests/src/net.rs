@@ -1,7 +1,8 @@
 //! Traffic for the tests, from plain sockets (no external tools, so the same binaries run
 //! inside minimal VMs): ICMP echo, bulk TCP with a digest, UDP datagrams.
 use std::{
-    io::{Read, Write},
+    collections::HashMap,
+    io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
@@ -120,25 +121,32 @@ pub fn tcp_listen(addr: Ipv4Addr, port: u16) -> TcpListener {
 }
 
 pub fn tcp_receive_all(listener: &TcpListener, timeout: Duration) -> (usize, u64) {
-    let (mut stream, _) = listener.accept().expect("accept");
-    stream.set_read_timeout(Some(timeout)).unwrap();
+    receive_stream(listener, timeout).expect("receive the whole stream")
+}
+
+/// Accepts one connection and reads it to EOF; (bytes, digest).
+pub fn receive_stream(listener: &TcpListener, timeout: Duration) -> io::Result<(usize, u64)> {
+    let (mut stream, _) = listener.accept()?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut data = Vec::new();
-    stream
-        .read_to_end(&mut data)
-        .expect("read the whole stream");
-    (data.len(), digest(&data))
+    stream.read_to_end(&mut data)?;
+    Ok((data.len(), digest(&data)))
 }
 
 pub fn tcp_send_all(dst: Ipv4Addr, port: u16, data: &[u8], timeout: Duration) {
-    let mut stream =
+    let stream =
         TcpStream::connect_timeout(&SocketAddrV4::new(dst, port).into(), timeout).expect("connect");
-    stream.set_write_timeout(Some(timeout)).unwrap();
-    stream.write_all(data).expect("write");
-    stream.shutdown(std::net::Shutdown::Write).unwrap();
-    // Wait for the peer to close: all data acknowledged and read.
-    let mut rest = Vec::new();
-    stream.set_read_timeout(Some(timeout)).unwrap();
-    let _ = stream.read_to_end(&mut rest);
+    send_stream(stream, data, timeout).expect("send the whole stream");
+}
+
+/// Writes everything on a connected stream, half-closes it and waits for the peer's
+/// close (all data acknowledged and read on the other side).
+pub fn send_stream(mut stream: TcpStream, data: &[u8], timeout: Duration) -> io::Result<()> {
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(data)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    stream.read_to_end(&mut Vec::new()).map(|_| ())
 }
 
 /// Sends `count` datagrams of `len` bytes from `src` to `dst`.
@@ -234,27 +242,38 @@ fn sockaddr(dst: Ipv4Addr) -> libc::sockaddr_in {
 /// (`/proc/net/snmp`): segments and datagrams the stack dropped for a bad checksum.
 pub fn checksum_errors() -> (u64, u64) {
     let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
-    (
-        snmp_value(&snmp, "Tcp:", "InCsumErrors"),
-        snmp_value(&snmp, "Udp:", "InCsumErrors"),
-    )
+    let table = parse_snmp(&snmp);
+    let counter = |proto: &str| {
+        let value = table
+            .get(&(proto.to_string(), "InCsumErrors".to_string()))
+            .unwrap_or_else(|| panic!("no {proto} InCsumErrors in /proc/net/snmp"));
+        u64::try_from(*value).expect("a counter is never negative")
+    };
+    (counter("Tcp"), counter("Udp"))
 }
 
-/// One counter of `/proc/net/snmp`, whose sections are a header line and a value line.
-fn snmp_value(snmp: &str, section: &str, name: &str) -> u64 {
-    let mut lines = snmp.lines().filter(|l| l.starts_with(section));
-    let (Some(header), Some(values)) = (lines.next(), lines.next()) else {
-        panic!("no {section} section in /proc/net/snmp");
-    };
-    let column = header
-        .split_whitespace()
-        .position(|h| h == name)
-        .unwrap_or_else(|| panic!("no {section} {name} in /proc/net/snmp"));
-    values
-        .split_whitespace()
-        .nth(column)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("unreadable {section} {name}"))
+/// `/proc/net/snmp` as (protocol, counter) -> value: each protocol has a header line of
+/// names and a line of values.
+pub fn parse_snmp(text: &str) -> HashMap<(String, String), i64> {
+    let mut table = HashMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [header, values] = pair else { continue };
+        let (Some((proto, names)), Some((proto2, numbers))) =
+            (header.split_once(':'), values.split_once(':'))
+        else {
+            continue;
+        };
+        if proto != proto2 {
+            continue;
+        }
+        for (name, number) in names.split_whitespace().zip(numbers.split_whitespace()) {
+            if let Ok(n) = number.parse() {
+                table.insert((proto.to_string(), name.to_string()), n);
+            }
+        }
+    }
+    table
 }
 
 /// Receives datagrams on `socket` until `count` arrived or `timeout` passed; returns the
@@ -281,4 +300,20 @@ pub fn udp_receive_matching(
         }
     }
     matching
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_snmp() {
+        let text = "Ip: Forwarding InReceives\nIp: 1 99\n\
+                    Tcp: RtoAlgorithm InSegs InCsumErrors\nTcp: 1 1234 0\n\
+                    Udp: InDatagrams InCsumErrors\nUdp: 7 3\n";
+        let table = parse_snmp(text);
+        assert_eq!(table[&("Tcp".into(), "InCsumErrors".into())], 0);
+        assert_eq!(table[&("Udp".into(), "InCsumErrors".into())], 3);
+        assert_eq!(table[&("Ip".into(), "InReceives".into())], 99);
+    }
 }

@@ -12,7 +12,7 @@
 //! its own deadline in the guest too, so a guest never blocks forever.
 use std::{
     collections::{BTreeMap, HashMap},
-    io::{self, BufRead, Read, Write},
+    io::{self, BufRead, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     sync::mpsc,
     time::{Duration, Instant},
@@ -263,7 +263,7 @@ impl PairNode {
             .with_context(|| format!("bind {ip}:{port}"))?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(receive_all(&listener, Duration::from_secs(120)));
+            let _ = tx.send(net::receive_stream(&listener, Duration::from_secs(120)));
         });
         self.listeners.insert(port, rx);
         Ok(format!("listening on {ip}:{port}"))
@@ -276,11 +276,9 @@ impl PairNode {
         self.container
             .ns()
             .run(|| {
-                send_all(
-                    SocketAddrV4::new(dst, port),
-                    &data,
-                    Duration::from_secs(120),
-                )
+                let dst = SocketAddrV4::new(dst, port);
+                let stream = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(30))?;
+                net::send_stream(stream, &data, Duration::from_secs(120))
             })?
             .with_context(|| format!("send {len} bytes to {dst}:{port}"))?;
         let secs = started.elapsed().as_secs_f64();
@@ -309,7 +307,7 @@ impl PairNode {
             .container
             .ns()
             .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
-        let table = parse_snmp(&text);
+        let table = net::parse_snmp(&text);
         let mut out = Vec::new();
         for (proto, field) in [
             ("Tcp", "InCsumErrors"),
@@ -399,51 +397,6 @@ async fn xdp_attached(ifindex: u32) -> Result<String> {
         "xdp-attached={}",
         attached.unwrap_or_else(|| "none".into())
     ))
-}
-
-/// `(protocol, field) -> value` from /proc/net/snmp's header/value line pairs.
-pub fn parse_snmp(text: &str) -> HashMap<(String, String), i64> {
-    let mut table = HashMap::new();
-    let lines: Vec<&str> = text.lines().collect();
-    for pair in lines.chunks(2) {
-        let [header, values] = pair else { continue };
-        let (Some((proto, names)), Some((proto2, numbers))) =
-            (header.split_once(':'), values.split_once(':'))
-        else {
-            continue;
-        };
-        if proto != proto2 {
-            continue;
-        }
-        for (name, number) in names.split_whitespace().zip(numbers.split_whitespace()) {
-            if let Ok(n) = number.parse() {
-                table.insert((proto.to_string(), name.to_string()), n);
-            }
-        }
-    }
-    table
-}
-
-/// Accepts one connection and reads it to EOF; (bytes, digest).
-fn receive_all(listener: &TcpListener, timeout: Duration) -> io::Result<(usize, u64)> {
-    let (mut stream, _) = listener.accept()?;
-    stream.set_read_timeout(Some(timeout))?;
-    let mut data = Vec::new();
-    stream.read_to_end(&mut data)?;
-    Ok((data.len(), net::digest(&data)))
-}
-
-/// Connects, writes everything, half-closes and waits for the peer's close (all data
-/// read on the other side).
-fn send_all(dst: SocketAddrV4, data: &[u8], timeout: Duration) -> io::Result<()> {
-    let mut stream = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(30))?;
-    stream.set_write_timeout(Some(timeout))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(data)?;
-    stream.shutdown(std::net::Shutdown::Write)?;
-    let mut rest = Vec::new();
-    stream.read_to_end(&mut rest)?;
-    Ok(())
 }
 
 /// An error chain on one line (markers are one line each), without repeating causes
@@ -556,16 +509,5 @@ mod tests {
         assert_eq!(one_line(&error), "program x: netlink error: MTU too large");
         let error = anyhow!("os error 22").context("attach").context("set up");
         assert_eq!(one_line(&error), "set up: attach: os error 22");
-    }
-
-    #[test]
-    fn parses_snmp() {
-        let text = "Ip: Forwarding InReceives\nIp: 1 99\n\
-                    Tcp: RtoAlgorithm InSegs InCsumErrors\nTcp: 1 1234 0\n\
-                    Udp: InDatagrams InCsumErrors\nUdp: 7 3\n";
-        let table = parse_snmp(text);
-        assert_eq!(table[&("Tcp".into(), "InCsumErrors".into())], 0);
-        assert_eq!(table[&("Udp".into(), "InCsumErrors".into())], 3);
-        assert_eq!(table[&("Ip".into(), "InReceives".into())], 99);
     }
 }

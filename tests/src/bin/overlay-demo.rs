@@ -5,7 +5,6 @@
 //! removed when it ends. Run it through
 //! `cargo xtask demo` (as root).
 use std::{
-    io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     process::ExitCode,
     time::{Duration, Instant},
@@ -43,7 +42,7 @@ fn transfer_tool(args: &[String]) -> Option<ExitCode> {
             let data = net::pattern(bytes.parse().ok()?, 11);
             // The sink's command starts a moment after its address is listed.
             let deadline = Instant::now() + Duration::from_secs(10);
-            let mut stream = loop {
+            let stream = loop {
                 match TcpStream::connect_timeout(&dst.into(), Duration::from_secs(1)) {
                     Ok(stream) => break stream,
                     Err(e) if Instant::now() > deadline => {
@@ -53,12 +52,7 @@ fn transfer_tool(args: &[String]) -> Option<ExitCode> {
                     Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
             };
-            let sent = stream
-                .write_all(&data)
-                .and_then(|()| stream.shutdown(std::net::Shutdown::Write))
-                // The sink closes once it has read everything.
-                .and_then(|()| stream.read_to_end(&mut Vec::new()).map(|_| ()));
-            if let Err(e) = sent {
+            if let Err(e) = net::send_stream(stream, &data, Duration::from_secs(30)) {
                 eprintln!("tcp-send: {e}");
                 return Some(ExitCode::FAILURE);
             }
