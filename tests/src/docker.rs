@@ -7,14 +7,15 @@
 use std::{
     fs::File,
     os::{fd::AsRawFd, unix::process::CommandExt},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
+pub use crate::harness::assert_ok;
 use crate::{
     cluster::{wait_exit, Bins, DevConsul, Node},
-    harness::{unique_name, wait_until},
+    harness::{kill_processes_naming, unique_name, wait_until},
     topology::Underlay,
 };
 
@@ -265,40 +266,6 @@ impl Drop for DockerHost {
         kill_processes_naming(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// SIGKILLs every process whose command line contains `dir` (unique to one test).
-fn kill_processes_naming(dir: &Path) {
-    let needle = dir.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-pub fn assert_ok(what: &str, out: &Output) {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 pub fn assert_contains(text: &str, wanted: &str) {

@@ -1,6 +1,7 @@
 //! Guards for kernel state (removed on drop, also when a test fails) and deadline waits.
 use std::{
     path::{Path, PathBuf},
+    process::Output,
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -155,4 +156,39 @@ pub fn block_on<R>(f: impl std::future::Future<Output = R>) -> R {
         .build()
         .unwrap()
         .block_on(f)
+}
+
+/// SIGKILLs every process whose command line contains `dir` (unique to one test).
+pub fn kill_processes_naming(dir: &Path) {
+    let needle = dir.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Asserts that a command exited 0, showing its output otherwise.
+pub fn assert_ok(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -21,7 +21,7 @@ use overlay_tests::{
     bins,
     cluster::{start_cluster, wait_exit, Bins, Node},
     cni,
-    harness::{require_root, unique_name, wait_until},
+    harness::{assert_ok, kill_processes_naming, require_root, unique_name, wait_until},
     net,
     topology::Underlay,
 };
@@ -276,30 +276,6 @@ impl Drop for Containerd {
     }
 }
 
-/// SIGKILLs every process whose command line contains `dir` (unique to one test).
-fn kill_processes_naming(dir: &Path) {
-    let needle = dir.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
 /// The address of the endpoint ctr's CNI ADD registered for container `id`.
 fn endpoint_address(node: &Node, id: &str) -> Ipv4Addr {
     let owner = format!("cni:default-{id}:eth0");
@@ -359,16 +335,6 @@ fn exec_until_ok(host: &Containerd, id: &str, cmd: &[&str]) -> Output {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn assert_ok(what: &str, out: &Output) {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
