@@ -29,8 +29,11 @@ use tracing::{error, info, warn};
 use crate::{
     agent::local_state::{write_private_file, LocalState},
     agent::reconcile::ClusterState,
-    store::consul::KvPair,
-    store::{IpAllocation, Store, StoreError},
+    store::{
+        backend::{KvBackend as _, KvPair},
+        keys::Keys,
+        Endpoint, IpAllocation, Network, Store, StoreError,
+    },
 };
 
 pub const CLUSTER_ID_FILE: &str = "cluster-id";
@@ -75,12 +78,12 @@ fn random_hex() -> String {
 }
 
 pub fn cluster_id_key(store: &Store) -> String {
-    format!("{}config/cluster-id", store.prefix())
+    store.keys().cluster_id()
 }
 
 /// The cluster id in one full read of the prefix (`None`: absent or unreadable).
 pub fn find(prefix: &str, pairs: &[KvPair]) -> Option<ClusterId> {
-    let key = format!("{prefix}config/cluster-id");
+    let key = Keys::new(prefix).cluster_id();
     let pair = pairs.iter().find(|p| p.key == key)?;
     serde_json::from_slice(&pair.value).ok()
 }
@@ -89,12 +92,12 @@ pub fn find(prefix: &str, pairs: &[KvPair]) -> Option<ClusterId> {
 /// one, or the one this agent already belongs to (`known`) restored.
 pub async fn ensure_cluster_id(store: &Store, known: Option<&ClusterId>) -> Result<(), StoreError> {
     let key = cluster_id_key(store);
-    if store.client().get(&key).await?.is_none() {
+    if store.kv().get(&key).await?.is_none() {
         let id = known
             .map(ClusterId::restored)
             .unwrap_or_else(ClusterId::generate);
         if store
-            .client()
+            .kv()
             .put_cas(&key, &serde_json::to_vec(&id).unwrap_or_default(), 0)
             .await?
         {
@@ -230,92 +233,123 @@ impl Identity {
         read: ClusterState,
         now: Instant,
     ) -> (Judgement, Actions) {
-        let mut actions = Actions::default();
         let Some(remembered) = self.remembered.clone() else {
-            if let Some(found) = found {
-                info!(cluster = %found.cluster, "cluster id learnt from the store");
-                self.remember(found);
-                self.set(Trust::Trusted, None);
-            } else {
-                self.set(Trust::Unknown, None);
-            }
-            self.last_trusted = Some(read.clone());
-            return (Judgement::Apply(read), actions);
+            return self.first_sight(found, read);
         };
         match found {
-            None => {
-                if self.trust != Trust::Missing {
-                    error!(
-                        cluster = %remembered.cluster,
-                        networks = read.networks.len(),
-                        nodes = read.nodes.len(),
-                        endpoints = read.endpoints.len(),
-                        "THE STORE HAS LOST THE CLUSTER'S DATA (its cluster id is gone): the data plane keeps the last known state; restoring the cluster id and republishing this node's records"
-                    );
-                }
-                self.set(
-                    Trust::Missing,
-                    Some(format!(
-                        "the store has no cluster id (this node knows {}): it lost its data; keeping the last state",
-                        remembered.cluster
-                    )),
-                );
-                actions.restore = Some(remembered.restored());
-                (Judgement::Hold, actions)
-            }
+            None => self.store_lost_its_data(&remembered, &read),
             Some(found) if found.cluster != remembered.cluster => {
-                if self.trust != Trust::Foreign {
-                    error!(
-                        found = %found.cluster,
-                        expected = %remembered.cluster,
-                        "THE STORE BELONGS TO ANOTHER CLUSTER: ignoring it; the data plane keeps the last known state (point the agent at its own store)"
-                    );
-                }
-                self.set(
-                    Trust::Foreign,
-                    Some(format!(
-                        "the store is cluster {}, this node belongs to {}; keeping the last state",
-                        found.cluster, remembered.cluster
-                    )),
-                );
-                (Judgement::Hold, actions)
+                self.store_is_foreign(&found, &remembered)
             }
-            Some(found) => {
-                if found.incarnation != remembered.incarnation {
-                    warn!(
-                        cluster = %found.cluster,
-                        "the store was restored after losing its data: republishing this node's records; nothing is removed from the data plane for {:?}",
-                        self.heal_period
-                    );
-                    self.remember(found);
-                    self.heal_until = Some(now + self.heal_period);
-                    actions.republish = true;
-                }
-                match self.heal_until {
-                    Some(until) if now < until => {
-                        self.set(
-                            Trust::Healing,
-                            Some(
-                                "the store was restored; nodes are republishing their records"
-                                    .into(),
-                            ),
-                        );
-                        let merged = merge(self.last_trusted.as_ref(), read);
-                        (Judgement::Apply(merged), actions)
-                    }
-                    _ => {
-                        let was_untrusted = self.heal_until.take().is_some()
-                            || matches!(self.trust, Trust::Missing | Trust::Foreign);
-                        if was_untrusted {
-                            info!(cluster = %found_cluster(&self.remembered), "the store is trusted again");
-                        }
-                        self.set(Trust::Trusted, None);
-                        self.last_trusted = Some(read.clone());
-                        (Judgement::Apply(read), actions)
-                    }
-                }
-            }
+            Some(found) => self.same_cluster(found, &remembered, read, now),
         }
+    }
+
+    /// No id remembered yet: learn the store's (if any) and apply what it holds.
+    fn first_sight(
+        &mut self,
+        found: Option<ClusterId>,
+        read: ClusterState,
+    ) -> (Judgement, Actions) {
+        if let Some(found) = found {
+            info!(cluster = %found.cluster, "cluster id learnt from the store");
+            self.remember(found);
+            self.set(Trust::Trusted, None);
+        } else {
+            self.set(Trust::Unknown, None);
+        }
+        self.last_trusted = Some(read.clone());
+        (Judgement::Apply(read), Actions::default())
+    }
+
+    /// The store has no id but this agent remembers one: hold, and restore the id.
+    fn store_lost_its_data(
+        &mut self,
+        remembered: &ClusterId,
+        read: &ClusterState,
+    ) -> (Judgement, Actions) {
+        if self.trust != Trust::Missing {
+            error!(
+                cluster = %remembered.cluster,
+                networks = read.networks.len(),
+                nodes = read.nodes.len(),
+                endpoints = read.endpoints.len(),
+                "THE STORE HAS LOST THE CLUSTER'S DATA (its cluster id is gone): the data plane keeps the last known state; restoring the cluster id and republishing this node's records"
+            );
+        }
+        self.set(
+            Trust::Missing,
+            Some(format!(
+                "the store has no cluster id (this node knows {}): it lost its data; keeping the last state",
+                remembered.cluster
+            )),
+        );
+        let actions = Actions {
+            restore: Some(remembered.restored()),
+            ..Actions::default()
+        };
+        (Judgement::Hold, actions)
+    }
+
+    /// The store holds another cluster's id: hold, write nothing.
+    fn store_is_foreign(
+        &mut self,
+        found: &ClusterId,
+        remembered: &ClusterId,
+    ) -> (Judgement, Actions) {
+        if self.trust != Trust::Foreign {
+            error!(
+                found = %found.cluster,
+                expected = %remembered.cluster,
+                "THE STORE BELONGS TO ANOTHER CLUSTER: ignoring it; the data plane keeps the last known state (point the agent at its own store)"
+            );
+        }
+        self.set(
+            Trust::Foreign,
+            Some(format!(
+                "the store is cluster {}, this node belongs to {}; keeping the last state",
+                found.cluster, remembered.cluster
+            )),
+        );
+        (Judgement::Hold, Actions::default())
+    }
+
+    /// This agent's cluster: trusted, or healing (merged with the last trusted state)
+    /// for a while after the store was restored under a new incarnation.
+    fn same_cluster(
+        &mut self,
+        found: ClusterId,
+        remembered: &ClusterId,
+        read: ClusterState,
+        now: Instant,
+    ) -> (Judgement, Actions) {
+        let mut actions = Actions::default();
+        if found.incarnation != remembered.incarnation {
+            warn!(
+                cluster = %found.cluster,
+                "the store was restored after losing its data: republishing this node's records; nothing is removed from the data plane for {:?}",
+                self.heal_period
+            );
+            self.remember(found);
+            self.heal_until = Some(now + self.heal_period);
+            actions.republish = true;
+        }
+        if self.heal_until.is_some_and(|until| now < until) {
+            self.set(
+                Trust::Healing,
+                Some("the store was restored; nodes are republishing their records".into()),
+            );
+            let merged = merge(self.last_trusted.as_ref(), read);
+            return (Judgement::Apply(merged), actions);
+        }
+        let was_untrusted = self.heal_until.take().is_some()
+            || matches!(self.trust, Trust::Missing | Trust::Foreign);
+        if was_untrusted {
+            info!(cluster = %found_cluster(&self.remembered), "the store is trusted again");
+        }
+        self.set(Trust::Trusted, None);
+        self.last_trusted = Some(read.clone());
+        (Judgement::Apply(read), actions)
     }
 }
 
@@ -359,7 +393,7 @@ pub fn merge(last: Option<&ClusterState>, read: ClusterState) -> ClusterState {
 /// another agent may be doing the same).
 pub async fn restore(store: &Store, id: &ClusterId) -> Result<bool, StoreError> {
     let written = store
-        .client()
+        .kv()
         .put_cas(
             &cluster_id_key(store),
             &serde_json::to_vec(id).unwrap_or_default(),
@@ -367,8 +401,8 @@ pub async fn restore(store: &Store, id: &ClusterId) -> Result<bool, StoreError> 
         )
         .await?;
     store
-        .client()
-        .put_cas(&store.bootstrap_key(), b"true", 0)
+        .kv()
+        .put_cas(&store.keys().bootstrap(), b"true", 0)
         .await?;
     if written {
         warn!(cluster = %id.cluster, incarnation = %id.incarnation, "restored the cluster id into the store");
@@ -385,65 +419,70 @@ pub async fn republish(
     local: &LocalState,
     last: Option<&ClusterState>,
 ) -> Result<usize, StoreError> {
-    let client = store.client();
-    let prefix = store.prefix();
     let mut written = 0;
-    if let Some(last) = last {
-        for network in &last.networks {
-            let key = format!("{prefix}networks/{}", network.name);
-            if client
-                .put_cas(&key, &serde_json::to_vec(network).unwrap_or_default(), 0)
-                .await?
-            {
-                written += 1;
-            }
-            if client
-                .put_cas(&store.vni_key(network.vni), network.name.as_bytes(), 0)
-                .await?
-            {
-                written += 1;
-            }
-            match store.claim_subnet(&network.name, network.subnet).await {
-                Ok(true) => written += 1,
-                Ok(false) => {}
-                Err(StoreError::Consul(e)) => return Err(e.into()),
-                Err(e) => {
-                    warn!(network = %network.name, error = %e, "cannot republish the subnet claim")
-                }
-            }
-        }
+    for network in last.map(|l| l.networks.as_slice()).unwrap_or_default() {
+        written += republish_network(store, network).await?;
     }
     let (records, _) = local.load_all();
     for record in records.iter().filter(|r| r.in_use()) {
-        let Some(endpoint) = &record.endpoint else {
-            continue;
-        };
-        let allocation = IpAllocation {
-            endpoint: endpoint.id.clone(),
-            node: node.to_string(),
-        };
-        let ipam = format!("{prefix}ipam/{}/{}", endpoint.network, endpoint.ip);
-        if client
-            .put_cas(
-                &ipam,
-                &serde_json::to_vec(&allocation).unwrap_or_default(),
-                0,
-            )
-            .await?
-        {
-            written += 1;
-        }
-        let mut endpoint = endpoint.clone();
-        endpoint.node = node.to_string();
-        let key = format!("{prefix}endpoints/{}/{}", endpoint.network, endpoint.id);
-        if client
-            .put_cas(&key, &serde_json::to_vec(&endpoint).unwrap_or_default(), 0)
-            .await?
-        {
-            written += 1;
+        if let Some(endpoint) = &record.endpoint {
+            written += republish_endpoint(store, node, endpoint).await?;
         }
     }
     info!(written, "republished this node's records");
+    Ok(written)
+}
+
+/// A network's record, VNI claim and subnet claim, each unless present.
+async fn republish_network(store: &Store, network: &Network) -> Result<usize, StoreError> {
+    let (kv, keys) = (store.kv(), store.keys());
+    let mut written = 0;
+    let record = serde_json::to_vec(network).unwrap_or_default();
+    if kv.put_cas(&keys.network(&network.name), &record, 0).await? {
+        written += 1;
+    }
+    if kv
+        .put_cas(&keys.vni(network.vni), network.name.as_bytes(), 0)
+        .await?
+    {
+        written += 1;
+    }
+    match store.claim_subnet(&network.name, network.subnet).await {
+        Ok(true) => written += 1,
+        Ok(false) => {}
+        Err(StoreError::Consul(e)) => return Err(e.into()),
+        Err(e) => {
+            warn!(network = %network.name, error = %e, "cannot republish the subnet claim")
+        }
+    }
+    Ok(written)
+}
+
+/// A local endpoint's address allocation and record (as this node's), each unless
+/// present.
+async fn republish_endpoint(
+    store: &Store,
+    node: &str,
+    endpoint: &Endpoint,
+) -> Result<usize, StoreError> {
+    let (kv, keys) = (store.kv(), store.keys());
+    let mut written = 0;
+    let allocation = IpAllocation {
+        endpoint: endpoint.id.clone(),
+        node: node.to_string(),
+    };
+    let ipam = keys.allocation(&endpoint.network, endpoint.ip);
+    let value = serde_json::to_vec(&allocation).unwrap_or_default();
+    if kv.put_cas(&ipam, &value, 0).await? {
+        written += 1;
+    }
+    let mut endpoint = endpoint.clone();
+    endpoint.node = node.to_string();
+    let key = keys.endpoint(&endpoint.network, &endpoint.id);
+    let value = serde_json::to_vec(&endpoint).unwrap_or_default();
+    if kv.put_cas(&key, &value, 0).await? {
+        written += 1;
+    }
     Ok(written)
 }
 

@@ -1,0 +1,204 @@
+//! A thin typed client for the subset of Consul's HTTP API the control plane uses:
+//! the KV store (with check-and-set, locks and blocking queries), sessions and the
+//! catalog. It follows the documented API (`/v1/kv`, `/v1/session`, `/v1/catalog`,
+//! `/v1/status`) exactly, so it works unchanged against a real Consul agent and against
+//! the in-memory development server in the `overlay-tests` package.
+//!
+//! Every failure, including Consul being unreachable, is a [`ConsulError`]; nothing in
+//! here panics on what the network or the server does. Idempotent calls are retried with
+//! bounded exponential backoff on transport errors and 5xx answers ([`RetryPolicy`]);
+//! calls that are not idempotent (check-and-set, session creation) are retried only when
+//! the connection could not be made at all, i.e. when the request was certainly not sent.
+//!
+//! Layout: this file holds the client (address, token, constructors); [`error`] the
+//! error type and its classification; `transport` the one request helper every call
+//! goes through (retries, timeouts, decoding); then one file per API area: `kv`,
+//! `session`, `catalog` (with the status probe) and `watch` (blocking-query watches).
+//! The KV calls the cluster-state code needs are also what [`ConsulClient`] offers
+//! through [`crate::store::backend::KvBackend`].
+mod catalog;
+pub mod error;
+mod kv;
+mod session;
+mod transport;
+mod watch;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
+
+pub use self::{
+    catalog::{CatalogEntry, CatalogService},
+    error::ConsulError,
+    session::{SessionBehavior, SessionInfo},
+    transport::{format_duration, RetryPolicy},
+    watch::{next_watch_index, KvWatch},
+};
+pub use crate::store::backend::KvPair;
+
+/// The address used when neither `--consul` nor `CONSUL_HTTP_ADDR` names one.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8500";
+/// Consul's own environment variables, honoured like the `consul` CLI does.
+pub const ENV_ADDR: &str = "CONSUL_HTTP_ADDR";
+pub const ENV_TOKEN: &str = "CONSUL_HTTP_TOKEN";
+/// The header Consul reads the ACL token from.
+pub const TOKEN_HEADER: &str = "X-Consul-Token";
+/// The header carrying the index of a blocking-query capable read.
+pub const INDEX_HEADER: &str = "X-Consul-Index";
+/// Consul caps a blocking query's `wait` at ten minutes.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// The Consul HTTP API client. Cheap to clone (clones share the connection pool).
+#[derive(Clone)]
+pub struct ConsulClient {
+    /// `host:port`, for messages.
+    addr: String,
+    /// `http://host:port`.
+    base: String,
+    token: Option<String>,
+    http: Client<HttpConnector, Full<Bytes>>,
+    retry: RetryPolicy,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ConsulClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulClient")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Normalises `host:port` or `http://host:port` (a trailing `/` is allowed) to `host:port`.
+pub fn parse_addr(addr: &str) -> Result<String, ConsulError> {
+    let invalid = |reason: &str| ConsulError::InvalidAddress {
+        addr: addr.to_string(),
+        reason: reason.to_string(),
+    };
+    let trimmed = addr.trim();
+    let rest = if let Some(rest) = trimmed.strip_prefix("http://") {
+        rest
+    } else if trimmed.starts_with("https://") {
+        return Err(invalid(
+            "https is not supported; use an http:// address (e.g. a local agent)",
+        ));
+    } else if trimmed.contains("://") {
+        return Err(invalid("only http:// addresses are supported"));
+    } else {
+        trimmed
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
+        return Err(invalid("empty address"));
+    }
+    if rest.contains('/') {
+        return Err(invalid("expected host:port without a path"));
+    }
+    // Split off the port: after the last ':' unless that is inside an IPv6 literal.
+    let (host, port) = match rest.rfind(':') {
+        Some(i) if !rest[i..].contains(']') => (&rest[..i], Some(&rest[i + 1..])),
+        _ => (rest, None),
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(invalid("missing host"));
+    }
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        host.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    };
+    if !host_ok {
+        return Err(invalid("not a host name or IP address"));
+    }
+    match port {
+        // Consul's CLI defaults the port to 8500 too.
+        None => Ok(format!("{host}:8500")),
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(format!("{host}:{p}")),
+            _ => Err(invalid("the port must be a number in 1..=65535")),
+        },
+    }
+}
+
+impl ConsulClient {
+    /// A client for the agent at `addr` (`host:port` or `http://host:port`), sending
+    /// `token` (when given) as `X-Consul-Token`.
+    pub fn new(addr: &str, token: Option<String>) -> Result<Self, ConsulError> {
+        let addr = parse_addr(addr)?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Self {
+            base: format!("http://{addr}"),
+            addr,
+            token: token.filter(|t| !t.is_empty()),
+            http,
+            retry: RetryPolicy::default(),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// The address from `cli_addr` (the `--consul` flag), else `CONSUL_HTTP_ADDR`, else
+    /// [`DEFAULT_ADDR`]; the ACL token from `CONSUL_HTTP_TOKEN`.
+    pub fn from_env(cli_addr: Option<&str>) -> Result<Self, ConsulError> {
+        let env_addr = std::env::var(ENV_ADDR)
+            .ok()
+            .filter(|a| !a.trim().is_empty());
+        let addr = cli_addr
+            .map(str::to_string)
+            .or(env_addr)
+            .unwrap_or_else(|| DEFAULT_ADDR.to_string());
+        let token = std::env::var(ENV_TOKEN).ok();
+        Self::new(&addr, token)
+    }
+
+    /// Replaces the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Replaces the timeout of non-blocking calls (blocking queries get their `wait`
+    /// plus a margin).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// `host:port` of the agent.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_normalise() {
+        assert_eq!(parse_addr("127.0.0.1:8500").unwrap(), "127.0.0.1:8500");
+        assert_eq!(
+            parse_addr("http://10.0.0.1:8501/").unwrap(),
+            "10.0.0.1:8501"
+        );
+        assert_eq!(parse_addr("consul.local").unwrap(), "consul.local:8500");
+        assert_eq!(parse_addr("[::1]:8500").unwrap(), "[::1]:8500");
+        assert!(parse_addr("https://x:8501").is_err());
+        assert!(parse_addr("").is_err());
+        assert!(parse_addr("http://x:8500/v1").is_err());
+        assert!(parse_addr("x:notaport").is_err());
+    }
+}
