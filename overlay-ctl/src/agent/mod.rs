@@ -54,7 +54,7 @@ pub use lifecycle::run;
 
 use crate::{
     agent::{
-        gc::Sweeper, local_state::LocalState, logs::LogBuffer, metrics::ControlPlaneMetrics,
+        local_state::LocalState, logs::LogBuffer, metrics::ControlPlaneMetrics,
         metrics::MetricsError, reconcile::ClusterState, status::LiveStatus,
     },
     dataplane::datapath::{Datapath, DatapathError, XdpAttachMode},
@@ -186,8 +186,9 @@ struct Agent {
     /// Counters only (the gauges are read from `status`).
     metrics: ControlPlaneMetrics,
     reconciler: tokio::sync::Mutex<ReconcilerState>,
-    /// The store pass's memory; its lock also keeps two collections of one record apart.
-    collector: tokio::sync::Mutex<Sweeper>,
+    /// Keeps two collections of one local record apart (the collection task's and a
+    /// reconcile's follow-up).
+    collector: tokio::sync::Mutex<()>,
     /// Asks the membership task to write this node's entry again (after `bind`).
     reregister: Notify,
     /// Asks the republish task to write this node's records again (a restored store).

@@ -2,7 +2,8 @@
 //! at once, and store entries after the grace period (the latter only while the store is
 //! trusted). What counts as left over, and how each kind is removed, is in [`gc`]; this
 //! file decides when, and keeps two collections of one record apart (the `collector`
-//! lock, also taken by a reconcile's follow-ups).
+//! lock, also taken by a reconcile's follow-ups). The store pass's memory
+//! ([`gc::Sweeper`]) belongs to the task alone.
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
@@ -11,7 +12,11 @@ use std::{
 
 use tracing::{debug, warn};
 
-use super::{gc, local_state::LocalEndpoint, lock, Agent};
+use super::{
+    gc::{self, Sweeper},
+    local_state::LocalEndpoint,
+    lock, Agent,
+};
 use crate::store::identity::Trust;
 
 impl Agent {
@@ -19,15 +24,16 @@ impl Agent {
     pub(super) async fn gc_loop(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(self.options.gc_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweeper = Sweeper::default();
         loop {
             ticker.tick().await;
-            self.gc_pass().await;
+            self.gc_pass(&mut sweeper).await;
             self.metrics.record_gc_run();
         }
     }
 
     /// One collection pass (see [`Agent::gc_loop`]).
-    async fn gc_pass(&self) {
+    async fn gc_pass(&self, sweeper: &mut Sweeper) {
         let records = self.local_records();
         let links: BTreeSet<String> = match gc::list_links_retrying(&self.handle).await {
             Ok(links) => links.into_iter().map(|l| l.name).collect(),
@@ -45,13 +51,17 @@ impl Agent {
         if !lock(&self.identity).trust().allows_gc() {
             return;
         }
-        self.collect_unlisted(&records).await;
-        self.sweep_store().await;
+        self.collect_unlisted(sweeper, &records).await;
+        self.sweep_store(sweeper).await;
     }
 
     /// Completed `attach`es whose endpoint entry has been gone from the store for the
     /// grace period.
-    async fn collect_unlisted(&self, records: &BTreeMap<(String, String), LocalEndpoint>) {
+    async fn collect_unlisted(
+        &self,
+        sweeper: &mut Sweeper,
+        records: &BTreeMap<(String, String), LocalEndpoint>,
+    ) {
         let Some(listed) = self.desired().map(|state| {
             state
                 .local_endpoints(self.node())
@@ -61,10 +71,7 @@ impl Agent {
             // Nothing read from the store yet.
             return;
         };
-        let unlisted: Vec<LocalEndpoint> = self
-            .collector
-            .lock()
-            .await
+        let unlisted: Vec<LocalEndpoint> = sweeper
             .unlisted_attachments(
                 records.values(),
                 &listed,
@@ -81,13 +88,10 @@ impl Agent {
     }
 
     /// The store pass ([`gc::Sweeper::sweep`]).
-    async fn sweep_store(&self) {
-        let swept = {
-            let mut sweeper = self.collector.lock().await;
-            sweeper
-                .sweep(&self.store, self.node(), &self.local, self.options.gc_grace)
-                .await
-        };
+    async fn sweep_store(&self, sweeper: &mut Sweeper) {
+        let swept = sweeper
+            .sweep(&self.store, self.node(), &self.local, self.options.gc_grace)
+            .await;
         match swept {
             Ok(collected) => {
                 for kind in collected {
