@@ -18,7 +18,7 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::agent::reconcile::ApplyReport;
+use crate::agent::apply::ApplyReport;
 
 /// Where the agent keeps its socket and its session ID unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/overlay";

@@ -34,7 +34,7 @@ use crate::{
     agent::local_state::{LocalEndpoint, LocalState, LocalStateError},
     dataplane::netlink::{self, NetlinkError},
     dataplane::netns::NetNs,
-    store::consul::ConsulError,
+    store::consul::{ConsulError, KvPair},
     store::{decode, Endpoint, IpAllocation, Network, Store, StoreError, SubnetClaims},
 };
 
@@ -339,143 +339,17 @@ impl Sweeper {
         let prefix = store.prefix().to_string();
         let pairs = store.client().list(&prefix).await?;
         let (records, _) = local.load_all();
-        let recorded: BTreeSet<(&str, &str)> = records
-            .iter()
-            .map(|r| (r.network.as_str(), r.id.as_str()))
-            .collect();
-
-        let mut networks: BTreeMap<String, Network> = BTreeMap::new();
-        let mut live_nodes = BTreeSet::new();
-        let mut endpoints: BTreeMap<(String, String), Endpoint> = BTreeMap::new();
-        for pair in &pairs {
-            let rest = &pair.key[prefix.len()..];
-            if let Some(name) = rest.strip_prefix("networks/") {
-                if let Ok(network) = decode::<Network>(pair) {
-                    if network.name == name {
-                        networks.insert(name.to_string(), network);
-                    }
-                }
-            } else if let Some(name) = rest.strip_prefix("nodes/") {
-                if pair.session.is_some() {
-                    live_nodes.insert(name.to_string());
-                }
-            } else if rest.starts_with("endpoints/") {
-                if let Ok(endpoint) = decode::<Endpoint>(pair) {
-                    endpoints.insert((endpoint.network.clone(), endpoint.id.clone()), endpoint);
-                }
-            }
-        }
-
-        let mut candidates = Vec::new();
-        let mut subnet_orphans = Vec::new();
-        for pair in &pairs {
-            let rest = &pair.key[prefix.len()..];
-            if let Some(path) = rest.strip_prefix("endpoints/") {
-                let Some((network, id)) = path.split_once('/') else {
-                    continue;
-                };
-                let Ok(endpoint) = decode::<Endpoint>(pair) else {
-                    continue;
-                };
-                let why = if !networks.contains_key(network) {
-                    Some("its network does not exist")
-                } else if endpoint.node == node && !recorded.contains(&(network, id)) {
-                    Some("it names this node, which has no record of creating it")
-                } else {
-                    None
-                };
-                if let Some(why) = why {
-                    candidates.push(Candidate {
-                        key: pair.key.clone(),
-                        index: pair.modify_index,
-                        kind: Kind::Endpoint,
-                        what: format!("endpoint {network}/{id} (node {})", endpoint.node),
-                        why,
-                    });
-                }
-            } else if let Some(path) = rest.strip_prefix("ipam/") {
-                let Some((network, ip)) = path.split_once('/') else {
-                    continue;
-                };
-                let (Ok(ip), Ok(allocation)) =
-                    (Ipv4Addr::from_str(ip), decode::<IpAllocation>(pair))
-                else {
-                    continue;
-                };
-                let why = if !networks.contains_key(network) {
-                    Some("its network does not exist")
-                } else if allocation.node == node {
-                    (!recorded.contains(&(network, allocation.endpoint.as_str())))
-                        .then_some("it names this node, which has no record of its endpoint")
-                } else {
-                    let has_endpoint = endpoints
-                        .get(&(network.to_string(), allocation.endpoint.clone()))
-                        .is_some_and(|e| e.ip == ip);
-                    (!has_endpoint && !live_nodes.contains(&allocation.node))
-                        .then_some("its endpoint never came and its node is gone")
-                };
-                if let Some(why) = why {
-                    candidates.push(Candidate {
-                        key: pair.key.clone(),
-                        index: pair.modify_index,
-                        kind: Kind::Address,
-                        what: format!(
-                            "address {network}/{ip} (endpoint {}, node {})",
-                            allocation.endpoint, allocation.node
-                        ),
-                        why,
-                    });
-                }
-            } else if let Some(vni) = rest.strip_prefix("vni/") {
-                let owner = pair.value_str();
-                let held = networks
-                    .get(&owner)
-                    .is_some_and(|n| n.vni.to_string() == vni);
-                if !held {
-                    candidates.push(Candidate {
-                        key: pair.key.clone(),
-                        index: pair.modify_index,
-                        kind: Kind::Vni,
-                        what: format!("VNI {vni} claimed by {owner:?}"),
-                        why: "no such network holds it",
-                    });
-                }
-            } else if rest == "subnets" {
-                let Ok(claims) = decode::<SubnetClaims>(pair) else {
-                    continue;
-                };
-                for (cidr, owner) in claims {
-                    let held = networks
-                        .get(&owner)
-                        .is_some_and(|n| n.subnet.to_string() == cidr);
-                    if !held {
-                        subnet_orphans.push((cidr, owner));
-                    }
-                }
-            }
-        }
-
+        let inventory = Inventory::read(&prefix, node, &pairs, &records);
+        let (candidates, subnet_orphans) = inventory.candidates(&pairs);
         let now = Instant::now();
         let mut alive_keys: BTreeSet<String> = BTreeSet::new();
         let mut collected = Vec::new();
         for candidate in candidates {
             alive_keys.insert(candidate.key.clone());
-            if !self.ripe(&candidate.key, candidate.index, now, grace) {
-                continue;
-            }
-            match store
-                .client()
-                .delete_cas(&candidate.key, candidate.index)
-                .await
+            if self.ripe(&candidate.key, candidate.index, now, grace)
+                && collect_candidate(store, &candidate).await
             {
-                Ok(true) => {
-                    warn!(what = %candidate.what, key = %candidate.key, "collected a left-over store entry: {}", candidate.why);
-                    collected.push(candidate.kind);
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(key = %candidate.key, error = %e, "cannot collect a left-over store entry")
-                }
+                collected.push(candidate.kind);
             }
         }
         for (cidr, owner) in subnet_orphans {
@@ -493,6 +367,176 @@ impl Sweeper {
         }
         self.seen.retain(|key, _| alive_keys.contains(key));
         Ok(collected)
+    }
+}
+
+/// Deletes a ripe candidate if it is still unchanged; returns whether it was deleted.
+async fn collect_candidate(store: &Store, candidate: &Candidate) -> bool {
+    match store
+        .client()
+        .delete_cas(&candidate.key, candidate.index)
+        .await
+    {
+        Ok(true) => {
+            warn!(what = %candidate.what, key = %candidate.key, "collected a left-over store entry: {}", candidate.why);
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            warn!(key = %candidate.key, error = %e, "cannot collect a left-over store entry");
+            false
+        }
+    }
+}
+
+/// What one read of the store holds that its entries are judged against.
+struct Inventory<'a> {
+    prefix: &'a str,
+    node: &'a str,
+    /// (network, id) of this node's local records.
+    recorded: BTreeSet<(&'a str, &'a str)>,
+    networks: BTreeMap<String, Network>,
+    live_nodes: BTreeSet<String>,
+    endpoints: BTreeMap<(String, String), Endpoint>,
+}
+
+impl<'a> Inventory<'a> {
+    fn read(
+        prefix: &'a str,
+        node: &'a str,
+        pairs: &[KvPair],
+        records: &'a [LocalEndpoint],
+    ) -> Self {
+        let mut inventory = Inventory {
+            prefix,
+            node,
+            recorded: records
+                .iter()
+                .map(|r| (r.network.as_str(), r.id.as_str()))
+                .collect(),
+            networks: BTreeMap::new(),
+            live_nodes: BTreeSet::new(),
+            endpoints: BTreeMap::new(),
+        };
+        for pair in pairs {
+            let rest = &pair.key[prefix.len()..];
+            if let Some(name) = rest.strip_prefix("networks/") {
+                if let Ok(network) = decode::<Network>(pair) {
+                    if network.name == name {
+                        inventory.networks.insert(name.to_string(), network);
+                    }
+                }
+            } else if let Some(name) = rest.strip_prefix("nodes/") {
+                if pair.session.is_some() {
+                    inventory.live_nodes.insert(name.to_string());
+                }
+            } else if rest.starts_with("endpoints/") {
+                if let Ok(endpoint) = decode::<Endpoint>(pair) {
+                    let key = (endpoint.network.clone(), endpoint.id.clone());
+                    inventory.endpoints.insert(key, endpoint);
+                }
+            }
+        }
+        inventory
+    }
+
+    /// The entries that look left over, and the subnet claims (cidr, owner) without
+    /// their network.
+    fn candidates(&self, pairs: &[KvPair]) -> (Vec<Candidate>, Vec<(String, String)>) {
+        let mut candidates = Vec::new();
+        let mut subnet_orphans = Vec::new();
+        for pair in pairs {
+            let rest = &pair.key[self.prefix.len()..];
+            let candidate = if let Some(path) = rest.strip_prefix("endpoints/") {
+                self.endpoint_candidate(pair, path)
+            } else if let Some(path) = rest.strip_prefix("ipam/") {
+                self.address_candidate(pair, path)
+            } else if let Some(vni) = rest.strip_prefix("vni/") {
+                self.vni_candidate(pair, vni)
+            } else {
+                if rest == "subnets" {
+                    subnet_orphans.extend(self.subnet_orphans(pair));
+                }
+                None
+            };
+            candidates.extend(candidate);
+        }
+        (candidates, subnet_orphans)
+    }
+
+    fn endpoint_candidate(&self, pair: &KvPair, path: &str) -> Option<Candidate> {
+        let (network, id) = path.split_once('/')?;
+        let endpoint = decode::<Endpoint>(pair).ok()?;
+        let why = if !self.networks.contains_key(network) {
+            "its network does not exist"
+        } else if endpoint.node == self.node && !self.recorded.contains(&(network, id)) {
+            "it names this node, which has no record of creating it"
+        } else {
+            return None;
+        };
+        Some(Candidate {
+            key: pair.key.clone(),
+            index: pair.modify_index,
+            kind: Kind::Endpoint,
+            what: format!("endpoint {network}/{id} (node {})", endpoint.node),
+            why,
+        })
+    }
+
+    fn address_candidate(&self, pair: &KvPair, path: &str) -> Option<Candidate> {
+        let (network, ip) = path.split_once('/')?;
+        let ip = Ipv4Addr::from_str(ip).ok()?;
+        let allocation = decode::<IpAllocation>(pair).ok()?;
+        let why = if !self.networks.contains_key(network) {
+            "its network does not exist"
+        } else if allocation.node == self.node {
+            (!self
+                .recorded
+                .contains(&(network, allocation.endpoint.as_str())))
+            .then_some("it names this node, which has no record of its endpoint")?
+        } else {
+            let has_endpoint = self
+                .endpoints
+                .get(&(network.to_string(), allocation.endpoint.clone()))
+                .is_some_and(|e| e.ip == ip);
+            (!has_endpoint && !self.live_nodes.contains(&allocation.node))
+                .then_some("its endpoint never came and its node is gone")?
+        };
+        Some(Candidate {
+            key: pair.key.clone(),
+            index: pair.modify_index,
+            kind: Kind::Address,
+            what: format!(
+                "address {network}/{ip} (endpoint {}, node {})",
+                allocation.endpoint, allocation.node
+            ),
+            why,
+        })
+    }
+
+    fn vni_candidate(&self, pair: &KvPair, vni: &str) -> Option<Candidate> {
+        let owner = pair.value_str();
+        let held = (self.networks.get(&owner)).is_some_and(|n| n.vni.to_string() == vni);
+        (!held).then(|| Candidate {
+            key: pair.key.clone(),
+            index: pair.modify_index,
+            kind: Kind::Vni,
+            what: format!("VNI {vni} claimed by {owner:?}"),
+            why: "no such network holds it",
+        })
+    }
+
+    fn subnet_orphans(&self, pair: &KvPair) -> Vec<(String, String)> {
+        let Ok(claims) = decode::<SubnetClaims>(pair) else {
+            return Vec::new();
+        };
+        claims
+            .into_iter()
+            .filter(|(cidr, owner)| {
+                let holder = self.networks.get(owner);
+                holder.is_none_or(|n| n.subnet.to_string() != *cidr)
+            })
+            .collect()
     }
 }
 

@@ -22,12 +22,15 @@
 //!
 //! Events seen on the underlay before a packet's network is known are counted under
 //! VNI 0, exported as `network="underlay"`.
+//!
+//! Gauges about the control plane (Consul up, members, endpoints, rejected records) are
+//! read from the agent's one [`LiveStatus`]; only counters are kept here.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     future::Future,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -40,7 +43,8 @@ use overlay_common::{Counter, CounterValue};
 use tokio::net::TcpListener;
 
 use crate::{
-    agent::reconcile::ApplyReport,
+    agent::apply::ApplyReport,
+    agent::status::LiveStatus,
     store::records::{RecordKind, RejectReason},
 };
 
@@ -62,24 +66,17 @@ pub enum MetricsError {
     },
 }
 
-/// Control-plane counters and gauges the agent updates.
+/// Control-plane counters the agent updates (and the last run's duration and missing
+/// entries, which belong to the counters' runs).
 #[derive(Debug, Default)]
 pub struct ControlPlaneMetrics {
     reconcile_runs: AtomicU64,
     reconcile_failures: AtomicU64,
     reconcile_duration_ns: AtomicU64,
     consul_errors: AtomicU64,
-    consul_up: AtomicBool,
-    local_endpoints: AtomicU64,
-    remote_endpoints: AtomicU64,
-    members: AtomicU64,
-    /// The store's trust state ([`crate::store::identity::Trust`]).
-    store_state: std::sync::Mutex<&'static str>,
     /// Left-overs collected, by kind ([`crate::agent::gc::Kind`]).
-    gc_collected: std::sync::Mutex<BTreeMap<&'static str, u64>>,
+    gc_collected: Mutex<BTreeMap<&'static str, u64>>,
     gc_runs: AtomicU64,
-    /// Store records rejected in the last read of the store.
-    rejected_now: Mutex<RejectionCounts>,
     /// Rejections reported (each record once per reason while it lasts).
     rejections_total: Mutex<RejectionCounts>,
     /// Wanted entries missing from each map after the last reconcile.
@@ -103,30 +100,13 @@ impl ControlPlaneMetrics {
 
     pub fn record_consul_error(&self) {
         self.consul_errors.fetch_add(1, Ordering::Relaxed);
-        self.consul_up.store(false, Ordering::Relaxed);
     }
 
-    pub fn set_consul_up(&self) {
-        self.consul_up.store(true, Ordering::Relaxed);
-    }
-
-    pub fn set_endpoints_known(&self, local: u64, remote: u64) {
-        self.local_endpoints.store(local, Ordering::Relaxed);
-        self.remote_endpoints.store(remote, Ordering::Relaxed);
-    }
-
-    pub fn set_members_known(&self, members: u64) {
-        self.members.store(members, Ordering::Relaxed);
-    }
-
-    /// The rejections of the latest read of the store, and those reported for the first
-    /// time in it.
-    pub fn record_rejections(
+    /// Rejections reported for the first time in the latest read of the store.
+    pub fn record_rejections_reported(
         &self,
-        now: RejectionCounts,
         fresh: impl IntoIterator<Item = (RecordKind, RejectReason)>,
     ) {
-        *lock(&self.rejected_now) = now;
         let mut total = lock(&self.rejections_total);
         for key in fresh {
             *total.entry(key).or_default() += 1;
@@ -144,21 +124,12 @@ impl ControlPlaneMetrics {
             .collect();
     }
 
-    pub fn set_store_state(&self, state: &'static str) {
-        *self.store_state.lock().unwrap_or_else(|e| e.into_inner()) = state;
-    }
-
     pub fn record_gc_run(&self) {
         self.gc_runs.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn record_collected(&self, kind: &'static str) {
-        *self
-            .gc_collected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(kind)
-            .or_default() += 1;
+        *lock(&self.gc_collected).entry(kind).or_default() += 1;
     }
 }
 
@@ -170,6 +141,10 @@ pub struct Scrape<'a> {
     /// (map name, entries, capacity).
     pub occupancy: &'a [(&'static str, usize, u32)],
     pub control: &'a ControlPlaneMetrics,
+    /// The control plane's gauges.
+    pub status: &'a LiveStatus,
+    /// The store's trust state ([`crate::store::identity::Trust::name`]).
+    pub store_state: &'static str,
 }
 
 /// Escapes a label value (backslash, double quote, newline).
@@ -224,16 +199,28 @@ fn network_label(vni: u32, networks: &BTreeMap<u32, String>) -> String {
 /// Renders a scrape in the Prometheus text format.
 pub fn render(scrape: &Scrape) -> String {
     let mut out = String::new();
-    let traffic: Vec<_> = scrape
-        .counters
-        .iter()
-        .filter(|((_, c), _)| !c.is_drop())
-        .collect();
-    let drops: Vec<_> = scrape
-        .counters
-        .iter()
-        .filter(|((_, c), _)| c.is_drop())
-        .collect();
+    render_traffic(&mut out, scrape);
+    render_maps(&mut out, scrape);
+    render_reconcile(&mut out, scrape.control);
+    render_cluster(&mut out, scrape.status);
+    render_store(&mut out, scrape);
+    render_gc(&mut out, scrape.control);
+    out
+}
+
+/// A family of one sample without labels.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    Family::new(out, name, kind, help).sample(name, &[], value);
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Packets and bytes, forwarded and dropped, by network.
+fn render_traffic(out: &mut String, scrape: &Scrape) {
+    let (drops, traffic): (Vec<_>, Vec<_>) =
+        scrape.counters.iter().partition(|((_, c), _)| c.is_drop());
     type Pick = fn(&CounterValue) -> u64;
     let packets: Pick = |v| v.packets;
     let bytes: Pick = |v| v.bytes;
@@ -267,24 +254,24 @@ pub fn render(scrape: &Scrape) -> String {
             bytes,
         ),
     ] {
-        let mut family = Family::new(&mut out, name, "counter", help);
+        let mut family = Family::new(out, name, "counter", help);
         for ((vni, counter), value) in rows.iter() {
             let network = network_label(*vni, scrape.networks);
             let vni = vni.to_string();
-            family.sample(
-                name,
-                &[
-                    ("network", &network),
-                    ("vni", &vni),
-                    (label, counter.name()),
-                ],
-                pick(value),
-            );
+            let labels = [
+                ("network", network.as_str()),
+                ("vni", &vni),
+                (label, counter.name()),
+            ];
+            family.sample(name, &labels, pick(value));
         }
     }
+}
 
+/// Occupancy and capacity of every map, and what the last reconcile could not write.
+fn render_maps(out: &mut String, scrape: &Scrape) {
     let mut family = Family::new(
-        &mut out,
+        out,
         "overlay_map_entries",
         "gauge",
         "Entries in each data-plane map.",
@@ -293,7 +280,7 @@ pub fn render(scrape: &Scrape) -> String {
         family.sample("overlay_map_entries", &[("map", map)], entries);
     }
     let mut family = Family::new(
-        &mut out,
+        out,
         "overlay_map_capacity",
         "gauge",
         "Capacity (max entries) of each data-plane map.",
@@ -301,76 +288,76 @@ pub fn render(scrape: &Scrape) -> String {
     for (map, _, capacity) in scrape.occupancy {
         family.sample("overlay_map_capacity", &[("map", map)], capacity);
     }
+}
 
-    let c = scrape.control;
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let single = |out: &mut String, name: &str, kind: &str, help: &str, value: String| {
-        Family::new(out, name, kind, help).sample(name, &[], value);
-    };
+fn render_reconcile(out: &mut String, c: &ControlPlaneMetrics) {
     single(
-        &mut out,
+        out,
         "overlay_reconcile_runs_total",
         "counter",
         "Reconcile runs (cluster state applied to the maps).",
-        load(&c.reconcile_runs).to_string(),
+        load(&c.reconcile_runs),
     );
     single(
-        &mut out,
+        out,
         "overlay_reconcile_failures_total",
         "counter",
         "Reconcile runs that failed.",
-        load(&c.reconcile_failures).to_string(),
+        load(&c.reconcile_failures),
     );
     single(
-        &mut out,
+        out,
         "overlay_reconcile_duration_seconds",
         "gauge",
         "Duration of the last reconcile run.",
         format!("{:.9}", load(&c.reconcile_duration_ns) as f64 / 1e9),
     );
     single(
-        &mut out,
+        out,
         "overlay_consul_request_errors_total",
         "counter",
         "Consul requests that failed (after retries).",
-        load(&c.consul_errors).to_string(),
+        load(&c.consul_errors),
     );
+}
+
+/// The gauges read from the agent's status.
+fn render_cluster(out: &mut String, status: &LiveStatus) {
     single(
-        &mut out,
+        out,
         "overlay_consul_up",
         "gauge",
         "Whether the last Consul request succeeded.",
-        u8::from(c.consul_up.load(Ordering::Relaxed)).to_string(),
+        u8::from(status.consul_reachable),
     );
+    let forwarding = &status.forwarding;
     let mut family = Family::new(
-        &mut out,
+        out,
         "overlay_endpoints",
         "gauge",
         "Endpoints in this node's maps, by location.",
     );
-    family.sample(
-        "overlay_endpoints",
-        &[("location", "local")],
-        load(&c.local_endpoints),
-    );
-    family.sample(
-        "overlay_endpoints",
-        &[("location", "remote")],
-        load(&c.remote_endpoints),
-    );
+    let name = "overlay_endpoints";
+    family.sample(name, &[("location", "local")], forwarding.local_endpoints);
+    family.sample(name, &[("location", "remote")], forwarding.remote_endpoints);
     single(
-        &mut out,
+        out,
         "overlay_members",
         "gauge",
         "Live nodes of the cluster.",
-        load(&c.members).to_string(),
+        forwarding.members,
     );
+}
+
+/// Rejected store records, missing map entries, map update failures, the store's trust.
+fn render_store(out: &mut String, scrape: &Scrape) {
+    let c = scrape.control;
     for (name, kind, help, counts) in [
         (
             "overlay_store_records_rejected",
             "gauge",
             "Store records ignored as invalid or conflicting in the last read, by kind and reason.",
-            lock(&c.rejected_now).clone(),
+            scrape.status.rejected_by_reason.clone(),
         ),
         (
             "overlay_store_rejections_total",
@@ -379,82 +366,62 @@ pub fn render(scrape: &Scrape) -> String {
             lock(&c.rejections_total).clone(),
         ),
     ] {
-        let mut family = Family::new(&mut out, name, kind, help);
+        let mut family = Family::new(out, name, kind, help);
         for ((record, reason), n) in counts {
-            family.sample(
-                name,
-                &[("kind", record.as_str()), ("reason", reason.as_str())],
-                n,
-            );
+            let labels = [("kind", record.as_str()), ("reason", reason.as_str())];
+            family.sample(name, &labels, n);
         }
     }
     let mut family = Family::new(
-        &mut out,
+        out,
         "overlay_map_missing_entries",
         "gauge",
         "Wanted entries the last reconcile could not write, by map (0 when all fit).",
     );
     let missing = lock(&c.map_missing).clone();
     for (map, _, _) in scrape.occupancy {
-        family.sample(
-            "overlay_map_missing_entries",
-            &[("map", map)],
-            missing.get(*map).copied().unwrap_or(0),
-        );
+        let n = missing.get(*map).copied().unwrap_or(0);
+        family.sample("overlay_map_missing_entries", &[("map", map)], n);
     }
     single(
-        &mut out,
+        out,
         "overlay_map_update_failures_total",
         "counter",
         "Map updates (and attachments) that failed.",
-        load(&c.map_update_failures).to_string(),
+        load(&c.map_update_failures),
     );
-    let current = *c.store_state.lock().unwrap_or_else(|e| e.into_inner());
     let mut family = Family::new(
-        &mut out,
+        out,
         "overlay_store_state",
         "gauge",
         "Whether the store is this cluster's (1 for the current state; missing and foreign: the data plane keeps its last state).",
     );
     for trust in crate::store::identity::Trust::ALL {
         let state = trust.name();
-        let current = if current.is_empty() {
-            "unknown"
-        } else {
-            current
-        };
-        family.sample(
-            "overlay_store_state",
-            &[("state", state)],
-            u8::from(state == current),
-        );
+        let current = u8::from(state == scrape.store_state);
+        family.sample("overlay_store_state", &[("state", state)], current);
     }
+}
+
+fn render_gc(out: &mut String, c: &ControlPlaneMetrics) {
     single(
-        &mut out,
+        out,
         "overlay_gc_runs_total",
         "counter",
         "Garbage-collection passes completed.",
-        load(&c.gc_runs).to_string(),
+        load(&c.gc_runs),
     );
-    let collected = c
-        .gc_collected
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let collected = lock(&c.gc_collected).clone();
     let mut family = Family::new(
-        &mut out,
+        out,
         "overlay_gc_collected_total",
         "counter",
         "Left-overs of crashed commands and outages collected, by kind.",
     );
     for kind in crate::agent::gc::Kind::ALL {
-        family.sample(
-            "overlay_gc_collected_total",
-            &[("kind", kind.name())],
-            collected.get(kind.name()).copied().unwrap_or(0),
-        );
+        let n = collected.get(kind.name()).copied().unwrap_or(0);
+        family.sample("overlay_gc_collected_total", &[("kind", kind.name())], n);
     }
-    out
 }
 
 /// Binds the metrics listener (a clear error naming the address when it cannot).
@@ -508,14 +475,23 @@ mod tests {
         let control = ControlPlaneMetrics::default();
         control.record_reconcile(true, Duration::from_millis(2));
         control.record_reconcile(false, Duration::from_millis(3));
-        control.set_endpoints_known(1, 4);
-        control.set_members_known(3);
+        let status = LiveStatus {
+            forwarding: crate::agent::status::Forwarding {
+                members: 3,
+                local_endpoints: 1,
+                remote_endpoints: 4,
+                attached: Vec::new(),
+            },
+            ..Default::default()
+        };
         let occupancy = [("ENDPOINTS", 5, 65_536)];
         render(&Scrape {
             counters: &counters,
             networks: &networks,
             occupancy: &occupancy,
             control: &control,
+            status: &status,
+            store_state: "trusted",
         })
     }
 
@@ -565,6 +541,8 @@ mod tests {
             "overlay_reconcile_duration_seconds 0.003000000",
             r#"overlay_endpoints{location="remote"} 4"#,
             "overlay_members 3",
+            r#"overlay_store_state{state="trusted"} 1"#,
+            r#"overlay_store_state{state="unknown"} 0"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

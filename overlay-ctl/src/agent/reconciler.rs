@@ -1,0 +1,322 @@
+//! One reconcile run, in stages: read (the cluster state, fresh from the store when asked,
+//! narrowed to what this node recorded creating, and the host veths it names), plan
+//! ([`reconcile::plan`]), apply ([`apply::apply`]), all under the reconcile lock; then,
+//! with the lock released, the follow-up actions the run found (collecting local
+//! endpoints whose veth is gone: netlink, namespace and store deletes). The run returns
+//! a [`ReconcileOutcome`] and publishes it in the agent's status; nothing else learns
+//! its result through side effects.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Instant, SystemTime},
+};
+
+use tracing::{debug, warn};
+
+use super::{
+    apply::{self, ApplyReport},
+    control::ReconcileStatus,
+    gc,
+    local_state::LocalEndpoint,
+    lock,
+    reconcile::{self, ClusterState, HostVeth, LocalNode, Plan},
+    status::Forwarding,
+    Agent, ReconcilerState,
+};
+
+/// What one reconcile run did.
+#[derive(Clone, Debug, Default)]
+pub(super) struct ReconcileOutcome {
+    /// Whether the state came fresh from the store (else the last known one was applied).
+    pub fresh: bool,
+    pub report: ApplyReport,
+    /// What the data plane forwards for after the run (`None`: no cluster state known
+    /// yet, the maps were kept as they are).
+    pub applied: Option<Forwarding>,
+    /// Follow-up actions that failed (each is logged; retried by the next run or pass).
+    pub follow_up_failures: usize,
+}
+
+/// Work a run found that must not happen under the reconcile lock.
+#[derive(Debug)]
+enum FollowUp {
+    /// A local endpoint whose veth is gone and whose owner will not clean it up.
+    Collect {
+        record: LocalEndpoint,
+        why: &'static str,
+    },
+}
+
+/// A run's result before its follow-ups.
+#[derive(Default)]
+struct Pass {
+    outcome: ReconcileOutcome,
+    follow_ups: Vec<FollowUp>,
+}
+
+/// The local endpoints' host veths found on this node, by name and by ifindex.
+#[derive(Default)]
+struct LocalVeths {
+    by_name: BTreeMap<String, HostVeth>,
+    names: BTreeMap<u32, String>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Agent {
+    /// Applies the cluster state to the maps: a fresh read from Consul when `fetch` (the
+    /// last known state when Consul cannot be read), else the last known state.
+    pub(super) async fn reconcile(&self, fetch: bool) -> Result<ReconcileOutcome, String> {
+        let started = Instant::now();
+        let pass = {
+            let mut state = self.reconciler.lock().await;
+            self.reconcile_locked(&mut state, fetch).await
+        };
+        let result = match pass {
+            Ok(Pass {
+                mut outcome,
+                follow_ups,
+            }) => {
+                outcome.follow_up_failures = self.run_follow_ups(follow_ups).await;
+                Ok(outcome)
+            }
+            Err(e) => Err(e),
+        };
+        self.publish_reconcile(&result, started);
+        if let Err(e) = &result {
+            warn!(error = %e, "reconcile failed");
+        }
+        result
+    }
+
+    /// The part of a run that holds the reconcile lock: read, plan, apply.
+    async fn reconcile_locked(
+        &self,
+        state: &mut ReconcilerState,
+        fetch: bool,
+    ) -> Result<Pass, String> {
+        let (fresh, newer) = if fetch {
+            self.fetch_desired().await
+        } else {
+            (false, false)
+        };
+        let mut pass = self.apply_desired(state).await?;
+        if newer {
+            lock(&self.cluster).ack_pending = true;
+        }
+        pass.outcome.fresh = fresh;
+        Ok(pass)
+    }
+
+    /// Reads the whole prefix and keeps it as the desired state when it may be applied.
+    /// Returns whether it was read, and whether it differs from the last one.
+    async fn fetch_desired(&self) -> (bool, bool) {
+        match self.store.client().list(self.store.prefix()).await {
+            Ok(pairs) => {
+                self.consul_ok();
+                let Some(state) = self.judge(&pairs) else {
+                    return (false, false);
+                };
+                let mut cluster = lock(&self.cluster);
+                let newer = cluster.desired.as_ref() != Some(&state);
+                cluster.desired = Some(state);
+                (true, newer)
+            }
+            Err(e) => {
+                self.consul_failed("resync", &e);
+                (false, false)
+            }
+        }
+    }
+
+    /// Read, plan, apply: the stages of one run on the last known state.
+    async fn apply_desired(&self, state: &mut ReconcilerState) -> Result<Pass, String> {
+        let Some(cluster) = self.desired() else {
+            // Nothing known yet: keep whatever the maps hold (a restart keeps forwarding).
+            return Ok(Pass::default());
+        };
+        if !std::mem::replace(&mut state.adopted, true) {
+            gc::adopt_unrecorded(&self.handle, self.node(), &self.local, &cluster.endpoints).await;
+        }
+        let records = self.local_records();
+        let cluster = self.narrow_to_local_records(cluster, &records);
+        let veths = self.local_veths(&cluster).await?;
+        let local = LocalNode {
+            name: self.node().to_string(),
+            vtep: self.vtep(),
+        };
+        let plan = reconcile::plan(&cluster, &local, &veths.by_name);
+        let (report, attached_now) = self.apply_plan(&plan, &veths.names)?;
+        let applied = self.forwarding(&cluster, &plan, &veths, &attached_now);
+        Ok(Pass {
+            outcome: ReconcileOutcome {
+                report,
+                applied: Some(applied),
+                ..Default::default()
+            },
+            follow_ups: follow_ups(&plan, &records),
+        })
+    }
+
+    /// This node forwards for the endpoints it recorded creating, with the values it
+    /// recorded and the veth name generated from them: a store entry naming this node
+    /// only says whether it is still wanted, never which interface or address to use.
+    fn narrow_to_local_records(
+        &self,
+        mut state: ClusterState,
+        records: &BTreeMap<(String, String), LocalEndpoint>,
+    ) -> ClusterState {
+        let node = self.node();
+        state.endpoints = std::mem::take(&mut state.endpoints)
+            .into_iter()
+            .filter_map(|e| {
+                if e.node != node {
+                    return Some(e);
+                }
+                let record = records.get(&(e.network.clone(), e.id.clone()))?;
+                if !record.in_use() {
+                    return None;
+                }
+                let mut mine = record.endpoint.clone()?;
+                mine.node = node.to_string();
+                mine.ifname = record.host_ifname();
+                Some(mine)
+            })
+            .collect();
+        state
+    }
+
+    /// The host veths of this node's endpoints (and every interface name, for the next
+    /// read's validation).
+    async fn local_veths(&self, state: &ClusterState) -> Result<LocalVeths, String> {
+        let wanted: BTreeSet<&str> = state
+            .local_endpoints(self.node())
+            .map(|e| e.ifname.as_str())
+            .collect();
+        let links = gc::list_links_retrying(&self.handle)
+            .await
+            .map_err(|e| e.to_string())?;
+        lock(&self.cluster).links = links.iter().map(|l| l.name.clone()).collect();
+        let mut veths = LocalVeths::default();
+        for link in links
+            .into_iter()
+            .filter(|l| wanted.contains(l.name.as_str()))
+        {
+            veths.names.insert(link.index, link.name.clone());
+            let veth = HostVeth {
+                ifindex: link.index,
+                mac: link.mac,
+            };
+            veths.by_name.insert(link.name, veth);
+        }
+        Ok(veths)
+    }
+
+    /// Writes the plan into the maps; returns the report and the veths attached after it.
+    fn apply_plan(
+        &self,
+        plan: &Plan,
+        veth_names: &BTreeMap<u32, String>,
+    ) -> Result<(ApplyReport, BTreeSet<u32>), String> {
+        let mut plane = lock(&self.plane);
+        let datapath = plane.datapath.as_mut().ok_or("the agent is stopping")?;
+        let report =
+            apply::apply(datapath, &plan.maps, veth_names).map_err(|e| apply::error_chain(&e))?;
+        Ok((report, datapath.attached_containers().collect()))
+    }
+
+    /// What the data plane forwards for after an apply.
+    fn forwarding(
+        &self,
+        state: &ClusterState,
+        plan: &Plan,
+        veths: &LocalVeths,
+        attached_now: &BTreeSet<u32>,
+    ) -> Forwarding {
+        let local_endpoints = plan.maps.local_ifaces.len();
+        Forwarding {
+            members: state.nodes.len(),
+            local_endpoints,
+            remote_endpoints: plan.maps.endpoints.len() - local_endpoints,
+            // Only what the data plane really forwards for (an endpoint whose entries
+            // did not fit in the maps is not attached).
+            attached: state
+                .local_endpoints(self.node())
+                .filter(|e| {
+                    (veths.by_name.get(&e.ifname))
+                        .is_some_and(|v| attached_now.contains(&v.ifindex))
+                })
+                .map(|e| format!("{}/{}", e.network, e.id))
+                .collect(),
+        }
+    }
+
+    /// Runs a pass's follow-ups (the reconcile lock released); returns how many failed.
+    async fn run_follow_ups(&self, follow_ups: Vec<FollowUp>) -> usize {
+        let mut failed = 0;
+        for follow_up in follow_ups {
+            match follow_up {
+                FollowUp::Collect { record, why } => {
+                    if !self.collect_local(&record, why).await {
+                        failed += 1;
+                    }
+                }
+            }
+        }
+        if failed > 0 {
+            debug!(failed, "reconcile follow-ups failed; retried next run");
+        }
+        failed
+    }
+
+    /// Counts the run in the metrics and publishes it in the status.
+    fn publish_reconcile(&self, result: &Result<ReconcileOutcome, String>, started: Instant) {
+        let elapsed = started.elapsed();
+        // Entries that could not be written (a full map) fail the run for status and
+        // metrics, but not the caller: everything else was applied.
+        let partial = result
+            .as_ref()
+            .ok()
+            .and_then(|o| o.report.failure_summary());
+        let ok = result.is_ok() && partial.is_none();
+        self.metrics.record_reconcile(ok, elapsed);
+        if let Ok(outcome) = result {
+            self.metrics.record_apply_failures(&outcome.report);
+        }
+        let last = ReconcileStatus {
+            at_unix_ms: unix_ms(SystemTime::now()),
+            ok,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            error: result.as_ref().err().cloned().or(partial),
+            report: result
+                .as_ref()
+                .map(|o| o.report.clone())
+                .unwrap_or_default(),
+        };
+        self.status.send_modify(|status| {
+            status.last_reconcile = Some(last);
+            if let Some(applied) = result.as_ref().ok().and_then(|o| o.applied.clone()) {
+                status.forwarding = applied;
+            }
+        });
+    }
+}
+
+/// A local endpoint whose veth is gone: a completed `attach` whose container ended is
+/// collected now; one whose `run`/`attach` process lives is left to that process, which
+/// removes it itself (one owner for every clean-up).
+fn follow_ups(plan: &Plan, records: &BTreeMap<(String, String), LocalEndpoint>) -> Vec<FollowUp> {
+    plan.missing_veths
+        .iter()
+        .filter_map(|stale| records.get(&(stale.network.clone(), stale.id.clone())))
+        .filter_map(|record| {
+            gc::left_over(record, false).map(|why| FollowUp::Collect {
+                record: record.clone(),
+                why,
+            })
+        })
+        .collect()
+}

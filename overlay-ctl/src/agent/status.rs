@@ -1,0 +1,234 @@
+//! What the agent reports about itself. The control plane's state (store reachability,
+//! session, the last reconcile, members and endpoints, rejected records) lives in one
+//! [`LiveStatus`], published through one `tokio::sync::watch` channel: the tasks write
+//! it, and both `status` ([`AgentStatus`]) and the Prometheus scrape read it, so the two
+//! never disagree. Also here: the periodic traffic summary in the log.
+use std::{collections::BTreeMap, sync::Arc};
+
+use overlay_common::{Counter, CounterValue};
+use tracing::{debug, info, warn};
+
+use super::{
+    control::{AgentStatus, ConsulStatus, MapUsage, ReconcileStatus},
+    lock, metrics, Agent,
+};
+use crate::{
+    dataplane::datapath::{self, Datapath},
+    store::records::{RecordKind, RejectReason},
+};
+
+/// What the data plane forwards for, as of the last reconcile that applied a state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Forwarding {
+    /// Live nodes of the cluster.
+    pub members: usize,
+    pub local_endpoints: usize,
+    pub remote_endpoints: usize,
+    /// `network/id` of every local endpoint the data plane forwards for.
+    pub attached: Vec<String>,
+}
+
+/// The control plane's state, as every task last saw it.
+#[derive(Clone, Debug, Default)]
+pub struct LiveStatus {
+    pub consul_reachable: bool,
+    pub consul_error: Option<String>,
+    /// This node's session, and whether it holds the node key.
+    pub session: Option<String>,
+    pub registered: bool,
+    pub last_reconcile: Option<ReconcileStatus>,
+    pub forwarding: Forwarding,
+    /// Store records ignored in the last read, in all and by (kind, reason).
+    pub rejected_records: usize,
+    pub rejected_by_reason: BTreeMap<(RecordKind, RejectReason), u64>,
+}
+
+impl Agent {
+    pub(super) fn consul_ok(&self) {
+        let mut came_back = false;
+        self.status.send_modify(|status| {
+            came_back = !status.consul_reachable;
+            status.consul_reachable = true;
+            status.consul_error = None;
+        });
+        if came_back {
+            info!(consul = %self.store.client().addr(), "Consul reachable");
+        }
+    }
+
+    /// An outage is logged once when it starts (and at debug level while it lasts).
+    pub(super) fn consul_failed(&self, what: &str, error: &dyn std::fmt::Display) {
+        let mut started = false;
+        self.status.send_modify(|status| {
+            started = status.consul_reachable || status.consul_error.is_none();
+            status.consul_reachable = false;
+            status.consul_error = Some(error.to_string());
+        });
+        if started {
+            warn!(consul = %self.store.client().addr(), error = %error, "{what}: Consul unreachable; the data plane keeps forwarding with the last known state");
+        } else {
+            debug!(error = %error, "{what}: Consul still unreachable");
+        }
+        self.metrics.record_consul_error();
+    }
+
+    /// The answer to `overlay-ctl status`.
+    pub(super) fn status(&self) -> AgentStatus {
+        let mut status = self.data_plane_status();
+        let identity = lock(&self.identity);
+        let live = self.status.borrow();
+        status.consul = ConsulStatus {
+            addr: self.store.client().addr().to_string(),
+            prefix: self.store.prefix().to_string(),
+            reachable: live.consul_reachable,
+            last_error: live.consul_error.clone(),
+            session: live.session.clone(),
+            registered: live.registered,
+        };
+        status.last_reconcile = live.last_reconcile.clone();
+        status.members = live.forwarding.members;
+        status.local_endpoints = live.forwarding.local_endpoints;
+        status.remote_endpoints = live.forwarding.remote_endpoints;
+        status.attached = live.forwarding.attached.clone();
+        status.rejected_records = live.rejected_records;
+        status.store_trust = identity.trust().name().to_string();
+        status.store_detail = identity.detail().map(str::to_string);
+        status.cluster_id = identity.cluster().map(|c| c.cluster.clone());
+        status
+    }
+
+    /// The part of `status` about this node's data plane and options.
+    fn data_plane_status(&self) -> AgentStatus {
+        let mut plane = lock(&self.plane);
+        let (programs, maps) = match plane.datapath.as_mut() {
+            Some(datapath) => programs_and_maps(datapath),
+            None => Default::default(),
+        };
+        let underlay = &plane.underlay;
+        AgentStatus {
+            node: self.node().to_string(),
+            pid: std::process::id(),
+            iface: underlay.link.name.clone(),
+            ifindex: underlay.link.index,
+            vtep: Some(underlay.vtep),
+            xdp_mode: format!("{:?}", self.options.xdp_mode).to_lowercase(),
+            decap: underlay.setup.clone(),
+            host_changes: underlay.host_changes.clone(),
+            tc_attach: if datapath::tcx_supported() {
+                "tcx".into()
+            } else {
+                "clsact (netlink)".into()
+            },
+            pin_root: self.options.pin_root.display().to_string(),
+            programs,
+            maps,
+            metrics_addr: self.options.metrics_addr.clone(),
+            docker_plugin: (self.options.docker_plugin.as_ref()).map(|p| p.display().to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// One Prometheus scrape: counters summed over CPUs right now.
+    pub(super) fn render_metrics(&self) -> Result<String, String> {
+        let networks: BTreeMap<u32, String> = lock(&self.cluster)
+            .desired
+            .as_ref()
+            .map(|state| {
+                state
+                    .networks
+                    .iter()
+                    .map(|n| (n.vni, n.name.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (counters, occupancy) = {
+            let mut plane = lock(&self.plane);
+            let datapath = plane.datapath.as_mut().ok_or("the agent is stopping")?;
+            (
+                datapath.counters().map_err(|e| e.to_string())?,
+                datapath.map_occupancy().map_err(|e| e.to_string())?,
+            )
+        };
+        let store_state = lock(&self.identity).trust().name();
+        let live = self.status.borrow().clone();
+        Ok(metrics::render(&metrics::Scrape {
+            counters: &counters,
+            networks: &networks,
+            occupancy: &occupancy,
+            control: &self.metrics,
+            status: &live,
+            store_state,
+        }))
+    }
+
+    /// Summarises traffic in the log when counters moved.
+    pub(super) async fn stats_loop(self: Arc<Self>) {
+        let mut last: BTreeMap<(u32, Counter), CounterValue> = BTreeMap::new();
+        let mut ticker = tokio::time::interval(self.options.stats_interval);
+        loop {
+            ticker.tick().await;
+            let now = match lock(&self.plane).datapath.as_ref().map(|d| d.counters()) {
+                Some(Ok(now)) => now,
+                Some(Err(e)) => {
+                    warn!(error = %e, "cannot read counters");
+                    continue;
+                }
+                None => return,
+            };
+            log_traffic(&last, &now);
+            last = now;
+        }
+    }
+}
+
+fn programs_and_maps(datapath: &mut Datapath) -> (BTreeMap<String, u32>, Vec<MapUsage>) {
+    let programs = datapath
+        .program_ids()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let maps = datapath
+        .map_occupancy()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, entries, capacity)| MapUsage {
+            name: name.to_string(),
+            entries,
+            capacity,
+        })
+        .collect();
+    (programs, maps)
+}
+
+/// Logs what moved between two counter readings (each counter at debug level, the
+/// totals at info level when there are any).
+fn log_traffic(
+    last: &BTreeMap<(u32, Counter), CounterValue>,
+    now: &BTreeMap<(u32, Counter), CounterValue>,
+) {
+    let (mut forwarded, mut dropped) = (0u64, 0u64);
+    for (key, value) in now {
+        let before = last.get(key).copied().unwrap_or_default();
+        let delta = value.packets.saturating_sub(before.packets);
+        if delta > 0 {
+            debug!(
+                vni = key.0,
+                counter = key.1.name(),
+                packets = value.packets,
+                bytes = value.bytes,
+                "counter"
+            );
+        }
+        if key.1.is_drop() {
+            dropped += delta;
+        } else {
+            forwarded += delta;
+        }
+    }
+    if forwarded + dropped > 0 && !last.is_empty() {
+        info!(
+            forwarded,
+            dropped, "traffic since the last report (packets)"
+        );
+    }
+}
