@@ -15,6 +15,7 @@ use super::cni_plugin::{context, netlink_error, open_netns, store_error};
 use crate::{
     dataplane::netlink::{self, NetlinkError},
     dataplane::netns::NetNs,
+    store::Endpoint,
 };
 
 /// An interface inside the container as netlink reports it.
@@ -121,47 +122,14 @@ pub async fn check(inv: &Invocation, config: &Config) -> Result<(), CniError> {
         .and_then(|(e, s)| Ipv4Network::new(e.ip, s.prefix()).ok());
     match inspect(&netns, &inv.ifname)? {
         None => problems.push(format!("interface {} is missing in {sandbox}", inv.ifname)),
-        Some(iface) => {
-            if let Some(want) = expected {
-                if !iface.addresses.contains(&want) {
-                    problems.push(format!(
-                        "interface {} has addresses {:?}, expected {want}",
-                        inv.ifname,
-                        iface
-                            .addresses
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                    ));
-                }
-            }
-            if let Some(e) = &endpoint {
-                if format_mac(iface.mac) != e.mac {
-                    problems.push(format!(
-                        "interface {} has MAC {}, expected {}",
-                        inv.ifname,
-                        format_mac(iface.mac),
-                        e.mac
-                    ));
-                }
-            }
-            if let Some(prev) = &config.conf.prev_result {
-                for address in cni::prev_addresses(prev, &inv.ifname, &sandbox) {
-                    if !iface.addresses.contains(&address) {
-                        problems.push(format!(
-                            "address {address} of prevResult is not on {}",
-                            inv.ifname
-                        ));
-                    }
-                    if expected.is_some_and(|want| want != address) {
-                        problems.push(format!(
-                            "prevResult has {address} but the cluster records {}",
-                            expected.map(|w| w.to_string()).unwrap_or_default()
-                        ));
-                    }
-                }
-            }
-        }
+        Some(iface) => problems.extend(interface_problems(
+            &iface,
+            &inv.ifname,
+            &sandbox,
+            expected,
+            endpoint.as_ref(),
+            config.conf.prev_result.as_ref(),
+        )),
     }
     if let Some(e) = &endpoint {
         let handle = netlink::connect().map_err(netlink_error("netlink"))?;
@@ -184,4 +152,57 @@ pub async fn check(inv: &Invocation, config: &Config) -> Result<(), CniError> {
             problems.join("; "),
         ))
     }
+}
+
+/// How the container's interface differs from what ADD left: its address, its MAC, the
+/// addresses of `prevResult`.
+fn interface_problems(
+    iface: &ContainerIface,
+    ifname: &str,
+    sandbox: &str,
+    expected: Option<Ipv4Network>,
+    endpoint: Option<&Endpoint>,
+    prev_result: Option<&serde_json::Value>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(want) = expected {
+        if !iface.addresses.contains(&want) {
+            problems.push(format!(
+                "interface {} has addresses {:?}, expected {want}",
+                ifname,
+                iface
+                    .addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            ));
+        }
+    }
+    if let Some(e) = &endpoint {
+        if format_mac(iface.mac) != e.mac {
+            problems.push(format!(
+                "interface {} has MAC {}, expected {}",
+                ifname,
+                format_mac(iface.mac),
+                e.mac
+            ));
+        }
+    }
+    if let Some(prev) = prev_result {
+        for address in cni::prev_addresses(prev, ifname, sandbox) {
+            if !iface.addresses.contains(&address) {
+                problems.push(format!(
+                    "address {address} of prevResult is not on {}",
+                    ifname
+                ));
+            }
+            if expected.is_some_and(|want| want != address) {
+                problems.push(format!(
+                    "prevResult has {address} but the cluster records {}",
+                    expected.map(|w| w.to_string()).unwrap_or_default()
+                ));
+            }
+        }
+    }
+    problems
 }

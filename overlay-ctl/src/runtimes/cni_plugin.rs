@@ -293,16 +293,18 @@ pub(super) fn open_netns(inv: &Invocation) -> Result<NetNs, CniError> {
     })
 }
 
-async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
-    let network = config.network.as_str();
-    let netns = open_netns(inv)?;
-    let requested = cni::requested_ip(inv, &config.conf)?;
-    let ctx = context(config).await?;
-    let id = cni::endpoint_id(&inv.container_id, &inv.ifname);
-    // Refuse a second ADD before changing anything.
+/// A second ADD for the same attachment, or for an interface name the container already
+/// has, is refused (code 100) and changes nothing.
+async fn refuse_second_add(
+    ctx: &Context,
+    inv: &Invocation,
+    network: &str,
+    id: &str,
+    netns: &NetNs,
+) -> Result<(), CniError> {
     if let Some(existing) = ctx
         .store
-        .get_endpoint(network, &id)
+        .get_endpoint(network, id)
         .await
         .map_err(store_error)?
     {
@@ -315,7 +317,7 @@ async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
             ),
         ));
     }
-    if inspect(&netns, &inv.ifname)?.is_some() {
+    if inspect(netns, &inv.ifname)?.is_some() {
         return Err(CniError::new(
             code::ALREADY_ADDED,
             "interface already exists",
@@ -326,6 +328,17 @@ async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
             ),
         ));
     }
+    Ok(())
+}
+
+async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
+    let network = config.network.as_str();
+    let netns = open_netns(inv)?;
+    let requested = cni::requested_ip(inv, &config.conf)?;
+    let ctx = context(config).await?;
+    let id = cni::endpoint_id(&inv.container_id, &inv.ifname);
+    // Refuse a second ADD before changing anything.
+    refuse_second_add(&ctx, inv, network, &id, &netns).await?;
     let sandbox = netns.path().display().to_string();
     let spec = JoinSpec {
         network,
