@@ -123,8 +123,10 @@ pub enum Command {
     /// Cluster membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
-    /// Run a development store in the foreground: a single in-memory, Consul-compatible
-    /// server for trying the overlay on one machine (as `consul agent -dev` is).
+    /// Run a development store in the foreground (as `consul agent -dev` does).
+    ///
+    /// One in-memory server speaking the part of Consul's HTTP API the overlay uses: for
+    /// trying the overlay on one machine, and what `cargo xtask run` starts.
     DevServer(DevServerArgs),
 }
 
