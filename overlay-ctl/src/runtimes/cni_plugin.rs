@@ -349,14 +349,12 @@ async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
         keep_existing_default_route: true,
         netns_name: None,
     };
-    let valid = container::validate(&ctx, &spec)
-        .await
-        .map_err(container_error)?;
     // This node's record of the attachment comes first and is owned by this process
     // until ADD completes: a plugin killed midway leaves nothing the agent cannot collect.
-    let mut session = EndpointSession::begin(&ctx, network, &id, local_state::Kind::Attach)
+    let mut session = EndpointSession::begin(&ctx, &spec, local_state::Kind::Attach)
+        .await
         .map_err(container_error)?;
-    let joined = match session.start(valid, Target::Netns(&netns), &spec).await {
+    let joined = match session.start(Target::Netns(&netns), &spec).await {
         Ok(joined) => joined,
         Err(e) => {
             session.abandon();

@@ -166,7 +166,8 @@ pub enum Target<'a> {
 
 /// Everything a join checks before it changes anything: the names, the network, the
 /// requested address, a free endpoint name, this node's VTEP and the maps' capacity.
-/// Returns the network to join. Done once per join, by [`join_validated`]'s caller.
+/// Returns the network to join. Done once per join, by
+/// [`crate::runtimes::session::EndpointSession::begin`] before its first write.
 pub async fn validate(ctx: &Context, spec: &JoinSpec<'_>) -> Result<Network> {
     ipam::validate_name(spec.id).map_err(StoreError::from)?;
     let network = ctx

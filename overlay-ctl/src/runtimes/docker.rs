@@ -380,11 +380,9 @@ impl DockerPlugin {
             keep_existing_default_route: true,
             netns_name: None,
         };
-        let valid = container::validate(&ctx, &spec).await?;
-        let mut session =
-            EndpointSession::begin(&ctx, &network.name, &id, local_state::Kind::Attach)?;
+        let mut session = EndpointSession::begin(&ctx, &spec, local_state::Kind::Attach).await?;
         let target = Target::Handoff { preallocated: true };
-        if let Err(e) = session.start(valid, target, &spec).await {
+        if let Err(e) = session.start(target, &spec).await {
             session.abandon();
             return Err(e.into());
         }

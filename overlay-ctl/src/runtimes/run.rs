@@ -67,8 +67,7 @@ impl<'a> ContainerRun<'a> {
             netns_name: Some(netns_name.clone()),
         };
         // Refuses bad input before creating anything.
-        let network = container::validate(ctx, &spec).await?;
-        let mut session = EndpointSession::begin(ctx, request.network, request.id, Kind::Run)?;
+        let mut session = EndpointSession::begin(ctx, &spec, Kind::Run).await?;
         crate::testhook::pause("recorded");
         let netns = match NetNs::create(&netns_name) {
             Ok(netns) => netns,
@@ -81,7 +80,7 @@ impl<'a> ContainerRun<'a> {
             }
         };
         crate::testhook::pause("netns");
-        match session.start(network, Target::Netns(&netns), &spec).await {
+        match session.start(Target::Netns(&netns), &spec).await {
             Ok(joined) => Ok(Self {
                 session,
                 netns,

@@ -1,13 +1,13 @@
 //! One endpoint of this node from its first record to its removal: the lifecycle that
 //! `overlay-ctl run`/`attach`/`detach`, the CNI plugin and the Docker driver share.
 //!
-//! [`EndpointSession::begin`] writes this node's local record of the endpoint, owned by
-//! the calling process, before anything else exists: from then on, whatever a kill
-//! leaves behind (namespace, address, veth, the store's endpoint entry) is named by a
-//! record the agent reaps once neither the owner nor a recorded command lives.
-//! [`EndpointSession::start`] joins the network ([`container::join_validated`], after a
-//! single [`container::validate`]); then the endpoint is either committed (it outlives
-//! its creator: `attach`, CNI ADD, Docker) or torn down by its creator (`run`).
+//! [`EndpointSession::begin`] checks the request once ([`container::validate`]) and then
+//! writes this node's local record of the endpoint, owned by the calling process, before
+//! anything else exists: from then on, whatever a kill leaves behind (namespace,
+//! address, veth, the store's endpoint entry) is named by a record the agent reaps once
+//! neither the owner nor a recorded command lives. [`EndpointSession::start`] joins the
+//! network ([`container::join_validated`]); then the endpoint is either committed (it
+//! outlives its creator: `attach`, CNI ADD, Docker) or torn down by its creator (`run`).
 use std::path::PathBuf;
 
 use tracing::warn;
@@ -23,15 +23,23 @@ use crate::{
 pub struct EndpointSession<'a> {
     ctx: &'a Context,
     record: LocalEndpoint,
+    /// The network as [`container::validate`] found it.
+    network: Network,
 }
 
 impl<'a> EndpointSession<'a> {
-    /// Records the endpoint on this node, owned by the calling process: the first write
-    /// of every endpoint, so the agent can reap whatever follows.
-    pub fn begin(ctx: &'a Context, network: &str, id: &str, kind: Kind) -> Result<Self> {
-        let record = LocalEndpoint::new(network, id, kind)?;
+    /// Checks `spec` (nothing changes when it is refused), then records the endpoint on
+    /// this node, owned by the calling process: the first write of every endpoint, so the
+    /// agent can reap whatever follows.
+    pub async fn begin(ctx: &'a Context, spec: &JoinSpec<'_>, kind: Kind) -> Result<Self> {
+        let network = container::validate(ctx, spec).await?;
+        let record = LocalEndpoint::new(spec.network, spec.id, kind)?;
         ctx.local.create(&record)?;
-        Ok(Self { ctx, record })
+        Ok(Self {
+            ctx,
+            record,
+            network,
+        })
     }
 
     /// The context the session works in.
@@ -39,14 +47,10 @@ impl<'a> EndpointSession<'a> {
         self.ctx
     }
 
-    /// Joins `network` (as returned by [`container::validate`] for `spec`). On failure
-    /// the steps taken are undone; the caller then [`abandon`](Self::abandon)s.
-    pub async fn start(
-        &mut self,
-        network: Network,
-        target: Target<'_>,
-        spec: &JoinSpec<'_>,
-    ) -> Result<Joined> {
+    /// Joins the network (`spec` as given to [`begin`](Self::begin)). On failure the
+    /// steps taken are undone; the caller then [`abandon`](Self::abandon)s.
+    pub async fn start(&mut self, target: Target<'_>, spec: &JoinSpec<'_>) -> Result<Joined> {
+        let network = self.network.clone();
         container::join_validated(self.ctx, network, target, spec, &mut self.record).await
     }
 
@@ -99,13 +103,18 @@ impl<'a> EndpointSession<'a> {
 /// `overlay-ctl attach`: joins the existing namespace at `path` to `spec.network`; the
 /// endpoint stays until `detach` (or until its container ends).
 pub async fn attach(ctx: &Context, path: PathBuf, spec: &JoinSpec<'_>) -> Result<Joined> {
-    let network = container::validate(ctx, spec).await?;
-    let netns = NetNs::open_path(spec.id, path.clone()).map_err(|source| ContainerError::Io {
-        what: format!("cannot open network namespace {}", path.display()),
-        source,
-    })?;
-    let mut session = EndpointSession::begin(ctx, spec.network, spec.id, Kind::Attach)?;
-    match session.start(network, Target::Netns(&netns), spec).await {
+    let mut session = EndpointSession::begin(ctx, spec, Kind::Attach).await?;
+    let netns = match NetNs::open_path(spec.id, path.clone()) {
+        Ok(netns) => netns,
+        Err(source) => {
+            session.abandon();
+            return Err(ContainerError::Io {
+                what: format!("cannot open network namespace {}", path.display()),
+                source,
+            });
+        }
+    };
+    match session.start(Target::Netns(&netns), spec).await {
         Ok(joined) => {
             session.commit()?;
             Ok(joined)
