@@ -5,9 +5,9 @@
 //!   every record read, IPAM rules, the cluster id.
 //! - [`agent`]: the node agent (membership, reconcile, local records and collection, the
 //!   control socket, metrics, logs).
-//! - [`runtimes`]: containers on the overlay: `run`/`attach`, the CNI plugin and the
-//!   Docker driver.
-//! - [`cli`]: the operator commands; [`http`]: the small HTTP server loop the metrics
+//! - [`runtimes`]: containers on the overlay: one endpoint lifecycle (`session`) behind
+//!   `run`/`attach`, the CNI plugin and the Docker driver.
+//! - [`cli`]: the operator commands (parse, call, print); [`http`]: the small HTTP server loop the metrics
 //!   endpoint and the Docker driver share; [`testhook`]: test-only pause points.
 pub mod agent;
 pub mod cli;

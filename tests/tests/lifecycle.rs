@@ -215,6 +215,71 @@ fn a_run_killed_at_any_point_leaves_nothing_after_one_collection_period() {
     assert_eq!(out.code, 0, "{out:#?}");
 }
 
+/// Pids of the processes whose command line contains `needle`.
+fn processes_naming(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(needle)
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// `run` killed after its command's process exists but before this node's record names
+/// it: the command never starts (no process is left that the agent could not account
+/// for), and everything else is collected as after any other kill.
+#[test]
+fn a_run_killed_before_its_command_is_recorded_never_starts_it() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_cluster(&BINS, &underlay, 1, None, GC_ARGS);
+    let node = &nodes[0];
+    node.cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let name = unique_name("s");
+    let marker = std::env::temp_dir().join(unique_name("overlay-ran-"));
+    let marker_arg = marker.display().to_string();
+    let pause = Pause::new();
+    let env = pause.env("spawned");
+    let mut run = node.spawn_run_env(
+        "net1",
+        &name,
+        &[("OVERLAY_TEST_PAUSE", env.as_str())],
+        &["touch", &marker_arg],
+    );
+    pause.wait_reached("run with its command's process created");
+    assert_evidence(node, &consul, &name, "spawned");
+    let record = std::fs::read_to_string(record_path(node, "net1", &name)).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+    assert!(
+        record["command"].is_null() && !record["owner"].is_null(),
+        "owned by run, the command not recorded yet: {record}"
+    );
+    run.kill_cli();
+    pause.release();
+    wait_until("the unrecorded command's process to end", JOIN, || {
+        processes_naming(&marker_arg).is_empty()
+    });
+    wait_collected(
+        node,
+        &consul,
+        "net1",
+        &name,
+        "killed before its command started",
+    );
+    assert!(
+        !marker.exists(),
+        "the command ran although `run` died before recording it"
+    );
+}
+
 #[test]
 fn a_store_outage_during_run_leaves_nothing_once_it_is_back() {
     require_root();

@@ -1,12 +1,13 @@
 //! The `overlay-cni` plugin: ADD, DEL, CHECK and VERSION of the CNI spec on top of the
-//! same library path as `overlay-ctl attach --netns` ([`container::join`] and
-//! [`container::leave`]): the address comes from the cluster IPAM, the endpoint is
-//! recorded in Consul, and the local agent (through its control socket) attaches it to
-//! the data plane before ADD answers.
+//! same lifecycle as `overlay-ctl attach --netns` ([`crate::runtimes::session`]: local
+//! record, join, commit; [`session::remove`]): the address comes from the cluster IPAM,
+//! the endpoint is recorded in Consul, and the local agent (through its control socket)
+//! attaches it to the data plane before ADD answers. CHECK is in
+//! [`crate::runtimes::cni_check`].
 //!
 //! - ADD asks the agent for its status first: when the agent is down (or cannot reach
 //!   Consul), nothing is created and the error is code 11 (try again later). Every later
-//!   step is undone when one fails ([`container::join`]).
+//!   step is undone when one fails ([`container::join_validated`]).
 //! - A second ADD for the same (container, interface), or for an interface name the
 //!   container already has, fails with code 100 and changes nothing (the spec: "If an
 //!   interface of the requested name already exists in the container, the CNI plugin
@@ -19,25 +20,21 @@
 //! - CHECK lists every difference from what ADD left (code 101).
 //!
 //! stdout carries only the result or error JSON; logs go to stderr (and `logFile`).
-use std::{io::Read as _, net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{io::Read as _, path::PathBuf, process::ExitCode};
 
-use futures_util::TryStreamExt as _;
 use ipnetwork::Ipv4Network;
-use netlink_packet_route::{
-    address::AddressAttribute,
-    route::{RouteAddress, RouteAttribute},
-};
-use rtnetlink::IpVersion;
 use serde_json::Value;
 use tracing::{info, warn};
 
 use super::cni::{self, code, CniError, Command, Config, Invocation};
 use crate::{
     agent::control::{AgentClient, ControlError, DEFAULT_STATE_DIR},
-    agent::local_state::{self, LocalEndpoint, LocalState, LocalStateError},
+    agent::local_state::{self, LocalState, LocalStateError},
     dataplane::netlink::{self, NetlinkError},
     dataplane::netns::NetNs,
-    runtimes::container::{self, ContainerError, Context, JoinSpec},
+    runtimes::cni_check::{format_mac, inspect, ContainerIface},
+    runtimes::container::{self, ContainerError, Context, JoinSpec, Joined, Target},
+    runtimes::session::{self, EndpointSession},
     store::consul::{ConsulClient, ConsulError},
     store::{Store, StoreError},
 };
@@ -127,7 +124,7 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<
         match inv.command {
             Command::Add => add(&inv, &config).await.map(Some),
             Command::Del => del(&inv, &config).await.map(|()| None),
-            Command::Check => check(&inv, &config).await.map(|()| None),
+            Command::Check => super::cni_check::check(&inv, &config).await.map(|()| None),
             Command::Version => unreachable!("answered above"),
         }
     })
@@ -143,7 +140,7 @@ fn state_dir(config: &Config) -> PathBuf {
 
 /// The local agent's status and the cluster state it uses; code 11 when the agent does
 /// not answer or has lost Consul (nothing has been changed at that point).
-async fn context(config: &Config) -> Result<Context, CniError> {
+pub(super) async fn context(config: &Config) -> Result<Context, CniError> {
     let dir = state_dir(config);
     let agent = AgentClient::new(&dir);
     let status = agent.status().await.map_err(|e| {
@@ -176,7 +173,7 @@ async fn context(config: &Config) -> Result<Context, CniError> {
     })
 }
 
-fn local_error(e: LocalStateError) -> CniError {
+pub(super) fn local_error(e: LocalStateError) -> CniError {
     CniError::new(
         code::IO_FAILURE,
         "cannot keep this node's record of the attachment",
@@ -184,7 +181,7 @@ fn local_error(e: LocalStateError) -> CniError {
     )
 }
 
-fn consul_error(e: ConsulError) -> CniError {
+pub(super) fn consul_error(e: ConsulError) -> CniError {
     match e {
         ConsulError::Transport { .. } | ConsulError::Timeout { .. } => CniError::new(
             code::TRY_AGAIN_LATER,
@@ -195,7 +192,7 @@ fn consul_error(e: ConsulError) -> CniError {
     }
 }
 
-fn store_error(e: StoreError) -> CniError {
+pub(super) fn store_error(e: StoreError) -> CniError {
     match e {
         StoreError::Consul(e) => consul_error(e),
         StoreError::NoSuchNetwork(_) => CniError::new(
@@ -213,7 +210,7 @@ fn store_error(e: StoreError) -> CniError {
     }
 }
 
-fn container_error(e: ContainerError) -> CniError {
+pub(super) fn container_error(e: ContainerError) -> CniError {
     match e {
         ContainerError::Store(e) => store_error(e),
         ContainerError::Consul(e) => consul_error(e),
@@ -233,21 +230,28 @@ fn container_error(e: ContainerError) -> CniError {
             "the agent did not attach",
             e.to_string(),
         ),
-        ContainerError::WrongNode { .. } | ContainerError::NoSuchEndpoint { .. } => {
+        ContainerError::WrongNode { .. }
+        | ContainerError::NoSuchEndpoint { .. }
+        | ContainerError::NotAttachedWith { .. }
+        | ContainerError::NoTarget
+        | ContainerError::InvalidName { .. } => {
             CniError::new(code::REFUSED, "refused by the cluster", e.to_string())
         }
         ContainerError::Local(e) => local_error(e),
-        ContainerError::Endpoint(_) | ContainerError::Netlink(_) | ContainerError::Io { .. } => {
-            CniError::new(
-                code::IO_FAILURE,
-                "cannot plumb the interface",
-                e.to_string(),
-            )
-        }
+        ContainerError::Endpoint(_)
+        | ContainerError::Netlink(_)
+        | ContainerError::Io { .. }
+        | ContainerError::NoAddress
+        | ContainerError::Service { .. }
+        | ContainerError::Teardown(_) => CniError::new(
+            code::IO_FAILURE,
+            "cannot plumb the interface",
+            e.to_string(),
+        ),
     }
 }
 
-fn agent_error(e: ControlError) -> CniError {
+pub(super) fn agent_error(e: ControlError) -> CniError {
     match e {
         ControlError::Refused(_) | ControlError::Protocol(_) => CniError::new(
             code::NOT_ATTACHED,
@@ -262,12 +266,12 @@ fn agent_error(e: ControlError) -> CniError {
     }
 }
 
-fn netlink_error(what: &str) -> impl FnOnce(NetlinkError) -> CniError + '_ {
+pub(super) fn netlink_error(what: &str) -> impl FnOnce(NetlinkError) -> CniError + '_ {
     move |e| CniError::new(code::IO_FAILURE, what, e.to_string())
 }
 
 /// Opens `CNI_NETNS`: code 3 when it does not exist.
-fn open_netns(inv: &Invocation) -> Result<NetNs, CniError> {
+pub(super) fn open_netns(inv: &Invocation) -> Result<NetNs, CniError> {
     let path = inv.netns.clone().ok_or_else(|| {
         CniError::new(
             code::INVALID_ENVIRONMENT,
@@ -289,84 +293,18 @@ fn open_netns(inv: &Invocation) -> Result<NetNs, CniError> {
     })
 }
 
-/// An interface inside the container as netlink reports it.
-#[derive(Debug)]
-struct ContainerIface {
-    mac: [u8; 6],
-    addresses: Vec<Ipv4Network>,
-    /// The gateway of the namespace's IPv4 default route, if it has one.
-    default_gateway: Option<Ipv4Addr>,
-}
-
-/// Looks at interface `ifname` inside `netns`: `None` when there is none.
-fn inspect(netns: &NetNs, ifname: &str) -> Result<Option<ContainerIface>, CniError> {
-    let ifname = ifname.to_string();
-    netns
-        .block_on(|| async move {
-            let handle = netlink::connect()?;
-            let link = match netlink::link_by_name(&handle, &ifname).await {
-                Ok(link) => link,
-                Err(NetlinkError::NoSuchLink(_)) => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let mut addresses = Vec::new();
-            let mut dump = handle
-                .address()
-                .get()
-                .set_link_index_filter(link.index)
-                .execute();
-            while let Some(message) = dump.try_next().await? {
-                for attr in &message.attributes {
-                    if let AddressAttribute::Address(std::net::IpAddr::V4(ip)) = attr {
-                        if let Ok(net) = Ipv4Network::new(*ip, message.header.prefix_len) {
-                            addresses.push(net);
-                        }
-                    }
-                }
-            }
-            let mut default_gateway = None;
-            let mut routes = handle.route().get(IpVersion::V4).execute();
-            while let Some(route) = routes.try_next().await? {
-                if route.header.destination_prefix_length != 0
-                    || route.header.table != libc::RT_TABLE_MAIN
-                {
-                    continue;
-                }
-                default_gateway = route.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Gateway(RouteAddress::Inet(gw)) => Some(*gw),
-                    _ => None,
-                });
-            }
-            Ok(Some(ContainerIface {
-                mac: link.mac,
-                addresses,
-                default_gateway,
-            }))
-        })
-        .map_err(|e| {
-            CniError::new(
-                code::IO_FAILURE,
-                "cannot enter the container's network namespace",
-                e.to_string(),
-            )
-        })?
-        .map_err(netlink_error("cannot read the container's interfaces"))
-}
-
-fn format_mac(mac: [u8; 6]) -> String {
-    crate::agent::reconcile::format_mac(mac)
-}
-
-async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
-    let network = config.network.as_str();
-    let netns = open_netns(inv)?;
-    let requested = cni::requested_ip(inv, &config.conf)?;
-    let ctx = context(config).await?;
-    let id = cni::endpoint_id(&inv.container_id, &inv.ifname);
-    // Refuse a second ADD before changing anything.
+/// A second ADD for the same attachment, or for an interface name the container already
+/// has, is refused (code 100) and changes nothing.
+async fn refuse_second_add(
+    ctx: &Context,
+    inv: &Invocation,
+    network: &str,
+    id: &str,
+    netns: &NetNs,
+) -> Result<(), CniError> {
     if let Some(existing) = ctx
         .store
-        .get_endpoint(network, &id)
+        .get_endpoint(network, id)
         .await
         .map_err(store_error)?
     {
@@ -379,7 +317,7 @@ async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
             ),
         ));
     }
-    if inspect(&netns, &inv.ifname)?.is_some() {
+    if inspect(netns, &inv.ifname)?.is_some() {
         return Err(CniError::new(
             code::ALREADY_ADDED,
             "interface already exists",
@@ -390,66 +328,51 @@ async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
             ),
         ));
     }
+    Ok(())
+}
+
+async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
+    let network = config.network.as_str();
+    let netns = open_netns(inv)?;
+    let requested = cni::requested_ip(inv, &config.conf)?;
+    let ctx = context(config).await?;
+    let id = cni::endpoint_id(&inv.container_id, &inv.ifname);
+    // Refuse a second ADD before changing anything.
+    refuse_second_add(&ctx, inv, network, &id, &netns).await?;
     let sandbox = netns.path().display().to_string();
+    let spec = JoinSpec {
+        network,
+        id: &id,
+        ip: requested,
+        container_ifname: &inv.ifname,
+        container: Some(format!("cni:{}:{}", inv.container_id, inv.ifname)),
+        keep_existing_default_route: true,
+        netns_name: None,
+    };
     // This node's record of the attachment comes first and is owned by this process
     // until ADD completes: a plugin killed midway leaves nothing the agent cannot collect.
-    let mut record =
-        LocalEndpoint::new(network, &id, local_state::Kind::Attach).map_err(local_error)?;
-    ctx.local.create(&record).map_err(local_error)?;
-    let joined = container::join(
-        &ctx,
-        &netns,
-        &JoinSpec {
-            network,
-            id: &id,
-            ip: requested,
-            container_ifname: &inv.ifname,
-            container: Some(format!("cni:{}:{}", inv.container_id, inv.ifname)),
-            keep_existing_default_route: true,
-            netns_name: None,
-        },
-        &mut record,
-    )
-    .await;
-    let joined = match joined {
+    let mut session = EndpointSession::begin(&ctx, &spec, local_state::Kind::Attach)
+        .await
+        .map_err(container_error)?;
+    let joined = match session.start(Target::Netns(&netns), &spec).await {
         Ok(joined) => joined,
         Err(e) => {
-            if record.ip.is_none() && record.endpoint.is_none() {
-                let _ = ctx.local.remove(network, &id);
-            }
+            session.abandon();
             return Err(container_error(e));
         }
     };
-    let describe = async {
-        let handle = netlink::connect().map_err(netlink_error("netlink"))?;
-        let host = netlink::link_by_name(&handle, &joined.endpoint.ifname)
-            .await
-            .map_err(netlink_error("cannot read the host-side veth"))?;
-        let inside = inspect(&netns, &inv.ifname)?.ok_or_else(|| {
-            CniError::new(
-                code::IO_FAILURE,
-                "the new interface vanished",
-                format!("{} is not in {sandbox}", inv.ifname),
-            )
-        })?;
-        Ok::<_, CniError>((host, inside))
-    };
-    let (host, inside) = match describe.await {
+    let (host, inside) = match describe(&netns, &inv.ifname, &joined).await {
         Ok(found) => found,
         Err(e) => {
             // Nothing half-done stays behind.
-            match container::leave(&ctx, &joined.endpoint).await {
-                Ok(()) => {
-                    let _ = ctx.local.remove(network, &id);
-                }
-                Err(undo) => warn!(error = %undo, "cannot undo the ADD"),
+            if let Err(undo) = session.teardown(&joined.endpoint).await {
+                warn!(error = %undo, "cannot undo the ADD");
             }
             return Err(e);
         }
     };
     // Committed: the attachment lives until DEL (or until its container's veth is gone).
-    record.owner = None;
-    ctx.local.update(&record).map_err(local_error)?;
+    session.commit().map_err(container_error)?;
     let address = Ipv4Network::new(joined.endpoint.ip, joined.network.subnet.prefix())
         .map_err(|e| CniError::new(code::IO_FAILURE, "bad address", e.to_string()))?;
     info!(
@@ -476,6 +399,26 @@ async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
         config.conf.dns.as_ref(),
         config.conf.prev_result.as_ref(),
     ))
+}
+
+/// The host and container interfaces ADD created, for its result.
+async fn describe(
+    netns: &NetNs,
+    ifname: &str,
+    joined: &Joined,
+) -> Result<(netlink::LinkInfo, ContainerIface), CniError> {
+    let handle = netlink::connect().map_err(netlink_error("netlink"))?;
+    let host = netlink::link_by_name(&handle, &joined.endpoint.ifname)
+        .await
+        .map_err(netlink_error("cannot read the host-side veth"))?;
+    let inside = inspect(netns, ifname)?.ok_or_else(|| {
+        CniError::new(
+            code::IO_FAILURE,
+            "the new interface vanished",
+            format!("{ifname} is not in {}", netns.path().display()),
+        )
+    })?;
+    Ok((host, inside))
 }
 
 async fn del(inv: &Invocation, config: &Config) -> Result<(), CniError> {
@@ -506,10 +449,9 @@ async fn del(inv: &Invocation, config: &Config) -> Result<(), CniError> {
         .map_err(store_error)?
     {
         Some(endpoint) if endpoint.node == ctx.status.node => {
-            container::leave(&ctx, &endpoint)
+            session::remove(&ctx, &endpoint, true)
                 .await
                 .map_err(container_error)?;
-            ctx.local.remove(network, &id).map_err(local_error)?;
             info!(network, endpoint = %id, ip = %endpoint.ip, "DEL: detached");
             removed = true;
         }
@@ -565,105 +507,5 @@ async fn remove_veth(network: &str, id: &str) -> Result<bool, CniError> {
         }
         Err(NetlinkError::NoSuchLink(_)) => Ok(false),
         Err(e) => Err(netlink_error("cannot look up the host-side veth")(e)),
-    }
-}
-
-async fn check(inv: &Invocation, config: &Config) -> Result<(), CniError> {
-    let network = config.network.as_str();
-    let netns = open_netns(inv)?;
-    let ctx = context(config).await?;
-    let id = cni::endpoint_id(&inv.container_id, &inv.ifname);
-    let sandbox = netns.path().display().to_string();
-    let mut problems = Vec::new();
-
-    let endpoint = ctx
-        .store
-        .get_endpoint(network, &id)
-        .await
-        .map_err(store_error)?;
-    let subnet = ctx
-        .store
-        .get_network(network)
-        .await
-        .map_err(store_error)?
-        .map(|n| n.subnet);
-    match &endpoint {
-        None => problems.push(format!(
-            "no endpoint record {id} on network {network} in the cluster state"
-        )),
-        Some(e) if e.node != ctx.status.node => problems.push(format!(
-            "endpoint {id} is recorded on node {}, not on this node {}",
-            e.node, ctx.status.node
-        )),
-        Some(_) => {}
-    }
-    let expected = endpoint
-        .as_ref()
-        .zip(subnet)
-        .and_then(|(e, s)| Ipv4Network::new(e.ip, s.prefix()).ok());
-    match inspect(&netns, &inv.ifname)? {
-        None => problems.push(format!("interface {} is missing in {sandbox}", inv.ifname)),
-        Some(iface) => {
-            if let Some(want) = expected {
-                if !iface.addresses.contains(&want) {
-                    problems.push(format!(
-                        "interface {} has addresses {:?}, expected {want}",
-                        inv.ifname,
-                        iface
-                            .addresses
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                    ));
-                }
-            }
-            if let Some(e) = &endpoint {
-                if format_mac(iface.mac) != e.mac {
-                    problems.push(format!(
-                        "interface {} has MAC {}, expected {}",
-                        inv.ifname,
-                        format_mac(iface.mac),
-                        e.mac
-                    ));
-                }
-            }
-            if let Some(prev) = &config.conf.prev_result {
-                for address in cni::prev_addresses(prev, &inv.ifname, &sandbox) {
-                    if !iface.addresses.contains(&address) {
-                        problems.push(format!(
-                            "address {address} of prevResult is not on {}",
-                            inv.ifname
-                        ));
-                    }
-                    if expected.is_some_and(|want| want != address) {
-                        problems.push(format!(
-                            "prevResult has {address} but the cluster records {}",
-                            expected.map(|w| w.to_string()).unwrap_or_default()
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    if let Some(e) = &endpoint {
-        let handle = netlink::connect().map_err(netlink_error("netlink"))?;
-        if netlink::link_by_name(&handle, &e.ifname).await.is_err() {
-            problems.push(format!("host-side veth {} is missing", e.ifname));
-        }
-        let wanted = format!("{network}/{id}");
-        if !ctx.status.attached.contains(&wanted) {
-            problems.push(format!(
-                "the agent does not forward for {wanted} (see `overlay-ctl agent logs`)"
-            ));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(CniError::new(
-            code::DRIFT,
-            "the container's network is not as ADD left it",
-            problems.join("; "),
-        ))
     }
 }

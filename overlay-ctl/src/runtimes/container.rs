@@ -1,17 +1,15 @@
-//! Containers on an overlay network, as the CLI's `run`, `attach` and `detach` do them:
-//! an address from IPAM, the veth pair into the container's network namespace, the
-//! endpoint in the cluster state, and the local agent told to forward for it at once.
+//! Joining a container to an overlay network and removing it again, the steps every
+//! runtime shares: [`validate`] (everything checked before anything changes),
+//! [`join_validated`] (an address from IPAM, the veth pair into the container's network
+//! namespace, the endpoint in the cluster state, the local agent told to forward for it
+//! at once) and [`leave`]. The lifecycle around them (the local record first, commit or
+//! teardown) is [`crate::runtimes::session`]'s.
 //!
 //! Every step that changes something is undone when a later one fails, so a refused or
-//! failed command leaves no address, endpoint, veth or namespace behind.
-use std::{
-    net::Ipv4Addr,
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
-    process::ExitStatus,
-};
+//! failed join leaves no address, endpoint or veth behind.
+use std::{net::Ipv4Addr, path::PathBuf};
 
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     agent::control::{AgentClient, AgentStatus, ControlError},
@@ -20,7 +18,7 @@ use crate::{
     dataplane::endpoint::{self, EndpointError, EndpointSpec},
     dataplane::netlink::{self, NetlinkError},
     dataplane::netns::NetNs,
-    store::consul::{CatalogService, ConsulError},
+    store::consul::ConsulError,
     store::ipam,
     store::{Endpoint, Network, Store, StoreError},
 };
@@ -66,14 +64,29 @@ pub enum ContainerError {
     },
     #[error("agent has no VTEP address yet")]
     NoVtep,
+    #[error("the endpoint has no address yet")]
+    NoAddress,
+    #[error("cannot register service {service:?}")]
+    Service {
+        service: String,
+        #[source]
+        source: ConsulError,
+    },
+    #[error("invalid container name {id:?}")]
+    InvalidName {
+        id: String,
+        #[source]
+        source: ipam::IpamError,
+    },
+    #[error("no endpoint on network {network:?} was attached with {netns}")]
+    NotAttachedWith { network: String, netns: String },
+    #[error("name the endpoint, or pass --netns or --pid")]
+    NoTarget,
+    #[error("cannot remove the container's endpoint")]
+    Teardown(#[source] Box<ContainerError>),
 }
 
 pub type Result<T, E = ContainerError> = std::result::Result<T, E>;
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerError {
-    let what = what.into();
-    move |source| ContainerError::Io { what, source }
-}
 
 /// What every container operation needs: the cluster state, the local agent and this
 /// node's own records of the endpoints it created.
@@ -139,26 +152,10 @@ pub struct Joined {
     pub network: Network,
 }
 
-/// Plumbs `netns` into a network: validates everything first, then allocates, plumbs,
-/// records the endpoint and has the agent attach it. Undoes its steps on failure.
-///
-/// `record` is this node's local record of the endpoint, created by the caller before
-/// anything else; every step is written to it before the next one starts, so whatever
-/// a kill leaves behind, the agent can find and collect. On failure the record is left
-/// to the caller (it is removed only when the undo completed).
-pub async fn join(
-    ctx: &Context,
-    netns: &NetNs,
-    spec: &JoinSpec<'_>,
-    record: &mut LocalEndpoint,
-) -> Result<Joined> {
-    join_with(ctx, Target::Netns(netns), spec, record).await
-}
-
 /// Where the container end of a new endpoint's veth goes.
 #[derive(Clone, Copy)]
 pub enum Target<'a> {
-    /// Into this namespace, addressed and routed ([`join`]).
+    /// Into this namespace, addressed and routed.
     Netns(&'a NetNs),
     /// Nowhere: it stays in the host's namespace, named [`endpoint::peer_ifname`], for
     /// the runtime to move and address (Docker). With `preallocated`, `spec.ip` is
@@ -167,13 +164,11 @@ pub enum Target<'a> {
     Handoff { preallocated: bool },
 }
 
-/// [`join`] for any [`Target`].
-pub async fn join_with(
-    ctx: &Context,
-    target: Target<'_>,
-    spec: &JoinSpec<'_>,
-    record: &mut LocalEndpoint,
-) -> Result<Joined> {
+/// Everything a join checks before it changes anything: the names, the network, the
+/// requested address, a free endpoint name, this node's VTEP and the maps' capacity.
+/// Returns the network to join. Done once per join, by
+/// [`crate::runtimes::session::EndpointSession::begin`] before its first write.
+pub async fn validate(ctx: &Context, spec: &JoinSpec<'_>) -> Result<Network> {
     ipam::validate_name(spec.id).map_err(StoreError::from)?;
     let network = ctx
         .store
@@ -195,16 +190,31 @@ pub async fn join_with(
         }
         .into());
     }
-    let vtep = ctx.status.vtep.ok_or(ContainerError::NoVtep)?;
-    let node = ctx.status.node.clone();
+    ctx.status.vtep.ok_or(ContainerError::NoVtep)?;
     check_capacity(ctx).await?;
+    Ok(network)
+}
 
+/// Plumbs a container into `network` (checked by [`validate`]): allocates, plumbs,
+/// records the endpoint and has the agent attach it. Undoes its steps on failure.
+///
+/// `record` is this node's local record of the endpoint, created before anything else
+/// (see [`crate::runtimes::session`]); every step is written to it before the next one
+/// starts, so whatever a kill leaves behind, the agent can find and collect. On failure
+/// the record is left to the caller (it is emptied only when the undo completed).
+pub async fn join_validated(
+    ctx: &Context,
+    network: Network,
+    target: Target<'_>,
+    spec: &JoinSpec<'_>,
+    record: &mut LocalEndpoint,
+) -> Result<Joined> {
     let preallocated = matches!(target, Target::Handoff { preallocated: true });
     let ip = match (preallocated, spec.ip) {
         (true, Some(ip)) => held_address(ctx, spec, ip).await?,
         _ => {
             ctx.store
-                .allocate_ip(spec.network, spec.ip, spec.id, &node)
+                .allocate_ip(spec.network, spec.ip, spec.id, &ctx.status.node)
                 .await?
         }
     };
@@ -213,59 +223,13 @@ pub async fn join_with(
         undo.ip = None;
     }
     record.ip = Some(ip);
-    if let Err(e) = ctx.local.update(record) {
-        if undo.run().await {
-            record.ip = None;
+    let result = match ctx.local.update(record) {
+        Ok(()) => {
+            crate::testhook::pause("allocated");
+            plumb_and_publish(ctx, &network, target, spec, record, &mut undo).await
         }
-        return Err(e.into());
-    }
-    crate::testhook::pause("allocated");
-    let endpoint_spec = EndpointSpec {
-        host_ifname: host_ifname(spec.network, spec.id),
-        container_ifname: spec.container_ifname.to_string(),
-        ip,
-        subnet: network.subnet,
-        gateway: network.gateway,
-        mac: endpoint::mac_for(ip),
-        mtu: network.mtu,
-        keep_existing_default_route: spec.keep_existing_default_route,
+        Err(e) => Err(e.into()),
     };
-    let result = async {
-        let handle = netlink::connect()?;
-        let plumbed = match target {
-            Target::Netns(netns) => endpoint::plumb(&handle, netns, &endpoint_spec).await?,
-            Target::Handoff { .. } => endpoint::plumb_handoff(&handle, &endpoint_spec).await?,
-        };
-        undo.veth = Some(plumbed.host.index);
-        crate::testhook::pause("plumbed");
-        let endpoint = Endpoint {
-            id: spec.id.to_string(),
-            network: spec.network.to_string(),
-            ip,
-            mac: format_mac(endpoint_spec.mac),
-            node: node.clone(),
-            vtep,
-            ifname: endpoint_spec.host_ifname.clone(),
-            container: spec.container.clone(),
-            pid: None,
-            netns: spec.netns_name.clone(),
-        };
-        // Recorded locally first: the agent forwards only for endpoints this node
-        // recorded, with the values recorded here.
-        record.endpoint = Some(endpoint.clone());
-        ctx.local.update(record)?;
-        ctx.store.create_endpoint(&endpoint).await?;
-        undo.endpoint = Some(spec.id.to_string());
-        crate::testhook::pause("endpoint");
-        let wanted = format!("{}/{}", spec.network, spec.id);
-        let reply = ctx.agent.reconcile().await?;
-        if !reply.attached.contains(&wanted) {
-            return Err(ContainerError::NotAttached(wanted));
-        }
-        wait_for_peers(ctx, spec.network, spec.id).await;
-        Ok(endpoint)
-    }
-    .await;
     match result {
         Ok(endpoint) => {
             undo.disarm();
@@ -280,6 +244,65 @@ pub async fn join_with(
             Err(e)
         }
     }
+}
+
+/// The steps of a join after the address (`record.ip`): the veth, the endpoint record
+/// (locally first, then in the store) and the agent's attachment. Each step that
+/// changed something is noted in `undo`.
+async fn plumb_and_publish(
+    ctx: &Context,
+    network: &Network,
+    target: Target<'_>,
+    spec: &JoinSpec<'_>,
+    record: &mut LocalEndpoint,
+    undo: &mut Undo<'_>,
+) -> Result<Endpoint> {
+    let vtep = ctx.status.vtep.ok_or(ContainerError::NoVtep)?;
+    let ip = record.ip.ok_or(ContainerError::NoAddress)?;
+    let endpoint_spec = EndpointSpec {
+        host_ifname: host_ifname(spec.network, spec.id),
+        container_ifname: spec.container_ifname.to_string(),
+        ip,
+        subnet: network.subnet,
+        gateway: network.gateway,
+        mac: endpoint::mac_for(ip),
+        mtu: network.mtu,
+        keep_existing_default_route: spec.keep_existing_default_route,
+    };
+    let handle = netlink::connect()?;
+    let plumbed = match target {
+        Target::Netns(netns) => endpoint::plumb(&handle, netns, &endpoint_spec).await?,
+        Target::Handoff { .. } => endpoint::plumb_handoff(&handle, &endpoint_spec).await?,
+    };
+    undo.veth = Some(plumbed.host.index);
+    crate::testhook::pause("plumbed");
+    let endpoint = Endpoint {
+        id: spec.id.to_string(),
+        network: spec.network.to_string(),
+        ip,
+        mac: format_mac(endpoint_spec.mac),
+        node: ctx.status.node.clone(),
+        vtep,
+        ifname: endpoint_spec.host_ifname.clone(),
+        container: spec.container.clone(),
+        pid: None,
+        netns: spec.netns_name.clone(),
+    };
+    // Recorded locally first, with its owner: from the store write on, the agent can
+    // reap the endpoint (and forwards only for endpoints this node recorded, with the
+    // values recorded here).
+    record.endpoint = Some(endpoint.clone());
+    ctx.local.update(record)?;
+    ctx.store.create_endpoint(&endpoint).await?;
+    undo.endpoint = Some(spec.id.to_string());
+    crate::testhook::pause("endpoint");
+    let wanted = format!("{}/{}", spec.network, spec.id);
+    let reply = ctx.agent.reconcile().await?;
+    if !reply.attached.contains(&wanted) {
+        return Err(ContainerError::NotAttached(wanted));
+    }
+    wait_for_peers(ctx, spec.network, spec.id).await;
+    Ok(endpoint)
 }
 
 /// Checks that `ip` is held in the cluster IPAM for `spec.id` on this node.
@@ -444,116 +467,6 @@ impl<'a> Undo<'a> {
             }
         }
         clean
-    }
-}
-
-/// The catalog registration of a container's service (the seed's Registrator role).
-pub fn service_for(status: &AgentStatus, joined: &Joined, service: &str) -> CatalogService {
-    CatalogService {
-        id: format!("overlay-{}-{}", joined.endpoint.network, joined.endpoint.id),
-        name: service.to_string(),
-        address: joined.endpoint.ip.to_string(),
-        port: 0,
-        tags: vec![
-            "overlay".to_string(),
-            format!("network={}", joined.endpoint.network),
-            format!("node={}", status.node),
-        ],
-    }
-}
-
-/// Starts `command` inside `netns` with the caller's stdin, stdout and stderr (a terminal
-/// stays a terminal).
-pub fn spawn_in(netns: &Path, command: &[String]) -> Result<tokio::process::Child> {
-    let (program, args) = command
-        .split_first()
-        .ok_or_else(|| io_err("no command")(std::io::ErrorKind::InvalidInput.into()))?;
-    let ns_file =
-        std::fs::File::open(netns).map_err(io_err(format!("open {}", netns.display())))?;
-    let ns_fd = ns_file.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args);
-    // SAFETY: only the async-signal-safe setns(2) runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(io_err(format!("cannot start {program:?}")))?;
-    drop(ns_file);
-    Ok(child)
-}
-
-/// The signals `run` handles itself, installed before it changes anything so that a
-/// SIGTERM during set-up still ends in an orderly clean-up.
-pub struct RunSignals {
-    term: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl RunSignals {
-    pub fn install() -> Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Self {
-            term: signal(SignalKind::terminate()).map_err(io_err("signal handler"))?,
-            hup: signal(SignalKind::hangup()).map_err(io_err("signal handler"))?,
-            int: signal(SignalKind::interrupt()).map_err(io_err("signal handler"))?,
-        })
-    }
-
-    /// The termination signal that arrived so far, if any (without waiting).
-    pub fn pending(&mut self) -> Option<nix::sys::signal::Signal> {
-        use futures_util::FutureExt as _;
-        use nix::sys::signal::Signal;
-        if self.term.recv().now_or_never().is_some() {
-            Some(Signal::SIGTERM)
-        } else if self.hup.recv().now_or_never().is_some() {
-            Some(Signal::SIGHUP)
-        } else if self.int.recv().now_or_never().is_some() {
-            Some(Signal::SIGINT)
-        } else {
-            None
-        }
-    }
-}
-
-/// Waits for a command started by [`spawn_in`]. SIGTERM and SIGHUP are passed on to it;
-/// SIGINT from a terminal reaches it directly, and is passed on when there is none.
-pub async fn wait_passing_signals(
-    mut child: tokio::process::Child,
-    signals: &mut RunSignals,
-) -> Result<ExitStatus> {
-    let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-    let interactive = nix::unistd::isatty(0).unwrap_or(false);
-    let forward = |sig: nix::sys::signal::Signal| {
-        if let Some(pid) = pid {
-            debug!(?sig, "passing the signal on to the container's command");
-            let _ = nix::sys::signal::kill(pid, sig);
-        }
-    };
-    loop {
-        tokio::select! {
-            status = child.wait() => return status.map_err(io_err("wait for the command")),
-            _ = signals.term.recv() => forward(nix::sys::signal::Signal::SIGTERM),
-            _ = signals.hup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
-            _ = signals.int.recv() => if !interactive { forward(nix::sys::signal::Signal::SIGINT) },
-        }
-    }
-}
-
-/// The exit code a shell would report for `status`.
-pub fn exit_code(status: ExitStatus) -> u8 {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => code as u8,
-        (None, Some(signal)) => 128u8.wrapping_add(signal as u8),
-        _ => 1,
     }
 }
 

@@ -1,8 +1,8 @@
 //! The Docker network and IPAM driver (`overlay-net`), served by the agent on
 //! `/run/docker/plugins/overlay-net.sock` (see [`super::docker_protocol`] for the wire
 //! format). It works on the same library path as `overlay-ctl attach` and `overlay-cni`:
-//! the cluster IPAM, [`container::join_with`] / [`container::leave`], and this node's
-//! local record of every endpoint, so the agent's ownership rules and garbage collection
+//! the cluster IPAM and [`crate::runtimes::session`] (this node's local record of every
+//! endpoint first, join, commit; [`session::remove`]), so the agent's ownership rules and garbage collection
 //! apply to Docker's containers as to the others.
 //!
 //! How Docker's objects map to the cluster's:
@@ -41,6 +41,7 @@ use crate::{
     agent::reconcile::format_mac,
     dataplane::endpoint,
     runtimes::container::{self, Context, JoinSpec, Target},
+    runtimes::session::{self, EndpointSession},
     store::consul::ConsulClient,
     store::ipam,
     store::{Network, Store, StoreError},
@@ -370,8 +371,6 @@ impl DockerPlugin {
             .find(|n| n.subnet.contains(ip))
             .ok_or_else(|| DockerError::Refused(format!("no overlay network holds {ip}")))?;
         let id = proto::endpoint_name(ip);
-        let mut record = LocalEndpoint::new(&network.name, &id, local_state::Kind::Attach)?;
-        ctx.local.create(&record)?;
         let spec = JoinSpec {
             network: &network.name,
             id: &id,
@@ -381,16 +380,14 @@ impl DockerPlugin {
             keep_existing_default_route: true,
             netns_name: None,
         };
+        let mut session = EndpointSession::begin(&ctx, &spec, local_state::Kind::Attach).await?;
         let target = Target::Handoff { preallocated: true };
-        if let Err(e) = container::join_with(&ctx, target, &spec, &mut record).await {
-            if record.ip.is_none() && record.endpoint.is_none() {
-                let _ = ctx.local.remove(&network.name, &id);
-            }
+        if let Err(e) = session.start(target, &spec).await {
+            session.abandon();
             return Err(e.into());
         }
         // Committed: the endpoint lives until DeleteEndpoint (or until its veth is gone).
-        record.owner = None;
-        ctx.local.update(&record)?;
+        session.commit()?;
         info!(network = %network.name, endpoint = %id, %ip, docker_id = %req.endpoint_id, "docker: endpoint attached");
         let answer_mac = iface.mac_address.is_empty().then_some(mac.as_str());
         Ok(proto::create_endpoint_response(answer_mac))
@@ -442,8 +439,7 @@ impl DockerPlugin {
             })?,
         };
         // The address stays held until Docker's ReleaseAddress, which follows.
-        container::leave_with(&ctx, &endpoint, false).await?;
-        ctx.local.remove(&record.network, &record.id)?;
+        session::remove(&ctx, &endpoint, false).await?;
         info!(network = %record.network, endpoint = %record.id, docker_id = %req.endpoint_id, "docker: endpoint deleted");
         Ok(proto::empty())
     }

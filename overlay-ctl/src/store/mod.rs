@@ -32,6 +32,7 @@ mod allocations;
 mod applied;
 pub mod backend;
 pub mod consul;
+pub mod devserver;
 mod endpoints;
 pub mod identity;
 pub mod ipam;

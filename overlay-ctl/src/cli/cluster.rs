@@ -1,0 +1,72 @@
+//! `overlay-ctl cluster`: `bind` (move this node's underlay) and `members`.
+use super::{args::Global, output::print_table, output::warn_rejected};
+use crate::{agent::control::AgentClient, store::records::RecordKind};
+
+/// `cluster bind IFACE`: the local agent moves its underlay and VTEP.
+pub async fn bind(cli: &Global, iface: &str) -> anyhow::Result<()> {
+    let reply = AgentClient::new(&cli.state_dir).bind(iface).await?;
+    println!(
+        "underlay is now {} (ifindex {}), VTEP {}",
+        reply.iface, reply.ifindex, reply.vtep
+    );
+    Ok(())
+}
+
+/// `cluster members`: the nodes with their VTEPs, endpoints and session health.
+pub async fn members(cli: &Global, json: bool) -> anyhow::Result<()> {
+    let agent = super::try_agent(&cli.state_dir).await;
+    let store = super::store_for(cli, agent.as_ref())?;
+    let snapshot = store.snapshot().await?;
+    warn_rejected(&store, &snapshot, |kind, _| kind == RecordKind::Node);
+    let nodes = &snapshot.state.nodes;
+    let endpoints = &snapshot.state.endpoints;
+    let pairs = store.client().list(&store.nodes_prefix()).await?;
+    let session_of = |name: &str| {
+        pairs
+            .iter()
+            .find(|p| p.key.ends_with(&format!("/{name}")))
+            .and_then(|p| p.session.clone())
+    };
+    let endpoints_of = |name: &str| endpoints.iter().filter(|e| e.node == name).count();
+    let local = agent.as_ref().map(|a| a.node.as_str());
+    if json {
+        let list: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "name": n.name,
+                    "vtep": n.vtep,
+                    "iface": n.iface,
+                    "endpoints": endpoints_of(&n.name),
+                    "session": session_of(&n.name),
+                    "health": if session_of(&n.name).is_some() { "alive" } else { "unheld" },
+                    "local": Some(n.name.as_str()) == local,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    let rows = nodes
+        .iter()
+        .map(|n| {
+            let marker = if Some(n.name.as_str()) == local {
+                " (this node)"
+            } else {
+                ""
+            };
+            vec![
+                format!("{}{marker}", n.name),
+                n.vtep.to_string(),
+                n.iface.clone(),
+                endpoints_of(&n.name).to_string(),
+                match session_of(&n.name) {
+                    Some(_) => "alive (session held)".to_string(),
+                    None => "unheld".to_string(),
+                },
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "VTEP", "IFACE", "ENDPOINTS", "HEALTH"], rows);
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! `overlay-ctl run`: a command in a new container (a network namespace of its own) on
+//! an overlay network, removed when the command exits. [`ContainerRun`] has the three
+//! steps: [`start`](ContainerRun::start) (validate, record, namespace, join),
+//! [`wait`](ContainerRun::wait) (start the command once recorded, pass signals on) and
+//! [`teardown`](ContainerRun::teardown) (service, endpoint, namespace, record last).
+use std::{net::Ipv4Addr, process::ExitStatus};
+
+use tracing::warn;
+
+use super::{
+    command::{self, RunSignals},
+    container::{self, ContainerError, Context, JoinSpec, Joined, Result, Target},
+    session::EndpointSession,
+};
+use crate::{
+    agent::control::AgentStatus,
+    agent::local_state::{self, Kind},
+    dataplane::netns::NetNs,
+    store::consul::CatalogService,
+    store::ipam,
+};
+
+/// What to run, and where.
+pub struct RunRequest<'a> {
+    pub network: &'a str,
+    /// The endpoint name (see [`container_id`]).
+    pub id: &'a str,
+    pub ip: Option<Ipv4Addr>,
+    /// The command and its arguments.
+    pub command: &'a [String],
+}
+
+/// The container's endpoint name: `name`, checked, or a random one.
+pub fn container_id(name: Option<&str>) -> Result<String> {
+    let id = name
+        .map(str::to_string)
+        .unwrap_or_else(container::random_id);
+    ipam::validate_name(&id).map_err(|source| ContainerError::InvalidName {
+        id: id.clone(),
+        source,
+    })?;
+    Ok(id)
+}
+
+/// A running container: its endpoint, namespace and command.
+pub struct ContainerRun<'a> {
+    session: EndpointSession<'a>,
+    netns: NetNs,
+    joined: Joined,
+    command: Vec<String>,
+    /// The catalog service registered for it, if any.
+    service_id: Option<String>,
+}
+
+impl<'a> ContainerRun<'a> {
+    /// Checks the request, then records the container on this node (before anything
+    /// else exists), creates its namespace and joins the network.
+    pub async fn start(ctx: &'a Context, request: &RunRequest<'_>) -> Result<Self> {
+        let netns_name = local_state::run_netns_name(request.network, request.id);
+        let spec = JoinSpec {
+            network: request.network,
+            id: request.id,
+            ip: request.ip,
+            container_ifname: container::CONTAINER_IFNAME,
+            container: Some(request.command.join(" ")),
+            keep_existing_default_route: false,
+            netns_name: Some(netns_name.clone()),
+        };
+        // Refuses bad input before creating anything.
+        let mut session = EndpointSession::begin(ctx, &spec, Kind::Run).await?;
+        crate::testhook::pause("recorded");
+        let netns = match NetNs::create(&netns_name) {
+            Ok(netns) => netns,
+            Err(source) => {
+                session.abandon();
+                return Err(ContainerError::Io {
+                    what: format!("cannot create network namespace {netns_name}"),
+                    source,
+                });
+            }
+        };
+        crate::testhook::pause("netns");
+        match session.start(Target::Netns(&netns), &spec).await {
+            Ok(joined) => Ok(Self {
+                session,
+                netns,
+                joined,
+                command: request.command.to_vec(),
+                service_id: None,
+            }),
+            Err(e) => {
+                if netns.delete().is_ok() {
+                    session.abandon();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The container's endpoint and network.
+    pub fn joined(&self) -> &Joined {
+        &self.joined
+    }
+
+    /// Registers the container's address as `service` in Consul's catalog (the seed's
+    /// Registrator role). On failure the container is removed.
+    pub async fn register_service(mut self, service: &str) -> Result<Self> {
+        let ctx = self.session.context();
+        let entry = service_for(&ctx.status, &self.joined, service);
+        let registered = ctx
+            .store
+            .client()
+            .catalog_register(
+                &ctx.status.node,
+                &self.joined.endpoint.vtep.to_string(),
+                &entry,
+            )
+            .await;
+        match registered {
+            Ok(()) => {
+                self.service_id = Some(entry.id);
+                Ok(self)
+            }
+            Err(source) => {
+                let left = self.session.leave(&self.joined.endpoint).await;
+                if left.is_ok() && self.netns.delete().is_ok() {
+                    self.session.close();
+                }
+                Err(ContainerError::Service {
+                    service: service.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Runs the command to its end, passing termination signals on. A signal that came
+    /// during set-up means the command never starts.
+    pub async fn wait(&mut self, signals: &mut RunSignals) -> Result<ExitStatus> {
+        let status = match signals.pending() {
+            Some(signal) => Ok(std::os::unix::process::ExitStatusExt::from_raw(
+                signal as i32,
+            )),
+            None => {
+                let session = &mut self.session;
+                let spawned = command::spawn_recorded(self.netns.path(), &self.command, |pid| {
+                    crate::testhook::pause("spawned");
+                    session.record_command(pid)
+                });
+                match spawned {
+                    Ok(child) => {
+                        crate::testhook::pause("started");
+                        command::wait_passing_signals(child, signals).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        crate::testhook::pause("exited");
+        status
+    }
+
+    /// Removes the container: its service, its endpoint, its namespace, and the record
+    /// last, once everything else is gone (the agent leaves a record alone while its
+    /// owner lives).
+    pub async fn teardown(self) -> Result<()> {
+        let ctx = self.session.context();
+        if let Some(service_id) = &self.service_id {
+            if let Err(e) = ctx
+                .store
+                .client()
+                .catalog_deregister(&ctx.status.node, service_id)
+                .await
+            {
+                warn!(error = %e, "cannot deregister service {service_id}");
+            }
+        }
+        let left = self.session.leave(&self.joined.endpoint).await;
+        let netns_name = self.netns.name().to_string();
+        let deleted = self.netns.delete();
+        if left.is_ok() && deleted.is_ok() {
+            self.session.close();
+        }
+        left.map_err(|e| ContainerError::Teardown(Box::new(e)))?;
+        deleted.map_err(|source| ContainerError::Io {
+            what: format!("cannot delete network namespace {netns_name}"),
+            source,
+        })
+    }
+}
+
+/// The catalog registration of a container's service.
+pub fn service_for(status: &AgentStatus, joined: &Joined, service: &str) -> CatalogService {
+    CatalogService {
+        id: format!("overlay-{}-{}", joined.endpoint.network, joined.endpoint.id),
+        name: service.to_string(),
+        address: joined.endpoint.ip.to_string(),
+        port: 0,
+        tags: vec![
+            "overlay".to_string(),
+            format!("network={}", joined.endpoint.network),
+            format!("node={}", status.node),
+        ],
+    }
+}
