@@ -129,6 +129,10 @@ enum Command {
     /// Cluster membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Run a Consul-compatible development server in the foreground (the API subset the
+    /// overlay uses; state in memory, or in --data-dir across restarts), for machines
+    /// without Consul, as `consul agent -dev`. Not for production.
+    DevServer(crate::store::devserver::DevServerArgs),
 }
 
 #[derive(Subcommand)]
@@ -593,6 +597,7 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
             let store = store_for(&cli, agent.as_ref())?;
             members(&store, agent.as_ref(), *json).await?;
         }
+        Command::DevServer(args) => crate::store::devserver::run(args.clone()).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

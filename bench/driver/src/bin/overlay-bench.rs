@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use overlay_tests::bench::{
+use overlay_bench::{
     control_plane_rows,
     report::{fmt_value, BenchRow, Better, Machine, Measured, Report, Samples, SetupKind, Target},
     setups::{self, Setup},
@@ -421,7 +421,7 @@ fn run(args: &Args) -> Result<()> {
     if complete {
         rows.extend(control_plane_rows(
             &overlay_tests::cluster::Bins::beside_current_exe(),
-            overlay_tests::bench::CONTROL_PLANE_ROUNDS,
+            overlay_bench::CONTROL_PLANE_ROUNDS,
         ));
     }
 

@@ -2,8 +2,9 @@
 //! namespaces on a veth underlay) with the Consul dev server, narrated step by step, ending
 //! with a pass/fail line; when Debian's docker.io is installed, a last act does the same
 //! with `docker run` on the agents' `overlay-net` driver. Everything it creates is
-//! removed when it ends. Run it through
-//! `cargo xtask demo` (as root).
+//! removed when it ends. Run it through `cargo xtask demo` (as root), which builds it
+//! with `overlay-ctl` beside it: the agents, the operator commands and the Consul dev
+//! server (`overlay-ctl dev-server`) are that binary.
 use std::{
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     process::ExitCode,

@@ -18,7 +18,7 @@ use overlay_ctl::{
     store::{Endpoint, IpAllocation, NodeInfo},
 };
 
-use crate::{
+use overlay_tests::{
     cluster::{start_cluster, Bins},
     topology::Underlay,
 };
