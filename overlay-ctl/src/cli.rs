@@ -129,9 +129,11 @@ enum Command {
     /// Cluster membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
-    /// Run a Consul-compatible development server in the foreground (the API subset the
-    /// overlay uses; state in memory, or in --data-dir across restarts), for machines
-    /// without Consul, as `consul agent -dev`. Not for production.
+    /// Run a Consul-compatible development server, as `consul agent -dev` (not for production).
+    ///
+    /// It serves the subset of Consul's HTTP API the overlay uses, keeps its state in
+    /// memory (or in --data-dir across restarts), prints "consul dev server listening on
+    /// ADDR" once it accepts connections, and stops on SIGTERM or Ctrl-C.
     DevServer(crate::store::devserver::DevServerArgs),
 }
 

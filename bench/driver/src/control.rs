@@ -14,12 +14,12 @@ use std::{
 
 use overlay_ctl::{
     agent::reconcile::format_mac,
-    store::consul::SessionBehavior,
+    store::consul::{ConsulClient, SessionBehavior},
     store::{Endpoint, IpAllocation, NodeInfo},
 };
 
 use overlay_tests::{
-    cluster::{start_cluster, Bins},
+    cluster::{start_cluster, Bins, Node},
     topology::Underlay,
 };
 
@@ -55,129 +55,166 @@ pub fn measure(bins: &Bins, agents: u8, endpoints: usize) -> Result<ControlPlane
         return Err(format!("network create failed: {}", created.stderr.trim()));
     }
     let node_names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-
     let (writes, converge) = consul.with_client(|client| async move {
-        let session = client
-            .session_create(
-                GHOST_NODE,
-                Duration::from_secs(120),
-                SessionBehavior::Delete,
-                Duration::ZERO,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let ghost = NodeInfo {
-            name: GHOST_NODE.into(),
-            vtep: GHOST_VTEP,
-            iface: "eth0".into(),
-        };
-        let acquired = client
-            .acquire(
-                &format!("overlay/nodes/{GHOST_NODE}"),
-                &serde_json::to_vec(&ghost).unwrap(),
-                &session,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if !acquired {
-            return Err("cannot register the remote node".to_string());
-        }
-        let base = u32::from(Ipv4Addr::new(10, 128, 1, 0));
-        let mut pending = futures_util::stream::FuturesUnordered::new();
-        use futures_util::StreamExt as _;
+        register_ghost(&client).await?;
+        let ips: Vec<Ipv4Addr> = (0..endpoints)
+            .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 1, 0)) + i as u32))
+            .collect();
         // The addresses, allocated as `run` allocates them (agents only accept an
         // endpoint whose address its IPAM key gives it), before the clock starts.
-        for i in 0..endpoints {
-            let ip = Ipv4Addr::from(base + i as u32);
-            let allocation = IpAllocation {
-                endpoint: format!("e{i}"),
-                node: GHOST_NODE.into(),
-            };
-            let client = client.clone();
-            pending.push(async move {
-                client
-                    .put(
-                        &format!("overlay/ipam/bench/{ip}"),
-                        &serde_json::to_vec(&allocation).unwrap(),
-                    )
-                    .await
-            });
-            if pending.len() >= 32 {
-                pending.next().await.unwrap().map_err(|e| e.to_string())?;
-            }
-        }
-        while let Some(result) = pending.next().await {
-            result.map_err(|e| e.to_string())?;
-        }
+        put_all(
+            &client,
+            ips.iter().enumerate().map(|(i, ip)| ipam_record(i, *ip)),
+        )
+        .await?;
         // Let the agents settle on the ghost node before the clock starts.
         tokio::time::sleep(Duration::from_millis(300)).await;
 
         let started = Instant::now();
-        let mut pending = futures_util::stream::FuturesUnordered::new();
-        for i in 0..endpoints {
-            let ip = Ipv4Addr::from(base + i as u32);
-            let endpoint = Endpoint {
-                id: format!("e{i}"),
-                network: "bench".into(),
-                ip,
-                mac: format_mac(overlay_ctl::dataplane::endpoint::mac_for(ip)),
-                node: GHOST_NODE.into(),
-                vtep: GHOST_VTEP,
-                ifname: overlay_ctl::runtimes::container::host_ifname("bench", &format!("e{i}")),
-                container: None,
-                pid: None,
-                netns: None,
-            };
-            let client = client.clone();
-            pending.push(async move {
-                client
-                    .put(
-                        &format!("overlay/endpoints/bench/{}", endpoint.id),
-                        &serde_json::to_vec(&endpoint).unwrap(),
-                    )
-                    .await
-            });
-            // Bounded concurrency, as a busy cluster would see.
-            if pending.len() >= 32 {
-                pending.next().await.unwrap().map_err(|e| e.to_string())?;
-            }
-        }
-        while let Some(result) = pending.next().await {
-            result.map_err(|e| e.to_string())?;
-        }
+        put_all(
+            &client,
+            ips.iter()
+                .enumerate()
+                .map(|(i, ip)| endpoint_record(i, *ip)),
+        )
+        .await?;
         let written = started.elapsed();
-        let last = client
-            .list("overlay/endpoints/bench/")
-            .await
-            .map_err(|e| e.to_string())?
-            .iter()
-            .map(|p| p.modify_index)
-            .max()
-            .unwrap_or(0);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let applied = client
-                .list("overlay/applied/")
-                .await
-                .map_err(|e| e.to_string())?;
-            let done = node_names.iter().all(|name| {
-                applied.iter().any(|p| {
-                    p.key.ends_with(&format!("/{name}"))
-                        && p.value_str().trim().parse::<u64>().is_ok_and(|i| i >= last)
-                })
-            });
-            if done {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err("the agents did not converge within 60 s".to_string());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_applied(&client, &node_names).await?;
         Ok::<_, String>((written, started.elapsed()))
     })?;
+    check_maps(&nodes, endpoints)?;
+    let agent_rss = nodes
+        .iter()
+        .filter_map(|n| n.agent_pid().and_then(rss_bytes))
+        .collect();
+    Ok(ControlPlaneResult {
+        endpoints,
+        agents: nodes.len(),
+        converge,
+        writes,
+        agent_rss,
+    })
+}
 
-    for node in &nodes {
+/// The remote node the endpoints belong to: live (its key held by a session of ours)
+/// but without an agent.
+async fn register_ghost(client: &ConsulClient) -> Result<(), String> {
+    let session = client
+        .session_create(
+            GHOST_NODE,
+            Duration::from_secs(120),
+            SessionBehavior::Delete,
+            Duration::ZERO,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let ghost = NodeInfo {
+        name: GHOST_NODE.into(),
+        vtep: GHOST_VTEP,
+        iface: "eth0".into(),
+    };
+    let acquired = client
+        .acquire(
+            &format!("overlay/nodes/{GHOST_NODE}"),
+            &serde_json::to_vec(&ghost).unwrap(),
+            &session,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if !acquired {
+        return Err("cannot register the remote node".to_string());
+    }
+    Ok(())
+}
+
+/// The IPAM key of endpoint `i`, as `run` writes it.
+fn ipam_record(i: usize, ip: Ipv4Addr) -> (String, Vec<u8>) {
+    let allocation = IpAllocation {
+        endpoint: format!("e{i}"),
+        node: GHOST_NODE.into(),
+    };
+    (
+        format!("overlay/ipam/bench/{ip}"),
+        serde_json::to_vec(&allocation).unwrap(),
+    )
+}
+
+/// The endpoint record of endpoint `i`, as `run` writes it.
+fn endpoint_record(i: usize, ip: Ipv4Addr) -> (String, Vec<u8>) {
+    let endpoint = Endpoint {
+        id: format!("e{i}"),
+        network: "bench".into(),
+        ip,
+        mac: format_mac(overlay_ctl::dataplane::endpoint::mac_for(ip)),
+        node: GHOST_NODE.into(),
+        vtep: GHOST_VTEP,
+        ifname: overlay_ctl::runtimes::container::host_ifname("bench", &format!("e{i}")),
+        container: None,
+        pid: None,
+        netns: None,
+    };
+    (
+        format!("overlay/endpoints/bench/{}", endpoint.id),
+        serde_json::to_vec(&endpoint).unwrap(),
+    )
+}
+
+/// Writes every record, at most 32 in flight (as a busy cluster would see).
+async fn put_all(
+    client: &ConsulClient,
+    records: impl Iterator<Item = (String, Vec<u8>)>,
+) -> Result<(), String> {
+    use futures_util::StreamExt as _;
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for (key, value) in records {
+        let client = client.clone();
+        pending.push(async move { client.put(&key, &value).await });
+        if pending.len() >= 32 {
+            pending.next().await.unwrap().map_err(|e| e.to_string())?;
+        }
+    }
+    while let Some(result) = pending.next().await {
+        result.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Waits until every agent has recorded (`overlay/applied/<node>`) an index at or after
+/// the last endpoint write.
+async fn wait_applied(client: &ConsulClient, node_names: &[String]) -> Result<(), String> {
+    let last = client
+        .list("overlay/endpoints/bench/")
+        .await
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|p| p.modify_index)
+        .max()
+        .unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let applied = client
+            .list("overlay/applied/")
+            .await
+            .map_err(|e| e.to_string())?;
+        let done = node_names.iter().all(|name| {
+            applied.iter().any(|p| {
+                p.key.ends_with(&format!("/{name}"))
+                    && p.value_str().trim().parse::<u64>().is_ok_and(|i| i >= last)
+            })
+        });
+        if done {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err("the agents did not converge within 60 s".to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Each agent's ENDPOINTS map holds all of them.
+fn check_maps(nodes: &[Node], endpoints: usize) -> Result<(), String> {
+    for node in nodes {
         let status = node.status().ok_or("an agent stopped answering")?;
         let entries = status["maps"]
             .as_array()
@@ -191,15 +228,5 @@ pub fn measure(bins: &Bins, agents: u8, endpoints: usize) -> Result<ControlPlane
             ));
         }
     }
-    let agent_rss = nodes
-        .iter()
-        .filter_map(|n| n.agent_pid().and_then(rss_bytes))
-        .collect();
-    Ok(ControlPlaneResult {
-        endpoints,
-        agents: nodes.len(),
-        converge,
-        writes,
-        agent_rss,
-    })
+    Ok(())
 }
