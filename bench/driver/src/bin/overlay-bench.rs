@@ -11,7 +11,7 @@
 //! and prints the table.
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::atomic::Ordering,
     time::{Duration, Instant, SystemTime},
 };
@@ -185,6 +185,83 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: &Args) -> Result<()> {
+    preflight(args)?;
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let traffic = ["tcp1", "tcp4", "udp", "rtt"]
+        .iter()
+        .any(|m| wanted(args, m));
+    let kinds: Vec<SetupKind> = SetupKind::ALL
+        .into_iter()
+        .filter(|k| traffic && args.setups.contains(k.letter()))
+        .collect();
+    let complete = args.only.is_empty() && kinds.len() == SetupKind::ALL.len();
+    let setups = start_setups(&kinds)?;
+    let fixture = if wanted(args, "testrun") {
+        Some(start_fixture()?)
+    } else {
+        None
+    };
+    // Warm-up, not counted: caches, ARP, TCP metrics, page pools.
+    for (setup, _) in &setups {
+        check_interrupted()?;
+        let _ = tools::iperf_tcp(&setup.client, setup.server_ip, 1, Duration::from_secs(1));
+        let _ = tools::sockperf_rtt(&setup.client, setup.server_ip, Duration::from_secs(1));
+    }
+    let mut data = Collected::default();
+    let (rounds_done, remarks) = run_rounds(args, &setups, fixture.as_ref(), &mut data, clock)?;
+    let testrun_detail = std::mem::take(&mut data.testrun_detail);
+    let mut rows: Vec<BenchRow> = data
+        .traffic
+        .into_iter()
+        .map(|(metric, samples)| metric.row(samples, args.duration))
+        .collect();
+    if fixture.is_some() {
+        rows.extend(testrun_rows(data.decap, data.encap, args.testrun_calls));
+    }
+    if complete {
+        rows.extend(control_plane_rows(
+            &overlay_tests::cluster::Bins::beside_current_exe(),
+            overlay_bench::CONTROL_PLANE_ROUNDS,
+        ));
+    }
+    let report = Report {
+        started,
+        elapsed: clock.elapsed(),
+        machine: Machine::detect(&args.machine_note),
+        revision: args.revision.clone(),
+        options: json!({
+            "rounds": args.rounds,
+            "duration_secs": args.duration,
+            "testrun_calls": args.testrun_calls,
+            "budget_minutes": args.budget_minutes,
+            "setups": args.setups,
+            "only": args.only,
+            "testrun_rounds": testrun_detail,
+        }),
+        rounds_done,
+        setups: setups
+            .iter()
+            .map(|(s, _)| (s.kind, s.description.clone()))
+            .collect(),
+        common: common_description(),
+        rows,
+        analysis: load_analysis(&args.notes)?,
+        remarks,
+    };
+    drop(fixture);
+    drop(setups);
+    publish(&report, complete, &args.out_dir)
+}
+
+/// Whether the run includes measurement `what` (all do without --only).
+fn wanted(args: &Args, what: &str) -> bool {
+    args.only.is_empty() || args.only.iter().any(|o| o == what)
+}
+
+/// Refuses to start without root, the tools or sensible options; installs the handler
+/// that lets Ctrl-C stop the run between measurements (and clean up).
+fn preflight(args: &Args) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("needs root (network namespaces, BPF): run `cargo xtask bench` as root");
     }
@@ -202,20 +279,13 @@ fn run(args: &Args) -> Result<()> {
         libc::signal(libc::SIGINT, handler as libc::sighandler_t);
         libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
     }
-    let started = SystemTime::now();
-    let clock = Instant::now();
-    let duration = Duration::from_secs(args.duration);
+    Ok(())
+}
 
-    let wanted = |what: &str| args.only.is_empty() || args.only.iter().any(|o| o == what);
-    let traffic = ["tcp1", "tcp4", "udp", "rtt"].iter().any(|m| wanted(m));
-    let kinds: Vec<SetupKind> = SetupKind::ALL
-        .into_iter()
-        .filter(|k| traffic && args.setups.contains(k.letter()))
-        .collect();
-    let complete = args.only.is_empty() && kinds.len() == SetupKind::ALL.len();
-
+/// Builds each setup and starts its servers.
+fn start_setups(kinds: &[SetupKind]) -> Result<Vec<(Setup, Servers)>> {
     let mut setups = Vec::new();
-    for kind in kinds {
+    for &kind in kinds {
         let setup = Setup::build(kind)
             .with_context(|| format!("build setup ({}) {}", kind.letter(), kind.title()))?;
         let servers = Servers::start(&setup.server, setup.server_ip)?;
@@ -228,139 +298,39 @@ fn run(args: &Args) -> Result<()> {
         );
         setups.push((setup, servers));
     }
-    let fixture = if wanted("testrun") {
-        let fixture = Fixture::new().context("BPF_PROG_TEST_RUN fixture")?;
-        let probe = fixture.repeat_probe(1000)?;
-        println!(
-            "bench: test-run fixture ready; one call with repeat=1000 ends with encap verdict \
-             {} ({} bytes) and decap verdict {} ({} bytes), not the full path: the repeats \
-             run on the frame the first run rewrote, so each call runs the program once",
-            probe[0].0, probe[0].1, probe[1].0, probe[1].1
-        );
-        Some(fixture)
-    } else {
-        None
-    };
+    Ok(setups)
+}
 
-    // Warm-up, not counted: caches, ARP, TCP metrics, page pools.
-    for (setup, _) in &setups {
-        check_interrupted()?;
-        let _ = tools::iperf_tcp(&setup.client, setup.server_ip, 1, Duration::from_secs(1));
-        let _ = tools::sockperf_rtt(&setup.client, setup.server_ip, Duration::from_secs(1));
-    }
+fn start_fixture() -> Result<Fixture> {
+    let fixture = Fixture::new().context("BPF_PROG_TEST_RUN fixture")?;
+    let probe = fixture.repeat_probe(1000)?;
+    println!(
+        "bench: test-run fixture ready; one call with repeat=1000 ends with encap verdict \
+         {} ({} bytes) and decap verdict {} ({} bytes), not the full path: the repeats \
+         run on the frame the first run rewrote, so each call runs the program once",
+        probe[0].0, probe[0].1, probe[1].0, probe[1].1
+    );
+    Ok(fixture)
+}
 
-    let mut data = Collected::default();
-    let mut rounds_done = 0;
-    let mut remarks = Vec::new();
+/// Runs rounds until `--rounds` or the budget; returns how many ran and why it stopped
+/// early, if it did.
+fn run_rounds(
+    args: &Args,
+    setups: &[(Setup, Servers)],
+    fixture: Option<&Fixture>,
+    data: &mut Collected,
+    clock: Instant,
+) -> Result<(usize, Vec<String>)> {
     let budget = Duration::from_secs_f64(args.budget_minutes * 60.0);
     for round in 1..=args.rounds {
         let round_started = Instant::now();
         let tag = format!("round {round}/{}", args.rounds);
-        let mut measure = |what: &str, metrics: &[Metric], run: &Measurement<'_>| -> Result<()> {
-            for (setup, _) in &setups {
-                check_interrupted()?;
-                let kind = setup.kind;
-                let label = format!("{tag} ({}) {:<15} {what:<14}", kind.letter(), kind.title());
-                match run(setup) {
-                    Ok((values, shown)) => {
-                        println!("bench: {label} {shown}");
-                        for (metric, value) in metrics.iter().zip(values) {
-                            data.slot(*metric, kind).push(round, value);
-                        }
-                    }
-                    Err(e) => {
-                        println!("bench: {label} FAILED: {e:#}");
-                        for metric in metrics {
-                            data.slot(*metric, kind).fail(round, format!("{e:#}"));
-                        }
-                    }
-                }
-            }
-            Ok(())
-        };
-        let tcp1 = |s: &Setup| {
-            let r = tools::iperf_tcp(&s.client, s.server_ip, 1, duration)?;
-            Ok((
-                vec![r.gbit_per_s, r.cpu_ms_per_gbit],
-                format!(
-                    "{:>6} Gbit/s  cpu {} ms/Gbit",
-                    fmt_value(r.gbit_per_s),
-                    fmt_value(r.cpu_ms_per_gbit)
-                ),
-            ))
-        };
-        let tcp4 = |s: &Setup| {
-            let r = tools::iperf_tcp(&s.client, s.server_ip, 4, duration)?;
-            Ok((
-                vec![r.gbit_per_s],
-                format!("{:>6} Gbit/s", fmt_value(r.gbit_per_s)),
-            ))
-        };
-        let udp = |s: &Setup| {
-            let f = tools::udp_flood(&s.client, &s.server, s.client_ip, s.server_ip, duration)?;
-            Ok((
-                vec![f.delivered_kpps()],
-                format!(
-                    "{:>6} kpps delivered (sent {})",
-                    fmt_value(f.delivered_kpps()),
-                    fmt_value(f.sent as f64 / f.secs / 1e3)
-                ),
-            ))
-        };
-        let rtt = |s: &Setup| {
-            let l = tools::sockperf_rtt(&s.client, s.server_ip, duration)?;
-            Ok((
-                vec![l.p50_us, l.p99_us],
-                format!(
-                    "p50 {} µs  p99 {} µs",
-                    fmt_value(l.p50_us),
-                    fmt_value(l.p99_us)
-                ),
-            ))
-        };
-        if wanted("tcp1") {
-            measure("tcp 1 stream", &[Metric::Tcp1, Metric::CpuPerGbit], &tcp1)?;
-        }
-        if wanted("tcp4") {
-            measure("tcp 4 streams", &[Metric::Tcp4], &tcp4)?;
-        }
-        if wanted("udp") {
-            measure("udp 64 B", &[Metric::Udp64], &udp)?;
-        }
-        if wanted("rtt") {
-            measure("rtt 64 B", &[Metric::RttP50, Metric::RttP99], &rtt)?;
-        }
+        measure_traffic(args, setups, data, round, &tag)?;
         check_interrupted()?;
-        match fixture.as_ref().map(|f| f.measure(args.testrun_calls)) {
-            None => {}
-            Some(Ok(c)) => {
-                println!(
-                    "bench: {tag} test-run encap {} ns/packet ({} - empty TC {}), \
-                     decap {} ns/packet ({} - empty XDP {})",
-                    fmt_value(c.encap_ns),
-                    fmt_value(c.encap_gross_ns),
-                    fmt_value(c.tc_empty_ns),
-                    fmt_value(c.decap_ns),
-                    fmt_value(c.decap_gross_ns),
-                    fmt_value(c.xdp_empty_ns)
-                );
-                data.encap.push(round, c.encap_ns);
-                data.decap.push(round, c.decap_ns);
-                data.testrun_detail.push(json!({
-                    "round": round,
-                    "encap_ns": c.encap_ns, "encap_gross_ns": c.encap_gross_ns,
-                    "tc_empty_ns": c.tc_empty_ns,
-                    "decap_ns": c.decap_ns, "decap_gross_ns": c.decap_gross_ns,
-                    "xdp_empty_ns": c.xdp_empty_ns,
-                }));
-            }
-            Some(Err(e)) => {
-                println!("bench: {tag} test-run FAILED: {e:#}");
-                data.encap.fail(round, format!("{e:#}"));
-                data.decap.fail(round, format!("{e:#}"));
-            }
+        if let Some(fixture) = fixture {
+            measure_testrun(fixture, args.testrun_calls, data, round, &tag);
         }
-        rounds_done = round;
         let per_round = round_started.elapsed();
         if round < args.rounds && clock.elapsed() + per_round > budget {
             let remark = format!(
@@ -371,97 +341,203 @@ fn run(args: &Args) -> Result<()> {
                 args.budget_minutes
             );
             println!("bench: {remark}");
-            remarks.push(remark);
-            break;
+            return Ok((round, vec![remark]));
         }
     }
+    Ok((args.rounds, Vec::new()))
+}
 
-    let mut rows: Vec<BenchRow> = data
-        .traffic
-        .into_iter()
-        .map(|(metric, samples)| metric.row(samples, args.duration))
-        .collect();
-    let testrun_method = format!(
-        "BPF_PROG_TEST_RUN in a namespace whose maps and routes give the full path \
-         (verdict checked on every call: {{}}); per round {} kernel-timed runs, one per call, \
-         averaged (middle 98%), minus the same for an empty program of the same type (the \
-         timer and test-run overhead, about 60-70 ns here). One run per call because with a \
-         repeat count the kernel re-runs the program on the frame it already rewrote",
-        args.testrun_calls
-    );
-    let testrun_rows = vec![
+/// One round of the traffic measurements wanted, each on every setup back to back.
+fn measure_traffic(
+    args: &Args,
+    setups: &[(Setup, Servers)],
+    data: &mut Collected,
+    round: usize,
+    tag: &str,
+) -> Result<()> {
+    let duration = Duration::from_secs(args.duration);
+    let mut measure = |what: &str, metrics: &[Metric], run: &Measurement<'_>| {
+        measure_setups(
+            setups,
+            data,
+            round,
+            &format!("{tag} {{}} {what:<14}"),
+            metrics,
+            run,
+        )
+    };
+    if wanted(args, "tcp1") {
+        let tcp1 = |s: &Setup| {
+            let r = tools::iperf_tcp(&s.client, s.server_ip, 1, duration)?;
+            let shown = format!(
+                "{:>6} Gbit/s  cpu {} ms/Gbit",
+                fmt_value(r.gbit_per_s),
+                fmt_value(r.cpu_ms_per_gbit)
+            );
+            Ok((vec![r.gbit_per_s, r.cpu_ms_per_gbit], shown))
+        };
+        measure("tcp 1 stream", &[Metric::Tcp1, Metric::CpuPerGbit], &tcp1)?;
+    }
+    if wanted(args, "tcp4") {
+        let tcp4 = |s: &Setup| {
+            let r = tools::iperf_tcp(&s.client, s.server_ip, 4, duration)?;
+            Ok((
+                vec![r.gbit_per_s],
+                format!("{:>6} Gbit/s", fmt_value(r.gbit_per_s)),
+            ))
+        };
+        measure("tcp 4 streams", &[Metric::Tcp4], &tcp4)?;
+    }
+    if wanted(args, "udp") {
+        let udp = |s: &Setup| {
+            let f = tools::udp_flood(&s.client, &s.server, s.client_ip, s.server_ip, duration)?;
+            let shown = format!(
+                "{:>6} kpps delivered (sent {})",
+                fmt_value(f.delivered_kpps()),
+                fmt_value(f.sent as f64 / f.secs / 1e3)
+            );
+            Ok((vec![f.delivered_kpps()], shown))
+        };
+        measure("udp 64 B", &[Metric::Udp64], &udp)?;
+    }
+    if wanted(args, "rtt") {
+        let rtt = |s: &Setup| {
+            let l = tools::sockperf_rtt(&s.client, s.server_ip, duration)?;
+            let shown = format!(
+                "p50 {} µs  p99 {} µs",
+                fmt_value(l.p50_us),
+                fmt_value(l.p99_us)
+            );
+            Ok((vec![l.p50_us, l.p99_us], shown))
+        };
+        measure("rtt 64 B", &[Metric::RttP50, Metric::RttP99], &rtt)?;
+    }
+    Ok(())
+}
+
+/// Runs one measurement on every setup and files its values (or the failure) under
+/// `metrics`; `label` has a `{}` where the setup goes.
+fn measure_setups(
+    setups: &[(Setup, Servers)],
+    data: &mut Collected,
+    round: usize,
+    label: &str,
+    metrics: &[Metric],
+    run: &Measurement<'_>,
+) -> Result<()> {
+    for (setup, _) in setups {
+        check_interrupted()?;
+        let kind = setup.kind;
+        let label = label.replace("{}", &format!("({}) {:<15}", kind.letter(), kind.title()));
+        match run(setup) {
+            Ok((values, shown)) => {
+                println!("bench: {label} {shown}");
+                for (metric, value) in metrics.iter().zip(values) {
+                    data.slot(*metric, kind).push(round, value);
+                }
+            }
+            Err(e) => {
+                println!("bench: {label} FAILED: {e:#}");
+                for metric in metrics {
+                    data.slot(*metric, kind).fail(round, format!("{e:#}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One round of the encap and decap programs alone.
+fn measure_testrun(fixture: &Fixture, calls: usize, data: &mut Collected, round: usize, tag: &str) {
+    match fixture.measure(calls) {
+        Ok(c) => {
+            println!(
+                "bench: {tag} test-run encap {} ns/packet ({} - empty TC {}), \
+                 decap {} ns/packet ({} - empty XDP {})",
+                fmt_value(c.encap_ns),
+                fmt_value(c.encap_gross_ns),
+                fmt_value(c.tc_empty_ns),
+                fmt_value(c.decap_ns),
+                fmt_value(c.decap_gross_ns),
+                fmt_value(c.xdp_empty_ns)
+            );
+            data.encap.push(round, c.encap_ns);
+            data.decap.push(round, c.decap_ns);
+            data.testrun_detail.push(json!({
+                "round": round,
+                "encap_ns": c.encap_ns, "encap_gross_ns": c.encap_gross_ns,
+                "tc_empty_ns": c.tc_empty_ns,
+                "decap_ns": c.decap_ns, "decap_gross_ns": c.decap_gross_ns,
+                "xdp_empty_ns": c.xdp_empty_ns,
+            }));
+        }
+        Err(e) => {
+            println!("bench: {tag} test-run FAILED: {e:#}");
+            data.encap.fail(round, format!("{e:#}"));
+            data.decap.fail(round, format!("{e:#}"));
+        }
+    }
+}
+
+/// The rows of the programs alone (BPF_PROG_TEST_RUN).
+fn testrun_rows(decap: Samples, encap: Samples, calls: usize) -> Vec<BenchRow> {
+    let method = |path: &str| {
+        format!(
+            "BPF_PROG_TEST_RUN in a namespace whose maps and routes give the full path \
+             (verdict checked on every call: {path}); per round {calls} kernel-timed runs, one \
+             per call, averaged (middle 98%), minus the same for an empty program of the same \
+             type (the timer and test-run overhead, about 60-70 ns here). One run per call \
+             because with a repeat count the kernel re-runs the program on the frame it \
+             already rewrote"
+        )
+    };
+    vec![
         BenchRow {
             id: "decap_ns".into(),
             name: "XDP decap program alone (test-run)".into(),
             unit: "ns/packet".into(),
             better: Better::Lower,
-            measured: Measured::Own(data.decap),
+            measured: Measured::Own(decap),
             targets: vec![Target::value_at_most(60.0)],
-            method: testrun_method.replace(
-                "{}",
-                "VXLAN 64-byte UDP from a known VTEP -> decapsulated, XDP_REDIRECT",
-            ),
+            method: method("VXLAN 64-byte UDP from a known VTEP -> decapsulated, XDP_REDIRECT"),
         },
         BenchRow {
             id: "encap_ns".into(),
             name: "TC encap program alone (test-run)".into(),
             unit: "ns/packet".into(),
             better: Better::Lower,
-            measured: Measured::Own(data.encap),
+            measured: Measured::Own(encap),
             targets: vec![Target::value_at_most(100.0)],
-            method: testrun_method.replace(
-                "{}",
+            method: method(
                 "64-byte UDP to a remote container -> encapsulated, FIB hit, TC_ACT_REDIRECT",
             ),
         },
-    ];
-    if fixture.is_some() {
-        rows.extend(testrun_rows);
-    }
-    if complete {
-        rows.extend(control_plane_rows(
-            &overlay_tests::cluster::Bins::beside_current_exe(),
-            overlay_bench::CONTROL_PLANE_ROUNDS,
-        ));
-    }
+    ]
+}
 
-    let analysis: BTreeMap<String, String> = match std::fs::read_to_string(&args.notes) {
-        Ok(text) => serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a JSON object of strings", args.notes.display()))?,
-        Err(_) => BTreeMap::new(),
-    };
+/// What every setup shares, with the tools' versions.
+fn common_description() -> Vec<String> {
     let mut common = setups::common_description();
     common.push(format!(
         "tools: {}; {}",
         tools::tool_version("iperf3", "--version"),
         tools::tool_version("sockperf", "--version")
     ));
-    let report = Report {
-        started,
-        elapsed: clock.elapsed(),
-        machine: Machine::detect(&args.machine_note),
-        revision: args.revision.clone(),
-        options: json!({
-            "rounds": args.rounds,
-            "duration_secs": args.duration,
-            "testrun_calls": args.testrun_calls,
-            "budget_minutes": args.budget_minutes,
-            "setups": args.setups,
-            "only": args.only,
-            "testrun_rounds": data.testrun_detail,
-        }),
-        rounds_done,
-        setups: setups
-            .iter()
-            .map(|(s, _)| (s.kind, s.description.clone()))
-            .collect(),
-        common,
-        rows,
-        analysis,
-        remarks,
-    };
-    drop(fixture);
-    drop(setups);
+    common
+}
+
+/// The hand-written analysis of missed targets (none when the file is absent).
+fn load_analysis(notes: &Path) -> Result<BTreeMap<String, String>> {
+    match std::fs::read_to_string(notes) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a JSON object of strings", notes.display())),
+        Err(_) => Ok(BTreeMap::new()),
+    }
+}
+
+/// Prints the table and the notes on missed targets; a complete run also writes
+/// latest.json and latest.md.
+fn publish(report: &Report, complete: bool, out_dir: &Path) -> Result<()> {
     println!();
     print!("{}", report.table());
     let notes = report.missed_notes();
@@ -470,12 +546,12 @@ fn run(args: &Args) -> Result<()> {
     }
     if complete {
         report
-            .write(&args.out_dir)
-            .with_context(|| format!("write results to {}", args.out_dir.display()))?;
+            .write(out_dir)
+            .with_context(|| format!("write results to {}", out_dir.display()))?;
         println!(
             "\nbench: wrote {} and {}",
-            args.out_dir.join("latest.json").display(),
-            args.out_dir.join("latest.md").display()
+            out_dir.join("latest.json").display(),
+            out_dir.join("latest.md").display()
         );
     } else {
         println!("\nbench: partial run (--only/--setups): nothing written");
