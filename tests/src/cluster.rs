@@ -1,5 +1,5 @@
-//! A control-plane cluster for the tests: the Consul dev server on the underlay (as a
-//! process in the underlay namespace) and nodes (host namespaces) each running a real
+//! A control-plane cluster for the tests: the Consul dev server on the underlay (an
+//! `overlay-ctl dev-server` process in the underlay namespace) and nodes (host namespaces) each running a real
 //! `overlay-ctl agent` process, with the CLI run inside the node's namespace the way an
 //! operator runs it on a host.
 use std::{
@@ -18,50 +18,50 @@ use crate::{
     topology::Underlay,
 };
 
-/// The binaries the cluster runs; build it with [`bins!`] in the test crate.
+/// The binary the cluster runs: `overlay-ctl` (agents, operator commands and the Consul
+/// dev server, `overlay-ctl dev-server`); build it with [`bins!`] in the test crate.
 #[derive(Clone, Copy, Debug)]
 pub struct Bins {
     pub cli: &'static str,
-    pub consul_dev: &'static str,
 }
 
 impl Bins {
-    /// The binaries next to the running executable (a binary of this package, built
-    /// together with them, e.g. by `cargo xtask demo`).
+    /// `overlay-ctl` next to the running executable (a driver built together with it in
+    /// one target directory, e.g. by `cargo xtask demo` or `cargo xtask bench`).
     pub fn beside_current_exe() -> Self {
         let dir = std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(PathBuf::from))
             .unwrap_or_default();
-        let leak = |name: &str| -> &'static str {
-            Box::leak(dir.join(name).display().to_string().into_boxed_str())
-        };
         Self {
-            cli: leak("overlay-cli"),
-            consul_dev: leak("overlay-consul-dev"),
+            cli: Box::leak(
+                dir.join("overlay-ctl")
+                    .display()
+                    .to_string()
+                    .into_boxed_str(),
+            ),
         }
     }
 
-    /// A one-line error when a binary is missing.
+    /// A one-line error when the binary is missing.
     pub fn check(&self) -> Result<(), String> {
-        for path in [self.cli, self.consul_dev] {
-            if !Path::new(path).exists() {
-                return Err(format!(
-                    "{path} is missing (build the overlay-tests binaries)"
-                ));
-            }
+        if !Path::new(self.cli).exists() {
+            return Err(format!(
+                "{} is missing (build it: cargo build --release -p overlay-ctl)",
+                self.cli
+            ));
         }
         Ok(())
     }
 }
 
-/// The binaries of this package, as cargo built them for the calling integration test.
+/// The CLI as cargo built it for the calling integration test (`overlay-cli`, the same
+/// code as `overlay-ctl`, built inside the test package so that cargo gives its path).
 #[macro_export]
 macro_rules! bins {
     () => {
         $crate::cluster::Bins {
             cli: env!("CARGO_BIN_EXE_overlay-cli"),
-            consul_dev: env!("CARGO_BIN_EXE_overlay-consul-dev"),
         }
     };
 }
@@ -121,7 +121,7 @@ impl DevConsul {
         underlay.add_bridge_address(CONSUL_IP);
         let mut server = Self {
             child: None,
-            bin: bins.consul_dev,
+            bin: bins.cli,
             netns: underlay.ns.ns().path().to_path_buf(),
             data_dir: data_dir.map(Path::to_path_buf),
         };
@@ -136,7 +136,7 @@ impl DevConsul {
     fn launch(&mut self) {
         let mut command = Command::new(self.bin);
         command
-            .args(["--listen", &self.addr()])
+            .args(["dev-server", "--listen", &self.addr()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

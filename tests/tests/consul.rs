@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use overlay_ctl::store::devserver::ConsulDev;
 use overlay_ctl::{
     store::consul::{
         CatalogService, ConsulClient, ConsulError, KvPair, KvWatch, RetryPolicy, SessionBehavior,
@@ -15,7 +16,6 @@ use overlay_ctl::{
     store::ipam::IpamError,
     store::{Endpoint, NodeInfo, Store, StoreError},
 };
-use overlay_tests::consul_dev::ConsulDev;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -540,13 +540,13 @@ async fn unknown_endpoints_answer_404() {
 #[tokio::test]
 async fn dev_server_binary_starts_and_stops_on_sigterm() {
     use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_overlay-consul-dev"))
-        .args(["--listen", "127.0.0.1:0"])
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_overlay-cli"))
+        .args(["dev-server", "--listen", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("spawn overlay-consul-dev");
+        .expect("spawn overlay-ctl dev-server");
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let line = tokio::time::timeout(DEADLINE, lines.next_line())
         .await
@@ -1077,7 +1077,7 @@ impl Drop for DataDir {
 }
 
 async fn dev_with_data(dir: &std::path::Path) -> (ConsulDev, ConsulClient) {
-    let config = overlay_tests::consul_dev::DevConfig {
+    let config = overlay_ctl::store::devserver::DevConfig {
         data_dir: Some(dir.to_path_buf()),
         ..Default::default()
     };
@@ -1150,7 +1150,7 @@ async fn a_restarted_server_with_a_data_dir_keeps_its_state() {
 async fn a_corrupt_state_file_is_a_clear_error() {
     let dir = DataDir::new();
     std::fs::write(dir.0.join("state.json"), b"{ not json").unwrap();
-    let config = overlay_tests::consul_dev::DevConfig {
+    let config = overlay_ctl::store::devserver::DevConfig {
         data_dir: Some(dir.0.clone()),
         ..Default::default()
     };
@@ -1167,8 +1167,8 @@ fn the_dev_server_binary_keeps_state_across_a_kill() {
     use std::io::BufRead as _;
     let dir = DataDir::new();
     let start = || {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_overlay-consul-dev"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_overlay-cli"))
+            .args(["dev-server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&dir.0)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())

@@ -1,5 +1,5 @@
-//! `cargo xtask bench`: builds `overlay-bench` (tests/src/bin/overlay-bench.rs) in release
-//! mode and runs it as root; it prints a progress line per measurement and writes
+//! `cargo xtask bench`: builds `overlay-bench` (the driver in bench/driver/) and
+//! `overlay-ctl` in release mode and runs the driver as root; it prints a progress line per measurement and writes
 //! `bench/results/latest.{json,md}`.
 use std::{os::unix::process::CommandExt, process::Command};
 
@@ -43,19 +43,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     setup_if_needed()?;
     step(
-        "build overlay-bench, the agent and the dev server (release)",
+        "build overlay-bench and overlay-ctl (agents, dev server) (release)",
         || {
             cargo(&[
                 "build",
                 "--release",
                 "-p",
-                "overlay-tests",
-                "--bin",
                 "overlay-bench",
                 "--bin",
-                "overlay-cli",
+                "overlay-bench",
+                "-p",
+                "overlay-ctl",
                 "--bin",
-                "overlay-consul-dev",
+                "overlay-ctl",
             ])
         },
     )?;

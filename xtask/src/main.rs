@@ -180,20 +180,19 @@ fn run(iface: Option<String>, agent_args: Vec<String>) -> Result<()> {
     build_ebpf()?;
     let own_consul = std::env::var_os("CONSUL_HTTP_ADDR").is_none()
         && !agent_args.iter().any(|a| a.starts_with("--consul"));
-    step("build overlay-ctl and the Consul dev server", || {
-        cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "overlay-ctl",
-            "-p",
-            "overlay-tests",
-            "--bin",
-            "overlay-ctl",
-            "--bin",
-            "overlay-consul-dev",
-        ])
-    })?;
+    step(
+        "build overlay-ctl (the agent and the Consul dev server)",
+        || {
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "overlay-ctl",
+                "--bin",
+                "overlay-ctl",
+            ])
+        },
+    )?;
     let release = workspace_root().join("target/release");
     // Ctrl-C reaches the children (same process group); they stop cleanly, then we do.
     // SAFETY: setting a signal disposition before any thread is started.
@@ -205,11 +204,11 @@ fn run(iface: Option<String>, agent_args: Vec<String>) -> Result<()> {
         use std::os::unix::process::CommandExt as _;
         // Its own process group: Ctrl-C stops the agent first, which still needs Consul
         // to leave the cluster; the server is stopped after it.
-        let child = Command::new(release.join("overlay-consul-dev"))
-            .args(["--listen", DEV_CONSUL_ADDR])
+        let child = Command::new(release.join("overlay-ctl"))
+            .args(["dev-server", "--listen", DEV_CONSUL_ADDR])
             .process_group(0)
             .spawn()
-            .context("cannot start overlay-consul-dev")?;
+            .context("cannot start overlay-ctl dev-server")?;
         dev_consul = Some(child);
         command.args(["--consul", DEV_CONSUL_ADDR]);
     }
@@ -246,17 +245,17 @@ fn demo() -> Result<()> {
     }
     build_ebpf()?;
     step(
-        "build the agent, the Consul dev server and the demo",
+        "build overlay-ctl (agents, CLI, Consul dev server) and the demo (xtask/demo)",
         || {
             cargo(&[
                 "build",
                 "--release",
                 "-p",
-                "overlay-tests",
+                "overlay-ctl",
                 "--bin",
-                "overlay-cli",
-                "--bin",
-                "overlay-consul-dev",
+                "overlay-ctl",
+                "-p",
+                "overlay-demo",
                 "--bin",
                 "overlay-demo",
             ])

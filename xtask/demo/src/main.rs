@@ -2,8 +2,9 @@
 //! namespaces on a veth underlay) with the Consul dev server, narrated step by step, ending
 //! with a pass/fail line; when Debian's docker.io is installed, a last act does the same
 //! with `docker run` on the agents' `overlay-net` driver. Everything it creates is
-//! removed when it ends. Run it through
-//! `cargo xtask demo` (as root).
+//! removed when it ends. Run it through `cargo xtask demo` (as root), which builds it
+//! with `overlay-ctl` beside it: the agents, the operator commands and the Consul dev
+//! server (`overlay-ctl dev-server`) are that binary.
 use std::{
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     process::ExitCode,
@@ -11,7 +12,7 @@ use std::{
 };
 
 use overlay_tests::{
-    cluster::{Bins, CliOutput, Node},
+    cluster::{Background, Bins, CliOutput, Node},
     docker::{self, DockerHost},
     harness::wait_until,
     net,
@@ -133,174 +134,12 @@ fn main() -> ExitCode {
                 .iter()
                 .all(|v| members.stdout.contains(v)),
     );
-
-    demo.say("The bootstrapped cluster has a default network");
-    let list = demo.show(&nodes[1], &["network", "list"]);
-    demo.check(
-        "network default 10.1.0.0/16 exists",
-        list.stdout.contains("10.1.0.0/16"),
-    );
-
-    demo.say("Create a network for a tenant");
-    let created = demo.show(&nodes[0], &["network", "create", "net1", "10.100.0.0/24"]);
-    demo.check("net1 created", created.code == 0);
-    let list = demo.show(&nodes[2], &["network", "list"]);
-    demo.check(
-        "every host sees net1",
-        list.stdout.contains("10.100.0.0/24"),
-    );
-
-    demo.say("Start containers on two hosts");
-    println!("node1$ overlay-ctl run -n net1 --name web -- sleep 300 &");
-    let web = nodes[0].spawn_run("net1", "web", &["sleep", "300"]);
-    let mut listed = String::new();
-    let mut wait_listed = |name: &str| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            wait_until(name, Duration::from_secs(20), || {
-                listed = nodes[2].cli(&["endpoint", "list", "-n", "net1"]).stdout;
-                listed.contains(name)
-            })
-        }))
-        .is_ok()
-    };
-    let web_up = wait_listed("web");
-    println!("node2$ overlay-ctl run -n net1 --name db -- sleep 300 &");
-    let db = nodes[1].spawn_run("net1", "db", &["sleep", "300"]);
-    let ready = web_up && wait_listed("db");
-    demo.show(&nodes[2], &["endpoint", "list", "-n", "net1"]);
-    demo.check("both containers are up with addresses from net1", ready);
-    let address_of = |name: &str| {
-        listed
-            .lines()
-            .find(|l| l.contains(name))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .unwrap_or("")
-            .to_string()
-    };
-    demo.check(
-        "addresses handed out in order (web .2, db .3)",
-        address_of("web") == "10.100.0.2" && address_of("db") == "10.100.0.3",
-    );
-
-    demo.say("Ping across hosts from a container on the third host, and the gateway");
-    let ping = demo.show(
-        &nodes[2],
-        &[
-            "run",
-            "-n",
-            "net1",
-            "--",
-            "ping",
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "10.100.0.2",
-        ],
-    );
-    demo.check("a container on node3 reaches web on node1", ping.code == 0);
-    let ping = demo.show(
-        &nodes[1],
-        &[
-            "run",
-            "-n",
-            "net1",
-            "--",
-            "ping",
-            "-c",
-            "2",
-            "-i",
-            "0.2",
-            "10.100.0.1",
-        ],
-    );
-    demo.check("the gateway answers", ping.code == 0);
-
-    demo.say("TCP across hosts: 1 MiB from node3 to a container on node1, checked end to end");
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    println!(
-        "node1$ overlay-ctl run -n net1 --name sink -- overlay-demo tcp-sink {TRANSFER_PORT} &"
-    );
-    let sink = nodes[0].spawn_run("net1", "sink", &[&exe, "tcp-sink", TRANSFER_PORT]);
-    let sink_ip = nodes[0].wait_endpoint("net1", "sink").to_string();
-    let bytes = TRANSFER_BYTES.to_string();
-    println!(
-        "node3$ overlay-ctl run -n net1 -- overlay-demo tcp-send {sink_ip} {TRANSFER_PORT} {bytes}"
-    );
-    let sent = nodes[2].cli(&[
-        "run",
-        "-n",
-        "net1",
-        "--",
-        &exe,
-        "tcp-send",
-        &sink_ip,
-        TRANSFER_PORT,
-        &bytes,
-    ]);
-    let received = sink.wait(Duration::from_secs(30));
-    println!("    node3: {}", sent.stdout.trim());
-    println!("    node1: {}", received.stdout.trim());
-    let digest = |out: &str| out.split("digest ").nth(1).map(str::trim).map(String::from);
-    demo.check(
-        "1 MiB of TCP arrived whole: same length and digest on both hosts",
-        sent.code == 0
-            && received.code == 0
-            && received.stdout.contains(&format!("received {bytes} bytes"))
-            && digest(&sent.stdout).is_some()
-            && digest(&sent.stdout) == digest(&received.stdout),
-    );
-
-    demo.say("Another network cannot reach net1");
-    demo.show(&nodes[0], &["network", "create", "net2", "10.200.0.0/24"]);
-    let isolated = demo.show(
-        &nodes[2],
-        &[
-            "run",
-            "-n",
-            "net2",
-            "--",
-            "ping",
-            "-c",
-            "2",
-            "-W",
-            "1",
-            "10.100.0.2",
-        ],
-    );
-    demo.check("net2 is isolated from net1", isolated.code != 0);
-
-    demo.say("What the agent on node1 sees");
-    let status = demo.show(&nodes[0], &["status"]);
-    demo.check(
-        "node1's agent is healthy",
-        status.stdout.contains("reachable"),
-    );
-    let metrics = nodes[0].metrics();
-    let net1_lines: Vec<&str> = metrics
-        .as_deref()
-        .map(|m| {
-            m.lines()
-                .filter(|l| l.starts_with("overlay_packets_total{network=\"net1\""))
-                .collect()
-        })
-        .unwrap_or_default();
-    println!("node1$ curl -s http://127.0.0.1:9465/metrics | grep 'overlay_packets_total{{network=\"net1\"'");
-    for line in &net1_lines {
-        println!("    {line}");
-    }
-    let counted = |direction: &str| {
-        net1_lines
-            .iter()
-            .any(|l| l.contains(&format!("direction=\"{direction}\"")) && !l.ends_with(" 0"))
-    };
-    demo.check(
-        "node1's metrics count the pings to web: decapsulated requests, encapsulated replies",
-        counted("decapsulated") && counted("encapsulated"),
-    );
-
+    demo.networks_act(&nodes);
+    let (web, db) = demo.containers_act(&nodes);
+    demo.ping_act(&nodes);
+    demo.transfer_act(&nodes);
+    demo.isolation_act(&nodes);
+    demo.observe_act(&nodes);
     drop(web);
     drop(db);
     if std::path::Path::new(docker::DOCKERD).exists() {
@@ -308,18 +147,213 @@ fn main() -> ExitCode {
     } else {
         println!("\n(The Docker act is skipped: Debian's docker.io is not installed.)");
     }
-    println!();
-    if demo.failed.is_empty() {
-        println!("demo: PASS ({} checks)", demo.checks);
-        ExitCode::SUCCESS
-    } else {
-        println!(
-            "demo: FAIL ({} of {} checks failed: {})",
-            demo.failed.len(),
-            demo.checks,
-            demo.failed.join("; ")
+    demo.verdict()
+}
+
+/// The walkthrough's acts, in order; each narrates its commands and checks the outcome.
+impl Demo {
+    /// The default network, and a tenant network every host sees.
+    fn networks_act(&mut self, nodes: &[Node]) {
+        self.say("The bootstrapped cluster has a default network");
+        let list = self.show(&nodes[1], &["network", "list"]);
+        self.check(
+            "network default 10.1.0.0/16 exists",
+            list.stdout.contains("10.1.0.0/16"),
         );
-        ExitCode::FAILURE
+
+        self.say("Create a network for a tenant");
+        let created = self.show(&nodes[0], &["network", "create", "net1", "10.100.0.0/24"]);
+        self.check("net1 created", created.code == 0);
+        let list = self.show(&nodes[2], &["network", "list"]);
+        self.check(
+            "every host sees net1",
+            list.stdout.contains("10.100.0.0/24"),
+        );
+    }
+
+    /// Two containers on two hosts with addresses from the network, in order; they run
+    /// until the handles are dropped.
+    fn containers_act(&mut self, nodes: &[Node]) -> (Background, Background) {
+        self.say("Start containers on two hosts");
+        println!("node1$ overlay-ctl run -n net1 --name web -- sleep 300 &");
+        let web = nodes[0].spawn_run("net1", "web", &["sleep", "300"]);
+        let mut listed = String::new();
+        let mut wait_listed = |name: &str| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                wait_until(name, Duration::from_secs(20), || {
+                    listed = nodes[2].cli(&["endpoint", "list", "-n", "net1"]).stdout;
+                    listed.contains(name)
+                })
+            }))
+            .is_ok()
+        };
+        let web_up = wait_listed("web");
+        println!("node2$ overlay-ctl run -n net1 --name db -- sleep 300 &");
+        let db = nodes[1].spawn_run("net1", "db", &["sleep", "300"]);
+        let ready = web_up && wait_listed("db");
+        self.show(&nodes[2], &["endpoint", "list", "-n", "net1"]);
+        self.check("both containers are up with addresses from net1", ready);
+        let address_of = |name: &str| {
+            listed
+                .lines()
+                .find(|l| l.contains(name))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .unwrap_or("")
+                .to_string()
+        };
+        self.check(
+            "addresses handed out in order (web .2, db .3)",
+            address_of("web") == "10.100.0.2" && address_of("db") == "10.100.0.3",
+        );
+        (web, db)
+    }
+
+    /// Pings across hosts, and to the gateway.
+    fn ping_act(&mut self, nodes: &[Node]) {
+        self.say("Ping across hosts from a container on the third host, and the gateway");
+        let ping = self.show(
+            &nodes[2],
+            &[
+                "run",
+                "-n",
+                "net1",
+                "--",
+                "ping",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "10.100.0.2",
+            ],
+        );
+        self.check("a container on node3 reaches web on node1", ping.code == 0);
+        let ping = self.show(
+            &nodes[1],
+            &[
+                "run",
+                "-n",
+                "net1",
+                "--",
+                "ping",
+                "-c",
+                "2",
+                "-i",
+                "0.2",
+                "10.100.0.1",
+            ],
+        );
+        self.check("the gateway answers", ping.code == 0);
+    }
+
+    /// 1 MiB of TCP from node3 to a container on node1, length and digest compared.
+    fn transfer_act(&mut self, nodes: &[Node]) {
+        self.say("TCP across hosts: 1 MiB from node3 to a container on node1, checked end to end");
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        println!(
+            "node1$ overlay-ctl run -n net1 --name sink -- overlay-demo tcp-sink {TRANSFER_PORT} &"
+        );
+        let sink = nodes[0].spawn_run("net1", "sink", &[&exe, "tcp-sink", TRANSFER_PORT]);
+        let sink_ip = nodes[0].wait_endpoint("net1", "sink").to_string();
+        let bytes = TRANSFER_BYTES.to_string();
+        println!(
+            "node3$ overlay-ctl run -n net1 -- overlay-demo tcp-send {sink_ip} {TRANSFER_PORT} {bytes}"
+        );
+        let sent = nodes[2].cli(&[
+            "run",
+            "-n",
+            "net1",
+            "--",
+            &exe,
+            "tcp-send",
+            &sink_ip,
+            TRANSFER_PORT,
+            &bytes,
+        ]);
+        let received = sink.wait(Duration::from_secs(30));
+        println!("    node3: {}", sent.stdout.trim());
+        println!("    node1: {}", received.stdout.trim());
+        let digest = |out: &str| out.split("digest ").nth(1).map(str::trim).map(String::from);
+        self.check(
+            "1 MiB of TCP arrived whole: same length and digest on both hosts",
+            sent.code == 0
+                && received.code == 0
+                && received.stdout.contains(&format!("received {bytes} bytes"))
+                && digest(&sent.stdout).is_some()
+                && digest(&sent.stdout) == digest(&received.stdout),
+        );
+    }
+
+    /// A second network cannot reach the first.
+    fn isolation_act(&mut self, nodes: &[Node]) {
+        self.say("Another network cannot reach net1");
+        self.show(&nodes[0], &["network", "create", "net2", "10.200.0.0/24"]);
+        let isolated = self.show(
+            &nodes[2],
+            &[
+                "run",
+                "-n",
+                "net2",
+                "--",
+                "ping",
+                "-c",
+                "2",
+                "-W",
+                "1",
+                "10.100.0.2",
+            ],
+        );
+        self.check("net2 is isolated from net1", isolated.code != 0);
+    }
+
+    /// node1's status and metrics.
+    fn observe_act(&mut self, nodes: &[Node]) {
+        self.say("What the agent on node1 sees");
+        let status = self.show(&nodes[0], &["status"]);
+        self.check(
+            "node1's agent is healthy",
+            status.stdout.contains("reachable"),
+        );
+        let metrics = nodes[0].metrics();
+        let net1_lines: Vec<&str> = metrics
+            .as_deref()
+            .map(|m| {
+                m.lines()
+                    .filter(|l| l.starts_with("overlay_packets_total{network=\"net1\""))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("node1$ curl -s http://127.0.0.1:9465/metrics | grep 'overlay_packets_total{{network=\"net1\"'");
+        for line in &net1_lines {
+            println!("    {line}");
+        }
+        let counted = |direction: &str| {
+            net1_lines
+                .iter()
+                .any(|l| l.contains(&format!("direction=\"{direction}\"")) && !l.ends_with(" 0"))
+        };
+        self.check(
+            "node1's metrics count the pings to web: decapsulated requests, encapsulated replies",
+            counted("decapsulated") && counted("encapsulated"),
+        );
+    }
+
+    /// The closing pass/fail line.
+    fn verdict(&self) -> ExitCode {
+        println!();
+        if self.failed.is_empty() {
+            println!("demo: PASS ({} checks)", self.checks);
+            ExitCode::SUCCESS
+        } else {
+            println!(
+                "demo: FAIL ({} of {} checks failed: {})",
+                self.failed.len(),
+                self.checks,
+                self.failed.join("; ")
+            );
+            ExitCode::FAILURE
+        }
     }
 }
 

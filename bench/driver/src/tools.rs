@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::harness::TestNs;
+use overlay_tests::harness::TestNs;
 
 pub const IPERF_PORT: u16 = 5201;
 pub const SOCKPERF_PORT: u16 = 11111;

@@ -1,5 +1,8 @@
-//! `cargo xtask bench`: this project's data plane measured side by side with no overlay
-//! and with the Linux VXLAN device, on the same two-host topology.
+//! The benchmark driver behind `cargo xtask bench` (binaries `overlay-bench` and
+//! `overlay-control-bench`; results in `bench/results/`, beside this crate): this
+//! project's data plane measured side by side with no overlay and with the Linux VXLAN
+//! device, on the same two-host topology, and its control plane with real agents. The
+//! lab (namespaces, underlay, agents) is the integration tests' harness, `overlay_tests`.
 //!
 //! - [`setups`] builds the three topologies: (a) plain routed veths, (b) a Linux `vxlan`
 //!   device with a bridge and static FDB/neighbour entries (Docker's classic overlay),
@@ -11,14 +14,11 @@
 //!   table and the JSON file.
 //!
 //! The control-plane rows (convergence, agent memory) come from [`control_plane_rows`],
-//! which runs real agents ([`crate::control_bench`]).
-#[path = "bench_report.rs"]
+//! which runs real agents ([`control`]).
+pub mod control;
 pub mod report;
-#[path = "bench_setups.rs"]
 pub mod setups;
-#[path = "bench_testrun.rs"]
 pub mod testrun;
-#[path = "bench_tools.rs"]
 pub mod tools;
 
 use report::{BenchRow, Better, Target};
@@ -32,10 +32,10 @@ pub const CONTROL_PLANE_ROUNDS: usize = 3;
 const CONTROL_PLANE_ENDPOINTS: usize = 1_000;
 
 /// The control-plane rows: time for 3 agents to converge on 1,000 endpoints, and the
-/// agents' resident memory then ([`crate::control_bench`]: real agent processes against
-/// the Consul dev server, one fresh cluster per round). `bins` are the agent and dev
-/// server binaries, built in release mode beside `overlay-bench`.
-pub fn control_plane_rows(bins: &crate::cluster::Bins, rounds: usize) -> Vec<BenchRow> {
+/// agents' resident memory then ([`control`]: real agent processes against
+/// the Consul dev server, one fresh cluster per round). `bins` names `overlay-ctl` (the
+/// agents and `overlay-ctl dev-server`), built in release mode beside `overlay-bench`.
+pub fn control_plane_rows(bins: &overlay_tests::cluster::Bins, rounds: usize) -> Vec<BenchRow> {
     use report::{Measured, Samples};
     let mut converge = Samples::default();
     let mut rss = Samples::default();
@@ -43,7 +43,7 @@ pub fn control_plane_rows(bins: &crate::cluster::Bins, rounds: usize) -> Vec<Ben
         eprintln!(
             "control plane: round {round}/{rounds}: 3 agents, {CONTROL_PLANE_ENDPOINTS} endpoints"
         );
-        match crate::control_bench::measure(bins, 3, CONTROL_PLANE_ENDPOINTS) {
+        match control::measure(bins, 3, CONTROL_PLANE_ENDPOINTS) {
             Ok(result) => {
                 converge.push(round, result.converge.as_secs_f64());
                 let largest = result.agent_rss.iter().copied().max().unwrap_or(0);

@@ -4,7 +4,8 @@
 //! maps, and the agents' resident memory; ROUNDS (3) fresh clusters, one JSON line each.
 use std::process::ExitCode;
 
-use overlay_tests::{cluster::Bins, control_bench};
+use overlay_bench::control;
+use overlay_tests::cluster::Bins;
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -13,7 +14,7 @@ fn main() -> ExitCode {
     let bins = Bins::beside_current_exe();
     for round in 1..=rounds {
         eprintln!("control plane: round {round}/{rounds}: 3 agents, {endpoints} endpoints");
-        match control_bench::measure(&bins, 3, endpoints) {
+        match control::measure(&bins, 3, endpoints) {
             Ok(r) => println!(
                 "{}",
                 serde_json::json!({

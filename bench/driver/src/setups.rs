@@ -10,12 +10,13 @@ use std::{net::Ipv4Addr, process::Command, time::Duration};
 use anyhow::{bail, Context, Result};
 use overlay_ctl::{dataplane::endpoint, dataplane::netlink};
 
-use super::report::SetupKind;
-use crate::{
+use overlay_tests::{
     harness::{unique_name, TestNs},
     net,
     topology::{cluster, Host, Network, Underlay, UNDERLAY_IFNAME, UNDERLAY_MTU},
 };
+
+use crate::report::SetupKind;
 
 /// The VNI of (b) and (c).
 pub const VNI: u32 = 100;

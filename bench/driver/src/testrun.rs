@@ -26,7 +26,7 @@ use overlay_common::{
 };
 use overlay_ctl::{dataplane::datapath::Datapath, dataplane::netlink};
 
-use crate::{
+use overlay_tests::{
     frames,
     harness::{PinGuard, TestNs},
     topology::UNDERLAY_MTU,
@@ -149,7 +149,7 @@ impl Fixture {
             &EndpointValue::remote(ipv4_to_map(PEER_VTEP.octets()), remote_mac),
         )?;
 
-        let payload = [0x5au8; crate::bench::tools::SMALL_PAYLOAD];
+        let payload = [0x5au8; crate::tools::SMALL_PAYLOAD];
         let encap_frame =
             frames::inner_udp_frame(HOST_MAC, local_mac, LOCAL_IP, REMOTE_IP, &payload);
         let inner = frames::inner_udp_frame(local_mac, remote_mac, REMOTE_IP, LOCAL_IP, &payload);

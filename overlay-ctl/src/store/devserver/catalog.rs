@@ -1,0 +1,182 @@
+//! `/v1/catalog/`: register and deregister nodes and services, and read them back
+//! (`service/:name` as a blocking query, `services`, `nodes`).
+use std::{collections::BTreeMap, sync::Arc};
+
+use hyper::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{
+    http::{blocking_read, Query, Reply},
+    shared::Shared,
+    state::{Node, Service},
+};
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+pub(super) struct RegisterRequest {
+    node: String,
+    address: String,
+    service: Option<RegisterService>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+pub(super) struct RegisterService {
+    #[serde(rename = "ID")]
+    id: String,
+    service: String,
+    address: String,
+    port: u16,
+    tags: Option<Vec<String>>,
+    meta: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+pub(super) struct DeregisterRequest {
+    node: String,
+    #[serde(rename = "ServiceID")]
+    service_id: String,
+}
+
+pub(super) fn catalog_register(shared: &Arc<Shared>, body: &[u8]) -> Reply {
+    let req: RegisterRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Reply::text(
+                StatusCode::BAD_REQUEST,
+                format!("Request decode failed: {e}"),
+            )
+        }
+    };
+    if req.node.is_empty() {
+        return Reply::text(StatusCode::BAD_REQUEST, "Missing node name");
+    }
+    if req.address.is_empty() {
+        return Reply::text(StatusCode::BAD_REQUEST, "Missing node address");
+    }
+    if let Some(s) = &req.service {
+        if s.service.is_empty() {
+            return Reply::text(StatusCode::BAD_REQUEST, "Missing service name");
+        }
+    }
+    shared.write(|state| {
+        let idx = state.bump();
+        state.catalog_index = idx;
+        let node = state.nodes.entry(req.node.clone()).or_insert_with(|| Node {
+            address: req.address.clone(),
+            services: BTreeMap::new(),
+        });
+        node.address = req.address.clone();
+        if let Some(s) = req.service {
+            let id = if s.id.is_empty() {
+                s.service.clone()
+            } else {
+                s.id
+            };
+            let create_index = node.services.get(&id).map_or(idx, |old| old.create_index);
+            node.services.insert(
+                id.clone(),
+                Service {
+                    id,
+                    name: s.service,
+                    address: s.address,
+                    port: s.port,
+                    tags: s.tags.unwrap_or_default(),
+                    meta: s.meta.unwrap_or_default(),
+                    create_index,
+                    modify_index: idx,
+                },
+            );
+        }
+    });
+    Reply::json(&json!(true))
+}
+
+pub(super) fn catalog_deregister(shared: &Arc<Shared>, body: &[u8]) -> Reply {
+    let req: DeregisterRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Reply::text(
+                StatusCode::BAD_REQUEST,
+                format!("Request decode failed: {e}"),
+            )
+        }
+    };
+    if req.node.is_empty() {
+        return Reply::text(StatusCode::BAD_REQUEST, "Missing node name");
+    }
+    shared.write(|state| {
+        let changed = if req.service_id.is_empty() {
+            state.nodes.remove(&req.node).is_some()
+        } else {
+            state
+                .nodes
+                .get_mut(&req.node)
+                .is_some_and(|n| n.services.remove(&req.service_id).is_some())
+        };
+        if changed {
+            let idx = state.bump();
+            state.catalog_index = idx;
+        }
+    });
+    Reply::json(&json!(true))
+}
+
+pub(super) async fn catalog_service(shared: &Arc<Shared>, name: &str, query: &Query) -> Reply {
+    let datacenter = shared.config.datacenter.clone();
+    blocking_read(shared, query, |state| {
+        let mut list = Vec::new();
+        for (node_name, node) in &state.nodes {
+            for s in node.services.values().filter(|s| s.name == name) {
+                list.push(json!({
+                    "ID": "",
+                    "Node": node_name,
+                    "Address": node.address,
+                    "Datacenter": datacenter,
+                    "TaggedAddresses": Value::Null,
+                    "NodeMeta": Value::Null,
+                    "ServiceKind": "",
+                    "ServiceID": s.id,
+                    "ServiceName": s.name,
+                    "ServiceTags": s.tags,
+                    "ServiceAddress": s.address,
+                    "ServicePort": s.port,
+                    "ServiceMeta": s.meta,
+                    "ServiceEnableTagOverride": false,
+                    "CreateIndex": s.create_index,
+                    "ModifyIndex": s.modify_index,
+                }));
+            }
+        }
+        Reply::json(&Value::Array(list)).with_index(state.catalog_index.max(1))
+    })
+    .await
+}
+
+pub(super) fn catalog_services(shared: &Arc<Shared>) -> Reply {
+    let state = shared.lock();
+    let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for node in state.nodes.values() {
+        for s in node.services.values() {
+            let tags = services.entry(s.name.clone()).or_default();
+            for t in &s.tags {
+                if !tags.contains(t) {
+                    tags.push(t.clone());
+                }
+            }
+        }
+    }
+    Reply::json(&json!(services)).with_index(state.catalog_index.max(1))
+}
+
+pub(super) fn catalog_nodes(shared: &Arc<Shared>) -> Reply {
+    let state = shared.lock();
+    let list: Vec<Value> = state
+        .nodes
+        .iter()
+        .map(|(name, n)| json!({ "ID": "", "Node": name, "Address": n.address, "Datacenter": shared.config.datacenter }))
+        .collect();
+    Reply::json(&Value::Array(list)).with_index(state.catalog_index.max(1))
+}

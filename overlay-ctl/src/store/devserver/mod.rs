@@ -1,0 +1,259 @@
+//! `overlay-ctl dev-server`: a Consul-compatible development server, a mode of the
+//! binary operators already have (as `consul agent -dev` is one of Consul's). It serves
+//! the subset of Consul's HTTP API that [`crate::store::consul`] uses, with Consul's
+//! documented edge semantics, state in memory (as `consul agent -dev` keeps it) or, with a
+//! data directory, also on disk so that a restarted server has it all again, as a real
+//! Consul server does. `cargo xtask run`, the demo, the benchmark and the tests start it;
+//! the client is written against the real API and works unchanged against a real agent.
+//!
+//! What it implements:
+//! - one global raft-like index, incremented on every write ([`state`]);
+//! - KV ([`kv`]): `GET` (single key, `?recurse`, `?keys` with `?separator`, `?raw`), `PUT`
+//!   (with `?flags`, `?cas`, `?acquire`, `?release`), `DELETE` (with `?recurse`, `?cas`);
+//!   `X-Consul-Index` on every read; blocking queries with `?index=` and `?wait=`
+//!   (default 5 minutes, at most 10; [`http`]);
+//! - sessions ([`session`]) with TTL (invalidated after twice the TTL without a renew, as
+//!   Consul may), `Behavior` `release`/`delete`, lock-delay,
+//!   create/renew/destroy/info/list;
+//! - catalog ([`catalog`]) register/deregister, `service/:name`, `services`, `nodes`;
+//! - `/v1/status/leader`, `/v1/status/peers`, `/v1/agent/self`.
+//!
+//! With `data_dir` the state (KV with all indexes, the global index, sessions, catalog) is
+//! written to `DIR/state.json` after every change (temporary file and rename, so a kill
+//! never leaves a torn file) and loaded at start ([`shared`]). Instants cannot be saved:
+//! on load every session's TTL clock restarts (as Consul restarts them on a leader change)
+//! and pending lock-delays are dropped.
+//!
+//! ACLs are not enforced (as in `consul agent -dev` without an ACL config): a token is
+//! accepted and ignored. Anything else answers 404 with a text body.
+mod catalog;
+mod http;
+mod kv;
+mod session;
+mod shared;
+mod state;
+
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    net::TcpListener,
+    signal::unix::{signal, SignalKind},
+    sync::oneshot,
+    task::JoinHandle,
+};
+use tracing::{debug, info};
+
+pub use self::http::parse_go_duration;
+use self::{http::handle, shared::Shared};
+
+/// Consul's default `kv_max_value_size`.
+pub const MAX_VALUE_SIZE: usize = 512 * 1024;
+/// Consul's upper bound for a session TTL.
+pub const SESSION_TTL_MAX: Duration = Duration::from_secs(86_400);
+/// Consul's default lock-delay.
+pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_secs(15);
+/// Default and maximum `wait` of a blocking query.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+/// The address `/v1/status/leader` reports.
+const LEADER_ADDR: &str = "127.0.0.1:8300";
+
+#[derive(Clone, Debug)]
+pub struct DevConfig {
+    /// The smallest session TTL accepted. Consul's own default `session_ttl_min` is 10s;
+    /// the dev server defaults to 1s so tests can exercise expiry quickly (like a Consul
+    /// configured with `session_ttl_min = "1s"`).
+    pub session_ttl_min: Duration,
+    pub node_name: String,
+    pub datacenter: String,
+    /// How often expired sessions are looked for.
+    pub reap_interval: Duration,
+    /// Keep the state in `state.json` here across restarts (`None`: memory only).
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for DevConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl_min: Duration::from_secs(1),
+            node_name: "overlay-consul-dev".to_string(),
+            datacenter: "dc1".to_string(),
+            reap_interval: Duration::from_millis(50),
+            data_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot load the saved state {path}: {message}")]
+    Load {
+        path: std::path::PathBuf,
+        message: String,
+    },
+}
+
+/// A running dev server; stops when dropped.
+pub struct ConsulDev {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Option<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ConsulDev {
+    /// Starts a server on `listen` (`127.0.0.1:0` picks a free port) with the default
+    /// configuration.
+    pub async fn start(listen: &str) -> Result<Self, DevError> {
+        Self::start_with(listen, DevConfig::default()).await
+    }
+
+    pub async fn start_with(listen: &str, config: DevConfig) -> Result<Self, DevError> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| DevError::Bind {
+                addr: listen.to_string(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| DevError::Bind {
+            addr: listen.to_string(),
+            source,
+        })?;
+        let shared = Arc::new(Shared::new(config)?);
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        let reaper = tokio::spawn(reap_loop(shared.clone()));
+        info!(%addr, "consul dev server started");
+        Ok(Self {
+            addr,
+            shared,
+            shutdown: Some(shutdown_tx),
+            tasks: vec![accept, reaper],
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for `CONSUL_HTTP_ADDR`.
+    pub fn http_addr(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The current global index.
+    pub fn index(&self) -> u64 {
+        self.shared.lock().index
+    }
+
+    /// Stops accepting, closes open connections and waits for the server tasks.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for ConsulDev {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: oneshot::Receiver<()>) {
+    let handler = move |req| handle(shared.clone(), req);
+    crate::http::serve(listener, handler, async {
+        let _ = shutdown.await;
+    })
+    .await;
+    debug!("consul dev server stopped accepting");
+}
+
+async fn reap_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.reap_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        shared.write(|state| {
+            let expired: Vec<String> = state
+                .sessions
+                .values()
+                .filter(|s| s.deadline.is_some_and(|d| d <= now))
+                .map(|s| s.id.clone())
+                .collect();
+            for id in expired {
+                info!(session = %id, "session TTL expired; invalidating");
+                state.invalidate_session(&id, now);
+            }
+        });
+    }
+}
+
+/// The options of `overlay-ctl dev-server`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DevServerArgs {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    pub listen: String,
+    /// Smallest session TTL accepted (Consul's own default is 10s).
+    #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+    pub session_ttl_min: Duration,
+    /// Node name the server reports and registers itself as.
+    #[arg(long, default_value = "overlay-consul-dev")]
+    pub node: String,
+    /// Keep the state in DIR/state.json, so a restarted server has it again (as a real
+    /// Consul server). Without it the state lives in memory only, as `consul agent -dev`.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_go_duration(s).ok_or_else(|| format!("invalid duration {s:?} (e.g. 1s, 500ms)"))
+}
+
+/// Runs the dev server until SIGTERM or SIGINT. Prints `consul dev server listening on
+/// ADDR` on stdout once it accepts connections (scripts and tests wait for that line).
+pub async fn run(args: DevServerArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let config = DevConfig {
+        session_ttl_min: args.session_ttl_min,
+        node_name: args.node,
+        data_dir: args.data_dir,
+        ..DevConfig::default()
+    };
+    let server = ConsulDev::start_with(&args.listen, config).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "consul dev server listening on {}", server.addr())?;
+        out.flush()?;
+    }
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+        _ = sigint.recv() => info!("SIGINT: shutting down"),
+    }
+    server.shutdown().await;
+    Ok(())
+}

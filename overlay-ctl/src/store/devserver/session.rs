@@ -1,0 +1,192 @@
+//! `/v1/session/`: create (TTL, Behavior, LockDelay as Consul parses them), renew,
+//! destroy, info and list.
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use hyper::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::debug;
+
+use super::{
+    http::Reply,
+    parse_go_duration,
+    shared::Shared,
+    state::{Behavior, Session},
+    DEFAULT_LOCK_DELAY, SESSION_TTL_MAX,
+};
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+pub(super) struct SessionRequest {
+    name: String,
+    node: String,
+    #[serde(rename = "TTL")]
+    ttl: String,
+    behavior: String,
+    lock_delay: Value,
+}
+
+pub(super) fn session_create(shared: &Arc<Shared>, body: &[u8]) -> Reply {
+    let req: SessionRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        SessionRequest::default()
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return Reply::text(
+                    StatusCode::BAD_REQUEST,
+                    format!("Request decode failed: {e}"),
+                )
+            }
+        }
+    };
+    let (behavior, ttl, lock_delay) = match (
+        parse_behavior(&req.behavior),
+        parse_ttl(&req.ttl, shared.config.session_ttl_min),
+        parse_lock_delay(&req.lock_delay),
+    ) {
+        (Ok(behavior), Ok(ttl), Ok(lock_delay)) => (behavior, ttl, lock_delay),
+        (Err(reply), _, _) | (_, Err(reply), _) | (_, _, Err(reply)) => return reply,
+    };
+    let node = if req.node.is_empty() {
+        shared.config.node_name.clone()
+    } else {
+        req.node.clone()
+    };
+    let id = shared.new_uuid();
+    let result = shared.write(|state| {
+        if !state.nodes.contains_key(&node) {
+            return Err(Reply::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("Missing node registration: {node}"),
+            ));
+        }
+        let idx = state.bump();
+        state.session_index = idx;
+        state.sessions.insert(
+            id.clone(),
+            Session {
+                id: id.clone(),
+                name: req.name.clone(),
+                node: node.clone(),
+                deadline: ttl.as_ref().map(|(_, d)| Instant::now() + *d * 2),
+                ttl: ttl.clone(),
+                behavior,
+                lock_delay,
+                create_index: idx,
+            },
+        );
+        Ok(())
+    });
+    match result {
+        Ok(()) => {
+            debug!(session = %id, name = %req.name, "session created");
+            Reply::json(&json!({ "ID": id }))
+        }
+        Err(r) => r,
+    }
+}
+
+fn parse_behavior(behavior: &str) -> Result<Behavior, Reply> {
+    match behavior {
+        "" | "release" => Ok(Behavior::Release),
+        "delete" => Ok(Behavior::Delete),
+        other => Err(Reply::text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("Invalid Behavior setting '{other}'"),
+        )),
+    }
+}
+
+/// The session's TTL as given and parsed; `None` for none (empty or zero).
+fn parse_ttl(ttl: &str, ttl_min: Duration) -> Result<Option<(String, Duration)>, Reply> {
+    if ttl.is_empty() {
+        return Ok(None);
+    }
+    let Some(d) = parse_go_duration(ttl) else {
+        return Err(Reply::text(
+            StatusCode::BAD_REQUEST,
+            format!("Request decode failed: invalid TTL {ttl:?}"),
+        ));
+    };
+    if d.is_zero() {
+        return Ok(None);
+    }
+    if d < ttl_min || d > SESSION_TTL_MAX {
+        return Err(Reply::text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "Invalid Session TTL '{ttl}', must be between [{ttl_min:?}={SESSION_TTL_MAX:?}]"
+            ),
+        ));
+    }
+    Ok(Some((ttl.to_string(), d)))
+}
+
+/// Numbers below 1000 are seconds, larger ones nanoseconds (Consul's FixupLockDelay).
+fn parse_lock_delay(lock_delay: &Value) -> Result<Duration, Reply> {
+    let malformed = || Reply::text(StatusCode::BAD_REQUEST, "Request decode failed: LockDelay");
+    match lock_delay {
+        Value::Null => Ok(DEFAULT_LOCK_DELAY),
+        Value::Number(n) => match n.as_u64() {
+            Some(n) if n < 1000 => Ok(Duration::from_secs(n)),
+            Some(n) => Ok(Duration::from_nanos(n)),
+            None => Err(malformed()),
+        },
+        Value::String(s) => parse_go_duration(s).ok_or_else(|| {
+            Reply::text(
+                StatusCode::BAD_REQUEST,
+                format!("Request decode failed: invalid LockDelay {s:?}"),
+            )
+        }),
+        _ => Err(malformed()),
+    }
+}
+
+pub(super) fn session_renew(shared: &Arc<Shared>, id: &str) -> Reply {
+    let mut state = shared.lock();
+    let index = state.session_index.max(1);
+    match state.sessions.get_mut(id) {
+        None => Reply::text(
+            StatusCode::NOT_FOUND,
+            format!("Session id '{id}' not found"),
+        )
+        .with_index(index),
+        Some(s) => {
+            if let Some((_, ttl)) = &s.ttl {
+                s.deadline = Some(Instant::now() + *ttl * 2);
+            }
+            Reply::json(&json!([s.json()])).with_index(index)
+        }
+    }
+}
+
+pub(super) fn session_destroy(shared: &Arc<Shared>, id: &str) -> Reply {
+    if id.is_empty() {
+        return Reply::text(StatusCode::BAD_REQUEST, "Missing session");
+    }
+    shared.write(|state| state.invalidate_session(id, Instant::now()));
+    Reply::json(&json!(true))
+}
+
+pub(super) fn session_info(shared: &Arc<Shared>, id: &str) -> Reply {
+    let state = shared.lock();
+    let index = state.session_index.max(1);
+    let list: Vec<Value> = state
+        .sessions
+        .get(id)
+        .map(Session::json)
+        .into_iter()
+        .collect();
+    Reply::json(&Value::Array(list)).with_index(index)
+}
+
+pub(super) fn session_list(shared: &Arc<Shared>) -> Reply {
+    let state = shared.lock();
+    let index = state.session_index.max(1);
+    let list: Vec<Value> = state.sessions.values().map(Session::json).collect();
+    Reply::json(&Value::Array(list)).with_index(index)
+}

@@ -1,0 +1,212 @@
+//! The dev server's data: KV entries, sessions, catalog nodes and services, and the
+//! state transitions Consul defines on them (the global index, tombstones, what a
+//! session's invalidation does to the keys it holds).
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Entry {
+    pub(super) value: Vec<u8>,
+    pub(super) flags: u64,
+    pub(super) create_index: u64,
+    pub(super) modify_index: u64,
+    pub(super) lock_index: u64,
+    pub(super) session: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) enum Behavior {
+    Release,
+    Delete,
+}
+
+impl Behavior {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Behavior::Release => "release",
+            Behavior::Delete => "delete",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Session {
+    pub(super) id: String,
+    pub(super) name: String,
+    pub(super) node: String,
+    pub(super) ttl: Option<(String, Duration)>,
+    pub(super) behavior: Behavior,
+    pub(super) lock_delay: Duration,
+    pub(super) create_index: u64,
+    /// When the session is invalidated unless renewed (twice the TTL, as Consul does).
+    #[serde(skip)]
+    pub(super) deadline: Option<Instant>,
+}
+
+impl Session {
+    pub(super) fn json(&self) -> Value {
+        json!({
+            "ID": self.id,
+            "Name": self.name,
+            "Node": self.node,
+            "LockDelay": self.lock_delay.as_nanos() as u64,
+            "Behavior": self.behavior.as_str(),
+            "TTL": self.ttl.as_ref().map(|t| t.0.clone()).unwrap_or_default(),
+            "NodeChecks": ["serfHealth"],
+            "ServiceChecks": Value::Null,
+            "CreateIndex": self.create_index,
+            "ModifyIndex": self.create_index,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Service {
+    pub(super) id: String,
+    pub(super) name: String,
+    pub(super) address: String,
+    pub(super) port: u16,
+    pub(super) tags: Vec<String>,
+    pub(super) meta: BTreeMap<String, String>,
+    pub(super) create_index: u64,
+    pub(super) modify_index: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Node {
+    pub(super) address: String,
+    pub(super) services: BTreeMap<String, Service>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct State {
+    pub(super) index: u64,
+    pub(super) kv: BTreeMap<String, Entry>,
+    /// Index at which each deleted key was deleted, so a read of a prefix reports (and a
+    /// blocking query wakes on) deletions under it.
+    pub(super) tombstones: BTreeMap<String, u64>,
+    /// Keys that cannot be acquired before the given instant.
+    #[serde(skip)]
+    pub(super) lock_delays: HashMap<String, Instant>,
+    pub(super) sessions: BTreeMap<String, Session>,
+    pub(super) session_index: u64,
+    pub(super) nodes: BTreeMap<String, Node>,
+    pub(super) catalog_index: u64,
+}
+
+impl State {
+    pub(super) fn bump(&mut self) -> u64 {
+        self.index += 1;
+        self.index
+    }
+
+    /// The index to report for a KV read of `prefix` (`exact`: one key): the highest
+    /// ModifyIndex of the matching keys or the last deletion among them, else the
+    /// global index (as Consul falls back to the table index).
+    pub(super) fn kv_index(&self, prefix: &str, exact: bool) -> u64 {
+        if prefix.is_empty() {
+            return self.index.max(1);
+        }
+        let local = if exact {
+            let live = self.kv.get(prefix).map_or(0, |e| e.modify_index);
+            live.max(self.tombstones.get(prefix).copied().unwrap_or(0))
+        } else {
+            let live = self
+                .kv
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(_, e)| e.modify_index)
+                .max()
+                .unwrap_or(0);
+            let dead = self
+                .tombstones
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(_, i)| *i)
+                .max()
+                .unwrap_or(0);
+            live.max(dead)
+        };
+        if local == 0 {
+            self.index.max(1)
+        } else {
+            local
+        }
+    }
+
+    pub(super) fn kv_set(
+        &mut self,
+        key: &str,
+        value: Vec<u8>,
+        flags: u64,
+        session: Option<Option<String>>,
+        lock_bump: bool,
+    ) {
+        let idx = self.bump();
+        let entry = self.kv.entry(key.to_string()).or_insert_with(|| Entry {
+            value: Vec::new(),
+            flags: 0,
+            create_index: idx,
+            modify_index: idx,
+            lock_index: 0,
+            session: None,
+        });
+        entry.value = value;
+        entry.flags = flags;
+        entry.modify_index = idx;
+        if let Some(session) = session {
+            entry.session = session;
+        }
+        if lock_bump {
+            entry.lock_index += 1;
+        }
+    }
+
+    pub(super) fn kv_delete(&mut self, key: &str, idx: u64) -> bool {
+        if self.kv.remove(key).is_some() {
+            self.tombstones.insert(key.to_string(), idx);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Destroys a session: its locks are released or its keys deleted (per Behavior)
+    /// and the keys it held enter their lock-delay.
+    pub(super) fn invalidate_session(&mut self, id: &str, now: Instant) {
+        let Some(session) = self.sessions.remove(id) else {
+            return;
+        };
+        let idx = self.bump();
+        self.session_index = idx;
+        let held: Vec<String> = self
+            .kv
+            .iter()
+            .filter(|(_, e)| e.session.as_deref() == Some(id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in held {
+            if !session.lock_delay.is_zero() {
+                self.lock_delays
+                    .insert(key.clone(), now + session.lock_delay);
+            }
+            match session.behavior {
+                Behavior::Delete => {
+                    self.kv_delete(&key, idx);
+                }
+                Behavior::Release => {
+                    if let Some(e) = self.kv.get_mut(&key) {
+                        e.session = None;
+                        e.modify_index = idx;
+                    }
+                }
+            }
+        }
+        self.lock_delays.retain(|_, until| *until > now);
+    }
+}
