@@ -572,7 +572,7 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
                             e.network.clone(),
                             e.id.clone(),
                             e.ip.to_string(),
-                            e.mac.clone(),
+                            e.mac.to_string(),
                             e.node.clone(),
                             e.container.clone().unwrap_or_default(),
                         ]
@@ -736,7 +736,11 @@ async fn run_container(
         match ctx
             .store
             .client()
-            .catalog_register(&ctx.status.node, &joined.endpoint.vtep.to_string(), &entry)
+            .catalog_register(
+                &ctx.status.node,
+                &ctx.status.vtep.map(|v| v.to_string()).unwrap_or_default(),
+                &entry,
+            )
             .await
         {
             Ok(()) => registered = Some(entry.id),

@@ -13,7 +13,6 @@ use std::{
 };
 
 use overlay_ctl::{
-    agent::reconcile::format_mac,
     store::consul::SessionBehavior,
     store::{Endpoint, IpAllocation, NodeInfo},
 };
@@ -120,9 +119,8 @@ pub fn measure(bins: &Bins, agents: u8, endpoints: usize) -> Result<ControlPlane
                 id: format!("e{i}"),
                 network: "bench".into(),
                 ip,
-                mac: format_mac(overlay_ctl::dataplane::endpoint::mac_for(ip)),
+                mac: overlay_ctl::dataplane::endpoint::mac_for(ip),
                 node: GHOST_NODE.into(),
-                vtep: GHOST_VTEP,
                 ifname: overlay_ctl::runtimes::container::host_ifname("bench", &format!("e{i}")),
                 container: None,
                 pid: None,

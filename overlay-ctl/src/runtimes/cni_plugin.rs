@@ -27,6 +27,7 @@ use netlink_packet_route::{
     address::AddressAttribute,
     route::{RouteAddress, RouteAttribute},
 };
+use overlay_common::MacAddr;
 use rtnetlink::IpVersion;
 use serde_json::Value;
 use tracing::{info, warn};
@@ -292,7 +293,7 @@ fn open_netns(inv: &Invocation) -> Result<NetNs, CniError> {
 /// An interface inside the container as netlink reports it.
 #[derive(Debug)]
 struct ContainerIface {
-    mac: [u8; 6],
+    mac: MacAddr,
     addresses: Vec<Ipv4Network>,
     /// The gateway of the namespace's IPv4 default route, if it has one.
     default_gateway: Option<Ipv4Addr>,
@@ -351,10 +352,6 @@ fn inspect(netns: &NetNs, ifname: &str) -> Result<Option<ContainerIface>, CniErr
             )
         })?
         .map_err(netlink_error("cannot read the container's interfaces"))
-}
-
-fn format_mac(mac: [u8; 6]) -> String {
-    crate::agent::reconcile::format_mac(mac)
 }
 
 async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
@@ -464,9 +461,9 @@ async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
         &config.conf.cni_version,
         &cni::Attachment {
             host_ifname: host.name,
-            host_mac: format_mac(host.mac),
+            host_mac: host.mac.to_string(),
             container_ifname: inv.ifname.clone(),
-            container_mac: format_mac(inside.mac),
+            container_mac: inside.mac.to_string(),
             mtu: joined.network.mtu,
             sandbox,
             address,
@@ -618,12 +615,10 @@ async fn check(inv: &Invocation, config: &Config) -> Result<(), CniError> {
                 }
             }
             if let Some(e) = &endpoint {
-                if format_mac(iface.mac) != e.mac {
+                if iface.mac != e.mac {
                     problems.push(format!(
                         "interface {} has MAC {}, expected {}",
-                        inv.ifname,
-                        format_mac(iface.mac),
-                        e.mac
+                        inv.ifname, iface.mac, e.mac
                     ));
                 }
             }

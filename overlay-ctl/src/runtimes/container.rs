@@ -16,7 +16,6 @@ use tracing::{debug, info, warn};
 use crate::{
     agent::control::{AgentClient, AgentStatus, ControlError},
     agent::local_state::{LocalEndpoint, LocalState, LocalStateError},
-    agent::reconcile::format_mac,
     dataplane::endpoint::{self, EndpointError, EndpointSpec},
     dataplane::netlink::{self, NetlinkError},
     dataplane::netns::NetNs,
@@ -195,7 +194,9 @@ pub async fn join_with(
         }
         .into());
     }
-    let vtep = ctx.status.vtep.ok_or(ContainerError::NoVtep)?;
+    // The VTEP is not recorded with the endpoint (see `store::Endpoint`), but an agent
+    // without one is not ready to forward for it.
+    ctx.status.vtep.ok_or(ContainerError::NoVtep)?;
     let node = ctx.status.node.clone();
     check_capacity(ctx).await?;
 
@@ -242,9 +243,8 @@ pub async fn join_with(
             id: spec.id.to_string(),
             network: spec.network.to_string(),
             ip,
-            mac: format_mac(endpoint_spec.mac),
+            mac: endpoint_spec.mac,
             node: node.clone(),
-            vtep,
             ifname: endpoint_spec.host_ifname.clone(),
             container: spec.container.clone(),
             pid: None,

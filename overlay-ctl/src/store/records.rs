@@ -30,10 +30,11 @@ use std::{
 };
 
 use ipnetwork::Ipv4Network;
+use overlay_common::MacAddr;
 use serde::Serialize;
 
 use crate::{
-    agent::reconcile::{parse_mac, ClusterState},
+    agent::reconcile::ClusterState,
     runtimes::container,
     store::consul::KvPair,
     store::ipam,
@@ -207,16 +208,34 @@ pub fn check_vtep(vtep: Ipv4Addr) -> Result<(), &'static str> {
     }
 }
 
-/// A MAC an endpoint can have: six bytes, unicast, not all zero.
-pub fn check_mac(text: &str) -> Result<[u8; 6], &'static str> {
-    let mac = parse_mac(text).ok_or("not a MAC address")?;
-    if mac[0] & 1 != 0 {
+/// A MAC an endpoint can have: unicast, not all zero (that it is six bytes, its type
+/// says).
+pub fn check_mac(mac: MacAddr) -> Result<(), &'static str> {
+    if !mac.is_unicast() {
         Err("multicast MAC")
-    } else if mac == [0; 6] {
+    } else if mac.is_zero() {
         Err("all-zero MAC")
     } else {
-        Ok(mac)
+        Ok(())
     }
+}
+
+/// An endpoint record that does not decode because of its `mac` text alone is a bad MAC,
+/// not a malformed record (the reason labels a metric, and was `bad_mac` before the MAC
+/// had a type of its own).
+fn unreadable_mac(pair: &KvPair) -> Option<Rejection> {
+    #[derive(serde::Deserialize)]
+    struct MacText {
+        mac: String,
+    }
+    let text = serde_json::from_slice::<MacText>(&pair.value).ok()?.mac;
+    let error = text.parse::<MacAddr>().err()?;
+    Some(Rejection::new(
+        &pair.key,
+        RecordKind::Endpoint,
+        RejectReason::BadMac,
+        format!("{text:?}: {error}"),
+    ))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(pair: &KvPair, kind: RecordKind) -> Result<T, Rejection> {
@@ -303,7 +322,7 @@ pub fn parse_endpoint(
     };
     ipam::validate_name(net_name).map_err(|e| reject(BadKey, e.to_string()))?;
     store::check_segment("endpoint id", id).map_err(|e| reject(BadKey, e.to_string()))?;
-    let endpoint: Endpoint = decode(pair, kind)?;
+    let endpoint: Endpoint = decode(pair, kind).map_err(|e| unreadable_mac(pair).unwrap_or(e))?;
     if endpoint.network != net_name || endpoint.id != id {
         return Err(reject(
             KeyMismatch,
@@ -323,9 +342,8 @@ pub fn parse_endpoint(
     };
     ipam::validate_address(network.subnet, network.gateway, endpoint.ip)
         .map_err(|e| reject(BadAddress, e.to_string()))?;
-    check_mac(&endpoint.mac).map_err(|e| reject(BadMac, format!("{:?}: {e}", endpoint.mac)))?;
-    check_vtep(endpoint.vtep)
-        .map_err(|e| reject(BadVtep, format!("VTEP {}: {e}", endpoint.vtep)))?;
+    check_mac(endpoint.mac)
+        .map_err(|e| reject(BadMac, format!("{:?}: {e}", endpoint.mac.to_string())))?;
     let ifname = container::host_ifname(net_name, id);
     if endpoint.ifname != ifname {
         return Err(reject(
@@ -661,7 +679,7 @@ mod tests {
 
     fn endpoint_json(net: &str, id: &str, ip: &str, node: &str) -> String {
         let ipa: Ipv4Addr = ip.parse().unwrap();
-        let mac = crate::agent::reconcile::format_mac(crate::dataplane::endpoint::mac_for(ipa));
+        let mac = crate::dataplane::endpoint::mac_for(ipa);
         let ifname = container::host_ifname(net, id);
         format!(
             r#"{{"id":"{id}","network":"{net}","ip":"{ip}","mac":"{mac}","node":"{node}","vtep":"192.0.2.1","ifname":"{ifname}"}}"#
@@ -841,6 +859,11 @@ mod tests {
             .replace("02:42:", "03:42:")
             .into_bytes();
         pairs.extend(mac);
+        let mut unreadable = endpoint("net1", "nomac", "10.100.0.12", "a", true);
+        unreadable[0].value = endpoint_json("net1", "nomac", "10.100.0.12", "a")
+            .replace("02:42:", "02:42:zz:")
+            .into_bytes();
+        pairs.extend(unreadable);
         let s = parse_snapshot(P, &pairs, View::Cluster);
         let ids: Vec<_> = s.state.endpoints.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["ok"]);
@@ -856,6 +879,7 @@ mod tests {
             ("endpoints/net1/eth0", BadIfname),
             ("endpoints/net1/ns", BadNetns),
             ("endpoints/net1/mac", BadMac),
+            ("endpoints/net1/nomac", BadMac),
         ] {
             assert!(
                 got.contains(&(expected.0.to_string(), expected.1)),
