@@ -6,12 +6,21 @@
 //! must agree on every byte. IPv4 addresses are stored in network byte order (`u32` as
 //! read from the packet), so the kernel side never byte-swaps them; the user side converts
 //! with [`ipv4_to_map`] / [`ipv4_from_map`].
+//!
+//! User space builds every map value through the constructors here (`EndpointKey::new`,
+//! `EndpointValue::local`, `LocalIface::new`, ...), which take typed values
+//! ([`Ipv4Addr`], [`MacAddr`]) and fill the padding, so no caller writes a `_pad` field or
+//! a byte-order conversion by hand.
 #![no_std]
 
 pub mod counters;
+pub mod mac;
 pub mod proto;
 
+use core::net::Ipv4Addr;
+
 pub use counters::{Counter, CounterKey, CounterValue};
+pub use mac::MacAddr;
 
 /// Map names as they appear in the object file and under the pin directory.
 pub mod map_names {
@@ -68,6 +77,17 @@ pub const fn ipv4_from_map(value: u32) -> [u8; 4] {
     value.to_ne_bytes()
 }
 
+/// [`ipv4_to_map`] for an address.
+pub const fn ip_to_map(ip: Ipv4Addr) -> u32 {
+    ipv4_to_map(ip.octets())
+}
+
+/// [`ipv4_from_map`] to an address.
+pub const fn ip_from_map(value: u32) -> Ipv4Addr {
+    let [a, b, c, d] = ipv4_from_map(value);
+    Ipv4Addr::new(a, b, c, d)
+}
+
 /// Key of [`map_names::ENDPOINTS`]: an endpoint is identified by its network and address,
 /// so two networks may use the same subnet and stay apart.
 #[repr(C)]
@@ -76,6 +96,15 @@ pub struct EndpointKey {
     pub vni: u32,
     /// Network byte order.
     pub ip: u32,
+}
+
+impl EndpointKey {
+    pub const fn new(vni: u32, ip: Ipv4Addr) -> Self {
+        Self {
+            vni,
+            ip: ip_to_map(ip),
+        }
+    }
 }
 
 /// Where an endpoint lives.
@@ -104,22 +133,24 @@ pub struct EndpointValue {
 }
 
 impl EndpointValue {
-    pub const fn local(ifindex: u32, mac: [u8; 6]) -> Self {
+    /// An endpoint on this node, behind the host-side veth `ifindex`.
+    pub const fn local(ifindex: u32, mac: MacAddr) -> Self {
         Self {
             kind: EndpointKind::Local as u32,
             ifindex,
             vtep: 0,
-            mac,
+            mac: mac.octets(),
             _pad: [0; 2],
         }
     }
 
-    pub const fn remote(vtep: u32, mac: [u8; 6]) -> Self {
+    /// An endpoint on the node whose VTEP is `vtep`.
+    pub const fn remote(vtep: Ipv4Addr, mac: MacAddr) -> Self {
         Self {
             kind: EndpointKind::Remote as u32,
             ifindex: 0,
-            vtep,
-            mac,
+            vtep: ip_to_map(vtep),
+            mac: mac.octets(),
             _pad: [0; 2],
         }
     }
@@ -145,6 +176,19 @@ pub struct LocalIface {
     pub host_mac: [u8; 6],
 }
 
+impl LocalIface {
+    /// The container `ip`/`mac` of network `vni`, behind a host veth whose MAC is
+    /// `host_mac`.
+    pub const fn new(vni: u32, ip: Ipv4Addr, mac: MacAddr, host_mac: MacAddr) -> Self {
+        Self {
+            vni,
+            ip: ip_to_map(ip),
+            mac: mac.octets(),
+            host_mac: host_mac.octets(),
+        }
+    }
+}
+
 /// Value of [`map_names::NETWORKS`], keyed by VNI (`u32`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +204,17 @@ pub struct NetworkInfo {
 }
 
 impl NetworkInfo {
+    /// A network of `subnet` (its network address) and `netmask`, with its gateway and
+    /// the containers' MTU.
+    pub const fn new(subnet: Ipv4Addr, netmask: Ipv4Addr, gateway: Ipv4Addr, mtu: u32) -> Self {
+        Self {
+            subnet: ip_to_map(subnet),
+            netmask: ip_to_map(netmask),
+            gateway: ip_to_map(gateway),
+            mtu,
+        }
+    }
+
     /// Whether `ip` (network byte order) lies in this network's subnet.
     pub const fn contains(&self, ip: u32) -> bool {
         ip & self.netmask == self.subnet
@@ -174,6 +229,15 @@ pub struct SubnetKey {
     pub prefix_len: u32,
     /// Network byte order.
     pub ip: u32,
+}
+
+impl SubnetKey {
+    pub const fn new(prefix_len: u32, ip: Ipv4Addr) -> Self {
+        Self {
+            prefix_len,
+            ip: ip_to_map(ip),
+        }
+    }
 }
 
 /// Value of [`map_names::SUBNETS`].
@@ -195,6 +259,20 @@ pub struct VtepInfo {
 
 impl VtepInfo {
     pub const LOCAL: u32 = 1;
+
+    /// This node's own VTEP.
+    pub const fn local() -> Self {
+        Self { flags: Self::LOCAL }
+    }
+
+    /// Another cluster node's VTEP.
+    pub const fn remote() -> Self {
+        Self { flags: 0 }
+    }
+
+    pub const fn is_local(&self) -> bool {
+        self.flags & Self::LOCAL != 0
+    }
 }
 
 /// Value of [`map_names::UNDERLAY`] (an array with one element): this node's underlay.
@@ -207,6 +285,19 @@ pub struct UnderlayConfig {
     pub mtu: u32,
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+}
+
+impl UnderlayConfig {
+    /// The underlay interface `ifindex` (MAC `mac`, MTU `mtu`) with this node's `vtep`.
+    pub const fn new(ifindex: u32, vtep: Ipv4Addr, mtu: u32, mac: MacAddr) -> Self {
+        Self {
+            ifindex,
+            vtep: ip_to_map(vtep),
+            mtu,
+            mac: mac.octets(),
+            _pad: [0; 2],
+        }
+    }
 }
 
 macro_rules! assert_size {
@@ -247,15 +338,27 @@ mod tests {
 
     #[test]
     fn network_contains_uses_network_byte_order() {
-        let net = NetworkInfo {
-            subnet: ipv4_to_map([10, 100, 0, 0]),
-            netmask: ipv4_to_map([255, 255, 255, 0]),
-            gateway: ipv4_to_map([10, 100, 0, 1]),
-            mtu: 1450,
-        };
+        let net = NetworkInfo::new(
+            Ipv4Addr::new(10, 100, 0, 0),
+            Ipv4Addr::new(255, 255, 255, 0),
+            Ipv4Addr::new(10, 100, 0, 1),
+            1450,
+        );
         assert!(net.contains(ipv4_to_map([10, 100, 0, 77])));
         assert!(!net.contains(ipv4_to_map([10, 100, 1, 77])));
         assert_eq!(ipv4_from_map(net.gateway), [10, 100, 0, 1]);
+    }
+
+    #[test]
+    fn constructors_store_network_byte_order_and_zero_padding() {
+        let mac = MacAddr::new([2, 0, 0, 0, 0, 7]);
+        let key = EndpointKey::new(5, Ipv4Addr::new(10, 0, 0, 7));
+        assert_eq!(ipv4_from_map(key.ip), [10, 0, 0, 7]);
+        let remote = EndpointValue::remote(Ipv4Addr::new(192, 0, 2, 1), mac);
+        assert_eq!(ip_from_map(remote.vtep), Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!((remote._pad, remote.mac), ([0; 2], mac.octets()));
+        assert!(EndpointValue::local(3, mac).is_local());
+        assert!(VtepInfo::local().is_local() && !VtepInfo::remote().is_local());
     }
 
     #[test]

@@ -1,3 +1,6 @@
+//! The per-(VNI, reason) packet and byte counters every verdict feeds (the agent sums
+//! them over CPUs for its metrics), and the kernel-log line a drop writes when the log
+//! is on. Depends on nothing but the maps: the verdicts build on it, not the reverse.
 use aya_ebpf::bindings::BPF_NOEXIST;
 use overlay_common::{Counter, CounterKey, CounterValue};
 

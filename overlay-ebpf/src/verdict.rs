@@ -10,11 +10,18 @@ use crate::counters::{count, log_drop, VNI_UNDERLAY};
 const CONTAINER: &str = "container";
 const UNDERLAY: &str = "underlay";
 
+/// The one drop path under every verdict below: counted under `reason`, then logged.
+#[inline(always)]
+fn record_drop(hook: &'static str, vni: u32, reason: Counter, len: u64) {
+    count(vni, reason, len);
+    log_drop(hook, vni, reason, len);
+}
+
 /// TC verdicts: container veths, and the underlay in TC decap mode.
 pub mod tc {
     use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 
-    use super::*;
+    use super::{count, record_drop, Counter, CONTAINER, UNDERLAY, VNI_UNDERLAY};
 
     /// Hands a container's packet to the host stack (gateway traffic, the outside world).
     #[inline(always)]
@@ -26,8 +33,7 @@ pub mod tc {
     /// Drops a container's packet.
     #[inline(always)]
     pub fn drop(vni: u32, reason: Counter, len: u64) -> i32 {
-        count(vni, reason, len);
-        log_drop(CONTAINER, vni, reason, len);
+        record_drop(CONTAINER, vni, reason, len);
         TC_ACT_SHOT as i32
     }
 
@@ -40,8 +46,7 @@ pub mod tc {
 
     #[inline(always)]
     pub fn underlay_drop(vni: u32, reason: Counter, len: u64) -> i32 {
-        count(vni, reason, len);
-        log_drop(UNDERLAY, vni, reason, len);
+        record_drop(UNDERLAY, vni, reason, len);
         TC_ACT_SHOT as i32
     }
 }
@@ -50,7 +55,7 @@ pub mod tc {
 pub mod xdp {
     use aya_ebpf::bindings::xdp_action;
 
-    use super::*;
+    use super::{count, record_drop, Counter, UNDERLAY, VNI_UNDERLAY};
 
     /// Underlay traffic that is not VXLAN for this node: the host's own business.
     #[inline(always)]
@@ -61,8 +66,7 @@ pub mod xdp {
 
     #[inline(always)]
     pub fn underlay_drop(vni: u32, reason: Counter, len: u64) -> u32 {
-        count(vni, reason, len);
-        log_drop(UNDERLAY, vni, reason, len);
+        record_drop(UNDERLAY, vni, reason, len);
         xdp_action::XDP_DROP
     }
 }

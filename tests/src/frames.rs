@@ -11,10 +11,11 @@ pub fn vxlan_header(flags: u8, vni: u32) -> [u8; VXLAN_HLEN] {
 }
 
 /// Ethernet header.
-pub fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16) -> Vec<u8> {
+/// (MACs as octets or as `MacAddr`.)
+pub fn ethernet(dst: impl Into<[u8; 6]>, src: impl Into<[u8; 6]>, ether_type: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(ETH_HLEN);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst.into());
+    f.extend_from_slice(&src.into());
     f.extend_from_slice(&ether_type.to_be_bytes());
     f
 }
@@ -80,8 +81,8 @@ pub fn udp_header(src_port: u16, dst_port: u16, payload_len: usize) -> Vec<u8> {
 /// Ethernet + IPv4 (DF) + UDP + payload.
 #[allow(clippy::too_many_arguments)]
 pub fn udp_frame(
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
+    dst_mac: impl Into<[u8; 6]>,
+    src_mac: impl Into<[u8; 6]>,
     src: Ipv4Addr,
     dst: Ipv4Addr,
     src_port: u16,
@@ -103,8 +104,8 @@ pub fn udp_frame(
 
 /// A full inner frame: Ethernet + IPv4 + UDP + payload.
 pub fn inner_udp_frame(
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
+    dst_mac: impl Into<[u8; 6]>,
+    src_mac: impl Into<[u8; 6]>,
     src: Ipv4Addr,
     dst: Ipv4Addr,
     payload: &[u8],

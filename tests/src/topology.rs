@@ -4,9 +4,7 @@
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use overlay_common::{
-    ipv4_to_map, EndpointKey, EndpointValue, NetworkInfo, VtepInfo, VXLAN_OVERHEAD,
-};
+use overlay_common::{EndpointKey, EndpointValue, MacAddr, NetworkInfo, VtepInfo, VXLAN_OVERHEAD};
 use overlay_ctl::{
     dataplane::datapath::{Datapath, XdpAttachMode},
     dataplane::endpoint::{self, EndpointSpec},
@@ -127,12 +125,12 @@ impl Network {
     }
 
     pub fn info(&self) -> NetworkInfo {
-        NetworkInfo {
-            subnet: ipv4_to_map(self.subnet.network().octets()),
-            netmask: ipv4_to_map(self.subnet.mask().octets()),
-            gateway: ipv4_to_map(self.gateway.octets()),
-            mtu: UNDERLAY_MTU - VXLAN_OVERHEAD,
-        }
+        NetworkInfo::new(
+            self.subnet.network(),
+            self.subnet.mask(),
+            self.gateway,
+            UNDERLAY_MTU - VXLAN_OVERHEAD,
+        )
     }
 }
 
@@ -153,7 +151,7 @@ pub struct Container {
     pub ns: TestNs,
     pub network: Network,
     pub ip: Ipv4Addr,
-    pub mac: [u8; 6],
+    pub mac: MacAddr,
     pub host_ifindex: u32,
 }
 
@@ -198,14 +196,12 @@ impl Host {
     /// Accepts VXLAN from these cluster VTEPs.
     pub fn add_vteps(&mut self, vteps: &[Ipv4Addr]) {
         for vtep in vteps {
-            let flags = if *vtep == self.vtep {
-                VtepInfo::LOCAL
+            let info = if *vtep == self.vtep {
+                VtepInfo::local()
             } else {
-                0
+                VtepInfo::remote()
             };
-            self.datapath
-                .upsert_vtep(*vtep, &VtepInfo { flags })
-                .unwrap();
+            self.datapath.upsert_vtep(*vtep, &info).unwrap();
         }
     }
 
@@ -265,15 +261,9 @@ impl Host {
         self.add_remote_endpoint(container.network.vni, container.ip, container.mac, vtep);
     }
 
-    pub fn add_remote_endpoint(&mut self, vni: u32, ip: Ipv4Addr, mac: [u8; 6], vtep: Ipv4Addr) {
+    pub fn add_remote_endpoint(&mut self, vni: u32, ip: Ipv4Addr, mac: MacAddr, vtep: Ipv4Addr) {
         self.datapath
-            .upsert_endpoint(
-                EndpointKey {
-                    vni,
-                    ip: ipv4_to_map(ip.octets()),
-                },
-                &EndpointValue::remote(ipv4_to_map(vtep.octets()), mac),
-            )
+            .upsert_endpoint(EndpointKey::new(vni, ip), &EndpointValue::remote(vtep, mac))
             .unwrap();
     }
 

@@ -22,9 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures_util::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use netlink_packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
-use overlay_common::{
-    ipv4_to_map, Counter, EndpointKey, EndpointValue, NetworkInfo, VtepInfo, VXLAN_OVERHEAD,
-};
+use overlay_common::{Counter, EndpointKey, EndpointValue, NetworkInfo, VtepInfo, VXLAN_OVERHEAD};
 use overlay_ctl::{
     dataplane::datapath::{Datapath, XdpAttachMode},
     dataplane::endpoint::{self, EndpointSpec},
@@ -127,20 +125,18 @@ impl PairNode {
         let xdp_summary = format!("{xdp_summary}; kernel reports {reported}");
 
         let peer = 3 - role;
-        for (vtep, flags) in [(underlay_ip(role), VtepInfo::LOCAL), (underlay_ip(peer), 0)] {
-            datapath.upsert_vtep(vtep, &VtepInfo { flags })?;
+        for (vtep, info) in [
+            (underlay_ip(role), VtepInfo::local()),
+            (underlay_ip(peer), VtepInfo::remote()),
+        ] {
+            datapath.upsert_vtep(vtep, &info)?;
         }
         let subnet: Ipv4Network = SUBNET.parse().unwrap();
         let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
         let mtu = underlay.mtu - VXLAN_OVERHEAD;
         datapath.upsert_network(
             VNI,
-            &NetworkInfo {
-                subnet: ipv4_to_map(subnet.network().octets()),
-                netmask: ipv4_to_map(subnet.mask().octets()),
-                gateway: ipv4_to_map(gateway.octets()),
-                mtu,
-            },
+            &NetworkInfo::new(subnet.network(), subnet.mask(), gateway, mtu),
         )?;
         datapath.upsert_subnet(subnet, VNI)?;
 
@@ -164,14 +160,8 @@ impl PairNode {
             .context("attach the container program")?;
         let peer_ip = container_ip(peer);
         datapath.upsert_endpoint(
-            EndpointKey {
-                vni: VNI,
-                ip: ipv4_to_map(peer_ip.octets()),
-            },
-            &EndpointValue::remote(
-                ipv4_to_map(underlay_ip(peer).octets()),
-                endpoint::mac_for(peer_ip),
-            ),
+            EndpointKey::new(VNI, peer_ip),
+            &EndpointValue::remote(underlay_ip(peer), endpoint::mac_for(peer_ip)),
         )?;
         Ok(Self {
             datapath,

@@ -630,9 +630,8 @@ async fn networks_create_list_delete() {
         id: "ep1".into(),
         network: "web".into(),
         ip,
-        mac: "02:42:0a:64:00:02".into(),
+        mac: "02:42:0a:64:00:02".parse().unwrap(),
         node: "node-1".into(),
-        vtep: Ipv4Addr::new(192, 0, 2, 1),
         // The host veth name the CLI gives it (the store rejects any other).
         ifname: overlay_ctl::runtimes::container::host_ifname("web", "ep1"),
         container: Some("c1".into()),

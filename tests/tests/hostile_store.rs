@@ -93,7 +93,7 @@ fn endpoint_json(network: &str, id: &str, ip: Ipv4Addr, node: &str, vtep: Ipv4Ad
         "id": id,
         "network": network,
         "ip": ip,
-        "mac": overlay_ctl::agent::reconcile::format_mac(overlay_ctl::dataplane::endpoint::mac_for(ip)),
+        "mac": overlay_ctl::dataplane::endpoint::mac_for(ip).to_string(),
         "node": node,
         "vtep": vtep,
         "ifname": overlay_ctl::runtimes::container::host_ifname(network, id),

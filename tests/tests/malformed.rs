@@ -4,8 +4,8 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use overlay_common::{
-    ipv4_to_map, program_names, proto::*, Counter, EndpointKey, EndpointValue, LocalIface,
-    NetworkInfo, UnderlayConfig, VtepInfo,
+    program_names, proto::*, Counter, EndpointKey, EndpointValue, LocalIface, MacAddr, NetworkInfo,
+    UnderlayConfig, VtepInfo,
 };
 use overlay_ctl::dataplane::datapath::Datapath;
 use overlay_tests::{frames, harness::*};
@@ -23,32 +23,31 @@ const VNI: u32 = 100;
 const SENDER: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
 const RECEIVER: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 4);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
-const SENDER_MAC: [u8; 6] = [2, 0x42, 10, 100, 0, 2];
-const RECEIVER_MAC: [u8; 6] = [2, 0x42, 10, 100, 0, 4];
-const HOST_MAC: [u8; 6] = [0xee, 0xee, 0, 0, 0, 1];
+const SENDER_MAC: MacAddr = MacAddr::new([2, 0x42, 10, 100, 0, 2]);
+const RECEIVER_MAC: MacAddr = MacAddr::new([2, 0x42, 10, 100, 0, 4]);
+const HOST_MAC: MacAddr = MacAddr::new([0xee, 0xee, 0, 0, 0, 1]);
 /// `BPF_PROG_TEST_RUN` presents TC frames as received on loopback.
 const LOOPBACK_IFINDEX: u32 = 1;
 
 fn datapath(pins: &PinGuard) -> Datapath {
     require_root();
     let mut dp = Datapath::load(&pins.path).expect("load data plane");
-    dp.set_underlay(&UnderlayConfig {
-        ifindex: LOOPBACK_IFINDEX,
-        vtep: ipv4_to_map(LOCAL_VTEP.octets()),
-        mtu: 1500,
-        mac: [0xaa; 6],
-        _pad: [0; 2],
-    })
+    dp.set_underlay(&UnderlayConfig::new(
+        LOOPBACK_IFINDEX,
+        LOCAL_VTEP,
+        1500,
+        MacAddr::new([0xaa; 6]),
+    ))
     .unwrap();
-    dp.upsert_vtep(PEER_VTEP, &VtepInfo { flags: 0 }).unwrap();
+    dp.upsert_vtep(PEER_VTEP, &VtepInfo::remote()).unwrap();
     dp.upsert_network(
         VNI,
-        &NetworkInfo {
-            subnet: ipv4_to_map([10, 100, 0, 0]),
-            netmask: ipv4_to_map([255, 255, 255, 0]),
-            gateway: ipv4_to_map(GATEWAY.octets()),
-            mtu: 1450,
-        },
+        &NetworkInfo::new(
+            Ipv4Addr::new(10, 100, 0, 0),
+            Ipv4Addr::new(255, 255, 255, 0),
+            GATEWAY,
+            1450,
+        ),
     )
     .unwrap();
     dp.upsert_subnet("10.100.0.0/24".parse().unwrap(), VNI)
@@ -56,21 +55,13 @@ fn datapath(pins: &PinGuard) -> Datapath {
     dp.upsert_subnet("10.200.0.0/24".parse().unwrap(), 200)
         .unwrap();
     dp.upsert_endpoint(
-        EndpointKey {
-            vni: VNI,
-            ip: ipv4_to_map(RECEIVER.octets()),
-        },
+        EndpointKey::new(VNI, RECEIVER),
         &EndpointValue::local(LOOPBACK_IFINDEX, RECEIVER_MAC),
     )
     .unwrap();
     dp.upsert_local_iface(
         LOOPBACK_IFINDEX,
-        &LocalIface {
-            vni: VNI,
-            ip: ipv4_to_map(SENDER.octets()),
-            mac: SENDER_MAC,
-            host_mac: HOST_MAC,
-        },
+        &LocalIface::new(VNI, SENDER, SENDER_MAC, HOST_MAC),
     )
     .unwrap();
     dp
@@ -151,7 +142,7 @@ fn underlay_program_survives_malformed_frames() {
     let out = run(&valid_vxlan());
     assert_eq!(out.verdict, XDP_REDIRECT);
     let mut inner = inner_frame();
-    inner[..6].copy_from_slice(&RECEIVER_MAC);
+    inner[..6].copy_from_slice(&RECEIVER_MAC.octets());
     assert_eq!(out.frame, inner, "output is exactly the inner frame");
     expect.add(underlay, Counter::UnderlayVxlan);
     expect.add(VNI, Counter::Decapsulated);
@@ -306,7 +297,7 @@ fn arp_request(target: Ipv4Addr) -> Vec<u8> {
     f.extend_from_slice(&ETH_P_IP.to_be_bytes());
     f.extend_from_slice(&[6, 4]);
     f.extend_from_slice(&ARP_OP_REQUEST.to_be_bytes());
-    f.extend_from_slice(&SENDER_MAC);
+    f.extend_from_slice(&SENDER_MAC.octets());
     f.extend_from_slice(&SENDER.octets());
     f.extend_from_slice(&[0; 6]);
     f.extend_from_slice(&target.octets());
@@ -353,17 +344,17 @@ fn container_program_survives_malformed_frames() {
     expect.add(VNI, Counter::ArpReply);
     assert_eq!(
         &out.frame[0..6],
-        &SENDER_MAC,
+        &SENDER_MAC.octets(),
         "reply goes back to the asker"
     );
-    assert_eq!(&out.frame[6..12], &HOST_MAC);
+    assert_eq!(&out.frame[6..12], &HOST_MAC.octets());
     assert_eq!(
         u16::from_be_bytes([out.frame[20], out.frame[21]]),
         ARP_OP_REPLY
     );
     assert_eq!(
         &out.frame[22..28],
-        &HOST_MAC,
+        &HOST_MAC.octets(),
         "sender hardware address is the answer"
     );
     assert_eq!(&out.frame[28..32], &GATEWAY.octets());
@@ -401,7 +392,7 @@ fn container_program_survives_malformed_frames() {
     let (mut ran, mut refused) = (0u64, 0u64);
     for i in 0..1000 {
         let frame: Vec<u8> = if i % 2 == 0 {
-            let mut f = SENDER_MAC.to_vec();
+            let mut f = SENDER_MAC.octets().to_vec();
             f.splice(0..0, [0u8; 6]);
             f.extend((0..(next() % 200)).map(|_| next() as u8));
             f

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use overlay_common::{ipv4_to_map, Counter, UnderlayConfig};
+use overlay_common::{Counter, UnderlayConfig};
 use overlay_ctl::{
     dataplane::datapath::{Datapath, UnderlayHook, XdpAttachMode},
     dataplane::netlink,
@@ -83,13 +83,12 @@ fn counts_vxlan_and_other_traffic_exactly(hook: UnderlayHook) {
     let pins = PinGuard::new();
     let mut datapath = Datapath::load(&pins.path).expect("load data plane");
     datapath
-        .set_underlay(&UnderlayConfig {
-            ifindex: b_link.index,
-            vtep: ipv4_to_map(HOST_B.octets()),
-            mtu: b_link.mtu,
-            mac: b_link.mac,
-            _pad: [0; 2],
-        })
+        .set_underlay(&UnderlayConfig::new(
+            b_link.index,
+            HOST_B,
+            b_link.mtu,
+            b_link.mac,
+        ))
         .unwrap();
     host_b
         .run(|| datapath.attach_underlay(b_link.index, hook))

@@ -13,7 +13,6 @@ use std::{
 };
 
 use overlay_ctl::{
-    agent::reconcile::format_mac,
     store::consul::{ConsulClient, SessionBehavior},
     store::{Endpoint, IpAllocation, NodeInfo},
 };
@@ -145,9 +144,8 @@ fn endpoint_record(i: usize, ip: Ipv4Addr) -> (String, Vec<u8>) {
         id: format!("e{i}"),
         network: "bench".into(),
         ip,
-        mac: format_mac(overlay_ctl::dataplane::endpoint::mac_for(ip)),
+        mac: overlay_ctl::dataplane::endpoint::mac_for(ip),
         node: GHOST_NODE.into(),
-        vtep: GHOST_VTEP,
         ifname: overlay_ctl::runtimes::container::host_ifname("bench", &format!("e{i}")),
         container: None,
         pid: None,

@@ -241,11 +241,7 @@ fn linux_vxlan() -> Result<Setup> {
         bridge_without_netfilter(&host)?;
         let vtep = Underlay::host_address(n);
         let (other_vtep, other_ip) = (Underlay::host_address(3 - n), ips[1 - i]);
-        let other_mac = endpoint::mac_for(other_ip)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
+        let other_mac = endpoint::mac_for(other_ip);
         let mut log = vec![
             iproute("ip", &host, &format!(
                 "link add vxlan0 type vxlan id {VNI} local {vtep} dev {UNDERLAY_IFNAME} dstport 4789 nolearning proxy"

@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use overlay_common::{
-    ipv4_to_map, program_names, proto::*, EndpointKey, EndpointValue, LocalIface, NetworkInfo,
+    program_names, proto::*, EndpointKey, EndpointValue, LocalIface, MacAddr, NetworkInfo,
     UnderlayConfig, VtepInfo,
 };
 use overlay_ctl::{dataplane::datapath::Datapath, dataplane::netlink};
@@ -88,7 +88,8 @@ impl Fixture {
                 netlink::set_up(&handle, wire.index).await?;
                 netlink::set_up(&handle, eth0.index).await?;
                 netlink::add_address(&handle, eth0.index, LOCAL_VTEP, 24).await?;
-                netlink::add_permanent_neighbour(&handle, eth0.index, PEER_VTEP, PEER_MAC).await?;
+                netlink::add_permanent_neighbour(&handle, eth0.index, PEER_VTEP, PEER_MAC.into())
+                    .await?;
                 anyhow::Ok(netlink::link_by_name(&handle, "eth0").await?)
             })
             .context("test-run namespace")?;
@@ -96,29 +97,23 @@ impl Fixture {
         ns.run(overlay_ctl::dataplane::underlay::enable_forwarding)?;
         let pins = PinGuard::new();
         let mut dp = Datapath::load(&pins.path).context("load the data plane")?;
-        dp.set_underlay(&UnderlayConfig {
-            ifindex: eth0.index,
-            vtep: ipv4_to_map(LOCAL_VTEP.octets()),
-            mtu: UNDERLAY_MTU,
-            mac: eth0.mac,
-            _pad: [0; 2],
-        })?;
-        dp.upsert_vtep(PEER_VTEP, &VtepInfo { flags: 0 })?;
-        dp.upsert_vtep(
+        dp.set_underlay(&UnderlayConfig::new(
+            eth0.index,
             LOCAL_VTEP,
-            &VtepInfo {
-                flags: VtepInfo::LOCAL,
-            },
-        )?;
+            UNDERLAY_MTU,
+            eth0.mac,
+        ))?;
+        dp.upsert_vtep(PEER_VTEP, &VtepInfo::remote())?;
+        dp.upsert_vtep(LOCAL_VTEP, &VtepInfo::local())?;
         let subnet: ipnetwork::Ipv4Network = "10.100.0.0/24".parse().unwrap();
         dp.upsert_network(
             VNI,
-            &NetworkInfo {
-                subnet: ipv4_to_map(subnet.network().octets()),
-                netmask: ipv4_to_map(subnet.mask().octets()),
-                gateway: ipv4_to_map([10, 100, 0, 1]),
-                mtu: UNDERLAY_MTU - overlay_common::VXLAN_OVERHEAD,
-            },
+            &NetworkInfo::new(
+                subnet.network(),
+                subnet.mask(),
+                Ipv4Addr::new(10, 100, 0, 1),
+                UNDERLAY_MTU - overlay_common::VXLAN_OVERHEAD,
+            ),
         )?;
         dp.upsert_subnet(subnet, VNI)?;
         let local_mac = overlay_ctl::dataplane::endpoint::mac_for(LOCAL_IP);
@@ -126,27 +121,16 @@ impl Fixture {
         // The sender of the encap frame sits behind "loopback" (the test-run device)...
         dp.upsert_local_iface(
             LOOPBACK_IFINDEX,
-            &LocalIface {
-                vni: VNI,
-                ip: ipv4_to_map(LOCAL_IP.octets()),
-                mac: local_mac,
-                host_mac: HOST_MAC,
-            },
+            &LocalIface::new(VNI, LOCAL_IP, local_mac, HOST_MAC.into()),
         )?;
         dp.upsert_endpoint(
-            EndpointKey {
-                vni: VNI,
-                ip: ipv4_to_map(LOCAL_IP.octets()),
-            },
+            EndpointKey::new(VNI, LOCAL_IP),
             &EndpointValue::local(LOOPBACK_IFINDEX, local_mac),
         )?;
         // ...and sends to a container on the peer node.
         dp.upsert_endpoint(
-            EndpointKey {
-                vni: VNI,
-                ip: ipv4_to_map(REMOTE_IP.octets()),
-            },
-            &EndpointValue::remote(ipv4_to_map(PEER_VTEP.octets()), remote_mac),
+            EndpointKey::new(VNI, REMOTE_IP),
+            &EndpointValue::remote(PEER_VTEP, remote_mac),
         )?;
 
         let payload = [0x5au8; crate::tools::SMALL_PAYLOAD];
@@ -181,7 +165,7 @@ impl Fixture {
     }
 
     /// The frames take the full path: verdicts and output frames as on the wire.
-    fn check(&self, inner: &[u8], eth0_mac: [u8; 6]) -> Result<()> {
+    fn check(&self, inner: &[u8], eth0_mac: MacAddr) -> Result<()> {
         let (encap, decap) = (self.encap.as_raw_fd(), self.decap.as_raw_fd());
         let (encap_frame, decap_frame) = (&self.encap_frame, &self.decap_frame);
         let (e, d) = self.ns.run(|| {
@@ -212,7 +196,7 @@ impl Fixture {
         let grown = encap_frame.len() + overlay_common::VXLAN_OVERHEAD as usize;
         if e.frame.len() != grown
             || e.frame[0..6] != PEER_MAC
-            || e.frame[6..12] != eth0_mac
+            || e.frame[6..12] != eth0_mac.octets()
             || e.frame[ETH_HLEN + 16..ETH_HLEN + 20] != PEER_VTEP.octets()
         {
             bail!("encap test run: unexpected output frame {:02x?}", e.frame);

@@ -5,10 +5,10 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
-use overlay_common::{ipv4_to_map, EndpointKey, EndpointValue, LocalIface, NetworkInfo, VtepInfo};
-use tracing::warn;
+use overlay_common::{EndpointKey, EndpointValue, LocalIface, MacAddr, NetworkInfo, VtepInfo};
 
 use crate::{
+    dataplane::map_values,
     store::consul::KvPair,
     store::records,
     store::{Endpoint, Network, NodeInfo},
@@ -40,7 +40,7 @@ impl ClusterState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostVeth {
     pub ifindex: u32,
-    pub mac: [u8; 6],
+    pub mac: MacAddr,
 }
 
 /// Who this node is.
@@ -67,23 +67,6 @@ pub struct Plan {
     pub missing_veths: Vec<Endpoint>,
 }
 
-/// Parses `02:42:0a:01:00:02`.
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-pub fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// Computes the desired maps. Remote endpoints only count while their node is live (its
 /// key exists, held by its session), and they are reached at the node's current VTEP;
 /// local endpoints need their host veth (`veths`, by interface name).
@@ -91,59 +74,35 @@ pub fn plan(state: &ClusterState, local: &LocalNode, veths: &BTreeMap<String, Ho
     let mut maps = DesiredMaps::default();
     let mut vni_of = BTreeMap::new();
     for network in &state.networks {
-        maps.networks.insert(
-            network.vni,
-            NetworkInfo {
-                subnet: ipv4_to_map(network.subnet.network().octets()),
-                netmask: ipv4_to_map(network.subnet.mask().octets()),
-                gateway: ipv4_to_map(network.gateway.octets()),
-                mtu: network.mtu,
-            },
-        );
+        maps.networks
+            .insert(network.vni, NetworkInfo::from(network));
         maps.subnets.insert(network.subnet, network.vni);
         vni_of.insert(network.name.as_str(), network.vni);
     }
     let mut node_vtep = BTreeMap::new();
     for node in &state.nodes {
         node_vtep.insert(node.name.as_str(), node.vtep);
-        maps.vteps.insert(node.vtep, VtepInfo { flags: 0 });
+        maps.vteps.insert(node.vtep, VtepInfo::remote());
     }
     // This node is always a VTEP, registered or not (Consul may be away).
-    maps.vteps.insert(
-        local.vtep,
-        VtepInfo {
-            flags: VtepInfo::LOCAL,
-        },
-    );
+    maps.vteps.insert(local.vtep, VtepInfo::local());
 
     let mut missing_veths = Vec::new();
     for endpoint in &state.endpoints {
         let Some(&vni) = vni_of.get(endpoint.network.as_str()) else {
             continue;
         };
-        let Some(mac) = parse_mac(&endpoint.mac) else {
-            warn!(endpoint = %endpoint.id, mac = %endpoint.mac, "endpoint with an unreadable MAC ignored");
-            continue;
-        };
-        let key = EndpointKey {
-            vni,
-            ip: ipv4_to_map(endpoint.ip.octets()),
-        };
+        let key = map_values::endpoint_key(vni, endpoint);
         if endpoint.node == local.name {
             let Some(veth) = veths.get(&endpoint.ifname) else {
                 missing_veths.push(endpoint.clone());
                 continue;
             };
             maps.endpoints
-                .insert(key, EndpointValue::local(veth.ifindex, mac));
+                .insert(key, map_values::local_endpoint(endpoint, veth.ifindex));
             maps.local_ifaces.insert(
                 veth.ifindex,
-                LocalIface {
-                    vni,
-                    ip: key.ip,
-                    mac,
-                    host_mac: veth.mac,
-                },
+                map_values::local_iface(vni, endpoint, veth.mac),
             );
         } else if let Some(vtep) = node_vtep.get(endpoint.node.as_str()) {
             // A remote record never displaces a local endpoint (the validated state has
@@ -152,7 +111,7 @@ pub fn plan(state: &ClusterState, local: &LocalNode, veths: &BTreeMap<String, Ho
                 continue;
             }
             maps.endpoints
-                .insert(key, EndpointValue::remote(ipv4_to_map(vtep.octets()), mac));
+                .insert(key, map_values::remote_endpoint(endpoint, *vtep));
         }
     }
     Plan {
@@ -182,9 +141,8 @@ mod tests {
             id: id.into(),
             network: network.into(),
             ip,
-            mac: format_mac(crate::dataplane::endpoint::mac_for(ip)),
+            mac: crate::dataplane::endpoint::mac_for(ip),
             node: node.into(),
-            vtep: Ipv4Addr::new(192, 0, 2, 99),
             ifname: format!("ov-{id}"),
             container: None,
             pid: None,
@@ -198,15 +156,6 @@ mod tests {
             vtep: Ipv4Addr::new(192, 0, 2, last),
             iface: "eth0".into(),
         }
-    }
-
-    #[test]
-    fn macs_round_trip() {
-        let mac = [0x02, 0x42, 0x0a, 0x01, 0x00, 0xff];
-        assert_eq!(parse_mac(&format_mac(mac)), Some(mac));
-        assert_eq!(parse_mac("02:42:0a:01:00"), None);
-        assert_eq!(parse_mac("02:42:0a:01:00:02:03"), None);
-        assert_eq!(parse_mac("zz:42:0a:01:00:02"), None);
     }
 
     #[test]
@@ -231,7 +180,7 @@ mod tests {
             "ov-one".to_string(),
             HostVeth {
                 ifindex: 42,
-                mac: [2, 0, 0, 0, 0, 1],
+                mac: MacAddr::new([2, 0, 0, 0, 0, 1]),
             },
         )]);
         let plan = plan(&state, &local, &veths);
@@ -243,19 +192,13 @@ mod tests {
         assert_eq!(maps.vteps.len(), 2);
         assert_eq!(maps.vteps[&local.vtep].flags, VtepInfo::LOCAL);
         assert_eq!(maps.endpoints.len(), 2);
-        let one = EndpointKey {
-            vni: 7,
-            ip: ipv4_to_map([10, 100, 0, 2]),
-        };
+        let one = EndpointKey::new(7, Ipv4Addr::new(10, 100, 0, 2));
         assert!(maps.endpoints[&one].is_local());
-        let two = EndpointKey {
-            vni: 7,
-            ip: ipv4_to_map([10, 100, 0, 3]),
-        };
+        let two = EndpointKey::new(7, Ipv4Addr::new(10, 100, 0, 3));
         assert_eq!(
             maps.endpoints[&two],
             EndpointValue::remote(
-                ipv4_to_map([192, 0, 2, 2]),
+                Ipv4Addr::new(192, 0, 2, 2),
                 crate::dataplane::endpoint::mac_for(Ipv4Addr::new(10, 100, 0, 3))
             )
         );

@@ -167,7 +167,7 @@ pub async fn list_endpoints(cli: &Global, network: Option<&str>, json: bool) -> 
                 e.network.clone(),
                 e.id.clone(),
                 e.ip.to_string(),
-                e.mac.clone(),
+                e.mac.to_string(),
                 e.node.clone(),
                 e.container.clone().unwrap_or_default(),
             ]

@@ -4,7 +4,7 @@
 use std::{io, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
-use overlay_common::{ipv4_to_map, EndpointKey, EndpointValue, LocalIface};
+use overlay_common::{EndpointKey, EndpointValue, LocalIface, MacAddr};
 use rtnetlink::Handle;
 
 use crate::{
@@ -44,7 +44,7 @@ pub struct EndpointSpec {
     pub ip: Ipv4Addr,
     pub subnet: Ipv4Network,
     pub gateway: Ipv4Addr,
-    pub mac: [u8; 6],
+    pub mac: MacAddr,
     pub mtu: u32,
     /// Keep a default route the namespace already has (joining an existing container)
     /// instead of failing on it; the overlay subnet is reachable through its own route.
@@ -59,9 +59,9 @@ pub struct PlumbedEndpoint {
 
 /// The MAC address an endpoint gets: locally administered, derived from its address the
 /// way Docker and SocketPlane did (02:42:a:b:c:d), so it is stable and readable.
-pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+pub fn mac_for(ip: Ipv4Addr) -> MacAddr {
     let o = ip.octets();
-    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+    MacAddr::new([0x02, 0x42, o[0], o[1], o[2], o[3]])
 }
 
 /// Creates the veth pair from the calling thread's namespace (the host's) into
@@ -167,18 +167,12 @@ pub fn attach(
     plumbed: &PlumbedEndpoint,
 ) -> Result<()> {
     let ifindex = datapath.attach_container(&plumbed.host.name)?;
-    let ip = ipv4_to_map(spec.ip.octets());
     datapath.upsert_local_iface(
         ifindex,
-        &LocalIface {
-            vni,
-            ip,
-            mac: spec.mac,
-            host_mac: plumbed.host.mac,
-        },
+        &LocalIface::new(vni, spec.ip, spec.mac, plumbed.host.mac),
     )?;
     datapath.upsert_endpoint(
-        EndpointKey { vni, ip },
+        EndpointKey::new(vni, spec.ip),
         &EndpointValue::local(ifindex, spec.mac),
     )?;
     Ok(())
@@ -186,10 +180,7 @@ pub fn attach(
 
 /// Removes an endpoint's data-plane entries and detaches from its veth.
 pub fn detach(datapath: &mut Datapath, vni: u32, ip: Ipv4Addr, host_ifindex: u32) -> Result<()> {
-    datapath.remove_endpoint(EndpointKey {
-        vni,
-        ip: ipv4_to_map(ip.octets()),
-    })?;
+    datapath.remove_endpoint(EndpointKey::new(vni, ip))?;
     datapath.remove_local_iface(host_ifindex)?;
     datapath.detach_container(host_ifindex)?;
     Ok(())

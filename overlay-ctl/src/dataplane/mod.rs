@@ -1,11 +1,13 @@
 //! The data plane as user space drives it:
 //! - [`datapath`]: loading, pinning and attaching the kernel programs; typed map access.
+//! - [`map_values`]: store records (networks, endpoints) as map keys and values.
 //! - [`underlay`]: binding a node to its underlay (which hook decapsulates, host settings).
 //! - [`endpoint`]: a container's veth pair, addresses and routes.
 //! - [`netlink`] and [`netns`]: interfaces, addresses and routes over rtnetlink; network
 //!   namespaces and the threads that work inside them.
 pub mod datapath;
 pub mod endpoint;
+pub mod map_values;
 pub mod netlink;
 pub mod netns;
 pub mod underlay;

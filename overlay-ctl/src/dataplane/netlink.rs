@@ -8,6 +8,7 @@ use netlink_packet_route::{
     link::{LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute},
 };
+use overlay_common::MacAddr;
 use rtnetlink::{Handle, IpVersion};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +33,7 @@ pub struct LinkInfo {
     pub name: String,
     pub index: u32,
     pub mtu: u32,
-    pub mac: [u8; 6],
+    pub mac: MacAddr,
     /// The link kind of a virtual device (`veth`, `bridge`, `vxlan`, ...); `None` for a
     /// device with a driver of its own (a NIC, virtio_net).
     pub kind: Option<String>,
@@ -50,7 +51,7 @@ fn link_info(message: &LinkMessage) -> LinkInfo {
         name: String::new(),
         index: message.header.index,
         mtu: 0,
-        mac: [0; 6],
+        mac: MacAddr::default(),
         kind: None,
     };
     for attr in &message.attributes {
@@ -64,7 +65,11 @@ fn link_info(message: &LinkMessage) -> LinkInfo {
             }
             LinkAttribute::IfName(name) => info.name = name.clone(),
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
-            LinkAttribute::Address(bytes) if bytes.len() == 6 => info.mac.copy_from_slice(bytes),
+            LinkAttribute::Address(bytes) => {
+                if let Ok(octets) = <[u8; 6]>::try_from(bytes.as_slice()) {
+                    info.mac = MacAddr::new(octets);
+                }
+            }
             _ => {}
         }
     }
@@ -188,11 +193,11 @@ pub async fn set_mtu(handle: &Handle, index: u32, mtu: u32) -> Result<()> {
     Ok(handle.link().set(index).mtu(mtu).execute().await?)
 }
 
-pub async fn set_mac(handle: &Handle, index: u32, mac: [u8; 6]) -> Result<()> {
+pub async fn set_mac(handle: &Handle, index: u32, mac: MacAddr) -> Result<()> {
     Ok(handle
         .link()
         .set(index)
-        .address(mac.to_vec())
+        .address(mac.octets().to_vec())
         .execute()
         .await?)
 }
@@ -292,12 +297,12 @@ pub async fn add_permanent_neighbour(
     handle: &Handle,
     index: u32,
     ip: Ipv4Addr,
-    mac: [u8; 6],
+    mac: MacAddr,
 ) -> Result<()> {
     Ok(handle
         .neighbours()
         .add(index, ip.into())
-        .link_local_address(&mac)
+        .link_local_address(&mac.octets())
         .state(netlink_packet_route::neighbour::NeighbourState::Permanent)
         .replace()
         .execute()
@@ -308,13 +313,13 @@ pub async fn add_permanent_neighbour(
 pub async fn add_vxlan_fdb(
     handle: &Handle,
     vxlan_index: u32,
-    mac: [u8; 6],
+    mac: MacAddr,
     vtep: Ipv4Addr,
 ) -> Result<()> {
     use netlink_packet_route::neighbour::{NeighbourFlag, NeighbourState};
     Ok(handle
         .neighbours()
-        .add_bridge(vxlan_index, &mac)
+        .add_bridge(vxlan_index, &mac.octets())
         .destination(vtep.into())
         .flags(vec![NeighbourFlag::Own])
         .state(NeighbourState::Permanent)

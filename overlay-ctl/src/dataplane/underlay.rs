@@ -11,7 +11,7 @@
 //! finished checksums from the wire, and there XDP is the fastest hook.
 use std::net::Ipv4Addr;
 
-use overlay_common::{ipv4_to_map, UnderlayConfig};
+use overlay_common::UnderlayConfig;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -52,13 +52,7 @@ pub fn attach(
     decap: DecapMode,
     xdp_mode: XdpAttachMode,
 ) -> Result<UnderlaySetup, DatapathError> {
-    datapath.set_underlay(&UnderlayConfig {
-        ifindex: link.index,
-        vtep: ipv4_to_map(vtep.octets()),
-        mtu: link.mtu,
-        mac: link.mac,
-        _pad: [0; 2],
-    })?;
+    datapath.set_underlay(&UnderlayConfig::new(link.index, vtep, link.mtu, link.mac))?;
     let (hook, reason) = match (decap, link.kind.as_deref()) {
         (DecapMode::Xdp, _) => (UnderlayHook::Xdp(xdp_mode), "--decap xdp".to_string()),
         (DecapMode::Tc, _) => (UnderlayHook::TcIngress, "--decap tc".to_string()),

@@ -21,7 +21,7 @@ use crate::{
 /// An interface inside the container as netlink reports it.
 #[derive(Debug)]
 pub(super) struct ContainerIface {
-    pub mac: [u8; 6],
+    pub mac: overlay_common::MacAddr,
     pub addresses: Vec<Ipv4Network>,
     /// The gateway of the namespace's IPv4 default route, if it has one.
     pub default_gateway: Option<Ipv4Addr>,
@@ -80,10 +80,6 @@ pub(super) fn inspect(netns: &NetNs, ifname: &str) -> Result<Option<ContainerIfa
             )
         })?
         .map_err(netlink_error("cannot read the container's interfaces"))
-}
-
-pub(super) fn format_mac(mac: [u8; 6]) -> String {
-    crate::agent::reconcile::format_mac(mac)
 }
 
 /// CHECK: every difference from what ADD left, as one error (code 101).
@@ -179,12 +175,10 @@ fn interface_problems(
         }
     }
     if let Some(e) = &endpoint {
-        if format_mac(iface.mac) != e.mac {
+        if iface.mac != e.mac {
             problems.push(format!(
                 "interface {} has MAC {}, expected {}",
-                ifname,
-                format_mac(iface.mac),
-                e.mac
+                ifname, iface.mac, e.mac
             ));
         }
     }

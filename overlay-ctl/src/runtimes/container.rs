@@ -14,7 +14,6 @@ use tracing::{info, warn};
 use crate::{
     agent::control::{AgentClient, AgentStatus, ControlError},
     agent::local_state::{LocalEndpoint, LocalState, LocalStateError},
-    agent::reconcile::format_mac,
     dataplane::endpoint::{self, EndpointError, EndpointSpec},
     dataplane::netlink::{self, NetlinkError},
     dataplane::netns::NetNs,
@@ -190,6 +189,8 @@ pub async fn validate(ctx: &Context, spec: &JoinSpec<'_>) -> Result<Network> {
         }
         .into());
     }
+    // The VTEP is not recorded with the endpoint (see `store::Endpoint`), but an agent
+    // without one is not ready to forward for it.
     ctx.status.vtep.ok_or(ContainerError::NoVtep)?;
     check_capacity(ctx).await?;
     Ok(network)
@@ -257,7 +258,6 @@ async fn plumb_and_publish(
     record: &mut LocalEndpoint,
     undo: &mut Undo<'_>,
 ) -> Result<Endpoint> {
-    let vtep = ctx.status.vtep.ok_or(ContainerError::NoVtep)?;
     let ip = record.ip.ok_or(ContainerError::NoAddress)?;
     let endpoint_spec = EndpointSpec {
         host_ifname: host_ifname(spec.network, spec.id),
@@ -280,9 +280,8 @@ async fn plumb_and_publish(
         id: spec.id.to_string(),
         network: spec.network.to_string(),
         ip,
-        mac: format_mac(endpoint_spec.mac),
+        mac: endpoint_spec.mac,
         node: ctx.status.node.clone(),
-        vtep,
         ifname: endpoint_spec.host_ifname.clone(),
         container: spec.container.clone(),
         pid: None,

@@ -38,7 +38,6 @@ use super::docker_protocol::{self as proto, Method, PoolId};
 use crate::{
     agent::control::AgentClient,
     agent::local_state::{self, LocalEndpoint, LocalState},
-    agent::reconcile::format_mac,
     dataplane::endpoint,
     runtimes::container::{self, Context, JoinSpec, Target},
     runtimes::session::{self, EndpointSession},
@@ -356,7 +355,7 @@ impl DockerPlugin {
             )));
         }
         let ip = proto::parse_address(&iface.address).map_err(DockerError::Refused)?;
-        let mac = format_mac(endpoint::mac_for(ip));
+        let mac = endpoint::mac_for(ip).to_string();
         if !iface.mac_address.is_empty() && !iface.mac_address.eq_ignore_ascii_case(&mac) {
             return Err(DockerError::Refused(format!(
                 "--mac-address is not supported: an overlay endpoint's MAC is derived from its address ({mac})"
@@ -422,7 +421,7 @@ impl DockerPlugin {
         Ok(match self.find(&req.endpoint_id) {
             Some(LocalEndpoint {
                 endpoint: Some(e), ..
-            }) => proto::oper_info(&e.network, &e.id, e.ip, &e.mac),
+            }) => proto::oper_info(&e.network, &e.id, e.ip, &e.mac.to_string()),
             _ => serde_json::json!({ "Value": {} }),
         })
     }

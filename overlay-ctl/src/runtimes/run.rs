@@ -112,7 +112,7 @@ impl<'a> ContainerRun<'a> {
             .client()
             .catalog_register(
                 &ctx.status.node,
-                &self.joined.endpoint.vtep.to_string(),
+                &ctx.status.vtep.map(|v| v.to_string()).unwrap_or_default(),
                 &entry,
             )
             .await;

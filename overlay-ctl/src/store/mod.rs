@@ -43,6 +43,7 @@ pub mod records;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
+use overlay_common::MacAddr;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tracing::debug;
 
@@ -146,14 +147,20 @@ pub struct NodeInfo {
 }
 
 /// A container's interface on a network.
+///
+/// There is no VTEP here: an endpoint is reached at its node's *current* VTEP (the
+/// `nodes/<name>` record, which `cluster bind` keeps up to date), so a copy in every
+/// endpoint could only go stale. Records written before this change carry a `vtep` field;
+/// it is accepted and ignored (unknown fields are), and no longer written. Whoever needs
+/// the address (the planner, `run --service`'s catalog entry) asks the node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub id: String,
     pub network: String,
     pub ip: Ipv4Addr,
-    pub mac: String,
+    /// Stored as its text, `02:42:0a:64:00:02`.
+    pub mac: MacAddr,
     pub node: String,
-    pub vtep: Ipv4Addr,
     pub ifname: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
@@ -339,9 +346,8 @@ mod tests {
             id: "abc".into(),
             network: "web".into(),
             ip: Ipv4Addr::new(10, 100, 0, 2),
-            mac: "02:00:0a:64:00:02".into(),
+            mac: "02:00:0a:64:00:02".parse().unwrap(),
             node: "n1".into(),
-            vtep: Ipv4Addr::new(192, 0, 2, 1),
             ifname: "ov-abc".into(),
             container: None,
             pid: None,
@@ -349,7 +355,12 @@ mod tests {
         };
         let v: serde_json::Value = serde_json::from_slice(&encode(&e)).unwrap();
         assert!(v.get("container").is_none());
-        assert_eq!(v["vtep"], "192.0.2.1");
+        assert!(v.get("vtep").is_none());
+        assert_eq!(v["mac"], "02:00:0a:64:00:02");
+        // A record of an earlier version, with the VTEP it used to carry, still reads.
+        let mut old = v.clone();
+        old["vtep"] = "192.0.2.1".into();
+        assert_eq!(serde_json::from_value::<Endpoint>(old).unwrap(), e);
     }
 
     #[test]
