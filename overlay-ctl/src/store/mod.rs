@@ -25,6 +25,7 @@
 //! the CLI's naming rules) and [`identity`] (the cluster id that tells a store that lost
 //! its data from the real one).
 pub mod consul;
+pub mod etcd;
 pub mod identity;
 pub mod ipam;
 pub mod records;
