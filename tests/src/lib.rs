@@ -7,6 +7,7 @@ pub mod cni;
 pub mod consul_dev;
 pub mod control_bench;
 pub mod docker;
+pub mod etcd;
 pub mod frames;
 pub mod harness;
 pub mod net;
