@@ -25,9 +25,14 @@ pub enum EtcdError {
         op: &'static str,
         reason: String,
     },
-    /// A watch or read asked for a revision etcd no longer keeps.
-    #[error("etcd revision {requested} was compacted (the oldest kept is {compacted}); a full re-read is needed")]
-    Compacted { requested: i64, compacted: i64 },
+    /// A read or watch asked for a revision etcd no longer keeps (a
+    /// [`super::PrefixWatch`] handles this itself with a resync).
+    #[error("etcd at {endpoints} no longer keeps the revision {op} asked for ({message}); a full re-read is needed")]
+    Compacted {
+        endpoints: String,
+        op: &'static str,
+        message: String,
+    },
     /// etcd answered and said no: permissions, authentication, a bad request, a full
     /// database (NOSPACE alarm)...
     #[error("etcd at {endpoints} refused {op} ({code:?}): {message}")]
@@ -85,8 +90,9 @@ impl EtcdError {
                 }
             }
             Code::OutOfRange if message.contains("compacted") => EtcdError::Compacted {
-                requested: 0,
-                compacted: 0,
+                endpoints: endpoints.to_string(),
+                op,
+                message,
             },
             Code::PermissionDenied
             | Code::Unauthenticated
@@ -123,21 +129,24 @@ impl EtcdError {
 
 /// The status message with its transport cause, on one line.
 fn status_message(status: &Status) -> String {
-    let mut message = status.message().to_string();
-    if let Some(source) = std::error::Error::source(status) {
-        message.push_str(": ");
-        message.push_str(&error_chain(source));
-    }
-    message
+    join_causes(
+        status.message().to_string(),
+        std::error::Error::source(status),
+    )
 }
 
-/// An error and its sources joined with ": ", skipping repeats.
+/// An error and its sources joined with ": ".
 fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut source = err.source();
+    join_causes(err.to_string(), err.source())
+}
+
+/// `first` and the chain from `source` joined with ": ", without repeats or tonic's
+/// uninformative "transport error" wrapper.
+fn join_causes(first: String, mut source: Option<&dyn std::error::Error>) -> String {
+    let mut parts = vec![first];
     while let Some(s) = source {
         let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
+        if text != "transport error" && !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }
         source = s.source();

@@ -237,14 +237,16 @@ impl EtcdClient {
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut attempt = 1;
+        let mut reasons = UnavailableReasons::new(self.members.len());
         loop {
             let (member, client) = self.member();
             let err = match call(client).await {
                 Ok(v) => return Ok(v),
                 Err(e) => EtcdError::from_client(&self.endpoints, op, e),
             };
+            reasons.note(member, &err);
             if !self.failed_over(member, attempt, op, &err).await {
-                return Err(err);
+                return Err(reasons.summarise(err, &self.config.address.endpoints));
             }
             attempt += 1;
         }
@@ -410,6 +412,7 @@ impl EtcdClient {
     ) -> Result<bool, EtcdError> {
         let mut attempt = 1;
         let mut maybe_applied = false;
+        let mut reasons = UnavailableReasons::new(self.members.len());
         loop {
             let (member, mut client) = self.member();
             let err = match client.txn(txn.clone()).await {
@@ -418,8 +421,9 @@ impl EtcdClient {
                 Ok(_) => return self.already_applied(key, &outcome).await,
                 Err(e) => EtcdError::from_client(&self.endpoints, op, e),
             };
+            reasons.note(member, &err);
             if !self.failed_over(member, attempt, op, &err).await {
-                return Err(err);
+                return Err(reasons.summarise(err, &self.config.address.endpoints));
             }
             maybe_applied |= !err.request_not_sent();
             attempt += 1;
@@ -519,6 +523,44 @@ impl EtcdClient {
     }
 }
 
+/// The last reason each member gave for being unavailable during one call, so that the
+/// final error says what every member said ("a: no leader; b: connection refused")
+/// rather than only what the last one tried said.
+struct UnavailableReasons(Vec<Option<String>>);
+
+impl UnavailableReasons {
+    fn new(members: usize) -> Self {
+        Self(vec![None; members])
+    }
+
+    fn note(&mut self, member: usize, err: &EtcdError) {
+        if let (EtcdError::Unavailable { reason, .. }, Some(slot)) = (err, self.0.get_mut(member)) {
+            *slot = Some(reason.clone());
+        }
+    }
+
+    fn summarise(self, err: EtcdError, endpoints: &[String]) -> EtcdError {
+        match err {
+            EtcdError::Unavailable {
+                endpoints: all, op, ..
+            } if endpoints.len() > 1 => {
+                let reason = endpoints
+                    .iter()
+                    .zip(self.0)
+                    .filter_map(|(endpoint, reason)| Some(format!("{endpoint}: {}", reason?)))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                EtcdError::Unavailable {
+                    endpoints: all,
+                    op,
+                    reason,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
 fn prefix_get(prefix: &str) -> GetOptions {
     if prefix.is_empty() {
         GetOptions::new().with_all_keys()
@@ -540,6 +582,27 @@ fn backoff(retry: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unavailability_names_what_each_member_said() {
+        let unavailable = |reason: &str| EtcdError::Unavailable {
+            endpoints: "etcd://a:1,b:1,c:1".to_string(),
+            op: "put",
+            reason: reason.to_string(),
+        };
+        let mut reasons = UnavailableReasons::new(3);
+        reasons.note(0, &unavailable("etcdserver: no leader"));
+        reasons.note(1, &unavailable("connection refused"));
+        let endpoints = ["a:1".to_string(), "b:1".to_string(), "c:1".to_string()];
+        let err = reasons.summarise(unavailable("connection refused"), &endpoints);
+        let text = err.to_string();
+        assert!(err.is_unavailable());
+        assert!(
+            text.contains("a:1: etcdserver: no leader; b:1: connection refused"),
+            "{text}"
+        );
+        assert!(!text.contains("c:1:"), "{text}");
+    }
 
     #[test]
     fn backoff_is_bounded() {
