@@ -186,8 +186,7 @@ impl EtcdConfig {
         })
     }
 
-    /// The address from `cli_addr` (the `--store` flag without its scheme choice made
-    /// for us), else `ETCDCTL_ENDPOINTS`; TLS files from the flags, else `ETCDCTL_CACERT`,
+    /// The address from `cli_addr` (what `--store` names), else `ETCDCTL_ENDPOINTS`; TLS files from the flags, else `ETCDCTL_CACERT`,
     /// `ETCDCTL_CERT`, `ETCDCTL_KEY`. An `https://` endpoint in `ETCDCTL_ENDPOINTS` turns
     /// TLS on as it does for etcdctl.
     pub fn from_env(cli_addr: Option<&str>, tls: TlsFiles) -> Result<Self, EtcdError> {

@@ -79,7 +79,15 @@ impl EtcdError {
 
     fn from_status(endpoints: &str, op: &'static str, status: &Status) -> Self {
         let message = status_message(status);
+        // A status the channel made from a broken connection (tonic reports some as
+        // Unknown) carries the transport error as its source; etcd's own answers do not.
+        let from_transport = std::error::Error::source(status).is_some();
         match status.code() {
+            _ if from_transport => EtcdError::Unavailable {
+                endpoints: endpoints.to_string(),
+                op,
+                reason: message,
+            },
             // etcd answers "no leader", "request timed out" and "leader changed" with
             // Unavailable; the channel answers a refused or reset connection the same way.
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
@@ -120,7 +128,15 @@ impl EtcdError {
         match self {
             EtcdError::Unavailable { reason, .. } => {
                 let r = reason.to_ascii_lowercase();
-                r.contains("connect") || r.contains("connection refused") || r.contains("no leader")
+                // Not "connection error": a connection lost mid-call may have delivered it.
+                [
+                    "tcp connect error",
+                    "error trying to connect",
+                    "connection refused",
+                    "no leader",
+                ]
+                .iter()
+                .any(|never_sent| r.contains(never_sent))
             }
             _ => false,
         }
@@ -180,6 +196,18 @@ mod tests {
             status(Code::Unavailable, "etcdserver: request timed out"),
         );
         assert!(e.is_unavailable() && !e.request_not_sent());
+        let e = EtcdError::from_client(
+            eps,
+            "txn",
+            status(
+                Code::Unavailable,
+                "connection error: stream closed because of a broken pipe",
+            ),
+        );
+        assert!(
+            e.is_unavailable() && !e.request_not_sent(),
+            "a lost connection is ambiguous"
+        );
         let e = EtcdError::from_client(
             eps,
             "get",
