@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod cni;
 pub mod docker;
+pub mod etcd;
 pub mod frames;
 pub mod harness;
 pub mod net;

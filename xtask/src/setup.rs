@@ -55,7 +55,26 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
         "docker.io",
         "Docker test: dockerd 20.10 runs real containers on the agent's overlay-net driver",
     ),
+    (
+        "etcd-server",
+        "etcd 3.4: the tests start their own 3-member clusters from its `etcd` binary",
+    ),
+    (
+        "etcd-client",
+        "etcdctl, for inspecting the etcd store by hand",
+    ),
+    (
+        "protobuf-compiler",
+        "protoc: the etcd-client crate compiles etcd's gRPC .proto files at build time",
+    ),
+    (
+        "libprotobuf-dev",
+        "the well-known .proto files (google/protobuf/*.proto) etcd's protos import",
+    ),
 ];
+
+/// The service Debian's etcd-server package installs (and may start).
+const DISTRO_ETCD_SERVICE: &str = "etcd";
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -129,6 +148,12 @@ pub fn run() -> Result<()> {
                     .context("apt-get install failed: is Debian's package registry reachable?")
             },
         )?;
+        if missing.contains(&"etcd-server") {
+            step("stop and disable the distribution's etcd service", || {
+                keep_distro_etcd_stopped();
+                Ok(())
+            })?;
+        }
     }
     if !linker {
         println!("setup: will install bpf-linker {BPF_LINKER_VERSION} (links the eBPF programs; built against LLVM 22, takes a minute or two)");
@@ -151,6 +176,38 @@ fn describe_missing(missing: &[&str], linker: bool) -> String {
         parts.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
     }
     parts.join(", ")
+}
+
+/// Debian's etcd-server enables (and on a booted system starts) an `etcd` service on
+/// the default ports with its data in /var/lib/etcd. The tests run their own clusters
+/// and nothing here should leave a machine-wide daemon behind: stop and disable the one
+/// the install just started, through systemd when it runs, else through the SysV
+/// scripts. Best effort: on a container without an init neither exists, and
+/// policy-rc.d already kept the service from starting.
+fn keep_distro_etcd_stopped() {
+    let systemd_runs = std::path::Path::new("/run/systemd/system").exists();
+    let attempts: &[&[&str]] = if systemd_runs {
+        &[&["systemctl", "disable", "--now", DISTRO_ETCD_SERVICE]]
+    } else {
+        &[
+            // Offline: removes the unit's enablement links even without a running systemd.
+            &["systemctl", "disable", DISTRO_ETCD_SERVICE],
+            &["invoke-rc.d", DISTRO_ETCD_SERVICE, "stop"],
+            &["update-rc.d", DISTRO_ETCD_SERVICE, "disable"],
+        ]
+    };
+    for args in attempts {
+        match Command::new(args[0]).args(&args[1..]).output() {
+            Ok(out) if out.status.success() => println!("setup: {}", args.join(" ")),
+            Ok(out) => println!(
+                "setup: {} failed ({}), ignored: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(_) => println!("setup: no {} here, skipped", args[0]),
+        }
+    }
 }
 
 fn apt(args: &[&str]) -> Result<()> {

@@ -34,6 +34,7 @@ pub mod backend;
 pub mod consul;
 pub mod devserver;
 mod endpoints;
+pub mod etcd;
 pub mod identity;
 pub mod ipam;
 pub mod keys;
