@@ -11,6 +11,7 @@
 //! and outages left), [`control`] (the CLI <-> agent socket), [`metrics`] (Prometheus
 //! exposition) and [`logs`] (the agent's log ring).
 pub mod control;
+pub mod dns;
 pub mod gc;
 pub mod local_state;
 pub mod logs;
