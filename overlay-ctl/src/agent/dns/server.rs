@@ -18,7 +18,10 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Header, HeaderCounts, LowerQuery, Message, MessageType, Metadata, OpCode, ResponseCode},
+    op::{
+        Edns, Header, HeaderCounts, LowerQuery, Message, MessageType, Metadata, OpCode,
+        ResponseCode,
+    },
     rr::{
         rdata::{A, PTR},
         DNSClass, Name, RData, Record, RecordType,
@@ -41,6 +44,8 @@ pub const DNS_PORT: u16 = 53;
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const TCP_RESPONSE_BUFFER: usize = 32;
 const TCP_BACKLOG: i32 = 64;
+/// The largest UDP answer we send (the DNS flag day 2020 value: no IP fragments).
+const ANSWER_MAX_PAYLOAD: u16 = 1232;
 
 /// How the responder listens and where it forwards.
 #[derive(Clone, Debug)]
@@ -284,7 +289,17 @@ impl RequestHandler for NetworkHandler {
         mut response: R,
     ) -> ResponseInfo {
         let reply = self.decide(request).await;
-        let builder = MessageResponseBuilder::from_message_request(request);
+        // Without an OPT record in the answer, hickory caps a UDP answer at 512 bytes: echo
+        // the client's EDNS (its buffer size, bounded) so forwarded answers fit as upstream sent them.
+        let answer_edns = request.edns.as_ref().map(|asked| {
+            let mut edns = Edns::new();
+            edns.set_max_payload(asked.max_payload().clamp(512, ANSWER_MAX_PAYLOAD));
+            edns
+        });
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(edns) = &answer_edns {
+            builder.edns(edns);
+        }
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.recursion_available = true;
         let sent = match &reply {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Message, Query, ResponseCode},
+    op::{Edns, Message, Query, ResponseCode},
     rr::{rdata::A, Name, RData, RecordType},
 };
 use serde_json::json;
@@ -61,6 +61,9 @@ fn query(name: &str, record_type: RecordType) -> Message {
     let mut message = Message::query();
     message.add_query(Query::query(Name::from_ascii(name).unwrap(), record_type));
     message.metadata.recursion_desired = true;
+    let mut edns = Edns::new();
+    edns.set_max_payload(4096);
+    message.edns = Some(edns);
     message
 }
 
@@ -102,6 +105,11 @@ async fn names_resolve_bare_and_with_the_network() {
     let (server, net1, _) = two_networks(Vec::new()).await;
     for name in ["web.", "web.net1.", "WEB.Net1."] {
         let answer = ask(net1, name, RecordType::A).await;
+        assert_eq!(
+            answer.edns.as_ref().map(Edns::max_payload),
+            Some(1232),
+            "EDNS echoed"
+        );
         assert_eq!(
             answer.metadata.response_code,
             ResponseCode::NoError,
