@@ -26,6 +26,7 @@
 pub mod apply;
 pub mod control;
 mod control_server;
+pub mod dns;
 pub mod gc;
 mod lifecycle;
 pub mod local_state;
