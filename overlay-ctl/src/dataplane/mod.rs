@@ -5,6 +5,7 @@
 //! - [`netlink`] and [`netns`]: interfaces, addresses and routes over rtnetlink; network
 //!   namespaces and the threads that work inside them.
 pub mod datapath;
+pub mod egress;
 pub mod endpoint;
 pub mod netlink;
 pub mod netns;
