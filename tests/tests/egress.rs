@@ -214,6 +214,15 @@ fn masquerade_takes_containers_of_two_nodes_out_with_each_nodes_address() {
         nft(&w.hosts[0].ns, &["-a", "list", "table", "ip", TABLE]),
         before
     );
+    // A restarted agent (a new owner) recognises its predecessor's table.
+    assert_eq!(
+        w.ensure(0, &mut EgressNat::new(), &rules),
+        Applied::Unchanged
+    );
+    assert_eq!(
+        nft(&w.hosts[0].ns, &["-a", "list", "table", "ip", TABLE]),
+        before
+    );
 }
 
 #[test]

@@ -12,7 +12,9 @@
 //!   (the node's outgoing address); conntrack maps the replies back to the container.
 //! - `none`: the same traffic is **dropped and counted** (a silent drop, as if the world
 //!   were not there; the container sees a timeout). [`EgressNat::drops`] reads the
-//!   counter per network for `status` and the metrics.
+//!   counter per network for `status` and the metrics. Like Docker's `--internal`
+//!   networks, only forwarded traffic is blocked: the node's own addresses (the gateway,
+//!   services on the node) stay reachable.
 //!
 //! Overlay-to-overlay traffic is never NATed: the programs switch or encapsulate it
 //! before the host stack sees it, and the rules exclude every overlay subnet anyway, so
@@ -539,6 +541,14 @@ mod tests {
         let error =
             DesiredTable::new(&[rule("a b", "10.1.0.0/24", EgressMode::None)], &[]).unwrap_err();
         assert!(matches!(error, EgressError::BadNetworkName { .. }));
+    }
+
+    #[test]
+    fn a_missing_nft_is_an_error_that_names_the_package() {
+        let nat = EgressNat::with_program("/nonexistent/nft");
+        let error = nat.drops().unwrap_err();
+        assert!(matches!(error, EgressError::NftMissing(_)), "{error:?}");
+        assert!(error.to_string().contains("nftables package"));
     }
 
     #[test]
