@@ -24,6 +24,10 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("libxml2-dev", "bpf-linker build"),
     ("iproute2", "ip, bridge, tc for inspecting the data plane"),
     ("iputils-ping", "ping across the overlay"),
+    (
+        "nftables",
+        "nft: the agent's egress NAT (dataplane/egress.rs) is applied through it",
+    ),
     ("iperf3", "TCP/UDP throughput (tests, benchmarks)"),
     (
         "sockperf",

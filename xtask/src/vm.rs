@@ -754,6 +754,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "control_socket",
         "runs agent and CLI processes like the cluster tests; nothing kernel-specific",
     ),
+    (
+        "egress",
+        "the egress NAT is applied through Debian's nft, which the busybox guest does not have",
+    ),
 ];
 
 /// The static executables a guest runs.

@@ -6,6 +6,7 @@
 //! - [`netlink`] and [`netns`]: interfaces, addresses and routes over rtnetlink; network
 //!   namespaces and the threads that work inside them.
 pub mod datapath;
+pub mod egress;
 pub mod endpoint;
 pub mod map_values;
 pub mod netlink;
