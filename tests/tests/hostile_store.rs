@@ -730,7 +730,10 @@ fn a_full_networks_map_refuses_cleanly_and_costs_only_what_does_not_fit() {
 fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
     require_root();
     let underlay = Underlay::new();
-    let (consul, nodes) = start_cluster(&BINS, &underlay, 1, None, &[]);
+    // Writing 65k records takes long on a loaded machine; the allocations written first
+    // have no endpoint until the second batch lands, and the default grace (30 s) would
+    // let the agent's gc collect them as left-overs meanwhile.
+    let (consul, nodes) = start_cluster(&BINS, &underlay, 1, None, &["--gc-grace", "10m"]);
     let node = &nodes[0];
     // A name of its own: namespaces (/run/netns) are shared with other tests.
     let wide = unique_name("wide");
@@ -764,7 +767,7 @@ fn endpoint_creation_is_refused_at_the_endpoints_map_capacity() {
         .unwrap();
     wait_until(
         "the agent to apply the last write",
-        Duration::from_secs(60),
+        Duration::from_secs(180),
         || {
             consul
                 .kv_snapshot("overlay/applied/node1")
