@@ -23,6 +23,7 @@
 //! | [`status`] | the one published [`status::LiveStatus`], `status` and the scrape |
 //! | [`metrics`] | Prometheus exposition |
 //! | [`logs`] | the agent's log ring |
+//! | [`dns`] | the container-name resolver served on the networks' gateways |
 pub mod apply;
 pub mod control;
 mod control_server;

@@ -3,6 +3,7 @@
 //! - [`map_values`]: store records (networks, endpoints) as map keys and values.
 //! - [`underlay`]: binding a node to its underlay (which hook decapsulates, host settings).
 //! - [`endpoint`]: a container's veth pair, addresses and routes.
+//! - [`egress`]: the nftables table that masquerades containers' traffic to the outside.
 //! - [`netlink`] and [`netns`]: interfaces, addresses and routes over rtnetlink; network
 //!   namespaces and the threads that work inside them.
 pub mod datapath;

@@ -25,9 +25,11 @@
 //!   ([`backend::KvBackend`]: get, list, keys, put, check-and-set, delete, session-bound
 //!   put, blocking list from an index), and [`consul`] is the Consul HTTP client that
 //!   implements them. The operations reach the backend only through [`Store::kv`],
-//!   which exposes nothing but those primitives: a second backend (etcd, issue #15)
-//!   implements [`backend::KvBackend`] and `Store` holds one or the other. Code outside
-//!   the store that still talks to Consul directly goes through [`Store::client`].
+//!   which exposes nothing but those primitives. [`etcd`] is the etcd v3 client (lease,
+//!   transactions, revision watch) that joins as the second backend; code outside the
+//!   store that still talks to Consul directly goes through [`Store::client`];
+//! - [`devserver`]: the Consul-compatible development server (`overlay-ctl dev-server`,
+//!   as `consul agent -dev`) that `cargo xtask run`, the demo and the tests start.
 mod allocations;
 mod applied;
 pub mod backend;
