@@ -56,7 +56,7 @@ where
 
 /// [`serve`] on a unix socket (Docker's plugin socket): connections from peers that are
 /// neither root nor this process's user are dropped unanswered, whatever the socket's
-/// mode (see [`crate::agent::control::peer_is_trusted`]).
+/// mode (see [`crate::private::peer_is_trusted`]).
 pub async fn serve_unix<H, Fut>(
     listener: tokio::net::UnixListener,
     handler: H,
@@ -80,7 +80,7 @@ pub async fn serve_unix<H, Fut>(
                         continue;
                     }
                 };
-                if !crate::agent::control::peer_is_trusted(&stream) {
+                if !crate::private::peer_is_trusted(&stream) {
                     warn!("refused a connection from an untrusted peer");
                     continue;
                 }

@@ -14,6 +14,7 @@ pub mod agent;
 pub mod cli;
 pub mod dataplane;
 pub mod http;
+pub mod private;
 pub mod runtimes;
 pub mod store;
 pub mod testhook;

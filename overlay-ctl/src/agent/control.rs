@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::agent::apply::ApplyReport;
+pub use crate::private::{bind_socket as bind_private, peer_is_trusted, SOCKET_MODE};
 
 /// Where the agent keeps its socket and its session ID unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/overlay";
@@ -157,38 +158,6 @@ pub struct BindReply {
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_NAME)
-}
-
-/// The control socket's mode: whoever can connect can put any namespace on any network.
-pub const SOCKET_MODE: u32 = 0o600;
-
-/// Listens on `path` with mode [`SOCKET_MODE`] whatever the umask: the socket is bound
-/// under a temporary name, given its mode, then renamed into place, so it is never
-/// reachable with a wider mode.
-pub fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(format!(".{}.new", std::process::id()));
-    let temp = PathBuf::from(temp);
-    let _ = std::fs::remove_file(&temp);
-    let listener = tokio::net::UnixListener::bind(&temp)?;
-    let placed = std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(SOCKET_MODE))
-        .and_then(|()| std::fs::rename(&temp, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&temp);
-        return Err(e);
-    }
-    Ok(listener)
-}
-
-/// Whether the process at the other end of an accepted connection runs as root or as
-/// the agent's own user (a second check behind the socket's mode, should someone widen
-/// it; an agent run with capabilities instead of as root serves its own user).
-pub fn peer_is_trusted(stream: &UnixStream) -> bool {
-    let own = nix::unistd::geteuid().as_raw();
-    stream
-        .peer_cred()
-        .is_ok_and(|cred| cred.uid() == 0 || cred.uid() == own)
 }
 
 /// Reads one request line (server side).

@@ -17,8 +17,7 @@
 //! endpoint outlives its CLI: `attach` drops the owner when it succeeds ("committed"), and
 //! the endpoint lives until `detach` or until its veth disappears with its container.
 use std::{
-    fs,
-    io::{self, Write as _},
+    fs, io,
     net::Ipv4Addr,
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
@@ -27,6 +26,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::private::write_file as write_private_file;
 use crate::store::Endpoint;
 
 /// The sub-directory of the state directory holding the records.
@@ -63,28 +63,6 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         .mode(DIR_MODE)
         .create(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
-}
-
-/// Writes `data` to `path` atomically (a temporary file renamed over it) with mode 0600.
-pub fn write_private_file(path: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(FILE_MODE)
-            .open(&tmp)?;
-        // The mode given to open(2) is filtered by the umask; set it explicitly.
-        file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
-        file.write_all(data)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// A process identified by pid and start time (clock ticks after boot, field 22 of
@@ -186,7 +164,7 @@ impl LocalEndpoint {
 
     /// The host-side veth name, generated from the names (never read from the store).
     pub fn host_ifname(&self) -> String {
-        crate::runtimes::container::host_ifname(&self.network, &self.id)
+        crate::store::ipam::host_ifname(&self.network, &self.id)
     }
 
     /// The `/run/netns` name of a `run` container's namespace.
@@ -430,7 +408,7 @@ mod tests {
         let record = LocalEndpoint::new("net1", "web", Kind::Run).unwrap();
         assert_eq!(
             record.host_ifname(),
-            crate::runtimes::container::host_ifname("net1", "web")
+            crate::store::ipam::host_ifname("net1", "web")
         );
         assert_eq!(record.netns_name().as_deref(), Some("ovl-net1-web"));
         let attach = LocalEndpoint::new("net1", "web", Kind::Attach).unwrap();

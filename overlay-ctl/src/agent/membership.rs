@@ -202,9 +202,12 @@ impl Agent {
             let mut pause = Duration::from_millis(200);
             loop {
                 let last = lock(&self.identity).last_trusted().cloned();
-                match identity::republish(&self.store, self.node(), &self.local, last.as_ref())
-                    .await
-                {
+                let (records, _) = self.local.load_all();
+                let local: Vec<_> = (records.into_iter())
+                    .filter(|r| r.in_use())
+                    .filter_map(|r| r.endpoint)
+                    .collect();
+                match identity::republish(&self.store, self.node(), &local, last.as_ref()).await {
                     Ok(_) => break,
                     Err(e) => {
                         warn!(error = %e, "cannot republish this node's records yet");

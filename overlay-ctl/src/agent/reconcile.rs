@@ -7,34 +7,9 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use ipnetwork::Ipv4Network;
 use overlay_common::{EndpointKey, EndpointValue, LocalIface, MacAddr, NetworkInfo, VtepInfo};
 
-use crate::{
-    dataplane::map_values,
-    store::consul::KvPair,
-    store::records,
-    store::{Endpoint, Network, NodeInfo},
-};
+use crate::{dataplane::map_values, store::Endpoint};
 
-/// The part of the KV store the data plane follows.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ClusterState {
-    pub networks: Vec<Network>,
-    pub nodes: Vec<NodeInfo>,
-    pub endpoints: Vec<Endpoint>,
-}
-
-impl ClusterState {
-    /// The valid part of everything under the store prefix (one recursive read or watch
-    /// answer), as the cluster sees it: see [`records::parse_snapshot`], the one place
-    /// where records are validated. Invalid records are left out.
-    pub fn from_pairs(prefix: &str, pairs: &[KvPair]) -> Self {
-        records::parse_snapshot(prefix, pairs, records::View::Cluster).state
-    }
-
-    /// Endpoints placed on `node`.
-    pub fn local_endpoints<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Endpoint> {
-        self.endpoints.iter().filter(move |e| e.node == node)
-    }
-}
+pub use crate::store::ClusterState;
 
 /// A local endpoint's host-side veth as found on this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +98,7 @@ pub fn plan(state: &ClusterState, local: &LocalNode, veths: &BTreeMap<String, Ho
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{consul::KvPair, Network, NodeInfo};
 
     fn network(name: &str, subnet: &str, vni: u32) -> Network {
         let subnet: Ipv4Network = subnet.parse().unwrap();

@@ -96,21 +96,7 @@ pub struct Context {
     pub local: LocalState,
 }
 
-/// The host-side veth name of an endpoint: stable, unique per (network, id), <= 15 bytes.
-pub fn host_ifname(network: &str, id: &str) -> String {
-    // FNV-1a: no dependency, and stable across versions (the name is in the KV store).
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in network.bytes().chain([b'/']).chain(id.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("ov{:010x}", hash & 0xff_ffff_ffff)
-}
-
-/// The `/run/netns` name `run` gives a container's namespace (recorded in its endpoint).
-pub fn run_netns_name(network: &str, id: &str) -> String {
-    format!("ovl-{network}-{id}")
-}
+pub use crate::store::ipam::{host_ifname, run_netns_name};
 
 /// A random endpoint ID for containers started without `--name`.
 pub fn random_id() -> String {

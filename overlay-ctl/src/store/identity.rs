@@ -27,8 +27,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::{
-    agent::local_state::{write_private_file, LocalState},
-    agent::reconcile::ClusterState,
+    store::ClusterState,
     store::{
         backend::{KvBackend as _, KvPair},
         keys::Keys,
@@ -214,7 +213,8 @@ impl Identity {
     }
 
     fn remember(&mut self, id: ClusterId) {
-        if let Err(e) = write_private_file(&self.file, &serde_json::to_vec(&id).unwrap_or_default())
+        if let Err(e) =
+            crate::private::write_file(&self.file, &serde_json::to_vec(&id).unwrap_or_default())
         {
             warn!(error = %e, file = %self.file.display(), "cannot save the cluster id");
         }
@@ -412,22 +412,21 @@ pub async fn restore(store: &Store, id: &ClusterId) -> Result<bool, StoreError> 
 
 /// Republishes, with create-only writes, what this node is the source of truth for: the
 /// networks it knew (with their VNI and subnet claims), its local endpoints and their
-/// addresses. (Its node key is the membership task's.) Returns how many entries it wrote.
+/// addresses (`local`: the endpoints of this node's own records, see
+/// `agent::local_state`). (Its node key is the membership task's.) Returns how many
+/// entries it wrote.
 pub async fn republish(
     store: &Store,
     node: &str,
-    local: &LocalState,
+    local: &[Endpoint],
     last: Option<&ClusterState>,
 ) -> Result<usize, StoreError> {
     let mut written = 0;
     for network in last.map(|l| l.networks.as_slice()).unwrap_or_default() {
         written += republish_network(store, network).await?;
     }
-    let (records, _) = local.load_all();
-    for record in records.iter().filter(|r| r.in_use()) {
-        if let Some(endpoint) = &record.endpoint {
-            written += republish_endpoint(store, node, endpoint).await?;
-        }
+    for endpoint in local {
+        written += republish_endpoint(store, node, endpoint).await?;
     }
     info!(written, "republished this node's records");
     Ok(written)

@@ -243,6 +243,28 @@ pub(crate) fn check_segment(what: &'static str, value: &str) -> Result<(), Store
     }
 }
 
+/// The part of the KV store the data plane follows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    pub networks: Vec<Network>,
+    pub nodes: Vec<NodeInfo>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ClusterState {
+    /// The valid part of everything under the store prefix (one recursive read or watch
+    /// answer), as the cluster sees it: see [`records::parse_snapshot`], the one place
+    /// where records are validated. Invalid records are left out.
+    pub fn from_pairs(prefix: &str, pairs: &[KvPair]) -> Self {
+        records::parse_snapshot(prefix, pairs, records::View::Cluster).state
+    }
+
+    /// Endpoints placed on `node`.
+    pub fn local_endpoints<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Endpoint> {
+        self.endpoints.iter().filter(move |e| e.node == node)
+    }
+}
+
 /// The cluster state on top of a [`ConsulClient`].
 #[derive(Clone, Debug)]
 pub struct Store {

@@ -34,7 +34,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    agent::reconcile::ClusterState,
+    store::ClusterState,
     store::{Endpoint, IpAllocation},
 };
 

@@ -7,7 +7,6 @@ use overlay_common::MacAddr;
 
 use super::{RecordKind, RejectReason, Rejection};
 use crate::{
-    runtimes::container,
     store::consul::KvPair,
     store::ipam,
     store::{self, Endpoint, IpAllocation, Network, NodeInfo},
@@ -168,7 +167,7 @@ pub fn parse_endpoint(
         .map_err(|e| reject(BadAddress, e.to_string()))?;
     check_mac(endpoint.mac)
         .map_err(|e| reject(BadMac, format!("{:?}: {e}", endpoint.mac.to_string())))?;
-    let ifname = container::host_ifname(net_name, id);
+    let ifname = ipam::host_ifname(net_name, id);
     if endpoint.ifname != ifname {
         return Err(reject(
             BadIfname,
@@ -179,7 +178,7 @@ pub fn parse_endpoint(
         ));
     }
     if let Some(netns) = &endpoint.netns {
-        let expected = container::run_netns_name(net_name, id);
+        let expected = ipam::run_netns_name(net_name, id);
         if *netns != expected {
             return Err(reject(
                 BadNetns,

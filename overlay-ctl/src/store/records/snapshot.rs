@@ -13,8 +13,8 @@ use super::{
     Rejection, Snapshot, View,
 };
 use crate::{
-    agent::reconcile::ClusterState,
     store::consul::KvPair,
+    store::ClusterState,
     store::{Endpoint, IpAllocation, Network, NodeInfo},
 };
 

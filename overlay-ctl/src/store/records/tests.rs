@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use ipnetwork::Ipv4Network;
 
 use super::{snapshot::SubnetSet, *};
-use crate::{runtimes::container, store::consul::KvPair};
+use crate::store::{consul::KvPair, ipam};
 
 const P: &str = "overlay/";
 
@@ -38,8 +38,9 @@ fn network(name: &str, subnet: &str, vni: u32, index: u64) -> Vec<KvPair> {
 
 fn endpoint_json(net: &str, id: &str, ip: &str, node: &str) -> String {
     let ipa: Ipv4Addr = ip.parse().unwrap();
-    let mac = crate::dataplane::endpoint::mac_for(ipa);
-    let ifname = container::host_ifname(net, id);
+    let o = ipa.octets();
+    let mac = overlay_common::MacAddr::new([0x02, 0x42, o[0], o[1], o[2], o[3]]);
+    let ifname = ipam::host_ifname(net, id);
     format!(
         r#"{{"id":"{id}","network":"{net}","ip":"{ip}","mac":"{mac}","node":"{node}","vtep":"192.0.2.1","ifname":"{ifname}"}}"#
     )
@@ -205,7 +206,7 @@ fn bad_endpoints_are_rejected() {
     pairs.push(pair("endpoints/net1/junk", "[]", 60, None));
     let mut eth0 = endpoint("net1", "eth0", "10.100.0.9", "a", true);
     eth0[0].value = endpoint_json("net1", "eth0", "10.100.0.9", "a")
-        .replace(&container::host_ifname("net1", "eth0"), "eth0")
+        .replace(&ipam::host_ifname("net1", "eth0"), "eth0")
         .into_bytes();
     pairs.extend(eth0);
     let mut netns = endpoint("net1", "ns", "10.100.0.10", "a", true);
@@ -253,7 +254,7 @@ fn a_local_endpoint_is_never_displaced_by_a_remote_one() {
     pairs.extend(endpoint("net1", "mine", "10.100.0.2", "a", false));
     // The remote one even owns the IPAM key.
     pairs.extend(endpoint("net1", "theirs", "10.100.0.2", "b", true));
-    let links = BTreeSet::from([container::host_ifname("net1", "mine")]);
+    let links = BTreeSet::from([ipam::host_ifname("net1", "mine")]);
     let view = View::Node {
         name: "a",
         vtep: "192.0.2.1".parse().unwrap(),
