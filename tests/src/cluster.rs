@@ -201,7 +201,13 @@ impl DevConsul {
         NetNs::open_path("underlay", self.netns.clone())
             .unwrap()
             .block_on(|| async move {
-                let client = ConsulClient::new(&addr, None).unwrap();
+                // The tests read and write tens of thousands of keys in one request on
+                // a loaded, shared machine, where the debug-build server can take
+                // longer than the client's default 10 s: this is the harness's own view
+                // of the store, not the product's, so it waits longer.
+                let client = ConsulClient::new(&addr, None)
+                    .unwrap()
+                    .with_timeout(Duration::from_secs(60));
                 f(client).await
             })
             .expect("enter the underlay namespace")
