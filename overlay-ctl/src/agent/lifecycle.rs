@@ -1,8 +1,9 @@
 //! The agent's life: [`run`] binds its sockets, loads and attaches the data plane, builds
 //! the shared [`Agent`] and spawns its tasks (control socket, membership, watch, resync,
-//! stats, collection, republish, probe, and the optional metrics, Docker and kernel-log
-//! servers); on shutdown it stops them and either keeps the data plane pinned or, for an
-//! `--ephemeral` agent, leaves the cluster and removes everything.
+//! stats, collection, republish, probe, and the optional metrics and kernel-log servers)
+//! and starts its [`Companion`]s (servers of other roles, e.g. the Docker driver, that
+//! live as long as the agent); on shutdown it stops them and either keeps the data plane
+//! pinned or, for an `--ephemeral` agent, leaves the cluster and removes everything.
 use std::{
     io,
     path::{Path, PathBuf},
@@ -26,7 +27,6 @@ use crate::{
     dataplane::datapath::{self, Datapath},
     dataplane::netlink,
     dataplane::underlay,
-    runtimes::docker::{self, DockerPlugin},
     store::consul::ConsulClient,
     store::identity::{self, Identity},
     store::Store,
@@ -37,12 +37,28 @@ pub(super) const SESSION_FILE: &str = "session";
 
 type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-/// Runs the agent until `shutdown` completes.
+/// A server of another role that lives as long as the agent (the Docker driver is one):
+/// started once the agent holds its control socket and data plane (so a second agent
+/// that refuses to start never touches it), stopped with the agent's tasks. The agent
+/// knows nothing else about it, which keeps the dependency pointing from the runtimes
+/// to the agent.
+pub trait Companion: Send {
+    /// Binds what it serves and spawns its task on `tasks`.
+    fn start(
+        &mut self,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    /// Removes what `start` created; called after its task stopped.
+    fn stop(&mut self);
+}
+
+/// Runs the agent (and its `companions`) until `shutdown` completes.
 pub async fn run(
     options: AgentOptions,
     consul: ConsulClient,
     prefix: &str,
     logs: LogBuffer,
+    mut companions: Vec<Box<dyn Companion>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let listener = bind_control_socket(&options.state_dir).await?;
@@ -83,19 +99,15 @@ pub async fn run(
         info!(addr = ?listener.local_addr().ok(), "serving Prometheus metrics on /metrics");
         tasks.spawn(metrics::serve(listener, render, std::future::pending()));
     }
-    let docker_socket = agent.options.docker_plugin.clone();
-    if let Some(path) = &docker_socket {
-        let listener = bind_docker_socket(path)?;
-        let plugin = Arc::new(DockerPlugin::new(agent.options.state_dir.clone()));
-        info!(socket = %path.display(), "serving Docker's network and IPAM driver");
-        tasks.spawn(docker::serve(listener, plugin, std::future::pending()));
+    for companion in &mut companions {
+        companion.start(&mut tasks).map_err(AgentError::Companion)?;
     }
     info!(consul = %agent.store.client().addr(), prefix = %agent.store.prefix(), "agent running; Ctrl-C to stop");
 
     shutdown.await;
     tasks.shutdown().await;
-    if let Some(path) = &docker_socket {
-        remove_file_logged(path, "the Docker plugin socket");
+    for companion in &mut companions {
+        companion.stop();
     }
     agent.stop().await;
     Ok(())
@@ -172,22 +184,6 @@ async fn bind_control_socket(state_dir: &Path) -> Result<UnixListener, AgentErro
         _ => {}
     }
     control::bind_private(&path).map_err(dir_err)
-}
-
-/// Listens on Docker's plugin socket (mode 0600, set explicitly), replacing a stale one.
-fn bind_docker_socket(path: &Path) -> Result<UnixListener, AgentError> {
-    let err = |source| AgentError::DockerSocket {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
-        _ => {}
-    }
-    control::bind_private(path).map_err(err)
 }
 
 /// Copies the kernel programs' aya-log records into the agent's log as they arrive.

@@ -52,7 +52,7 @@ use std::{
 use rtnetlink::Handle;
 use tokio::sync::{watch as channel, Notify};
 
-pub use lifecycle::run;
+pub use lifecycle::{run, Companion};
 
 use crate::{
     agent::{
@@ -89,12 +89,9 @@ pub enum AgentError {
     },
     #[error("an agent is already running with state directory {0} (stop it, or use another --state-dir and --pin-root)")]
     AlreadyRunning(PathBuf),
-    #[error("Docker plugin socket {path}: {source} (or `--docker-plugin off`)")]
-    DockerSocket {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// A [`Companion`] could not start; its error says which and what to do.
+    #[error(transparent)]
+    Companion(Box<dyn std::error::Error + Send + Sync>),
     #[error("{0} (choose another with --metrics-addr, or `--metrics-addr off`)")]
     Metrics(#[from] MetricsError),
 }

@@ -6,6 +6,7 @@ use crate::{
     agent::control::AgentClient,
     agent::logs::LogBuffer,
     agent::{self, AgentOptions},
+    runtimes::docker_server::DockerDriverServer,
     store::DEFAULT_PREFIX,
 };
 
@@ -51,9 +52,23 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
         gc_grace: args.gc_grace,
         docker_plugin,
     };
-    agent::run(options, consul, &prefix, logs, shutdown_signal())
-        .await
-        .context("agent failed")
+    let companions: Vec<Box<dyn agent::Companion>> = match &options.docker_plugin {
+        Some(socket) => vec![Box::new(DockerDriverServer::new(
+            socket.clone(),
+            options.state_dir.clone(),
+        ))],
+        None => Vec::new(),
+    };
+    agent::run(
+        options,
+        consul,
+        &prefix,
+        logs,
+        companions,
+        shutdown_signal(),
+    )
+    .await
+    .context("agent failed")
 }
 
 /// `agent logs`: the agent's recent log lines, then (with `follow`) new ones as they come.

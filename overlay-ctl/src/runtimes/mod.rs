@@ -8,7 +8,8 @@
 //!   [`cni_result`] (results); [`cni_plugin`]: the `overlay-cni` plugin's ADD, DEL and
 //!   VERSION, [`cni_check`] its CHECK (containerd, CRI-O, Kubernetes).
 //! - [`docker_protocol`]: Docker's remote network and IPAM plugin protocol;
-//!   [`docker`]: the `overlay-net` driver the agent serves to Docker.
+//!   [`docker`]: the `overlay-net` driver; [`docker_server`]: served on Docker's plugin
+//!   socket beside the agent (an agent companion).
 pub mod cni;
 pub mod cni_check;
 pub mod cni_plugin;
@@ -17,5 +18,6 @@ pub mod command;
 pub mod container;
 pub mod docker;
 pub mod docker_protocol;
+pub mod docker_server;
 pub mod run;
 pub mod session;
