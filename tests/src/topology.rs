@@ -174,7 +174,12 @@ impl Host {
     /// by the agent's own code ([`overlay_ctl::dataplane::underlay`]): the harness changes no
     /// offload or sysctl itself.
     pub fn with_decap(underlay: &Underlay, n: u8, decap: DecapMode) -> Self {
-        let (ns, link) = underlay.plug("host", n);
+        Self::with_underlay_mtu(underlay, n, decap, UNDERLAY_MTU)
+    }
+
+    /// [`Host::with_decap`] on an underlay link of MTU `mtu`.
+    pub fn with_underlay_mtu(underlay: &Underlay, n: u8, decap: DecapMode, mtu: u32) -> Self {
+        let (ns, link) = underlay.plug_with_mtu("host", n, mtu);
         let vtep = Underlay::host_address(n);
         let pins = PinGuard::new();
         let mut datapath = Datapath::load(&pins.path).expect("load data plane");

@@ -6,7 +6,6 @@
 use std::{
     io::Write as _,
     net::{Ipv4Addr, TcpStream},
-    os::fd::AsRawFd,
     time::{Duration, Instant},
 };
 
@@ -90,24 +89,6 @@ fn reassembly_requests() -> i64 {
     net::parse_snmp(&snmp)[&("Ip".to_string(), "ReasmReqds".to_string())]
 }
 
-/// The connected socket's MSS (`TCP_MAXSEG`).
-fn tcp_mss(stream: &TcpStream) -> u32 {
-    let mut mss: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: an int-sized out-parameter and its length, on a live socket.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_MAXSEG,
-            (&mut mss as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
-    mss as u32
-}
-
 /// 64 MiB from `from` to `to` over one TCP connection; asserts it arrived whole and the
 /// MSS stayed jumbo-sized, and returns the throughput in Mbit/s.
 fn jumbo_tcp_transfer(from: &Background, to: &Background, to_ip: Ipv4Addr) -> f64 {
@@ -122,11 +103,11 @@ fn jumbo_tcp_transfer(from: &Background, to: &Background, to_ip: Ipv4Addr) -> f6
     let (elapsed, mss_before, mss_after) = (from.open_netns().unwrap())
         .run(|| {
             let stream = TcpStream::connect((to_ip, 5301)).unwrap();
-            let before = tcp_mss(&stream);
+            let before = net::tcp_mss(&stream);
             let started = Instant::now();
             let sent = stream.try_clone().unwrap();
             net::send_stream(sent, &data, Duration::from_secs(120)).unwrap();
-            (started.elapsed(), before, tcp_mss(&stream))
+            (started.elapsed(), before, net::tcp_mss(&stream))
         })
         .unwrap();
     assert_eq!(receiver.join().unwrap(), (data.len(), net::digest(&data)));
