@@ -103,6 +103,21 @@ impl Underlay {
     }
 }
 
+impl Underlay {
+    /// Sets the MTU of every port of the bridge, as enabling jumbo frames on a switch.
+    pub fn set_ports_mtu(&self, mtu: u32) {
+        let bridge = self.bridge.index;
+        self.ns.block_on(|| async {
+            let handle = netlink::connect().unwrap();
+            for link in netlink::list_links(&handle).await.unwrap() {
+                if link.index != bridge && link.name != "lo" {
+                    netlink::set_mtu(&handle, link.index, mtu).await.unwrap();
+                }
+            }
+        });
+    }
+}
+
 impl Default for Underlay {
     fn default() -> Self {
         Self::new()

@@ -196,7 +196,7 @@ fn metric(metrics: &str, series: &str) -> Option<u64> {
 }
 
 #[test]
-fn a_node_joining_with_a_small_underlay_is_reported_and_gets_frag_needed() {
+fn a_node_joining_with_a_small_underlay_is_reported_gets_frag_needed_and_follows_a_raised_mtu() {
     require_root();
     let underlay = Underlay::new();
     let consul = DevConsul::start(&BINS, &underlay, None);
@@ -296,4 +296,36 @@ fn a_node_joining_with_a_small_underlay_is_reported_and_gets_frag_needed() {
         "overlay_packets_total{{network=\"jumbo\",vni=\"{vni}\",direction=\"frag_needed_sent\"}}"
     );
     assert!(metric(&small.metrics().unwrap(), &sent) >= Some(1));
+
+    // Jumbo frames enabled on node3's link and switch port (the environment): its agent
+    // follows at its next reconcile (the store change below makes every agent run one).
+    underlay.set_ports_mtu(JUMBO);
+    small.ns.block_on(|| async {
+        let handle = netlink::connect().unwrap();
+        let eth0 = netlink::link_by_name(&handle, "eth0").await.unwrap();
+        netlink::set_mtu(&handle, eth0.index, JUMBO).await.unwrap();
+    });
+    nodes[0]
+        .cli(&["network", "create", "after", "10.124.0.0/24"])
+        .ok();
+    wait_until("node3 to follow its underlay's new MTU", JOIN, || {
+        small.status().is_some_and(|s| {
+            s["mtu"]["underlay_mtu"] == JUMBO && s["mtu"]["too_small_for"] == serde_json::json!([])
+        })
+    });
+    wait_until("node3's record to carry it", JOIN, || {
+        let out = nodes[0].cli(&["cluster", "members", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out.stdout).is_ok_and(|m| {
+            (m.as_array().unwrap().iter())
+                .any(|n| n["name"] == "node3" && n["underlay_mtu"] == JUMBO)
+        })
+    });
+    assert!(small
+        .agent_log()
+        .contains("network jumbo's MTU fits this node's underlay now"));
+    let whole = ping_df(&small, "jumbo", 8950 - PING_HEADERS, far_ip);
+    assert!(
+        whole.code == 0 && whole.stdout.contains("8930 bytes from"),
+        "{whole:#?}"
+    );
 }

@@ -6,10 +6,13 @@
 //! answers its containers' too-large packets with ICMP "fragmentation needed" carrying
 //! the size that fits ([`overlay_common::tunnel_mtu`]).
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{lock, metrics::Family, Agent};
-use crate::store::{mtu::shortfall, Network};
+use crate::{
+    dataplane::netlink,
+    store::{mtu::shortfall, Network},
+};
 
 /// This node's underlay MTU and the networks it is too small for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,8 +61,8 @@ pub fn check(networks: &[Network], underlay_mtu: u32) -> UnderlayMtuStatus {
 impl Agent {
     /// Checks the underlay against `networks` (the state a reconcile applies), publishes
     /// the result and logs what changed since the last check.
-    pub(super) fn check_underlay_mtu(&self, networks: &[Network]) {
-        let underlay_mtu = lock(&self.plane).underlay.link.mtu;
+    pub(super) async fn check_underlay_mtu(&self, networks: &[Network]) {
+        let underlay_mtu = self.follow_underlay_mtu().await;
         let now = check(networks, underlay_mtu);
         let mut before = None;
         self.status.send_if_modified(|status| {
@@ -72,6 +75,52 @@ impl Agent {
         if let Some(before) = before {
             log_changes(&before, &now);
         }
+    }
+}
+
+impl Agent {
+    /// The underlay's MTU can change under the agent (`ip link set eth0 mtu 9000`): the
+    /// data plane's limit and this node's record follow it. Returns the current MTU.
+    async fn follow_underlay_mtu(&self) -> u32 {
+        let (index, known) = {
+            let plane = lock(&self.plane);
+            (plane.underlay.link.index, plane.underlay.link.mtu)
+        };
+        let current = match netlink::link_by_index(&self.handle, index).await {
+            Ok(link) => link.mtu,
+            Err(e) => {
+                debug!(error = %e, "cannot read the underlay's MTU; keeping {known}");
+                return known;
+            }
+        };
+        if current == known {
+            return known;
+        }
+        {
+            let mut plane = lock(&self.plane);
+            if plane.underlay.link.index != index {
+                // `cluster bind` moved the underlay meanwhile and read its MTU itself.
+                return plane.underlay.link.mtu;
+            }
+            plane.underlay.link.mtu = current;
+            if let Some(datapath) = plane.datapath.as_mut() {
+                let updated = datapath.underlay_config().and_then(|mut config| {
+                    config.mtu = current;
+                    datapath.set_underlay(&config)
+                });
+                if let Err(e) = updated {
+                    warn!(error = %e, "cannot give the data plane the underlay's new MTU");
+                }
+            }
+        }
+        info!(
+            from = known,
+            to = current,
+            "the underlay's MTU changed; the data plane and this node's record follow"
+        );
+        // The membership task writes the node record again, with the new MTU.
+        self.reregister.notify_one();
+        current
     }
 }
 
