@@ -76,9 +76,7 @@ impl Agent {
             log_changes(&before, &now);
         }
     }
-}
 
-impl Agent {
     /// The underlay's MTU can change under the agent (`ip link set eth0 mtu 9000`): the
     /// data plane's limit and this node's record follow it. Returns the current MTU.
     async fn follow_underlay_mtu(&self) -> u32 {
