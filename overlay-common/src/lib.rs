@@ -67,6 +67,20 @@ pub const VXLAN_OVERHEAD: u32 = proto::ETH_HLEN as u32
     + proto::UDP_HLEN as u32
     + proto::VXLAN_HLEN as u32;
 
+/// The largest inner IPv4 packet a container of a network with MTU `network_mtu` may
+/// send through a tunnel over an underlay of MTU `underlay_mtu`: the network's MTU, or
+/// less when the underlay cannot carry it once encapsulated (a node whose underlay is
+/// smaller than the cluster's). The data plane answers anything larger with ICMP
+/// "fragmentation needed" carrying this size.
+pub const fn tunnel_mtu(network_mtu: u32, underlay_mtu: u32) -> u32 {
+    let fits_underlay = underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+    if network_mtu < fits_underlay {
+        network_mtu
+    } else {
+        fits_underlay
+    }
+}
+
 /// Converts an address to its map representation (network byte order in a `u32`).
 pub const fn ipv4_to_map(octets: [u8; 4]) -> u32 {
     u32::from_ne_bytes(octets)
@@ -199,7 +213,8 @@ pub struct NetworkInfo {
     pub netmask: u32,
     /// Network byte order.
     pub gateway: u32,
-    /// The containers' MTU (underlay MTU minus [`VXLAN_OVERHEAD`]).
+    /// The containers' MTU (the cluster's smallest underlay MTU minus
+    /// [`VXLAN_OVERHEAD`] by default): no packet larger is tunnelled (see [`tunnel_mtu`]).
     pub mtu: u32,
 }
 
@@ -364,5 +379,17 @@ mod tests {
     #[test]
     fn vxlan_overhead_is_fifty_bytes() {
         assert_eq!(VXLAN_OVERHEAD, 50);
+    }
+
+    #[test]
+    fn tunnel_mtu_is_the_smaller_of_network_and_underlay() {
+        // A network that fits the underlay keeps its MTU.
+        assert_eq!(tunnel_mtu(1450, 1500), 1450);
+        assert_eq!(tunnel_mtu(1400, 9000), 1400);
+        // A network made for a jumbo underlay, on a node with a small one.
+        assert_eq!(tunnel_mtu(8950, 1400), 1350);
+        assert_eq!(tunnel_mtu(8950, 9000), 8950);
+        // An underlay smaller than the encapsulation carries nothing.
+        assert_eq!(tunnel_mtu(1450, 40), 0);
     }
 }

@@ -22,7 +22,7 @@ use overlay_common::{
         IPV4_HLEN_MIN, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I, VXLAN_HLEN, VXLAN_PORT,
         VXLAN_SRC_PORT_MIN, VXLAN_SRC_PORT_RANGE,
     },
-    Counter, EndpointValue, LocalIface, NetworkInfo, UnderlayConfig, VXLAN_OVERHEAD,
+    tunnel_mtu, Counter, EndpointValue, LocalIface, NetworkInfo, UnderlayConfig, VXLAN_OVERHEAD,
 };
 
 use crate::{
@@ -70,16 +70,12 @@ pub fn encapsulate(
     let Some(segment_len) = inner_segment_len(ctx, inner_ip) else {
         return drop(vni, Counter::DropMalformed, len);
     };
-    if segment_len + VXLAN_OVERHEAD > underlay.mtu {
+    // The network's MTU is the contract with every container on it (a receiver's
+    // interface has that MTU); this node's underlay may carry less.
+    let mtu = tunnel_mtu(network.mtu, underlay.mtu);
+    if segment_len > mtu {
         if inner_ip.dont_fragment() {
-            return icmp::send_frag_needed(
-                ctx,
-                iface,
-                network,
-                inner_ip,
-                underlay.mtu - VXLAN_OVERHEAD,
-                len,
-            );
+            return icmp::send_frag_needed(ctx, iface, network, inner_ip, mtu, len);
         }
         return drop(vni, Counter::DropMtuExceeded, len);
     }

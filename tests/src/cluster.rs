@@ -270,7 +270,18 @@ pub struct Node {
 impl Node {
     /// Host `n` on the underlay (no agent yet).
     pub fn new(bins: &Bins, underlay: &Underlay, n: u8, consul: &DevConsul) -> Self {
-        let (ns, _) = underlay.plug("node", n);
+        Self::with_underlay_mtu(bins, underlay, n, consul, crate::topology::UNDERLAY_MTU)
+    }
+
+    /// [`Node::new`] on an underlay link of MTU `mtu`.
+    pub fn with_underlay_mtu(
+        bins: &Bins,
+        underlay: &Underlay,
+        n: u8,
+        consul: &DevConsul,
+        mtu: u32,
+    ) -> Self {
+        let (ns, _) = underlay.plug_with_mtu("node", n, mtu);
         let state_dir = std::env::temp_dir().join(unique_name("overlay-state-"));
         std::fs::create_dir_all(&state_dir).unwrap();
         Self {

@@ -201,6 +201,24 @@ pub fn raw_udp_send(src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16, payload: &[u8])
     }
 }
 
+/// The connected socket's MSS (`TCP_MAXSEG`).
+pub fn tcp_mss(stream: &TcpStream) -> u32 {
+    let mut mss: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int-sized out-parameter and its length, on a live socket.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&mut mss as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
+    mss as u32
+}
+
 /// Sends one datagram of `len` bytes with DF clear (`IP_PMTUDISC_DONT`), whatever the
 /// path MTU the socket's stack has learnt.
 pub fn udp_send_no_df(src: Ipv4Addr, dst: SocketAddrV4, len: usize) {

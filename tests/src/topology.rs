@@ -56,6 +56,12 @@ impl Underlay {
 
     /// A new namespace plugged into the bridge with address `host_address(n)` on `eth0`.
     pub fn plug(&self, prefix: &str, n: u8) -> (TestNs, LinkInfo) {
+        self.plug_with_mtu(prefix, n, UNDERLAY_MTU)
+    }
+
+    /// [`Underlay::plug`] with a link of MTU `mtu` (both ends of the veth: the host's
+    /// `eth0` and its bridge port), as a jumbo-frame or a smaller cloud underlay has.
+    pub fn plug_with_mtu(&self, prefix: &str, n: u8, mtu: u32) -> (TestNs, LinkInfo) {
         let ns = TestNs::new(prefix);
         let (outer, inner) = (unique_name("uo"), unique_name("ui"));
         block_on(async {
@@ -72,6 +78,7 @@ impl Underlay {
         self.ns.block_on(|| async {
             let handle = netlink::connect().unwrap();
             let port = netlink::link_by_name(&handle, &outer).await.unwrap();
+            netlink::set_mtu(&handle, port.index, mtu).await.unwrap();
             netlink::set_master(&handle, port.index, bridge)
                 .await
                 .unwrap();
@@ -83,6 +90,7 @@ impl Underlay {
             netlink::rename(&handle, link.index, UNDERLAY_IFNAME)
                 .await
                 .unwrap();
+            netlink::set_mtu(&handle, link.index, mtu).await.unwrap();
             netlink::add_address(&handle, link.index, Self::host_address(n), UNDERLAY_PREFIX)
                 .await
                 .unwrap();
@@ -92,6 +100,21 @@ impl Underlay {
                 .unwrap()
         });
         (ns, link)
+    }
+}
+
+impl Underlay {
+    /// Sets the MTU of every port of the bridge, as enabling jumbo frames on a switch.
+    pub fn set_ports_mtu(&self, mtu: u32) {
+        let bridge = self.bridge.index;
+        self.ns.block_on(|| async {
+            let handle = netlink::connect().unwrap();
+            for link in netlink::list_links(&handle).await.unwrap() {
+                if link.index != bridge && link.name != "lo" {
+                    netlink::set_mtu(&handle, link.index, mtu).await.unwrap();
+                }
+            }
+        });
     }
 }
 
@@ -166,7 +189,12 @@ impl Host {
     /// by the agent's own code ([`overlay_ctl::dataplane::underlay`]): the harness changes no
     /// offload or sysctl itself.
     pub fn with_decap(underlay: &Underlay, n: u8, decap: DecapMode) -> Self {
-        let (ns, link) = underlay.plug("host", n);
+        Self::with_underlay_mtu(underlay, n, decap, UNDERLAY_MTU)
+    }
+
+    /// [`Host::with_decap`] on an underlay link of MTU `mtu`.
+    pub fn with_underlay_mtu(underlay: &Underlay, n: u8, decap: DecapMode, mtu: u32) -> Self {
+        let (ns, link) = underlay.plug_with_mtu("host", n, mtu);
         let vtep = Underlay::host_address(n);
         let pins = PinGuard::new();
         let mut datapath = Datapath::load(&pins.path).expect("load data plane");

@@ -1011,6 +1011,7 @@ async fn nodes_live_as_long_as_their_session() {
         name: "node-1".into(),
         vtep: Ipv4Addr::new(192, 0, 2, 1),
         iface: "eth0".into(),
+        underlay_mtu: Some(1500),
     };
     store.register_node(&s1, &node).await.unwrap();
     assert_eq!(

@@ -372,6 +372,55 @@ fn path_mtu_discovery_through_icmp_frag_needed() {
 }
 
 #[test]
+fn frag_needed_carries_the_network_mtu_when_the_underlay_is_larger() {
+    require_root();
+    const JUMBO: u32 = 9000;
+    let underlay = Underlay::new();
+    let mut hosts: Vec<Host> = (1..=2)
+        .map(|n| Host::with_underlay_mtu(&underlay, n, DecapMode::Auto, JUMBO))
+        .collect();
+    let vteps: Vec<_> = hosts.iter().map(|h| h.vtep).collect();
+    let net1 = Network::new(100, "10.100.0.0/24");
+    for host in &mut hosts {
+        host.add_vteps(&vteps);
+        host.add_network(&net1);
+    }
+    let network_mtu = net1.info().mtu;
+    // Containers attached by hand with the underlay's MTU, not the network's: the
+    // underlay could carry their large packets, the network (every receiver) not.
+    let a = hosts[0].add_container_with_mtu(&net1, net1.address(2), JUMBO);
+    let b = hosts[1].add_container_with_mtu(&net1, net1.address(3), JUMBO);
+    hosts[0].add_remote(&b, vteps[1]);
+    hosts[1].add_remote(&a, vteps[0]);
+    assert!(a.ns.run(|| net::ping_until_reply(b.ip, REPLY)));
+
+    // A DF packet one byte over the network's MTU is answered with frag-needed...
+    let payload = (network_mtu + 1 - 28) as usize;
+    assert!(!a.ns.run(|| net::ping(b.ip, 900, payload, QUIET)));
+    assert!(hosts[0].packets(100, Counter::FragNeededSent) >= 1);
+    // ...carrying the network's MTU: the stack's path MTU to b, hence its MSS, is it.
+    const PORT: u16 = 5003;
+    let listener = b.ns.run(|| net::tcp_listen(b.ip, PORT));
+    let data = net::pattern(1024 * 1024, 5);
+    let expected = (data.len(), net::digest(&data));
+    let receiver = (b.ns.ns())
+        .spawn(move || net::tcp_receive_all(&listener, Duration::from_secs(60)))
+        .unwrap();
+    let mss = a.ns.run(|| {
+        let stream = std::net::TcpStream::connect((b.ip, PORT)).unwrap();
+        let mss = net::tcp_mss(&stream);
+        net::send_stream(stream, &data, Duration::from_secs(60)).unwrap();
+        mss
+    });
+    assert!(
+        mss <= network_mtu - 40,
+        "MSS {mss} over a {network_mtu}-byte network"
+    );
+    assert_eq!(receiver.join().unwrap().unwrap(), expected);
+    assert_eq!(hosts[0].packets(100, Counter::DropMtuExceeded), 0);
+}
+
+#[test]
 fn interoperates_with_a_linux_vxlan_device() {
     let mut s = scenario();
     let net1 = s.a1.network;

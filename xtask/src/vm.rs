@@ -758,6 +758,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "runs agent and CLI processes like the cluster tests; nothing kernel-specific",
     ),
     (
+        "mtu",
+        "runs agent and CLI processes with iputils' ping -M do, like cluster",
+    ),
+    (
         "egress",
         "the egress NAT is applied through Debian's nft, which the busybox guest does not have",
     ),

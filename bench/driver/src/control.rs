@@ -111,6 +111,7 @@ async fn register_ghost(client: &ConsulClient) -> Result<(), String> {
         name: GHOST_NODE.into(),
         vtep: GHOST_VTEP,
         iface: "eth0".into(),
+        underlay_mtu: None,
     };
     let acquired = client
         .acquire(

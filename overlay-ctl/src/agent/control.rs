@@ -138,6 +138,9 @@ pub struct AgentStatus {
     pub store_detail: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
+    /// The underlay's MTU and the networks whose MTU it is too small for.
+    #[serde(default)]
+    pub mtu: super::mtu::UnderlayMtuStatus,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

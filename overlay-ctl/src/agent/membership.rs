@@ -10,7 +10,7 @@ use super::{local_state, lock, Agent};
 use crate::{
     store::consul::{ConsulError, RetryPolicy, SessionBehavior},
     store::identity::{self, Trust},
-    store::{NodeInfo, StoreError},
+    store::{mtu, NodeInfo, StoreError},
 };
 
 /// How often, and how patiently, the store is probed for `status`.
@@ -102,11 +102,13 @@ impl Agent {
                     name: self.node().to_string(),
                     vtep: plane.underlay.vtep,
                     iface: plane.underlay.link.name.clone(),
+                    // What networks created from now on take their default MTU from.
+                    underlay_mtu: Some(plane.underlay.link.mtu.min(mtu::MAX_UNDERLAY_MTU)),
                 }
             };
             self.store.register_node(&id, &info).await?;
             membership.registered = true;
-            info!(node = %info.name, vtep = %info.vtep, session = %id, "joined the cluster");
+            info!(node = %info.name, vtep = %info.vtep, underlay_mtu = ?info.underlay_mtu, session = %id, "joined the cluster");
         }
         if !membership.bootstrapped {
             if self.store.bootstrap().await? {

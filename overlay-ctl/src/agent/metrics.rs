@@ -19,6 +19,8 @@
 //! | `overlay_store_state` | `state` (unknown, trusted, missing, foreign, healing): 1 for the current one |
 //! | `overlay_gc_collected_total` | `kind` (local_endpoint, address, endpoint, vni, subnet) |
 //! | `overlay_gc_runs_total` | |
+//! | `overlay_underlay_mtu`, `overlay_networks_mtu_exceeding_underlay` | |
+//! | `overlay_network_mtu_shortfall_bytes` (only networks too large for this underlay) | `network`, `vni` |
 //!
 //! Events seen on the underlay before a packet's network is known are counted under
 //! VNI 0, exported as `network="underlay"`.
@@ -162,18 +164,23 @@ fn escape(value: &str) -> String {
 }
 
 /// One metric family: HELP and TYPE once, then its samples.
-struct Family<'o> {
+pub(super) struct Family<'o> {
     out: &'o mut String,
 }
 
 impl<'o> Family<'o> {
-    fn new(out: &'o mut String, name: &str, kind: &str, help: &str) -> Self {
+    pub(super) fn new(out: &'o mut String, name: &str, kind: &str, help: &str) -> Self {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         Self { out }
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    pub(super) fn sample(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: impl std::fmt::Display,
+    ) {
         let _ = write!(self.out, "{name}");
         if !labels.is_empty() {
             let rendered: Vec<String> = labels
@@ -205,6 +212,7 @@ pub fn render(scrape: &Scrape) -> String {
     render_cluster(&mut out, scrape.status);
     render_store(&mut out, scrape);
     render_gc(&mut out, scrape.control);
+    super::mtu::render_metrics(&mut out, &scrape.status.mtu);
     out
 }
 

@@ -22,6 +22,7 @@
 //! | [`control_server`] | the control-socket handlers (protocol and client: [`control`]) |
 //! | [`status`] | the one published [`status::LiveStatus`], `status` and the scrape |
 //! | [`metrics`] | Prometheus exposition |
+//! | [`mtu`] | this node's underlay MTU against the networks' MTUs (status, log, metrics) |
 //! | [`logs`] | the agent's log ring |
 //! | [`dns`] | the container-name resolver served on the networks' gateways |
 pub mod apply;
@@ -34,6 +35,7 @@ pub mod local_state;
 pub mod logs;
 mod membership;
 pub mod metrics;
+pub mod mtu;
 mod reaping;
 pub mod reconcile;
 mod reconciler;

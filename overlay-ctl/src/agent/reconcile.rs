@@ -131,6 +131,7 @@ mod tests {
             name: name.into(),
             vtep: Ipv4Addr::new(192, 0, 2, last),
             iface: "eth0".into(),
+            underlay_mtu: Some(1500),
         }
     }
 

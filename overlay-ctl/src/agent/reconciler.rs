@@ -151,6 +151,7 @@ impl Agent {
         let plan = reconcile::plan(&cluster, &local, &veths.by_name);
         let (report, attached_now) = self.apply_plan(&plan, &veths.names)?;
         let applied = self.forwarding(&cluster, &plan, &veths, &attached_now);
+        self.check_underlay_mtu(&cluster.networks).await;
         Ok(Pass {
             outcome: ReconcileOutcome {
                 report,

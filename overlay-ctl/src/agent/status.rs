@@ -10,7 +10,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     control::{AgentStatus, ConsulStatus, MapUsage, ReconcileStatus},
-    lock, metrics, Agent,
+    lock, metrics,
+    mtu::UnderlayMtuStatus,
+    Agent,
 };
 use crate::{
     dataplane::datapath::{self, Datapath},
@@ -41,6 +43,8 @@ pub struct LiveStatus {
     /// Store records ignored in the last read, in all and by (kind, reason).
     pub rejected_records: usize,
     pub rejected_by_reason: BTreeMap<(RecordKind, RejectReason), u64>,
+    /// This node's underlay MTU and the networks it is too small for.
+    pub mtu: UnderlayMtuStatus,
 }
 
 impl Agent {
@@ -91,6 +95,7 @@ impl Agent {
         status.remote_endpoints = live.forwarding.remote_endpoints;
         status.attached = live.forwarding.attached.clone();
         status.rejected_records = live.rejected_records;
+        status.mtu = live.mtu.clone();
         status.store_trust = identity.trust().name().to_string();
         status.store_detail = identity.detail().map(str::to_string);
         status.cluster_id = identity.cluster().map(|c| c.cluster.clone());

@@ -236,7 +236,8 @@ pub struct OptionalNetnsTarget {
 #[derive(Subcommand)]
 pub enum NetworkCommand {
     /// Create a network. The gateway defaults to the first address, the VNI to the lowest
-    /// free one, the MTU to 1450 (1500 minus VXLAN's 50 bytes).
+    /// free one, the MTU to the smallest underlay MTU of the cluster's live nodes minus
+    /// VXLAN's 50 bytes (9000 -> 8950; 1450 when no node has recorded its underlay).
     Create {
         name: String,
         /// IPv4 subnet, e.g. 10.100.0.0/24 (host bits must be zero).
@@ -246,6 +247,8 @@ pub enum NetworkCommand {
         /// VXLAN network identifier, 1..16777215.
         #[arg(long)]
         vni: Option<u64>,
+        /// The containers' MTU, 576..9000; it must fit every live node's underlay
+        /// (MTU + 50 <= the smallest underlay MTU).
         #[arg(long)]
         mtu: Option<u32>,
     },

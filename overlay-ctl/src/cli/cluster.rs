@@ -12,7 +12,8 @@ pub async fn bind(cli: &Global, iface: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cluster members`: the nodes with their VTEPs, endpoints and session health.
+/// `cluster members`: the nodes with their VTEPs, underlay MTUs, endpoints and session
+/// health.
 pub async fn members(cli: &Global, json: bool) -> anyhow::Result<()> {
     let agent = super::try_agent(&cli.state_dir).await;
     let store = super::store_for(cli, agent.as_ref())?;
@@ -37,6 +38,7 @@ pub async fn members(cli: &Global, json: bool) -> anyhow::Result<()> {
                     "name": n.name,
                     "vtep": n.vtep,
                     "iface": n.iface,
+                    "underlay_mtu": n.underlay_mtu,
                     "endpoints": endpoints_of(&n.name),
                     "session": session_of(&n.name),
                     "health": if session_of(&n.name).is_some() { "alive" } else { "unheld" },
@@ -59,6 +61,8 @@ pub async fn members(cli: &Global, json: bool) -> anyhow::Result<()> {
                 format!("{}{marker}", n.name),
                 n.vtep.to_string(),
                 n.iface.clone(),
+                n.underlay_mtu
+                    .map_or_else(|| "-".to_string(), |mtu| mtu.to_string()),
                 endpoints_of(&n.name).to_string(),
                 match session_of(&n.name) {
                     Some(_) => "alive (session held)".to_string(),
@@ -67,6 +71,9 @@ pub async fn members(cli: &Global, json: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print_table(&["NODE", "VTEP", "IFACE", "ENDPOINTS", "HEALTH"], rows);
+    print_table(
+        &["NODE", "VTEP", "IFACE", "MTU", "ENDPOINTS", "HEALTH"],
+        rows,
+    );
     Ok(())
 }

@@ -19,13 +19,14 @@ pub async fn run(cli: &Global, command: &NetworkCommand) -> anyhow::Result<()> {
             vni,
             mtu,
         } => {
-            let n = store
-                .create_network(name, cidr, *gateway, *vni, *mtu)
+            let (n, mtu_choice) = store
+                .create_network_explained(name, cidr, *gateway, *vni, *mtu)
                 .await?;
             println!(
                 "network {} created: subnet {} gateway {} vni {} mtu {}",
                 n.name, n.subnet, n.gateway, n.vni, n.mtu
             );
+            println!("mtu {}: {mtu_choice}", n.mtu);
         }
         NetworkCommand::List { json } => list(&store, *json).await?,
         NetworkCommand::Inspect { name } => inspect(&store, name).await?,

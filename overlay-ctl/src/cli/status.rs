@@ -16,6 +16,7 @@ pub async fn show(cli: &Global, json: bool) -> anyhow::Result<()> {
 
 fn print_status(s: &AgentStatus) {
     print_dataplane(s);
+    print_mtu(s);
     print_cluster(s);
     print_reconcile(s);
     print_store_and_services(s);
@@ -68,6 +69,25 @@ fn print_dataplane(s: &AgentStatus) {
         println!(
             "             MISSING (could not be written): {}",
             missing.join(", ")
+        );
+    }
+}
+
+/// The underlay's MTU, and every network whose MTU it is too small for.
+fn print_mtu(s: &AgentStatus) {
+    if s.mtu.underlay_mtu == 0 {
+        return;
+    }
+    println!("mtu:         underlay {}", s.mtu.underlay_mtu);
+    for n in &s.mtu.too_small_for {
+        println!(
+            "             TOO SMALL for network {} (MTU {} + {} bytes of VXLAN, {} more than the underlay): \
+             containers here get ICMP fragmentation-needed above {}",
+            n.network,
+            n.mtu,
+            overlay_common::VXLAN_OVERHEAD,
+            n.shortfall,
+            n.fits
         );
     }
 }

@@ -112,8 +112,8 @@ async fn configure(
     configure_container(container, spec, &peer.name)
 }
 
-/// The host end (up, the gateway address, a route to the container) and the container
-/// end's link settings (MAC, MTU, GRO), both still in the host's namespace.
+/// The host end (up, MTU, the gateway address, a route to the container) and the
+/// container end's link settings (MAC, MTU, GRO), both still in the host's namespace.
 async fn configure_host(
     handle: &Handle,
     spec: &EndpointSpec,
@@ -124,6 +124,9 @@ async fn configure_host(
     let _ = netns::write_net_sysctl(&format!("ipv6.conf.{}.disable_ipv6", spec.host_ifname), "1");
     netlink::set_mac(handle, peer.index, spec.mac).await?;
     netlink::set_mtu(handle, peer.index, spec.mtu).await?;
+    // Both ends: a veth drops a frame larger than its receiving end's MTU, so a host end
+    // left at 1500 would lose a jumbo network's packets from the container.
+    netlink::set_mtu(handle, host.index, spec.mtu).await?;
     // XDP_REDIRECT into a veth needs a NAPI context on the receiving end: GRO gives it
     // one (and batches), without a program of ours living in the container.
     set_gro(&peer.name, true).map_err(io_err(format!("enable GRO on {}", peer.name)))?;

@@ -18,7 +18,8 @@
 //! - the operations, by entity: `networks` (with VNI and subnet claims, and
 //!   [`Store::bootstrap`]), `allocations` (the cluster-wide IPAM bookkeeping),
 //!   `nodes`, `endpoints`, `applied` (convergence: which index each node applied);
-//! - [`ipam`]: the pure address and naming rules; [`records`]: validation of every
+//! - [`ipam`]: the pure address and naming rules; [`mtu`]: a new network's MTU from
+//!   the nodes' underlays; [`records`]: validation of every
 //!   record read; [`identity`]: the cluster id that tells a store that lost its data
 //!   from the real one;
 //! - the backend: [`backend`] names the KV primitives the operations use
@@ -40,6 +41,7 @@ pub mod etcd;
 pub mod identity;
 pub mod ipam;
 pub mod keys;
+pub mod mtu;
 mod networks;
 mod nodes;
 pub mod records;
@@ -68,6 +70,8 @@ pub enum StoreError {
     Consul(#[from] ConsulError),
     #[error(transparent)]
     Invalid(#[from] IpamError),
+    #[error(transparent)]
+    Mtu(#[from] mtu::MtuError),
     #[error("network {0:?} already exists")]
     NetworkExists(String),
     #[error("network {0:?} does not exist")]
@@ -141,12 +145,16 @@ pub struct IpAllocation {
 /// cannot both add theirs, however they interleave.
 pub type SubnetClaims = std::collections::BTreeMap<String, String>;
 
-/// A node of the cluster: where its VTEP is.
+/// A node of the cluster: where its VTEP is, and how large a frame its underlay carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub name: String,
     pub vtep: Ipv4Addr,
     pub iface: String,
+    /// The MTU of `iface`, from which networks created without `--mtu` take theirs
+    /// (see [`mtu`]). Absent in records of agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_mtu: Option<u32>,
 }
 
 /// A container's interface on a network.

@@ -8,8 +8,11 @@ use overlay_common::{capacity, map_names};
 use tracing::{debug, info, warn};
 
 use super::{
-    backend::KvBackend as _, decode, encode, ipam, records, skip_invalid, Network, Store,
-    StoreError, SubnetClaims, DEFAULT_GATEWAY, DEFAULT_NETWORK, DEFAULT_SUBNET,
+    backend::KvBackend as _,
+    decode, encode, ipam,
+    mtu::{self, MtuChoice},
+    records, skip_invalid, Network, Store, StoreError, SubnetClaims, DEFAULT_GATEWAY,
+    DEFAULT_NETWORK, DEFAULT_SUBNET,
 };
 
 /// A network definition that passed validation, before anything is written.
@@ -17,12 +20,12 @@ struct NewNetwork {
     subnet: Ipv4Network,
     gateway: Ipv4Addr,
     vni: Option<u32>,
-    mtu: u32,
+    /// As requested (its value checked; whether it fits the underlay, [`mtu::choose`]).
+    mtu: Option<u32>,
 }
 
 impl NewNetwork {
-    /// Validates a `network create`; `gateway` defaults to the first address, `mtu` to
-    /// [`ipam::DEFAULT_MTU`].
+    /// Validates a `network create`; `gateway` defaults to the first address.
     fn validate(
         name: &str,
         cidr: &str,
@@ -35,8 +38,7 @@ impl NewNetwork {
         let gateway = gateway.unwrap_or_else(|| ipam::default_gateway(subnet));
         ipam::validate_gateway(subnet, gateway)?;
         let vni = vni.map(ipam::validate_vni).transpose()?;
-        let mtu = mtu.unwrap_or(ipam::DEFAULT_MTU);
-        ipam::validate_mtu(mtu)?;
+        mtu.map(ipam::validate_mtu).transpose()?;
         Ok(Self {
             subnet,
             gateway,
@@ -48,8 +50,8 @@ impl NewNetwork {
 
 impl Store {
     /// Creates a network. Everything is validated before anything is written; `gateway`
-    /// defaults to the first address, `vni` to the lowest free one, `mtu` to
-    /// [`ipam::DEFAULT_MTU`]. On a lost race nothing stays written.
+    /// defaults to the first address, `vni` to the lowest free one, `mtu` to the
+    /// smallest underlay's ([`mtu::choose`]). On a lost race nothing stays written.
     pub async fn create_network(
         &self,
         name: &str,
@@ -58,8 +60,24 @@ impl Store {
         vni: Option<u64>,
         mtu: Option<u32>,
     ) -> Result<Network, StoreError> {
+        let (network, _) = self
+            .create_network_explained(name, cidr, gateway, vni, mtu)
+            .await?;
+        Ok(network)
+    }
+
+    /// [`Store::create_network`], also saying how the MTU was chosen.
+    pub async fn create_network_explained(
+        &self,
+        name: &str,
+        cidr: &str,
+        gateway: Option<Ipv4Addr>,
+        vni: Option<u64>,
+        mtu: Option<u32>,
+    ) -> Result<(Network, MtuChoice), StoreError> {
         let new = NewNetwork::validate(name, cidr, gateway, vni, mtu)?;
         self.check_new_network(name, &new).await?;
+        let (mtu, mtu_choice) = mtu::choose(new.mtu, &self.list_nodes().await?)?;
         // The check that decides: the subnet is added to the claims with check-and-set.
         // Only a claim this call added is rolled back (a concurrent create of the same
         // name may hold it).
@@ -80,7 +98,7 @@ impl Store {
             subnet: new.subnet,
             gateway: new.gateway,
             vni,
-            mtu: new.mtu,
+            mtu,
         };
         let created = self
             .kv()
@@ -88,8 +106,8 @@ impl Store {
             .await;
         if let Ok(true) = created {
             let (subnet, gateway, mtu) = (network.subnet, network.gateway, network.mtu);
-            info!(network = name, %subnet, %gateway, vni, mtu, "network created");
-            return Ok(network);
+            info!(network = name, %subnet, %gateway, vni, mtu, "network created (MTU: {mtu_choice})");
+            return Ok((network, mtu_choice));
         }
         self.unclaim_vni(vni, name).await;
         if claimed {

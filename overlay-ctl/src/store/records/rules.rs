@@ -8,8 +8,8 @@ use overlay_common::MacAddr;
 use super::{RecordKind, RejectReason, Rejection};
 use crate::{
     store::consul::KvPair,
-    store::ipam,
     store::{self, Endpoint, IpAllocation, Network, NodeInfo},
+    store::{ipam, mtu},
 };
 
 /// A VTEP must be a unicast IPv4 address a packet can be sent to.
@@ -96,7 +96,7 @@ pub fn parse_network(prefix: &str, pair: &KvPair) -> Result<Network, Rejection> 
     Ok(network)
 }
 
-/// One `nodes/<name>` record: a valid name and VTEP, held by a session.
+/// One `nodes/<name>` record: a valid name, VTEP and underlay MTU, held by a session.
 pub fn parse_node(prefix: &str, pair: &KvPair) -> Result<NodeInfo, Rejection> {
     use RejectReason::*;
     let kind = RecordKind::Node;
@@ -111,6 +111,9 @@ pub fn parse_node(prefix: &str, pair: &KvPair) -> Result<NodeInfo, Rejection> {
         ));
     }
     check_vtep(node.vtep).map_err(|e| reject(BadVtep, format!("VTEP {}: {e}", node.vtep)))?;
+    if let Some(underlay_mtu) = node.underlay_mtu {
+        mtu::validate_underlay_mtu(underlay_mtu).map_err(|e| reject(BadMtu, e.to_string()))?;
+    }
     let iface_ok = store::check_segment("interface", &node.iface).is_ok()
         && node.iface.len() <= 15
         && !node.iface.contains(':');

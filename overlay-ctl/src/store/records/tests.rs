@@ -195,6 +195,39 @@ fn bad_nodes_are_rejected() {
 }
 
 #[test]
+fn node_underlay_mtu_is_optional_but_checked() {
+    let with_mtu = |name: &str, vtep: &str, mtu: &str| {
+        pair(
+            &format!("nodes/{name}"),
+            &format!(r#"{{"name":"{name}","vtep":"{vtep}","iface":"eth0","underlay_mtu":{mtu}}}"#),
+            1,
+            Some("s"),
+        )
+    };
+    let pairs = vec![
+        node("old", "192.0.2.1", 1, Some("s")),
+        with_mtu("jumbo", "192.0.2.2", "9000"),
+        with_mtu("tiny", "192.0.2.3", "67"),
+        with_mtu("huge", "192.0.2.4", "70000"),
+        with_mtu("negative", "192.0.2.5", "-1"),
+    ];
+    let s = parse_snapshot(P, &pairs, View::Cluster);
+    let mtus: Vec<_> = (s.state.nodes.iter())
+        .map(|n| (n.name.as_str(), n.underlay_mtu))
+        .collect();
+    assert_eq!(mtus, [("jumbo", Some(9000)), ("old", None)]);
+    use RejectReason::*;
+    assert_eq!(
+        reasons(&s),
+        vec![
+            ("nodes/huge".to_string(), BadMtu),
+            ("nodes/negative".to_string(), Malformed),
+            ("nodes/tiny".to_string(), BadMtu),
+        ]
+    );
+}
+
+#[test]
 fn bad_endpoints_are_rejected() {
     let mut pairs = network("net1", "10.100.0.0/24", 2, 10);
     pairs.extend(endpoint("net1", "ok", "10.100.0.2", "a", true));
