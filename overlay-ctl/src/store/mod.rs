@@ -20,7 +20,7 @@
 //!   `nodes`, `endpoints`, `applied` (convergence: which index each node applied);
 //! - [`ipam`]: the pure address and naming rules; [`records`]: validation of every
 //!   record read; [`identity`]: the cluster id that tells a store that lost its data
-//!   from the real one;
+//!   from the real one; [`settings`]: the cluster-wide settings (the VXLAN port);
 //! - the backend: [`backend`] names the KV primitives the operations use
 //!   ([`backend::KvBackend`]: get, list, keys, put, check-and-set, delete, session-bound
 //!   put, blocking list from an index), and [`consul`] is the Consul HTTP client that
@@ -43,6 +43,7 @@ pub mod keys;
 mod networks;
 mod nodes;
 pub mod records;
+pub mod settings;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -107,6 +108,8 @@ pub enum StoreError {
     Corrupt { key: String, message: String },
     #[error("invalid record {0}")]
     Rejected(#[from] records::Rejection),
+    #[error(transparent)]
+    BadVxlanPort(#[from] settings::BadVxlanPort),
     #[error("invalid record {0}; --force deletes it")]
     InvalidNetworkRecord(records::Rejection),
     #[error("{what}: {count} of at most {limit} (the data plane's {map} map holds {limit} entries); remove some first")]
