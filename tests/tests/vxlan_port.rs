@@ -138,6 +138,9 @@ fn the_port_chosen_at_bootstrap_and_changed_later_is_applied_by_every_agent() {
     // back to the default together, so they keep agreeing on the port.
     consul.with_client(|client| async move { client.put(PORT_KEY, b"53").await.unwrap() });
     wait_applied(&nodes, 4789);
+    let shown = nodes[0].cli(&["cluster", "config", "--json"]).ok();
+    assert!(shown.stderr.contains("bad_port"), "{shown:#?}");
+    assert_eq!(cluster_config(&nodes[0]), (4789, true));
     for node in &nodes {
         wait_until("the bad record counted", APPLIED, || {
             node.status()

@@ -7,7 +7,7 @@ use super::{
 };
 use crate::{
     agent::control::AgentClient,
-    store::{records::RecordKind, settings::DEFAULT_VXLAN_PORT},
+    store::{records::RecordKind, settings::DEFAULT_VXLAN_PORT, StoreError},
 };
 
 /// `cluster bind IFACE`: the local agent moves its underlay and VTEP.
@@ -84,7 +84,13 @@ pub async fn members(cli: &Global, json: bool) -> anyhow::Result<()> {
 pub async fn config(cli: &Global, json: bool) -> anyhow::Result<()> {
     let agent = super::try_agent(&cli.state_dir).await;
     let store = super::store_for(cli, agent.as_ref())?;
-    let stored = store.vxlan_port().await?;
+    let stored = match store.vxlan_port().await {
+        Err(StoreError::Rejected(rejection)) => {
+            eprintln!("warning: ignoring invalid record {rejection}; the agents use the default");
+            None
+        }
+        other => other?,
+    };
     let port = stored.unwrap_or(DEFAULT_VXLAN_PORT);
     if json {
         let config =
