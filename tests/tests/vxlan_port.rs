@@ -53,16 +53,22 @@ fn in_container<R: Send>(container: &Background, f: impl FnOnce() -> R + Send) -
     container.open_netns().unwrap().run(f).unwrap()
 }
 
-/// A dev server and two nodes; node 1 bootstraps with `bootstrap_args`.
-fn two_nodes(underlay: &Underlay, bootstrap_args: &[&str]) -> (DevConsul, Vec<Node>) {
+/// A dev server and two nodes started with `common` arguments; node 1 bootstraps with
+/// `bootstrap_args`.
+fn two_nodes(
+    underlay: &Underlay,
+    bootstrap_args: &[&str],
+    common: &[&str],
+) -> (DevConsul, Vec<Node>) {
     let consul = DevConsul::start(&BINS, underlay, None);
     let mut nodes: Vec<Node> = (1..=2)
         .map(|n| Node::new(&BINS, underlay, n, &consul))
         .collect();
     let mut first = vec!["--bootstrap"];
     first.extend_from_slice(bootstrap_args);
+    first.extend_from_slice(common);
     nodes[0].start_agent(&first);
-    nodes[1].start_agent(&[]);
+    nodes[1].start_agent(common);
     for node in &nodes {
         node.wait_registered(JOIN);
     }
@@ -92,7 +98,7 @@ fn assert_pings_both_ways(
 fn the_port_chosen_at_bootstrap_and_changed_later_is_applied_by_every_agent() {
     require_root();
     let underlay = Underlay::new();
-    let (consul, nodes) = two_nodes(&underlay, &["--vxlan-port", "8472"]);
+    let (consul, nodes) = two_nodes(&underlay, &["--vxlan-port", "8472"], &[]);
     assert_eq!(cluster_config(&nodes[1]), (8472, false));
     wait_applied(&nodes, 8472);
     let status = nodes[1].cli(&["status"]).ok();
@@ -154,7 +160,7 @@ fn the_port_chosen_at_bootstrap_and_changed_later_is_applied_by_every_agent() {
 fn a_cluster_without_the_setting_keeps_4789_and_a_second_bootstrap_changes_nothing() {
     require_root();
     let underlay = Underlay::new();
-    let (consul, mut nodes) = two_nodes(&underlay, &[]);
+    let (consul, mut nodes) = two_nodes(&underlay, &[], &[]);
     // A bootstrap without --vxlan-port stores the default explicitly.
     assert_eq!(cluster_config(&nodes[0]), (4789, false));
     wait_applied(&nodes, 4789);
@@ -182,4 +188,56 @@ fn a_cluster_without_the_setting_keeps_4789_and_a_second_bootstrap_changes_nothi
     let bad = nodes[1].cli(&["agent", "--bootstrap", "--vxlan-port", "80", "--node", "x"]);
     assert_eq!(bad.code, 1, "{bad:#?}");
     assert!(bad.stderr.contains("1024-32767"), "{bad:#?}");
+}
+
+/// A store that lost its data gets the cluster's port back from the agents, and no
+/// agent falls back to the default port meanwhile (which would cut the cluster off its
+/// Linux vxlan peers).
+#[test]
+fn a_store_that_lost_its_data_gets_the_port_back_and_no_node_changes_port() {
+    require_root();
+    let underlay = Underlay::new();
+    // A short resync, so that the store's loss is seen within seconds.
+    let (mut consul, nodes) = two_nodes(
+        &underlay,
+        &["--vxlan-port", "8472"],
+        &["--session-ttl", "3s", "--resync-interval", "1s"],
+    );
+    wait_applied(&nodes, 8472);
+    for node in &nodes {
+        wait_until("the cluster id known", JOIN, || {
+            node.status().is_some_and(|s| s["store_trust"] == "trusted")
+        });
+    }
+    let log_offsets: Vec<usize> = nodes.iter().map(|n| n.agent_log().len()).collect();
+    // The dev server comes back without its data (no data dir).
+    consul.restart();
+    wait_until("the port republished", JOIN, || {
+        consul
+            .kv_snapshot(PORT_KEY)
+            .iter()
+            .any(|(_, value, _)| value == b"8472")
+    });
+    for node in &nodes {
+        wait_until("registered again", JOIN, || {
+            node.status()
+                .is_some_and(|s| s["consul"]["registered"] == true)
+        });
+    }
+    for (node, offset) in nodes.iter().zip(log_offsets) {
+        assert_eq!(applied_port(node), Some(8472), "{}", node.name);
+        let log = node.agent_log();
+        assert!(
+            log[offset..].contains("THE STORE HAS LOST THE CLUSTER'S DATA")
+                || log[offset..].contains("the store was restored"),
+            "{} said nothing about the store's loss",
+            node.name
+        );
+        assert!(
+            !log[offset..].contains("VXLAN port changed"),
+            "{} changed its port while the store was empty:\n{}",
+            node.name,
+            &log[offset..]
+        );
+    }
 }

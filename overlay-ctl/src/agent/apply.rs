@@ -330,11 +330,11 @@ fn set_cluster_config(
     match datapath.set_cluster_config(&desired.cluster) {
         Ok(()) => {
             report.upserted += 1;
-            info!(
-                vxlan_port = desired.cluster.vxlan_port(),
-                before = current.cluster.vxlan_port(),
-                "VXLAN port set"
-            );
+            let (before, now) = (current.cluster.vxlan_port(), desired.cluster.vxlan_port());
+            // A fresh map's zero already meant the default: only a real change is news.
+            if before != now {
+                info!(vxlan_port = now, before, "VXLAN port changed");
+            }
         }
         Err(e) => report.fail(Some(names::CLUSTER), "write CLUSTER", &e),
     }
