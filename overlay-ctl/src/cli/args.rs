@@ -303,11 +303,15 @@ pub enum ClusterCommand {
 
 #[derive(Subcommand)]
 pub enum ClusterSetting {
-    /// The VXLAN UDP destination port of every node, 1024..32767 (4789 is IANA's, 8472
-    /// Linux's default). The data plane switches without a reload; packets in flight
-    /// while the nodes switch (milliseconds) may be lost, and Linux vxlan devices
-    /// talking to the cluster must be changed too.
+    /// The VXLAN UDP destination port of every node.
+    ///
+    /// 4789 is IANA's port (the default), 8472 Linux's own default (flannel, Cilium).
+    /// Every agent's data plane switches on its next reconcile, without a reload;
+    /// packets in flight while the nodes switch (milliseconds) may be lost. Linux vxlan
+    /// devices that talk to the cluster must be recreated with the new port.
     VxlanPort {
+        /// A UDP port from 1024 to 32767 (not a well-known service's, not an ephemeral
+        /// one: the data plane takes all UDP between nodes to this port).
         #[arg(value_name = "PORT")]
         port: u64,
     },
