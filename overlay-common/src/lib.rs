@@ -31,6 +31,7 @@ pub mod map_names {
     pub const SUBNETS: &str = "SUBNETS";
     pub const VTEPS: &str = "VTEPS";
     pub const UNDERLAY: &str = "UNDERLAY";
+    pub const CLUSTER: &str = "CLUSTER";
 }
 
 /// Program names (the function names in `overlay-ebpf`).
@@ -56,6 +57,7 @@ pub mod capacity {
     pub const SUBNETS: u32 = 4_096;
     pub const VTEPS: u32 = 4_096;
     pub const UNDERLAY: u32 = 1;
+    pub const CLUSTER: u32 = 1;
 }
 
 /// Largest valid VXLAN network identifier (24 bits).
@@ -315,6 +317,43 @@ impl UnderlayConfig {
     }
 }
 
+/// Value of [`map_names::CLUSTER`] (an array with one element): the settings every node
+/// of the cluster shares, written by the agent from the cluster's config in the store.
+/// The programs read it per packet, so a change needs no reload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The VXLAN UDP destination port (network byte order); 0, the value of an entry
+    /// nobody wrote, means [`proto::VXLAN_PORT`].
+    pub vxlan_port: u16,
+    pub _pad: [u8; 2],
+}
+
+impl ClusterConfig {
+    /// Settings with VXLAN on UDP port `vxlan_port` (host order; 0 for the default).
+    pub const fn new(vxlan_port: u16) -> Self {
+        Self {
+            vxlan_port: vxlan_port.to_be(),
+            _pad: [0; 2],
+        }
+    }
+
+    /// The VXLAN port in network byte order, as packets carry it: what the programs
+    /// write and match.
+    pub const fn vxlan_port_be(&self) -> u16 {
+        if self.vxlan_port == 0 {
+            proto::VXLAN_PORT.to_be()
+        } else {
+            self.vxlan_port
+        }
+    }
+
+    /// The VXLAN port in host byte order (the default when unset).
+    pub const fn vxlan_port(&self) -> u16 {
+        u16::from_be(self.vxlan_port_be())
+    }
+}
+
 macro_rules! assert_size {
     ($t:ty, $n:expr) => {
         const _: () = assert!(core::mem::size_of::<$t>() == $n);
@@ -329,6 +368,7 @@ assert_size!(SubnetKey, 8);
 assert_size!(SubnetValue, 4);
 assert_size!(VtepInfo, 4);
 assert_size!(UnderlayConfig, 20);
+assert_size!(ClusterConfig, 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -343,6 +383,7 @@ mod pod {
     unsafe impl aya::Pod for SubnetValue {}
     unsafe impl aya::Pod for VtepInfo {}
     unsafe impl aya::Pod for UnderlayConfig {}
+    unsafe impl aya::Pod for ClusterConfig {}
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for CounterValue {}
 }
@@ -374,6 +415,15 @@ mod tests {
         assert_eq!((remote._pad, remote.mac), ([0; 2], mac.octets()));
         assert!(EndpointValue::local(3, mac).is_local());
         assert!(VtepInfo::local().is_local() && !VtepInfo::remote().is_local());
+    }
+
+    #[test]
+    fn cluster_config_defaults_to_the_iana_port_and_stores_network_order() {
+        assert_eq!(ClusterConfig::default().vxlan_port(), proto::VXLAN_PORT);
+        assert_eq!(ClusterConfig::new(0), ClusterConfig::default());
+        let linux = ClusterConfig::new(proto::LINUX_VXLAN_PORT);
+        assert_eq!(linux.vxlan_port(), 8472);
+        assert_eq!(linux.vxlan_port_be().to_ne_bytes(), [0x21, 0x18]);
     }
 
     #[test]

@@ -33,8 +33,12 @@ pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMP_QUOTED_PAYLOAD: usize = 8;
 
 pub const UDP_HLEN: usize = 8;
-/// IANA-assigned VXLAN port (RFC 7348 section 5).
+/// IANA-assigned VXLAN port (RFC 7348 section 5): the cluster's port unless its config
+/// names another (`ClusterConfig`), and so the programs' default.
 pub const VXLAN_PORT: u16 = 4789;
+/// The port Linux's `vxlan` driver uses when none is given (from before IANA's
+/// assignment), as flannel and Cilium do.
+pub const LINUX_VXLAN_PORT: u16 = 8472;
 pub const VXLAN_HLEN: usize = 8;
 /// The "I" flag: the VNI field is valid.
 pub const VXLAN_FLAG_I: u8 = 0x08;

@@ -19,7 +19,7 @@ use aya_ebpf::{
 use overlay_common::{
     proto::{
         ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP, IPV4_DEFAULT_TTL, IPV4_FLAG_DF,
-        IPV4_HLEN_MIN, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I, VXLAN_HLEN, VXLAN_PORT,
+        IPV4_HLEN_MIN, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I, VXLAN_HLEN,
         VXLAN_SRC_PORT_MIN, VXLAN_SRC_PORT_RANGE,
     },
     tunnel_mtu, Counter, EndpointValue, LocalIface, NetworkInfo, UnderlayConfig, VXLAN_OVERHEAD,
@@ -29,7 +29,7 @@ use crate::{
     counters::count,
     headers::{EthHdr, Ipv4Hdr, TcpHdrPrefix, UdpHdr, VxlanHdr},
     icmp,
-    maps::underlay_config,
+    maps::{underlay_config, vxlan_port_be},
     packet::{fold_checksum, ipv4_header_sum, ptr_at},
     verdict::tc::drop,
 };
@@ -176,7 +176,8 @@ fn write_headers(
         *vxlan = vx;
         *udp = UdpHdr {
             source: src_port.to_be(),
-            dest: VXLAN_PORT.to_be(),
+            // The cluster's port, read per packet: a change needs no reload.
+            dest: vxlan_port_be(),
             len: udp_len.to_be(),
             // Zero: no outer UDP checksum (allowed for IPv4 by RFC 7348); the inner
             // packet carries its own.

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, PerCpuHashMap},
 };
 use overlay_common::{
-    capacity, CounterKey, CounterValue, EndpointKey, EndpointValue, LocalIface, NetworkInfo,
-    SubnetValue, UnderlayConfig, VtepInfo,
+    capacity, ClusterConfig, CounterKey, CounterValue, EndpointKey, EndpointValue, LocalIface,
+    NetworkInfo, SubnetValue, UnderlayConfig, VtepInfo,
 };
 
 /// `BPF_F_NO_PREALLOC`: LPM tries require it.
@@ -38,6 +38,20 @@ pub static VTEPS: HashMap<u32, VtepInfo> = HashMap::pinned(capacity::VTEPS, 0);
 
 #[map]
 pub static UNDERLAY: Array<UnderlayConfig> = Array::pinned(capacity::UNDERLAY, 0);
+
+/// The cluster-wide settings (one element, zero until the agent writes it).
+#[map]
+pub static CLUSTER: Array<ClusterConfig> = Array::pinned(capacity::CLUSTER, 0);
+
+/// The VXLAN UDP port in network byte order: the cluster's setting, or the IANA port
+/// when none was written (an array element always exists and starts zeroed).
+#[inline(always)]
+pub fn vxlan_port_be() -> u16 {
+    match CLUSTER.get(0) {
+        Some(config) => config.vxlan_port_be(),
+        None => ClusterConfig::default().vxlan_port_be(),
+    }
+}
 
 #[inline(always)]
 pub fn underlay_config() -> Option<&'static UnderlayConfig> {

@@ -1,6 +1,7 @@
 //! The underlay's receive path: VXLAN decapsulation, at XDP or at TC ingress.
 //!
-//! Non-VXLAN traffic passes to the host untouched. VXLAN addressed to this node is
+//! Non-VXLAN traffic passes to the host untouched; VXLAN is UDP to the cluster's port
+//! (the `CLUSTER` map, read per packet). VXLAN addressed to this node is
 //! accepted only from a known cluster VTEP, with the I flag, for a known VNI, and for an
 //! endpoint on this node; anything else is dropped and counted. Valid packets lose their
 //! outer headers and go straight to the endpoint's container.
@@ -19,7 +20,7 @@ use aya_ebpf::{
 use overlay_common::{
     proto::{
         ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I,
-        VXLAN_HLEN, VXLAN_PORT,
+        VXLAN_HLEN,
     },
     Counter, EndpointKey, EndpointValue,
 };
@@ -27,7 +28,7 @@ use overlay_common::{
 use crate::{
     counters::{count, VNI_UNDERLAY},
     headers::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
-    maps::{underlay_config, ENDPOINTS, NETWORKS, VTEPS},
+    maps::{underlay_config, vxlan_port_be, ENDPOINTS, NETWORKS, VTEPS},
     packet::ptr_at,
     verdict::{tc, xdp},
 };
@@ -173,7 +174,9 @@ fn classify(data: usize, data_end: usize) -> Classified {
     let Some(udp) = ptr_at::<UdpHdr>(data, data_end, udp_offset) else {
         return Classified::Malformed;
     };
-    if unsafe { (*udp).dest } != VXLAN_PORT.to_be() {
+    // Only the cluster's current port is VXLAN: after a change, the old port is the
+    // host's business like any other UDP.
+    if unsafe { (*udp).dest } != vxlan_port_be() {
         return Classified::Other;
     }
     match underlay_config() {

@@ -4,7 +4,9 @@
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use overlay_common::{EndpointKey, EndpointValue, MacAddr, NetworkInfo, VtepInfo, VXLAN_OVERHEAD};
+use overlay_common::{
+    ClusterConfig, EndpointKey, EndpointValue, MacAddr, NetworkInfo, VtepInfo, VXLAN_OVERHEAD,
+};
 use overlay_ctl::{
     dataplane::datapath::{Datapath, XdpAttachMode},
     dataplane::endpoint::{self, EndpointSpec},
@@ -231,6 +233,14 @@ impl Host {
             };
             self.datapath.upsert_vtep(*vtep, &info).unwrap();
         }
+    }
+
+    /// Encapsulates to and decapsulates only UDP `port` from now on, as an agent does
+    /// when the cluster's port changes (the programs read it per packet).
+    pub fn set_vxlan_port(&mut self, port: u16) {
+        self.datapath
+            .set_cluster_config(&ClusterConfig::new(port))
+            .unwrap();
     }
 
     pub fn add_network(&mut self, network: &Network) {

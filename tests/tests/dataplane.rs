@@ -2,7 +2,10 @@
 //! namespaces each running the programs, containers as namespaces plumbed to them.
 use std::time::Duration;
 
-use overlay_common::Counter;
+use overlay_common::{
+    proto::{LINUX_VXLAN_PORT, VXLAN_PORT},
+    Counter,
+};
 use overlay_ctl::dataplane::underlay::DecapMode;
 use overlay_tests::{harness::*, net, topology::*};
 
@@ -371,6 +374,8 @@ fn path_mtu_discovery_through_icmp_frag_needed() {
     );
 }
 
+/// A Linux vxlan device on the default port (4789, the programs' default: no host's
+/// port is set).
 #[test]
 fn frag_needed_carries_the_network_mtu_when_the_underlay_is_larger() {
     require_root();
@@ -422,19 +427,45 @@ fn frag_needed_carries_the_network_mtu_when_the_underlay_is_larger() {
 
 #[test]
 fn interoperates_with_a_linux_vxlan_device() {
+    interoperates_with_a_linux_vxlan_device_on(None);
+}
+
+/// The cluster on Linux's own default port, 8472, as flannel and Cilium use it: the
+/// Linux device only sends to and listens on 8472, so every packet both ways went there.
+#[test]
+fn interoperates_with_a_linux_vxlan_device_on_8472() {
+    interoperates_with_a_linux_vxlan_device_on(Some(LINUX_VXLAN_PORT));
+}
+
+/// Pings both ways and a TCP stream between a container and a host with a plain Linux
+/// vxlan device, the cluster's port set to `port` (`None`: left at the default).
+fn interoperates_with_a_linux_vxlan_device_on(port: Option<u16>) {
     let mut s = scenario();
+    if let Some(port) = port {
+        for host in &mut s.hosts {
+            host.set_vxlan_port(port);
+        }
+    }
     let net1 = s.a1.network;
     // Host 4 runs no eBPF: a plain Linux vxlan device for VNI 100 with static entries.
     let (linux_host, linux_underlay) = s._underlay.plug("lnx", 4);
     let linux_vtep = Underlay::host_address(4);
     let linux_ip = net1.address(50);
     let (a1_ip, a1_mac, host1_vtep) = (s.a1.ip, s.a1.mac, s.hosts[0].vtep);
+    let linux_port = port.unwrap_or(VXLAN_PORT);
     let vxlan = linux_host.block_on(|| async move {
         use overlay_ctl::dataplane::netlink;
         let handle = netlink::connect().unwrap();
-        let vx = netlink::create_vxlan(&handle, "vx100", 100, linux_vtep, linux_underlay.index)
-            .await
-            .unwrap();
+        let vx = netlink::create_vxlan(
+            &handle,
+            "vx100",
+            100,
+            linux_vtep,
+            linux_underlay.index,
+            linux_port,
+        )
+        .await
+        .unwrap();
         netlink::set_mtu(&handle, vx.index, 1450).await.unwrap();
         netlink::add_address(&handle, vx.index, linux_ip, 24)
             .await
@@ -472,4 +503,92 @@ fn interoperates_with_a_linux_vxlan_device() {
         .run(|| net::tcp_send_all(linux_ip, PORT, &data, Duration::from_secs(60)));
     assert_eq!(receiver.join().unwrap().unwrap(), expected);
     assert!(s.hosts[0].packets(100, Counter::Decapsulated) > 0);
+    assert!(s.hosts[0].packets(100, Counter::Encapsulated) > 0);
+}
+
+/// The cluster's port changes on every host (the map write an agent's reconcile makes):
+/// traffic goes on over the new port without a reload, and VXLAN sent to the old port
+/// is the host's business like any UDP (counted as not VXLAN, never decapsulated).
+#[test]
+fn after_a_port_change_only_the_new_port_is_vxlan() {
+    only_the_new_port_is_vxlan(DecapMode::Auto);
+}
+
+/// [`after_a_port_change_only_the_new_port_is_vxlan`] with the XDP decap hook.
+#[test]
+fn after_a_port_change_only_the_new_port_is_vxlan_at_xdp() {
+    only_the_new_port_is_vxlan(DecapMode::Xdp);
+}
+
+fn only_the_new_port_is_vxlan(decap: DecapMode) {
+    let mut s = scenario_with(decap);
+    assert!(
+        s.a1.ns.run(|| net::ping_until_reply(s.b1.ip, REPLY)),
+        "cross-host ping on the default port"
+    );
+    for host in &mut s.hosts {
+        host.set_vxlan_port(LINUX_VXLAN_PORT);
+    }
+    let (host1, host2) = (&s.hosts[0], &s.hosts[1]);
+    let decap_before = host2.packets(100, Counter::Decapsulated);
+    assert!(
+        s.a1.ns.run(|| net::ping_until_reply(s.b1.ip, REPLY)),
+        "cross-host ping after the change"
+    );
+    assert!(
+        s.b1.ns.run(|| net::ping_until_reply(s.a1.ip, REPLY)),
+        "and back"
+    );
+    assert!(host2.packets(100, Counter::Decapsulated) > decap_before);
+
+    // Valid VXLAN from a cluster VTEP for b1: first to the old port, then to the new.
+    const INNER_PORT: u16 = 7;
+    const OLD_SENT: usize = 5;
+    let sink =
+        s.b1.ns
+            .run(|| std::net::UdpSocket::bind((s.b1.ip, INNER_PORT)).unwrap());
+    sink.set_read_timeout(Some(REPLY)).unwrap();
+    let vxlan_for_b1 = |payload: &[u8]| {
+        let inner =
+            overlay_tests::frames::inner_udp_frame(s.b1.mac, s.a1.mac, s.a1.ip, s.b1.ip, payload);
+        overlay_tests::frames::vxlan_payload(overlay_common::proto::VXLAN_FLAG_I, 100, &inner)
+    };
+    let to_host2 = |port| std::net::SocketAddrV4::new(host2.vtep, port);
+    let other_before = host2.packets(0, Counter::UnderlayOther);
+    let decap_before = host2.packets(100, Counter::Decapsulated);
+    host1.ns.run(|| {
+        net::udp_send_payload(
+            host1.vtep,
+            to_host2(VXLAN_PORT),
+            &vxlan_for_b1(b"old"),
+            OLD_SENT,
+        );
+        net::udp_send_payload(
+            host1.vtep,
+            to_host2(LINUX_VXLAN_PORT),
+            &vxlan_for_b1(b"new"),
+            1,
+        );
+    });
+    // Same path, in order: had the old port been decapsulated, "old" would come first.
+    let mut buf = [0u8; 64];
+    let (n, _) = sink
+        .recv_from(&mut buf)
+        .expect("VXLAN to the new port reaches the container");
+    assert_eq!(
+        &buf[..n],
+        b"new",
+        "VXLAN to the old port reached the container"
+    );
+    sink.set_nonblocking(true).unwrap();
+    assert!(
+        sink.recv_from(&mut buf).is_err(),
+        "a second datagram arrived"
+    );
+    assert_eq!(host2.packets(100, Counter::Decapsulated) - decap_before, 1);
+    assert!(
+        host2.packets(0, Counter::UnderlayOther) - other_before >= OLD_SENT as u64,
+        "VXLAN to the old port is counted as not VXLAN"
+    );
+    assert_eq!(host2.packets(0, Counter::DropMalformed), 0);
 }

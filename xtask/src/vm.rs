@@ -762,6 +762,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "runs agent and CLI processes with iputils' ping -M do, like cluster",
     ),
     (
+        "vxlan_port",
+        "runs agent and CLI processes like cluster; the data plane's side of the port is in the guest's data-plane tests",
+    ),
+    (
         "egress",
         "the egress NAT is applied through Debian's nft, which the busybox guest does not have",
     ),

@@ -155,6 +155,7 @@ pub fn apply(
         vteps: datapath.vteps()?,
         endpoints: datapath.endpoints()?,
         local_ifaces: datapath.local_ifaces()?,
+        cluster: datapath.cluster_config()?,
     };
     remove_all_stale(datapath, &current, desired, &mut report);
     let failed = upsert_all(datapath, &current, desired, &mut report);
@@ -268,6 +269,7 @@ fn upsert_all(
     report: &mut ApplyReport,
 ) -> FailedWrites {
     let (have, want) = (current, desired);
+    set_cluster_config(datapath, have, want, report);
     upsert_changed(
         datapath,
         names::NETWORKS,
@@ -311,6 +313,30 @@ fn upsert_all(
     FailedWrites {
         local_ifaces,
         endpoints,
+    }
+}
+
+/// Writes the cluster-wide settings when they changed: from the next packet on, this
+/// node encapsulates to and decapsulates only the new VXLAN port.
+fn set_cluster_config(
+    datapath: &mut Datapath,
+    current: &DesiredMaps,
+    desired: &DesiredMaps,
+    report: &mut ApplyReport,
+) {
+    if current.cluster == desired.cluster {
+        return;
+    }
+    match datapath.set_cluster_config(&desired.cluster) {
+        Ok(()) => {
+            report.upserted += 1;
+            let (before, now) = (current.cluster.vxlan_port(), desired.cluster.vxlan_port());
+            // A fresh map's zero already meant the default: only a real change is news.
+            if before != now {
+                info!(vxlan_port = now, before, "VXLAN port changed");
+            }
+        }
+        Err(e) => report.fail(Some(names::CLUSTER), "write CLUSTER", &e),
     }
 }
 

@@ -112,6 +112,9 @@ pub struct AgentStatus {
     #[serde(default)]
     pub host_changes: Vec<crate::dataplane::underlay::HostChange>,
     pub tc_attach: String,
+    /// The VXLAN UDP port this node's data plane uses now (its `CLUSTER` map).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan_port: Option<u16>,
     pub pin_root: String,
     pub programs: BTreeMap<String, u32>,
     pub maps: Vec<MapUsage>,

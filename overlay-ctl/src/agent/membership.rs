@@ -111,6 +111,10 @@ impl Agent {
             info!(node = %info.name, vtep = %info.vtep, underlay_mtu = ?info.underlay_mtu, session = %id, "joined the cluster");
         }
         if !membership.bootstrapped {
+            // The port first: a bootstrap interrupted after it still stores it next time.
+            self.store
+                .bootstrap_vxlan_port(self.options.bootstrap_vxlan_port)
+                .await?;
             if self.store.bootstrap().await? {
                 info!("bootstrapped the cluster: network \"default\" created");
             }

@@ -111,6 +111,8 @@ pub struct AgentOptions {
     pub decap: DecapMode,
     /// Create the `default` network if the cluster has never been bootstrapped.
     pub bootstrap: bool,
+    /// With `bootstrap`: the VXLAN port to store for a new cluster (`None`: the default).
+    pub bootstrap_vxlan_port: Option<u16>,
     /// Leave nothing behind on exit: leave the cluster, detach, remove the pins.
     pub ephemeral: bool,
     pub session_ttl: Duration,

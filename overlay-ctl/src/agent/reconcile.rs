@@ -5,9 +5,11 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
-use overlay_common::{EndpointKey, EndpointValue, LocalIface, MacAddr, NetworkInfo, VtepInfo};
+use overlay_common::{
+    ClusterConfig, EndpointKey, EndpointValue, LocalIface, MacAddr, NetworkInfo, VtepInfo,
+};
 
-use crate::{dataplane::map_values, store::Endpoint};
+use crate::{dataplane::map_values, store::settings::DEFAULT_VXLAN_PORT, store::Endpoint};
 
 pub use crate::store::ClusterState;
 
@@ -33,6 +35,8 @@ pub struct DesiredMaps {
     pub vteps: BTreeMap<Ipv4Addr, VtepInfo>,
     pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
     pub local_ifaces: BTreeMap<u32, LocalIface>,
+    /// The cluster-wide settings (the VXLAN port).
+    pub cluster: ClusterConfig,
 }
 
 /// Local endpoints whose veth is missing: left to [`DesiredMaps`]'s caller to clean up.
@@ -46,7 +50,10 @@ pub struct Plan {
 /// key exists, held by its session), and they are reached at the node's current VTEP;
 /// local endpoints need their host veth (`veths`, by interface name).
 pub fn plan(state: &ClusterState, local: &LocalNode, veths: &BTreeMap<String, HostVeth>) -> Plan {
-    let mut maps = DesiredMaps::default();
+    let mut maps = DesiredMaps {
+        cluster: ClusterConfig::new(state.vxlan_port.unwrap_or(DEFAULT_VXLAN_PORT)),
+        ..Default::default()
+    };
     let mut vni_of = BTreeMap::new();
     for network in &state.networks {
         maps.networks
@@ -148,6 +155,7 @@ mod tests {
                 // An endpoint of a network that no longer exists.
                 endpoint("four", "net9", [10, 9, 0, 4], "b"),
             ],
+            vxlan_port: Some(8472),
         };
         let local = LocalNode {
             name: "a".into(),
@@ -181,6 +189,7 @@ mod tests {
         );
         assert_eq!(maps.local_ifaces[&42].vni, 7);
         assert_eq!(maps.local_ifaces[&42].host_mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(maps.cluster.vxlan_port(), 8472);
     }
 
     #[test]
@@ -189,6 +198,7 @@ mod tests {
             networks: vec![network("net1", "10.100.0.0/24", 7)],
             nodes: vec![node("a", 1)],
             endpoints: vec![endpoint("one", "net1", [10, 100, 0, 2], "a")],
+            vxlan_port: None,
         };
         let local = LocalNode {
             name: "a".into(),
@@ -197,6 +207,8 @@ mod tests {
         let plan = plan(&state, &local, &BTreeMap::new());
         assert_eq!(plan.missing_veths.len(), 1);
         assert!(plan.maps.endpoints.is_empty());
+        // A store that names no port: the default, written explicitly.
+        assert_eq!(plan.maps.cluster, ClusterConfig::new(DEFAULT_VXLAN_PORT));
     }
 
     #[test]

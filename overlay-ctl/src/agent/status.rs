@@ -109,6 +109,9 @@ impl Agent {
             Some(datapath) => programs_and_maps(datapath),
             None => Default::default(),
         };
+        let vxlan_port = (plane.datapath.as_mut())
+            .and_then(|d| d.cluster_config().ok())
+            .map(|c| c.vxlan_port());
         let underlay = &plane.underlay;
         AgentStatus {
             node: self.node().to_string(),
@@ -124,6 +127,7 @@ impl Agent {
             } else {
                 "clsact (netlink)".into()
             },
+            vxlan_port,
             pin_root: self.options.pin_root.display().to_string(),
             programs,
             maps,

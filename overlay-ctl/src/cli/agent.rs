@@ -21,6 +21,9 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
     };
     crate::store::ipam::validate_name(&node)
         .with_context(|| format!("invalid node name {node:?}"))?;
+    if let Some(port) = args.vxlan_port {
+        crate::store::settings::check_vxlan_port(port.into()).context("invalid --vxlan-port")?;
+    }
     let consul = super::consul_client(cli.consul.as_deref(), None)?;
     let prefix = cli
         .prefix
@@ -41,6 +44,7 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
         xdp_mode: args.xdp_mode,
         decap: args.decap,
         bootstrap: args.bootstrap,
+        bootstrap_vxlan_port: args.vxlan_port,
         ephemeral: args.ephemeral,
         session_ttl: args.session_ttl,
         resync_interval: args.resync_interval,

@@ -120,7 +120,7 @@ pub enum Command {
     /// Endpoints (containers on networks) of the cluster.
     #[command(subcommand)]
     Endpoint(EndpointCommand),
-    /// Cluster membership.
+    /// Cluster membership and the cluster-wide settings.
     #[command(subcommand)]
     Cluster(ClusterCommand),
     /// Run a development store in the foreground (as `consul agent -dev` does).
@@ -154,6 +154,11 @@ pub struct AgentArgs {
     /// Create the `default` network (10.1.0.0/16) if the cluster was never bootstrapped.
     #[arg(long)]
     pub bootstrap: bool,
+    /// With --bootstrap: the cluster's VXLAN UDP port [default: 4789, IANA's; Linux's
+    /// vxlan driver, flannel and Cilium use 8472]. Ignored (with a warning) when the
+    /// cluster exists already; change it with `overlay-ctl cluster set vxlan-port`.
+    #[arg(long, requires = "bootstrap", value_name = "PORT")]
+    pub vxlan_port: Option<u16>,
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pub pin_root: PathBuf,
@@ -288,6 +293,30 @@ pub enum ClusterCommand {
     Members {
         #[arg(long)]
         json: bool,
+    },
+    /// The cluster-wide settings (the VXLAN port), as stored.
+    Config {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a cluster-wide setting; every agent applies it on its next reconcile.
+    #[command(subcommand)]
+    Set(ClusterSetting),
+}
+
+#[derive(Subcommand)]
+pub enum ClusterSetting {
+    /// The VXLAN UDP destination port of every node.
+    ///
+    /// 4789 is IANA's port (the default), 8472 Linux's own default (flannel, Cilium).
+    /// Every agent's data plane switches on its next reconcile, without a reload;
+    /// packets in flight while the nodes switch (milliseconds) may be lost. Linux vxlan
+    /// devices that talk to the cluster must be recreated with the new port.
+    VxlanPort {
+        /// A UDP port from 1024 to 32767 (not a well-known service's, not an ephemeral
+        /// one: the data plane takes all UDP between nodes to this port).
+        #[arg(value_name = "PORT")]
+        port: u64,
     },
 }
 

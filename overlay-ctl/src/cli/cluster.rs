@@ -1,6 +1,14 @@
-//! `overlay-ctl cluster`: `bind` (move this node's underlay) and `members`.
-use super::{args::Global, output::print_table, output::warn_rejected};
-use crate::{agent::control::AgentClient, store::records::RecordKind};
+//! `overlay-ctl cluster`: `bind` (move this node's underlay), `members`, and the
+//! cluster-wide settings (`config`, `set`).
+use super::{
+    args::{ClusterSetting, Global},
+    output::print_table,
+    output::warn_rejected,
+};
+use crate::{
+    agent::control::AgentClient,
+    store::{records::RecordKind, settings::DEFAULT_VXLAN_PORT, StoreError},
+};
 
 /// `cluster bind IFACE`: the local agent moves its underlay and VTEP.
 pub async fn bind(cli: &Global, iface: &str) -> anyhow::Result<()> {
@@ -75,5 +83,49 @@ pub async fn members(cli: &Global, json: bool) -> anyhow::Result<()> {
         &["NODE", "VTEP", "IFACE", "MTU", "ENDPOINTS", "HEALTH"],
         rows,
     );
+    Ok(())
+}
+
+/// `cluster config`: the cluster-wide settings as stored (and whether each is the
+/// default because the store names none).
+pub async fn config(cli: &Global, json: bool) -> anyhow::Result<()> {
+    let agent = super::try_agent(&cli.state_dir).await;
+    let store = super::store_for(cli, agent.as_ref())?;
+    let stored = match store.vxlan_port().await {
+        Err(StoreError::Rejected(rejection)) => {
+            eprintln!("warning: ignoring invalid record {rejection}; the agents use the default");
+            None
+        }
+        other => other?,
+    };
+    let port = stored.unwrap_or(DEFAULT_VXLAN_PORT);
+    if json {
+        let config =
+            serde_json::json!({ "vxlan_port": port, "vxlan_port_default": stored.is_none() });
+        println!("{}", serde_json::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    let origin = if stored.is_some() {
+        "set"
+    } else {
+        "default: the store names none"
+    };
+    println!("vxlan-port  {port} ({origin})");
+    Ok(())
+}
+
+/// `cluster set SETTING VALUE`.
+pub async fn set(cli: &Global, setting: &ClusterSetting) -> anyhow::Result<()> {
+    let agent = super::try_agent(&cli.state_dir).await;
+    let store = super::store_for(cli, agent.as_ref())?;
+    match setting {
+        ClusterSetting::VxlanPort { port } => {
+            let before = store.set_vxlan_port(*port).await?;
+            println!(
+                "vxlan-port {before} -> {port}: every agent applies it on its next reconcile \
+                 (`overlay-ctl status` shows a node's port); change Linux vxlan peers too"
+            );
+        }
+    }
     Ok(())
 }

@@ -137,6 +137,8 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
         Command::Cluster(ClusterCommand::Members { json }) => {
             cluster::members(global, json).await?
         }
+        Command::Cluster(ClusterCommand::Config { json }) => cluster::config(global, json).await?,
+        Command::Cluster(ClusterCommand::Set(setting)) => cluster::set(global, &setting).await?,
         Command::DevServer(args) => crate::store::devserver::run(args).await?,
     }
     Ok(ExitCode::SUCCESS)

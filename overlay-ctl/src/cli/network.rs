@@ -85,7 +85,7 @@ async fn inspect(store: &Store, name: &str) -> anyhow::Result<()> {
     warn_rejected(store, &snapshot, |kind, rest| match kind {
         RecordKind::Network => rest == format!("networks/{name}"),
         RecordKind::Endpoint | RecordKind::Ipam => of_network(rest),
-        RecordKind::Node => false,
+        RecordKind::Node | RecordKind::Config => false,
     });
     let network = snapshot
         .state

@@ -35,6 +35,9 @@ fn print_dataplane(s: &AgentStatus) {
         "decap:       {} on the underlay ({}); TC via {}",
         s.decap.decap_hook, s.decap.reason, s.tc_attach
     );
+    if let Some(port) = s.vxlan_port {
+        println!("vxlan:       UDP port {port} (the cluster's, `overlay-ctl cluster config`)");
+    }
     for change in &s.host_changes {
         println!(
             "host:        {} changed {} -> {} (put back by an --ephemeral agent's exit)",

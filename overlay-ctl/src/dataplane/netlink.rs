@@ -328,13 +328,14 @@ pub async fn add_vxlan_fdb(
 }
 
 /// A Linux VXLAN device with learning off (`ip link add NAME type vxlan id VNI local
-/// LOCAL dstport 4789 nolearning`).
+/// LOCAL dstport PORT nolearning`): it sends to and listens on UDP `port`.
 pub async fn create_vxlan(
     handle: &Handle,
     name: &str,
     vni: u32,
     local: Ipv4Addr,
     underlay: u32,
+    port: u16,
 ) -> Result<LinkInfo> {
     handle
         .link()
@@ -342,7 +343,7 @@ pub async fn create_vxlan(
         .vxlan(name.to_string(), vni)
         .local(local)
         .link(underlay)
-        .port(overlay_common::proto::VXLAN_PORT)
+        .port(port)
         .learning(false)
         .execute()
         .await?;

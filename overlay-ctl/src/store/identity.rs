@@ -363,6 +363,7 @@ pub fn merge(last: Option<&ClusterState>, read: ClusterState) -> ClusterState {
         return read;
     };
     let mut out = read;
+    out.vxlan_port = out.vxlan_port.or(last.vxlan_port);
     for network in &last.networks {
         if !out.networks.iter().any(|n| n.name == network.name) {
             out.networks.push(network.clone());
@@ -411,8 +412,8 @@ pub async fn restore(store: &Store, id: &ClusterId) -> Result<bool, StoreError> 
 }
 
 /// Republishes, with create-only writes, what this node is the source of truth for: the
-/// networks it knew (with their VNI and subnet claims), its local endpoints and their
-/// addresses (`local`: the endpoints of this node's own records, see
+/// networks it knew (with their VNI and subnet claims), the VXLAN port, its local
+/// endpoints and their addresses (`local`: the endpoints of this node's own records, see
 /// `agent::local_state`). (Its node key is the membership task's.) Returns how many
 /// entries it wrote.
 pub async fn republish(
@@ -425,6 +426,9 @@ pub async fn republish(
     for network in last.map(|l| l.networks.as_slice()).unwrap_or_default() {
         written += republish_network(store, network).await?;
     }
+    written += store
+        .republish_vxlan_port(last.and_then(|l| l.vxlan_port))
+        .await?;
     for endpoint in local {
         written += republish_endpoint(store, node, endpoint).await?;
     }

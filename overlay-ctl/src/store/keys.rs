@@ -11,6 +11,7 @@
 //! | `overlay/endpoints/<network>/<id>` | [`Endpoint`](crate::store::Endpoint) |
 //! | `overlay/config/bootstrapped` | marker written by [`Store::bootstrap`](crate::store::Store::bootstrap) |
 //! | `overlay/config/cluster-id` | the cluster's identity, see [`crate::store::identity`] |
+//! | `overlay/config/vxlan-port` | the cluster's VXLAN UDP port, see [`crate::store::settings`] |
 //! | `overlay/subnets` | [`SubnetClaims`](crate::store::SubnetClaims): every network's subnet, updated with cas=index |
 //! | `overlay/applied/<node>` | the KV index whose state the node's maps hold |
 //!
@@ -123,6 +124,11 @@ impl Keys {
 
     pub fn cluster_id(&self) -> String {
         format!("{}config/cluster-id", self.prefix)
+    }
+
+    /// The cluster's VXLAN UDP port (a cluster-wide setting).
+    pub fn vxlan_port(&self) -> String {
+        format!("{}config/vxlan-port", self.prefix)
     }
 
     /// The one key holding every network's subnet.

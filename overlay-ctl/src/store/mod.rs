@@ -21,7 +21,7 @@
 //! - [`ipam`]: the pure address and naming rules; [`mtu`]: a new network's MTU from
 //!   the nodes' underlays; [`records`]: validation of every
 //!   record read; [`identity`]: the cluster id that tells a store that lost its data
-//!   from the real one;
+//!   from the real one; [`settings`]: the cluster-wide settings (the VXLAN port);
 //! - the backend: [`backend`] names the KV primitives the operations use
 //!   ([`backend::KvBackend`]: get, list, keys, put, check-and-set, delete, session-bound
 //!   put, blocking list from an index), and [`consul`] is the Consul HTTP client that
@@ -45,6 +45,7 @@ pub mod mtu;
 mod networks;
 mod nodes;
 pub mod records;
+pub mod settings;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -111,6 +112,8 @@ pub enum StoreError {
     Corrupt { key: String, message: String },
     #[error("invalid record {0}")]
     Rejected(#[from] records::Rejection),
+    #[error(transparent)]
+    BadVxlanPort(#[from] settings::BadVxlanPort),
     #[error("invalid record {0}; --force deletes it")]
     InvalidNetworkRecord(records::Rejection),
     #[error("{what}: {count} of at most {limit} (the data plane's {map} map holds {limit} entries); remove some first")]
@@ -257,6 +260,8 @@ pub struct ClusterState {
     pub networks: Vec<Network>,
     pub nodes: Vec<NodeInfo>,
     pub endpoints: Vec<Endpoint>,
+    /// The cluster's VXLAN port (`None`: the store names none, the default applies).
+    pub vxlan_port: Option<u16>,
 }
 
 impl ClusterState {

@@ -11,8 +11,8 @@ use aya::{
     Pod,
 };
 use overlay_common::{
-    ip_from_map, ip_to_map, map_names, Counter, CounterKey, CounterValue, EndpointKey,
-    EndpointValue, LocalIface, NetworkInfo, SubnetValue, UnderlayConfig, VtepInfo,
+    ip_from_map, ip_to_map, map_names, ClusterConfig, Counter, CounterKey, CounterValue,
+    EndpointKey, EndpointValue, LocalIface, NetworkInfo, SubnetValue, UnderlayConfig, VtepInfo,
 };
 
 use super::{Datapath, DatapathError, Result};
@@ -29,6 +29,25 @@ impl Datapath {
     pub fn underlay_config(&mut self) -> Result<UnderlayConfig> {
         let name = map_names::UNDERLAY;
         let array: Array<&mut MapData, UnderlayConfig> = self.typed_map(name)?;
+        array
+            .get(&0, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// The cluster-wide settings the programs read per packet (the VXLAN port).
+    pub fn set_cluster_config(&mut self, config: &ClusterConfig) -> Result<()> {
+        let name = map_names::CLUSTER;
+        let mut array: Array<&mut MapData, ClusterConfig> = self.typed_map(name)?;
+        array
+            .set(0, config, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// The cluster-wide settings as the programs see them (all zero, i.e. the defaults,
+    /// until written).
+    pub fn cluster_config(&mut self) -> Result<ClusterConfig> {
+        let name = map_names::CLUSTER;
+        let array: Array<&mut MapData, ClusterConfig> = self.typed_map(name)?;
         array
             .get(&0, 0)
             .map_err(|source| DatapathError::Map { name, source })

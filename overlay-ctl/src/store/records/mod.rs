@@ -7,7 +7,7 @@
 //! (names, CIDR, gateway, VNI range and ownership through `vni/N`, MTU, an endpoint's
 //! address inside its network's subnet and owned through its `ipam/<network>/<ip>` key,
 //! a unicast MAC, unicast VTEPs, the interface and namespace names the CLI generates, a
-//! node only while its session holds its key), or as a [`Rejection`] naming the key, a
+//! node only while its session holds its key, the VXLAN port's range), or as a [`Rejection`] naming the key, a
 //! [`RecordKind`] and a [`RejectReason`] (closed sets, so they can label metrics).
 //!
 //! Conflicts are resolved deterministically, the same way on every node:
@@ -45,6 +45,7 @@ mod tests;
 
 pub use rules::{
     check_mac, check_vtep, parse_allocation, parse_endpoint, parse_network, parse_node,
+    parse_vxlan_port,
 };
 pub use snapshot::parse_snapshot;
 
@@ -56,10 +57,18 @@ pub enum RecordKind {
     Node,
     Endpoint,
     Ipam,
+    /// A cluster-wide setting under `config/` (the VXLAN port).
+    Config,
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 4] = [Self::Network, Self::Node, Self::Endpoint, Self::Ipam];
+    pub const ALL: [RecordKind; 5] = [
+        Self::Network,
+        Self::Node,
+        Self::Endpoint,
+        Self::Ipam,
+        Self::Config,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -67,6 +76,7 @@ impl RecordKind {
             Self::Node => "node",
             Self::Endpoint => "endpoint",
             Self::Ipam => "ipam",
+            Self::Config => "config",
         }
     }
 }
@@ -103,6 +113,8 @@ pub enum RejectReason {
     NoSession,
     BadIfname,
     BadNetns,
+    /// A VXLAN port outside the accepted range.
+    BadPort,
 }
 
 impl RejectReason {
@@ -128,6 +140,7 @@ impl RejectReason {
             Self::NoSession => "no_session",
             Self::BadIfname => "bad_ifname",
             Self::BadNetns => "bad_netns",
+            Self::BadPort => "bad_port",
         }
     }
 }

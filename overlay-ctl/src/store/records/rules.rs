@@ -61,6 +61,22 @@ fn unreadable_mac(pair: &KvPair) -> Option<Rejection> {
     ))
 }
 
+/// The `config/vxlan-port` record, by the rule of `cluster set vxlan-port`.
+pub fn parse_vxlan_port(prefix: &str, pair: &KvPair) -> Result<u16, Rejection> {
+    let kind = RecordKind::Config;
+    if pair.key != format!("{prefix}config/vxlan-port") {
+        return Err(Rejection::new(
+            &pair.key,
+            kind,
+            RejectReason::BadKey,
+            "not the VXLAN port's key",
+        ));
+    }
+    let port: u64 = decode(pair, kind)?;
+    store::settings::check_vxlan_port(port)
+        .map_err(|e| Rejection::new(&pair.key, kind, RejectReason::BadPort, e.to_string()))
+}
+
 fn decode<T: serde::de::DeserializeOwned>(pair: &KvPair, kind: RecordKind) -> Result<T, Rejection> {
     serde_json::from_slice(&pair.value)
         .map_err(|e| Rejection::new(&pair.key, kind, RejectReason::Malformed, e.to_string()))

@@ -9,8 +9,8 @@ use std::{
 use ipnetwork::Ipv4Network;
 
 use super::{
-    parse_allocation, parse_endpoint, parse_network, parse_node, RecordKind, RejectReason,
-    Rejection, Snapshot, View,
+    parse_allocation, parse_endpoint, parse_network, parse_node, parse_vxlan_port, RecordKind,
+    RejectReason, Rejection, Snapshot, View,
 };
 use crate::{
     store::consul::KvPair,
@@ -39,6 +39,7 @@ pub fn parse_snapshot(prefix: &str, pairs: &[KvPair], view: View<'_>) -> Snapsho
     let claims = vni_claims(prefix, &section("vni"));
     let networks = accept_networks(prefix, &section("networks"), &claims, &mut rejected);
     let nodes = accept_nodes(prefix, &section("nodes"), view, &mut rejected);
+    let vxlan_port = accept_vxlan_port(prefix, &section("config"), &mut rejected);
     let endpoints = accept_endpoints(
         prefix,
         &section("endpoints"),
@@ -55,10 +56,25 @@ pub fn parse_snapshot(prefix: &str, pairs: &[KvPair], view: View<'_>) -> Snapsho
             networks,
             nodes,
             endpoints,
+            vxlan_port,
         },
         allocations,
         rejected,
     }
+}
+
+/// The cluster's VXLAN port, if the store names a valid one (else the default applies,
+/// the same on every node, so the nodes keep agreeing on the port).
+fn accept_vxlan_port(
+    prefix: &str,
+    pairs: &[&KvPair],
+    rejected: &mut Vec<Rejection>,
+) -> Option<u16> {
+    let key = format!("{prefix}config/vxlan-port");
+    let pair = pairs.iter().find(|p| p.key == key)?;
+    parse_vxlan_port(prefix, pair)
+        .map_err(|r| rejected.push(r))
+        .ok()
 }
 
 /// VNI claims: vni -> the network its `vni/N` key names.

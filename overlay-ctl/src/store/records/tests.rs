@@ -336,3 +336,39 @@ fn rejections_are_reported_once_while_they_last() {
     assert_eq!(log.fresh(&[r("b")]).len(), 0);
     assert_eq!(log.fresh(&first).len(), 1);
 }
+
+#[test]
+fn the_vxlan_port_is_read_when_valid_and_rejected_otherwise() {
+    let snapshot = |value: &str| {
+        let pairs = vec![
+            pair("config/bootstrapped", "true", 1, None),
+            pair("config/vxlan-port", value, 2, None),
+        ];
+        parse_snapshot(P, &pairs, View::Cluster)
+    };
+    let valid = snapshot("8472");
+    assert_eq!(valid.state.vxlan_port, Some(8472));
+    assert!(valid.rejected.is_empty());
+    for (bad, reason) in [
+        ("53", RejectReason::BadPort),
+        ("65536", RejectReason::BadPort),
+        ("\"8472\"", RejectReason::Malformed),
+        ("-1", RejectReason::Malformed),
+    ] {
+        let s = snapshot(bad);
+        assert_eq!(s.state.vxlan_port, None, "{bad} must not be used");
+        assert_eq!(s.rejected.len(), 1, "{bad}");
+        assert_eq!(
+            (s.rejected[0].kind, s.rejected[0].reason),
+            (RecordKind::Config, reason),
+            "{bad}"
+        );
+    }
+    // No key: no port named (the default applies), nothing rejected.
+    let none = parse_snapshot(
+        P,
+        &[pair("config/bootstrapped", "true", 1, None)],
+        View::Cluster,
+    );
+    assert_eq!((none.state.vxlan_port, none.rejected.len()), (None, 0));
+}
