@@ -207,6 +207,22 @@ impl DevConsul {
             .expect("enter the underlay namespace")
     }
 
+    /// Simulates a gossip flap (or a restart) of the Consul agent the nodes talk to
+    /// (`PUT /v1/dev/serf-flap`): sessions tied to its `serfHealth` check are
+    /// invalidated. Returns how many were.
+    pub fn serf_flap(&self) -> u64 {
+        let addr = self.addr();
+        let answer = NetNs::open_path("underlay", self.netns.clone())
+            .unwrap()
+            .run(move || raw_http(&addr, "PUT", "/v1/dev/serf-flap"))
+            .expect("enter the underlay namespace")
+            .expect("PUT /v1/dev/serf-flap");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let reply: serde_json::Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("serf-flap answer {answer:?}: {e}"));
+        reply["Invalidated"].as_u64().expect("Invalidated count")
+    }
+
     /// Every key under `prefix` with its value and modify index.
     pub fn kv_snapshot(&self, prefix: &str) -> Vec<(String, Vec<u8>, u64)> {
         let prefix = prefix.to_string();
@@ -228,6 +244,21 @@ impl Drop for DevConsul {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// One HTTP/1.1 exchange without a body (for the dev server's `/v1/dev/` endpoints,
+/// which the product's client has no call for); the whole answer as text.
+fn raw_http(addr: &str, method: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
 }
 
 /// What a CLI invocation printed and returned.

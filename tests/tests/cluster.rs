@@ -371,6 +371,35 @@ fn a_killed_node_leaves_its_peers_within_the_session_ttl() {
     assert!(!members.stdout.contains("node2"), "{}", members.stdout);
 }
 
+/// A Consul agent restart or gossip flap fails its node's `serfHealth` check; sessions
+/// tied to it would die with their keys. The agents' sessions have no node checks, so
+/// nothing happens: node keys stay, peers keep every VTEP.
+#[test]
+fn a_consul_agent_flap_leaves_the_nodes_in_the_cluster() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_cluster(&BINS, &underlay, 2, None, &[]);
+    for node in &nodes {
+        wait_until("both members with their VTEPs", JOIN, || {
+            status_number(node, "/members") == Some(2) && map_entries(node, "VTEPS") == Some(2)
+        });
+    }
+    let before = consul.kv_snapshot("overlay/nodes/");
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    let invalidated = consul.serf_flap();
+    assert_eq!(invalidated, 0, "agent sessions were tied to serfHealth");
+    assert_eq!(
+        consul.kv_snapshot("overlay/nodes/"),
+        before,
+        "the flap touched the node keys"
+    );
+    for node in &nodes {
+        assert_eq!(status_number(node, "/members"), Some(2));
+        assert_eq!(map_entries(node, "VTEPS"), Some(2));
+    }
+}
+
 #[test]
 fn bad_input_is_refused_with_one_line_and_no_change() {
     require_root();

@@ -13,7 +13,9 @@ use super::{
         catalog_deregister, catalog_nodes, catalog_register, catalog_service, catalog_services,
     },
     kv::{kv_delete, kv_get, kv_put},
-    session::{session_create, session_destroy, session_info, session_list, session_renew},
+    session::{
+        serf_flap, session_create, session_destroy, session_info, session_list, session_renew,
+    },
     shared::Shared,
     state::State,
     DEFAULT_WAIT, LEADER_ADDR, MAX_WAIT,
@@ -255,6 +257,7 @@ pub(super) async fn route(
         };
     }
     match (path, method) {
+        ("/v1/dev/serf-flap", &Method::PUT) => serf_flap(shared, query.get("node")),
         ("/v1/status/leader", &Method::GET) => Reply::json(&json!(LEADER_ADDR)),
         ("/v1/status/peers", &Method::GET) => Reply::json(&json!([LEADER_ADDR])),
         ("/v1/agent/self", &Method::GET) => Reply::json(&json!({

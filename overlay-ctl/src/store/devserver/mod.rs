@@ -16,7 +16,10 @@
 //!   Consul may), `Behavior` `release`/`delete`, lock-delay,
 //!   create/renew/destroy/info/list;
 //! - catalog ([`catalog`]) register/deregister, `service/:name`, `services`, `nodes`;
-//! - `/v1/status/leader`, `/v1/status/peers`, `/v1/agent/self`.
+//! - `/v1/status/leader`, `/v1/status/peers`, `/v1/agent/self`;
+//! - dev only: `PUT /v1/dev/serf-flap?node=NAME` simulates a gossip flap or a Consul
+//!   agent restart of a node: sessions created without `NodeChecks` are tied to its
+//!   `serfHealth` check (as Consul ties them) and are invalidated.
 //!
 //! With `data_dir` the state (KV with all indexes, the global index, sessions, catalog) is
 //! written to `DIR/state.json` after every change (temporary file and rename, so a kill
@@ -155,6 +158,15 @@ impl ConsulDev {
     /// The current global index.
     pub fn index(&self) -> u64 {
         self.shared.lock().index
+    }
+
+    /// Simulates a gossip flap (or a Consul agent restart) of `node`, default the
+    /// server's own: sessions tied to its `serfHealth` check are invalidated. Returns how
+    /// many. Also served as `PUT /v1/dev/serf-flap?node=NAME`.
+    pub fn serf_flap(&self, node: Option<&str>) -> usize {
+        let node = node.unwrap_or(&self.shared.config.node_name).to_string();
+        self.shared
+            .write(|state| state.serf_flap(&node, Instant::now()))
     }
 
     /// Stops accepting, closes open connections and waits for the server tasks.

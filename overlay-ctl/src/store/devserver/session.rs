@@ -8,13 +8,13 @@ use std::{
 use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::{
     http::Reply,
     parse_go_duration,
     shared::Shared,
-    state::{Behavior, Session},
+    state::{Behavior, Session, SERF_HEALTH},
     DEFAULT_LOCK_DELAY, SESSION_TTL_MAX,
 };
 
@@ -27,6 +27,32 @@ pub(super) struct SessionRequest {
     ttl: String,
     behavior: String,
     lock_delay: Value,
+    /// `None` when absent or null: Consul then ties the session to `serfHealth`.
+    node_checks: Option<Vec<String>>,
+    /// The legacy name of `NodeChecks`.
+    checks: Option<Vec<String>>,
+}
+
+/// The node checks a session is tied to, as Consul's `fixupEmptySessionChecks` decides:
+/// `serfHealth` when the request names no checks at all, else the ones it names (an
+/// explicit empty list: none). Every check named must exist on the node.
+fn requested_node_checks(req: &SessionRequest) -> Result<Vec<String>, Reply> {
+    if req.node_checks.is_none() && req.checks.is_none() {
+        return Ok(vec![SERF_HEALTH.to_string()]);
+    }
+    let mut checks: Vec<String> = Vec::new();
+    for check in req.node_checks.iter().chain(req.checks.iter()).flatten() {
+        if check != SERF_HEALTH {
+            return Err(Reply::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("Missing check '{check}' registration"),
+            ));
+        }
+        if !checks.contains(check) {
+            checks.push(check.clone());
+        }
+    }
+    Ok(checks)
 }
 
 pub(super) fn session_create(shared: &Arc<Shared>, body: &[u8]) -> Reply {
@@ -43,13 +69,16 @@ pub(super) fn session_create(shared: &Arc<Shared>, body: &[u8]) -> Reply {
             }
         }
     };
-    let (behavior, ttl, lock_delay) = match (
+    let (behavior, ttl, lock_delay, node_checks) = match (
         parse_behavior(&req.behavior),
         parse_ttl(&req.ttl, shared.config.session_ttl_min),
         parse_lock_delay(&req.lock_delay),
+        requested_node_checks(&req),
     ) {
-        (Ok(behavior), Ok(ttl), Ok(lock_delay)) => (behavior, ttl, lock_delay),
-        (Err(reply), _, _) | (_, Err(reply), _) | (_, _, Err(reply)) => return reply,
+        (Ok(behavior), Ok(ttl), Ok(lock_delay), Ok(checks)) => (behavior, ttl, lock_delay, checks),
+        (Err(reply), ..) | (_, Err(reply), ..) | (.., Err(reply), _) | (.., Err(reply)) => {
+            return reply
+        }
     };
     let node = if req.node.is_empty() {
         shared.config.node_name.clone()
@@ -76,6 +105,7 @@ pub(super) fn session_create(shared: &Arc<Shared>, body: &[u8]) -> Reply {
                 ttl: ttl.clone(),
                 behavior,
                 lock_delay,
+                node_checks: node_checks.clone(),
                 create_index: idx,
             },
         );
@@ -189,4 +219,17 @@ pub(super) fn session_list(shared: &Arc<Shared>) -> Reply {
     let index = state.session_index.max(1);
     let list: Vec<Value> = state.sessions.values().map(Session::json).collect();
     Reply::json(&Value::Array(list)).with_index(index)
+}
+
+/// `PUT /v1/dev/serf-flap?node=NAME` (dev server only): simulates a gossip flap, or a
+/// restart of the Consul agent, of `node` (default: the server's own node). Sessions tied
+/// to its `serfHealth` are invalidated, as Consul does; answers how many.
+pub(super) fn serf_flap(shared: &Arc<Shared>, node: Option<&str>) -> Reply {
+    let node = node
+        .filter(|n| !n.is_empty())
+        .unwrap_or(&shared.config.node_name)
+        .to_string();
+    let invalidated = shared.write(|state| state.serf_flap(&node, Instant::now()));
+    info!(%node, invalidated, "simulated a serfHealth flap");
+    Reply::json(&json!({ "Node": node, "Invalidated": invalidated }))
 }

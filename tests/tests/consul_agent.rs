@@ -1,0 +1,104 @@
+//! The Consul client and the dev server held to what a real Consul agent does: session
+//! node checks and gossip flaps, Consul's session TTL limits, error classes, the agent's
+//! service endpoints, TLS and unix-socket addresses, ACL tokens.
+use std::time::Duration;
+
+use overlay_ctl::store::{
+    consul::{ConsulClient, SessionBehavior},
+    devserver::{ConsulDev, DevConfig},
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// A dev server with Consul's limits lowered for short test TTLs.
+async fn dev() -> (ConsulDev, ConsulClient) {
+    let config = DevConfig {
+        session_ttl_min: Duration::from_secs(1),
+        ..DevConfig::default()
+    };
+    let server = ConsulDev::start_with("127.0.0.1:0", config)
+        .await
+        .expect("start dev server");
+    let client = ConsulClient::new(&server.http_addr(), None).expect("client");
+    (server, client)
+}
+
+/// One raw HTTP/1.1 exchange: the status code and the body.
+async fn raw(server: &ConsulDev, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: dev\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (code, body.to_string())
+}
+
+#[tokio::test]
+async fn sessions_without_node_checks_survive_a_serf_flap() {
+    let (server, c) = dev().await;
+    let ttl = Duration::from_secs(10);
+    let ours = c
+        .session_create("ours", ttl, SessionBehavior::Delete, Duration::ZERO)
+        .await
+        .unwrap();
+    let info = c.session_info(&ours).await.unwrap().expect("session");
+    assert_eq!(info.node_checks.as_deref(), Some(&[][..]), "{info:?}");
+    // A session created as most clients do (no NodeChecks) is tied to serfHealth.
+    let (code, body) = raw(
+        &server,
+        "PUT",
+        "/v1/session/create",
+        r#"{"Name":"naive","TTL":"10s","Behavior":"delete"}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let naive: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let naive = naive["ID"].as_str().unwrap().to_string();
+    let info = c.session_info(&naive).await.unwrap().expect("session");
+    assert_eq!(info.node_checks, Some(vec!["serfHealth".to_string()]));
+    assert!(c.acquire("nodes/ours", b"o", &ours).await.unwrap());
+    assert!(c.acquire("nodes/naive", b"n", &naive).await.unwrap());
+
+    let (code, body) = raw(&server, "PUT", "/v1/dev/serf-flap", "").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""Invalidated":1"#), "{body}");
+    assert!(
+        c.get("nodes/naive").await.unwrap().is_none(),
+        "naive key kept"
+    );
+    assert_eq!(c.session_info(&naive).await.unwrap(), None);
+    let kept = c
+        .get("nodes/ours")
+        .await
+        .unwrap()
+        .expect("our key survives");
+    assert_eq!(kept.session.as_deref(), Some(ours.as_str()));
+    assert!(c.session_renew(&ours).await.unwrap());
+    // A flap of another node touches nothing here.
+    assert_eq!(server.serf_flap(Some("elsewhere")), 0);
+}
+
+#[tokio::test]
+async fn unknown_node_checks_are_refused() {
+    let (server, _c) = dev().await;
+    let (code, body) = raw(
+        &server,
+        "PUT",
+        "/v1/session/create",
+        r#"{"TTL":"10s","NodeChecks":["service:web"]}"#,
+    )
+    .await;
+    assert_eq!(code, 500);
+    assert!(
+        body.contains("Missing check 'service:web' registration"),
+        "{body}"
+    );
+}
