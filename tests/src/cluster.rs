@@ -136,7 +136,15 @@ impl DevConsul {
     fn launch(&mut self) {
         let mut command = Command::new(self.bin);
         command
-            .args(["dev-server", "--listen", &self.addr()])
+            // Consul's session_ttl_min lowered, as the tests' short TTLs need (their
+            // agents say so with --dev-store).
+            .args([
+                "dev-server",
+                "--listen",
+                &self.addr(),
+                "--session-ttl-min",
+                "1s",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

@@ -338,7 +338,13 @@ fn a_killed_node_leaves_its_peers_within_the_session_ttl() {
     require_root();
     let underlay = Underlay::new();
     const TTL: Duration = Duration::from_secs(2);
-    let (_consul, mut nodes) = start_cluster(&BINS, &underlay, 3, None, &["--session-ttl", "2s"]);
+    let (_consul, mut nodes) = start_cluster(
+        &BINS,
+        &underlay,
+        3,
+        None,
+        &["--session-ttl", "2s", "--dev-store"],
+    );
     nodes[0]
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
@@ -849,7 +855,13 @@ fn agents_ride_out_a_consul_restart() {
         &underlay,
         2,
         Some(&data_dir),
-        &["--session-ttl", "3s", "--resync-interval", "1s"],
+        &[
+            "--session-ttl",
+            "3s",
+            "--dev-store",
+            "--resync-interval",
+            "1s",
+        ],
     );
     nodes[0]
         .cli(&["network", "create", "net1", "10.100.0.0/24"])

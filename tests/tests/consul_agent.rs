@@ -102,3 +102,26 @@ async fn unknown_node_checks_are_refused() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn the_dev_server_defaults_to_consuls_session_ttl_limits() {
+    let server = ConsulDev::start("127.0.0.1:0").await.unwrap();
+    let c = ConsulClient::new(&server.http_addr(), None).unwrap();
+    let create = |ttl| {
+        let c = c.clone();
+        async move {
+            c.session_create("s", ttl, SessionBehavior::Delete, Duration::ZERO)
+                .await
+        }
+    };
+    let error = create(Duration::from_secs(5)).await.unwrap_err();
+    assert_eq!(error.status(), Some(500), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("Invalid Session TTL '5s', must be between [10s=24h0m0s]"),
+        "{error}"
+    );
+    assert!(create(Duration::from_secs(86_401)).await.is_err());
+    assert!(create(Duration::from_secs(10)).await.is_ok());
+}

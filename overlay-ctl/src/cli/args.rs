@@ -169,10 +169,15 @@ pub struct AgentArgs {
     /// it, a stopped agent leaves the data plane forwarding for its successor.
     #[arg(long)]
     pub ephemeral: bool,
-    /// Session TTL: a node whose agent is gone this long leaves the cluster. Consul
-    /// accepts 10s and more (the dev server from 1s).
+    /// Session TTL: a node whose agent is gone this long (up to twice as long) leaves
+    /// the cluster. Consul accepts 10s to 24h; shorter needs --dev-store.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub session_ttl: Duration,
+    /// Dev/test only: the store is `overlay-ctl dev-server` started with a lower
+    /// `--session-ttl-min`, so --session-ttl may be below Consul's 10s minimum (a real
+    /// Consul would answer every session creation with an error).
+    #[arg(long)]
+    pub dev_store: bool,
     /// Period of the full resync (the watch applies changes as they happen).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,

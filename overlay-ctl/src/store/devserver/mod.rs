@@ -57,6 +57,8 @@ use self::{http::handle, shared::Shared};
 
 /// Consul's default `kv_max_value_size`.
 pub const MAX_VALUE_SIZE: usize = 512 * 1024;
+/// Consul's default `session_ttl_min`, the smallest session TTL it accepts.
+pub const SESSION_TTL_MIN: Duration = Duration::from_secs(10);
 /// Consul's upper bound for a session TTL.
 pub const SESSION_TTL_MAX: Duration = Duration::from_secs(86_400);
 /// Consul's default lock-delay.
@@ -69,9 +71,8 @@ const LEADER_ADDR: &str = "127.0.0.1:8300";
 
 #[derive(Clone, Debug)]
 pub struct DevConfig {
-    /// The smallest session TTL accepted. Consul's own default `session_ttl_min` is 10s;
-    /// the dev server defaults to 1s so tests can exercise expiry quickly (like a Consul
-    /// configured with `session_ttl_min = "1s"`).
+    /// The smallest session TTL accepted: Consul's own default, 10s, unless lowered (as
+    /// a Consul configured with `session_ttl_min = "1s"`) for tests of expiry.
     pub session_ttl_min: Duration,
     pub node_name: String,
     pub datacenter: String,
@@ -84,7 +85,7 @@ pub struct DevConfig {
 impl Default for DevConfig {
     fn default() -> Self {
         Self {
-            session_ttl_min: Duration::from_secs(1),
+            session_ttl_min: SESSION_TTL_MIN,
             node_name: "overlay-consul-dev".to_string(),
             datacenter: "dc1".to_string(),
             reap_interval: Duration::from_millis(50),
@@ -228,8 +229,9 @@ pub struct DevServerArgs {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:8500")]
     pub listen: String,
-    /// Smallest session TTL accepted (Consul's own default is 10s).
-    #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+    /// Smallest session TTL accepted, as Consul's `session_ttl_min` (whose default this
+    /// is). Lower it (e.g. 1s) for tests; agents then need `--dev-store` to use it.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
     pub session_ttl_min: Duration,
     /// Node name the server reports and registers itself as.
     #[arg(long, default_value = "overlay-consul-dev")]

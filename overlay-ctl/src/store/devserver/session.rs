@@ -149,7 +149,9 @@ fn parse_ttl(ttl: &str, ttl_min: Duration) -> Result<Option<(String, Duration)>,
         return Err(Reply::text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!(
-                "Invalid Session TTL '{ttl}', must be between [{ttl_min:?}={SESSION_TTL_MAX:?}]"
+                "Invalid Session TTL '{ttl}', must be between [{}={}]",
+                go_duration_string(ttl_min),
+                go_duration_string(SESSION_TTL_MAX)
             ),
         ));
     }
@@ -232,4 +234,46 @@ pub(super) fn serf_flap(shared: &Arc<Shared>, node: Option<&str>) -> Reply {
     let invalidated = shared.write(|state| state.serf_flap(&node, Instant::now()));
     info!(%node, invalidated, "simulated a serfHealth flap");
     Reply::json(&json!({ "Node": node, "Invalidated": invalidated }))
+}
+
+/// A duration as Go's `time.Duration.String` writes it (`10s`, `1m30s`, `24h0m0s`,
+/// `500ms`), for messages worded exactly as Consul's.
+fn go_duration_string(d: Duration) -> String {
+    if d.subsec_nanos() != 0 && d < Duration::from_secs(1) {
+        return format!("{}ms", d.as_millis());
+    }
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_print_as_go_does() {
+        assert_eq!(go_duration_string(Duration::from_secs(10)), "10s");
+        assert_eq!(go_duration_string(Duration::from_secs(90)), "1m30s");
+        assert_eq!(go_duration_string(Duration::from_secs(86_400)), "24h0m0s");
+        assert_eq!(go_duration_string(Duration::from_millis(500)), "500ms");
+    }
+
+    #[test]
+    fn ttls_outside_consuls_limits_are_refused_as_consul_does() {
+        let min = Duration::from_secs(10);
+        let refused = parse_ttl("5s", min).expect_err("5s refused");
+        assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            String::from_utf8_lossy(&refused.body),
+            "Invalid Session TTL '5s', must be between [10s=24h0m0s]"
+        );
+        assert!(parse_ttl("86401s", min).is_err());
+        assert_eq!(parse_ttl("10s", min).ok().flatten().map(|t| t.1), Some(min));
+        assert!(parse_ttl("1s", Duration::from_secs(1)).is_ok());
+    }
 }
