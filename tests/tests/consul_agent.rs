@@ -125,3 +125,91 @@ async fn the_dev_server_defaults_to_consuls_session_ttl_limits() {
     assert!(create(Duration::from_secs(86_401)).await.is_err());
     assert!(create(Duration::from_secs(10)).await.is_ok());
 }
+
+/// A one-trick HTTP server: answers the n-th request with `answers[n]` (the last one
+/// repeated), closing each connection. Returns its address and the request count.
+async fn scripted_server(
+    answers: Vec<&'static str>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            let answer = answers[n.min(answers.len() - 1)];
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => request.extend_from_slice(&buf[..k]),
+                }
+            }
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    });
+    (addr, count)
+}
+
+const RATE_LIMITED: &str = "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 19\r\nConnection: close\r\n\r\nrate limit exceeded";
+const DENIED: &str =
+    "HTTP/1.1 403 Forbidden\r\nContent-Length: 17\r\nConnection: close\r\n\r\nPermission denied";
+const CAS_DONE: &str = "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\ntrue";
+
+#[tokio::test]
+async fn rate_limits_are_retried_after_the_pause_consul_asks_for() {
+    use overlay_ctl::store::consul::ErrorClass;
+    let (addr, count) = scripted_server(vec![RATE_LIMITED, CAS_DONE]).await;
+    let c = ConsulClient::new(&addr, None).unwrap();
+    let start = std::time::Instant::now();
+    // Even a check-and-set (not idempotent) is retried: a 429 was never handled.
+    assert!(c.put_cas("k", b"v", 0).await.unwrap());
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "Retry-After ignored"
+    );
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    let (addr, _) = scripted_server(vec![RATE_LIMITED]).await;
+    let c = ConsulClient::new(&addr, None).unwrap().with_retry(
+        overlay_ctl::store::consul::RetryPolicy {
+            max_attempts: 2,
+            ..Default::default()
+        },
+    );
+    let error = c.put_cas("k", b"v", 0).await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::RateLimited, "{error}");
+    assert!(error.to_string().contains("rate-limited"), "{error}");
+
+    let (addr, count) = scripted_server(vec![DENIED]).await;
+    let c = ConsulClient::new(&addr, None).unwrap();
+    let error = c.put("overlay/nodes/n1", b"v").await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::AclDenied, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("key:write on \"overlay/nodes/n1\""),
+        "{error}"
+    );
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a denial is not retried"
+    );
+}
+
+#[tokio::test]
+async fn a_value_above_consuls_limit_is_refused_as_too_large() {
+    use overlay_ctl::store::consul::ErrorClass;
+    let (_server, c) = dev().await;
+    let error = c.put("big", &vec![b'x'; 512 * 1024 + 1]).await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::TooLarge, "{error}");
+    assert!(error.to_string().contains("too large"), "{error}");
+}

@@ -34,7 +34,7 @@ use hyper_util::{
 
 pub use self::{
     catalog::{CatalogEntry, CatalogService},
-    error::ConsulError,
+    error::{ConsulError, ErrorClass},
     session::{SessionBehavior, SessionInfo},
     transport::{format_duration, RetryPolicy},
     watch::{next_watch_index, KvWatch},
