@@ -112,18 +112,31 @@ pub struct DevConsul {
     bin: &'static str,
     netns: PathBuf,
     data_dir: Option<PathBuf>,
+    /// More `dev-server` options (e.g. `--acl-token`).
+    extra_args: Vec<String>,
 }
 
 impl DevConsul {
     /// Starts the server on [`CONSUL_IP`] (which this adds to the bridge), keeping its
     /// state in `data_dir` when given (so a restart keeps it, as a real server does).
     pub fn start(bins: &Bins, underlay: &Underlay, data_dir: Option<&Path>) -> Self {
+        Self::start_with_args(bins, underlay, data_dir, &[])
+    }
+
+    /// As [`DevConsul::start`], with more `dev-server` options.
+    pub fn start_with_args(
+        bins: &Bins,
+        underlay: &Underlay,
+        data_dir: Option<&Path>,
+        extra_args: &[&str],
+    ) -> Self {
         underlay.add_bridge_address(CONSUL_IP);
         let mut server = Self {
             child: None,
             bin: bins.cli,
             netns: underlay.ns.ns().path().to_path_buf(),
             data_dir: data_dir.map(Path::to_path_buf),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         server.launch();
         server
@@ -151,6 +164,7 @@ impl DevConsul {
         if let Some(dir) = &self.data_dir {
             command.arg("--data-dir").arg(dir);
         }
+        command.args(&self.extra_args);
         let mut child = spawn_in(&self.netns, &mut command);
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -295,6 +309,8 @@ pub struct Node {
     agent: Option<Child>,
     bins: Bins,
     consul: String,
+    /// The ACL token the agent and the CLI send (`CONSUL_HTTP_TOKEN`), if any.
+    pub token: Option<String>,
     /// Field order: the agent dies first (above), then the pins go, then the namespace.
     pub pins: PinGuard,
     pub ns: TestNs,
@@ -314,6 +330,7 @@ impl Node {
             agent: None,
             bins: *bins,
             consul: consul.addr(),
+            token: None,
             pins: PinGuard::new(),
             ns,
         }
@@ -355,6 +372,9 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if let Some(token) = &self.token {
+            command.env("CONSUL_HTTP_TOKEN", token);
+        }
         self.agent = Some(spawn_in(self.ns.ns().path(), &mut command));
     }
 
@@ -404,6 +424,9 @@ impl Node {
                 "warn,netlink_packet_route=error,netlink_proto=error",
             )
             .stdin(Stdio::null());
+        if let Some(token) = &self.token {
+            command.env("CONSUL_HTTP_TOKEN", token);
+        }
         command
     }
 

@@ -8,7 +8,7 @@ use std::{
 
 use overlay_tests::{
     bins,
-    cluster::{start_cluster, Background, Bins, Node},
+    cluster::{start_cluster, Background, Bins, DevConsul, Node},
     harness::{require_root, unique_name, wait_until},
     net,
     topology::Underlay,
@@ -175,6 +175,12 @@ fn seed_walkthrough_end_to_end() {
             .iter()
             .any(|e| e.service_address == api_ip.to_string())
     });
+    // Registered through the Consul agent the node talks to (the dev server stands for
+    // it): on that agent's node, whose address stays its own (not the VTEP).
+    for entry in catalog(service.clone()) {
+        assert_eq!(entry.node, "overlay-consul-dev", "{entry:?}");
+        assert_eq!(entry.address, "127.0.0.1", "{entry:?}");
+    }
     let stopped = api.stop();
     assert_eq!(stopped.code, 143, "sleep ends by SIGTERM: {stopped:#?}");
     assert!(catalog(service.clone()).is_empty(), "service left behind");
@@ -404,6 +410,50 @@ fn a_consul_agent_flap_leaves_the_nodes_in_the_cluster() {
         assert_eq!(status_number(node, "/members"), Some(2));
         assert_eq!(map_entries(node, "VTEPS"), Some(2));
     }
+}
+
+/// The rights the README lists are enough (agent, `network create`, `run --service`);
+/// a token without `key:write` gets Consul's 403, named as such in `status` and the log.
+#[test]
+fn acl_tokens_with_the_readme_rights_work_and_others_get_a_clear_denial() {
+    require_root();
+    let underlay = Underlay::new();
+    let consul = DevConsul::start_with_args(
+        &BINS,
+        &underlay,
+        None,
+        &[
+            "--acl-token",
+            "overlay=key:write:overlay/,session:write,service:write",
+            "--acl-token",
+            "weak=key:read:overlay/,session:write",
+        ],
+    );
+    let mut good = Node::new(&BINS, &underlay, 1, &consul);
+    good.token = Some("overlay".to_string());
+    good.start_agent(&["--bootstrap"]);
+    good.wait_registered(JOIN);
+    good.cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let service = unique_name("svc");
+    good.cli(&["run", "-n", "net1", "--service", &service, "--", "true"])
+        .ok();
+
+    let mut weak = Node::new(&BINS, &underlay, 2, &consul);
+    weak.token = Some("weak".to_string());
+    weak.start_agent(&[]);
+    wait_until("the weak agent to report the denial", JOIN, || {
+        weak.status().is_some_and(|s| {
+            s["consul"]["reachable"] == true
+                && s["consul"]["registered"] == false
+                && s["consul"]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("ACL denied") && e.contains("key:write"))
+        })
+    });
+    let log = weak.agent_log();
+    assert!(log.contains("Consul's ACL denies the token"), "{log}");
+    assert!(!log.contains("Consul unreachable"), "{log}");
 }
 
 #[test]

@@ -213,3 +213,116 @@ async fn a_value_above_consuls_limit_is_refused_as_too_large() {
     assert_eq!(error.class(), ErrorClass::TooLarge, "{error}");
     assert!(error.to_string().contains("too large"), "{error}");
 }
+
+#[tokio::test]
+async fn services_register_with_the_agent_and_catalog_writes_to_its_node_are_undone() {
+    use overlay_ctl::store::consul::{AgentService, CatalogService};
+    let (server, c) = dev().await;
+    let agent_node = DevConfig::default().node_name;
+    let web = AgentService {
+        id: "overlay-net1-web".into(),
+        name: "web".into(),
+        address: "10.100.0.5".into(),
+        port: 80,
+        tags: vec!["overlay".into()],
+    };
+    c.agent_service_register(&web).await.unwrap();
+    let entries = c.catalog_service("web").await.unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].node, agent_node);
+    assert_eq!(
+        entries[0].address, "127.0.0.1",
+        "the node's address changed"
+    );
+    assert_eq!(entries[0].service_address, "10.100.0.5");
+    assert_eq!(entries[0].service_id, "overlay-net1-web");
+
+    // What a real agent's anti-entropy would undo is not applied.
+    let sneaky = CatalogService {
+        id: "sneaky".into(),
+        name: "sneaky".into(),
+        address: "10.100.0.6".into(),
+        port: 0,
+        tags: vec![],
+    };
+    c.catalog_register(&agent_node, "192.0.2.9", &sneaky)
+        .await
+        .unwrap();
+    assert!(c.catalog_service("sneaky").await.unwrap().is_empty());
+    assert_eq!(
+        c.catalog_service("web").await.unwrap()[0].address,
+        "127.0.0.1"
+    );
+
+    c.agent_service_deregister("overlay-net1-web")
+        .await
+        .unwrap();
+    assert!(c.catalog_service("web").await.unwrap().is_empty());
+    // Already gone: 404 from the agent, fine for a clean-up.
+    c.agent_service_deregister("overlay-net1-web")
+        .await
+        .unwrap();
+    let (code, _) = raw(
+        &server,
+        "PUT",
+        "/v1/agent/service/register",
+        r#"{"ID":"x"}"#,
+    )
+    .await;
+    assert_eq!(code, 400, "a service without a name");
+}
+
+#[tokio::test]
+async fn acl_tokens_are_enforced_with_consuls_403() {
+    use overlay_ctl::store::{consul::ErrorClass, devserver::AclTokens};
+    let mut acl = AclTokens::default();
+    acl.add("overlay=key:write:overlay/,session:write,service:write")
+        .unwrap();
+    acl.add("reader=key:read:overlay/").unwrap();
+    let config = DevConfig {
+        acl,
+        ..DevConfig::default()
+    };
+    let server = ConsulDev::start_with("127.0.0.1:0", config).await.unwrap();
+    let client = |token: Option<&str>| {
+        ConsulClient::new(&server.http_addr(), token.map(str::to_string)).unwrap()
+    };
+    let ttl = Duration::from_secs(10);
+
+    let good = client(Some("overlay"));
+    let session = good
+        .session_create("n1", ttl, SessionBehavior::Delete, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(good
+        .acquire("overlay/nodes/n1", b"{}", &session)
+        .await
+        .unwrap());
+    assert_eq!(good.list("overlay/").await.unwrap().len(), 1);
+
+    let reader = client(Some("reader"));
+    assert_eq!(reader.list("overlay/").await.unwrap().len(), 1);
+    let error = reader.put("overlay/nodes/n2", b"{}").await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::AclDenied, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("key:write on \"overlay/nodes/n2\""),
+        "{error}"
+    );
+    let error = reader
+        .session_create("n2", ttl, SessionBehavior::Delete, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("session:write"), "{error}");
+
+    let anonymous = client(None).get("overlay/nodes/n1").await.unwrap_err();
+    assert_eq!(anonymous.class(), ErrorClass::AclDenied);
+    assert!(
+        anonymous.to_string().contains("CONSUL_HTTP_TOKEN"),
+        "{anonymous}"
+    );
+    assert_eq!(client(None).leader().await.unwrap(), "127.0.0.1:8300");
+    let unknown = client(Some("stolen")).get("overlay/x").await.unwrap_err();
+    assert!(unknown.to_string().contains("ACL not found"), "{unknown}");
+}

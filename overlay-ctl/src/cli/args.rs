@@ -85,7 +85,8 @@ pub enum Command {
         /// Ask for this address (must be free, inside the subnet, not the gateway).
         #[arg(long)]
         ip: Option<Ipv4Addr>,
-        /// Register the container's address as this service in Consul's catalog.
+        /// Register the container's address as this service with the local Consul agent
+        /// (in the catalog on that agent's node) while the container runs.
         #[arg(long)]
         service: Option<String>,
         /// The command and its arguments.

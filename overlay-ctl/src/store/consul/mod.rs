@@ -33,7 +33,7 @@ use hyper_util::{
 };
 
 pub use self::{
-    catalog::{CatalogEntry, CatalogService},
+    catalog::{AgentService, CatalogEntry, CatalogService},
     error::{ConsulError, ErrorClass},
     session::{SessionBehavior, SessionInfo},
     transport::{format_duration, RetryPolicy},

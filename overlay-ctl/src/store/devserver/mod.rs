@@ -15,7 +15,11 @@
 //! - sessions ([`session`]) with TTL (invalidated after twice the TTL without a renew, as
 //!   Consul may), `Behavior` `release`/`delete`, lock-delay,
 //!   create/renew/destroy/info/list;
-//! - catalog ([`catalog`]) register/deregister, `service/:name`, `services`, `nodes`;
+//! - catalog ([`catalog`]) register/deregister, `service/:name`, `services`, `nodes`; a
+//!   catalog register onto the server's own node is ignored, as a real agent's
+//!   anti-entropy would undo it;
+//! - the agent's `service/register` and `service/deregister/:id` (services on the
+//!   server's own node, which stands for the local Consul agent);
 //! - `/v1/status/leader`, `/v1/status/peers`, `/v1/agent/self`;
 //! - dev only: `PUT /v1/dev/serf-flap?node=NAME` simulates a gossip flap or a Consul
 //!   agent restart of a node: sessions created without `NodeChecks` are tied to its
@@ -27,8 +31,10 @@
 //! on load every session's TTL clock restarts (as Consul restarts them on a leader change)
 //! and pending lock-delays are dropped.
 //!
-//! ACLs are not enforced (as in `consul agent -dev` without an ACL config): a token is
-//! accepted and ignored. Anything else answers 404 with a text body.
+//! ACLs are off unless tokens are given (`--acl-token`, [`acl`]): then every request
+//! needs a token with the right its endpoint needs, as a Consul with a default-deny
+//! policy answers (403). Anything else answers 404 with a text body.
+mod acl;
 mod catalog;
 mod http;
 mod kv;
@@ -52,7 +58,7 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-pub use self::http::parse_go_duration;
+pub use self::{acl::AclTokens, http::parse_go_duration};
 use self::{http::handle, shared::Shared};
 
 /// Consul's default `kv_max_value_size`.
@@ -80,6 +86,8 @@ pub struct DevConfig {
     pub reap_interval: Duration,
     /// Keep the state in `state.json` here across restarts (`None`: memory only).
     pub data_dir: Option<std::path::PathBuf>,
+    /// ACL tokens; empty: ACLs off (every request allowed, tokens ignored).
+    pub acl: AclTokens,
 }
 
 impl Default for DevConfig {
@@ -90,6 +98,7 @@ impl Default for DevConfig {
             datacenter: "dc1".to_string(),
             reap_interval: Duration::from_millis(50),
             data_dir: None,
+            acl: AclTokens::default(),
         }
     }
 }
@@ -240,6 +249,11 @@ pub struct DevServerArgs {
     /// Consul server). Without it the state lives in memory only, as `consul agent -dev`.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Enforce ACLs with this token (repeatable): `TOKEN` may do everything,
+    /// `TOKEN=RULE,...` what its rules say, each `KIND:read|write[:PREFIX]` with KIND
+    /// key, session, service, node or agent (e.g. `t1=key:write:overlay/,session:write`).
+    #[arg(long, value_name = "TOKEN[=RULES]")]
+    pub acl_token: Vec<String>,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -252,7 +266,13 @@ pub async fn run(args: DevServerArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut acl = AclTokens::default();
+    for spec in &args.acl_token {
+        acl.add(spec)
+            .map_err(|e| anyhow::anyhow!("--acl-token: {e}"))?;
+    }
     let config = DevConfig {
+        acl,
         session_ttl_min: args.session_ttl_min,
         node_name: args.node,
         data_dir: args.data_dir,
