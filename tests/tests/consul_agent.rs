@@ -326,3 +326,87 @@ async fn acl_tokens_are_enforced_with_consuls_403() {
     let unknown = client(Some("stolen")).get("overlay/x").await.unwrap_err();
     assert!(unknown.to_string().contains("ACL not found"), "{unknown}");
 }
+
+/// A scratch directory removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(overlay_tests::harness::unique_name("consul-tls-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn https_with_a_ca_and_client_certificates_end_to_end() {
+    use overlay_ctl::store::{
+        consul::{ConsulConfig, ErrorClass},
+        devserver::DevTls,
+        etcd::TlsFiles,
+    };
+    let scratch = Scratch::new();
+    let tls = overlay_tests::etcd::make_tls_material(&scratch.0);
+    let config = DevConfig {
+        tls: Some(DevTls {
+            cert: tls.server_cert.clone(),
+            key: tls.server_key.clone(),
+            client_ca: Some(tls.ca.clone()),
+        }),
+        ..DevConfig::default()
+    };
+    let server = ConsulDev::start_with("127.0.0.1:0", config).await.unwrap();
+    let url = server.http_addr();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let files = TlsFiles {
+        ca: Some(tls.ca.clone()),
+        cert: Some(tls.client_cert.clone()),
+        key: Some(tls.client_key.clone()),
+    };
+    let c = ConsulClient::from_config(&ConsulConfig::resolve(Some(&url), &files).unwrap()).unwrap();
+    c.put("over/tls", b"yes").await.unwrap();
+    assert_eq!(c.get("over/tls").await.unwrap().unwrap().value, b"yes");
+
+    // Without a client certificate the server's handshake refuses us.
+    let no_cert = TlsFiles {
+        ca: Some(tls.ca.clone()),
+        cert: None,
+        key: None,
+    };
+    let c = ConsulClient::from_config(&ConsulConfig::resolve(Some(&url), &no_cert).unwrap())
+        .unwrap()
+        .with_retry(overlay_ctl::store::consul::RetryPolicy::none());
+    let error = c.get("over/tls").await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::Unreachable, "{error}");
+    // Without our CA the server's certificate is not trusted.
+    let c = ConsulClient::new(&url, None)
+        .unwrap()
+        .with_retry(overlay_ctl::store::consul::RetryPolicy::none());
+    let error = c.get("over/tls").await.unwrap_err();
+    assert!(
+        error.to_string().to_lowercase().contains("certificate"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn unix_socket_addresses_end_to_end() {
+    let scratch = Scratch::new();
+    let socket = scratch.0.join("consul.sock");
+    let listen = format!("unix://{}", socket.display());
+    let server = ConsulDev::start_with(&listen, DevConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(server.http_addr(), listen);
+    let c = ConsulClient::new(&listen, None).unwrap();
+    assert_eq!(c.addr(), listen);
+    c.put("over/unix", b"yes").await.unwrap();
+    assert_eq!(c.get("over/unix").await.unwrap().unwrap().value, b"yes");
+    assert_eq!(c.leader().await.unwrap(), "127.0.0.1:8300");
+}

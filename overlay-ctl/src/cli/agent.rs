@@ -21,7 +21,7 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
     crate::store::ipam::validate_name(&node)
         .with_context(|| format!("invalid node name {node:?}"))?;
     check_session_ttl(args.session_ttl, args.dev_store)?;
-    let consul = super::consul_client(cli.consul.as_deref(), None)?;
+    let consul = super::consul_client(cli, None)?;
     let prefix = cli
         .prefix
         .clone()

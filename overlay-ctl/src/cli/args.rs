@@ -20,7 +20,7 @@ Getting started (as the SocketPlane walkthrough did):
   overlay-ctl run -n net1 -- ping 10.100.0.3      # a container on net1
 
 Consul: --consul ADDR, else $CONSUL_HTTP_ADDR, else the local agent's, else 127.0.0.1:8500.
-$CONSUL_HTTP_TOKEN is sent as the ACL token.
+$CONSUL_HTTP_TOKEN (or the file $CONSUL_HTTP_TOKEN_FILE names) is sent as the ACL token.
 
 Exit codes: 0 success; 1 the operation failed or was refused (one-line reason on
 stderr, nothing changed); 2 bad usage. `run` exits with its command's code.";
@@ -39,7 +39,9 @@ pub struct Cli {
 /// The options every command takes: where the cluster state and the local agent are.
 #[derive(Args)]
 pub struct Global {
-    /// Consul HTTP address (host:port or http://host:port).
+    /// Consul HTTP address: host:port, http://host:port, https://host:port (with --ca,
+    /// --cert, --key or Consul's CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT,
+    /// CONSUL_CLIENT_KEY; CONSUL_HTTP_SSL=true makes host:port https) or unix:///path.
     #[arg(long, global = true, env = "CONSUL_HTTP_ADDR")]
     pub consul: Option<String>,
     /// Key prefix of the cluster state in Consul's KV store [default: overlay/, or the
@@ -49,6 +51,15 @@ pub struct Global {
     /// The agent's state directory (its control socket and session).
     #[arg(long, global = true, env = "OVERLAY_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// CA certificate to verify the store's TLS certificate (https://, etcds://).
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate for the store's TLS (with --key).
+    #[arg(long, global = true)]
+    pub cert: Option<PathBuf>,
+    /// Client private key for the store's TLS (with --cert).
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

@@ -38,6 +38,7 @@ mod acl;
 mod catalog;
 mod http;
 mod kv;
+mod listen;
 mod session;
 mod shared;
 mod state;
@@ -58,7 +59,7 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-pub use self::{acl::AclTokens, http::parse_go_duration};
+pub use self::{acl::AclTokens, http::parse_go_duration, listen::DevTls};
 use self::{http::handle, shared::Shared};
 
 /// Consul's default `kv_max_value_size`.
@@ -88,6 +89,8 @@ pub struct DevConfig {
     pub data_dir: Option<std::path::PathBuf>,
     /// ACL tokens; empty: ACLs off (every request allowed, tokens ignored).
     pub acl: AclTokens,
+    /// Serve HTTPS with these files (TCP listeners only).
+    pub tls: Option<DevTls>,
 }
 
 impl Default for DevConfig {
@@ -99,6 +102,7 @@ impl Default for DevConfig {
             reap_interval: Duration::from_millis(50),
             data_dir: None,
             acl: AclTokens::default(),
+            tls: None,
         }
     }
 }
@@ -115,11 +119,16 @@ pub enum DevError {
         path: std::path::PathBuf,
         message: String,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A running dev server; stops when dropped.
 pub struct ConsulDev {
+    /// The TCP address (unspecified, port 0, for a unix socket).
     addr: SocketAddr,
+    /// `http://ADDR`, `https://ADDR` or `unix:///path`.
+    url: String,
     shared: Arc<Shared>,
     shutdown: Option<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -132,24 +141,47 @@ impl ConsulDev {
         Self::start_with(listen, DevConfig::default()).await
     }
 
+    /// `listen` is `host:port` (HTTPS when `config.tls` is set) or `unix:///path`.
     pub async fn start_with(listen: &str, config: DevConfig) -> Result<Self, DevError> {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| DevError::Bind {
-                addr: listen.to_string(),
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| DevError::Bind {
+        let bind_error = |source| DevError::Bind {
             addr: listen.to_string(),
             source,
-        })?;
+        };
+        let acceptor = config.tls.as_ref().map(listen::acceptor).transpose()?;
         let shared = Arc::new(Shared::new(config)?);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
-        let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        let stop = async {
+            let _ = shutdown_rx.await;
+        };
+        let (addr, url, accept) = if let Some(path) = listen.strip_prefix("unix://") {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
+            let handler = {
+                let shared = shared.clone();
+                move |req| handle(shared.clone(), req)
+            };
+            let serve = crate::http::serve_unix(listener, handler, stop);
+            let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+            (unspecified, format!("unix://{path}"), tokio::spawn(serve))
+        } else {
+            let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            match acceptor {
+                Some(acceptor) => {
+                    let serve = listen::serve_tls(listener, acceptor, shared.clone(), stop);
+                    (addr, format!("https://{addr}"), tokio::spawn(serve))
+                }
+                None => {
+                    let serve = accept_loop(listener, shared.clone(), stop);
+                    (addr, format!("http://{addr}"), tokio::spawn(serve))
+                }
+            }
+        };
         let reaper = tokio::spawn(reap_loop(shared.clone()));
-        info!(%addr, "consul dev server started");
+        info!(%url, "consul dev server started");
         Ok(Self {
             addr,
+            url,
             shared,
             shutdown: Some(shutdown_tx),
             tasks: vec![accept, reaper],
@@ -160,9 +192,9 @@ impl ConsulDev {
         self.addr
     }
 
-    /// `http://ADDR`, for `CONSUL_HTTP_ADDR`.
+    /// `http://ADDR` (`https://ADDR`, `unix:///path`), for `CONSUL_HTTP_ADDR`.
     pub fn http_addr(&self) -> String {
-        format!("http://{}", self.addr)
+        self.url.clone()
     }
 
     /// The current global index.
@@ -202,12 +234,13 @@ impl Drop for ConsulDev {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: oneshot::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let handler = move |req| handle(shared.clone(), req);
-    crate::http::serve(listener, handler, async {
-        let _ = shutdown.await;
-    })
-    .await;
+    crate::http::serve(listener, handler, shutdown).await;
     debug!("consul dev server stopped accepting");
 }
 
@@ -235,7 +268,7 @@ async fn reap_loop(shared: Arc<Shared>) {
 /// The options of `overlay-ctl dev-server`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DevServerArgs {
-    /// Address to listen on (port 0 picks a free one).
+    /// Address to listen on: host:port (port 0 picks a free one) or unix:///path.
     #[arg(long, default_value = "127.0.0.1:8500")]
     pub listen: String,
     /// Smallest session TTL accepted, as Consul's `session_ttl_min` (whose default this
@@ -254,6 +287,15 @@ pub struct DevServerArgs {
     /// key, session, service, node or agent (e.g. `t1=key:write:overlay/,session:write`).
     #[arg(long, value_name = "TOKEN[=RULES]")]
     pub acl_token: Vec<String>,
+    /// Serve HTTPS with this certificate (PEM; with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (as Consul's verify_incoming).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -271,7 +313,16 @@ pub async fn run(args: DevServerArgs) -> anyhow::Result<()> {
         acl.add(spec)
             .map_err(|e| anyhow::anyhow!("--acl-token: {e}"))?;
     }
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(DevTls {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+        }),
+        _ => None,
+    };
     let config = DevConfig {
+        tls,
         acl,
         session_ttl_min: args.session_ttl_min,
         node_name: args.node,
@@ -281,7 +332,12 @@ pub async fn run(args: DevServerArgs) -> anyhow::Result<()> {
     let server = ConsulDev::start_with(&args.listen, config).await?;
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "consul dev server listening on {}", server.addr())?;
+        let shown = if server.url.starts_with("http://") {
+            server.addr().to_string()
+        } else {
+            server.http_addr()
+        };
+        writeln!(out, "consul dev server listening on {shown}")?;
         out.flush()?;
     }
     tokio::select! {
