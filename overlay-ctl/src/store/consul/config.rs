@@ -118,15 +118,18 @@ impl ConsulConfig {
                 )))
             }
         };
-        let path = |flag: &Option<PathBuf>, var: &str| {
-            flag.clone().or_else(|| env(var).map(PathBuf::from))
-        };
+        let address = ConsulAddress::parse(&addr, ssl)?;
+        // Consul's variables apply to https addresses only (as the consul CLI ignores
+        // CONSUL_CACERT for http); files given as flags must fit the address (check).
+        let https = matches!(address, ConsulAddress::Https(_));
+        let from_env = |var: &str| env(var).filter(|_| https).map(PathBuf::from);
+        let path = |flag: &Option<PathBuf>, var: &str| flag.clone().or_else(|| from_env(var));
         let config = Self {
-            address: ConsulAddress::parse(&addr, ssl)?,
+            address,
             token: resolve_token()?,
             tls: ConsulTls {
                 ca_file: path(&tls.ca, ENV_CACERT),
-                ca_path: env(ENV_CAPATH).map(PathBuf::from),
+                ca_path: from_env(ENV_CAPATH),
                 cert: path(&tls.cert, ENV_CLIENT_CERT),
                 key: path(&tls.key, ENV_CLIENT_KEY),
             },
@@ -150,7 +153,7 @@ impl ConsulConfig {
         let has_files = tls.ca_file.is_some() || tls.ca_path.is_some() || tls.cert.is_some();
         if has_files && !matches!(self.address, ConsulAddress::Https(_)) {
             return Err(ConsulError::Config(format!(
-                "TLS files are given but {} is not an https:// address (or set {ENV_SSL}=true)",
+                "--ca, --cert or --key is given but {} is not an https:// address (or set {ENV_SSL}=true)",
                 self.address.display()
             )));
         }

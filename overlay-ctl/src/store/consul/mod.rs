@@ -1,17 +1,20 @@
 //! A thin typed client for the subset of Consul's HTTP API the control plane uses:
-//! the KV store (with check-and-set, locks and blocking queries), sessions and the
-//! catalog. It follows the documented API (`/v1/kv`, `/v1/session`, `/v1/catalog`,
-//! `/v1/status`) exactly, so it works unchanged against a real Consul agent and against
-//! the in-memory development server in the `overlay-tests` package.
+//! the KV store (with check-and-set, locks and blocking queries), sessions, the agent's
+//! services and the catalog. It follows the documented API (`/v1/kv`, `/v1/session`,
+//! `/v1/agent/service`, `/v1/catalog`, `/v1/status`) exactly, so it works unchanged
+//! against a real Consul agent (over http, https or a unix socket) and against the
+//! development server ([`crate::store::devserver`]), which is as strict as an agent.
 //!
 //! Every failure, including Consul being unreachable, is a [`ConsulError`]; nothing in
 //! here panics on what the network or the server does. Idempotent calls are retried with
 //! bounded exponential backoff on transport errors and 5xx answers ([`RetryPolicy`]);
 //! calls that are not idempotent (check-and-set, session creation) are retried only when
-//! the connection could not be made at all, i.e. when the request was certainly not sent.
+//! the connection could not be made at all, i.e. when the request was certainly not sent,
+//! or when Consul rate-limited them (429, after its `Retry-After`).
 //!
-//! Layout: this file holds the client (address, token, constructors); [`error`] the
-//! error type and its classification; `transport` the one request helper every call
+//! Layout: this file holds the client (constructors); [`config`] the address, token and
+//! TLS files resolved from flags and Consul's variables; `connector` the TCP, TLS and
+//! unix-socket connections; [`error`] the error type and its classification; `transport` the one request helper every call
 //! goes through (retries, timeouts, decoding); then one file per API area: `kv`,
 //! `session`, `catalog` (with the status probe) and `watch` (blocking-query watches).
 //! The KV calls the cluster-state code needs are also what [`ConsulClient`] offers
