@@ -410,3 +410,43 @@ async fn unix_socket_addresses_end_to_end() {
     assert_eq!(c.get("over/unix").await.unwrap().unwrap().value, b"yes");
     assert_eq!(c.leader().await.unwrap(), "127.0.0.1:8300");
 }
+
+/// `overlay-ctl ARGS`: exit code and stderr.
+fn cli(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_overlay-cli"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn the_agent_refuses_a_session_ttl_consul_would_refuse() {
+    let (code, stderr) = cli(&["agent", "--node", "n1", "--session-ttl", "2s"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("below Consul's minimum of 10s"), "{stderr}");
+    assert!(stderr.contains("--dev-store"), "{stderr}");
+    let (code, stderr) = cli(&["agent", "--node", "n1", "--session-ttl", "25h"]);
+    assert_eq!(code, 2, "bad usage: {stderr}");
+    let (code, stderr) = cli(&["agent", "--node", "n1", "--session-ttl", "1500m"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("maximum of 24h"), "{stderr}");
+}
+
+#[test]
+fn the_dev_server_refuses_a_bad_acl_rule() {
+    let (code, stderr) = cli(&[
+        "dev-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--acl-token",
+        "t=key:admin",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("--acl-token") && stderr.contains("read or write"),
+        "{stderr}"
+    );
+}
