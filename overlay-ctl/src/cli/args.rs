@@ -39,9 +39,7 @@ pub struct Cli {
 /// The options every command takes: where the cluster state and the local agent are.
 #[derive(Args)]
 pub struct Global {
-    /// Consul HTTP address: host:port, http://host:port, https://host:port (with --ca,
-    /// --cert, --key or Consul's CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT,
-    /// CONSUL_CLIENT_KEY; CONSUL_HTTP_SSL=true makes host:port https) or unix:///path.
+    /// Consul HTTP address (host:port, http://, https://host:port or unix:///path).
     #[arg(long, global = true, env = "CONSUL_HTTP_ADDR")]
     pub consul: Option<String>,
     /// Key prefix of the cluster state in Consul's KV store [default: overlay/, or the
