@@ -112,18 +112,31 @@ pub struct DevConsul {
     bin: &'static str,
     netns: PathBuf,
     data_dir: Option<PathBuf>,
+    /// More `dev-server` options (e.g. `--acl-token`).
+    extra_args: Vec<String>,
 }
 
 impl DevConsul {
     /// Starts the server on [`CONSUL_IP`] (which this adds to the bridge), keeping its
     /// state in `data_dir` when given (so a restart keeps it, as a real server does).
     pub fn start(bins: &Bins, underlay: &Underlay, data_dir: Option<&Path>) -> Self {
+        Self::start_with_args(bins, underlay, data_dir, &[])
+    }
+
+    /// As [`DevConsul::start`], with more `dev-server` options.
+    pub fn start_with_args(
+        bins: &Bins,
+        underlay: &Underlay,
+        data_dir: Option<&Path>,
+        extra_args: &[&str],
+    ) -> Self {
         underlay.add_bridge_address(CONSUL_IP);
         let mut server = Self {
             child: None,
             bin: bins.cli,
             netns: underlay.ns.ns().path().to_path_buf(),
             data_dir: data_dir.map(Path::to_path_buf),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         server.launch();
         server
@@ -136,13 +149,22 @@ impl DevConsul {
     fn launch(&mut self) {
         let mut command = Command::new(self.bin);
         command
-            .args(["dev-server", "--listen", &self.addr()])
+            // Consul's session_ttl_min lowered, as the tests' short TTLs need (their
+            // agents say so with --dev-store).
+            .args([
+                "dev-server",
+                "--listen",
+                &self.addr(),
+                "--session-ttl-min",
+                "1s",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(dir) = &self.data_dir {
             command.arg("--data-dir").arg(dir);
         }
+        command.args(&self.extra_args);
         let mut child = spawn_in(&self.netns, &mut command);
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -213,6 +235,22 @@ impl DevConsul {
             .expect("enter the underlay namespace")
     }
 
+    /// Simulates a gossip flap (or a restart) of the Consul agent the nodes talk to
+    /// (`PUT /v1/dev/serf-flap`): sessions tied to its `serfHealth` check are
+    /// invalidated. Returns how many were.
+    pub fn serf_flap(&self) -> u64 {
+        let addr = self.addr();
+        let answer = NetNs::open_path("underlay", self.netns.clone())
+            .unwrap()
+            .run(move || raw_http(&addr, "PUT", "/v1/dev/serf-flap"))
+            .expect("enter the underlay namespace")
+            .expect("PUT /v1/dev/serf-flap");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let reply: serde_json::Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("serf-flap answer {answer:?}: {e}"));
+        reply["Invalidated"].as_u64().expect("Invalidated count")
+    }
+
     /// Every key under `prefix` with its value and modify index.
     pub fn kv_snapshot(&self, prefix: &str) -> Vec<(String, Vec<u8>, u64)> {
         let prefix = prefix.to_string();
@@ -234,6 +272,21 @@ impl Drop for DevConsul {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// One HTTP/1.1 exchange without a body (for the dev server's `/v1/dev/` endpoints,
+/// which the product's client has no call for); the whole answer as text.
+fn raw_http(addr: &str, method: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
 }
 
 /// What a CLI invocation printed and returned.
@@ -262,6 +315,8 @@ pub struct Node {
     agent: Option<Child>,
     bins: Bins,
     consul: String,
+    /// The ACL token the agent and the CLI send (`CONSUL_HTTP_TOKEN`), if any.
+    pub token: Option<String>,
     /// Field order: the agent dies first (above), then the pins go, then the namespace.
     pub pins: PinGuard,
     pub ns: TestNs,
@@ -292,6 +347,7 @@ impl Node {
             agent: None,
             bins: *bins,
             consul: consul.addr(),
+            token: None,
             pins: PinGuard::new(),
             ns,
         }
@@ -333,6 +389,9 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if let Some(token) = &self.token {
+            command.env("CONSUL_HTTP_TOKEN", token);
+        }
         self.agent = Some(spawn_in(self.ns.ns().path(), &mut command));
     }
 
@@ -382,6 +441,9 @@ impl Node {
                 "warn,netlink_packet_route=error,netlink_proto=error",
             )
             .stdin(Stdio::null());
+        if let Some(token) = &self.token {
+            command.env("CONSUL_HTTP_TOKEN", token);
+        }
         command
     }
 

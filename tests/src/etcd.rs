@@ -309,7 +309,7 @@ impl Drop for EtcdCluster {
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with
 /// Debian's `openssl`.
-fn make_tls_material(dir: &Path) -> TlsMaterial {
+pub fn make_tls_material(dir: &Path) -> TlsMaterial {
     let path = |name: &str| dir.join(name);
     let openssl = |args: &[&str]| {
         let out = Command::new("openssl")

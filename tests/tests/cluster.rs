@@ -8,7 +8,7 @@ use std::{
 
 use overlay_tests::{
     bins,
-    cluster::{start_cluster, Background, Bins, Node},
+    cluster::{start_cluster, Background, Bins, DevConsul, Node},
     harness::{require_root, unique_name, wait_until},
     net,
     topology::Underlay,
@@ -175,6 +175,12 @@ fn seed_walkthrough_end_to_end() {
             .iter()
             .any(|e| e.service_address == api_ip.to_string())
     });
+    // Registered through the Consul agent the node talks to (the dev server stands for
+    // it): on that agent's node, whose address stays its own (not the VTEP).
+    for entry in catalog(service.clone()) {
+        assert_eq!(entry.node, "overlay-consul-dev", "{entry:?}");
+        assert_eq!(entry.address, "127.0.0.1", "{entry:?}");
+    }
     let stopped = api.stop();
     assert_eq!(stopped.code, 143, "sleep ends by SIGTERM: {stopped:#?}");
     assert!(catalog(service.clone()).is_empty(), "service left behind");
@@ -338,7 +344,13 @@ fn a_killed_node_leaves_its_peers_within_the_session_ttl() {
     require_root();
     let underlay = Underlay::new();
     const TTL: Duration = Duration::from_secs(2);
-    let (_consul, mut nodes) = start_cluster(&BINS, &underlay, 3, None, &["--session-ttl", "2s"]);
+    let (_consul, mut nodes) = start_cluster(
+        &BINS,
+        &underlay,
+        3,
+        None,
+        &["--session-ttl", "2s", "--dev-store"],
+    );
     nodes[0]
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
@@ -369,6 +381,79 @@ fn a_killed_node_leaves_its_peers_within_the_session_ttl() {
     );
     let members = nodes[0].cli(&["cluster", "members"]).ok();
     assert!(!members.stdout.contains("node2"), "{}", members.stdout);
+}
+
+/// A Consul agent restart or gossip flap fails its node's `serfHealth` check; sessions
+/// tied to it would die with their keys. The agents' sessions have no node checks, so
+/// nothing happens: node keys stay, peers keep every VTEP.
+#[test]
+fn a_consul_agent_flap_leaves_the_nodes_in_the_cluster() {
+    require_root();
+    let underlay = Underlay::new();
+    let (consul, nodes) = start_cluster(&BINS, &underlay, 2, None, &[]);
+    for node in &nodes {
+        wait_until("both members with their VTEPs", JOIN, || {
+            status_number(node, "/members") == Some(2) && map_entries(node, "VTEPS") == Some(2)
+        });
+    }
+    let before = consul.kv_snapshot("overlay/nodes/");
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    let invalidated = consul.serf_flap();
+    assert_eq!(invalidated, 0, "agent sessions were tied to serfHealth");
+    assert_eq!(
+        consul.kv_snapshot("overlay/nodes/"),
+        before,
+        "the flap touched the node keys"
+    );
+    for node in &nodes {
+        assert_eq!(status_number(node, "/members"), Some(2));
+        assert_eq!(map_entries(node, "VTEPS"), Some(2));
+    }
+}
+
+/// The rights the README lists are enough (agent, `network create`, `run --service`);
+/// a token without `key:write` gets Consul's 403, named as such in `status` and the log.
+#[test]
+fn acl_tokens_with_the_readme_rights_work_and_others_get_a_clear_denial() {
+    require_root();
+    let underlay = Underlay::new();
+    let consul = DevConsul::start_with_args(
+        &BINS,
+        &underlay,
+        None,
+        &[
+            "--acl-token",
+            "overlay=key:write:overlay/,session:write,service:write",
+            "--acl-token",
+            "weak=key:read:overlay/,session:write",
+        ],
+    );
+    let mut good = Node::new(&BINS, &underlay, 1, &consul);
+    good.token = Some("overlay".to_string());
+    good.start_agent(&["--bootstrap"]);
+    good.wait_registered(JOIN);
+    good.cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+    let service = unique_name("svc");
+    good.cli(&["run", "-n", "net1", "--service", &service, "--", "true"])
+        .ok();
+
+    let mut weak = Node::new(&BINS, &underlay, 2, &consul);
+    weak.token = Some("weak".to_string());
+    weak.start_agent(&[]);
+    wait_until("the weak agent to report the denial", JOIN, || {
+        weak.status().is_some_and(|s| {
+            s["consul"]["reachable"] == true
+                && s["consul"]["registered"] == false
+                && s["consul"]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("ACL denied") && e.contains("key:write"))
+        })
+    });
+    let log = weak.agent_log();
+    assert!(log.contains("Consul's ACL denies the token"), "{log}");
+    assert!(!log.contains("Consul unreachable"), "{log}");
 }
 
 #[test]
@@ -820,7 +905,13 @@ fn agents_ride_out_a_consul_restart() {
         &underlay,
         2,
         Some(&data_dir),
-        &["--session-ttl", "3s", "--resync-interval", "1s"],
+        &[
+            "--session-ttl",
+            "3s",
+            "--dev-store",
+            "--resync-interval",
+            "1s",
+        ],
     );
     nodes[0]
         .cli(&["network", "create", "net1", "10.100.0.0/24"])

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_ctl::store::devserver::ConsulDev;
+use overlay_ctl::store::devserver::{ConsulDev, DevConfig};
 use overlay_ctl::{
     store::consul::{
         CatalogService, ConsulClient, ConsulError, KvPair, KvWatch, RetryPolicy, SessionBehavior,
@@ -19,8 +19,16 @@ use overlay_ctl::{
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
+/// A dev server with Consul's session_ttl_min lowered to 1s, for quick expiry tests.
+fn test_config() -> DevConfig {
+    DevConfig {
+        session_ttl_min: Duration::from_secs(1),
+        ..DevConfig::default()
+    }
+}
+
 async fn dev() -> (ConsulDev, ConsulClient) {
-    let server = ConsulDev::start("127.0.0.1:0")
+    let server = ConsulDev::start_with("127.0.0.1:0", test_config())
         .await
         .expect("start dev server");
     let client = ConsulClient::new(&server.http_addr(), None).expect("client");
@@ -1077,9 +1085,9 @@ impl Drop for DataDir {
 }
 
 async fn dev_with_data(dir: &std::path::Path) -> (ConsulDev, ConsulClient) {
-    let config = overlay_ctl::store::devserver::DevConfig {
+    let config = DevConfig {
         data_dir: Some(dir.to_path_buf()),
-        ..Default::default()
+        ..test_config()
     };
     let server = ConsulDev::start_with("127.0.0.1:0", config)
         .await

@@ -739,6 +739,7 @@ fn a_store_restarted_empty_keeps_traffic_and_is_refilled() {
         &[
             "--session-ttl",
             "3s",
+            "--dev-store",
             "--resync-interval",
             "1s",
             "--gc-interval",

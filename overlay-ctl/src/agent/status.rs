@@ -16,6 +16,7 @@ use super::{
 };
 use crate::{
     dataplane::datapath::{self, Datapath},
+    store::consul::{ConsulError, ErrorClass},
     store::records::{RecordKind, RejectReason},
 };
 
@@ -35,6 +36,8 @@ pub struct Forwarding {
 pub struct LiveStatus {
     pub consul_reachable: bool,
     pub consul_error: Option<String>,
+    /// The class of `consul_error` (a new class is logged again).
+    pub consul_error_class: Option<ErrorClass>,
     /// This node's session, and whether it holds the node key.
     pub session: Option<String>,
     pub registered: bool,
@@ -51,27 +54,33 @@ impl Agent {
     pub(super) fn consul_ok(&self) {
         let mut came_back = false;
         self.status.send_modify(|status| {
-            came_back = !status.consul_reachable;
+            came_back = !status.consul_reachable || status.consul_error_class.is_some();
             status.consul_reachable = true;
             status.consul_error = None;
+            status.consul_error_class = None;
         });
         if came_back {
-            info!(consul = %self.store.client().addr(), "Consul reachable");
+            info!(consul = %self.store.client().addr(), "Consul reachable and answering");
         }
     }
 
-    /// An outage is logged once when it starts (and at debug level while it lasts).
-    pub(super) fn consul_failed(&self, what: &str, error: &dyn std::fmt::Display) {
+    /// A failure is logged once when it starts or changes class (and at debug level
+    /// while it lasts), under its class's summary: an ACL denial or a rate limit is not
+    /// "unreachable". Only an unreachable Consul counts as such in `status`.
+    pub(super) fn consul_failed(&self, what: &str, error: &ConsulError) {
+        let class = error.class();
         let mut started = false;
         self.status.send_modify(|status| {
-            started = status.consul_reachable || status.consul_error.is_none();
-            status.consul_reachable = false;
+            started = status.consul_error_class != Some(class);
+            status.consul_reachable = class != ErrorClass::Unreachable;
             status.consul_error = Some(error.to_string());
+            status.consul_error_class = Some(class);
         });
+        let summary = class.summary();
         if started {
-            warn!(consul = %self.store.client().addr(), error = %error, "{what}: Consul unreachable; the data plane keeps forwarding with the last known state");
+            warn!(consul = %self.store.client().addr(), error = %error, "{what}: {summary}; the data plane keeps forwarding with the last known state");
         } else {
-            debug!(error = %error, "{what}: Consul still unreachable");
+            debug!(error = %error, "{what}: still {summary}");
         }
         self.metrics.record_consul_error();
     }

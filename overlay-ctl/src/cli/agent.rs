@@ -24,7 +24,8 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
     if let Some(port) = args.vxlan_port {
         crate::store::settings::check_vxlan_port(port.into()).context("invalid --vxlan-port")?;
     }
-    let consul = super::consul_client(cli.consul.as_deref(), None)?;
+    check_session_ttl(args.session_ttl, args.dev_store)?;
+    let consul = super::consul_client(cli, None)?;
     let prefix = cli
         .prefix
         .clone()
@@ -75,6 +76,24 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
     .context("agent failed")
 }
 
+/// Refuses a session TTL Consul would refuse (each session creation answered with a
+/// 500, retried forever), unless `--dev-store` says the store is a dev server that
+/// allows shorter ones.
+fn check_session_ttl(ttl: std::time::Duration, dev_store: bool) -> anyhow::Result<()> {
+    use crate::store::devserver::{SESSION_TTL_MAX, SESSION_TTL_MIN};
+    if ttl > SESSION_TTL_MAX {
+        anyhow::bail!("--session-ttl {ttl:?} is above Consul's maximum of 24h");
+    }
+    if ttl < SESSION_TTL_MIN && !dev_store {
+        anyhow::bail!(
+            "--session-ttl {ttl:?} is below Consul's minimum of 10s (session_ttl_min): a \
+             Consul server refuses it; add --dev-store only if the store is \
+             `overlay-ctl dev-server --session-ttl-min` at or below it"
+        );
+    }
+    Ok(())
+}
+
 /// `agent logs`: the agent's recent log lines, then (with `follow`) new ones as they come.
 pub async fn logs(cli: &Global, follow: bool, lines: usize) -> anyhow::Result<()> {
     let client = AgentClient::new(&cli.state_dir);
@@ -91,5 +110,21 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::check_session_ttl;
+
+    #[test]
+    fn session_ttls_below_consuls_minimum_need_the_dev_store_flag() {
+        assert!(check_session_ttl(Duration::from_secs(10), false).is_ok());
+        let refused = check_session_ttl(Duration::from_secs(2), false).unwrap_err();
+        assert!(refused.to_string().contains("--dev-store"), "{refused}");
+        assert!(check_session_ttl(Duration::from_secs(2), true).is_ok());
+        assert!(check_session_ttl(Duration::from_secs(86_401), true).is_err());
     }
 }

@@ -20,7 +20,7 @@ Getting started (as the SocketPlane walkthrough did):
   overlay-ctl run -n net1 -- ping 10.100.0.3      # a container on net1
 
 Consul: --consul ADDR, else $CONSUL_HTTP_ADDR, else the local agent's, else 127.0.0.1:8500.
-$CONSUL_HTTP_TOKEN is sent as the ACL token.
+$CONSUL_HTTP_TOKEN (or the file $CONSUL_HTTP_TOKEN_FILE names) is sent as the ACL token.
 
 Exit codes: 0 success; 1 the operation failed or was refused (one-line reason on
 stderr, nothing changed); 2 bad usage. `run` exits with its command's code.";
@@ -39,7 +39,7 @@ pub struct Cli {
 /// The options every command takes: where the cluster state and the local agent are.
 #[derive(Args)]
 pub struct Global {
-    /// Consul HTTP address (host:port or http://host:port).
+    /// Consul HTTP address (host:port, http://, https://host:port or unix:///path).
     #[arg(long, global = true, env = "CONSUL_HTTP_ADDR")]
     pub consul: Option<String>,
     /// Key prefix of the cluster state in Consul's KV store [default: overlay/, or the
@@ -49,6 +49,15 @@ pub struct Global {
     /// The agent's state directory (its control socket and session).
     #[arg(long, global = true, env = "OVERLAY_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// CA certificate to verify the store's TLS certificate (https://, etcds://).
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate for the store's TLS (with --key).
+    #[arg(long, global = true)]
+    pub cert: Option<PathBuf>,
+    /// Client private key for the store's TLS (with --cert).
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -85,7 +94,8 @@ pub enum Command {
         /// Ask for this address (must be free, inside the subnet, not the gateway).
         #[arg(long)]
         ip: Option<Ipv4Addr>,
-        /// Register the container's address as this service in Consul's catalog.
+        /// Register the container's address as this service with the local Consul agent
+        /// (in the catalog on that agent's node) while the container runs.
         #[arg(long)]
         service: Option<String>,
         /// The command and its arguments.
@@ -174,10 +184,15 @@ pub struct AgentArgs {
     /// it, a stopped agent leaves the data plane forwarding for its successor.
     #[arg(long)]
     pub ephemeral: bool,
-    /// Session TTL: a node whose agent is gone this long leaves the cluster. Consul
-    /// accepts 10s and more (the dev server from 1s).
+    /// Session TTL: a node whose agent is gone this long (up to twice as long) leaves
+    /// the cluster. Consul accepts 10s to 24h; shorter needs --dev-store.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub session_ttl: Duration,
+    /// Dev/test only: the store is `overlay-ctl dev-server` started with a lower
+    /// `--session-ttl-min`, so --session-ttl may be below Consul's 10s minimum (a real
+    /// Consul would answer every session creation with an error).
+    #[arg(long)]
+    pub dev_store: bool,
     /// Period of the full resync (the watch applies changes as they happen).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,

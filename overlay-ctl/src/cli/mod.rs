@@ -16,7 +16,8 @@ use crate::{
     agent::control::{AgentClient, AgentStatus},
     agent::logs::LogBuffer,
     agent::KERNEL_LOG_TARGET,
-    store::consul::ConsulClient,
+    store::consul::{ConsulClient, ConsulConfig},
+    store::etcd::TlsFiles,
     store::{Store, DEFAULT_PREFIX},
 };
 
@@ -144,13 +145,21 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The Consul client: --consul / $CONSUL_HTTP_ADDR, else the local agent's address.
-fn consul_client(
-    cli_addr: Option<&str>,
-    agent: Option<&AgentStatus>,
-) -> anyhow::Result<ConsulClient> {
-    let addr = cli_addr.or(agent.map(|s| s.consul.addr.as_str()));
-    Ok(ConsulClient::from_env(addr)?)
+/// The Consul client: --consul / $CONSUL_HTTP_ADDR, else the local agent's address;
+/// TLS files from --ca/--cert/--key, else Consul's variables.
+fn consul_client(cli: &Global, agent: Option<&AgentStatus>) -> anyhow::Result<ConsulClient> {
+    let addr = cli
+        .consul
+        .as_deref()
+        .or(agent.map(|s| s.consul.addr.as_str()));
+    let tls = TlsFiles {
+        ca: cli.ca.clone(),
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
+    };
+    Ok(ConsulClient::from_config(&ConsulConfig::resolve(
+        addr, &tls,
+    )?)?)
 }
 
 /// The cluster state: --consul and --prefix, else the local agent's, else the defaults.
@@ -160,10 +169,7 @@ fn store_for(cli: &Global, agent: Option<&AgentStatus>) -> anyhow::Result<Store>
         .clone()
         .or_else(|| agent.map(|s| s.consul.prefix.clone()))
         .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
-    Ok(Store::new(
-        consul_client(cli.consul.as_deref(), agent)?,
-        &prefix,
-    ))
+    Ok(Store::new(consul_client(cli, agent)?, &prefix))
 }
 
 /// The local agent's status when one runs (commands that only need Consul use it for

@@ -101,10 +101,10 @@ fn print_cluster(s: &AgentStatus) {
         "consul:      {} prefix {}: {}{}",
         s.consul.addr,
         s.consul.prefix,
-        if s.consul.reachable {
-            "reachable"
-        } else {
-            "UNREACHABLE"
+        match (s.consul.reachable, s.consul.last_error.is_some()) {
+            (false, _) => "UNREACHABLE",
+            (true, true) => "reachable, REFUSING",
+            (true, false) => "reachable",
         },
         s.consul
             .last_error

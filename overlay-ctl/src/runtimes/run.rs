@@ -16,7 +16,7 @@ use crate::{
     agent::control::AgentStatus,
     agent::local_state::{self, Kind},
     dataplane::netns::NetNs,
-    store::consul::CatalogService,
+    store::consul::AgentService,
     store::ipam,
 };
 
@@ -102,20 +102,13 @@ impl<'a> ContainerRun<'a> {
         &self.joined
     }
 
-    /// Registers the container's address as `service` in Consul's catalog (the seed's
-    /// Registrator role). On failure the container is removed.
+    /// Registers the container's address as `service` with the local Consul agent (the
+    /// seed's Registrator role): it appears in the catalog on that agent's node. On
+    /// failure the container is removed.
     pub async fn register_service(mut self, service: &str) -> Result<Self> {
         let ctx = self.session.context();
         let entry = service_for(&ctx.status, &self.joined, service);
-        let registered = ctx
-            .store
-            .client()
-            .catalog_register(
-                &ctx.status.node,
-                &ctx.status.vtep.map(|v| v.to_string()).unwrap_or_default(),
-                &entry,
-            )
-            .await;
+        let registered = ctx.store.client().agent_service_register(&entry).await;
         match registered {
             Ok(()) => {
                 self.service_id = Some(entry.id);
@@ -169,7 +162,7 @@ impl<'a> ContainerRun<'a> {
             if let Err(e) = ctx
                 .store
                 .client()
-                .catalog_deregister(&ctx.status.node, service_id)
+                .agent_service_deregister(service_id)
                 .await
             {
                 warn!(error = %e, "cannot deregister service {service_id}");
@@ -189,9 +182,9 @@ impl<'a> ContainerRun<'a> {
     }
 }
 
-/// The catalog registration of a container's service.
-pub fn service_for(status: &AgentStatus, joined: &Joined, service: &str) -> CatalogService {
-    CatalogService {
+/// The agent registration of a container's service.
+pub fn service_for(status: &AgentStatus, joined: &Joined, service: &str) -> AgentService {
+    AgentService {
         id: format!("overlay-{}-{}", joined.endpoint.network, joined.endpoint.id),
         name: service.to_string(),
         address: joined.endpoint.ip.to_string(),

@@ -1,5 +1,11 @@
-//! The catalog (`/v1/catalog`), where `--service` containers are registered, and the
-//! status probe (`/v1/status/leader`).
+//! Services: registered through the local Consul agent (`/v1/agent/service`, where
+//! `--service` containers go), read from the catalog (`/v1/catalog`); and the status
+//! probe (`/v1/status/leader`).
+//!
+//! Why the agent endpoints: a service written with `/v1/catalog/register` onto a node
+//! that a Consul agent owns is removed by that agent's anti-entropy at its next sync
+//! (and the node's address is overwritten meanwhile). A service registered with the
+//! agent belongs to the agent's node, keeps its address, and is synced by the agent.
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +22,18 @@ pub struct CatalogService {
     pub id: String,
     /// The service name (`Service` in Consul's register body).
     #[serde(rename = "Service")]
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub tags: Vec<String>,
+}
+
+/// A service to register with the local Consul agent (`PUT /v1/agent/service/register`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AgentService {
+    #[serde(rename = "ID")]
+    pub id: String,
     pub name: String,
     pub address: String,
     pub port: u16,
@@ -87,6 +105,26 @@ impl ConsulClient {
     async fn catalog_write(&self, path: &str, body: Vec<u8>) -> Result<(), ConsulError> {
         let req = self.req(Method::PUT, path).body(body);
         self.request(req, Missing::Fails, |_, _| Ok(())).await
+    }
+
+    /// `PUT /v1/agent/service/register`: the service on the node of the Consul agent this
+    /// client talks to (replacing one with the same ID).
+    pub async fn agent_service_register(&self, service: &AgentService) -> Result<(), ConsulError> {
+        let body =
+            serde_json::to_vec(service).map_err(|e| ConsulError::InvalidArgument(e.to_string()))?;
+        let req = self
+            .req(Method::PUT, "/v1/agent/service/register")
+            .body(body);
+        self.request(req, Missing::Fails, |_, _| Ok(())).await
+    }
+
+    /// `PUT /v1/agent/service/deregister/:id`; a service already gone is not an error.
+    pub async fn agent_service_deregister(&self, service_id: &str) -> Result<(), ConsulError> {
+        let path = format!("/v1/agent/service/deregister/{}", encode_query(service_id));
+        self.request(self.req(Method::PUT, path), Missing::Means(()), |_, _| {
+            Ok(())
+        })
+        .await
     }
 
     /// `GET /v1/catalog/service/:name`: the registered instances of a service.

@@ -1,22 +1,27 @@
 //! A thin typed client for the subset of Consul's HTTP API the control plane uses:
-//! the KV store (with check-and-set, locks and blocking queries), sessions and the
-//! catalog. It follows the documented API (`/v1/kv`, `/v1/session`, `/v1/catalog`,
-//! `/v1/status`) exactly, so it works unchanged against a real Consul agent and against
-//! the in-memory development server in the `overlay-tests` package.
+//! the KV store (with check-and-set, locks and blocking queries), sessions, the agent's
+//! services and the catalog. It follows the documented API (`/v1/kv`, `/v1/session`,
+//! `/v1/agent/service`, `/v1/catalog`, `/v1/status`) exactly, so it works unchanged
+//! against a real Consul agent (over http, https or a unix socket) and against the
+//! development server ([`crate::store::devserver`]), which is as strict as an agent.
 //!
 //! Every failure, including Consul being unreachable, is a [`ConsulError`]; nothing in
 //! here panics on what the network or the server does. Idempotent calls are retried with
 //! bounded exponential backoff on transport errors and 5xx answers ([`RetryPolicy`]);
 //! calls that are not idempotent (check-and-set, session creation) are retried only when
-//! the connection could not be made at all, i.e. when the request was certainly not sent.
+//! the connection could not be made at all, i.e. when the request was certainly not sent,
+//! or when Consul rate-limited them (429, after its `Retry-After`).
 //!
-//! Layout: this file holds the client (address, token, constructors); [`error`] the
-//! error type and its classification; `transport` the one request helper every call
+//! Layout: this file holds the client (constructors); [`config`] the address, token and
+//! TLS files resolved from flags and Consul's variables; `connector` the TCP, TLS and
+//! unix-socket connections; [`error`] the error type and its classification; `transport` the one request helper every call
 //! goes through (retries, timeouts, decoding); then one file per API area: `kv`,
 //! `session`, `catalog` (with the status probe) and `watch` (blocking-query watches).
 //! The KV calls the cluster-state code needs are also what [`ConsulClient`] offers
 //! through [`crate::store::backend::KvBackend`].
 mod catalog;
+pub mod config;
+mod connector;
 pub mod error;
 mod kv;
 mod session;
@@ -27,25 +32,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::TokioExecutor,
-};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+use self::connector::ConsulConnector;
 
 pub use self::{
-    catalog::{CatalogEntry, CatalogService},
-    error::ConsulError,
+    catalog::{AgentService, CatalogEntry, CatalogService},
+    config::{ConsulAddress, ConsulConfig, ConsulTls, DEFAULT_ADDR, ENV_ADDR, ENV_TOKEN},
+    error::{ConsulError, ErrorClass},
     session::{SessionBehavior, SessionInfo},
     transport::{format_duration, RetryPolicy},
     watch::{next_watch_index, KvWatch},
 };
 pub use crate::store::backend::KvPair;
 
-/// The address used when neither `--consul` nor `CONSUL_HTTP_ADDR` names one.
-pub const DEFAULT_ADDR: &str = "127.0.0.1:8500";
-/// Consul's own environment variables, honoured like the `consul` CLI does.
-pub const ENV_ADDR: &str = "CONSUL_HTTP_ADDR";
-pub const ENV_TOKEN: &str = "CONSUL_HTTP_TOKEN";
 /// The header Consul reads the ACL token from.
 pub const TOKEN_HEADER: &str = "X-Consul-Token";
 /// The header carrying the index of a blocking-query capable read.
@@ -56,12 +56,13 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 /// The Consul HTTP API client. Cheap to clone (clones share the connection pool).
 #[derive(Clone)]
 pub struct ConsulClient {
-    /// `host:port`, for messages.
+    /// `host:port` (`https://host:port`, `unix:///path`), for messages and `status`.
     addr: String,
-    /// `http://host:port`.
+    /// What request URIs start with: `http://host:port`, `https://host:port`, or
+    /// `http://localhost` for a unix socket (whose connector ignores the host).
     base: String,
     token: Option<String>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<ConsulConnector, Full<Bytes>>,
     retry: RetryPolicy,
     timeout: Duration,
 }
@@ -130,20 +131,28 @@ pub fn parse_addr(addr: &str) -> Result<String, ConsulError> {
 }
 
 impl ConsulClient {
-    /// A client for the agent at `addr` (`host:port` or `http://host:port`), sending
-    /// `token` (when given) as `X-Consul-Token`.
+    /// A client for the agent at `addr` (`host:port`, `http://`, `https://` verified
+    /// with the system's CAs, or `unix:///path`), sending `token` (when given) as
+    /// `X-Consul-Token`.
     pub fn new(addr: &str, token: Option<String>) -> Result<Self, ConsulError> {
-        let addr = parse_addr(addr)?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        Self::from_config(&ConsulConfig::plain(addr, token)?)
+    }
+
+    /// A client as `config` says (address kind, token, TLS files).
+    pub fn from_config(config: &ConsulConfig) -> Result<Self, ConsulError> {
+        let connector = ConsulConnector::new(&config.address, &config.tls)?;
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
+        let base = match &config.address {
+            ConsulAddress::Http(a) => format!("http://{a}"),
+            ConsulAddress::Https(a) => format!("https://{a}"),
+            ConsulAddress::Unix(_) => "http://localhost".to_string(),
+        };
         Ok(Self {
-            base: format!("http://{addr}"),
-            addr,
-            token: token.filter(|t| !t.is_empty()),
+            base,
+            addr: config.address.display(),
+            token: config.token.clone().filter(|t| !t.is_empty()),
             http,
             retry: RetryPolicy::default(),
             timeout: Duration::from_secs(10),
@@ -151,17 +160,11 @@ impl ConsulClient {
     }
 
     /// The address from `cli_addr` (the `--consul` flag), else `CONSUL_HTTP_ADDR`, else
-    /// [`DEFAULT_ADDR`]; the ACL token from `CONSUL_HTTP_TOKEN`.
+    /// [`DEFAULT_ADDR`]; token and TLS files from Consul's variables
+    /// ([`ConsulConfig::resolve`]).
     pub fn from_env(cli_addr: Option<&str>) -> Result<Self, ConsulError> {
-        let env_addr = std::env::var(ENV_ADDR)
-            .ok()
-            .filter(|a| !a.trim().is_empty());
-        let addr = cli_addr
-            .map(str::to_string)
-            .or(env_addr)
-            .unwrap_or_else(|| DEFAULT_ADDR.to_string());
-        let token = std::env::var(ENV_TOKEN).ok();
-        Self::new(&addr, token)
+        let tls = crate::store::etcd::TlsFiles::default();
+        Self::from_config(&ConsulConfig::resolve(cli_addr, &tls)?)
     }
 
     /// Replaces the retry policy.
@@ -177,7 +180,7 @@ impl ConsulClient {
         self
     }
 
-    /// `host:port` of the agent.
+    /// The agent's address as given (`host:port`, `https://...`, `unix://...`).
     pub fn addr(&self) -> &str {
         &self.addr
     }

@@ -40,6 +40,9 @@ pub struct SessionInfo {
     /// Nanoseconds (Consul reports a Go `time.Duration`).
     #[serde(default)]
     pub lock_delay: u64,
+    /// The node health checks the session is tied to (`None` when Consul reports null).
+    #[serde(default)]
+    pub node_checks: Option<Vec<String>>,
     #[serde(default)]
     pub create_index: u64,
     #[serde(default)]
@@ -55,6 +58,12 @@ impl ConsulClient {
     /// renewed within the TTL ([`ConsulClient::session_renew`]); Consul may wait up to
     /// twice the TTL before invalidating it. Real Consul refuses TTLs below its
     /// `session_ttl_min` (10s by default) and above 24h.
+    ///
+    /// The session belongs to the node of the Consul agent this client talks to and is
+    /// created with no node checks (`"NodeChecks": []`, as the official client's
+    /// `CreateNoChecks`): without that, Consul ties it to the node's `serfHealth` check,
+    /// and a restart of that Consul agent or a gossip flap would invalidate it (deleting
+    /// the keys it holds) although our agent is alive. Only the TTL decides.
     pub async fn session_create(
         &self,
         name: &str,
@@ -70,6 +79,8 @@ impl ConsulClient {
             ttl: String,
             behavior: SessionBehavior,
             lock_delay: String,
+            /// Always empty: see above.
+            node_checks: [&'a str; 0],
         }
         #[derive(Deserialize)]
         struct Created {
@@ -86,6 +97,7 @@ impl ConsulClient {
             ttl: format_duration(ttl),
             behavior,
             lock_delay: format_duration(lock_delay),
+            node_checks: [],
         })
         .map_err(|e| ConsulError::InvalidArgument(e.to_string()))?;
         let req = self

@@ -63,6 +63,8 @@ pub(super) enum Idempotence {
 pub(super) struct RawResponse {
     pub(super) status: StatusCode,
     pub(super) index: Option<u64>,
+    /// A 429's `Retry-After`, in seconds.
+    pub(super) retry_after: Option<Duration>,
     pub(super) body: Bytes,
 }
 
@@ -101,14 +103,28 @@ impl Req {
     }
 }
 
-/// The error for a response whose status the caller does not accept.
-fn status_error(method: &Method, path: &str, resp: &RawResponse) -> ConsulError {
-    ConsulError::Status {
-        code: resp.status.as_u16(),
-        method: method.clone(),
-        path: path.to_string(),
-        body: String::from_utf8_lossy(&resp.body).trim().to_string(),
+/// Consul's `Retry-After` (seconds) is honoured up to this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+impl ConsulClient {
+    /// The error for a response whose status the caller does not accept.
+    fn status_error(&self, method: &Method, path: &str, resp: &RawResponse) -> ConsulError {
+        ConsulError::from_answer(
+            resp.status.as_u16(),
+            method,
+            path,
+            &resp.body,
+            resp.retry_after,
+            self.token.is_some(),
+        )
     }
+}
+
+/// Whether an answer with `status` may be retried: 429 always (Consul's rate limiter
+/// refused it before handling it), 5xx only when the call is idempotent.
+fn retryable_status(status: StatusCode, idempotence: Idempotence) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS
+        || (status.is_server_error() && idempotence == Idempotence::Idempotent)
 }
 
 /// Decodes a JSON answer.
@@ -119,6 +135,29 @@ pub(super) fn json<T: DeserializeOwned>(path: &str, body: &[u8]) -> Result<T, Co
 /// Percent-encodes a key for use in a URL path, keeping `/` separators.
 pub(super) fn encode_path(key: &str) -> String {
     encode(key, true)
+}
+
+/// Undoes [`encode_path`] (for messages that name a key).
+pub(super) fn decode_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Percent-encodes a query-string value.
@@ -188,7 +227,7 @@ impl ConsulClient {
         if resp.status == StatusCode::NOT_FOUND {
             return match missing {
                 Missing::Means(value) => Ok((resp.index, value)),
-                Missing::Fails => Err(status_error(&req.method, &req.path, &resp)),
+                Missing::Fails => Err(self.status_error(&req.method, &req.path, &resp)),
             };
         }
         Ok((resp.index, decode(&req.path, &resp.body)?))
@@ -200,14 +239,15 @@ impl ConsulClient {
     async fn call(&self, req: &Req) -> Result<RawResponse, ConsulError> {
         let mut attempt = 1;
         loop {
+            let mut asked_pause = None;
             let (err, retryable) = match self.send_once(req).await {
                 Ok(resp) if resp.status.is_success() || resp.status == StatusCode::NOT_FOUND => {
                     return Ok(resp)
                 }
                 Ok(resp) => {
-                    let retryable =
-                        resp.status.is_server_error() && req.idempotence == Idempotence::Idempotent;
-                    (status_error(&req.method, &req.path, &resp), retryable)
+                    asked_pause = resp.retry_after.map(|d| d.min(MAX_RETRY_AFTER));
+                    let retryable = retryable_status(resp.status, req.idempotence);
+                    (self.status_error(&req.method, &req.path, &resp), retryable)
                 }
                 Err((err, connect_failed)) => {
                     let retryable = match err {
@@ -222,7 +262,7 @@ impl ConsulClient {
             if !retryable || attempt >= self.retry.max_attempts {
                 return Err(err);
             }
-            let pause = self.retry.backoff(attempt);
+            let pause = asked_pause.unwrap_or_else(|| self.retry.backoff(attempt));
             debug!(method = %req.method, path = %req.path, attempt, ?pause, error = %err, "retrying Consul call");
             tokio::time::sleep(pause).await;
             attempt += 1;
@@ -287,6 +327,12 @@ impl ConsulClient {
             .get(INDEX_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
+        let retry_after = response
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let body = response
             .into_body()
             .collect()
@@ -296,6 +342,7 @@ impl ConsulClient {
         Ok(RawResponse {
             status,
             index,
+            retry_after,
             body,
         })
     }
@@ -319,6 +366,31 @@ mod tests {
             "overlay/ipam/a%20b/10.0.0.1"
         );
         assert_eq!(encode_query("a/b?c"), "a%2Fb%3Fc");
+    }
+
+    #[test]
+    fn keys_are_percent_decoded_for_messages() {
+        assert_eq!(decode_path("overlay/a%20b/%2F"), "overlay/a b//");
+        assert_eq!(decode_path("100%"), "100%");
+    }
+
+    #[test]
+    fn rate_limits_are_always_retried_server_errors_when_idempotent() {
+        use Idempotence::*;
+        assert!(retryable_status(
+            StatusCode::TOO_MANY_REQUESTS,
+            NotIdempotent
+        ));
+        assert!(retryable_status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Idempotent
+        ));
+        assert!(!retryable_status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            NotIdempotent
+        ));
+        assert!(!retryable_status(StatusCode::FORBIDDEN, Idempotent));
+        assert!(!retryable_status(StatusCode::PAYLOAD_TOO_LARGE, Idempotent));
     }
 
     #[test]

@@ -1,15 +1,22 @@
 //! `/v1/catalog/`: register and deregister nodes and services, and read them back
-//! (`service/:name` as a blocking query, `services`, `nodes`).
+//! (`service/:name` as a blocking query, `services`, `nodes`); and the agent's own
+//! `/v1/agent/service/register` and `deregister/:id`, which put services on the
+//! server's node.
+//!
+//! A catalog write onto the server's own node (which a real Consul agent owns) is what
+//! that agent's anti-entropy undoes at its next sync: the dev server does not apply it
+//! (the answer is still `true`, as Consul's), so a client relying on it fails here too.
 use std::{collections::BTreeMap, sync::Arc};
 
 use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tracing::warn;
 
 use super::{
     http::{blocking_read, Query, Reply},
     shared::Shared,
-    state::{Node, Service},
+    state::{Node, Service, State},
 };
 
 #[derive(Deserialize, Default)]
@@ -61,37 +68,112 @@ pub(super) fn catalog_register(shared: &Arc<Shared>, body: &[u8]) -> Reply {
             return Reply::text(StatusCode::BAD_REQUEST, "Missing service name");
         }
     }
+    if req.node == shared.config.node_name {
+        warn!(node = %req.node, "catalog register onto the agent's own node ignored: a Consul agent's anti-entropy would undo it (use /v1/agent/service/register)");
+        return Reply::json(&json!(true));
+    }
     shared.write(|state| {
-        let idx = state.bump();
-        state.catalog_index = idx;
         let node = state.nodes.entry(req.node.clone()).or_insert_with(|| Node {
             address: req.address.clone(),
             services: BTreeMap::new(),
         });
         node.address = req.address.clone();
         if let Some(s) = req.service {
-            let id = if s.id.is_empty() {
-                s.service.clone()
-            } else {
-                s.id
-            };
-            let create_index = node.services.get(&id).map_or(idx, |old| old.create_index);
-            node.services.insert(
-                id.clone(),
-                Service {
-                    id,
-                    name: s.service,
-                    address: s.address,
-                    port: s.port,
-                    tags: s.tags.unwrap_or_default(),
-                    meta: s.meta.unwrap_or_default(),
-                    create_index,
-                    modify_index: idx,
-                },
-            );
+            put_service(state, &req.node, s);
+        } else {
+            let idx = state.bump();
+            state.catalog_index = idx;
         }
     });
     Reply::json(&json!(true))
+}
+
+/// Adds (or replaces) a service on a registered node.
+fn put_service(state: &mut State, node: &str, s: RegisterService) {
+    let idx = state.bump();
+    state.catalog_index = idx;
+    let Some(node) = state.nodes.get_mut(node) else {
+        return;
+    };
+    let id = if s.id.is_empty() {
+        s.service.clone()
+    } else {
+        s.id
+    };
+    let create_index = node.services.get(&id).map_or(idx, |old| old.create_index);
+    node.services.insert(
+        id.clone(),
+        Service {
+            id,
+            name: s.service,
+            address: s.address,
+            port: s.port,
+            tags: s.tags.unwrap_or_default(),
+            meta: s.meta.unwrap_or_default(),
+            create_index,
+            modify_index: idx,
+        },
+    );
+}
+
+/// The body of `PUT /v1/agent/service/register` (`Name`, where the catalog says
+/// `Service`).
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+pub(super) struct AgentServiceRequest {
+    #[serde(rename = "ID")]
+    id: String,
+    name: String,
+    address: String,
+    port: u16,
+    tags: Option<Vec<String>>,
+    meta: Option<BTreeMap<String, String>>,
+}
+
+/// `PUT /v1/agent/service/register`: the service on the server's own node.
+pub(super) fn agent_service_register(shared: &Arc<Shared>, body: &[u8]) -> Reply {
+    let req: AgentServiceRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Reply::text(
+                StatusCode::BAD_REQUEST,
+                format!("Request decode failed: {e}"),
+            )
+        }
+    };
+    if req.name.is_empty() {
+        return Reply::text(StatusCode::BAD_REQUEST, "Missing service name");
+    }
+    let service = RegisterService {
+        id: req.id,
+        service: req.name,
+        address: req.address,
+        port: req.port,
+        tags: req.tags,
+        meta: req.meta,
+    };
+    shared.write(|state| put_service(state, &shared.config.node_name, service));
+    Reply::text(StatusCode::OK, "")
+}
+
+/// `PUT /v1/agent/service/deregister/:id`: 404 for a service the agent does not have.
+pub(super) fn agent_service_deregister(shared: &Arc<Shared>, id: &str) -> Reply {
+    let removed = shared.write(|state| {
+        let removed = state
+            .nodes
+            .get_mut(&shared.config.node_name)
+            .is_some_and(|n| n.services.remove(id).is_some());
+        if removed {
+            let idx = state.bump();
+            state.catalog_index = idx;
+        }
+        removed
+    });
+    if removed {
+        Reply::text(StatusCode::OK, "")
+    } else {
+        Reply::text(StatusCode::NOT_FOUND, format!("Unknown service ID {id:?}"))
+    }
 }
 
 pub(super) fn catalog_deregister(shared: &Arc<Shared>, body: &[u8]) -> Reply {

@@ -10,10 +10,13 @@ use tracing::debug;
 
 use super::{
     catalog::{
-        catalog_deregister, catalog_nodes, catalog_register, catalog_service, catalog_services,
+        agent_service_deregister, agent_service_register, catalog_deregister, catalog_nodes,
+        catalog_register, catalog_service, catalog_services,
     },
     kv::{kv_delete, kv_get, kv_put},
-    session::{session_create, session_destroy, session_info, session_list, session_renew},
+    session::{
+        serf_flap, session_create, session_destroy, session_info, session_list, session_renew,
+    },
     shared::Shared,
     state::State,
     DEFAULT_WAIT, LEADER_ADDR, MAX_WAIT,
@@ -186,6 +189,14 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = Query::parse(req.uri().query());
+    let token = req
+        .headers()
+        .get("X-Consul-Token")
+        .and_then(|v| v.to_str().ok());
+    if let Err(denied) = shared.config.acl.authorize(&method, &path, &query, token) {
+        debug!(%method, path, "ACL denied");
+        return denied.into_response();
+    }
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -254,7 +265,15 @@ pub(super) async fn route(
             _ => not_found(path),
         };
     }
+    if let Some(id) = path.strip_prefix("/v1/agent/service/deregister/") {
+        return match *method {
+            Method::PUT => agent_service_deregister(shared, &percent_decode(id)),
+            _ => method_not_allowed(method),
+        };
+    }
     match (path, method) {
+        ("/v1/agent/service/register", &Method::PUT) => agent_service_register(shared, &body),
+        ("/v1/dev/serf-flap", &Method::PUT) => serf_flap(shared, query.get("node")),
         ("/v1/status/leader", &Method::GET) => Reply::json(&json!(LEADER_ADDR)),
         ("/v1/status/peers", &Method::GET) => Reply::json(&json!([LEADER_ADDR])),
         ("/v1/agent/self", &Method::GET) => Reply::json(&json!({

@@ -9,6 +9,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+/// The gossip health check every Consul agent's node has.
+pub(super) const SERF_HEALTH: &str = "serfHealth";
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(super) struct Entry {
     pub(super) value: Vec<u8>,
@@ -42,6 +45,10 @@ pub(super) struct Session {
     pub(super) ttl: Option<(String, Duration)>,
     pub(super) behavior: Behavior,
     pub(super) lock_delay: Duration,
+    /// The node health checks whose failure invalidates the session (Consul's
+    /// default, when the request names none, is the node's `serfHealth`).
+    #[serde(default)]
+    pub(super) node_checks: Vec<String>,
     pub(super) create_index: u64,
     /// When the session is invalidated unless renewed (twice the TTL, as Consul does).
     #[serde(skip)]
@@ -57,7 +64,7 @@ impl Session {
             "LockDelay": self.lock_delay.as_nanos() as u64,
             "Behavior": self.behavior.as_str(),
             "TTL": self.ttl.as_ref().map(|t| t.0.clone()).unwrap_or_default(),
-            "NodeChecks": ["serfHealth"],
+            "NodeChecks": self.node_checks,
             "ServiceChecks": Value::Null,
             "CreateIndex": self.create_index,
             "ModifyIndex": self.create_index,
@@ -174,6 +181,22 @@ impl State {
         } else {
             false
         }
+    }
+
+    /// What a gossip flap of `node` (or a restart of its Consul agent) does: its
+    /// `serfHealth` check goes critical, which invalidates every session tied to it.
+    /// Returns how many sessions were invalidated.
+    pub(super) fn serf_flap(&mut self, node: &str, now: Instant) -> usize {
+        let tied: Vec<String> = self
+            .sessions
+            .values()
+            .filter(|s| s.node == node && s.node_checks.iter().any(|c| c == SERF_HEALTH))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in &tied {
+            self.invalidate_session(id, now);
+        }
+        tied.len()
     }
 
     /// Destroys a session: its locks are released or its keys deleted (per Behavior)
