@@ -770,6 +770,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "the egress NAT is applied through Debian's nft, which the busybox guest does not have",
     ),
     (
+        "consul_agent",
+        "the Consul client against the dev server as a real agent behaves (TLS certificates made with Debian's openssl, which the busybox guest does not have); nothing kernel-specific",
+    ),
+    (
         "dns",
         "the resolver is control-plane code (sockets, no eBPF), and its tests enter namespaces with `ip netns exec`, which the busybox guest does not have",
     ),
