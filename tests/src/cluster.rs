@@ -255,7 +255,9 @@ pub struct Node {
     pub state_dir: PathBuf,
     agent: Option<Child>,
     bins: Bins,
-    consul: String,
+    /// The options naming the store (`--consul ADDR` or `--store URL`), given to the
+    /// agent and to every CLI command.
+    store_args: [String; 2],
     /// Field order: the agent dies first (above), then the pins go, then the namespace.
     pub pins: PinGuard,
     pub ns: TestNs,
@@ -264,6 +266,15 @@ pub struct Node {
 impl Node {
     /// Host `n` on the underlay (no agent yet).
     pub fn new(bins: &Bins, underlay: &Underlay, n: u8, consul: &DevConsul) -> Self {
+        Self::on_store(bins, underlay, n, ["--consul".to_string(), consul.addr()])
+    }
+
+    /// Host `n` on the underlay whose agent and CLI use `--store url` (no agent yet).
+    pub fn with_store(bins: &Bins, underlay: &Underlay, n: u8, url: &str) -> Self {
+        Self::on_store(bins, underlay, n, ["--store".to_string(), url.to_string()])
+    }
+
+    fn on_store(bins: &Bins, underlay: &Underlay, n: u8, store_args: [String; 2]) -> Self {
         let (ns, _) = underlay.plug("node", n);
         let state_dir = std::env::temp_dir().join(unique_name("overlay-state-"));
         std::fs::create_dir_all(&state_dir).unwrap();
@@ -274,7 +285,7 @@ impl Node {
             state_dir,
             agent: None,
             bins: *bins,
-            consul: consul.addr(),
+            store_args,
             pins: PinGuard::new(),
             ns,
         }
@@ -296,14 +307,8 @@ impl Node {
         command
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .args([
-                "--consul",
-                &self.consul,
-                "agent",
-                "--iface",
-                "eth0",
-                "--node",
-            ])
+            .args(&self.store_args)
+            .args(["agent", "--iface", "eth0", "--node"])
             .arg(&self.name)
             .arg("--pin-root")
             .arg(&self.pins.path)
@@ -354,12 +359,18 @@ impl Node {
     }
 
     fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = self.bare_cli_command();
+        command.args(&self.store_args).args(args);
+        command
+    }
+
+    /// `overlay-ctl --state-dir DIR` with the test's environment, without the store
+    /// options (the CLI then follows the local agent's store).
+    fn bare_cli_command(&self) -> Command {
         let mut command = Command::new(self.bins.cli);
         command
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .args(["--consul", &self.consul])
-            .args(args)
             .env(
                 "RUST_LOG",
                 "warn,netlink_packet_route=error,netlink_proto=error",
@@ -370,7 +381,18 @@ impl Node {
 
     /// Runs `overlay-ctl ARGS` on this host and waits for it.
     pub fn cli(&self, args: &[&str]) -> CliOutput {
-        let mut command = self.cli_command(args);
+        self.cli_output(self.cli_command(args))
+    }
+
+    /// Runs `overlay-ctl ARGS` without the store options the agent got: it follows the
+    /// local agent's store, or uses what `ARGS` names.
+    pub fn cli_without_store(&self, args: &[&str]) -> CliOutput {
+        let mut command = self.bare_cli_command();
+        command.args(args);
+        self.cli_output(command)
+    }
+
+    fn cli_output(&self, mut command: Command) -> CliOutput {
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let child = spawn_in(self.ns.ns().path(), &mut command);
         let output = child.wait_with_output().unwrap();
@@ -599,6 +621,14 @@ impl Background {
         }
     }
 
+    /// Whether the `run` process has exited (its output stays readable by
+    /// [`Background::wait`]).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     /// `kill -9` of the `run` process itself (its command lives on, orphaned).
     pub fn kill_cli(&mut self) {
         if let Some(child) = &mut self.child {
@@ -647,6 +677,30 @@ pub fn follow_logs(node: &Node) -> (Child, std::sync::mpsc::Receiver<String>) {
         }
     });
     (child, rx)
+}
+
+/// `n` nodes whose agents use the store at `url` (node 1 bootstraps), all joined.
+pub fn start_nodes_on_store(
+    bins: &Bins,
+    underlay: &Underlay,
+    n: u8,
+    url: &str,
+    agent_args: &[&str],
+) -> Vec<Node> {
+    let mut nodes: Vec<Node> = (1..=n)
+        .map(|i| Node::with_store(bins, underlay, i, url))
+        .collect();
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let mut args = agent_args.to_vec();
+        if i == 0 {
+            args.push("--bootstrap");
+        }
+        node.start_agent(&args);
+    }
+    for node in &nodes {
+        node.wait_registered(Duration::from_secs(20));
+    }
+    nodes
 }
 
 /// A dev server and `n` nodes with agents running (node 1 bootstraps), all joined.

@@ -27,7 +27,6 @@ use crate::{
     dataplane::netlink,
     dataplane::underlay,
     runtimes::docker::{self, DockerPlugin},
-    store::consul::ConsulClient,
     store::identity::{self, Identity},
     store::Store,
 };
@@ -40,8 +39,7 @@ type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 /// Runs the agent until `shutdown` completes.
 pub async fn run(
     options: AgentOptions,
-    consul: ConsulClient,
-    prefix: &str,
+    store: Store,
     logs: LogBuffer,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
@@ -53,7 +51,7 @@ pub async fn run(
     let handle = netlink::connect()?;
     let (plane, kernel_logger) = attach_data_plane(&handle, &options).await?;
     let agent = Arc::new(Agent {
-        store: Store::new(consul, prefix),
+        store,
         handle,
         plane: Mutex::new(plane),
         cluster: Mutex::new(ClusterView::default()),
@@ -90,7 +88,7 @@ pub async fn run(
         info!(socket = %path.display(), "serving Docker's network and IPAM driver");
         tasks.spawn(docker::serve(listener, plugin, std::future::pending()));
     }
-    info!(consul = %agent.store.client().addr(), prefix = %agent.store.prefix(), "agent running; Ctrl-C to stop");
+    info!(store = %agent.store.describe(), prefix = %agent.store.prefix(), "agent running; Ctrl-C to stop");
 
     shutdown.await;
     tasks.shutdown().await;
@@ -257,7 +255,7 @@ impl Agent {
         let session = self.status.borrow().session.clone();
         if let Some(id) = session {
             // Behavior=delete: the node key goes with it, peers drop this node now.
-            if let Err(e) = self.store.client().session_destroy(&id).await {
+            if let Err(e) = self.store.session_destroy(&id).await {
                 warn!(error = %e, "cannot leave the cluster cleanly; peers drop this node when its session TTL expires");
             }
         }

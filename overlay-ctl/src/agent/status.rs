@@ -14,6 +14,7 @@ use super::{
 };
 use crate::{
     dataplane::datapath::{self, Datapath},
+    store::backend::StoreBackend,
     store::records::{RecordKind, RejectReason},
 };
 
@@ -52,7 +53,7 @@ impl Agent {
             status.consul_error = None;
         });
         if came_back {
-            info!(consul = %self.store.client().addr(), "Consul reachable");
+            info!(store = %self.store.describe(), "store reachable");
         }
     }
 
@@ -65,9 +66,9 @@ impl Agent {
             status.consul_error = Some(error.to_string());
         });
         if started {
-            warn!(consul = %self.store.client().addr(), error = %error, "{what}: Consul unreachable; the data plane keeps forwarding with the last known state");
+            warn!(store = %self.store.describe(), error = %error, "{what}: store unreachable; the data plane keeps forwarding with the last known state");
         } else {
-            debug!(error = %error, "{what}: Consul still unreachable");
+            debug!(error = %error, "{what}: store still unreachable");
         }
         self.metrics.record_consul_error();
     }
@@ -78,7 +79,11 @@ impl Agent {
         let identity = lock(&self.identity);
         let live = self.status.borrow();
         status.consul = ConsulStatus {
-            addr: self.store.client().addr().to_string(),
+            addr: match self.store.kv() {
+                StoreBackend::Consul(c) => c.addr().to_string(),
+                StoreBackend::Etcd(e) => e.endpoints().to_string(),
+            },
+            store: self.store.describe(),
             prefix: self.store.prefix().to_string(),
             reachable: live.consul_reachable,
             last_error: live.consul_error.clone(),

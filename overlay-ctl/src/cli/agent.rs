@@ -6,7 +6,7 @@ use crate::{
     agent::control::AgentClient,
     agent::logs::LogBuffer,
     agent::{self, AgentOptions},
-    store::DEFAULT_PREFIX,
+    store::{Store, DEFAULT_PREFIX},
 };
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -20,11 +20,11 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
     };
     crate::store::ipam::validate_name(&node)
         .with_context(|| format!("invalid node name {node:?}"))?;
-    let consul = super::consul_client(cli.consul.as_deref(), None)?;
     let prefix = cli
         .prefix
         .clone()
         .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
+    let store = Store::connect(&super::store_config(cli, None)?, &prefix).await?;
     let metrics_addr = (args.metrics_addr != "off").then(|| args.metrics_addr.clone());
     let docker_plugin = match args.docker_plugin {
         DockerPluginMode::On => true,
@@ -51,7 +51,7 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
         gc_grace: args.gc_grace,
         docker_plugin,
     };
-    agent::run(options, consul, &prefix, logs, shutdown_signal())
+    agent::run(options, store, logs, shutdown_signal())
         .await
         .context("agent failed")
 }

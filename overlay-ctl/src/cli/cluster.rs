@@ -1,6 +1,8 @@
 //! `overlay-ctl cluster`: `bind` (move this node's underlay) and `members`.
 use super::{args::Global, output::print_table, output::warn_rejected};
-use crate::{agent::control::AgentClient, store::records::RecordKind};
+use crate::{
+    agent::control::AgentClient, store::backend::KvBackend as _, store::records::RecordKind,
+};
 
 /// `cluster bind IFACE`: the local agent moves its underlay and VTEP.
 pub async fn bind(cli: &Global, iface: &str) -> anyhow::Result<()> {
@@ -15,12 +17,12 @@ pub async fn bind(cli: &Global, iface: &str) -> anyhow::Result<()> {
 /// `cluster members`: the nodes with their VTEPs, endpoints and session health.
 pub async fn members(cli: &Global, json: bool) -> anyhow::Result<()> {
     let agent = super::try_agent(&cli.state_dir).await;
-    let store = super::store_for(cli, agent.as_ref())?;
+    let store = super::store_for(cli, agent.as_ref()).await?;
     let snapshot = store.snapshot().await?;
     warn_rejected(&store, &snapshot, |kind, _| kind == RecordKind::Node);
     let nodes = &snapshot.state.nodes;
     let endpoints = &snapshot.state.endpoints;
-    let pairs = store.client().list(&store.nodes_prefix()).await?;
+    let pairs = store.kv().list(&store.nodes_prefix()).await?;
     let session_of = |name: &str| {
         pairs
             .iter()

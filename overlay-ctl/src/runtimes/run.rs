@@ -42,6 +42,15 @@ pub fn container_id(name: Option<&str>) -> Result<String> {
     Ok(id)
 }
 
+/// What `--service` needs the store to be.
+const SERVICE_NEEDS: &str = "--service (a service in Consul's catalog)";
+
+/// Refuses `--service` before anything is created when the store is not Consul.
+pub fn check_service_store(store: &crate::store::Store) -> Result<()> {
+    store.consul(SERVICE_NEEDS)?;
+    Ok(())
+}
+
 /// A running container: its endpoint, namespace and command.
 pub struct ContainerRun<'a> {
     session: EndpointSession<'a>,
@@ -103,13 +112,14 @@ impl<'a> ContainerRun<'a> {
     }
 
     /// Registers the container's address as `service` in Consul's catalog (the seed's
-    /// Registrator role). On failure the container is removed.
+    /// Registrator role). On failure the container is removed. Needs a Consul store
+    /// (the CLI checks before it creates the container: [`check_service_store`]).
     pub async fn register_service(mut self, service: &str) -> Result<Self> {
         let ctx = self.session.context();
         let entry = service_for(&ctx.status, &self.joined, service);
         let registered = ctx
             .store
-            .client()
+            .consul(SERVICE_NEEDS)?
             .catalog_register(
                 &ctx.status.node,
                 &ctx.status.vtep.map(|v| v.to_string()).unwrap_or_default(),
@@ -165,10 +175,9 @@ impl<'a> ContainerRun<'a> {
     /// owner lives).
     pub async fn teardown(self) -> Result<()> {
         let ctx = self.session.context();
-        if let Some(service_id) = &self.service_id {
-            if let Err(e) = ctx
-                .store
-                .client()
+        if let (Some(service_id), Ok(consul)) = (&self.service_id, ctx.store.consul(SERVICE_NEEDS))
+        {
+            if let Err(e) = consul
                 .catalog_deregister(&ctx.status.node, service_id)
                 .await
             {
