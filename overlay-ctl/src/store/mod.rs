@@ -314,7 +314,15 @@ impl Store {
     /// succeeds while members are down).
     pub async fn connect(config: &StoreConfig, prefix: &str) -> Result<Self, StoreError> {
         let backend = match config {
-            StoreConfig::Consul { addr, .. } => {
+            StoreConfig::Consul { addr, tls } => {
+                if !tls.is_empty() {
+                    // The Consul client speaks plain HTTP; TLS for it is its own change.
+                    return Err(config::StoreConfigError::Invalid {
+                        url: config.describe(),
+                        reason: "--ca, --cert and --key are for etcds:// here; the Consul client does not speak TLS".to_string(),
+                    }
+                    .into());
+                }
                 StoreBackend::Consul(ConsulClient::from_env(addr.as_deref())?)
             }
             StoreConfig::Etcd(config) => {
