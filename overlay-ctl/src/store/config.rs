@@ -231,6 +231,23 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_etcd_url_takes_etcdctl_endpoints() {
+        // The only test that touches ETCDCTL_ENDPOINTS.
+        std::env::set_var(ENV_ENDPOINTS, "10.0.0.7:2379,10.0.0.8");
+        let config = parse("etcd://");
+        let tls_config = parse("etcds://");
+        std::env::remove_var(ENV_ENDPOINTS);
+        let missing = parse("etcd://").unwrap_err().to_string();
+        assert_eq!(
+            config.unwrap().describe(),
+            "etcd://10.0.0.7:2379,10.0.0.8:2379"
+        );
+        // etcds:// asks for TLS, and TLS for the CA.
+        assert!(tls_config.unwrap_err().to_string().contains("CA"));
+        assert!(missing.contains(ENV_ENDPOINTS), "{missing}");
+    }
+
+    #[test]
     fn store_wins_over_consul_and_the_default_is_consul() {
         let none = StoreConfig::select(None, None, TlsFiles::default()).unwrap();
         assert_eq!(none, StoreConfig::default());
