@@ -50,7 +50,7 @@ pub struct Global {
     /// Consul HTTP address (host:port or http://host:port); --store consul://... says the same.
     #[arg(long, global = true, env = "CONSUL_HTTP_ADDR")]
     pub consul: Option<String>,
-    /// Key prefix of the cluster state in Consul's KV store [default: overlay/, or the
+    /// Key prefix of the cluster state in the store [default: overlay/, or the
     /// local agent's].
     #[arg(long, global = true, env = "OVERLAY_PREFIX")]
     pub prefix: Option<String>,

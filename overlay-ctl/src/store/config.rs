@@ -20,8 +20,15 @@ pub const ENV_STORE: &str = "OVERLAY_STORE";
 pub enum StoreConfigError {
     #[error("invalid --store {url:?}: {reason}")]
     Invalid { url: String, reason: String },
+    /// Not a `#[source]`: the message already carries it (a chain would repeat it).
     #[error("invalid --store: {0}")]
-    Etcd(#[from] EtcdError),
+    Etcd(EtcdError),
+}
+
+impl From<EtcdError> for StoreConfigError {
+    fn from(e: EtcdError) -> Self {
+        Self::Etcd(e)
+    }
 }
 
 /// Where the cluster state is and how to reach it.
