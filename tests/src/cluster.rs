@@ -314,9 +314,11 @@ pub struct Node {
     pub state_dir: PathBuf,
     agent: Option<Child>,
     bins: Bins,
-    consul: String,
     /// The ACL token the agent and the CLI send (`CONSUL_HTTP_TOKEN`), if any.
     pub token: Option<String>,
+    /// The options naming the store (`--consul ADDR` or `--store URL`), given to the
+    /// agent and to every CLI command.
+    store_args: [String; 2],
     /// Field order: the agent dies first (above), then the pins go, then the namespace.
     pub pins: PinGuard,
     pub ns: TestNs,
@@ -336,6 +338,23 @@ impl Node {
         consul: &DevConsul,
         mtu: u32,
     ) -> Self {
+        let store_args = ["--consul".to_string(), consul.addr()];
+        Self::on_store(bins, underlay, n, store_args, mtu)
+    }
+
+    /// Host `n` on the underlay whose agent and CLI use `--store url` (no agent yet).
+    pub fn with_store(bins: &Bins, underlay: &Underlay, n: u8, url: &str) -> Self {
+        let store_args = ["--store".to_string(), url.to_string()];
+        Self::on_store(bins, underlay, n, store_args, crate::topology::UNDERLAY_MTU)
+    }
+
+    fn on_store(
+        bins: &Bins,
+        underlay: &Underlay,
+        n: u8,
+        store_args: [String; 2],
+        mtu: u32,
+    ) -> Self {
         let (ns, _) = underlay.plug_with_mtu("node", n, mtu);
         let state_dir = std::env::temp_dir().join(unique_name("overlay-state-"));
         std::fs::create_dir_all(&state_dir).unwrap();
@@ -346,7 +365,7 @@ impl Node {
             state_dir,
             agent: None,
             bins: *bins,
-            consul: consul.addr(),
+            store_args,
             token: None,
             pins: PinGuard::new(),
             ns,
@@ -369,14 +388,8 @@ impl Node {
         command
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .args([
-                "--consul",
-                &self.consul,
-                "agent",
-                "--iface",
-                "eth0",
-                "--node",
-            ])
+            .args(&self.store_args)
+            .args(["agent", "--iface", "eth0", "--node"])
             .arg(&self.name)
             .arg("--pin-root")
             .arg(&self.pins.path)
@@ -430,12 +443,18 @@ impl Node {
     }
 
     fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = self.bare_cli_command();
+        command.args(&self.store_args).args(args);
+        command
+    }
+
+    /// `overlay-ctl --state-dir DIR` with the test's environment, without the store
+    /// options (the CLI then follows the local agent's store).
+    fn bare_cli_command(&self) -> Command {
         let mut command = Command::new(self.bins.cli);
         command
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .args(["--consul", &self.consul])
-            .args(args)
             .env(
                 "RUST_LOG",
                 "warn,netlink_packet_route=error,netlink_proto=error",
@@ -449,7 +468,18 @@ impl Node {
 
     /// Runs `overlay-ctl ARGS` on this host and waits for it.
     pub fn cli(&self, args: &[&str]) -> CliOutput {
-        let mut command = self.cli_command(args);
+        self.cli_output(self.cli_command(args))
+    }
+
+    /// Runs `overlay-ctl ARGS` without the store options the agent got: it follows the
+    /// local agent's store, or uses what `ARGS` names.
+    pub fn cli_without_store(&self, args: &[&str]) -> CliOutput {
+        let mut command = self.bare_cli_command();
+        command.args(args);
+        self.cli_output(command)
+    }
+
+    fn cli_output(&self, mut command: Command) -> CliOutput {
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let child = spawn_in(self.ns.ns().path(), &mut command);
         let output = child.wait_with_output().unwrap();
@@ -678,6 +708,14 @@ impl Background {
         }
     }
 
+    /// Whether the `run` process has exited (its output stays readable by
+    /// [`Background::wait`]).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     /// `kill -9` of the `run` process itself (its command lives on, orphaned).
     pub fn kill_cli(&mut self) {
         if let Some(child) = &mut self.child {
@@ -726,6 +764,30 @@ pub fn follow_logs(node: &Node) -> (Child, std::sync::mpsc::Receiver<String>) {
         }
     });
     (child, rx)
+}
+
+/// `n` nodes whose agents use the store at `url` (node 1 bootstraps), all joined.
+pub fn start_nodes_on_store(
+    bins: &Bins,
+    underlay: &Underlay,
+    n: u8,
+    url: &str,
+    agent_args: &[&str],
+) -> Vec<Node> {
+    let mut nodes: Vec<Node> = (1..=n)
+        .map(|i| Node::with_store(bins, underlay, i, url))
+        .collect();
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let mut args = agent_args.to_vec();
+        if i == 0 {
+            args.push("--bootstrap");
+        }
+        node.start_agent(&args);
+    }
+    for node in &nodes {
+        node.wait_registered(Duration::from_secs(20));
+    }
+    nodes
 }
 
 /// A dev server and `n` nodes with agents running (node 1 bootstraps), all joined.

@@ -3,15 +3,20 @@
 //! drop. The fault tests use it to kill -9 a member, restart it, find the raft leader,
 //! take quorum away and give it back, and wait (with a deadline) until the cluster is
 //! healthy again. Optionally the client port speaks TLS with a CA and certificates
-//! made by `openssl` at test time.
+//! made by `openssl` at test time. [`EtcdCluster::start_in`] puts the members in a
+//! network namespace (the cluster tests' underlay, where agents reach them) on one
+//! address; the harness then talks to them from a thread inside that namespace.
 use std::{
-    net::TcpListener,
+    net::{Ipv4Addr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use overlay_ctl::store::etcd::{EtcdClient, EtcdConfig, MemberStatus, TlsFiles};
+use overlay_ctl::{
+    dataplane::netns::NetNs,
+    store::etcd::{EtcdClient, EtcdConfig, MemberStatus, TlsFiles},
+};
 
 use crate::harness::{assert_ok, kill_processes_naming, unique_name};
 
@@ -25,6 +30,8 @@ const ELECTION_MS: u32 = 1000;
 /// One member: its ports, data directory and process (when running).
 pub struct EtcdMember {
     pub name: String,
+    /// The address both ports listen on.
+    pub host: Ipv4Addr,
     pub client_port: u16,
     pub peer_port: u16,
     data_dir: PathBuf,
@@ -33,9 +40,9 @@ pub struct EtcdMember {
 }
 
 impl EtcdMember {
-    /// `127.0.0.1:port` of the client API.
+    /// `host:port` of the client API.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        format!("{}:{}", self.host, self.client_port)
     }
 
     pub fn is_running(&self) -> bool {
@@ -65,6 +72,8 @@ pub struct EtcdCluster {
     members: Vec<EtcdMember>,
     token: String,
     tls: Option<TlsMaterial>,
+    /// The namespace the members run in (`None`: the test's own).
+    netns: Option<PathBuf>,
 }
 
 /// A port nobody listens on now (the kernel's choice for an ephemeral bind).
@@ -87,7 +96,17 @@ impl EtcdCluster {
         Self::start_with(size, true).await
     }
 
+    /// Starts `size` members (plaintext) inside the namespace at `netns`, listening on
+    /// `host` (an address of that namespace), and waits until they elected a leader.
+    pub async fn start_in(size: usize, netns: &Path, host: Ipv4Addr) -> Self {
+        Self::start_on(size, false, Some(netns.to_path_buf()), host).await
+    }
+
     async fn start_with(size: usize, tls: bool) -> Self {
+        Self::start_on(size, tls, None, Ipv4Addr::LOCALHOST).await
+    }
+
+    async fn start_on(size: usize, tls: bool, netns: Option<PathBuf>, host: Ipv4Addr) -> Self {
         assert!(
             Path::new(ETCD_BINARY).exists(),
             "{ETCD_BINARY} is missing: run `cargo xtask setup` (Debian's etcd-server)"
@@ -98,6 +117,7 @@ impl EtcdCluster {
         let members = (0..size)
             .map(|i| EtcdMember {
                 name: format!("m{i}"),
+                host,
                 client_port: free_port(),
                 peer_port: free_port(),
                 data_dir: dir.join(format!("m{i}.data")),
@@ -110,6 +130,7 @@ impl EtcdCluster {
             dir,
             members,
             token,
+            netns,
         };
         for i in 0..size {
             cluster.start_member(i);
@@ -146,6 +167,37 @@ impl EtcdCluster {
         EtcdConfig::new(address, files).expect("the cluster's address parses")
     }
 
+    /// Runs `f` with a client of every member, from a thread inside the members'
+    /// namespace when they run in one (the client's connections are made there).
+    pub fn with_client<R: Send, Fut: std::future::Future<Output = R>>(
+        &self,
+        f: impl FnOnce(EtcdClient) -> Fut + Send,
+    ) -> R {
+        let config = self.config_for(&self.address());
+        let run = || async move {
+            let client = EtcdClient::connect(config)
+                .await
+                .expect("connect to the etcd cluster");
+            f(client).await
+        };
+        match &self.netns {
+            Some(path) => NetNs::open_path("etcd", path.clone())
+                .and_then(|ns| ns.block_on(run))
+                .expect("enter the etcd cluster's namespace"),
+            None => std::thread::scope(|s| {
+                s.spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime")
+                        .block_on(run())
+                })
+                .join()
+                .expect("the client thread")
+            }),
+        }
+    }
+
     /// A client of every member.
     pub async fn client(&self) -> EtcdClient {
         EtcdClient::connect(self.config_for(&self.address()))
@@ -165,7 +217,7 @@ impl EtcdCluster {
     fn initial_cluster(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://{}:{}", m.name, m.host, m.peer_port))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -179,8 +231,8 @@ impl EtcdCluster {
         let initial_cluster = self.initial_cluster();
         let member = &self.members[i];
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let client_url = format!("{scheme}://127.0.0.1:{}", member.client_port);
-        let peer_url = format!("http://127.0.0.1:{}", member.peer_port);
+        let client_url = format!("{scheme}://{}:{}", member.host, member.client_port);
+        let peer_url = format!("http://{}:{}", member.host, member.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -219,7 +271,10 @@ impl EtcdCluster {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log);
-        let child = cmd.spawn().expect("start etcd");
+        let child = match &self.netns {
+            Some(netns) => crate::cluster::spawn_in(netns, &mut cmd),
+            None => cmd.spawn().expect("start etcd"),
+        };
         self.members[i].child = Some(child);
     }
 
@@ -236,8 +291,13 @@ impl EtcdCluster {
         if !self.members[i].is_running() {
             return None;
         }
+        let endpoint = self.members[i].endpoint();
+        if self.netns.is_some() {
+            return self
+                .with_client(|client| async move { client.member_status(&endpoint).await.ok() });
+        }
         let client = self.member_client(i).await;
-        client.member_status(&self.members[i].endpoint()).await.ok()
+        client.member_status(&endpoint).await.ok()
     }
 
     /// The index of the member that is the raft leader, as the running members see it;

@@ -616,7 +616,7 @@ async fn networks_create_list_delete() {
     assert_eq!(store.get_network("web").await.unwrap(), Some(web.clone()));
 
     // The raw layout, as other tools (and consul kv get) see it.
-    let c = store.client();
+    let c = store.consul("test").unwrap();
     let raw: serde_json::Value =
         serde_json::from_slice(&c.get("overlay/networks/web").await.unwrap().unwrap().value)
             .unwrap();
@@ -684,7 +684,7 @@ async fn bad_network_input_leaves_the_store_unchanged() {
         .create_network("web", "10.100.0.0/24", None, Some(100), None)
         .await
         .unwrap();
-    let before = snapshot(store.client()).await;
+    let before = snapshot(store.consul("test").unwrap()).await;
     let gw = |s: &str| Some(s.parse::<Ipv4Addr>().unwrap());
     type Case<'a> = (
         &'a str,
@@ -787,7 +787,7 @@ async fn bad_network_input_leaves_the_store_unchanged() {
         assert!(msg.contains(want), "{msg:?} does not say {want:?}");
         assert!(!msg.contains('\n'), "{msg:?} is not one line");
         assert_eq!(
-            snapshot(store.client()).await,
+            snapshot(store.consul("test").unwrap()).await,
             before,
             "{name} {cidr}: the KV store changed"
         );
@@ -845,7 +845,7 @@ async fn racing_creators_leave_no_half_written_state() {
         } else {
             2000 + round
         };
-        let c = store.client();
+        let c = store.consul("test").unwrap();
         assert!(c
             .get(&format!("overlay/vni/{winner}"))
             .await
@@ -859,7 +859,12 @@ async fn racing_creators_leave_no_half_written_state() {
     }
     // Every VNI key belongs to an existing network and vice versa.
     let networks = store.list_networks().await.unwrap();
-    let vnis = store.client().keys("overlay/vni/").await.unwrap();
+    let vnis = store
+        .consul("test")
+        .unwrap()
+        .keys("overlay/vni/")
+        .await
+        .unwrap();
     assert_eq!(networks.len(), 20);
     assert_eq!(vnis.len(), 20);
     // And every network's subnet is claimed, by it (a loser never drops the winner's).
@@ -996,7 +1001,7 @@ async fn ipam_requested_addresses_release_and_exhaustion() {
 #[tokio::test]
 async fn nodes_live_as_long_as_their_session() {
     let (_server, store) = store().await;
-    let c = store.client();
+    let c = store.consul("test").unwrap();
     let s1 = c
         .session_create(
             "node-1",
@@ -1055,12 +1060,22 @@ async fn bootstrap_is_idempotent() {
     assert_eq!(d.subnet.to_string(), "10.1.0.0/16");
     assert_eq!(d.gateway, Ipv4Addr::new(10, 1, 0, 1));
     assert!(store
-        .client()
+        .consul("test")
+        .unwrap()
         .get("overlay/config/bootstrapped")
         .await
         .unwrap()
         .is_some());
-    assert_eq!(store.client().keys("overlay/vni/").await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .consul("test")
+            .unwrap()
+            .keys("overlay/vni/")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 /// A data directory removed on drop.

@@ -774,6 +774,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "the Consul client against the dev server as a real agent behaves (TLS certificates made with Debian's openssl, which the busybox guest does not have); nothing kernel-specific",
     ),
     (
+        "etcd_cluster",
+        "agents and CLI processes against a 3-member Debian etcd, which the busybox guest does not have",
+    ),
+    (
         "dns",
         "the resolver is control-plane code (sockets, no eBPF), and its tests enter namespaces with `ip netns exec`, which the busybox guest does not have",
     ),

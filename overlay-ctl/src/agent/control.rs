@@ -86,7 +86,12 @@ pub struct ReconcileStatus {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ConsulStatus {
+    /// Consul's `host:port`, or etcd's endpoints (`etcd://a:2379,...`).
     pub addr: String,
+    /// The store as a URL `--store` takes (`consul://host:port`, `etcd://a:2379,...`):
+    /// what the CLI on this host follows. Empty from agents before `--store`.
+    #[serde(default)]
+    pub store: String,
     pub prefix: String,
     pub reachable: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

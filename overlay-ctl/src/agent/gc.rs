@@ -34,7 +34,8 @@ use crate::{
     agent::local_state::{LocalEndpoint, LocalState, LocalStateError},
     dataplane::netlink::{self, NetlinkError},
     dataplane::netns::NetNs,
-    store::consul::{ConsulError, KvPair},
+    store::backend::{KvBackend as _, KvPair},
+    store::consul::ConsulError,
     store::{decode, Endpoint, IpAllocation, Network, Store, StoreError, SubnetClaims},
 };
 
@@ -232,16 +233,13 @@ pub async fn collect_local(
         }
     }
     let prefix = ipam_prefix(store, &record.network);
-    for pair in store.client().list(&prefix).await? {
+    for pair in store.kv().list(&prefix).await? {
         let Ok(allocation) = decode::<IpAllocation>(&pair) else {
             continue;
         };
         if allocation.endpoint == record.id
             && allocation.node == node
-            && store
-                .client()
-                .delete_cas(&pair.key, pair.modify_index)
-                .await?
+            && store.kv().delete_cas(&pair.key, pair.modify_index).await?
         {
             removed.push(format!(
                 "address {}",
@@ -337,7 +335,7 @@ impl Sweeper {
         grace: Duration,
     ) -> Result<Vec<Kind>, GcError> {
         let prefix = store.prefix().to_string();
-        let pairs = store.client().list(&prefix).await?;
+        let pairs = store.kv().list(&prefix).await?;
         let (records, _) = local.load_all();
         let inventory = Inventory::read(&prefix, node, &pairs, &records);
         let (candidates, subnet_orphans) = inventory.candidates(&pairs);
@@ -372,11 +370,7 @@ impl Sweeper {
 
 /// Deletes a ripe candidate if it is still unchanged; returns whether it was deleted.
 async fn collect_candidate(store: &Store, candidate: &Candidate) -> bool {
-    match store
-        .client()
-        .delete_cas(&candidate.key, candidate.index)
-        .await
-    {
+    match store.kv().delete_cas(&candidate.key, candidate.index).await {
         Ok(true) => {
             warn!(what = %candidate.what, key = %candidate.key, "collected a left-over store entry: {}", candidate.why);
             true

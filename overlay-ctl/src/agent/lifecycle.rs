@@ -27,7 +27,6 @@ use crate::{
     dataplane::datapath::{self, Datapath},
     dataplane::netlink,
     dataplane::underlay,
-    store::consul::ConsulClient,
     store::identity::{self, Identity},
     store::Store,
 };
@@ -55,8 +54,7 @@ pub trait Companion: Send {
 /// Runs the agent (and its `companions`) until `shutdown` completes.
 pub async fn run(
     options: AgentOptions,
-    consul: ConsulClient,
-    prefix: &str,
+    store: Store,
     logs: LogBuffer,
     mut companions: Vec<Box<dyn Companion>>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -69,7 +67,7 @@ pub async fn run(
     let handle = netlink::connect()?;
     let (plane, kernel_logger) = attach_data_plane(&handle, &options).await?;
     let agent = Arc::new(Agent {
-        store: Store::new(consul, prefix),
+        store,
         handle,
         plane: Mutex::new(plane),
         cluster: Mutex::new(ClusterView::default()),
@@ -102,7 +100,7 @@ pub async fn run(
     for companion in &mut companions {
         companion.start(&mut tasks).map_err(AgentError::Companion)?;
     }
-    info!(consul = %agent.store.client().addr(), prefix = %agent.store.prefix(), "agent running; Ctrl-C to stop");
+    info!(store = %agent.store.describe(), prefix = %agent.store.prefix(), "agent running; Ctrl-C to stop");
 
     shutdown.await;
     tasks.shutdown().await;
@@ -253,7 +251,7 @@ impl Agent {
         let session = self.status.borrow().session.clone();
         if let Some(id) = session {
             // Behavior=delete: the node key goes with it, peers drop this node now.
-            if let Err(e) = self.store.client().session_destroy(&id).await {
+            if let Err(e) = self.store.session_destroy(&id).await {
                 warn!(error = %e, "cannot leave the cluster cleanly; peers drop this node when its session TTL expires");
             }
         }

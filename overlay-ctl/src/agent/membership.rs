@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::{local_state, lock, Agent};
 use crate::{
-    store::consul::{ConsulError, RetryPolicy, SessionBehavior},
+    store::backend::KvBackend as _,
     store::identity::{self, Trust},
     store::{mtu, NodeInfo, StoreError},
 };
@@ -19,17 +19,19 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, thiserror::Error)]
 enum MembershipError {
+    /// The store itself failed (unreachable, refused).
     #[error(transparent)]
-    Consul(#[from] ConsulError),
+    Backend(StoreError),
     #[error(transparent)]
     Store(StoreError),
 }
 
 impl From<StoreError> for MembershipError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Consul(e) => Self::Consul(e),
-            other => Self::Store(other),
+        if e.is_backend() {
+            Self::Backend(e)
+        } else {
+            Self::Store(e)
         }
     }
 }
@@ -63,7 +65,7 @@ impl Agent {
             let pause = match step {
                 Ok(()) => renew_every,
                 Err(e) => {
-                    if let MembershipError::Consul(ref e) = e {
+                    if let MembershipError::Backend(ref e) = e {
                         self.consul_failed("membership", e);
                     } else {
                         warn!(error = %e, "cannot join the cluster yet");
@@ -127,20 +129,18 @@ impl Agent {
 
     /// Renews the session, or creates one (saved for the next start) when there is none
     /// or it expired; returns its id.
-    async fn ensure_session(&self, membership: &mut Membership) -> Result<String, ConsulError> {
-        let client = self.store.client();
+    async fn ensure_session(&self, membership: &mut Membership) -> Result<String, StoreError> {
         if let Some(id) = &membership.session {
-            if client.session_renew(id).await? {
+            if self.store.session_renew(id).await? {
                 return Ok(id.clone());
             }
-            warn!(session = %id, "session expired (agent or Consul was away longer than its TTL); rejoining");
+            warn!(session = %id, "session expired (agent or store was away longer than its TTL); rejoining");
         }
-        let id = client
+        let id = self
+            .store
             .session_create(
                 &format!("overlay-node:{}", self.node()),
                 self.options.session_ttl,
-                SessionBehavior::Delete,
-                Duration::ZERO,
             )
             .await?;
         if let Err(e) = local_state::write_private_file(&self.session_file(), id.as_bytes()) {
@@ -153,11 +153,11 @@ impl Agent {
 
     /// Whether this node's key exists and is held by session `id` (it may have gone:
     /// deleted by hand, a Consul that lost its state).
-    async fn node_key_held(&self, id: &str) -> Result<bool, ConsulError> {
+    async fn node_key_held(&self, id: &str) -> Result<bool, StoreError> {
         let key = format!("{}{}", self.store.nodes_prefix(), self.node());
         Ok(self
             .store
-            .client()
+            .kv()
             .get(&key)
             .await?
             .is_some_and(|pair| pair.session.as_deref() == Some(id)))
@@ -167,18 +167,19 @@ impl Agent {
     /// (short timeout, no retries) tells whether the store answers and still holds the
     /// key under this node's session.
     pub(super) async fn probe_loop(self: Arc<Self>) {
-        let probe = self
-            .store
-            .client()
-            .clone()
-            .with_retry(RetryPolicy::none())
-            .with_timeout(PROBE_TIMEOUT);
+        let probe = match self.store.impatient(PROBE_TIMEOUT).await {
+            Ok(store) => store,
+            Err(e) => {
+                warn!(error = %e, "cannot make a quick client for the store probe; probing with the agent's own");
+                self.store.clone()
+            }
+        };
         let key = format!("{}{}", self.store.nodes_prefix(), self.node());
         let mut ticker = tokio::time::interval(PROBE_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            match probe.get(&key).await {
+            match probe.kv().get(&key).await {
                 Ok(pair) => {
                     self.consul_ok();
                     let mut lost = false;

@@ -22,6 +22,7 @@ use super::{
     status::Forwarding,
     Agent, ReconcilerState,
 };
+use crate::store::backend::KvBackend as _;
 
 /// What one reconcile run did.
 #[derive(Clone, Debug, Default)]
@@ -114,7 +115,7 @@ impl Agent {
     /// Reads the whole prefix and keeps it as the desired state when it may be applied.
     /// Returns whether it was read, and whether it differs from the last one.
     async fn fetch_desired(&self) -> (bool, bool) {
-        match self.store.client().list(self.store.prefix()).await {
+        match self.store.kv().list(self.store.prefix()).await {
             Ok(pairs) => {
                 self.consul_ok();
                 let Some(state) = self.judge(&pairs) else {

@@ -16,8 +16,10 @@ use super::{
 };
 use crate::{
     dataplane::datapath::{self, Datapath},
-    store::consul::{ConsulError, ErrorClass},
+    store::backend::StoreBackend,
+    store::consul::ErrorClass,
     store::records::{RecordKind, RejectReason},
+    store::StoreError,
 };
 
 /// What the data plane forwards for, as of the last reconcile that applied a state.
@@ -60,14 +62,14 @@ impl Agent {
             status.consul_error_class = None;
         });
         if came_back {
-            info!(consul = %self.store.client().addr(), "Consul reachable and answering");
+            info!(store = %self.store.describe(), "store reachable and answering");
         }
     }
 
     /// A failure is logged once when it starts or changes class (and at debug level
     /// while it lasts), under its class's summary: an ACL denial or a rate limit is not
     /// "unreachable". Only an unreachable Consul counts as such in `status`.
-    pub(super) fn consul_failed(&self, what: &str, error: &ConsulError) {
+    pub(super) fn consul_failed(&self, what: &str, error: &StoreError) {
         let class = error.class();
         let mut started = false;
         self.status.send_modify(|status| {
@@ -76,9 +78,12 @@ impl Agent {
             status.consul_error = Some(error.to_string());
             status.consul_error_class = Some(class);
         });
-        let summary = class.summary();
+        let summary = match self.store.kv() {
+            StoreBackend::Consul(_) => class.summary().to_string(),
+            StoreBackend::Etcd(_) => class.summary().replacen("Consul", "etcd", 1),
+        };
         if started {
-            warn!(consul = %self.store.client().addr(), error = %error, "{what}: {summary}; the data plane keeps forwarding with the last known state");
+            warn!(store = %self.store.describe(), error = %error, "{what}: {summary}; the data plane keeps forwarding with the last known state");
         } else {
             debug!(error = %error, "{what}: still {summary}");
         }
@@ -91,7 +96,11 @@ impl Agent {
         let identity = lock(&self.identity);
         let live = self.status.borrow();
         status.consul = ConsulStatus {
-            addr: self.store.client().addr().to_string(),
+            addr: match self.store.kv() {
+                StoreBackend::Consul(c) => c.addr().to_string(),
+                StoreBackend::Etcd(e) => e.endpoints().to_string(),
+            },
+            store: self.store.describe(),
             prefix: self.store.prefix().to_string(),
             reachable: live.consul_reachable,
             last_error: live.consul_error.clone(),

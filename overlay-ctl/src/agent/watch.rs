@@ -9,7 +9,8 @@ use tracing::{debug, info, warn};
 
 use super::{lock, reconcile::ClusterState, Agent};
 use crate::{
-    store::consul::{KvPair, KvWatch},
+    store::backend::KvPair,
+    store::consul::KvWatch,
     store::identity::{self, Judgement},
     store::records,
 };
@@ -25,7 +26,7 @@ impl Agent {
     /// Follows every change under the prefix with blocking queries.
     pub(super) async fn watch_loop(self: Arc<Self>) {
         let mut watch = KvWatch::new(
-            self.store.client().clone(),
+            self.store.kv().clone(),
             self.store.prefix(),
             self.options.watch_wait,
         );

@@ -7,7 +7,7 @@ use crate::{
     agent::logs::LogBuffer,
     agent::{self, AgentOptions},
     runtimes::docker_server::DockerDriverServer,
-    store::DEFAULT_PREFIX,
+    store::{backend::StoreBackend, Store, DEFAULT_PREFIX},
 };
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -24,12 +24,15 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
     if let Some(port) = args.vxlan_port {
         crate::store::settings::check_vxlan_port(port.into()).context("invalid --vxlan-port")?;
     }
-    check_session_ttl(args.session_ttl, args.dev_store)?;
-    let consul = super::consul_client(cli, None)?;
     let prefix = cli
         .prefix
         .clone()
         .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
+    let store = Store::connect(&super::store_config(cli, None)?, &prefix).await?;
+    // Consul's session limits; an etcd lease takes any TTL of a second or more.
+    if matches!(store.kv(), StoreBackend::Consul(_)) {
+        check_session_ttl(args.session_ttl, args.dev_store)?;
+    }
     let metrics_addr = (args.metrics_addr != "off").then(|| args.metrics_addr.clone());
     let docker_plugin = match args.docker_plugin {
         DockerPluginMode::On => true,
@@ -64,21 +67,14 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
         ))],
         None => Vec::new(),
     };
-    agent::run(
-        options,
-        consul,
-        &prefix,
-        logs,
-        companions,
-        shutdown_signal(),
-    )
-    .await
-    .context("agent failed")
+    agent::run(options, store, logs, companions, shutdown_signal())
+        .await
+        .context("agent failed")
 }
 
 /// Refuses a session TTL Consul would refuse (each session creation answered with a
 /// 500, retried forever), unless `--dev-store` says the store is a dev server that
-/// allows shorter ones.
+/// allows shorter ones. (On etcd the node's session is a lease, which has no such floor.)
 fn check_session_ttl(ttl: std::time::Duration, dev_store: bool) -> anyhow::Result<()> {
     use crate::store::devserver::{SESSION_TTL_MAX, SESSION_TTL_MIN};
     if ttl > SESSION_TTL_MAX {

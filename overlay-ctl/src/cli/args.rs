@@ -19,8 +19,12 @@ Getting started (as the SocketPlane walkthrough did):
   overlay-ctl network create net1 10.100.0.0/24
   overlay-ctl run -n net1 -- ping 10.100.0.3      # a container on net1
 
-Consul: --consul ADDR, else $CONSUL_HTTP_ADDR, else the local agent's, else 127.0.0.1:8500.
-$CONSUL_HTTP_TOKEN (or the file $CONSUL_HTTP_TOKEN_FILE names) is sent as the ACL token.
+Store: --store URL ($OVERLAY_STORE): consul://host:port (or http://, https://, unix://)
+for Consul, etcd://a:2379,b:2379,c:2379 (etcds:// with TLS: --ca, --cert, --key, else
+$ETCDCTL_CACERT, $ETCDCTL_CERT, $ETCDCTL_KEY) for etcd; `etcd://` alone takes
+$ETCDCTL_ENDPOINTS. Without it: --consul ADDR, else $CONSUL_HTTP_ADDR, else the local
+agent's store, else Consul at 127.0.0.1:8500. $CONSUL_HTTP_TOKEN (or the file
+$CONSUL_HTTP_TOKEN_FILE names) is sent as the ACL token.
 
 Exit codes: 0 success; 1 the operation failed or was refused (one-line reason on
 stderr, nothing changed); 2 bad usage. `run` exits with its command's code.";
@@ -39,10 +43,16 @@ pub struct Cli {
 /// The options every command takes: where the cluster state and the local agent are.
 #[derive(Args)]
 pub struct Global {
-    /// Consul HTTP address (host:port, http://, https://host:port or unix:///path).
+    /// Where the cluster state is: consul://host:port, etcd://a:2379,b:2379,c:2379,
+    /// etcds://... (TLS) [default: --consul, else the local agent's store, else Consul at
+    /// 127.0.0.1:8500].
+    #[arg(long, global = true, env = "OVERLAY_STORE", value_name = "URL")]
+    pub store: Option<String>,
+    /// Consul HTTP address (host:port, http://, https://host:port or unix:///path);
+    /// --store consul://... says the same.
     #[arg(long, global = true, env = "CONSUL_HTTP_ADDR")]
     pub consul: Option<String>,
-    /// Key prefix of the cluster state in Consul's KV store [default: overlay/, or the
+    /// Key prefix of the cluster state in the store [default: overlay/, or the
     /// local agent's].
     #[arg(long, global = true, env = "OVERLAY_PREFIX")]
     pub prefix: Option<String>,

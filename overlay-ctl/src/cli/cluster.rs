@@ -7,6 +7,7 @@ use super::{
 };
 use crate::{
     agent::control::AgentClient,
+    store::backend::KvBackend as _,
     store::{records::RecordKind, settings::DEFAULT_VXLAN_PORT, StoreError},
 };
 
@@ -24,12 +25,12 @@ pub async fn bind(cli: &Global, iface: &str) -> anyhow::Result<()> {
 /// health.
 pub async fn members(cli: &Global, json: bool) -> anyhow::Result<()> {
     let agent = super::try_agent(&cli.state_dir).await;
-    let store = super::store_for(cli, agent.as_ref())?;
+    let store = super::store_for(cli, agent.as_ref()).await?;
     let snapshot = store.snapshot().await?;
     warn_rejected(&store, &snapshot, |kind, _| kind == RecordKind::Node);
     let nodes = &snapshot.state.nodes;
     let endpoints = &snapshot.state.endpoints;
-    let pairs = store.client().list(&store.nodes_prefix()).await?;
+    let pairs = store.kv().list(&store.nodes_prefix()).await?;
     let session_of = |name: &str| {
         pairs
             .iter()
@@ -90,7 +91,7 @@ pub async fn members(cli: &Global, json: bool) -> anyhow::Result<()> {
 /// default because the store names none).
 pub async fn config(cli: &Global, json: bool) -> anyhow::Result<()> {
     let agent = super::try_agent(&cli.state_dir).await;
-    let store = super::store_for(cli, agent.as_ref())?;
+    let store = super::store_for(cli, agent.as_ref()).await?;
     let stored = match store.vxlan_port().await {
         Err(StoreError::Rejected(rejection)) => {
             eprintln!("warning: ignoring invalid record {rejection}; the agents use the default");
@@ -117,7 +118,7 @@ pub async fn config(cli: &Global, json: bool) -> anyhow::Result<()> {
 /// `cluster set SETTING VALUE`.
 pub async fn set(cli: &Global, setting: &ClusterSetting) -> anyhow::Result<()> {
     let agent = super::try_agent(&cli.state_dir).await;
-    let store = super::store_for(cli, agent.as_ref())?;
+    let store = super::store_for(cli, agent.as_ref()).await?;
     match setting {
         ClusterSetting::VxlanPort { port } => {
             let before = store.set_vxlan_port(*port).await?;

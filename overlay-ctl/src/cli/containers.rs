@@ -38,7 +38,7 @@ pub struct RunArgs<'a> {
 async fn context(cli: &Global) -> anyhow::Result<Context> {
     let (agent, status) = super::require_agent(&cli.state_dir).await?;
     Ok(Context {
-        store: super::store_for(cli, Some(&status))?,
+        store: super::store_for(cli, Some(&status)).await?,
         agent,
         status,
         local: LocalState::new(&cli.state_dir),
@@ -52,6 +52,9 @@ pub async fn run(cli: &Global, args: RunArgs<'_>) -> anyhow::Result<ExitCode> {
     let mut signals = RunSignals::install()?;
     let id = run::container_id(args.name)?;
     let ctx = context(cli).await?;
+    if args.service.is_some() {
+        run::check_service_store(&ctx.store)?;
+    }
     let request = RunRequest {
         network: args.network,
         id: &id,
@@ -141,7 +144,7 @@ pub async fn detach(
 /// `endpoint list`: the cluster's endpoints, or one network's.
 pub async fn list_endpoints(cli: &Global, network: Option<&str>, json: bool) -> anyhow::Result<()> {
     let agent = super::try_agent(&cli.state_dir).await;
-    let store = super::store_for(cli, agent.as_ref())?;
+    let store = super::store_for(cli, agent.as_ref()).await?;
     if let Some(n) = network {
         crate::store::ipam::validate_name(n)?;
     }

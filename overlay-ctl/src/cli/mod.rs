@@ -16,7 +16,7 @@ use crate::{
     agent::control::{AgentClient, AgentStatus},
     agent::logs::LogBuffer,
     agent::KERNEL_LOG_TARGET,
-    store::consul::{ConsulClient, ConsulConfig},
+    store::config::StoreConfig,
     store::etcd::TlsFiles,
     store::{Store, DEFAULT_PREFIX},
 };
@@ -145,31 +145,46 @@ async fn run(cli: Cli, logs: LogBuffer) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The Consul client: --consul / $CONSUL_HTTP_ADDR, else the local agent's address;
-/// TLS files from --ca/--cert/--key, else Consul's variables.
-fn consul_client(cli: &Global, agent: Option<&AgentStatus>) -> anyhow::Result<ConsulClient> {
-    let addr = cli
-        .consul
-        .as_deref()
-        .or(agent.map(|s| s.consul.addr.as_str()));
-    let tls = TlsFiles {
+/// The TLS files --ca, --cert and --key name.
+fn tls_files(cli: &Global) -> TlsFiles {
+    TlsFiles {
         ca: cli.ca.clone(),
         cert: cli.cert.clone(),
         key: cli.key.clone(),
-    };
-    Ok(ConsulClient::from_config(&ConsulConfig::resolve(
-        addr, &tls,
-    )?)?)
+    }
 }
 
-/// The cluster state: --consul and --prefix, else the local agent's, else the defaults.
-fn store_for(cli: &Global, agent: Option<&AgentStatus>) -> anyhow::Result<Store> {
+/// Which store: --store, else --consul / $CONSUL_HTTP_ADDR, else the local agent's
+/// store (`agent`), else Consul at the default address.
+fn store_config(cli: &Global, agent: Option<&AgentStatus>) -> anyhow::Result<StoreConfig> {
+    let tls = tls_files(cli);
+    if cli.store.is_some() || cli.consul.is_some() {
+        return Ok(StoreConfig::select(
+            cli.store.as_deref(),
+            cli.consul.as_deref(),
+            tls,
+        )?);
+    }
+    let Some(status) = agent else {
+        return Ok(StoreConfig::select(None, None, tls)?);
+    };
+    StoreConfig::of_agent(&status.consul.store, &status.consul.addr, tls).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot follow the local agent's store {}: {e}",
+            status.consul.store
+        )
+    })
+}
+
+/// The cluster state: the store [`store_config`] picks, under --prefix, else the local
+/// agent's prefix, else the default.
+async fn store_for(cli: &Global, agent: Option<&AgentStatus>) -> anyhow::Result<Store> {
     let prefix = cli
         .prefix
         .clone()
         .or_else(|| agent.map(|s| s.consul.prefix.clone()))
         .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
-    Ok(Store::new(consul_client(cli, agent)?, &prefix))
+    Ok(Store::connect(&store_config(cli, agent)?, &prefix).await?)
 }
 
 /// The local agent's status when one runs (commands that only need Consul use it for

@@ -10,7 +10,7 @@ use crate::store::{records::RecordKind, Store};
 /// Runs one `network` command against the cluster state.
 pub async fn run(cli: &Global, command: &NetworkCommand) -> anyhow::Result<()> {
     let agent = super::try_agent(&cli.state_dir).await;
-    let store = super::store_for(cli, agent.as_ref())?;
+    let store = super::store_for(cli, agent.as_ref()).await?;
     match command {
         NetworkCommand::Create {
             name,

@@ -1,4 +1,4 @@
-//! `overlay-ctl status`: this node's agent (underlay, programs, maps, Consul, last
+//! `overlay-ctl status`: this node's agent (underlay, programs, maps, store, last
 //! reconcile) as text or JSON.
 use super::args::Global;
 use crate::agent::control::AgentStatus;
@@ -95,11 +95,16 @@ fn print_mtu(s: &AgentStatus) {
     }
 }
 
-/// Consul, membership and endpoint counts.
+/// The store, membership and endpoint counts.
 fn print_cluster(s: &AgentStatus) {
+    let store = if s.consul.store.is_empty() {
+        &s.consul.addr
+    } else {
+        &s.consul.store
+    };
     println!(
-        "consul:      {} prefix {}: {}{}",
-        s.consul.addr,
+        "store:       {} prefix {}: {}{}",
+        store,
         s.consul.prefix,
         match (s.consul.reachable, s.consul.last_error.is_some()) {
             (false, _) => "UNREACHABLE",

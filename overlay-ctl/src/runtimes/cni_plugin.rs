@@ -35,8 +35,9 @@ use crate::{
     runtimes::cni_check::{inspect, ContainerIface},
     runtimes::container::{self, ContainerError, Context, JoinSpec, Joined, Target},
     runtimes::session::{self, EndpointSession},
-    store::consul::{ConsulClient, ConsulError},
-    store::{Store, StoreError},
+    store::agent_store,
+    store::consul::ConsulError,
+    store::StoreError,
 };
 
 /// The plugin's entry point: reads the environment and stdin, runs the command, prints
@@ -156,17 +157,17 @@ pub(super) async fn context(config: &Config) -> Result<Context, CniError> {
     if !status.consul.reachable {
         return Err(CniError::new(
             code::TRY_AGAIN_LATER,
-            "the overlay agent cannot reach Consul",
+            "the overlay agent cannot reach its store",
             format!(
-                "Consul at {}: {}; nothing was changed",
+                "store at {}: {}; nothing was changed",
                 status.consul.addr,
                 status.consul.last_error.as_deref().unwrap_or("unreachable")
             ),
         ));
     }
-    let client = ConsulClient::from_env(Some(&status.consul.addr)).map_err(consul_error)?;
+    let store = agent_store(&status).await.map_err(store_error)?;
     Ok(Context {
-        store: Store::new(client, &status.consul.prefix),
+        store,
         agent,
         status,
         local: LocalState::new(&dir),
@@ -195,6 +196,14 @@ pub(super) fn consul_error(e: ConsulError) -> CniError {
 pub(super) fn store_error(e: StoreError) -> CniError {
     match e {
         StoreError::Consul(e) => consul_error(e),
+        e @ StoreError::Etcd(_) if e.is_unavailable() => CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the store is not reachable",
+            e.to_string(),
+        ),
+        e @ (StoreError::Etcd(_) | StoreError::NeedsConsul { .. }) => {
+            CniError::new(code::IO_FAILURE, "store request failed", e.to_string())
+        }
         StoreError::NoSuchNetwork(_) => CniError::new(
             code::INVALID_CONFIG,
             "invalid network configuration",
@@ -470,7 +479,7 @@ async fn del(inv: &Invocation, config: &Config) -> Result<(), CniError> {
     }
     let allocations = match ctx.store.list_allocations(network).await {
         Ok(list) => list,
-        Err(StoreError::Consul(e)) => return Err(consul_error(e)),
+        Err(e) if e.is_backend() => return Err(store_error(e)),
         Err(e) => {
             warn!(error = %e, "DEL: cannot list the network's addresses");
             Vec::new()

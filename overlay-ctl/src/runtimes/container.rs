@@ -69,7 +69,7 @@ pub enum ContainerError {
     Service {
         service: String,
         #[source]
-        source: ConsulError,
+        source: StoreError,
     },
     #[error("invalid container name {id:?}")]
     InvalidName {

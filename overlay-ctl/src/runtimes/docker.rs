@@ -41,9 +41,9 @@ use crate::{
     dataplane::endpoint,
     runtimes::container::{self, Context, JoinSpec, Target},
     runtimes::session::{self, EndpointSession},
-    store::consul::ConsulClient,
+    store::agent_store,
     store::ipam,
-    store::{Network, Store, StoreError},
+    store::{Network, StoreError},
 };
 
 /// Why a request failed; its text is what `docker` prints.
@@ -122,14 +122,15 @@ impl DockerPlugin {
             .map_err(|e| DockerError::NotReady(e.to_string()))?;
         if !status.consul.reachable {
             return Err(DockerError::NotReady(format!(
-                "Consul at {} is not reachable",
+                "the store at {} is not reachable",
                 status.consul.addr
             )));
         }
-        let client = ConsulClient::from_env(Some(&status.consul.addr))
+        let store = agent_store(&status)
+            .await
             .map_err(|e| DockerError::NotReady(e.to_string()))?;
         Ok(Context {
-            store: Store::new(client, &status.consul.prefix),
+            store,
             agent,
             status,
             local: LocalState::new(&self.state_dir),

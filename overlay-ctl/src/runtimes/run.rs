@@ -42,6 +42,15 @@ pub fn container_id(name: Option<&str>) -> Result<String> {
     Ok(id)
 }
 
+/// What `--service` needs the store to be.
+const SERVICE_NEEDS: &str = "--service (a service in Consul's catalog)";
+
+/// Refuses `--service` before anything is created when the store is not Consul.
+pub fn check_service_store(store: &crate::store::Store) -> Result<()> {
+    store.consul(SERVICE_NEEDS)?;
+    Ok(())
+}
+
 /// A running container: its endpoint, namespace and command.
 pub struct ContainerRun<'a> {
     session: EndpointSession<'a>,
@@ -104,11 +113,18 @@ impl<'a> ContainerRun<'a> {
 
     /// Registers the container's address as `service` with the local Consul agent (the
     /// seed's Registrator role): it appears in the catalog on that agent's node. On
-    /// failure the container is removed.
+    /// failure the container is removed. Needs a Consul store (the CLI checks before it
+    /// creates the container: [`check_service_store`]).
     pub async fn register_service(mut self, service: &str) -> Result<Self> {
         let ctx = self.session.context();
         let entry = service_for(&ctx.status, &self.joined, service);
-        let registered = ctx.store.client().agent_service_register(&entry).await;
+        let registered = match ctx.store.consul(SERVICE_NEEDS) {
+            Ok(consul) => consul
+                .agent_service_register(&entry)
+                .await
+                .map_err(Into::into),
+            Err(e) => Err(e),
+        };
         match registered {
             Ok(()) => {
                 self.service_id = Some(entry.id);
@@ -158,13 +174,9 @@ impl<'a> ContainerRun<'a> {
     /// owner lives).
     pub async fn teardown(self) -> Result<()> {
         let ctx = self.session.context();
-        if let Some(service_id) = &self.service_id {
-            if let Err(e) = ctx
-                .store
-                .client()
-                .agent_service_deregister(service_id)
-                .await
-            {
+        if let (Some(service_id), Ok(consul)) = (&self.service_id, ctx.store.consul(SERVICE_NEEDS))
+        {
+            if let Err(e) = consul.agent_service_deregister(service_id).await {
                 warn!(error = %e, "cannot deregister service {service_id}");
             }
         }

@@ -1,12 +1,13 @@
 //! The seam between the cluster-state code and a KV store: the entry type
 //! ([`KvPair`]) and the few primitives ([`KvBackend`]) that networks, VNIs, IPAM, nodes,
 //! endpoints and the applied-index records are written with. The Consul client
-//! implements it ([`crate::store::consul`]); a second backend (etcd, issue #15) joins
-//! by implementing it too.
+//! implements it ([`crate::store::consul`]), and so does the etcd v3 client
+//! ([`crate::store::etcd`]); [`StoreBackend`] is the one of the two a [`crate::store::Store`]
+//! runs on, chosen by `--store` ([`crate::store::config`]).
 //!
 //! How each primitive maps to a backend:
 //!
-//! | primitive | Consul | etcd v3 (planned) |
+//! | primitive | Consul | etcd v3 |
 //! | --- | --- | --- |
 //! | [`KvBackend::get`], [`KvBackend::list`], [`KvBackend::keys`] | `GET /v1/kv` (`?recurse`, `?keys`) | `Range` (prefix, keys-only) |
 //! | [`KvBackend::put`] | `PUT /v1/kv` | `Put` |
@@ -15,10 +16,12 @@
 //! | [`KvBackend::acquire`] (session-bound put) | `?acquire=<session>` | `Put` with the lease, in a `Txn` on `create_revision == 0` |
 //! | [`KvBackend::list_blocking`] (watch from an index) | blocking query `?index=&wait=` | `Watch` from a revision |
 //!
-//! [`KvPair`]'s indexes are Consul's; an etcd backend fills them from revisions
-//! (`create_index` from `create_revision`, `modify_index` from `mod_revision`) and
-//! `session` from the lease.
+//! [`KvPair`]'s indexes are Consul's; the etcd backend fills them from revisions
+//! (`create_index` from `create_revision`, `modify_index` from `mod_revision`, the
+//! watch index from the store revision) and `session` from the lease (its id in hex).
 use std::{future::Future, time::Duration};
+
+use crate::store::{consul::ConsulClient, etcd::EtcdClient, StoreError};
 
 /// One KV entry, with its value as bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,5 +161,93 @@ impl KvBackend for crate::store::consul::ConsulClient {
         wait: Duration,
     ) -> impl Future<Output = Result<(Vec<KvPair>, u64), Self::Error>> + Send {
         Self::list_blocking(self, prefix, index, wait)
+    }
+}
+
+/// The store a [`crate::store::Store`] runs on. Its errors are [`StoreError`]s
+/// (`StoreError::Consul` or `StoreError::Etcd`).
+// One per Store, cloned rarely: the size difference costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum StoreBackend {
+    Consul(ConsulClient),
+    Etcd(EtcdClient),
+}
+
+impl StoreBackend {
+    /// The store as a URL (`consul://host:port`, `etcd://a:2379,b:2379`), for status and
+    /// messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Consul(c) => format!("consul://{}", c.addr()),
+            Self::Etcd(e) => e.endpoints().to_string(),
+        }
+    }
+
+    /// `consul` or `etcd`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Consul(_) => "consul",
+            Self::Etcd(_) => "etcd",
+        }
+    }
+}
+
+/// Runs the same call on whichever client the backend holds, as a [`StoreError`].
+macro_rules! dispatch {
+    ($backend:expr, $client:ident => $call:expr) => {
+        match $backend {
+            StoreBackend::Consul($client) => $call.await.map_err(StoreError::from),
+            StoreBackend::Etcd($client) => $call.await.map_err(StoreError::from),
+        }
+    };
+}
+
+impl KvBackend for StoreBackend {
+    type Error = StoreError;
+
+    async fn get(&self, key: &str) -> Result<Option<KvPair>, StoreError> {
+        dispatch!(self, c => KvBackend::get(c, key))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<KvPair>, StoreError> {
+        dispatch!(self, c => KvBackend::list(c, prefix))
+    }
+
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        dispatch!(self, c => KvBackend::keys(c, prefix))
+    }
+
+    async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        dispatch!(self, c => KvBackend::put(c, key, value))
+    }
+
+    async fn put_cas(&self, key: &str, value: &[u8], index: u64) -> Result<bool, StoreError> {
+        dispatch!(self, c => KvBackend::put_cas(c, key, value, index))
+    }
+
+    async fn acquire(&self, key: &str, value: &[u8], session: &str) -> Result<bool, StoreError> {
+        dispatch!(self, c => KvBackend::acquire(c, key, value, session))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        dispatch!(self, c => KvBackend::delete(c, key))
+    }
+
+    async fn delete_cas(&self, key: &str, index: u64) -> Result<bool, StoreError> {
+        dispatch!(self, c => KvBackend::delete_cas(c, key, index))
+    }
+
+    async fn delete_tree(&self, prefix: &str) -> Result<(), StoreError> {
+        dispatch!(self, c => KvBackend::delete_tree(c, prefix))
+    }
+
+    async fn list_blocking(
+        &self,
+        prefix: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(Vec<KvPair>, u64), StoreError> {
+        dispatch!(self, c => KvBackend::list_blocking(c, prefix, index, wait))
     }
 }

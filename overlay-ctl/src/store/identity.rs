@@ -453,7 +453,7 @@ async fn republish_network(store: &Store, network: &Network) -> Result<usize, St
     match store.claim_subnet(&network.name, network.subnet).await {
         Ok(true) => written += 1,
         Ok(false) => {}
-        Err(StoreError::Consul(e)) => return Err(e.into()),
+        Err(e) if e.is_backend() => return Err(e),
         Err(e) => {
             warn!(network = %network.name, error = %e, "cannot republish the subnet claim")
         }

@@ -24,16 +24,19 @@
 //!   from the real one; [`settings`]: the cluster-wide settings (the VXLAN port);
 //! - the backend: [`backend`] names the KV primitives the operations use
 //!   ([`backend::KvBackend`]: get, list, keys, put, check-and-set, delete, session-bound
-//!   put, blocking list from an index), and [`consul`] is the Consul HTTP client that
-//!   implements them. The operations reach the backend only through [`Store::kv`],
-//!   which exposes nothing but those primitives. [`etcd`] is the etcd v3 client (lease,
-//!   transactions, revision watch) that joins as the second backend; code outside the
-//!   store that still talks to Consul directly goes through [`Store::client`];
+//!   put, blocking list from an index), implemented by [`consul`] (the Consul HTTP
+//!   client) and [`etcd`] (the etcd v3 client: leases, transactions, revision watch);
+//!   [`backend::StoreBackend`] is the one a [`Store`] runs on, chosen by `--store`
+//!   ([`config`]). The operations reach the backend only through [`Store::kv`], which
+//!   exposes nothing but those primitives; [`session`] holds node sessions (a Consul
+//!   session, an etcd lease). Code outside the store that needs Consul itself (the
+//!   catalog) goes through [`Store::consul`], which refuses on etcd;
 //! - [`devserver`]: the Consul-compatible development server (`overlay-ctl dev-server`,
 //!   as `consul agent -dev`) that `cargo xtask run`, the demo and the tests start.
 mod allocations;
 mod applied;
 pub mod backend;
+pub mod config;
 pub mod consul;
 pub mod devserver;
 mod endpoints;
@@ -45,6 +48,7 @@ pub mod mtu;
 mod networks;
 mod nodes;
 pub mod records;
+mod session;
 pub mod settings;
 use std::net::Ipv4Addr;
 
@@ -55,8 +59,10 @@ use tracing::debug;
 
 pub use self::keys::DEFAULT_PREFIX;
 use crate::store::{
-    backend::{KvBackend, KvPair},
+    backend::{KvBackend, KvPair, StoreBackend},
+    config::StoreConfig,
     consul::{ConsulClient, ConsulError},
+    etcd::{EtcdClient, EtcdError},
     ipam::IpamError,
     keys::Keys,
 };
@@ -69,6 +75,12 @@ pub const DEFAULT_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 pub enum StoreError {
     #[error(transparent)]
     Consul(#[from] ConsulError),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Config(#[from] config::StoreConfigError),
+    #[error("{what} needs a Consul store; this cluster's state is in {store}")]
+    NeedsConsul { what: &'static str, store: String },
     #[error(transparent)]
     Invalid(#[from] IpamError),
     #[error(transparent)]
@@ -278,32 +290,111 @@ impl ClusterState {
     }
 }
 
-/// The cluster state on top of a [`ConsulClient`].
+impl StoreError {
+    /// True when the store did not answer (Consul unreachable, etcd without quorum or
+    /// every member down), as opposed to answering with a refusal.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Consul(ConsulError::Transport { .. } | ConsulError::Timeout { .. }) => true,
+            Self::Etcd(e) => e.is_unavailable(),
+            _ => false,
+        }
+    }
+
+    /// True for errors of the store itself (Consul's or etcd's), as opposed to the
+    /// cluster-state rules refusing the request.
+    pub fn is_backend(&self) -> bool {
+        matches!(self, Self::Consul(_) | Self::Etcd(_))
+    }
+
+    /// What kind of failure this is, for logs and `status` (an ACL denial or a rate limit
+    /// is not "unreachable"): Consul's own classes, etcd's mapped onto them.
+    pub fn class(&self) -> consul::ErrorClass {
+        match self {
+            Self::Consul(e) => e.class(),
+            Self::Etcd(e) if e.is_unavailable() => consul::ErrorClass::Unreachable,
+            Self::Config(_) => consul::ErrorClass::Invalid,
+            _ => consul::ErrorClass::Refused,
+        }
+    }
+}
+
+/// The store the local agent reports in `status` (kind, endpoints, prefix), for the
+/// plugins (Docker, CNI) that follow it; TLS files from the environment (etcdctl's).
+pub async fn agent_store(status: &crate::agent::control::AgentStatus) -> Result<Store, StoreError> {
+    let config = StoreConfig::of_agent(
+        &status.consul.store,
+        &status.consul.addr,
+        crate::store::etcd::TlsFiles::default(),
+    )?;
+    Store::connect(&config, &status.consul.prefix).await
+}
+
+/// The cluster state on top of a [`StoreBackend`] (Consul or etcd).
 #[derive(Clone, Debug)]
 pub struct Store {
-    client: ConsulClient,
+    backend: StoreBackend,
     keys: Keys,
 }
 
 impl Store {
-    /// `prefix` is normalised to end with `/` (an empty prefix is `overlay/`).
+    /// The cluster state in Consul. `prefix` is normalised to end with `/` (an empty
+    /// prefix is `overlay/`).
     pub fn new(client: ConsulClient, prefix: &str) -> Self {
+        Self::with_backend(StoreBackend::Consul(client), prefix)
+    }
+
+    /// The cluster state in etcd.
+    pub fn etcd(client: EtcdClient, prefix: &str) -> Self {
+        Self::with_backend(StoreBackend::Etcd(client), prefix)
+    }
+
+    pub fn with_backend(backend: StoreBackend, prefix: &str) -> Self {
         Self {
-            client,
+            backend,
             keys: Keys::new(prefix),
         }
     }
 
-    /// The Consul client, for callers outside the store that use Consul itself
-    /// (sessions, the catalog, watches).
-    pub fn client(&self) -> &ConsulClient {
-        &self.client
+    /// Connects to the store `config` names (etcd connections are made lazily: this
+    /// succeeds while members are down).
+    pub async fn connect(config: &StoreConfig, prefix: &str) -> Result<Self, StoreError> {
+        let backend = match config {
+            StoreConfig::Consul { addr, tls } => {
+                let config = consul::ConsulConfig::resolve(addr.as_deref(), tls)?;
+                StoreBackend::Consul(ConsulClient::from_config(&config)?)
+            }
+            StoreConfig::Etcd(config) => {
+                StoreBackend::Etcd(EtcdClient::connect(config.clone()).await?)
+            }
+        };
+        Ok(Self::with_backend(backend, prefix))
     }
 
-    /// The backend as the cluster-state operations see it: only the KV primitives of
-    /// [`KvBackend`].
-    pub(crate) fn kv(&self) -> &impl KvBackend<Error = ConsulError> {
-        &self.client
+    /// The backend: its KV primitives ([`KvBackend`]), its kind and address.
+    pub fn kv(&self) -> &StoreBackend {
+        &self.backend
+    }
+
+    fn backend(&self) -> &StoreBackend {
+        &self.backend
+    }
+
+    /// The store as a URL (`consul://host:port`, `etcd://a:2379,...`).
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// The Consul client, for `what` (e.g. "registering a service in the catalog") that
+    /// only Consul offers; a clear error on etcd.
+    pub fn consul(&self, what: &'static str) -> Result<&ConsulClient, StoreError> {
+        match &self.backend {
+            StoreBackend::Consul(c) => Ok(c),
+            StoreBackend::Etcd(_) => Err(StoreError::NeedsConsul {
+                what,
+                store: self.describe(),
+            }),
+        }
     }
 
     /// The key layout.

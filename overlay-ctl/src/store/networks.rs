@@ -114,7 +114,7 @@ impl Store {
             self.unclaim_subnet(network.subnet, name).await;
         }
         match created {
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
             Ok(_) => Err(StoreError::NetworkExists(name.to_string())),
         }
     }

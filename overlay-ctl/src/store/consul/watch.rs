@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::{ConsulClient, ConsulError, MAX_WAIT};
-use crate::store::backend::KvPair;
+use super::{ConsulClient, MAX_WAIT};
+use crate::store::backend::{KvBackend, KvPair};
 
 /// Consul's documented client rules for the index of the next blocking query, given the
 /// index the previous query was made with and the one the answer carried:
@@ -26,9 +26,12 @@ pub fn next_watch_index(previous: u64, returned: u64) -> u64 {
 /// index goes back to 0 when the server's goes backwards, never drops below 1 after the
 /// first answer, and consecutive queries start at least `min_interval` apart (longer
 /// after errors, with exponential backoff) so a flapping key cannot make a busy loop.
+///
+/// Any [`KvBackend`] can be watched this way: on etcd the index is the store revision
+/// and each query waits for a watch event after it, then lists.
 #[derive(Debug)]
-pub struct KvWatch {
-    client: ConsulClient,
+pub struct KvWatch<B = ConsulClient> {
+    client: B,
     prefix: String,
     wait: Duration,
     min_interval: Duration,
@@ -38,8 +41,8 @@ pub struct KvWatch {
     consecutive_errors: u32,
 }
 
-impl KvWatch {
-    pub fn new(client: ConsulClient, prefix: impl Into<String>, wait: Duration) -> Self {
+impl<B: KvBackend> KvWatch<B> {
+    pub fn new(client: B, prefix: impl Into<String>, wait: Duration) -> Self {
         Self {
             client,
             prefix: prefix.into(),
@@ -81,7 +84,7 @@ impl KvWatch {
     /// Runs the next (blocking) query and returns the entries under the prefix with the
     /// index they were read at. The first call returns at once; later ones when something
     /// under the prefix changed or the wait expired (the entries may then be unchanged).
-    pub async fn next(&mut self) -> Result<(Vec<KvPair>, u64), ConsulError> {
+    pub async fn next(&mut self) -> Result<(Vec<KvPair>, u64), B::Error> {
         if let Some(last) = self.last_start {
             let due = last + self.pause();
             let now = Instant::now();
@@ -99,7 +102,7 @@ impl KvWatch {
                 self.consecutive_errors = 0;
                 let next = next_watch_index(self.index, returned);
                 if next == 0 {
-                    warn!(prefix = %self.prefix, previous = self.index, returned, "Consul index went backwards; re-reading");
+                    warn!(prefix = %self.prefix, previous = self.index, returned, "the store's index went backwards; re-reading");
                 }
                 self.index = next;
                 Ok((pairs, returned.max(1)))

@@ -15,11 +15,13 @@
 //! is unavailable, and a transaction retried after an attempt that may have applied
 //! recognises its own write (see `EtcdClient::txn`). Every failure is an [`EtcdError`]; a cluster without quorum is
 //! [`EtcdError::Unavailable`].
+mod backend;
 mod config;
 mod error;
 mod lease;
 mod watch;
 
+pub use backend::parse_lease;
 pub use config::{
     parse_address, EtcdAddress, EtcdConfig, TlsFiles, DEFAULT_PORT, ENV_CACERT, ENV_CERT,
     ENV_ENDPOINTS, ENV_KEY,
