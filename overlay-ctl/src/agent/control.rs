@@ -137,6 +137,9 @@ pub struct AgentStatus {
     pub store_detail: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
+    /// The egress nftables table: each network's mode, drops of `none` networks.
+    #[serde(default)]
+    pub egress: crate::agent::egress::EgressStatus,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

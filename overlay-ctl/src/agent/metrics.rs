@@ -19,6 +19,8 @@
 //! | `overlay_store_state` | `state` (unknown, trusted, missing, foreign, healing): 1 for the current one |
 //! | `overlay_gc_collected_total` | `kind` (local_endpoint, address, endpoint, vni, subnet) |
 //! | `overlay_gc_runs_total` | |
+//! | `overlay_egress_dropped_packets_total`, `overlay_egress_dropped_bytes_total` | `network` (egress-none networks) |
+//! | `overlay_egress_in_step` | |
 //!
 //! Events seen on the underlay before a packet's network is known are counted under
 //! VNI 0, exported as `network="underlay"`.
@@ -145,6 +147,8 @@ pub struct Scrape<'a> {
     pub status: &'a LiveStatus,
     /// The store's trust state ([`crate::store::identity::Trust::name`]).
     pub store_state: &'static str,
+    /// The egress table and its drops ([`crate::agent::egress`]).
+    pub egress: &'a crate::agent::egress::EgressStatus,
 }
 
 /// Escapes a label value (backslash, double quote, newline).
@@ -162,18 +166,23 @@ fn escape(value: &str) -> String {
 }
 
 /// One metric family: HELP and TYPE once, then its samples.
-struct Family<'o> {
+pub(super) struct Family<'o> {
     out: &'o mut String,
 }
 
 impl<'o> Family<'o> {
-    fn new(out: &'o mut String, name: &str, kind: &str, help: &str) -> Self {
+    pub(super) fn new(out: &'o mut String, name: &str, kind: &str, help: &str) -> Self {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         Self { out }
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    pub(super) fn sample(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: impl std::fmt::Display,
+    ) {
         let _ = write!(self.out, "{name}");
         if !labels.is_empty() {
             let rendered: Vec<String> = labels
@@ -205,6 +214,7 @@ pub fn render(scrape: &Scrape) -> String {
     render_cluster(&mut out, scrape.status);
     render_store(&mut out, scrape);
     render_gc(&mut out, scrape.control);
+    crate::agent::egress::render_metrics(&mut out, scrape.egress);
     out
 }
 
@@ -492,6 +502,7 @@ mod tests {
             control: &control,
             status: &status,
             store_state: "trusted",
+            egress: &Default::default(),
         })
     }
 

@@ -24,10 +24,12 @@
 //! | [`metrics`] | Prometheus exposition |
 //! | [`logs`] | the agent's log ring |
 //! | [`dns`] | the container-name resolver served on the networks' gateways |
+//! | [`egress`] | the egress nftables table kept in step with the networks |
 pub mod apply;
 pub mod control;
 mod control_server;
 pub mod dns;
+pub mod egress;
 pub mod gc;
 mod lifecycle;
 pub mod local_state;
@@ -56,8 +58,9 @@ pub use lifecycle::run;
 
 use crate::{
     agent::{
-        local_state::LocalState, logs::LogBuffer, metrics::ControlPlaneMetrics,
-        metrics::MetricsError, reconcile::ClusterState, status::LiveStatus,
+        egress::EgressState, local_state::LocalState, logs::LogBuffer,
+        metrics::ControlPlaneMetrics, metrics::MetricsError, reconcile::ClusterState,
+        status::LiveStatus,
     },
     dataplane::datapath::{Datapath, DatapathError, XdpAttachMode},
     dataplane::netlink::{LinkInfo, NetlinkError},
@@ -198,6 +201,8 @@ struct Agent {
     logs: LogBuffer,
     /// This node's records of the endpoints it created (the only thing it acts on).
     local: LocalState,
+    /// The egress nftables table (its own lock: never held with another).
+    egress: Mutex<EgressState>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

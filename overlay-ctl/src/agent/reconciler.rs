@@ -103,7 +103,7 @@ impl Agent {
         } else {
             (false, false)
         };
-        let mut pass = self.apply_desired(state).await?;
+        let mut pass = self.apply_desired(state, fetch).await?;
         if newer {
             lock(&self.cluster).ack_pending = true;
         }
@@ -132,12 +132,18 @@ impl Agent {
         }
     }
 
-    /// Read, plan, apply: the stages of one run on the last known state.
-    async fn apply_desired(&self, state: &mut ReconcilerState) -> Result<Pass, String> {
+    /// Read, plan, apply: the stages of one run on the last known state (the egress
+    /// table too, checked against the kernel when `verify`).
+    async fn apply_desired(
+        &self,
+        state: &mut ReconcilerState,
+        verify: bool,
+    ) -> Result<Pass, String> {
         let Some(cluster) = self.desired() else {
             // Nothing known yet: keep whatever the maps hold (a restart keeps forwarding).
             return Ok(Pass::default());
         };
+        self.sync_egress(&cluster.networks, verify);
         if !std::mem::replace(&mut state.adopted, true) {
             gc::adopt_unrecorded(&self.handle, self.node(), &self.local, &cluster.endpoints).await;
         }

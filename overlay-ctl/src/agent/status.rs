@@ -75,6 +75,8 @@ impl Agent {
     /// The answer to `overlay-ctl status`.
     pub(super) fn status(&self) -> AgentStatus {
         let mut status = self.data_plane_status();
+        // Before the status borrow below: reading the drops waits for `nft`.
+        status.egress = self.egress_status();
         let identity = lock(&self.identity);
         let live = self.status.borrow();
         status.consul = ConsulStatus {
@@ -150,6 +152,7 @@ impl Agent {
             )
         };
         let store_state = lock(&self.identity).trust().name();
+        let egress = self.egress_status();
         let live = self.status.borrow().clone();
         Ok(metrics::render(&metrics::Scrape {
             counters: &counters,
@@ -158,6 +161,7 @@ impl Agent {
             control: &self.metrics,
             status: &live,
             store_state,
+            egress: &egress,
         }))
     }
 

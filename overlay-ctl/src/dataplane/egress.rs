@@ -111,7 +111,7 @@ pub struct EgressRule {
 }
 
 /// Packets and bytes a `none` network's drop rule has counted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropCount {
     pub packets: u64,
     pub bytes: u64,
