@@ -35,6 +35,9 @@ pub(super) struct EgressState {
     applied: Option<(Vec<EgressRule>, Vec<Ipv4Network>)>,
     /// Why the last attempt failed (`None`: in step).
     error: Option<String>,
+    /// Whether a `none` rule was ever installed: until then there are no drops to read,
+    /// and `status` and scrapes need not run `nft`.
+    counting: bool,
 }
 
 /// Egress as `overlay-ctl status` shows it.
@@ -97,6 +100,7 @@ impl Agent {
                 if state.error.take().is_some() {
                     info!(table = egress::TABLE, "egress rules in step again");
                 }
+                state.counting |= wanted.0.iter().any(|r| r.mode == EgressMode::None);
                 state.applied = Some(wanted);
             }
             Err(e) => {
@@ -122,6 +126,9 @@ impl Agent {
             dropped: BTreeMap::new(),
             error: state.error.clone(),
         };
+        if !state.counting {
+            return status;
+        }
         match blocking(|| state.nat.drops()) {
             Ok(dropped) => status.dropped = dropped,
             Err(e) if status.error.is_none() => status.error = Some(e.to_string()),

@@ -143,7 +143,6 @@ impl Agent {
             // Nothing known yet: keep whatever the maps hold (a restart keeps forwarding).
             return Ok(Pass::default());
         };
-        self.sync_egress(&cluster.networks, verify);
         if !std::mem::replace(&mut state.adopted, true) {
             gc::adopt_unrecorded(&self.handle, self.node(), &self.local, &cluster.endpoints).await;
         }
@@ -156,6 +155,8 @@ impl Agent {
         };
         let plan = reconcile::plan(&cluster, &local, &veths.by_name);
         let (report, attached_now) = self.apply_plan(&plan, &veths.names)?;
+        // After the maps: forwarding never waits for `nft`.
+        self.sync_egress(&cluster.networks, verify);
         let applied = self.forwarding(&cluster, &plan, &veths, &attached_now);
         Ok(Pass {
             outcome: ReconcileOutcome {
