@@ -513,6 +513,12 @@ fn agent_masquerades_both_nodes_containers_and_egress_none_blocks_them() {
         let exported =
             (metrics.lines()).find_map(|line| line.strip_prefix(series)?.parse::<u64>().ok());
         assert!(exported >= Some(dropped), "{metrics}");
+        let text = node.cli(&["status"]).ok().stdout;
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("egress:") && l.contains("net1 none (")),
+            "{text}"
+        );
     }
     assert_eq!(ask_address(&w.a, peer, REPLY), Some(a_ip.to_string()));
     assert!(container_pings(&w.b, a_ip, REPLY));

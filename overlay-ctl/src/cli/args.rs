@@ -257,6 +257,7 @@ pub enum NetworkCommand {
     /// Change a network's settings (today: its egress mode). Every agent applies the
     /// change at its next reconcile; containers keep running.
     Update {
+        /// The network to change.
         name: String,
         /// `masquerade`: containers reach the outside with their node's address; `none`:
         /// their packets to the outside are dropped and counted (`status`, metrics).
