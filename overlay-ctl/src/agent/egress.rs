@@ -84,11 +84,21 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
 }
 
 impl Agent {
-    /// Brings the egress table in step with `networks`. Without `verify`, a run whose
-    /// networks are those last applied does not even read the kernel.
-    pub(super) fn sync_egress(&self, networks: &[Network], verify: bool) {
-        let wanted = desired(networks);
+    /// Brings the egress table in step with the networks of the last cluster state read
+    /// (the latest, whichever run calls: runs that finish out of order cannot install
+    /// an older state last). Without `verify`, networks equal to those last applied
+    /// do not even read the kernel.
+    pub(super) fn sync_egress(&self, verify: bool) {
         let mut state = lock(&self.egress);
+        // Read under the egress lock, so the last to take it applies the latest.
+        let networks = lock(&self.cluster)
+            .desired
+            .as_ref()
+            .map(|cluster| cluster.networks.clone());
+        let Some(networks) = networks else {
+            return; // Nothing known yet: keep the table as it is.
+        };
+        let wanted = desired(&networks);
         let unchanged = state.error.is_none() && state.applied.as_ref() == Some(&wanted);
         if unchanged && !verify {
             return;

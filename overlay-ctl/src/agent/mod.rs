@@ -174,9 +174,10 @@ struct ReconcilerState {
     adopted: bool,
 }
 
-/// The agent's shared state. Locks are never held across each other's or across an
-/// `await`, except the two async ones: `reconciler` (one reconcile run at a time, never
-/// across store writes or deletes) and `collector` (one collection at a time).
+/// The agent's shared state. Locks are never held across each other's (but `egress`
+/// over `cluster`, see there) or across an `await`, except the two async ones:
+/// `reconciler` (one reconcile run at a time, never across store writes or deletes) and
+/// `collector` (one collection at a time).
 struct Agent {
     options: AgentOptions,
     store: Store,
@@ -201,7 +202,8 @@ struct Agent {
     logs: LogBuffer,
     /// This node's records of the endpoints it created (the only thing it acts on).
     local: LocalState,
-    /// The egress nftables table (its own lock: never held with another).
+    /// The egress nftables table. The one lock held while another is taken: `cluster`'s,
+    /// briefly, to read the networks (never the other way round).
     egress: Mutex<EgressState>,
 }
 

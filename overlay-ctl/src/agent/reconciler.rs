@@ -2,7 +2,8 @@
 //! narrowed to what this node recorded creating, and the host veths it names), plan
 //! ([`reconcile::plan`]), apply ([`apply::apply`]), all under the reconcile lock; then,
 //! with the lock released, the follow-up actions the run found (collecting local
-//! endpoints whose veth is gone: netlink, namespace and store deletes). The run returns
+//! endpoints whose veth is gone: netlink, namespace and store deletes) and the egress
+//! table brought in step with the networks ([`super::egress`]). The run returns
 //! a [`ReconcileOutcome`] and publishes it in the agent's status; nothing else learns
 //! its result through side effects.
 use std::{
@@ -81,6 +82,10 @@ impl Agent {
                 follow_ups,
             }) => {
                 outcome.follow_up_failures = self.run_follow_ups(follow_ups).await;
+                // Outside the reconcile lock, like the follow-ups: the maps (and the
+                // watch's acknowledgement of them) never wait for `nft`. A fetching run
+                // also checks the kernel's copy of the table.
+                self.sync_egress(fetch);
                 Ok(outcome)
             }
             Err(e) => Err(e),
@@ -103,7 +108,7 @@ impl Agent {
         } else {
             (false, false)
         };
-        let mut pass = self.apply_desired(state, fetch).await?;
+        let mut pass = self.apply_desired(state).await?;
         if newer {
             lock(&self.cluster).ack_pending = true;
         }
@@ -132,13 +137,8 @@ impl Agent {
         }
     }
 
-    /// Read, plan, apply: the stages of one run on the last known state (the egress
-    /// table too, checked against the kernel when `verify`).
-    async fn apply_desired(
-        &self,
-        state: &mut ReconcilerState,
-        verify: bool,
-    ) -> Result<Pass, String> {
+    /// Read, plan, apply: the stages of one run on the last known state.
+    async fn apply_desired(&self, state: &mut ReconcilerState) -> Result<Pass, String> {
         let Some(cluster) = self.desired() else {
             // Nothing known yet: keep whatever the maps hold (a restart keeps forwarding).
             return Ok(Pass::default());
@@ -155,8 +155,6 @@ impl Agent {
         };
         let plan = reconcile::plan(&cluster, &local, &veths.by_name);
         let (report, attached_now) = self.apply_plan(&plan, &veths.names)?;
-        // After the maps: forwarding never waits for `nft`.
-        self.sync_egress(&cluster.networks, verify);
         let applied = self.forwarding(&cluster, &plan, &veths, &attached_now);
         Ok(Pass {
             outcome: ReconcileOutcome {
