@@ -622,7 +622,7 @@ async fn networks_create_list_delete() {
             .unwrap();
     assert_eq!(
         raw,
-        serde_json::json!({"name":"web","subnet":"10.100.0.0/24","gateway":"10.100.0.1","vni":100,"mtu":1450})
+        serde_json::json!({"name":"web","subnet":"10.100.0.0/24","gateway":"10.100.0.1","vni":100,"mtu":1450,"egress":"masquerade"})
     );
     assert_eq!(
         c.get("overlay/vni/100").await.unwrap().unwrap().value,

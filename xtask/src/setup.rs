@@ -26,7 +26,7 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "ping across the overlay"),
     (
         "nftables",
-        "nft: the agent's egress NAT (dataplane/egress.rs) is applied through it",
+        "nft: the agent's egress NAT (dataplane/egress/) is applied through it",
     ),
     ("iperf3", "TCP/UDP throughput (tests, benchmarks)"),
     (

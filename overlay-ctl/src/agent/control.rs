@@ -149,6 +149,9 @@ pub struct AgentStatus {
     /// The underlay's MTU and the networks whose MTU it is too small for.
     #[serde(default)]
     pub mtu: super::mtu::UnderlayMtuStatus,
+    /// The egress nftables table: each network's mode, drops of `none` networks.
+    #[serde(default)]
+    pub egress: crate::agent::egress::EgressStatus,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

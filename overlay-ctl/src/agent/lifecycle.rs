@@ -83,6 +83,7 @@ pub async fn run(
         republish: Notify::new(),
         logs,
         local: LocalState::new(&options.state_dir),
+        egress: Default::default(),
         options,
     });
 
@@ -262,6 +263,7 @@ impl Agent {
             "the cluster id file",
         );
         drop(datapath);
+        self.remove_egress();
         underlay::restore(&lock(&self.plane).underlay.host_changes);
         if let Err(e) = datapath::remove_pins(&self.options.pin_root) {
             warn!(error = %e, "cannot remove pins");

@@ -21,6 +21,8 @@
 //! | `overlay_gc_runs_total` | |
 //! | `overlay_underlay_mtu`, `overlay_networks_mtu_exceeding_underlay` | |
 //! | `overlay_network_mtu_shortfall_bytes` (only networks too large for this underlay) | `network`, `vni` |
+//! | `overlay_egress_dropped_packets_total`, `overlay_egress_dropped_bytes_total` | `network` (egress-none networks) |
+//! | `overlay_egress_in_step` | |
 //!
 //! Events seen on the underlay before a packet's network is known are counted under
 //! VNI 0, exported as `network="underlay"`.
@@ -147,6 +149,8 @@ pub struct Scrape<'a> {
     pub status: &'a LiveStatus,
     /// The store's trust state ([`crate::store::identity::Trust::name`]).
     pub store_state: &'static str,
+    /// The egress table and its drops ([`crate::agent::egress`]).
+    pub egress: &'a crate::agent::egress::EgressStatus,
 }
 
 /// Escapes a label value (backslash, double quote, newline).
@@ -213,6 +217,7 @@ pub fn render(scrape: &Scrape) -> String {
     render_store(&mut out, scrape);
     render_gc(&mut out, scrape.control);
     super::mtu::render_metrics(&mut out, &scrape.status.mtu);
+    crate::agent::egress::render_metrics(&mut out, scrape.egress);
     out
 }
 
@@ -500,6 +505,7 @@ mod tests {
             control: &control,
             status: &status,
             store_state: "trusted",
+            egress: &Default::default(),
         })
     }
 

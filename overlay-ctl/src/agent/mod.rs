@@ -25,10 +25,12 @@
 //! | [`mtu`] | this node's underlay MTU against the networks' MTUs (status, log, metrics) |
 //! | [`logs`] | the agent's log ring |
 //! | [`dns`] | the container-name resolver served on the networks' gateways |
+//! | [`egress`] | the egress nftables table kept in step with the networks |
 pub mod apply;
 pub mod control;
 mod control_server;
 pub mod dns;
+pub mod egress;
 pub mod gc;
 mod lifecycle;
 pub mod local_state;
@@ -58,8 +60,9 @@ pub use lifecycle::{run, Companion};
 
 use crate::{
     agent::{
-        local_state::LocalState, logs::LogBuffer, metrics::ControlPlaneMetrics,
-        metrics::MetricsError, reconcile::ClusterState, status::LiveStatus,
+        egress::EgressState, local_state::LocalState, logs::LogBuffer,
+        metrics::ControlPlaneMetrics, metrics::MetricsError, reconcile::ClusterState,
+        status::LiveStatus,
     },
     dataplane::datapath::{Datapath, DatapathError, XdpAttachMode},
     dataplane::netlink::{LinkInfo, NetlinkError},
@@ -172,9 +175,10 @@ struct ReconcilerState {
     adopted: bool,
 }
 
-/// The agent's shared state. Locks are never held across each other's or across an
-/// `await`, except the two async ones: `reconciler` (one reconcile run at a time, never
-/// across store writes or deletes) and `collector` (one collection at a time).
+/// The agent's shared state. Locks are never held across each other's (but `egress`
+/// over `cluster`, see there) or across an `await`, except the two async ones:
+/// `reconciler` (one reconcile run at a time, never across store writes or deletes) and
+/// `collector` (one collection at a time).
 struct Agent {
     options: AgentOptions,
     store: Store,
@@ -199,6 +203,9 @@ struct Agent {
     logs: LogBuffer,
     /// This node's records of the endpoints it created (the only thing it acts on).
     local: LocalState,
+    /// The egress nftables table. The one lock held while another is taken: `cluster`'s,
+    /// briefly, to read the networks (never the other way round).
+    egress: Mutex<EgressState>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -181,6 +181,7 @@ mod tests {
             gateway: format!("10.{vni}.0.1").parse().unwrap(),
             vni,
             mtu,
+            egress: Default::default(),
         }
     }
 

@@ -115,6 +115,7 @@ mod tests {
             gateway: Ipv4Addr::from(u32::from(subnet.network()) + 1),
             vni,
             mtu: 1450,
+            egress: Default::default(),
         }
     }
 

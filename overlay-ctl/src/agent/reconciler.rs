@@ -2,7 +2,8 @@
 //! narrowed to what this node recorded creating, and the host veths it names), plan
 //! ([`reconcile::plan`]), apply ([`apply::apply`]), all under the reconcile lock; then,
 //! with the lock released, the follow-up actions the run found (collecting local
-//! endpoints whose veth is gone: netlink, namespace and store deletes). The run returns
+//! endpoints whose veth is gone: netlink, namespace and store deletes) and the egress
+//! table brought in step with the networks ([`super::egress`]). The run returns
 //! a [`ReconcileOutcome`] and publishes it in the agent's status; nothing else learns
 //! its result through side effects.
 use std::{
@@ -82,6 +83,10 @@ impl Agent {
                 follow_ups,
             }) => {
                 outcome.follow_up_failures = self.run_follow_ups(follow_ups).await;
+                // Outside the reconcile lock, like the follow-ups: the maps (and the
+                // watch's acknowledgement of them) never wait for `nft`. A fetching run
+                // also checks the kernel's copy of the table.
+                self.sync_egress(fetch);
                 Ok(outcome)
             }
             Err(e) => Err(e),

@@ -93,6 +93,8 @@ impl Agent {
     /// The answer to `overlay-ctl status`.
     pub(super) fn status(&self) -> AgentStatus {
         let mut status = self.data_plane_status();
+        // Before the status borrow below: reading the drops waits for `nft`.
+        status.egress = self.egress_status();
         let identity = lock(&self.identity);
         let live = self.status.borrow();
         status.consul = ConsulStatus {
@@ -177,6 +179,7 @@ impl Agent {
             )
         };
         let store_state = lock(&self.identity).trust().name();
+        let egress = self.egress_status();
         let live = self.status.borrow().clone();
         Ok(metrics::render(&metrics::Scrape {
             counters: &counters,
@@ -185,6 +188,7 @@ impl Agent {
             control: &self.metrics,
             status: &live,
             store_state,
+            egress: &egress,
         }))
     }
 

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     agent::control::DEFAULT_STATE_DIR,
     dataplane::datapath::{XdpAttachMode, DEFAULT_PIN_ROOT},
+    dataplane::egress::EgressMode,
     dataplane::underlay::DecapMode,
     runtimes::container,
     store::devserver::DevServerArgs,
@@ -281,6 +282,20 @@ pub enum NetworkCommand {
         /// (MTU + 50 <= the smallest underlay MTU).
         #[arg(long)]
         mtu: Option<u32>,
+        /// What containers may do towards destinations outside every overlay subnet:
+        /// `masquerade` (leave with their node's address), `none` (dropped and counted).
+        #[arg(long, value_enum, default_value_t = EgressMode::Masquerade)]
+        egress: EgressMode,
+    },
+    /// Change a network's settings (today: its egress mode). Every agent applies the
+    /// change at its next reconcile; containers keep running.
+    Update {
+        /// The network to change.
+        name: String,
+        /// `masquerade`: containers reach the outside with their node's address; `none`:
+        /// their packets to the outside are dropped and counted (`status`, metrics).
+        #[arg(long, value_enum)]
+        egress: EgressMode,
     },
     /// List networks.
     List {

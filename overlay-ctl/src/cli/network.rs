@@ -1,4 +1,4 @@
-//! `overlay-ctl network`: create, list, inspect and delete overlay networks.
+//! `overlay-ctl network`: create, update, list, inspect and delete overlay networks.
 use anyhow::Context as _;
 
 use super::{
@@ -18,15 +18,27 @@ pub async fn run(cli: &Global, command: &NetworkCommand) -> anyhow::Result<()> {
             gateway,
             vni,
             mtu,
+            egress,
         } => {
             let (n, mtu_choice) = store
-                .create_network_explained(name, cidr, *gateway, *vni, *mtu)
+                .create_network_explained(name, cidr, *gateway, *vni, *mtu, *egress)
                 .await?;
             println!(
-                "network {} created: subnet {} gateway {} vni {} mtu {}",
-                n.name, n.subnet, n.gateway, n.vni, n.mtu
+                "network {} created: subnet {} gateway {} vni {} mtu {} egress {}",
+                n.name, n.subnet, n.gateway, n.vni, n.mtu, n.egress
             );
             println!("mtu {}: {mtu_choice}", n.mtu);
+        }
+        NetworkCommand::Update { name, egress } => {
+            let (n, changed) = store.update_network_egress(name, *egress).await?;
+            if changed {
+                println!("network {} updated: egress {}", n.name, n.egress);
+            } else {
+                println!(
+                    "network {} unchanged: egress is already {}",
+                    n.name, n.egress
+                );
+            }
         }
         NetworkCommand::List { json } => list(&store, *json).await?,
         NetworkCommand::Inspect { name } => inspect(&store, name).await?,
@@ -65,12 +77,21 @@ async fn list(store: &Store, json: bool) -> anyhow::Result<()> {
                     n.gateway.to_string(),
                     n.vni.to_string(),
                     n.mtu.to_string(),
+                    n.egress.to_string(),
                     count(&n.name).to_string(),
                 ]
             })
             .collect();
         print_table(
-            &["NAME", "SUBNET", "GATEWAY", "VNI", "MTU", "ENDPOINTS"],
+            &[
+                "NAME",
+                "SUBNET",
+                "GATEWAY",
+                "VNI",
+                "MTU",
+                "EGRESS",
+                "ENDPOINTS",
+            ],
             rows,
         );
     }

@@ -19,7 +19,24 @@ fn print_status(s: &AgentStatus) {
     print_mtu(s);
     print_cluster(s);
     print_reconcile(s);
+    print_egress(s);
     print_store_and_services(s);
+}
+
+/// The egress table: each network's mode, what `none` networks dropped.
+fn print_egress(s: &AgentStatus) {
+    let e = &s.egress;
+    let modes: Vec<String> = (e.networks.iter())
+        .map(|(network, mode)| match e.dropped.get(network) {
+            Some(d) => format!("{network} {mode} ({} packets dropped)", d.packets),
+            None => format!("{network} {mode}"),
+        })
+        .collect();
+    match (&e.error, modes.is_empty()) {
+        (Some(error), _) => println!("egress:      NOT IN STEP: {error}"),
+        (None, true) => println!("egress:      no networks, no table"),
+        (None, false) => println!("egress:      table ip {}: {}", e.table, modes.join(", ")),
+    }
 }
 
 /// The node, its underlay, programs, pins and maps.

@@ -57,6 +57,7 @@ mod tests {
             gateway: Ipv4Addr::new(10, 100, 0, 1),
             vni: 7,
             mtu: 1450,
+            egress: Default::default(),
         };
         let info = NetworkInfo::from(&network);
         assert_eq!(ipv4_from_map(info.subnet), [10, 100, 0, 0]);

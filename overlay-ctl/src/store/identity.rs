@@ -512,6 +512,7 @@ mod tests {
                     gateway: format!("10.{i}.0.1").parse().unwrap(),
                     vni: i as u32 + 1,
                     mtu: 1450,
+                    egress: Default::default(),
                 })
                 .collect(),
             ..Default::default()

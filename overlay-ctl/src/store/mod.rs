@@ -58,6 +58,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tracing::debug;
 
 pub use self::keys::DEFAULT_PREFIX;
+pub use crate::dataplane::egress::EgressMode;
 use crate::store::{
     backend::{KvBackend, KvPair, StoreBackend},
     config::StoreConfig,
@@ -126,6 +127,10 @@ pub enum StoreError {
     Rejected(#[from] records::Rejection),
     #[error(transparent)]
     BadVxlanPort(#[from] settings::BadVxlanPort),
+    #[error(
+        "network {name:?} changed while it was being updated {attempts} times in a row; try again"
+    )]
+    UpdateContended { name: String, attempts: u32 },
     #[error("invalid record {0}; --force deletes it")]
     InvalidNetworkRecord(records::Rejection),
     #[error("{what}: {count} of at most {limit} (the data plane's {map} map holds {limit} entries); remove some first")]
@@ -146,6 +151,10 @@ pub struct Network {
     pub gateway: Ipv4Addr,
     pub vni: u32,
     pub mtu: u32,
+    /// What its containers may do towards destinations outside every overlay subnet.
+    /// Records written before this field existed read as the default, masquerade.
+    #[serde(default)]
+    pub egress: EgressMode,
 }
 
 /// Who holds an allocated address.
@@ -459,14 +468,20 @@ mod tests {
             gateway: Ipv4Addr::new(10, 100, 0, 1),
             vni: 42,
             mtu: 1450,
+            egress: EgressMode::None,
         };
         let v: serde_json::Value = serde_json::from_slice(&encode(&n)).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"name":"web","subnet":"10.100.0.0/24","gateway":"10.100.0.1","vni":42,"mtu":1450})
+            serde_json::json!({"name":"web","subnet":"10.100.0.0/24","gateway":"10.100.0.1","vni":42,"mtu":1450,"egress":"none"})
         );
-        let back: Network = serde_json::from_value(v).unwrap();
+        let back: Network = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(back, n);
+        // A record written before networks had an egress mode reads as masquerade.
+        let mut old = v;
+        old.as_object_mut().unwrap().remove("egress");
+        let old: Network = serde_json::from_value(old).unwrap();
+        assert_eq!(old.egress, EgressMode::Masquerade);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Networks: creating one (validated, then its subnet and VNI claimed with
 //! check-and-set before its record is written, rolled back on a lost race), reading,
-//! listing and deleting them, and bootstrapping the `default` network.
+//! listing, updating (the egress mode, check-and-set on the record) and deleting them,
+//! and bootstrapping the `default` network.
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
@@ -11,9 +12,13 @@ use super::{
     backend::KvBackend as _,
     decode, encode, ipam,
     mtu::{self, MtuChoice},
-    records, skip_invalid, Network, Store, StoreError, SubnetClaims, DEFAULT_GATEWAY,
+    records, skip_invalid, EgressMode, Network, Store, StoreError, SubnetClaims, DEFAULT_GATEWAY,
     DEFAULT_NETWORK, DEFAULT_SUBNET,
 };
+
+/// How often [`Store::update_network_egress`] re-reads a record that changed under it
+/// before it gives up.
+const UPDATE_ATTEMPTS: u32 = 10;
 
 /// A network definition that passed validation, before anything is written.
 struct NewNetwork {
@@ -49,9 +54,8 @@ impl NewNetwork {
 }
 
 impl Store {
-    /// Creates a network. Everything is validated before anything is written; `gateway`
-    /// defaults to the first address, `vni` to the lowest free one, `mtu` to the
-    /// smallest underlay's ([`mtu::choose`]). On a lost race nothing stays written.
+    /// Creates a network with the default egress (masquerade); see
+    /// [`Store::create_network_explained`].
     pub async fn create_network(
         &self,
         name: &str,
@@ -61,12 +65,32 @@ impl Store {
         mtu: Option<u32>,
     ) -> Result<Network, StoreError> {
         let (network, _) = self
-            .create_network_explained(name, cidr, gateway, vni, mtu)
+            .create_network_explained(name, cidr, gateway, vni, mtu, EgressMode::default())
             .await?;
         Ok(network)
     }
 
-    /// [`Store::create_network`], also saying how the MTU was chosen.
+    /// Creates a network with egress mode `egress`; see
+    /// [`Store::create_network_explained`].
+    pub async fn create_network_with_egress(
+        &self,
+        name: &str,
+        cidr: &str,
+        gateway: Option<Ipv4Addr>,
+        vni: Option<u64>,
+        mtu: Option<u32>,
+        egress: EgressMode,
+    ) -> Result<Network, StoreError> {
+        let (network, _) = self
+            .create_network_explained(name, cidr, gateway, vni, mtu, egress)
+            .await?;
+        Ok(network)
+    }
+
+    /// Creates a network and says how its MTU was chosen. Everything is validated
+    /// before anything is written; `gateway` defaults to the first address, `vni` to the
+    /// lowest free one, `mtu` to the smallest underlay's ([`mtu::choose`]). On a lost
+    /// race nothing stays written.
     pub async fn create_network_explained(
         &self,
         name: &str,
@@ -74,6 +98,7 @@ impl Store {
         gateway: Option<Ipv4Addr>,
         vni: Option<u64>,
         mtu: Option<u32>,
+        egress: EgressMode,
     ) -> Result<(Network, MtuChoice), StoreError> {
         let new = NewNetwork::validate(name, cidr, gateway, vni, mtu)?;
         self.check_new_network(name, &new).await?;
@@ -99,6 +124,7 @@ impl Store {
             gateway: new.gateway,
             vni,
             mtu,
+            egress,
         };
         let created = self
             .kv()
@@ -106,7 +132,7 @@ impl Store {
             .await;
         if let Ok(true) = created {
             let (subnet, gateway, mtu) = (network.subnet, network.gateway, network.mtu);
-            info!(network = name, %subnet, %gateway, vni, mtu, "network created (MTU: {mtu_choice})");
+            info!(network = name, %subnet, %gateway, vni, mtu, %egress, "network created (MTU: {mtu_choice})");
             return Ok((network, mtu_choice));
         }
         self.unclaim_vni(vni, name).await;
@@ -315,6 +341,44 @@ impl Store {
             .collect();
         networks.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(networks)
+    }
+
+    /// Sets a network's egress mode with a check-and-set write on its record, so a
+    /// concurrent update of another field is never lost (the record is read again and
+    /// the change re-applied). Returns the network as written, and whether it changed
+    /// (the mode was already `egress`: nothing is written).
+    pub async fn update_network_egress(
+        &self,
+        name: &str,
+        egress: EgressMode,
+    ) -> Result<(Network, bool), StoreError> {
+        ipam::validate_name(name)?;
+        let key = self.keys().network(name);
+        for _ in 0..UPDATE_ATTEMPTS {
+            let pair = (self.kv().get(&key).await?)
+                .ok_or_else(|| StoreError::NoSuchNetwork(name.to_string()))?;
+            let mut network = records::parse_network(self.prefix(), &pair)?;
+            if network.egress == egress {
+                return Ok((network, false));
+            }
+            let before = std::mem::replace(&mut network.egress, egress);
+            if self
+                .kv()
+                .put_cas(&key, &encode(&network), pair.modify_index)
+                .await?
+            {
+                info!(network = name, from = %before, to = %egress, "network egress changed");
+                return Ok((network, true));
+            }
+            debug!(
+                network = name,
+                "network record changed concurrently; updating again"
+            );
+        }
+        Err(StoreError::UpdateContended {
+            name: name.to_string(),
+            attempts: UPDATE_ATTEMPTS,
+        })
     }
 
     /// Deletes a network with its VNI claim, address allocations and (with `force`)

@@ -4,7 +4,7 @@
 //! user) can write any key under the prefix. Every record the agent or a CLI listing
 //! reads goes through here and comes out either as a validated value of
 //! [`crate::store`]'s types, checked by the same rules the CLI applies when it writes
-//! (names, CIDR, gateway, VNI range and ownership through `vni/N`, MTU, an endpoint's
+//! (names, CIDR, gateway, VNI range and ownership through `vni/N`, MTU, egress mode, an endpoint's
 //! address inside its network's subnet and owned through its `ipam/<network>/<ip>` key,
 //! a unicast MAC, unicast VTEPs, the interface and namespace names the CLI generates, a
 //! node only while its session holds its key, the VXLAN port's range), or as a [`Rejection`] naming the key, a
@@ -96,6 +96,8 @@ pub enum RejectReason {
     BadGateway,
     BadVni,
     BadMtu,
+    /// The network's `egress` is not one of the modes (`masquerade`, `none`).
+    BadEgress,
     /// The network's `vni/N` claim is missing or names another network.
     VniNotOwned,
     SubnetOverlap,
@@ -128,6 +130,7 @@ impl RejectReason {
             Self::BadGateway => "bad_gateway",
             Self::BadVni => "bad_vni",
             Self::BadMtu => "bad_mtu",
+            Self::BadEgress => "bad_egress",
             Self::VniNotOwned => "vni_not_owned",
             Self::SubnetOverlap => "subnet_overlap",
             Self::BadAddress => "bad_address",

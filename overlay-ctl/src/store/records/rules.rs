@@ -77,6 +77,25 @@ pub fn parse_vxlan_port(prefix: &str, pair: &KvPair) -> Result<u16, Rejection> {
         .map_err(|e| Rejection::new(&pair.key, kind, RejectReason::BadPort, e.to_string()))
 }
 
+/// A network record that does not decode because of its `egress` text alone has a bad
+/// egress mode, not a malformed record (an operator's typo names the field).
+fn unreadable_egress(pair: &KvPair) -> Option<Rejection> {
+    #[derive(serde::Deserialize)]
+    struct EgressText {
+        egress: serde_json::Value,
+    }
+    let text = serde_json::from_slice::<EgressText>(&pair.value)
+        .ok()?
+        .egress;
+    let error = serde_json::from_value::<store::EgressMode>(text.clone()).err()?;
+    Some(Rejection::new(
+        &pair.key,
+        RecordKind::Network,
+        RejectReason::BadEgress,
+        format!("egress {text}: {error} (masquerade or none)"),
+    ))
+}
+
 fn decode<T: serde::de::DeserializeOwned>(pair: &KvPair, kind: RecordKind) -> Result<T, Rejection> {
     serde_json::from_slice(&pair.value)
         .map_err(|e| Rejection::new(&pair.key, kind, RejectReason::Malformed, e.to_string()))
@@ -95,7 +114,7 @@ pub fn parse_network(prefix: &str, pair: &KvPair) -> Result<Network, Rejection> 
     let reject = |reason, detail: String| Rejection::new(&pair.key, kind, reason, detail);
     let name = key_rest(&pair.key, prefix, "networks/").unwrap_or(&pair.key);
     ipam::validate_name(name).map_err(|e| reject(BadKey, e.to_string()))?;
-    let network: Network = decode(pair, kind)?;
+    let network: Network = decode(pair, kind).map_err(|e| unreadable_egress(pair).unwrap_or(e))?;
     if network.name != name {
         return Err(reject(
             KeyMismatch,

@@ -140,6 +140,48 @@ fn bad_networks_are_rejected() {
 }
 
 #[test]
+fn a_network_reads_its_egress_mode_and_a_record_without_one_masquerades() {
+    let with = |name: &str, subnet: &str, vni: u32, egress: &str| {
+        let gw = Ipv4Addr::from(u32::from(subnet.parse::<Ipv4Network>().unwrap().network()) + 1);
+        let json = format!(
+            r#"{{"name":"{name}","subnet":"{subnet}","gateway":"{gw}","vni":{vni},"mtu":1450,"egress":{egress}}}"#
+        );
+        vec![
+            pair(&format!("networks/{name}"), &json, u64::from(vni), None),
+            pair(&format!("vni/{vni}"), name, u64::from(vni), None),
+        ]
+    };
+    let mut pairs = network("old", "10.100.0.0/24", 2, 2);
+    pairs.extend(with("closed", "10.101.0.0/24", 3, r#""none""#));
+    pairs.extend(with("open", "10.102.0.0/24", 4, r#""masquerade""#));
+    pairs.extend(with("typo", "10.103.0.0/24", 5, r#""masq""#));
+    pairs.extend(with("number", "10.104.0.0/24", 6, "1"));
+    let s = parse_snapshot(P, &pairs, View::Cluster);
+    let modes: Vec<_> = (s.state.networks.iter())
+        .map(|n| (n.name.as_str(), n.egress))
+        .collect();
+    use crate::store::EgressMode::{Masquerade, None as Closed};
+    assert_eq!(
+        modes,
+        [
+            ("closed", Closed),
+            ("old", Masquerade),
+            ("open", Masquerade)
+        ]
+    );
+    let got = reasons(&s);
+    assert_eq!(
+        got,
+        vec![
+            ("networks/number".to_string(), RejectReason::BadEgress),
+            ("networks/typo".to_string(), RejectReason::BadEgress),
+        ],
+        "{:?}",
+        s.rejected
+    );
+}
+
+#[test]
 fn overlap_keeps_the_earlier_network_whatever_the_order() {
     let mut pairs = network("b-later", "10.0.0.0/8", 3, 20);
     pairs.extend(network("a-earlier", "10.1.0.0/16", 2, 10));

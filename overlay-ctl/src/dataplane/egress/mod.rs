@@ -40,8 +40,10 @@
 //! happens only when networks change, never per packet.
 //!
 //! ## What it owns
-//! One table, `ip overlay_egress`, with a `postrouting` NAT chain and a `forward` filter
-//! chain. Nothing outside that table is read for decisions or changed; [`EgressNat::remove`]
+//! One table, `ip overlay_egress`, with a `postrouting` NAT chain, a `forward` filter
+//! chain and the interval set `overlay_subnets` that every rule's destination must lie
+//! outside (one set, so a cluster of 4,096 networks costs 4,096 set elements, not a copy
+//! of them in every rule). Nothing outside that table is read for decisions or changed; [`EgressNat::remove`]
 //! deletes it (on `--ephemeral` exit and when the last network goes). Every rule carries
 //! a comment naming its network, subnet and a fingerprint of the overlay subnets it
 //! excludes, so [`EgressNat::ensure`] can tell an up-to-date table from a stale one by
@@ -56,9 +58,12 @@ use std::{borrow::Cow, collections::BTreeMap, ffi::OsString, fmt};
 
 use ipnetwork::Ipv4Network;
 use nftables::{
-    expr::{Expression, NamedExpression, Payload, PayloadField, Prefix, SetItem},
+    expr::{Expression, NamedExpression, Payload, PayloadField, Prefix},
     helper::{self, NftablesError},
-    schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table},
+    schema::{
+        Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue,
+        Table,
+    },
     stmt::{AnonymousCounter, Counter, Drop, Match, Operator, Statement},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
@@ -71,6 +76,8 @@ pub const TABLE: &str = "overlay_egress";
 pub const NAT_CHAIN: &str = "postrouting";
 /// The filter chain for `none` networks, at the `forward` hook.
 pub const FILTER_CHAIN: &str = "forward";
+/// The set of every overlay subnet (traffic to them is never NATed or dropped here).
+pub const SUBNET_SET: &str = "overlay_subnets";
 /// Netfilter's `srcnat` priority: where masquerading belongs.
 const SRCNAT_PRIORITY: i32 = 100;
 /// Netfilter's `filter` priority.
@@ -111,7 +118,7 @@ pub struct EgressRule {
 }
 
 /// Packets and bytes a `none` network's drop rule has counted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropCount {
     pub packets: u64,
     pub bytes: u64,
@@ -281,6 +288,8 @@ impl EgressNat {
 struct DesiredTable {
     /// (chain, comment, statements), in the order they are installed.
     rules: Vec<(&'static str, String, Vec<Statement<'static>>)>,
+    /// The elements of [`SUBNET_SET`]: no two overlap (an interval set refuses that).
+    excluded: Vec<Ipv4Network>,
 }
 
 impl DesiredTable {
@@ -292,6 +301,7 @@ impl DesiredTable {
             .collect();
         excluded.sort();
         excluded.dedup();
+        let excluded = outermost(excluded);
         let fingerprint = fingerprint(&excluded);
         let mut sorted: Vec<&EgressRule> = rules.iter().collect();
         sorted.sort_by(|a, b| a.network.cmp(&b.network));
@@ -308,7 +318,11 @@ impl DesiredTable {
             );
             let mut statements = vec![
                 ip_match("saddr", Operator::EQ, prefix(rule.subnet)),
-                ip_match("daddr", Operator::NEQ, subnet_set(&excluded)),
+                ip_match(
+                    "daddr",
+                    Operator::NEQ,
+                    Expression::String(format!("@{SUBNET_SET}").into()),
+                ),
             ];
             let chain = match rule.mode {
                 EgressMode::Masquerade => {
@@ -323,7 +337,10 @@ impl DesiredTable {
             };
             out.push((chain, comment, statements));
         }
-        Ok(Self { rules: out })
+        Ok(Self {
+            rules: out,
+            excluded,
+        })
     }
 
     /// One transaction: the table is created if missing, deleted with everything in it,
@@ -345,6 +362,9 @@ impl DesiredTable {
                 NfHook::Forward,
                 FILTER_PRIORITY,
             ),
+            NfObject::CmdObject(NfCmd::Add(NfListObject::Set(Box::new(subnet_set(
+                &self.excluded,
+            ))))),
         ];
         for (chain, comment, statements) in &self.rules {
             commands.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(Rule {
@@ -364,6 +384,7 @@ impl DesiredTable {
 #[derive(Debug, Default)]
 struct CurrentTable {
     chains: Vec<String>,
+    sets: Vec<String>,
     /// (chain, comment) of every rule, in order.
     rules: Vec<(String, String)>,
     drops: BTreeMap<String, DropCount>,
@@ -376,6 +397,9 @@ impl CurrentTable {
             match object {
                 NfObject::ListObject(NfListObject::Chain(chain)) if chain.table == TABLE => {
                     current.chains.push(chain.name.to_string());
+                }
+                NfObject::ListObject(NfListObject::Set(set)) if set.table == TABLE => {
+                    current.sets.push(set.name.to_string());
                 }
                 NfObject::ListObject(NfListObject::Rule(rule)) if rule.table == TABLE => {
                     let comment = rule.comment.as_deref().unwrap_or_default().to_string();
@@ -398,7 +422,10 @@ impl CurrentTable {
         let has_chains = [NAT_CHAIN, FILTER_CHAIN]
             .iter()
             .all(|name| self.chains.iter().any(|c| c == name));
+        // The set's elements are those the rules' fingerprint names (only this module
+        // writes them, in the same transaction as the rules).
         has_chains
+            && self.sets.iter().any(|s| s == SUBNET_SET)
             && self.rules.len() == desired.rules.len()
             && self.rules.iter().zip(&desired.rules).all(
                 |((chain, comment), (want_chain, want_comment, _))| {
@@ -467,13 +494,34 @@ fn prefix(subnet: Ipv4Network) -> Expression<'static> {
     }))
 }
 
-fn subnet_set(subnets: &[Ipv4Network]) -> Expression<'static> {
-    Expression::Named(NamedExpression::Set(
-        subnets
-            .iter()
-            .map(|subnet| SetItem::Element(prefix(*subnet)))
-            .collect(),
-    ))
+fn subnet_set(subnets: &[Ipv4Network]) -> Set<'static> {
+    let elements: Vec<Expression<'static>> = subnets.iter().map(|s| prefix(*s)).collect();
+    Set {
+        family: FAMILY,
+        table: TABLE.into(),
+        name: SUBNET_SET.into(),
+        set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+        flags: Some([SetFlag::Interval].into_iter().collect()),
+        // An empty set is written without elements (nft refuses an empty list).
+        elem: (!elements.is_empty()).then(|| elements.into()),
+        ..Set::default()
+    }
+}
+
+/// `sorted` without the subnets that lie inside another one (CIDR blocks either nest or
+/// are apart, so after sorting by address and length a contained one follows its
+/// container).
+fn outermost(sorted: Vec<Ipv4Network>) -> Vec<Ipv4Network> {
+    let mut out: Vec<Ipv4Network> = Vec::with_capacity(sorted.len());
+    for subnet in sorted {
+        if !out
+            .last()
+            .is_some_and(|kept| kept.contains(subnet.network()))
+        {
+            out.push(subnet);
+        }
+    }
+    out
 }
 
 /// FNV-1a over the excluded subnets: stable across processes and releases, so a
@@ -488,92 +536,4 @@ fn fingerprint(subnets: &[Ipv4Network]) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rule(network: &str, subnet: &str, mode: EgressMode) -> EgressRule {
-        EgressRule {
-            network: network.into(),
-            vni: 7,
-            subnet: subnet.parse().unwrap(),
-            mode,
-        }
-    }
-
-    #[test]
-    fn one_rule_per_network_in_the_chain_its_mode_needs_sorted_by_name() {
-        let overlay = ["10.1.0.0/16".parse().unwrap()];
-        let desired = DesiredTable::new(
-            &[
-                rule("web", "10.2.0.0/24", EgressMode::None),
-                rule("db", "10.3.0.0/24", EgressMode::Masquerade),
-            ],
-            &overlay,
-        )
-        .unwrap();
-        let chains: Vec<_> = desired.rules.iter().map(|(c, _, _)| *c).collect();
-        assert_eq!(chains, [NAT_CHAIN, FILTER_CHAIN]);
-        assert!(desired.rules[0]
-            .1
-            .starts_with("masquerade db 10.3.0.0/24 vni 7 overlay "));
-        assert!(desired.rules[1]
-            .1
-            .starts_with("none web 10.2.0.0/24 vni 7 overlay "));
-        assert_eq!(comment_network(&desired.rules[1].1), Some("web"));
-    }
-
-    #[test]
-    fn the_fingerprint_follows_the_overlay_subnets_and_not_their_order() {
-        let a: Ipv4Network = "10.1.0.0/16".parse().unwrap();
-        let b: Ipv4Network = "10.2.0.0/24".parse().unwrap();
-        let c: Ipv4Network = "10.2.0.0/25".parse().unwrap();
-        let one = DesiredTable::new(&[rule("n", "10.1.0.0/16", EgressMode::None)], &[a, b]);
-        let same = DesiredTable::new(&[rule("n", "10.1.0.0/16", EgressMode::None)], &[b, a]);
-        let other = DesiredTable::new(&[rule("n", "10.1.0.0/16", EgressMode::None)], &[a, c]);
-        let comment = |d: Result<DesiredTable>| d.unwrap().rules[0].1.clone();
-        let one = comment(one);
-        assert_eq!(one, comment(same));
-        assert_ne!(one, comment(other));
-    }
-
-    #[test]
-    fn a_network_name_that_would_break_the_comment_is_refused() {
-        let error =
-            DesiredTable::new(&[rule("a b", "10.1.0.0/24", EgressMode::None)], &[]).unwrap_err();
-        assert!(matches!(error, EgressError::BadNetworkName { .. }));
-    }
-
-    #[test]
-    fn a_missing_nft_is_an_error_that_names_the_package() {
-        let nat = EgressNat::with_program("/nonexistent/nft");
-        let error = nat.drops().unwrap_err();
-        assert!(matches!(error, EgressError::NftMissing(_)), "{error:?}");
-        assert!(error.to_string().contains("nftables package"));
-    }
-
-    #[test]
-    fn drop_counters_are_read_back_from_nft_json() {
-        let listing: Nftables = serde_json::from_str(
-            r#"{"nftables":[
-              {"metainfo":{"version":"1.0.6","release_name":"x","json_schema_version":1}},
-              {"table":{"family":"ip","name":"overlay_egress","handle":1}},
-              {"chain":{"family":"ip","table":"overlay_egress","name":"forward","handle":2,
-                "type":"filter","hook":"forward","prio":0,"policy":"accept"}},
-              {"rule":{"family":"ip","table":"overlay_egress","chain":"forward","handle":4,
-                "comment":"none web 10.2.0.0/24 vni 7 overlay 0000000000000001",
-                "expr":[{"match":{"op":"==","left":{"payload":{"protocol":"ip","field":"saddr"}},
-                  "right":{"prefix":{"addr":"10.2.0.0","len":24}}}},
-                  {"counter":{"packets":3,"bytes":252}},{"drop":null}]}}]}"#,
-        )
-        .unwrap();
-        let current = CurrentTable::parse(&listing);
-        assert_eq!(current.chains, ["forward"]);
-        assert_eq!(
-            current.drops.get("web"),
-            Some(&DropCount {
-                packets: 3,
-                bytes: 252
-            })
-        );
-    }
-}
+mod tests;
