@@ -137,6 +137,10 @@ pub struct AgentStatus {
     pub store_detail: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
+    /// Whether the agent answers DNS on the gateway addresses (`run`, `attach` and CNI
+    /// then give containers the gateway as their resolver).
+    #[serde(default)]
+    pub dns: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

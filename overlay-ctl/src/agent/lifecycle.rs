@@ -69,6 +69,7 @@ pub async fn run(
         republish: Notify::new(),
         logs,
         local: LocalState::new(&options.state_dir),
+        names: super::names::NameService::new(&options.names),
         options,
     });
 
@@ -242,6 +243,9 @@ impl Agent {
     }
 
     async fn stop(&self) {
+        if let Some(names) = &self.names {
+            names.shutdown().await;
+        }
         let datapath = lock(&self.plane).datapath.take();
         remove_file_logged(
             &control::socket_path(&self.options.state_dir),

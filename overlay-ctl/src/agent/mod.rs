@@ -24,6 +24,7 @@
 //! | [`metrics`] | Prometheus exposition |
 //! | [`logs`] | the agent's log ring |
 //! | [`dns`] | the container-name resolver served on the networks' gateways |
+//! | [`names`] | the agent's resolver: started with the agent, refreshed by every reconcile |
 pub mod apply;
 pub mod control;
 mod control_server;
@@ -34,6 +35,7 @@ pub mod local_state;
 pub mod logs;
 mod membership;
 pub mod metrics;
+pub mod names;
 mod reaping;
 pub mod reconcile;
 mod reconciler;
@@ -130,6 +132,8 @@ pub struct AgentOptions {
     pub gc_grace: Duration,
     /// Where to serve Docker's `overlay-net` driver (None: not served).
     pub docker_plugin: Option<PathBuf>,
+    /// The containers' DNS responder on the gateway addresses.
+    pub names: names::NameOptions,
 }
 
 /// Where this node meets the underlay.
@@ -198,6 +202,8 @@ struct Agent {
     logs: LogBuffer,
     /// This node's records of the endpoints it created (the only thing it acts on).
     local: LocalState,
+    /// The containers' DNS responder (`None`: `--dns off`).
+    names: Option<names::NameService>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

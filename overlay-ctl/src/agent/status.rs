@@ -124,6 +124,7 @@ impl Agent {
             maps,
             metrics_addr: self.options.metrics_addr.clone(),
             docker_plugin: (self.options.docker_plugin.as_ref()).map(|p| p.display().to_string()),
+            dns: self.names.is_some(),
             ..Default::default()
         }
     }
@@ -151,14 +152,18 @@ impl Agent {
         };
         let store_state = lock(&self.identity).trust().name();
         let live = self.status.borrow().clone();
-        Ok(metrics::render(&metrics::Scrape {
+        let mut text = metrics::render(&metrics::Scrape {
             counters: &counters,
             networks: &networks,
             occupancy: &occupancy,
             control: &self.metrics,
             status: &live,
             store_state,
-        }))
+        });
+        if let Some(names) = &self.names {
+            text.push_str(&names.render_metrics());
+        }
+        Ok(text)
     }
 
     /// Summarises traffic in the log when counters moved.

@@ -139,17 +139,20 @@ impl DnsDirectory {
     }
 
     /// Replaces the whole table at once from the store's records: every network, each
-    /// endpoint with a container name under it. Endpoints without a name, or of an unknown
-    /// network, are left out.
+    /// endpoint under its name, the endpoint ID (what `run --name` and `attach --name`
+    /// give; the record's `container` field only describes the container, a command or a
+    /// path). Endpoints of an unknown network, and IDs that are not one DNS label (a dot
+    /// would make `a.b` look like `NAME.NETWORK`), are left out.
     pub fn replace_from_records(&self, networks: &[Network], endpoints: &[Endpoint]) {
         let mut table: BTreeMap<String, NetworkNames> = networks
             .iter()
             .map(|n| (n.name.to_ascii_lowercase(), NetworkNames::new(n.subnet)))
             .collect();
         for endpoint in endpoints {
-            let Some(name) = endpoint.container.as_deref().filter(|n| !n.is_empty()) else {
+            let name = endpoint.id.as_str();
+            if name.is_empty() || name.contains('.') {
                 continue;
-            };
+            }
             if let Some(entry) = table.get_mut(&endpoint.network.to_ascii_lowercase()) {
                 entry.insert(name, endpoint.ip);
             }
