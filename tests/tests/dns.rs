@@ -233,6 +233,8 @@ const OUTSIDE_HOST: u8 = 9;
 /// The only name the outside resolver knows, and its address.
 const OUTSIDE_NAME: &str = "www.example.test.";
 const OUTSIDE_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const NET1_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+const NET2_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 
 /// A fixed-answer resolver on port 53 of an outside namespace (not a node): A for
 /// [`OUTSIDE_NAME`], NXDOMAIN for everything else. Stopped on drop.
@@ -364,6 +366,89 @@ fn metric(node: &Node, series: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
+/// `client` (net1) gets web's A records for `NAME` and `NAME.NETWORK`, its PTR, and
+/// NXDOMAIN for an unknown name; `stranger` (net2) gets NXDOMAIN for both of web's names.
+fn assert_names_of_the_asking_network(
+    client: &Background,
+    stranger: &Background,
+    web_name: &str,
+    web_ip: Ipv4Addr,
+) {
+    let short = ask_from(client, NET1_GATEWAY, &format!("{web_name}."), RecordType::A);
+    assert_eq!(a_records(&short), [web_ip], "{short:?}");
+    let qualified = ask_from(
+        client,
+        NET1_GATEWAY,
+        &format!("{web_name}.net1."),
+        RecordType::A,
+    );
+    assert_eq!(a_records(&qualified), [web_ip], "{qualified:?}");
+    let reverse = ask_from(client, NET1_GATEWAY, &reverse_name(web_ip), RecordType::PTR);
+    assert_eq!(ptr_records(&reverse), [format!("{web_name}.net1.")]);
+
+    let unknown = ask_from(client, NET1_GATEWAY, "nosuch.", RecordType::A);
+    assert_eq!(unknown.metadata.response_code, ResponseCode::NXDomain);
+
+    // net2's container asks its own gateway: net1's names are not its own.
+    for name in [format!("{web_name}."), format!("{web_name}.net1.")] {
+        let answer = ask_from(stranger, NET2_GATEWAY, &name, RecordType::A);
+        assert_eq!(
+            answer.metadata.response_code,
+            ResponseCode::NXDomain,
+            "{name}"
+        );
+        assert!(a_records(&answer).is_empty(), "{name}: {answer:?}");
+    }
+}
+
+/// `attach --netns /run/netns/NAME` gives the namespace the overlay's resolver the `ip netns`
+/// way (`ip netns exec NAME` resolves `web`), and `detach` takes it back.
+fn assert_attached_namespace_resolves(node: &Node, web_name: &str, web_ip: Ipv4Addr) {
+    let attached = TestNs::new("dnsa");
+    let path = attached.ns().path().display().to_string();
+    let name = unique_name("att");
+    node.cli(&["attach", "-n", "net1", "--netns", &path, "--name", &name])
+        .ok();
+    let resolv_dir = Path::new("/etc/netns").join(attached.name());
+    let _cleanup = ResolvConfGuard(attached.name().to_owned());
+    assert!(
+        resolv_dir.join("resolv.conf").exists(),
+        "attach wrote no resolv.conf"
+    );
+    let found = getent_hosts(attached.name(), web_name).expect("web resolves after attach");
+    assert!(found.starts_with(&format!("{web_ip} ")), "{found}");
+    node.cli(&["detach", "-n", "net1", &name]).ok();
+    assert!(
+        !resolv_dir.exists(),
+        "detach left {} behind",
+        resolv_dir.display()
+    );
+}
+
+/// Stops `web` and checks its name stops resolving for `client` within
+/// [`FORGET_DEADLINE`], and that its resolv.conf went with it.
+fn assert_forgotten_when_stopped(web: Background, web_name: &str, client: &Background) {
+    let web_netns = web.netns.clone();
+    web.stop();
+    let stopped = Instant::now();
+    wait_until(
+        &format!("{web_name} to stop resolving"),
+        FORGET_DEADLINE,
+        || {
+            let answer = ask_from(client, NET1_GATEWAY, &format!("{web_name}."), RecordType::A);
+            answer.metadata.response_code == ResponseCode::NXDomain
+        },
+    );
+    eprintln!(
+        "{web_name} stopped resolving {:?} after its run ended",
+        stopped.elapsed()
+    );
+    assert!(
+        !Path::new("/etc/netns").join(&web_netns).exists(),
+        "run left /etc/netns/{web_netns} behind"
+    );
+}
+
 #[test]
 fn run_containers_resolve_names_across_hosts_within_their_network() {
     require_root();
@@ -385,8 +470,6 @@ fn run_containers_resolve_names_across_hosts_within_their_network() {
     nodes[0]
         .cli(&["network", "create", "net2", "10.200.0.0/24"])
         .ok();
-    let net1_gateway = Ipv4Addr::new(10, 100, 0, 1);
-    let net2_gateway = Ipv4Addr::new(10, 200, 0, 1);
 
     let web_name = unique_name("web");
     let web = nodes[1].spawn_run("net1", &web_name, &["sleep", "120"]);
@@ -411,74 +494,18 @@ fn run_containers_resolve_names_across_hosts_within_their_network() {
         net1_dir.join("resolv.conf").exists()
     });
 
-    let short = ask_from(
-        &client,
-        net1_gateway,
-        &format!("{web_name}."),
-        RecordType::A,
-    );
-    assert_eq!(a_records(&short), [web_ip], "{short:?}");
-    let qualified = ask_from(
-        &client,
-        net1_gateway,
-        &format!("{web_name}.net1."),
-        RecordType::A,
-    );
-    assert_eq!(a_records(&qualified), [web_ip], "{qualified:?}");
-    let reverse = ask_from(
-        &client,
-        net1_gateway,
-        &reverse_name(web_ip),
-        RecordType::PTR,
-    );
-    assert_eq!(ptr_records(&reverse), [format!("{web_name}.net1.")]);
-
-    let unknown = ask_from(&client, net1_gateway, "nosuch.", RecordType::A);
-    assert_eq!(unknown.metadata.response_code, ResponseCode::NXDomain);
-
-    // net2's container asks its own gateway: net1's names are not its own.
-    for name in [format!("{web_name}."), format!("{web_name}.net1.")] {
-        let answer = ask_from(&stranger, net2_gateway, &name, RecordType::A);
-        assert_eq!(
-            answer.metadata.response_code,
-            ResponseCode::NXDomain,
-            "{name}"
-        );
-        assert!(a_records(&answer).is_empty(), "{name}: {answer:?}");
-    }
+    assert_names_of_the_asking_network(&client, &stranger, &web_name, web_ip);
+    assert_attached_namespace_resolves(&nodes[0], &web_name, web_ip);
 
     // Outside the overlay: forwarded to the resolver given with --dns-upstream.
-    let forwarded = ask_from(&client, net1_gateway, OUTSIDE_NAME, RecordType::A);
+    let forwarded = ask_from(&client, NET1_GATEWAY, OUTSIDE_NAME, RecordType::A);
     assert_eq!(a_records(&forwarded), [OUTSIDE_ADDRESS], "{forwarded:?}");
     assert!(upstream.asked.load(Ordering::Relaxed) >= 1);
     assert!(metric(&nodes[0], "overlay_dns_queries_total{result=\"forwarded\"}") >= Some(1));
     assert!(metric(&nodes[0], "overlay_dns_queries_total{result=\"nxdomain\"}") >= Some(1));
 
     // A removed container's name goes within a second of its `run` ending.
-    let web_netns = web.netns.clone();
-    web.stop();
-    let stopped = Instant::now();
-    wait_until(
-        &format!("{web_name} to stop resolving"),
-        FORGET_DEADLINE,
-        || {
-            let answer = ask_from(
-                &client,
-                net1_gateway,
-                &format!("{web_name}."),
-                RecordType::A,
-            );
-            answer.metadata.response_code == ResponseCode::NXDomain
-        },
-    );
-    eprintln!(
-        "{web_name} stopped resolving {:?} after its run ended",
-        stopped.elapsed()
-    );
-    assert!(
-        !Path::new("/etc/netns").join(&web_netns).exists(),
-        "run left /etc/netns/{web_netns} behind"
-    );
+    assert_forgotten_when_stopped(web, &web_name, &client);
     drop(client);
     wait_until(
         "the client's resolv.conf removed",
