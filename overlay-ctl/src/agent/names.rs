@@ -12,7 +12,7 @@
 //! only exists while a container of that network runs here, and a listener (re)bound in
 //! the same run that plumbs the first container must not depend on that order.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
     sync::atomic::{AtomicUsize, Ordering},
@@ -62,14 +62,17 @@ impl NameService {
         })
     }
 
-    /// Makes the name table equal to `state` (every endpoint of the cluster, as this run
-    /// applies it) and listens on the gateway of every network with an endpoint on `node`.
-    /// A bind that fails is logged and tried again by the next run.
+    /// Listens on the gateway of every network with an endpoint on `node` and makes the
+    /// name table equal to `state` (the cluster's endpoints, as this run applies them)
+    /// for those networks. A bind that fails is logged and tried again by the next run.
     pub(super) async fn refresh(&self, state: &ClusterState, node: &str) {
+        let wanted = gateways_with_local_endpoints(state, node);
+        let served: BTreeSet<&str> = wanted.values().map(String::as_str).collect();
         self.server
             .directory()
-            .replace_from_records(&state.networks, &state.endpoints);
-        let wanted = gateways_with_local_endpoints(state, node);
+            .replace_served(&state.networks, &state.endpoints, |network| {
+                served.contains(network)
+            });
         for error in self.server.set_listeners(&wanted).await {
             warn!(%error, "cannot serve container names on a gateway; retried next reconcile");
         }

@@ -301,6 +301,26 @@ fn the_directory_follows_the_store_records() {
         directory.resolve_reverse("net1", IpAddr::V4(Ipv4Addr::new(10, 1, 0, 6))),
         Resolution::NotFound
     );
+    // Only the served networks' names are kept; the others still count as overlay names.
+    let both = [
+        network("net1", "10.1.0.0/24", "10.1.0.1"),
+        network("net2", "10.2.0.0/24", "10.2.0.1"),
+    ];
+    let records = [
+        endpoint("net1", "10.1.0.5", "web"),
+        endpoint("net2", "10.2.0.5", "db"),
+    ];
+    directory.replace_served(&both, &records, |n| n == "net2");
+    assert_eq!(directory.resolve("net1", "web"), Resolution::NotFound);
+    assert_eq!(directory.resolve("net1", "web.net1"), Resolution::NotFound);
+    assert_eq!(
+        directory.resolve("net2", "db"),
+        Resolution::Address(Ipv4Addr::new(10, 2, 0, 5))
+    );
+    assert_eq!(
+        directory.resolve_reverse("net2", IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5))),
+        Resolution::NotFound
+    );
     directory.replace_from_records(&[], &[]);
     assert_eq!(directory.resolve("net1", "web.net1"), Resolution::Outside);
 }
