@@ -136,6 +136,7 @@ impl<'a> ContainerRun<'a> {
             }
             Err(source) => {
                 let left = self.session.leave(&self.joined.endpoint).await;
+                self.remove_resolv_conf();
                 if left.is_ok() && self.netns.delete().is_ok() {
                     self.session.close();
                 }
@@ -178,6 +179,16 @@ impl<'a> ContainerRun<'a> {
         status
     }
 
+    /// Removes the resolv.conf [`Self::start`] wrote; a failure is logged, not fatal (the
+    /// container's other resources must still go).
+    fn remove_resolv_conf(&self) {
+        if self.resolv_conf.is_some() {
+            if let Err(e) = dns::remove_netns_resolv_conf(self.netns.name()) {
+                warn!(error = %e, "cannot remove the container's resolv.conf");
+            }
+        }
+    }
+
     /// Removes the container: its service, its endpoint, its namespace, and the record
     /// last, once everything else is gone (the agent leaves a record alone while its
     /// owner lives).
@@ -194,12 +205,8 @@ impl<'a> ContainerRun<'a> {
             }
         }
         let left = self.session.leave(&self.joined.endpoint).await;
+        self.remove_resolv_conf();
         let netns_name = self.netns.name().to_string();
-        if self.resolv_conf.is_some() {
-            if let Err(e) = dns::remove_netns_resolv_conf(&netns_name) {
-                warn!(error = %e, "cannot remove the container's resolv.conf");
-            }
-        }
         let deleted = self.netns.delete();
         if left.is_ok() && deleted.is_ok() {
             self.session.close();
