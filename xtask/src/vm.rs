@@ -758,6 +758,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "egress",
         "the egress NAT is applied through Debian's nft, which the busybox guest does not have",
     ),
+    (
+        "dns",
+        "asks through the C library (`ip netns exec`, getent) and runs agent and CLI processes like cluster",
+    ),
 ];
 
 /// The static executables a guest runs.
