@@ -113,7 +113,12 @@ fn add_check_del_and_a_second_add() {
         result["routes"],
         json!([{"dst": "0.0.0.0/0", "gw": "10.100.0.1"}])
     );
-    assert!(result["dns"].is_object(), "{result:#}");
+    // No `dns` in the config: the result names the agent's responder on the gateway.
+    assert_eq!(
+        result["dns"],
+        json!({"nameservers": [GATEWAY.to_string()], "domain": "net1", "search": ["net1"]}),
+        "{result:#}"
+    );
     // The MAC in the result is the container interface's, derived from its address.
     let o = ip.octets();
     assert_eq!(

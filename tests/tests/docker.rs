@@ -9,7 +9,7 @@
 //! One scenario, in order: `docker network create` on both hosts (the first creates the
 //! cluster network, the second maps to it by subnet), `docker network inspect`,
 //! `docker run --network net1` on both (one with `--ip`), ping and 1 MB over HTTP both
-//! ways, `docker restart`, each refusal seen in the `docker` command's own output
+//! ways, a cluster name resolved through `docker run --dns GATEWAY`, `docker restart`, each refusal seen in the `docker` command's own output
 //! (overlapping subnet, taken address, exhausted pool, unknown network) leaving nothing
 //! behind, and `docker rm -f` plus `docker network rm` leaving no KV key, map entry or
 //! veth.
@@ -22,7 +22,7 @@ use overlay_tests::{
     docker::{
         assert_contains, assert_ok, docker_plugin_dir, start_agent, DockerHost, DRIVER, IMAGE,
     },
-    harness::{require_root, wait_until},
+    harness::{require_root, unique_name, wait_until},
     topology::Underlay,
 };
 
@@ -126,6 +126,7 @@ fn docker_containers_on_two_hosts_reach_each_other() {
     check_concurrent_create(&consul, &hosts);
     check_network_refusals(&consul, &hosts);
     let (ip1, ip2) = start_containers(&hosts);
+    check_names(&nodes, &hosts);
     check_restarts(&consul, &mut nodes, &mut hosts, &ip1, &ip2);
     check_taken_address(&consul, &nodes, &hosts);
 
@@ -329,6 +330,34 @@ fn start_containers(hosts: &[DockerHost]) -> (String, String) {
     check_path(&hosts[0], "c1", &hosts[1], "c2", &ip2);
     check_path(&hosts[1], "c2", &hosts[0], "c1", &ip1);
     (ip1, ip2)
+}
+
+/// Names through the documented `docker run --dns GATEWAY --dns-search NETWORK`: Docker's
+/// embedded resolver forwards what it does not know, from the container's namespace, to
+/// the gateway's responder, which knows the cluster's `run` containers on every host.
+fn check_names(nodes: &[Node], hosts: &[DockerHost]) {
+    let name = unique_name("web");
+    let _web = nodes[1].spawn_run("net1", &name, &["sleep", "120"]);
+    let ip = nodes[1].wait_endpoint("net1", &name);
+    let out = hosts[0].docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "net1",
+        "--dns",
+        "10.100.0.1",
+        "--dns-search",
+        "net1",
+        IMAGE,
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "5",
+        &name,
+    ]);
+    assert_ok(&format!("ping {name} from a Docker container"), &out);
+    assert_contains(&String::from_utf8_lossy(&out.stdout), &ip.to_string());
 }
 
 /// A dockerd restart (--live-restore) and an agent restart: the containers keep their

@@ -201,7 +201,13 @@ fn a_store_that_lost_its_data_gets_the_port_back_and_no_node_changes_port() {
     let (mut consul, nodes) = two_nodes(
         &underlay,
         &["--vxlan-port", "8472"],
-        &["--session-ttl", "3s", "--dev-store", "--resync-interval", "1s"],
+        &[
+            "--session-ttl",
+            "3s",
+            "--dev-store",
+            "--resync-interval",
+            "1s",
+        ],
     );
     wait_applied(&nodes, 8472);
     for node in &nodes {

@@ -152,6 +152,10 @@ pub struct AgentStatus {
     /// The egress nftables table: each network's mode, drops of `none` networks.
     #[serde(default)]
     pub egress: crate::agent::egress::EgressStatus,
+    /// Whether the agent answers DNS on the gateway addresses (`run`, `attach` and CNI
+    /// then give containers the gateway as their resolver).
+    #[serde(default)]
+    pub dns: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

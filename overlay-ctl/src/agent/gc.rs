@@ -224,6 +224,10 @@ pub async fn collect_local(
             })?;
             removed.push(format!("namespace {name}"));
         }
+        // The resolv.conf `run` wrote for it (a killed `run` could not remove it).
+        if let Err(e) = crate::agent::dns::remove_netns_resolv_conf(&name) {
+            warn!(error = %e, "cannot remove the container's resolv.conf");
+        }
     }
     // Then its entries: only those naming this node and this endpoint.
     if let Some(entry) = store.get_endpoint(&record.network, &record.id).await? {

@@ -84,6 +84,7 @@ pub async fn run(
         logs,
         local: LocalState::new(&options.state_dir),
         egress: Default::default(),
+        names: super::names::NameService::new(&options.names),
         options,
     });
 
@@ -237,6 +238,9 @@ impl Agent {
     }
 
     async fn stop(&self) {
+        if let Some(names) = &self.names {
+            names.shutdown().await;
+        }
         let datapath = lock(&self.plane).datapath.take();
         remove_file_logged(
             &control::socket_path(&self.options.state_dir),

@@ -26,6 +26,7 @@
 //! | [`logs`] | the agent's log ring |
 //! | [`dns`] | the container-name resolver served on the networks' gateways |
 //! | [`egress`] | the egress nftables table kept in step with the networks |
+//! | [`names`] | the agent's resolver: started with the agent, refreshed by every reconcile |
 pub mod apply;
 pub mod control;
 mod control_server;
@@ -38,6 +39,7 @@ pub mod logs;
 mod membership;
 pub mod metrics;
 pub mod mtu;
+pub mod names;
 mod reaping;
 pub mod reconcile;
 mod reconciler;
@@ -134,6 +136,8 @@ pub struct AgentOptions {
     pub gc_grace: Duration,
     /// Where to serve Docker's `overlay-net` driver (None: not served).
     pub docker_plugin: Option<PathBuf>,
+    /// The containers' DNS responder on the gateway addresses.
+    pub names: names::NameOptions,
 }
 
 /// Where this node meets the underlay.
@@ -206,6 +210,8 @@ struct Agent {
     /// The egress nftables table. The one lock held while another is taken: `cluster`'s,
     /// briefly, to read the networks (never the other way round).
     egress: Mutex<EgressState>,
+    /// The containers' DNS responder (`None`: `--dns off`).
+    names: Option<names::NameService>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -149,6 +149,9 @@ impl Agent {
         }
         let records = self.local_records();
         let cluster = self.narrow_to_local_records(cluster, &records);
+        if let Some(names) = &self.names {
+            names.refresh(&cluster, self.node()).await;
+        }
         let veths = self.local_veths(&cluster).await?;
         let local = LocalNode {
             name: self.node().to_string(),

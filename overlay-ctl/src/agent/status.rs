@@ -153,6 +153,7 @@ impl Agent {
             maps,
             metrics_addr: self.options.metrics_addr.clone(),
             docker_plugin: (self.options.docker_plugin.as_ref()).map(|p| p.display().to_string()),
+            dns: self.names.is_some(),
             ..Default::default()
         }
     }
@@ -181,7 +182,7 @@ impl Agent {
         let store_state = lock(&self.identity).trust().name();
         let egress = self.egress_status();
         let live = self.status.borrow().clone();
-        Ok(metrics::render(&metrics::Scrape {
+        let mut text = metrics::render(&metrics::Scrape {
             counters: &counters,
             networks: &networks,
             occupancy: &occupancy,
@@ -189,7 +190,11 @@ impl Agent {
             status: &live,
             store_state,
             egress: &egress,
-        }))
+        });
+        if let Some(names) = &self.names {
+            text.push_str(&names.render_metrics());
+        }
+        Ok(text)
     }
 
     /// Summarises traffic in the log when counters moved.

@@ -1,7 +1,7 @@
 //! `overlay-ctl agent`: the node agent in the foreground, and `agent logs`.
 use anyhow::Context as _;
 
-use super::args::{AgentArgs, DockerPluginMode, Global};
+use super::args::{AgentArgs, DockerPluginMode, Global, OnOff};
 use crate::{
     agent::control::AgentClient,
     agent::logs::LogBuffer,
@@ -59,6 +59,10 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
         gc_interval: args.gc_interval,
         gc_grace: args.gc_grace,
         docker_plugin,
+        names: agent::names::NameOptions {
+            enabled: args.dns == OnOff::On,
+            upstreams: args.dns_upstreams.clone(),
+        },
     };
     let companions: Vec<Box<dyn agent::Companion>> = match &options.docker_plugin {
         Some(socket) => vec![Box::new(DockerDriverServer::new(

@@ -233,6 +233,31 @@ pub struct AgentArgs {
     /// Where Docker looks for plugin sockets.
     #[arg(long, default_value = "/run/docker/plugins")]
     pub docker_plugin_dir: PathBuf,
+    /// Answer the containers' DNS queries on each network's gateway address (port 53):
+    /// `NAME` and `NAME.NETWORK` of the asking container's network, everything else
+    /// forwarded upstream. `off` leaves port 53 alone.
+    #[arg(long, value_enum, default_value = "on")]
+    pub dns: OnOff,
+    /// Forward names outside the overlay to this resolver (repeat for more, tried in
+    /// order; `IP` or `IP:PORT`) [default: the nameservers of /etc/resolv.conf].
+    #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = parse_resolver_addr)]
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// A resolver address: `IP:PORT`, or `IP` for port 53.
+fn parse_resolver_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(|ip| std::net::SocketAddr::new(ip, crate::agent::dns::server::DNS_PORT))
+        .map_err(|_| format!("{text:?} is not IP or IP:PORT"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

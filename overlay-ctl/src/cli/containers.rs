@@ -14,14 +14,16 @@ use super::{
     output::{print_table, warn_rejected},
 };
 use crate::{
+    agent::dns::{self, ContainerDns},
     agent::local_state::LocalState,
+    dataplane::netns::NETNS_RUN_DIR,
     runtimes::{
         command::{self, RunSignals},
         container::{self, Context, JoinSpec},
         run::{self, ContainerRun, RunRequest},
         session,
     },
-    store::records::RecordKind,
+    store::{records::RecordKind, Network},
 };
 
 /// The arguments of `run`.
@@ -102,7 +104,10 @@ pub async fn attach(
         keep_existing_default_route: true,
         netns_name: None,
     };
-    let joined = session::attach(&ctx, path, &spec).await?;
+    let joined = session::attach(&ctx, path.clone(), &spec).await?;
+    if ctx.status.dns {
+        give_named_netns_resolver(&path, &joined.network);
+    }
     println!(
         "{} {} {}/{}",
         joined.endpoint.id,
@@ -111,6 +116,51 @@ pub async fn attach(
         joined.network.subnet.prefix()
     );
     Ok(())
+}
+
+/// The `ip netns` name of a namespace given as `/run/netns/NAME`.
+fn named_netns(path: &Path) -> Option<&str> {
+    if path.parent()? != Path::new(NETNS_RUN_DIR) {
+        return None;
+    }
+    path.file_name()?.to_str()
+}
+
+/// A named namespace gets the network's resolver the `ip netns` way
+/// (`/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` binds over
+/// /etc/resolv.conf); other namespaces' resolvers are their runtime's business.
+fn give_named_netns_resolver(path: &Path, network: &Network) {
+    let Some(name) = named_netns(path) else {
+        return;
+    };
+    let settings = ContainerDns::new(network.gateway, &network.name);
+    match dns::write_netns_resolv_conf(name, &settings) {
+        Ok(file) => eprintln!(
+            "overlay: {} names {} as the resolver (search {})",
+            file.display(),
+            network.gateway,
+            network.name
+        ),
+        Err(e) => eprintln!("overlay: warning: {e}"),
+    }
+}
+
+/// Removes what [`give_named_netns_resolver`] wrote for `network` (a resolv.conf written
+/// by a later attach to another network is that network's).
+fn remove_named_netns_resolver(container: Option<&str>, network: &str) {
+    let Some(name) = container.map(Path::new).and_then(named_netns) else {
+        return;
+    };
+    let file = Path::new(dns::container::NETNS_ETC_DIR)
+        .join(name)
+        .join("resolv.conf");
+    let ours = std::fs::read_to_string(&file)
+        .is_ok_and(|text| text.lines().any(|l| l == format!("search {network}")));
+    if ours {
+        if let Err(e) = dns::remove_netns_resolv_conf(name) {
+            eprintln!("overlay: warning: {e}");
+        }
+    }
 }
 
 /// The endpoint name of an attachment started without `--name`.
@@ -137,6 +187,7 @@ pub async fn detach(
     let netns: Option<PathBuf> = container::netns_path(target.netns.clone(), target.pid);
     let endpoint = session::find_attached(&ctx, network, name, netns).await?;
     session::remove(&ctx, &endpoint, true).await?;
+    remove_named_netns_resolver(endpoint.container.as_deref(), network);
     println!("{} detached", endpoint.id);
     Ok(())
 }

@@ -29,6 +29,7 @@ use tracing::{info, warn};
 use super::cni::{self, code, CniError, Command, Config, Invocation};
 use crate::{
     agent::control::{AgentClient, ControlError, DEFAULT_STATE_DIR},
+    agent::dns::{cni_dns, ContainerDns},
     agent::local_state::{self, LocalState, LocalStateError},
     dataplane::netlink::{self, NetlinkError},
     dataplane::netns::NetNs,
@@ -392,6 +393,12 @@ async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
         ip = %joined.endpoint.ip,
         "ADD: attached"
     );
+    // The network's configured `dns` wins; else, when the agent serves names, the
+    // gateway's responder (a runtime that writes resolv.conf from the result uses it).
+    let served_dns = ctx.status.dns.then(|| {
+        let settings = ContainerDns::new(joined.network.gateway, &joined.network.name);
+        cni_dns(&settings)
+    });
     Ok(cni::add_result(
         &config.conf.cni_version,
         &cni::Attachment {
@@ -405,7 +412,7 @@ async fn add(inv: &Invocation, config: &Config) -> Result<Value, CniError> {
             gateway: joined.network.gateway,
             default_route: inside.default_gateway == Some(joined.network.gateway),
         },
-        config.conf.dns.as_ref(),
+        config.conf.dns.as_ref().or(served_dns.as_ref()),
         config.conf.prev_result.as_ref(),
     ))
 }

@@ -3,8 +3,10 @@
 //! the termination signals passed on ([`RunSignals`], [`wait_passing_signals`]), and
 //! its exit status turned into the code a shell would report ([`exit_code`]).
 use std::{
+    ffi::CString,
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::unix::ffi::OsStrExt as _,
     path::Path,
     process::ExitStatus,
 };
@@ -12,7 +14,7 @@ use std::{
 use tracing::debug;
 
 use super::container::{ContainerError, Result};
-use crate::agent::local_state::ProcessId;
+use crate::agent::{dns::forward::SYSTEM_RESOLV_CONF, local_state::ProcessId};
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ContainerError {
     let what = what.into();
@@ -55,14 +57,21 @@ fn read_full(fd: RawFd, buf: &mut [u8]) -> bool {
 /// node's record does not name, so the agent never reaps a container whose command
 /// lives, nor keeps one whose command is gone. Blocks the calling worker thread while
 /// the command starts.
+///
+/// With `resolv_conf`, the command also gets a mount namespace of its own in which that
+/// file is bind-mounted over `/etc/resolv.conf` (what `ip netns exec` does with
+/// `/etc/netns/NETNS/resolv.conf`), so its resolver is the overlay's and the host's
+/// file stays as it is.
 pub fn spawn_recorded(
     netns: &Path,
+    resolv_conf: Option<&Path>,
     command: &[String],
     record: impl FnOnce(ProcessId) -> Result<()>,
 ) -> Result<tokio::process::Child> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| io_err("no command")(io::ErrorKind::InvalidInput.into()))?;
+    let resolv_mount = resolv_conf.map(ResolvConfMount::new).transpose()?;
     let ns_file =
         std::fs::File::open(netns).map_err(io_err(format!("open {}", netns.display())))?;
     let (pid_read, pid_write) = pipe().map_err(io_err("pipe"))?;
@@ -75,8 +84,8 @@ pub fn spawn_recorded(
     );
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
-    // SAFETY: only async-signal-safe calls (close, getpid, write, read, setns) run
-    // between fork and exec, on descriptors this function keeps open until then.
+    // SAFETY: only async-signal-safe calls (close, getpid, write, read, setns, unshare,
+    // mount) run between fork and exec, on descriptors this function keeps open until then.
     unsafe {
         cmd.pre_exec(move || {
             libc::close(go_write_fd);
@@ -91,7 +100,10 @@ pub fn spawn_recorded(
             if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            match &resolv_mount {
+                Some(mount) => mount.apply(),
+                None => Ok(()),
+            }
         });
     }
     let runtime = tokio::runtime::Handle::current();
@@ -114,6 +126,58 @@ pub fn spawn_recorded(
     drop((ns_file, go_read));
     recorded?;
     spawned.map_err(io_err(format!("cannot start {program:?}")))
+}
+
+/// A container's own resolv.conf, bind-mounted over the host's in a new mount namespace.
+/// The paths are turned into C strings before the fork: nothing is allocated after it.
+struct ResolvConfMount {
+    source: CString,
+    target: CString,
+}
+
+impl ResolvConfMount {
+    fn new(source: &Path) -> Result<Self> {
+        let c_string = |path: &Path| {
+            CString::new(path.as_os_str().as_bytes())
+                .map_err(|e| io_err(format!("path {}", path.display()))(io::Error::other(e)))
+        };
+        Ok(Self {
+            source: c_string(source)?,
+            target: c_string(Path::new(SYSTEM_RESOLV_CONF))?,
+        })
+    }
+
+    /// Runs in the child between fork and exec (async-signal-safe system calls only).
+    fn apply(&self) -> io::Result<()> {
+        let check = |rc: libc::c_int| {
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        // SAFETY: plain system calls on NUL-terminated strings that outlive them.
+        unsafe {
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            // The host's `/` is usually a shared mount: made a slave, the container's
+            // copy receives the host's later mounts but sends none back, so the bind
+            // below stays the container's.
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_SLAVE | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                self.source.as_ptr(),
+                self.target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))
+        }
+    }
 }
 
 /// The parent's side of [`spawn_recorded`]: reads the child's pid, records it, and lets

@@ -3,7 +3,11 @@
 //! steps: [`start`](ContainerRun::start) (validate, record, namespace, join),
 //! [`wait`](ContainerRun::wait) (start the command once recorded, pass signals on) and
 //! [`teardown`](ContainerRun::teardown) (service, endpoint, namespace, record last).
-use std::{net::Ipv4Addr, process::ExitStatus};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::ExitStatus,
+};
 
 use tracing::warn;
 
@@ -14,6 +18,7 @@ use super::{
 };
 use crate::{
     agent::control::AgentStatus,
+    agent::dns::{self, forward::SYSTEM_RESOLV_CONF, ContainerDns},
     agent::local_state::{self, Kind},
     dataplane::netns::NetNs,
     store::consul::AgentService,
@@ -59,6 +64,9 @@ pub struct ContainerRun<'a> {
     command: Vec<String>,
     /// The catalog service registered for it, if any.
     service_id: Option<String>,
+    /// The container's own resolv.conf (`/etc/netns/NETNS/resolv.conf`), when the
+    /// agent serves names.
+    resolv_conf: Option<PathBuf>,
 }
 
 impl<'a> ContainerRun<'a> {
@@ -91,6 +99,11 @@ impl<'a> ContainerRun<'a> {
         crate::testhook::pause("netns");
         match session.start(Target::Netns(&netns), &spec).await {
             Ok(joined) => Ok(Self {
+                resolv_conf: ctx
+                    .status
+                    .dns
+                    .then(|| resolv_conf(&netns_name, &joined))
+                    .flatten(),
                 session,
                 netns,
                 joined,
@@ -132,6 +145,7 @@ impl<'a> ContainerRun<'a> {
             }
             Err(source) => {
                 let left = self.session.leave(&self.joined.endpoint).await;
+                self.remove_resolv_conf();
                 if left.is_ok() && self.netns.delete().is_ok() {
                     self.session.close();
                 }
@@ -152,10 +166,15 @@ impl<'a> ContainerRun<'a> {
             )),
             None => {
                 let session = &mut self.session;
-                let spawned = command::spawn_recorded(self.netns.path(), &self.command, |pid| {
-                    crate::testhook::pause("spawned");
-                    session.record_command(pid)
-                });
+                let spawned = command::spawn_recorded(
+                    self.netns.path(),
+                    self.resolv_conf.as_deref(),
+                    &self.command,
+                    |pid| {
+                        crate::testhook::pause("spawned");
+                        session.record_command(pid)
+                    },
+                );
                 match spawned {
                     Ok(child) => {
                         crate::testhook::pause("started");
@@ -167,6 +186,16 @@ impl<'a> ContainerRun<'a> {
         };
         crate::testhook::pause("exited");
         status
+    }
+
+    /// Removes the resolv.conf [`Self::start`] wrote; a failure is logged, not fatal (the
+    /// container's other resources must still go).
+    fn remove_resolv_conf(&self) {
+        if self.resolv_conf.is_some() {
+            if let Err(e) = dns::remove_netns_resolv_conf(self.netns.name()) {
+                warn!(error = %e, "cannot remove the container's resolv.conf");
+            }
+        }
     }
 
     /// Removes the container: its service, its endpoint, its namespace, and the record
@@ -181,6 +210,7 @@ impl<'a> ContainerRun<'a> {
             }
         }
         let left = self.session.leave(&self.joined.endpoint).await;
+        self.remove_resolv_conf();
         let netns_name = self.netns.name().to_string();
         let deleted = self.netns.delete();
         if left.is_ok() && deleted.is_ok() {
@@ -192,6 +222,20 @@ impl<'a> ContainerRun<'a> {
             source,
         })
     }
+}
+
+/// Writes the container's resolv.conf (its network's gateway as the nameserver, the
+/// network as the search domain). Without it (no /etc/resolv.conf on the host to bind it
+/// over, or the write failed: both logged) the container keeps the host's resolver.
+fn resolv_conf(netns_name: &str, joined: &Joined) -> Option<PathBuf> {
+    if !Path::new(SYSTEM_RESOLV_CONF).exists() {
+        warn!("no {SYSTEM_RESOLV_CONF} on this host to bind the container's resolver over; overlay names will not resolve in it");
+        return None;
+    }
+    let settings = ContainerDns::new(joined.network.gateway, &joined.network.name);
+    dns::write_netns_resolv_conf(netns_name, &settings)
+        .inspect_err(|e| warn!(error = %e, "the container keeps the host's resolver"))
+        .ok()
 }
 
 /// The agent registration of a container's service.

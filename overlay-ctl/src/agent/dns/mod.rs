@@ -139,19 +139,47 @@ impl DnsDirectory {
     }
 
     /// Replaces the whole table at once from the store's records: every network, each
-    /// endpoint with a container name under it. Endpoints without a name, or of an unknown
-    /// network, are left out.
+    /// endpoint under its name, the endpoint ID (what `run --name` and `attach --name`
+    /// give; the record's `container` field only describes the container, a command or a
+    /// path). Endpoints of an unknown network, and IDs that are not one DNS label (a dot
+    /// would make `a.b` look like `NAME.NETWORK`), are left out.
     pub fn replace_from_records(&self, networks: &[Network], endpoints: &[Endpoint]) {
+        self.replace_served(networks, endpoints, |_| true);
+    }
+
+    /// [`Self::replace_from_records`] keeping only the names of the networks `served`
+    /// accepts (those with a listener: names are only ever answered to their own
+    /// network). Every network's name and subnet stays, so `X.OTHER` and other networks'
+    /// reverse names are still NXDOMAIN rather than forwarded. A node serving no network
+    /// then pays nothing for a cluster's thousands of endpoints at every reconcile.
+    pub fn replace_served(
+        &self,
+        networks: &[Network],
+        endpoints: &[Endpoint],
+        served: impl Fn(&str) -> bool,
+    ) {
         let mut table: BTreeMap<String, NetworkNames> = networks
             .iter()
             .map(|n| (n.name.to_ascii_lowercase(), NetworkNames::new(n.subnet)))
             .collect();
-        for endpoint in endpoints {
-            let Some(name) = endpoint.container.as_deref().filter(|n| !n.is_empty()) else {
-                continue;
-            };
-            if let Some(entry) = table.get_mut(&endpoint.network.to_ascii_lowercase()) {
-                entry.insert(name, endpoint.ip);
+        let wanted: Vec<String> = networks
+            .iter()
+            .filter(|n| served(&n.name))
+            .map(|n| n.name.to_ascii_lowercase())
+            .collect();
+        if !wanted.is_empty() {
+            for endpoint in endpoints {
+                let name = endpoint.id.as_str();
+                if name.is_empty() || name.contains('.') {
+                    continue;
+                }
+                let network = endpoint.network.to_ascii_lowercase();
+                if !wanted.contains(&network) {
+                    continue;
+                }
+                if let Some(entry) = table.get_mut(&network) {
+                    entry.insert(name, endpoint.ip);
+                }
             }
         }
         *self.write() = table;

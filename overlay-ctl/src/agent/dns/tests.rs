@@ -270,11 +270,11 @@ fn the_directory_follows_the_store_records() {
         }))
         .unwrap()
     };
-    let endpoint = |network: &str, ip: &str, container: Option<&str>| -> Endpoint {
+    let endpoint = |network: &str, ip: &str, id: &str| -> Endpoint {
         serde_json::from_value(json!({
-            "id": format!("ep-{ip}"), "network": network, "ip": ip,
+            "id": id, "network": network, "ip": ip,
             "mac": "02:00:00:00:00:01", "node": "n1", "vtep": "192.168.0.1",
-            "ifname": "eth0", "container": container,
+            "ifname": "eth0", "container": "sleep 100",
         }))
         .unwrap()
     };
@@ -282,20 +282,43 @@ fn the_directory_follows_the_store_records() {
     directory.replace_from_records(
         &[network("net1", "10.1.0.0/24", "10.1.0.1")],
         &[
-            endpoint("net1", "10.1.0.5", Some("Web")),
-            endpoint("net1", "10.1.0.6", None),
-            endpoint("gone", "10.9.0.6", Some("orphan")),
+            endpoint("net1", "10.1.0.5", "Web"),
+            endpoint("net1", "10.1.0.6", "dotted.name"),
+            endpoint("gone", "10.9.0.6", "orphan"),
         ],
     );
     assert_eq!(directory.networks(), ["net1"]);
     assert_eq!(directory.resolve("net1", "web"), Resolution::Address(WEB));
+    // The record's `container` (a command) is a description, not a name.
+    assert_eq!(directory.resolve("net1", "sleep"), Resolution::NotFound);
     assert_eq!(directory.resolve("net1", "orphan"), Resolution::NotFound);
     assert_eq!(
         directory.resolve("net1", "example.com."),
         Resolution::Outside
     );
+    // A dotted ID is not served (it would read as NAME.NETWORK).
     assert_eq!(
         directory.resolve_reverse("net1", IpAddr::V4(Ipv4Addr::new(10, 1, 0, 6))),
+        Resolution::NotFound
+    );
+    // Only the served networks' names are kept; the others still count as overlay names.
+    let both = [
+        network("net1", "10.1.0.0/24", "10.1.0.1"),
+        network("net2", "10.2.0.0/24", "10.2.0.1"),
+    ];
+    let records = [
+        endpoint("net1", "10.1.0.5", "web"),
+        endpoint("net2", "10.2.0.5", "db"),
+    ];
+    directory.replace_served(&both, &records, |n| n == "net2");
+    assert_eq!(directory.resolve("net1", "web"), Resolution::NotFound);
+    assert_eq!(directory.resolve("net1", "web.net1"), Resolution::NotFound);
+    assert_eq!(
+        directory.resolve("net2", "db"),
+        Resolution::Address(Ipv4Addr::new(10, 2, 0, 5))
+    );
+    assert_eq!(
+        directory.resolve_reverse("net2", IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5))),
         Resolution::NotFound
     );
     directory.replace_from_records(&[], &[]);
