@@ -109,10 +109,12 @@ impl Agent {
         } else {
             (false, false)
         };
-        let mut pass = self.apply_desired(state).await?;
-        if newer {
-            lock(&self.cluster).ack_pending = true;
+        let pass = self.apply_desired(state).await;
+        if newer && pass.is_err() {
+            // Not applied after all: nothing for the watch to acknowledge.
+            lock(&self.cluster).ack_pending = false;
         }
+        let mut pass = pass?;
         pass.outcome.fresh = fresh;
         Ok(pass)
     }
@@ -129,6 +131,10 @@ impl Agent {
                 let mut cluster = lock(&self.cluster);
                 let newer = cluster.desired.as_ref() != Some(&state);
                 cluster.desired = Some(state);
+                // Marked with the state, not after its apply: a watch that reads the same
+                // state meanwhile finds it unchanged and must still acknowledge it, once
+                // this run (which holds the reconcile lock) has applied it.
+                cluster.ack_pending |= newer;
                 (true, newer)
             }
             Err(e) => {

@@ -62,6 +62,10 @@ impl Agent {
             debug!(index, "cluster state changed");
             self.reconcile(false).await.is_ok()
         } else {
+            // A fetching reconcile may have taken this state first and still be applying
+            // it: wait for it to finish (it holds the reconcile lock) before taking its
+            // acknowledgement.
+            let _applied = self.reconciler.lock().await;
             std::mem::take(&mut lock(&self.cluster).ack_pending)
         }
     }
