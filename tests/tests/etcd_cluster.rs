@@ -167,6 +167,38 @@ fn seed_walkthrough_on_etcd() {
 }
 
 /// Starts `per_node` containers on every node at once on network `wide`; returns them.
+/// The tests that start 150 `run`s each take turns: two of them at once (with two etcd
+/// clusters and six agents) on a 2-core machine run out of CPU, not out of anything the
+/// store does.
+static HUNDRED_AND_FIFTY_RUNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy_test_turn() -> std::sync::MutexGuard<'static, ()> {
+    HUNDRED_AND_FIFTY_RUNS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits until network `wide` lists `count` endpoints; a `run` that ended meanwhile
+/// (they all run `sleep 300`) fails the test at once with what it printed.
+fn wait_for_wide_endpoints(nodes: &[Node], runs: &mut Vec<(String, Background)>, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if wide_endpoints(&nodes[0]).is_some_and(|l| l.len() == count) {
+            return;
+        }
+        if let Some(i) = runs.iter_mut().position(|(_, run)| run.has_exited()) {
+            let (name, run) = runs.swap_remove(i);
+            panic!("run {name} ended: {:#?}", run.wait(Duration::from_secs(5)));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after 180s waiting for {count} endpoints (have {:?})",
+            wide_endpoints(&nodes[0]).map(|l| l.len())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn run_concurrently(nodes: &[Node], per_node: usize) -> Vec<(String, Background)> {
     std::thread::scope(|scope| {
         let workers: Vec<_> = nodes
@@ -229,6 +261,7 @@ fn assert_no_duplicate_nor_leak(etcd: &EtcdCluster, endpoints: &BTreeMap<String,
 #[test]
 fn three_agents_allocating_fifty_addresses_each_on_etcd_never_share_one() {
     require_root();
+    let _turn = heavy_test_turn();
     let underlay = Underlay::new();
     let etcd = start_etcd(&underlay);
     let nodes = start_nodes_on_store(&BINS, &underlay, 3, &etcd.address(), &[]);
@@ -236,10 +269,8 @@ fn three_agents_allocating_fifty_addresses_each_on_etcd_never_share_one() {
         .cli(&["network", "create", "wide", "10.60.0.0/24"])
         .ok();
     const PER_NODE: usize = 50;
-    let runs = run_concurrently(&nodes, PER_NODE);
-    wait_until("150 endpoints", Duration::from_secs(180), || {
-        wide_endpoints(&nodes[0]).is_some_and(|l| l.len() == 3 * PER_NODE)
-    });
+    let mut runs = run_concurrently(&nodes, PER_NODE);
+    wait_for_wide_endpoints(&nodes, &mut runs, 3 * PER_NODE);
     assert_no_duplicate_nor_leak(&etcd, &wide_endpoints(&nodes[0]).unwrap());
     for node in &nodes {
         wait_until("all endpoints in the maps", JOIN, || {
@@ -459,6 +490,7 @@ fn bad_input_on_etcd_is_refused_with_one_line_and_no_change() {
 #[test]
 fn the_etcd_leader_killed_during_150_allocations_loses_and_leaks_none() {
     require_root();
+    let _turn = heavy_test_turn();
     let underlay = Underlay::new();
     let mut etcd = start_etcd(&underlay);
     let nodes = start_nodes_on_store(&BINS, &underlay, 3, &etcd.address(), &[]);
