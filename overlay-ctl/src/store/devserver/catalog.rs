@@ -48,14 +48,9 @@ pub(super) struct DeregisterRequest {
 }
 
 pub(super) fn catalog_register(shared: &Arc<Shared>, body: &[u8]) -> Reply {
-    let req: RegisterRequest = match serde_json::from_slice(body) {
+    let req: RegisterRequest = match Reply::decode(body) {
         Ok(r) => r,
-        Err(e) => {
-            return Reply::text(
-                StatusCode::BAD_REQUEST,
-                format!("Request decode failed: {e}"),
-            )
-        }
+        Err(reply) => return reply,
     };
     if req.node.is_empty() {
         return Reply::text(StatusCode::BAD_REQUEST, "Missing node name");
@@ -132,14 +127,9 @@ pub(super) struct AgentServiceRequest {
 
 /// `PUT /v1/agent/service/register`: the service on the server's own node.
 pub(super) fn agent_service_register(shared: &Arc<Shared>, body: &[u8]) -> Reply {
-    let req: AgentServiceRequest = match serde_json::from_slice(body) {
+    let req: AgentServiceRequest = match Reply::decode(body) {
         Ok(r) => r,
-        Err(e) => {
-            return Reply::text(
-                StatusCode::BAD_REQUEST,
-                format!("Request decode failed: {e}"),
-            )
-        }
+        Err(reply) => return reply,
     };
     if req.name.is_empty() {
         return Reply::text(StatusCode::BAD_REQUEST, "Missing service name");
@@ -177,14 +167,9 @@ pub(super) fn agent_service_deregister(shared: &Arc<Shared>, id: &str) -> Reply 
 }
 
 pub(super) fn catalog_deregister(shared: &Arc<Shared>, body: &[u8]) -> Reply {
-    let req: DeregisterRequest = match serde_json::from_slice(body) {
+    let req: DeregisterRequest = match Reply::decode(body) {
         Ok(r) => r,
-        Err(e) => {
-            return Reply::text(
-                StatusCode::BAD_REQUEST,
-                format!("Request decode failed: {e}"),
-            )
-        }
+        Err(reply) => return reply,
     };
     if req.node.is_empty() {
         return Reply::text(StatusCode::BAD_REQUEST, "Missing node name");

@@ -48,6 +48,16 @@ impl Reply {
         }
     }
 
+    /// A request body as JSON, or the 400 Consul answers when it does not decode.
+    pub(super) fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Self> {
+        serde_json::from_slice(body).map_err(|e| {
+            Self::text(
+                StatusCode::BAD_REQUEST,
+                format!("Request decode failed: {e}"),
+            )
+        })
+    }
+
     pub(super) fn with_index(mut self, index: u64) -> Self {
         self.index = Some(index);
         self

@@ -2,14 +2,9 @@
 //! `--tls-key`, and `--tls-client-ca` to require client certificates, as Consul's
 //! `verify_incoming`), or a unix socket (`unix:///path`, as Consul's
 //! `addresses.http = "unix:///..."`).
-use std::{convert::Infallible, future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc};
 
-use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
-use tokio::{net::TcpListener, task::JoinSet};
+use super::DevError;
 use tokio_rustls::{
     rustls::{
         self,
@@ -19,9 +14,6 @@ use tokio_rustls::{
     },
     TlsAcceptor,
 };
-use tracing::{debug, warn};
-
-use super::{http::handle, shared::Shared, DevError};
 
 /// The server's certificate and key, and the CA client certificates must chain to
 /// (`None`: clients need none).
@@ -66,52 +58,4 @@ pub(super) fn acceptor(tls: &DevTls) -> Result<TlsAcceptor, DevError> {
         .with_single_cert(read_certs(&tls.cert)?, key)
         .map_err(|e| tls_error(&tls.cert, e))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-/// Serves the API over TLS on `listener` until `shutdown` completes; a failed
-/// handshake (a client without a valid certificate) only ends its connection.
-pub(super) async fn serve_tls(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, shared) = (acceptor.clone(), shared.clone());
-                connections.spawn(async move {
-                    let stream = match acceptor.accept(stream).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                    };
-                    let service = service_fn(move |req| {
-                        let response = handle(shared.clone(), req);
-                        async move { Ok::<_, Infallible>(response.await) }
-                    });
-                    if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
-            }
-        }
-    }
 }

@@ -168,7 +168,11 @@ impl ConsulDev {
             let addr = listener.local_addr().map_err(bind_error)?;
             match acceptor {
                 Some(acceptor) => {
-                    let serve = listen::serve_tls(listener, acceptor, shared.clone(), stop);
+                    let handler = {
+                        let shared = shared.clone();
+                        move |req| handle(shared.clone(), req)
+                    };
+                    let serve = crate::http::serve_tls(listener, acceptor, handler, stop);
                     (addr, format!("https://{addr}"), tokio::spawn(serve))
                 }
                 None => {

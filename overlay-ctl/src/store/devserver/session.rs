@@ -59,14 +59,9 @@ pub(super) fn session_create(shared: &Arc<Shared>, body: &[u8]) -> Reply {
     let req: SessionRequest = if body.iter().all(u8::is_ascii_whitespace) {
         SessionRequest::default()
     } else {
-        match serde_json::from_slice(body) {
+        match Reply::decode(body) {
             Ok(r) => r,
-            Err(e) => {
-                return Reply::text(
-                    StatusCode::BAD_REQUEST,
-                    format!("Request decode failed: {e}"),
-                )
-            }
+            Err(reply) => return reply,
         }
     };
     let (behavior, ttl, lock_delay, node_checks) = match (
