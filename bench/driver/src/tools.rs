@@ -364,16 +364,7 @@ pub fn udp_flood(
                 iov_len: payload.len(),
             })
             .collect();
-        let mut msgs: Vec<libc::mmsghdr> = iov
-            .iter_mut()
-            .map(|v| {
-                // SAFETY: all-zero is a valid mmsghdr; the fields set point at live data.
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_iov = v;
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
+        let mut msgs = one_message_per_iovec(&mut iov);
         let started = Instant::now();
         let mut sent = 0u64;
         while started.elapsed() < duration && !interrupted() {
@@ -398,6 +389,20 @@ pub fn udp_flood(
     })
 }
 
+/// One sendmmsg/recvmmsg header per buffer of `iov`; the headers point into `iov`, so
+/// it must outlive them.
+fn one_message_per_iovec(iov: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iov.iter_mut()
+        .map(|v| {
+            // SAFETY: all-zero is a valid mmsghdr; the fields set point at live data.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
+}
+
 fn receive_count(sink: &UdpSocket, stop: &AtomicBool) -> u64 {
     let mut bufs = vec![[0u8; 256]; BATCH];
     let mut iov: Vec<libc::iovec> = bufs
@@ -407,16 +412,7 @@ fn receive_count(sink: &UdpSocket, stop: &AtomicBool) -> u64 {
             iov_len: b.len(),
         })
         .collect();
-    let mut msgs: Vec<libc::mmsghdr> = iov
-        .iter_mut()
-        .map(|v| {
-            // SAFETY: all-zero is a valid mmsghdr; the fields set point at live buffers.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = v;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut msgs = one_message_per_iovec(&mut iov);
     let mut received = 0u64;
     loop {
         // Busy-polling (MSG_DONTWAIT, never sleeping): a sleeping receiver would make the
