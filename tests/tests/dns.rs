@@ -110,24 +110,25 @@ fn configure_container(container: &TestNs, peer_name: String) {
 
 fn ask(container: &TestNs, name: &str) -> Message {
     let name = name.to_owned();
-    container.run(move || {
-        let mut question = Message::query();
-        question.add_query(Query::query(
-            Name::from_ascii(&name).unwrap(),
-            RecordType::A,
-        ));
-        question.metadata.recursion_desired = true;
-        let socket = UdpSocket::bind((WEB, 0)).unwrap();
-        socket.set_read_timeout(Some(ANSWER_DEADLINE)).unwrap();
-        socket
-            .send_to(&question.to_vec().unwrap(), (GATEWAY, 53))
-            .unwrap();
-        let mut buffer = [0u8; 1500];
-        let len = socket
-            .recv(&mut buffer)
-            .expect("an answer from the gateway");
-        Message::from_vec(&buffer[..len]).unwrap()
-    })
+    container.run(move || exchange(WEB, GATEWAY, &name, RecordType::A))
+}
+
+/// One query for `name` (`kind`) from `source` to `server`:53, in the calling thread's
+/// namespace, and its answer.
+fn exchange(source: Ipv4Addr, server: Ipv4Addr, name: &str, kind: RecordType) -> Message {
+    let mut question = Message::query();
+    question.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
+    question.metadata.recursion_desired = true;
+    let socket = UdpSocket::bind((source, 0)).unwrap();
+    socket.set_read_timeout(Some(ANSWER_DEADLINE)).unwrap();
+    socket
+        .send_to(&question.to_vec().unwrap(), (server, 53))
+        .unwrap();
+    let mut buffer = [0u8; 1500];
+    let len = socket
+        .recv(&mut buffer)
+        .expect("an answer from the gateway");
+    Message::from_vec(&buffer[..len]).unwrap()
 }
 
 /// `ip netns exec NETNS getent hosts NAME`: the container's C library with the
@@ -314,21 +315,7 @@ fn ask_from(container: &Background, server: Ipv4Addr, name: &str, kind: RecordTy
     container
         .open_netns()
         .unwrap()
-        .run(move || {
-            let mut question = Message::query();
-            question.add_query(Query::query(Name::from_ascii(&name).unwrap(), kind));
-            question.metadata.recursion_desired = true;
-            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-            socket.set_read_timeout(Some(ANSWER_DEADLINE)).unwrap();
-            socket
-                .send_to(&question.to_vec().unwrap(), (server, 53))
-                .unwrap();
-            let mut buffer = [0u8; 1500];
-            let len = socket
-                .recv(&mut buffer)
-                .expect("an answer from the gateway");
-            Message::from_vec(&buffer[..len]).unwrap()
-        })
+        .run(move || exchange(Ipv4Addr::UNSPECIFIED, server, &name, kind))
         .unwrap()
 }
 
