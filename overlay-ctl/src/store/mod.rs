@@ -41,6 +41,7 @@ pub mod consul;
 pub mod devserver;
 mod endpoints;
 pub mod etcd;
+pub mod feed;
 pub mod identity;
 pub mod ipam;
 pub mod keys;

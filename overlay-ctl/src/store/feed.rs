@@ -1,0 +1,78 @@
+//! The agent's feed of the cluster state: one full read, then only what changed.
+//!
+//! A [`StoreFeed`] follows the keys an agent needs (everything under the prefix except
+//! the nodes' `applied/` acknowledgements) and delivers [`FeedEvent`]s: a
+//! [`FeedEvent::Snapshot`] first (and again whenever the history in between is lost, e.g.
+//! a compacted etcd revision or a Consul index that went backwards), then
+//! [`FeedEvent::Changes`] holding only the keys that changed. The cost of an endpoint
+//! change for a watching agent is then that change, not the cluster.
+//!
+//! This first version is the contract only: every answer of the blocking list is
+//! delivered as a snapshot. The per-backend incremental feeds replace its inside.
+use std::time::Duration;
+
+use super::{
+    backend::{KvPair, StoreBackend},
+    consul::KvWatch,
+    StoreError,
+};
+
+/// One change under the followed keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvChange {
+    /// The key was created or its value replaced.
+    Put(KvPair),
+    /// The key is gone.
+    Delete { key: String },
+}
+
+impl KvChange {
+    pub fn key(&self) -> &str {
+        match self {
+            KvChange::Put(pair) => &pair.key,
+            KvChange::Delete { key } => key,
+        }
+    }
+}
+
+/// What [`StoreFeed::next`] delivers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FeedEvent {
+    /// Everything under the followed keys as of `index`: replace what you had.
+    Snapshot { pairs: Vec<KvPair>, index: u64 },
+    /// The changes since the previous event, in the order the store made them; after
+    /// applying them the follower holds the state as of `index`.
+    Changes { changes: Vec<KvChange>, index: u64 },
+}
+
+impl FeedEvent {
+    /// The store index (Consul) or revision (etcd) the follower is at after this event.
+    pub fn index(&self) -> u64 {
+        match self {
+            FeedEvent::Snapshot { index, .. } | FeedEvent::Changes { index, .. } => *index,
+        }
+    }
+}
+
+/// Follows the cluster state under a prefix; see the module documentation.
+#[derive(Debug)]
+pub struct StoreFeed {
+    watch: KvWatch<StoreBackend>,
+}
+
+impl StoreFeed {
+    /// A feed of everything under `prefix` that an agent applies; `wait` bounds one
+    /// blocking query (Consul) or how long a quiet watch is left alone (etcd).
+    pub fn new(backend: StoreBackend, prefix: &str, wait: Duration) -> Self {
+        Self {
+            watch: KvWatch::new(backend, prefix, wait),
+        }
+    }
+
+    /// The next event: the first call returns the initial snapshot at once, later ones
+    /// when something changed (or a wait expired: then possibly an empty `Changes`).
+    pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
+        let (pairs, index) = self.watch.next().await?;
+        Ok(FeedEvent::Snapshot { pairs, index })
+    }
+}
