@@ -148,6 +148,9 @@ pub enum Quantity {
     RatioCA,
     /// median(c) itself (for [`Measured::Own`], the median of the samples)
     Value,
+    /// The share of rounds whose own c/b meets the target's bound and limit; the target
+    /// holds when that share is at least [`Target::share`].
+    RoundsCB,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,6 +165,8 @@ pub struct Target {
     pub quantity: Quantity,
     pub bound: Bound,
     pub limit: f64,
+    /// For [`Quantity::RoundsCB`]: the share of rounds that must meet the limit.
+    pub share: f64,
 }
 
 impl Target {
@@ -170,6 +175,7 @@ impl Target {
             quantity: Quantity::RatioCB,
             bound: Bound::AtLeast,
             limit,
+            share: 1.0,
         }
     }
     pub fn ratio_cb_at_most(limit: f64) -> Self {
@@ -177,6 +183,7 @@ impl Target {
             quantity: Quantity::RatioCB,
             bound: Bound::AtMost,
             limit,
+            share: 1.0,
         }
     }
     pub fn ratio_ca_at_least(limit: f64) -> Self {
@@ -184,6 +191,7 @@ impl Target {
             quantity: Quantity::RatioCA,
             bound: Bound::AtLeast,
             limit,
+            share: 1.0,
         }
     }
     pub fn value_at_most(limit: f64) -> Self {
@@ -191,6 +199,7 @@ impl Target {
             quantity: Quantity::Value,
             bound: Bound::AtMost,
             limit,
+            share: 1.0,
         }
     }
     pub fn value_below(limit: f64) -> Self {
@@ -198,10 +207,22 @@ impl Target {
             quantity: Quantity::Value,
             bound: Bound::Below,
             limit,
+            share: 1.0,
         }
     }
 
-    /// "c/b ≥ 1.00", "≤ 60 ns", "< 2 s".
+    /// c/b at least `limit` in at least `share` of the rounds (e.g. 6 of 8: 0.75): a
+    /// median can hide a bad half of the rounds.
+    pub fn rounds_cb_at_least(limit: f64, share: f64) -> Self {
+        Self {
+            quantity: Quantity::RoundsCB,
+            bound: Bound::AtLeast,
+            limit,
+            share,
+        }
+    }
+
+    /// "c/b ≥ 1.00", "≤ 60 ns", "< 2 s", "c/b ≥ 1.00 in ≥ 75% of rounds".
     pub fn describe(&self, unit: &str) -> String {
         let op = match self.bound {
             Bound::AtLeast => "≥",
@@ -212,6 +233,11 @@ impl Target {
             Quantity::RatioCB => format!("c/b {op} {:.2}", self.limit),
             Quantity::RatioCA => format!("c/a {op} {:.2}", self.limit),
             Quantity::Value => format!("{op} {} {unit}", trim_number(self.limit)),
+            Quantity::RoundsCB => format!(
+                "c/b {op} {:.2} in ≥ {:.0}% of rounds",
+                self.limit,
+                self.share * 100.0
+            ),
         }
     }
 
@@ -298,11 +324,28 @@ impl BenchRow {
             Quantity::RatioCB => cb,
             Quantity::RatioCA => ca,
             Quantity::Value => self.medians()[2],
+            Quantity::RoundsCB => return self.rounds_outcome(target),
         };
         match x {
             Some(x) if target.holds(x) => Outcome::Met,
             Some(_) => Outcome::Missed,
             None => Outcome::NotMeasured,
+        }
+    }
+
+    fn rounds_outcome(&self, target: &Target) -> Outcome {
+        let Measured::Compared([_, b, c]) = &self.measured else {
+            return Outcome::NotMeasured;
+        };
+        let ratios = per_round_ratios(c, b);
+        if ratios.is_empty() {
+            return Outcome::NotMeasured;
+        }
+        let meeting = ratios.iter().filter(|r| target.holds(**r)).count();
+        if meeting as f64 >= target.share * ratios.len() as f64 {
+            Outcome::Met
+        } else {
+            Outcome::Missed
         }
     }
 
@@ -353,6 +396,7 @@ impl BenchRow {
                     "quantity": format!("{:?}", t.quantity),
                     "bound": format!("{:?}", t.bound),
                     "limit": t.limit,
+                    "share_of_rounds": (t.quantity == Quantity::RoundsCB).then_some(t.share),
                     "outcome": self.outcome_of(t).word(),
                 })
             })
@@ -493,5 +537,31 @@ mod tests {
         );
         assert_eq!(r.outcome(), Some(Outcome::Met));
         assert_eq!(r.ratios(), (None, None));
+    }
+
+    #[test]
+    fn a_share_of_rounds_target_counts_the_rounds_meeting_it() {
+        let r = row(
+            compared(
+                &[1.0; 8],
+                &[1.0; 8],
+                &[1.1, 1.1, 1.1, 1.1, 1.1, 1.1, 0.9, 0.9],
+            ),
+            vec![Target::rounds_cb_at_least(1.0, 0.75)],
+        );
+        assert_eq!(r.outcome_of(&r.targets[0]), Outcome::Met);
+        let r = row(
+            compared(
+                &[1.0; 8],
+                &[1.0; 8],
+                &[1.1, 1.1, 1.1, 1.1, 1.1, 0.9, 0.9, 0.9],
+            ),
+            vec![Target::rounds_cb_at_least(1.0, 0.75)],
+        );
+        assert_eq!(r.outcome_of(&r.targets[0]), Outcome::Missed);
+        assert_eq!(
+            r.targets[0].describe("Gbit/s"),
+            "c/b ≥ 1.00 in ≥ 75% of rounds"
+        );
     }
 }
