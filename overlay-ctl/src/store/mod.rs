@@ -390,6 +390,12 @@ impl Store {
         &self.backend
     }
 
+    /// The bytes read from the store since this client was made (total, every clone of
+    /// the store included): what the feed's economy is measured in.
+    pub fn bytes_read(&self) -> u64 {
+        self.backend.bytes_read()
+    }
+
     /// The store as a URL (`consul://host:port`, `etcd://a:2379,...`).
     pub fn describe(&self) -> String {
         self.backend.describe()

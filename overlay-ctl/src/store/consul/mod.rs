@@ -28,7 +28,13 @@ mod session;
 mod transport;
 mod watch;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -65,6 +71,8 @@ pub struct ConsulClient {
     http: Client<ConsulConnector, Full<Bytes>>,
     retry: RetryPolicy,
     timeout: Duration,
+    /// Bytes of answer bodies read since the client was made (shared by its clones).
+    bytes_read: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ConsulClient {
@@ -156,6 +164,7 @@ impl ConsulClient {
             http,
             retry: RetryPolicy::default(),
             timeout: Duration::from_secs(10),
+            bytes_read: Arc::default(),
         })
     }
 
@@ -183,6 +192,11 @@ impl ConsulClient {
     /// The agent's address as given (`host:port`, `https://...`, `unix://...`).
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The bytes of every answer body this client (and its clones) read from Consul.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 }
 
