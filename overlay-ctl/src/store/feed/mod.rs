@@ -7,15 +7,17 @@
 //! [`FeedEvent::Changes`] holding only the keys that changed. The cost of an endpoint
 //! change for a watching agent is then that change, not the cluster.
 //!
-//! Per backend: [`etcd`] (one watch on a key range) and, on Consul, blocking queries.
+//! Per backend: [`etcd`] (one watch on a key range) and [`consul`] (blocking queries per
+//! part of the state, and a change journal for the big parts).
+mod consul;
 mod etcd;
+mod lanes;
 
 use std::time::Duration;
 
-use self::etcd::EtcdFeed;
+use self::{consul::ConsulFeed, etcd::EtcdFeed};
 use super::{
     backend::{KvPair, StoreBackend},
-    consul::KvWatch,
     StoreError,
 };
 
@@ -64,7 +66,7 @@ pub struct StoreFeed {
 
 #[derive(Debug)]
 enum Inner {
-    Consul(KvWatch<StoreBackend>),
+    Consul(ConsulFeed),
     Etcd(EtcdFeed),
 }
 
@@ -74,7 +76,7 @@ impl StoreFeed {
     pub fn new(backend: StoreBackend, prefix: &str, wait: Duration) -> Self {
         let inner = match backend {
             StoreBackend::Etcd(client) => Inner::Etcd(EtcdFeed::new(client, prefix, wait)),
-            consul => Inner::Consul(KvWatch::new(consul, prefix, wait)),
+            StoreBackend::Consul(client) => Inner::Consul(ConsulFeed::new(client, prefix, wait)),
         };
         Self { inner }
     }
@@ -84,10 +86,7 @@ impl StoreFeed {
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
         match &mut self.inner {
             Inner::Etcd(feed) => feed.next().await,
-            Inner::Consul(watch) => {
-                let (pairs, index) = watch.next().await?;
-                Ok(FeedEvent::Snapshot { pairs, index })
-            }
+            Inner::Consul(feed) => feed.next().await,
         }
     }
 }
