@@ -35,8 +35,10 @@ pub const SLOTS: u64 = 1024;
 /// The sections (under the prefix) whose writes are journaled.
 pub const JOURNALED: [&str; 2] = ["endpoints/", "ipam/"];
 
-/// How often a write retries after losing the race for the head to another writer.
+/// How often a write retries after losing the race for the head to another writer, and
+/// the pause after each loss (times the losses so far, so racing writers spread out).
 const MAX_HEAD_RACES: u32 = 64;
+const HEAD_RACE_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// What a journal entry says happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,7 +203,10 @@ impl Journal {
         write: JournaledWrite<'_>,
     ) -> Result<bool, ConsulError> {
         let head_key = self.keys.journal_head();
-        for _ in 0..MAX_HEAD_RACES {
+        for race in 0..MAX_HEAD_RACES {
+            if race > 0 {
+                tokio::time::sleep(HEAD_RACE_PAUSE * race).await;
+            }
             let head = client.get(&head_key).await?;
             let seq = parse_head(head.as_ref()) + 1;
             let head_index = head.map_or(0, |h| h.modify_index);
