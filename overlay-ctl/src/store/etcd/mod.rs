@@ -236,16 +236,6 @@ impl EtcdClient {
         &self.config
     }
 
-    /// The encoded bytes of every range answer (get, list, keys) and watch message this
-    /// client and its clones read from etcd; writes' small answers are not counted.
-    pub fn bytes_read(&self) -> u64 {
-        self.bytes_read.load(Ordering::Relaxed)
-    }
-
-    fn count_read(&self, bytes: u64) {
-        self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
-    }
-
     /// Runs an idempotent `call`, failing over between members and retrying while the
     /// cluster is unavailable (`max_attempts` rounds over the members, with backoff
     /// between rounds: 100 ms doubling, at most 1 s).

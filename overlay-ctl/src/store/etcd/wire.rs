@@ -2,7 +2,23 @@
 //! protobuf's wire format computed from the fields etcd-client exposes (its generated
 //! messages, and so prost's `encoded_len`, are private to it). A field at its default
 //! value is not on the wire, as in proto3.
+use std::sync::atomic::Ordering;
+
 use etcd_client::{Event, EventType, GetResponse, KeyValue, ResponseHeader, WatchResponse};
+
+use super::EtcdClient;
+
+impl EtcdClient {
+    /// The encoded bytes of every range answer (get, list, keys) and watch message this
+    /// client and its clones read from etcd; writes' small answers are not counted.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn count_read(&self, bytes: u64) {
+        self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
 
 /// The bytes of a base-128 varint holding `value`.
 fn varint_len(value: u64) -> usize {
