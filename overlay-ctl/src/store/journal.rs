@@ -35,10 +35,12 @@ pub const SLOTS: u64 = 1024;
 /// The sections (under the prefix) whose writes are journaled.
 pub const JOURNALED: [&str; 2] = ["endpoints/", "ipam/"];
 
-/// How often a write retries after losing the race for the head to another writer, and
-/// the pause after each loss (times the losses so far, so racing writers spread out).
-const MAX_HEAD_RACES: u32 = 64;
+/// How long a write keeps retrying after losing the race for the head to writers in
+/// other processes, and the pause after each loss (doubling up to the cap, with jitter,
+/// so racing writers spread out instead of colliding again).
+const HEAD_RACE_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
 const HEAD_RACE_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+const HEAD_RACE_PAUSE_CAP: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What a journal entry says happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +185,11 @@ pub struct Journal {
     /// that is alone (a benchmark, a busy CLI) saves the read of the head per write; a
     /// stale guess only costs the retry its failed check causes.
     last_head: std::sync::Mutex<Option<(u64, u64)>>,
+    /// Writers of this process take turns: racing each other for the head would only
+    /// turn most of their transactions into failed checks (32 concurrent writers of one
+    /// benchmark lost their races until they gave up); in turn, each write is one
+    /// transaction on the remembered head.
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl Journal {
@@ -190,6 +197,7 @@ impl Journal {
         Self {
             keys: Keys::new(prefix),
             last_head: std::sync::Mutex::new(None),
+            turn: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -218,9 +226,14 @@ impl Journal {
         write: JournaledWrite<'_>,
     ) -> Result<bool, ConsulError> {
         let head_key = self.keys.journal_head();
-        for race in 0..MAX_HEAD_RACES {
+        let _turn = self.turn.lock().await;
+        let started = std::time::Instant::now();
+        for race in 0u32.. {
             if race > 1 {
-                tokio::time::sleep(HEAD_RACE_PAUSE * race).await;
+                tokio::time::sleep(race_pause(race)).await;
+            }
+            if started.elapsed() > HEAD_RACE_BUDGET {
+                break;
             }
             let (seq, head_index) = match self.cached_head() {
                 Some((seq, index)) => (seq + 1, index),
@@ -274,6 +287,19 @@ impl Journal {
     }
 }
 
+/// The pause after the `race`-th lost race: doubling from [`HEAD_RACE_PAUSE`] up to
+/// [`HEAD_RACE_PAUSE_CAP`], with up to half of it as jitter (from the clock: no two
+/// processes lose at the same nanosecond).
+fn race_pause(race: u32) -> std::time::Duration {
+    let base = HEAD_RACE_PAUSE
+        .saturating_mul(1u32 << race.min(16))
+        .min(HEAD_RACE_PAUSE_CAP);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    base + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +317,13 @@ mod tests {
             })
         );
         assert_eq!(missed(9, 3), Err(Behind::HeadWentBack { have: 9, head: 3 }));
+    }
+
+    #[test]
+    fn race_pauses_grow_to_a_cap() {
+        assert!(race_pause(2) >= HEAD_RACE_PAUSE * 4);
+        assert!(race_pause(30) >= HEAD_RACE_PAUSE_CAP);
+        assert!(race_pause(30) <= HEAD_RACE_PAUSE_CAP.mul_f64(1.5));
     }
 
     #[test]
