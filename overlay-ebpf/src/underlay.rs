@@ -29,7 +29,7 @@ use crate::{
     counters::{count, VNI_UNDERLAY},
     headers::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     maps::{underlay_config, vxlan_port_be, ENDPOINTS, NETWORKS, VTEPS},
-    packet::ptr_at,
+    packet::{make_linear, ptr_at},
     verdict::{tc, xdp},
 };
 
@@ -173,22 +173,6 @@ fn linearize_headers(ctx: &TcContext) -> bool {
         }
         _ => true,
     }
-}
-
-/// Makes the first `len` bytes of the frame (all of it, if shorter) linear, pulling only
-/// when they are not already.
-#[inline(always)]
-fn make_linear(ctx: &TcContext, len: usize) -> bool {
-    if ctx.data() + len <= ctx.data_end() {
-        return true;
-    }
-    let frame_len = ctx.len();
-    let len = if (len as u32) < frame_len {
-        len as u32
-    } else {
-        frame_len
-    };
-    ctx.pull_data(len).is_ok()
 }
 
 enum Classified {
