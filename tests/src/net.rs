@@ -270,6 +270,17 @@ pub fn checksum_errors() -> (u64, u64) {
     (counter("Tcp"), counter("Udp"))
 }
 
+/// TCP segments (skbs, so a GSO or GRO packet counts once) the calling thread's
+/// namespace received (`Tcp` `InSegs` in `/proc/net/snmp`).
+pub fn tcp_in_segments() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
+    let value = parse_snmp(&snmp)
+        .get(&("Tcp".to_string(), "InSegs".to_string()))
+        .copied()
+        .expect("no Tcp InSegs in /proc/net/snmp");
+    u64::try_from(value).expect("a counter is never negative")
+}
+
 /// Received TCP segments the calling thread's namespace merged into the skb before them
 /// in a socket's receive queue or backlog (`TcpExt` `TCPRcvCoalesce` plus
 /// `TCPBacklogCoalesce` in `/proc/net/netstat`).
