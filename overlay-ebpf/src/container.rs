@@ -6,7 +6,10 @@
 //! (encapsulated), another network (dropped), the gateway or the world (host stack).
 use aya_ebpf::{helpers::bpf_redirect_peer, maps::lpm_trie::Key, programs::TcContext};
 use overlay_common::{
-    proto::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, IPV4_IHL_MIN, IPV4_VERSION},
+    proto::{
+        ARP_HLEN, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ICMP_QUOTED_PAYLOAD, IPPROTO_TCP, IPV4_IHL_MIN,
+        IPV4_VERSION,
+    },
     Counter, EndpointKey, LocalIface,
 };
 
@@ -14,15 +17,20 @@ use crate::{
     arp,
     counters::{count, VNI_UNDERLAY},
     encap,
-    headers::{EthHdr, Ipv4Hdr},
+    headers::{EthHdr, Ipv4Hdr, TcpHdrPrefix},
     maps::{ENDPOINTS, LOCAL_IFACES, NETWORKS, SUBNETS},
-    packet::ptr_at,
+    packet::{make_linear, ptr_at},
     verdict::tc::{drop, pass_to_host},
 };
 
-/// Bytes made linear before parsing: Ethernet + the longest IPv4 header + a TCP header
-/// prefix, enough for every header the program reads or quotes in an ICMP error.
-const PULL_LEN: u32 = 128;
+/// Bytes made linear before the EtherType decides: Ethernet and an ARP packet, which
+/// also covers Ethernet and a minimal IPv4 header.
+const FIRST_HEADERS_LEN: usize = ETH_HLEN + ARP_HLEN;
+/// Bytes past the IPv4 header made linear: a TCP header up to its data offset (which a
+/// GSO packet's segment size needs), else as much as an ICMP error quotes (the ICMP path
+/// itself linearises what it quotes).
+const TCP_PREFIX_LEN: usize = core::mem::size_of::<TcpHdrPrefix>();
+const OTHER_L4_PREFIX_LEN: usize = ICMP_QUOTED_PAYLOAD;
 /// LPM prefix length that matches a single IPv4 address.
 const HOST_PREFIX_LEN: u32 = 32;
 
@@ -39,12 +47,9 @@ pub fn handle(ctx: &TcContext) -> i32 {
         return pass_to_host(VNI_UNDERLAY, len);
     };
     let vni = iface.vni;
-    let pull = if skb.len < PULL_LEN {
-        skb.len
-    } else {
-        PULL_LEN
-    };
-    if ctx.pull_data(pull).is_err() {
+    // Headers only, never payload (see `make_linear`): a local socket's TCP segment has
+    // its headers linear already and is not pulled at all.
+    if !make_linear(ctx, FIRST_HEADERS_LEN) {
         return drop(vni, Counter::DropMalformed, len);
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
@@ -78,6 +83,14 @@ fn ipv4(ctx: &TcContext, iface: &LocalIface, len: u64) -> i32 {
     }
     if ip.saddr != iface.ip {
         return drop(vni, Counter::DropSpoofed, len);
+    }
+    let l4_prefix = if ip.protocol == IPPROTO_TCP {
+        TCP_PREFIX_LEN
+    } else {
+        OTHER_L4_PREFIX_LEN
+    };
+    if !make_linear(ctx, ETH_HLEN + ip.header_len() + l4_prefix) {
+        return drop(vni, Counter::DropMalformed, len);
     }
     let Some(network) = (unsafe { NETWORKS.get(&vni) }).copied() else {
         return drop(vni, Counter::DropUnknownVni, len);

@@ -1,4 +1,5 @@
 //! Bounds-checked access to packet bytes and the checksum arithmetic the programs share.
+use aya_ebpf::programs::TcContext;
 
 /// A pointer to a `T` at `offset` bytes past `data`, if the whole `T` lies before
 /// `data_end`. The explicit comparison is what the verifier checks every access against.
@@ -10,6 +11,25 @@ pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*mut T> 
         return None;
     }
     Some(start as *mut T)
+}
+
+/// Makes the first `len` bytes of the frame (all of it, if shorter) linear, pulling only
+/// when they are not already. Callers ask for headers only: payload pulled into an
+/// skb's head (a kmalloc'ed one, once the skb is uncloned) stops the receiving TCP from
+/// coalescing the segment with the one before it (`skb_try_coalesce` refuses a locked
+/// head holding data). False when the kernel cannot pull bytes the frame has.
+#[inline(always)]
+pub fn make_linear(ctx: &TcContext, len: usize) -> bool {
+    if ctx.data() + len <= ctx.data_end() {
+        return true;
+    }
+    let frame_len = ctx.len();
+    let len = if (len as u32) < frame_len {
+        len as u32
+    } else {
+        frame_len
+    };
+    ctx.pull_data(len).is_ok()
 }
 
 /// Folds a 32-bit one's-complement sum into 16 bits and complements it.

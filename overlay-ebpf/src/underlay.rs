@@ -19,8 +19,8 @@ use aya_ebpf::{
 };
 use overlay_common::{
     proto::{
-        ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I,
-        VXLAN_HLEN,
+        ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN_MIN, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN,
+        VXLAN_FLAG_I, VXLAN_HLEN,
     },
     Counter, EndpointKey, EndpointValue,
 };
@@ -29,13 +29,15 @@ use crate::{
     counters::{count, VNI_UNDERLAY},
     headers::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     maps::{underlay_config, vxlan_port_be, ENDPOINTS, NETWORKS, VTEPS},
-    packet::ptr_at,
+    packet::{make_linear, ptr_at},
     verdict::{tc, xdp},
 };
 
-/// Bytes made linear before parsing at TC: outer Ethernet, the longest IPv4 header, UDP,
-/// VXLAN, inner Ethernet and inner IPv4 header (14 + 60 + 8 + 8 + 14 + 20 = 124).
-const TC_PULL_LEN: u32 = 128;
+/// Outer Ethernet and a minimal IPv4 header: what TC needs linear to read the IHL.
+const OUTER_IPV4_MIN_END: usize = ETH_HLEN + IPV4_HLEN_MIN;
+/// From the outer UDP header to the end of a minimal inner IPv4 header: UDP, VXLAN,
+/// inner Ethernet and inner IPv4 (8 + 8 + 14 + 20).
+const UDP_TO_INNER_IPV4_END: usize = UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN_MIN;
 
 #[inline(always)]
 pub fn handle_xdp(ctx: &XdpContext) -> u32 {
@@ -79,10 +81,8 @@ pub fn handle_xdp(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 pub fn handle_tc(ctx: &TcContext) -> i32 {
-    let len = ctx.len();
-    let frame_len = len as u64;
-    let pull = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
-    if ctx.pull_data(pull).is_err() {
+    let frame_len = ctx.len() as u64;
+    if !linearize_headers(ctx) {
         return tc::underlay_drop(VNI_UNDERLAY, Counter::DropMalformed, frame_len);
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
@@ -135,6 +135,44 @@ pub fn handle_tc(ctx: &TcContext) -> i32 {
     // SAFETY: plain helper call; the kernel validates the ifindex. The skb enters the
     // container's namespace as if received by its eth0, checksum and GSO state intact.
     unsafe { bpf_redirect_peer(dest.endpoint.ifindex, 0) as i32 }
+}
+
+/// Makes linear the headers [`classify`] and [`resolve`] read, and not one byte more,
+/// stopping as soon as the frame is not VXLAN. Payload pulled into the head (which is
+/// kmalloc'ed once the skb is uncloned) would stop the receiving TCP from coalescing the
+/// decapsulated skb with the previous one (`skb_try_coalesce` refuses a locked head that
+/// holds data), so every 64 KB GSO skb would sit alone in the socket's receive queue.
+/// Headers a local sender built are linear already and cost no pull at all. False only
+/// when the kernel cannot pull bytes the frame has.
+#[inline(always)]
+fn linearize_headers(ctx: &TcContext) -> bool {
+    if !make_linear(ctx, OUTER_IPV4_MIN_END) {
+        return false;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+        return true;
+    };
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, ETH_HLEN) else {
+        return true;
+    };
+    // SAFETY: both bounds-checked above.
+    let (ether_type, ip) = unsafe { ((*eth).ether_type, &*ip) };
+    if ether_type != ETH_P_IP.to_be() || ip.protocol != IPPROTO_UDP || ip.ihl() < IPV4_IHL_MIN {
+        return true;
+    }
+    let udp_offset = ETH_HLEN + ip.header_len();
+    if !make_linear(ctx, udp_offset + UDP_HLEN) {
+        return false;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    match ptr_at::<UdpHdr>(data, data_end, udp_offset) {
+        // SAFETY: bounds-checked by `ptr_at`.
+        Some(udp) if unsafe { (*udp).dest } == vxlan_port_be() => {
+            make_linear(ctx, udp_offset + UDP_TO_INNER_IPV4_END)
+        }
+        _ => true,
+    }
 }
 
 enum Classified {

@@ -270,6 +270,34 @@ pub fn checksum_errors() -> (u64, u64) {
     (counter("Tcp"), counter("Udp"))
 }
 
+/// TCP segments (skbs, so a GSO or GRO packet counts once) the calling thread's
+/// namespace received (`Tcp` `InSegs` in `/proc/net/snmp`).
+pub fn tcp_in_segments() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
+    let value = parse_snmp(&snmp)
+        .get(&("Tcp".to_string(), "InSegs".to_string()))
+        .copied()
+        .expect("no Tcp InSegs in /proc/net/snmp");
+    u64::try_from(value).expect("a counter is never negative")
+}
+
+/// Received TCP segments the calling thread's namespace merged into the skb before them
+/// in a socket's receive queue or backlog (`TcpExt` `TCPRcvCoalesce` plus
+/// `TCPBacklogCoalesce` in `/proc/net/netstat`).
+pub fn tcp_receive_coalesced() -> u64 {
+    let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("read netstat");
+    let table = parse_snmp(&netstat);
+    ["TCPRcvCoalesce", "TCPBacklogCoalesce"]
+        .iter()
+        .map(|name| {
+            let value = table
+                .get(&("TcpExt".to_string(), name.to_string()))
+                .unwrap_or_else(|| panic!("no TcpExt {name} in /proc/net/netstat"));
+            u64::try_from(*value).expect("a counter is never negative")
+        })
+        .sum()
+}
+
 /// `/proc/net/snmp` as (protocol, counter) -> value: each protocol has a header line of
 /// names and a line of values.
 pub fn parse_snmp(text: &str) -> HashMap<(String, String), i64> {
