@@ -188,3 +188,59 @@ async fn follow_watch(mut watch: PrefixWatch, prefix: String, state: Arc<Mutex<A
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(nodes: &[&str]) -> AckState {
+        AckState {
+            applied: nodes.iter().map(|n| (n.to_string(), 0)).collect(),
+            expected: nodes.len(),
+            ..AckState::default()
+        }
+    }
+
+    #[test]
+    fn the_lowest_index_counts_only_once_every_agent_acknowledged() {
+        let t0 = Instant::now();
+        let mut s = state(&["a", "b"]);
+        s.record("a", 10, t0);
+        assert!(s.lowest.is_empty(), "b has not acknowledged anything yet");
+        s.record("stranger", 50, t0);
+        assert!(s.lowest.is_empty(), "a node outside the fleet is ignored");
+        let t1 = t0 + Duration::from_millis(5);
+        s.record("b", 12, t1);
+        assert_eq!(s.lowest, vec![(t1, 10)]);
+        // An older acknowledgement arriving late does not lower anything.
+        s.record("a", 3, t1);
+        let t2 = t1 + Duration::from_millis(5);
+        s.record("a", 20, t2);
+        assert_eq!(s.lowest, vec![(t1, 10), (t2, 12)]);
+    }
+
+    #[test]
+    fn a_write_is_reached_when_the_lowest_index_covers_it() {
+        let t0 = Instant::now();
+        let tracker_state = Arc::new(Mutex::new(state(&["a", "b"])));
+        {
+            let mut s = tracker_state.lock().unwrap();
+            s.record("a", 10, t0);
+            s.record("b", 10, t0);
+            s.record("a", 30, t0 + Duration::from_millis(1));
+            s.record("b", 25, t0 + Duration::from_millis(2));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let tracker = AckTracker {
+            state: tracker_state,
+            task: runtime.spawn(async {}),
+        };
+        assert_eq!(tracker.reached(10), Some(t0));
+        assert_eq!(tracker.reached(11), Some(t0 + Duration::from_millis(2)));
+        assert_eq!(tracker.reached(25), Some(t0 + Duration::from_millis(2)));
+        assert_eq!(tracker.reached(26), None);
+        assert_eq!(tracker.lowest(), 25);
+    }
+}

@@ -13,9 +13,9 @@ const HOLD_TIMEOUT: Duration = Duration::from_secs(30);
 /// The status fields, by their path in `status --json`.
 mod field {
     /// Endpoints in the agent's endpoint map (the in-memory one without a data plane).
-    pub const ENDPOINTS: &str = "control_plane.endpoints";
+    pub const ENDPOINTS: &str = "endpoint_map_entries";
     /// Bytes of store answers the agent read since it started.
-    pub const STORE_BYTES_READ: &str = "store_bytes_read";
+    pub const STORE_BYTES_READ: &str = "feed.store_bytes_read";
     /// Full reads of the prefix by the agent's feed since it started.
     pub const FEED_SNAPSHOTS: &str = "feed.snapshots";
 }

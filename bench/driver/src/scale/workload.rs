@@ -3,8 +3,7 @@
 //! endpoint without one), in the key layout and JSON of the product's store code
 //! (`Store::keys`, its record types), as `overlay-ctl run` writes them.
 //!
-//! Endpoint `i` is `s000123` (fixed width: no endpoint's key is a prefix of another's,
-//! so reading one key's index never matches a neighbour) at 10.128.0.10 + i.
+//! Endpoint `i` is `s000123`, at 10.128.0.10 + i.
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
@@ -183,13 +182,17 @@ impl Workload {
     /// The index Consul reports for a read of `key` alone: its modify index, or the
     /// index of its deletion (the dev server keeps it, as Consul keeps tombstones).
     async fn consul_index(&self, key: &str) -> Result<u64> {
-        let (_, index) = self.store.kv().list_blocking(key, 0, INDEX_TIMEOUT).await?;
+        let StoreBackend::Consul(client) = self.store.kv() else {
+            bail!("not a Consul store");
+        };
+        let (_, index) = client.get_blocking(key, 0, INDEX_TIMEOUT).await?;
         Ok(index)
     }
 }
 
 /// The revision at which `key` (last written at `after`) was deleted: the first event
-/// of a watch on the key from that revision on.
+/// of a watch on the key from that revision on (the ids have a fixed width, so the key
+/// is the prefix of no other).
 async fn deletion_revision(
     client: overlay_ctl::store::etcd::EtcdClient,
     key: &str,
