@@ -66,7 +66,8 @@ use crate::{
         metrics::ControlPlaneMetrics, metrics::MetricsError, reconcile::ClusterState,
         status::LiveStatus,
     },
-    dataplane::datapath::{Datapath, DatapathError, XdpAttachMode},
+    dataplane::datapath::{DatapathError, XdpAttachMode},
+    dataplane::forwarding::{DataPlane, DataplaneMode},
     dataplane::netlink::{LinkInfo, NetlinkError},
     dataplane::underlay::{DecapMode, HostChange, UnderlaySetup},
     store::identity::Identity,
@@ -99,6 +100,8 @@ pub enum AgentError {
     /// A [`Companion`] could not start; its error says which and what to do.
     #[error(transparent)]
     Companion(Box<dyn std::error::Error + Send + Sync>),
+    #[error("--dataplane none needs --vtep: the address to register as this node's VTEP")]
+    NoVtep,
     #[error("{0} (choose another with --metrics-addr, or `--metrics-addr off`)")]
     Metrics(#[from] MetricsError),
 }
@@ -138,6 +141,11 @@ pub struct AgentOptions {
     pub docker_plugin: Option<PathBuf>,
     /// The containers' DNS responder on the gateway addresses.
     pub names: names::NameOptions,
+    /// The kernel data plane, or none (the control plane only, maps in memory).
+    pub dataplane: DataplaneMode,
+    /// With `DataplaneMode::None`: the VTEP address to register (there is no underlay
+    /// to take it from).
+    pub vtep: Option<Ipv4Addr>,
 }
 
 /// Where this node meets the underlay.
@@ -152,7 +160,7 @@ struct Underlay {
 /// The data plane and the underlay it is bound to: changed together by `bind`.
 struct Plane {
     /// `None` once the agent is stopping.
-    datapath: Option<Datapath>,
+    datapath: Option<DataPlane>,
     underlay: Underlay,
 }
 
@@ -170,6 +178,21 @@ struct ClusterView {
     links: BTreeSet<String>,
     /// Store records already reported as rejected (each is logged once while it lasts).
     rejections: RejectionLog,
+    /// Counts the changes of `desired` (what the watch acknowledges, without comparing
+    /// whole states).
+    generation: u64,
+}
+
+impl ClusterView {
+    /// Keeps `state` as the desired one; returns whether it differs from the last.
+    fn set_desired(&mut self, state: ClusterState) -> bool {
+        let changed = self.desired.as_ref() != Some(&state);
+        if changed {
+            self.desired = Some(state);
+            self.generation += 1;
+        }
+        changed
+    }
 }
 
 /// What only one reconcile run at a time may touch (its lock is the reconcile lock).
@@ -221,6 +244,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Agent {
     fn node(&self) -> &str {
         &self.options.node
+    }
+
+    /// Whether this agent has a host of its own (`--dataplane none` has not: no
+    /// programs, underlay, veths, host settings, egress table or DNS listeners).
+    fn has_host(&self) -> bool {
+        self.options.dataplane == DataplaneMode::Bpf
     }
 
     fn vtep(&self) -> Ipv4Addr {

@@ -1,16 +1,20 @@
-//! Following the store: the blocking-query watch that applies every change as it
+//! Following the store: the feed ([`StoreFeed`]) that applies every change as it
 //! happens (and acknowledges the index it applied, so `run` can wait until every node
 //! forwards for a new endpoint), the periodic full resync, and the judgement of each full
 //! read: its records validated for this node ([`records::parse_snapshot`]) and the store
 //! checked against the cluster id ([`crate::store::identity`]).
-use std::{sync::Arc, time::Instant};
+//!
+//! The watch keeps a copy of the followed keys ([`Mirror`]): a snapshot replaces it, a
+//! batch of changes edits it, and the state to apply is judged from it, so a change never
+//! needs the store to be read again.
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use tracing::{debug, info, warn};
 
 use super::{lock, reconcile::ClusterState, Agent};
 use crate::{
     store::backend::KvPair,
-    store::consul::KvWatch,
+    store::feed::{FeedEvent, KvChange, StoreFeed},
     store::identity::{self, Judgement},
     store::records,
 };
@@ -19,23 +23,70 @@ use crate::{
 #[derive(Default)]
 struct Acknowledged {
     index: u64,
-    state: Option<ClusterState>,
+    /// The [`super::ClusterView::generation`] acknowledged.
+    generation: Option<u64>,
+}
+
+/// The watch's copy of every followed key, by key.
+#[derive(Default)]
+pub(super) struct Mirror {
+    pairs: BTreeMap<String, KvPair>,
+}
+
+impl Mirror {
+    fn replace(&mut self, pairs: Vec<KvPair>) {
+        self.pairs = pairs.into_iter().map(|p| (p.key.clone(), p)).collect();
+    }
+
+    fn apply(&mut self, changes: Vec<KvChange>) {
+        for change in changes {
+            match change {
+                KvChange::Put(pair) => {
+                    self.pairs.insert(pair.key.clone(), pair);
+                }
+                KvChange::Delete { key } => {
+                    self.pairs.remove(&key);
+                }
+            }
+        }
+    }
+
+    pub(super) fn pairs(&self) -> impl Iterator<Item = &KvPair> + Clone {
+        self.pairs.values()
+    }
+}
+
+/// The bytes of keys and values an event carried (the feed's own count of what was read).
+fn event_bytes(event: &FeedEvent) -> u64 {
+    let pair_bytes = |p: &KvPair| (p.key.len() + p.value.len()) as u64;
+    match event {
+        FeedEvent::Snapshot { pairs, .. } => pairs.iter().map(pair_bytes).sum(),
+        FeedEvent::Changes { changes, .. } => changes
+            .iter()
+            .map(|c| match c {
+                KvChange::Put(p) => pair_bytes(p),
+                KvChange::Delete { key } => key.len() as u64,
+            })
+            .sum(),
+    }
 }
 
 impl Agent {
-    /// Follows every change under the prefix with blocking queries.
+    /// Follows every change under the prefix through the store's feed.
     pub(super) async fn watch_loop(self: Arc<Self>) {
-        let mut watch = KvWatch::new(
+        let mut feed = StoreFeed::new(
             self.store.kv().clone(),
             self.store.prefix(),
             self.options.watch_wait,
         );
+        let mut mirror = Mirror::default();
         let mut acknowledged = Acknowledged::default();
         loop {
-            match watch.next().await {
-                Ok((pairs, index)) => {
+            match feed.next().await {
+                Ok(event) => {
                     self.consul_ok();
-                    let Some(state) = self.judge(&pairs) else {
+                    let index = event.index();
+                    let Some(state) = self.follow(&mut mirror, event) else {
                         continue;
                     };
                     if self.apply_watched(state, index).await {
@@ -47,17 +98,41 @@ impl Agent {
         }
     }
 
+    /// Takes one feed event into the mirror; returns the state to apply (`None`: nothing
+    /// changed, or the store is not to be applied now).
+    fn follow(&self, mirror: &mut Mirror, event: FeedEvent) -> Option<ClusterState> {
+        let bytes = event_bytes(&event);
+        let counted = |snapshots: u64, changes: u64| {
+            self.status.send_modify(|status| {
+                let feed = &mut status.feed;
+                feed.store_bytes_read += bytes;
+                feed.snapshots += snapshots;
+                feed.change_batches += u64::from(changes > 0);
+                feed.changes += changes;
+            })
+        };
+        match event {
+            FeedEvent::Snapshot { pairs, .. } => {
+                counted(1, 0);
+                mirror.replace(pairs);
+            }
+            FeedEvent::Changes { changes, .. } => {
+                counted(0, changes.len() as u64);
+                if changes.is_empty() {
+                    return None;
+                }
+                mirror.apply(changes);
+                self.status
+                    .send_modify(|status| status.feed.full_fallbacks += 1);
+            }
+        }
+        self.judge(mirror.pairs())
+    }
+
     /// Applies a state the watch read at `index`; returns whether it is now applied (by
     /// this call, or by an earlier reconcile the watch had not acknowledged yet).
     async fn apply_watched(&self, state: ClusterState, index: u64) -> bool {
-        let changed = {
-            let mut cluster = lock(&self.cluster);
-            let changed = cluster.desired.as_ref() != Some(&state);
-            if changed {
-                cluster.desired = Some(state);
-            }
-            changed
-        };
+        let changed = lock(&self.cluster).set_desired(state);
         if changed {
             debug!(index, "cluster state changed");
             self.reconcile(false).await.is_ok()
@@ -75,14 +150,16 @@ impl Agent {
     async fn acknowledge(&self, index: u64, acknowledged: &mut Acknowledged) {
         // An acknowledgement is itself a write under the prefix: one for a state already
         // acknowledged would only cause another.
-        let current = self.desired();
-        if index <= acknowledged.index || current == acknowledged.state {
+        let current = lock(&self.cluster).generation;
+        self.status
+            .send_modify(|status| status.feed.applied_index = index);
+        if index <= acknowledged.index || Some(current) == acknowledged.generation {
             return;
         }
         match self.store.put_applied(self.node(), index).await {
             Ok(()) => {
                 acknowledged.index = index;
-                acknowledged.state = current;
+                acknowledged.generation = Some(current);
             }
             Err(e) => debug!(error = %e, "cannot record the applied index"),
         }
@@ -100,9 +177,12 @@ impl Agent {
 
     /// Judges one full read of the store against the cluster id ([`crate::store::identity`]):
     /// the state to apply, or `None` to keep the maps as they are.
-    pub(super) fn judge(&self, pairs: &[KvPair]) -> Option<ClusterState> {
+    pub(super) fn judge<'p>(
+        &self,
+        pairs: impl IntoIterator<Item = &'p KvPair> + Clone,
+    ) -> Option<ClusterState> {
         let prefix = self.store.prefix();
-        let read = self.ingest(pairs);
+        let read = self.ingest(pairs.clone());
         let found = identity::find(prefix, pairs);
         let (judgement, actions) = lock(&self.identity).judge(found, read, Instant::now());
         if let Some(id) = actions.restore {
@@ -125,7 +205,7 @@ impl Agent {
 
     /// Parses a read of the whole prefix at the validation boundary: the valid state for
     /// this node, with every rejected record logged once (while it lasts) and counted.
-    fn ingest(&self, pairs: &[KvPair]) -> ClusterState {
+    fn ingest<'p>(&self, pairs: impl IntoIterator<Item = &'p KvPair>) -> ClusterState {
         let vtep = self.vtep();
         let mut cluster = lock(&self.cluster);
         let view = records::View::Node {
