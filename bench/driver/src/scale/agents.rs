@@ -42,7 +42,7 @@ fn vtep_of(i: usize) -> Ipv4Addr {
 /// The options every simulated agent runs with, beyond its identity and store.
 ///
 /// No metrics listener, DNS responder or Docker plugin (100 of them would fight over
-/// ports and sockets), and the store collector effectively off (`--gc-interval 24h`):
+/// ports and sockets), and the store collector effectively off (`--gc-interval 1440m`):
 /// it would delete the benchmark's endpoints after its grace period, as they have no
 /// container on their node, and its full reads are not the watch being measured.
 const AGENT_OPTIONS: &[&str] = &[
@@ -55,7 +55,7 @@ const AGENT_OPTIONS: &[&str] = &[
     "--docker-plugin",
     "off",
     "--gc-interval",
-    "24h",
+    "1440m",
 ];
 
 impl Fleet {

@@ -6,11 +6,15 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use futures_util::StreamExt as _;
 
 use super::{
     acks::AckTracker,
     workload::{Workload, Write},
 };
+
+/// Changes outstanding at once, at most (a store this far behind is failing the run).
+const MAX_IN_FLIGHT: usize = 64;
 
 /// What a churn run did.
 pub struct ChurnLog {
@@ -42,7 +46,9 @@ impl ChurnLog {
 }
 
 /// Makes `rate` changes per second for `duration` on a cluster holding endpoints
-/// `0..loaded`.
+/// `0..loaded`. Changes start on the clock, not when the previous one is answered (an
+/// open loop, as independent `run`s would: a slow store is then seen as delay, not as a
+/// lower rate); at most [`MAX_IN_FLIGHT`] are outstanding.
 pub async fn run(
     workload: &Workload,
     loaded: usize,
@@ -53,18 +59,28 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = Instant::now();
     let mut writes = Vec::new();
-    let mut next_new = loaded;
-    let mut next_old = 0;
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    let mut sent = 0;
     while started.elapsed() < duration {
-        ticker.tick().await;
-        let write = if writes.len() % 2 == 0 {
-            next_new += 1;
-            workload.create_one(next_new - 1).await?
-        } else {
-            next_old += 1;
-            workload.delete_one(next_old - 1).await?
-        };
-        writes.push(write);
+        tokio::select! {
+            _ = ticker.tick(), if pending.len() < MAX_IN_FLIGHT => {
+                // Creates (new endpoints after the loaded ones) and deletes (the oldest
+                // loaded ones) in turn: never the same endpoint twice.
+                let change = sent / 2;
+                pending.push(async move {
+                    if sent % 2 == 0 {
+                        workload.create_one(loaded + change).await
+                    } else {
+                        workload.delete_one(change).await
+                    }
+                });
+                sent += 1;
+            }
+            Some(write) = pending.next(), if !pending.is_empty() => writes.push(write?),
+        }
+    }
+    while let Some(write) = pending.next().await {
+        writes.push(write?);
     }
     Ok(ChurnLog {
         writes,

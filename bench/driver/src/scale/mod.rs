@@ -211,7 +211,12 @@ async fn converge(
         );
     };
     run.converge = reached.saturating_duration_since(started);
-    run.short_agents = status::agents_without(fleet, run.endpoints).await;
+    // A control-plane-only agent keeps its own node's endpoints out of its map (they
+    // would need a host): each holds the others'.
+    run.short_agents = status::agents_without(fleet, |node| {
+        run.endpoints - workload.count_on(node, run.endpoints)
+    })
+    .await;
     Ok(())
 }
 

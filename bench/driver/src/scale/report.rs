@@ -125,14 +125,17 @@ pub fn markdown(options: &ScaleOptions, results: &[(Backend, Vec<SizeRun>)], not
                 None if v.target == NO_TARGET => "",
                 None => "not measured",
             };
+            let target = if v.target == NO_TARGET {
+                "—".to_string()
+            } else {
+                format!("{} {}", v.target, v.unit)
+            };
             out += &format!(
-                "| {} | {} | {} {} | {} {} | {met} |\n",
+                "| {} | {} | {} {} | {target} | {met} |\n",
                 v.backend,
                 v.measure,
                 cell(v.value, 2),
                 v.unit,
-                v.target,
-                v.unit
             );
         }
     }

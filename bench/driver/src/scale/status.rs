@@ -34,8 +34,9 @@ pub fn endpoints_held(status: &Value) -> Option<u64> {
     })
 }
 
-/// The agents whose status does not show `expected` endpoints within [`HOLD_TIMEOUT`].
-pub async fn agents_without(fleet: &Fleet, expected: usize) -> Vec<String> {
+/// The agents whose status does not show the endpoints `expected` gives for their node
+/// within [`HOLD_TIMEOUT`].
+pub async fn agents_without(fleet: &Fleet, expected: impl Fn(&str) -> usize) -> Vec<String> {
     let deadline = Instant::now() + HOLD_TIMEOUT;
     loop {
         let short: Vec<String> = fleet
@@ -43,8 +44,8 @@ pub async fn agents_without(fleet: &Fleet, expected: usize) -> Vec<String> {
             .await
             .iter()
             .zip(&fleet.agents)
-            .filter(|(status, _)| {
-                status.as_ref().ok().and_then(endpoints_held) != Some(expected as u64)
+            .filter(|(status, agent)| {
+                status.as_ref().ok().and_then(endpoints_held) != Some(expected(&agent.node) as u64)
             })
             .map(|(_, agent)| agent.node.clone())
             .collect();

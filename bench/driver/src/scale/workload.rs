@@ -71,6 +71,11 @@ impl Workload {
         &self.nodes[i % self.nodes.len()]
     }
 
+    /// How many of endpoints `0..total` are on `node`.
+    pub fn count_on(&self, node: &str, total: usize) -> usize {
+        (0..total).filter(|i| self.node(*i) == node).count()
+    }
+
     /// Endpoint `i`'s IPAM key and value.
     fn allocation(&self, i: usize) -> (String, Vec<u8>) {
         let value = IpAllocation {
