@@ -86,7 +86,8 @@ struct ScaleArgs {
     /// How long the churn runs, in seconds.
     #[arg(long, default_value_t = 20.0)]
     churn_seconds: f64,
-    /// How long the agents may take to start, or to converge, before a run fails.
+    /// How long the agents may take to start, or to converge (writes included), before
+    /// a run fails.
     #[arg(long, default_value_t = 180)]
     timeout_seconds: u64,
     /// The `overlay-ctl` to run (agents and dev server) [default: the one beside this

@@ -201,10 +201,18 @@ async fn converge(
     run: &mut SizeRun,
 ) -> Result<()> {
     let started = Instant::now();
-    workload.create_endpoints(0..run.endpoints).await?;
+    tokio::time::timeout(timeout, workload.create_endpoints(0..run.endpoints))
+        .await
+        .with_context(|| {
+            format!(
+                "the store took more than {timeout:?} to take {} endpoint writes",
+                run.endpoints
+            )
+        })??;
     run.writes = started.elapsed();
     let last = workload.last_endpoint_index().await?;
-    let Some(reached) = acks.wait_reached(last, timeout).await else {
+    let left = timeout.saturating_sub(started.elapsed());
+    let Some(reached) = acks.wait_reached(last, left).await else {
         bail!(
             "the agents did not all acknowledge index {last} within {timeout:?} (lowest: {})",
             acks.lowest()
