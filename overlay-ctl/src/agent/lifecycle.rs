@@ -70,11 +70,13 @@ pub async fn run(
         DataplaneMode::Bpf => attach_data_plane(&handle, &options).await?,
         DataplaneMode::None => (control_plane_only(&options)?, None),
     };
+    let mirror = super::mirror::Mirror::new(store.prefix());
     let agent = Arc::new(Agent {
         store,
         handle,
         plane: Mutex::new(plane),
         cluster: Mutex::new(ClusterView::default()),
+        mirror: Mutex::new(mirror),
         identity: Mutex::new(Identity::load(
             &options.state_dir,
             (options.session_ttl * 3).max(Duration::from_secs(10)),

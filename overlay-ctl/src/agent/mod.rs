@@ -30,6 +30,7 @@
 pub mod apply;
 pub mod control;
 mod control_server;
+mod delta;
 pub mod dns;
 pub mod egress;
 pub mod gc;
@@ -38,11 +39,13 @@ pub mod local_state;
 pub mod logs;
 mod membership;
 pub mod metrics;
+mod mirror;
 pub mod mtu;
 pub mod names;
 mod reaping;
 pub mod reconcile;
 mod reconciler;
+mod rejections;
 pub mod status;
 mod watch;
 
@@ -71,7 +74,6 @@ use crate::{
     dataplane::netlink::{LinkInfo, NetlinkError},
     dataplane::underlay::{DecapMode, HostChange, UnderlaySetup},
     store::identity::Identity,
-    store::records::RejectionLog,
     store::Store,
 };
 
@@ -176,8 +178,13 @@ struct ClusterView {
     /// The interface names on this node at the last reconcile (which local endpoints
     /// are real containers, for [`crate::store::records::View::Node`]).
     links: BTreeSet<String>,
-    /// Store records already reported as rejected (each is logged once while it lasts).
-    rejections: RejectionLog,
+    /// The store records rejected now (each is logged once while it lasts).
+    rejections: rejections::Rejections,
+    /// Changes applied on their own ([`delta`]) are not in `desired`'s endpoints yet:
+    /// the next full run judges the mirror again first.
+    endpoints_behind: bool,
+    /// The networks with an endpoint of this node in `desired` (their names are served).
+    local_networks: BTreeSet<String>,
     /// Counts the changes of `desired` (what the watch acknowledges, without comparing
     /// whole states).
     generation: u64,
@@ -185,9 +192,13 @@ struct ClusterView {
 
 impl ClusterView {
     /// Keeps `state` as the desired one; returns whether it differs from the last.
-    fn set_desired(&mut self, state: ClusterState) -> bool {
+    fn set_desired(&mut self, state: ClusterState, node: &str) -> bool {
+        self.endpoints_behind = false;
         let changed = self.desired.as_ref() != Some(&state);
         if changed {
+            self.local_networks = (state.local_endpoints(node))
+                .map(|e| e.network.clone())
+                .collect();
             self.desired = Some(state);
             self.generation += 1;
         }
@@ -212,6 +223,8 @@ struct Agent {
     handle: Handle,
     plane: Mutex<Plane>,
     cluster: Mutex<ClusterView>,
+    /// The watch's copy of the followed keys. Taken before `cluster` when both are.
+    mirror: Mutex<mirror::Mirror>,
     /// Whether the store is this cluster's ([`crate::store::identity`]).
     identity: Mutex<Identity>,
     /// Everything `status` and the metrics report about the control plane: one place,

@@ -131,7 +131,7 @@ impl Agent {
                     return (false, false);
                 };
                 let mut cluster = lock(&self.cluster);
-                let newer = cluster.set_desired(state);
+                let newer = cluster.set_desired(state, self.node());
                 // Marked with the state, not after its apply: a watch that reads the same
                 // state meanwhile finds it unchanged and must still acknowledge it, once
                 // this run (which holds the reconcile lock) has applied it.
@@ -147,6 +147,13 @@ impl Agent {
 
     /// Read, plan, apply: the stages of one run on the last known state.
     async fn apply_desired(&self, state: &mut ReconcilerState) -> Result<Pass, String> {
+        if std::mem::take(&mut lock(&self.cluster).endpoints_behind) {
+            // Changes applied on their own since the last full judgement (or a resync):
+            // judge the mirror again, without reading the store.
+            if let Some(state) = self.judge_mirror() {
+                lock(&self.cluster).set_desired(state, self.node());
+            }
+        }
         let Some(cluster) = self.desired() else {
             // Nothing known yet: keep whatever the maps hold (a restart keeps forwarding).
             return Ok(Pass::default());

@@ -4,20 +4,38 @@
 //! read: its records validated for this node ([`records::parse_snapshot`]) and the store
 //! checked against the cluster id ([`crate::store::identity`]).
 //!
-//! The watch keeps a copy of the followed keys ([`Mirror`]): a snapshot replaces it, a
-//! batch of changes edits it, and the state to apply is judged from it, so a change never
-//! needs the store to be read again.
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+//! The watch keeps a copy of the followed keys ([`super::mirror::Mirror`]): a snapshot
+//! replaces it and is judged in full; a batch of changes edits it and, when it touches
+//! only other nodes' endpoints and addresses, is applied on its own
+//! ([`super::delta`]); anything else is judged in full from the mirror, so a change
+//! never needs the store to be read again. The resync compares the maps with the state
+//! judged from the mirror, and reads the whole store only every
+//! [`STORE_REREAD_EVERY`]th time.
+use std::{sync::Arc, time::Instant};
 
 use tracing::{debug, info, warn};
 
-use super::{lock, reconcile::ClusterState, Agent};
+use super::{delta::DeltaOutcome, lock, reconcile::ClusterState, Agent};
 use crate::{
     store::backend::KvPair,
     store::feed::{FeedEvent, KvChange, StoreFeed},
-    store::identity::{self, Judgement},
+    store::identity::{self, Judgement, Trust},
     store::records,
 };
+
+/// Every how many resyncs the whole store is read again (the safety net under the
+/// feed: at the default 30 s resync, every 5 minutes); the others judge the mirror.
+pub(super) const STORE_REREAD_EVERY: u32 = 10;
+
+/// What one feed event asks for.
+enum Followed {
+    /// Nothing to apply (no change, or a store that is not to be applied now).
+    Nothing,
+    /// Applied on its own: acknowledge it.
+    Applied,
+    /// The state judged in full, to apply.
+    State(ClusterState),
+}
 
 /// The last state this node acknowledged applying, and at which watch index.
 #[derive(Default)]
@@ -25,35 +43,6 @@ struct Acknowledged {
     index: u64,
     /// The [`super::ClusterView::generation`] acknowledged.
     generation: Option<u64>,
-}
-
-/// The watch's copy of every followed key, by key.
-#[derive(Default)]
-pub(super) struct Mirror {
-    pairs: BTreeMap<String, KvPair>,
-}
-
-impl Mirror {
-    fn replace(&mut self, pairs: Vec<KvPair>) {
-        self.pairs = pairs.into_iter().map(|p| (p.key.clone(), p)).collect();
-    }
-
-    fn apply(&mut self, changes: Vec<KvChange>) {
-        for change in changes {
-            match change {
-                KvChange::Put(pair) => {
-                    self.pairs.insert(pair.key.clone(), pair);
-                }
-                KvChange::Delete { key } => {
-                    self.pairs.remove(&key);
-                }
-            }
-        }
-    }
-
-    pub(super) fn pairs(&self) -> impl Iterator<Item = &KvPair> + Clone {
-        self.pairs.values()
-    }
 }
 
 /// The bytes of keys and values an event carried (the feed's own count of what was read).
@@ -79,17 +68,18 @@ impl Agent {
             self.store.prefix(),
             self.options.watch_wait,
         );
-        let mut mirror = Mirror::default();
         let mut acknowledged = Acknowledged::default();
         loop {
             match feed.next().await {
                 Ok(event) => {
                     self.consul_ok();
                     let index = event.index();
-                    let Some(state) = self.follow(&mut mirror, event) else {
-                        continue;
+                    let applied = match self.follow(event).await {
+                        Followed::Nothing => continue,
+                        Followed::Applied => true,
+                        Followed::State(state) => self.apply_watched(state, index).await,
                     };
-                    if self.apply_watched(state, index).await {
+                    if applied {
                         self.acknowledge(index, &mut acknowledged).await;
                     }
                 }
@@ -98,9 +88,8 @@ impl Agent {
         }
     }
 
-    /// Takes one feed event into the mirror; returns the state to apply (`None`: nothing
-    /// changed, or the store is not to be applied now).
-    fn follow(&self, mirror: &mut Mirror, event: FeedEvent) -> Option<ClusterState> {
+    /// Takes one feed event into the mirror, and applies it on its own when it can.
+    async fn follow(&self, event: FeedEvent) -> Followed {
         let bytes = event_bytes(&event);
         let counted = |snapshots: u64, changes: u64| {
             self.status.send_modify(|status| {
@@ -114,17 +103,33 @@ impl Agent {
         match event {
             FeedEvent::Snapshot { pairs, .. } => {
                 counted(1, 0);
-                mirror.replace(pairs);
+                lock(&self.mirror).replace(pairs);
             }
             FeedEvent::Changes { changes, .. } => {
                 counted(0, changes.len() as u64);
-                if changes.is_empty() {
-                    return None;
+                let scope = lock(&self.mirror).take_changes(changes, self.node());
+                if !scope.full && scope.keys.is_empty() {
+                    return Followed::Nothing;
                 }
-                mirror.apply(changes);
+                if self.apply_changes(&scope).await == DeltaOutcome::Applied {
+                    return Followed::Applied;
+                }
                 self.status
                     .send_modify(|status| status.feed.full_fallbacks += 1);
             }
+        }
+        match self.judge_mirror() {
+            Some(state) => Followed::State(state),
+            None => Followed::Nothing,
+        }
+    }
+
+    /// Judges the mirror in full (`None`: no snapshot yet, or the store is not to be
+    /// applied now).
+    pub(super) fn judge_mirror(&self) -> Option<ClusterState> {
+        let mirror = lock(&self.mirror);
+        if !mirror.synced() {
+            return None;
         }
         self.judge(mirror.pairs())
     }
@@ -132,7 +137,7 @@ impl Agent {
     /// Applies a state the watch read at `index`; returns whether it is now applied (by
     /// this call, or by an earlier reconcile the watch had not acknowledged yet).
     async fn apply_watched(&self, state: ClusterState, index: u64) -> bool {
-        let changed = lock(&self.cluster).set_desired(state);
+        let changed = lock(&self.cluster).set_desired(state, self.node());
         if changed {
             debug!(index, "cluster state changed");
             self.reconcile(false).await.is_ok()
@@ -165,13 +170,25 @@ impl Agent {
         }
     }
 
-    /// Full resync on a timer: catches map drift and anything a watch may have missed.
+    /// Resync on a timer: compares the maps with the state judged from the mirror (map
+    /// drift, an expired healing period), and every [`STORE_REREAD_EVERY`]th time (the
+    /// first included) with a fresh read of the whole store (anything a feed missed).
     pub(super) async fn resync_loop(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(self.options.resync_interval);
-        loop {
+        for tick in 0u32.. {
             ticker.tick().await;
+            // A store that is not trusted as it is (lost, foreign, healing) is judged
+            // from a fresh read every time, as the mirror may predate what was judged.
+            let trusted = matches!(
+                lock(&self.identity).trust(),
+                Trust::Trusted | Trust::Unknown
+            );
+            let from_store = !trusted || tick % STORE_REREAD_EVERY == 0;
+            if !from_store {
+                lock(&self.cluster).endpoints_behind = true;
+            }
             // A failed run is logged and counted by `reconcile` itself.
-            let _ = self.reconcile(true).await;
+            let _ = self.reconcile(from_store).await;
         }
     }
 
@@ -214,9 +231,15 @@ impl Agent {
             links: &cluster.links,
         };
         let snapshot = records::parse_snapshot(self.store.prefix(), pairs, view);
-        let fresh = cluster.rejections.fresh(&snapshot.rejected);
+        let fresh = cluster.rejections.replace_all(&snapshot.rejected);
         drop(cluster);
-        for r in &fresh {
+        self.report_rejections(&fresh);
+        snapshot.state
+    }
+
+    /// Logs and counts the rejections found fresh, and publishes the current totals.
+    pub(super) fn report_rejections(&self, fresh: &[records::Rejection]) {
+        for r in fresh {
             if r.reason == records::RejectReason::UnknownNetwork {
                 // Also what `network delete --force` looks like for a moment (the
                 // network's key goes first, then its endpoints).
@@ -227,10 +250,13 @@ impl Agent {
         }
         self.metrics
             .record_rejections_reported(fresh.iter().map(|r| (r.kind, r.reason)));
+        let (total, by_reason) = {
+            let cluster = lock(&self.cluster);
+            (cluster.rejections.len(), cluster.rejections.count())
+        };
         self.status.send_modify(|status| {
-            status.rejected_records = snapshot.rejected.len();
-            status.rejected_by_reason = records::count(&snapshot.rejected);
+            status.rejected_records = total;
+            status.rejected_by_reason = by_reason;
         });
-        snapshot.state
     }
 }
