@@ -42,7 +42,7 @@ enum Command {
     /// For each store and each size (a fresh store and fleet each): the IPAM keys are
     /// written, AGENTS `overlay-ctl agent --dataplane none` processes start (own node
     /// name, VTEP in 198.18.0.0/15, state dir), then the endpoints are written (spread
-    /// over the agents' nodes, 32 writes in flight) and timed until every agent
+    /// over the agents' nodes, WRITERS in flight) and timed until every agent
     /// acknowledged (`applied/<node>`) an index at or after the last write, and each
     /// agent's status is checked to hold them all. Then CHURN_RATE endpoint changes per
     /// second (a create, then a delete, each with its IPAM key, as `run` does) for
@@ -83,6 +83,10 @@ struct ScaleArgs {
     /// Endpoint changes per second during the churn.
     #[arg(long, default_value_t = 50.0)]
     churn_rate: f64,
+    /// Endpoint writes in flight while the cluster is loaded (as a busy cluster's many
+    /// `run`s would send them).
+    #[arg(long, default_value_t = 32)]
+    writers: usize,
     /// How long the churn runs, in seconds.
     #[arg(long, default_value_t = 20.0)]
     churn_seconds: f64,
@@ -150,8 +154,8 @@ fn scale_options(args: &ScaleArgs) -> Result<ScaleOptions, String> {
     }
     let mut sizes = args.endpoints.clone();
     sizes.sort_unstable();
-    if args.agents == 0 || sizes.is_empty() || sizes[0] == 0 {
-        return Err("--agents and --endpoints must be positive".into());
+    if args.agents == 0 || args.writers == 0 || sizes.is_empty() || sizes[0] == 0 {
+        return Err("--agents, --writers and --endpoints must be positive".into());
     }
     if !(args.churn_rate > 0.0 && args.churn_seconds > 0.0) {
         return Err("--churn-rate and --churn-seconds must be positive".into());
@@ -176,6 +180,7 @@ fn scale_options(args: &ScaleArgs) -> Result<ScaleOptions, String> {
         sizes,
         churn_rate: args.churn_rate,
         churn_duration: Duration::from_secs_f64(args.churn_seconds),
+        writers: args.writers,
         timeout: Duration::from_secs(args.timeout_seconds),
     })
 }
@@ -195,25 +200,38 @@ fn run_scale(args: ScaleArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Ctrl-C ends the run through the same drops as an error: every agent, store and
-    // temporary directory goes.
+    // The report is rewritten after every run, so an interrupted or failing run keeps
+    // what it measured. Ctrl-C ends the run through the same drops as an error: every
+    // agent, store and temporary directory goes.
+    let write_report = |results: &scale::Results| {
+        let markdown = report::markdown(&options, results, &args.note);
+        let json = report::json(&options, results, &args.note);
+        match report::write(&args.out_dir, &args.name, &markdown, &json) {
+            Ok(()) => Some(markdown),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                None
+            }
+        }
+    };
     let results = runtime.block_on(async {
         tokio::select! {
-            results = scale::run(&options) => Some(results),
+            results = scale::run(&options, |r| { write_report(r); }) => Some(results),
             _ = tokio::signal::ctrl_c() => None,
         }
     });
     let Some(results) = results else {
-        eprintln!("interrupted: stopped every agent and store");
+        eprintln!(
+            "interrupted: stopped every agent and store; {}/{}.md holds the runs that finished",
+            args.out_dir.display(),
+            args.name
+        );
         return ExitCode::from(130);
     };
-    let markdown = report::markdown(&options, &results, &args.note);
-    println!("{markdown}");
-    let json = report::json(&options, &results, &args.note);
-    if let Err(e) = report::write(&args.out_dir, &args.name, &markdown, &json) {
-        eprintln!("error: {e:#}");
+    let Some(markdown) = write_report(&results) else {
         return ExitCode::FAILURE;
-    }
+    };
+    println!("{markdown}");
     eprintln!(
         "scale: wrote {}/{}.md and .json",
         args.out_dir.display(),

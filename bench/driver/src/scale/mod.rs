@@ -7,8 +7,8 @@
 //!    `network create` write, and the IPAM keys of every endpoint to come ([`workload`]);
 //! 2. the agents start ([`agents`]) and each acknowledges the state it applied
 //!    (`applied/<node>`, followed by [`acks`]);
-//! 3. **convergence**: the endpoints are written, 32 in flight, spread over the agents'
-//!    nodes; from the first write until every agent acknowledged an index at or after
+//! 3. **convergence**: the endpoints are written (32 in flight by default), spread over
+//!    the agents' nodes; from the first write until every agent acknowledged an index at or after
 //!    the last one, then every agent's status is checked to hold them all;
 //! 4. **churn** ([`churn`]): endpoint creates and deletes at a steady rate; per change,
 //!    the delay until every agent acknowledged it; per agent, the store bytes read and
@@ -50,6 +50,8 @@ pub struct ScaleOptions {
     /// Endpoint changes per second during the churn.
     pub churn_rate: f64,
     pub churn_duration: Duration,
+    /// Endpoint writes in flight while the cluster is loaded.
+    pub writers: usize,
     /// How long the agents may take to start, and to converge, before the run fails.
     pub timeout: Duration,
 }
@@ -90,11 +92,16 @@ pub struct ChurnResult {
     pub snapshots: Option<u64>,
 }
 
-/// Runs every backend and size in turn; a failed run is reported, not fatal.
-pub async fn run(options: &ScaleOptions) -> Vec<(Backend, Vec<SizeRun>)> {
-    let mut results = Vec::new();
+/// The results so far: each backend with its runs, smallest size first.
+pub type Results = Vec<(Backend, Vec<SizeRun>)>;
+
+/// Runs every backend and size in turn; a failed run is reported, not fatal. After each
+/// run `done` gets the results so far (the binary writes the report then, so a run cut
+/// short keeps what it measured).
+pub async fn run(options: &ScaleOptions, mut done: impl FnMut(&Results)) -> Results {
+    let mut results: Results = Vec::new();
     for &backend in &options.backends {
-        let mut runs = Vec::new();
+        results.push((backend, Vec::new()));
         for &endpoints in &options.sizes {
             let started = Instant::now();
             progress(&format!(
@@ -119,9 +126,11 @@ pub async fn run(options: &ScaleOptions) -> Vec<(Backend, Vec<SizeRun>)> {
                 backend.name(),
                 started.elapsed().as_secs_f64()
             ));
-            runs.push(run);
+            if let Some((_, runs)) = results.last_mut() {
+                runs.push(run);
+            }
+            done(&results);
         }
-        results.push((backend, runs));
     }
     results
 }
@@ -137,7 +146,7 @@ async fn measure(options: &ScaleOptions, backend: Backend, endpoints: usize) -> 
     let nodes: Vec<String> = (0..options.agents)
         .map(|i| format!("scale-{i:03}"))
         .collect();
-    let workload = Workload::new(server.store().await?, nodes);
+    let workload = Workload::new(server.store().await?, nodes, options.writers);
     workload.prepare().await?;
     workload.allocate(0..endpoints).await?;
     progress(&format!(

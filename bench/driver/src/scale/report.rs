@@ -139,10 +139,12 @@ pub fn markdown(options: &ScaleOptions, results: &[(Backend, Vec<SizeRun>)], not
             );
         }
     }
-    out += "\n| store | endpoints | agents up (s) | writes (s) | converge (s) | churn rate (/s) \
+    out +=
+        "\n| store | endpoints | agents up (s) | writes (s) | converge (s) | after last write (s) \
+            | churn rate (/s) \
             | p50 (ms) | p99 (ms) | max (ms) | unacked | bytes/agent/change | CPU ms/agent/change \
             | full reads | RSS max (MB) | RSS median (MB) | notes |\n";
-    out += &"| --- ".repeat(16);
+    out += &"| --- ".repeat(17);
     out += "|\n";
     for (backend, runs) in results {
         for run in runs {
@@ -173,11 +175,12 @@ fn run_row(backend: &str, run: &SizeRun) -> String {
         notes.push(e.replace('|', "/").replace('\n', " "));
     }
     format!(
-        "| {backend} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {backend} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         run.endpoints,
         run.start.as_secs_f64(),
         run.writes.as_secs_f64(),
         run.converge.as_secs_f64(),
+        run.converge.saturating_sub(run.writes).as_secs_f64(),
         churn.rate,
         cell(ms(0.5), 1),
         cell(ms(0.99), 1),
@@ -212,6 +215,7 @@ fn run_json(run: &SizeRun) -> Value {
         "agents_up_s": run.start.as_secs_f64(),
         "writes_s": run.writes.as_secs_f64(),
         "converge_s": run.converge.as_secs_f64(),
+        "converge_after_last_write_s": run.converge.saturating_sub(run.writes).as_secs_f64(),
         "agents_short_of_endpoints": run.short_agents,
         "churn": churn,
         "agent_rss_max_mb": run.rss.iter().copied().max().map(mb),

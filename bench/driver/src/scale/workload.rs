@@ -21,8 +21,6 @@ pub const NETWORK: &str = "scale";
 /// 65,534 addresses: room for 20,000 endpoints and the churn's new ones.
 const SUBNET: &str = "10.128.0.0/16";
 const FIRST_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 128, 0, 10);
-/// Writes in flight during the bulk load (as a busy cluster would see).
-const IN_FLIGHT: usize = 32;
 /// How long reading back one write's index may take.
 const INDEX_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -37,11 +35,17 @@ pub struct Write {
 pub struct Workload {
     store: Store,
     nodes: Vec<String>,
+    /// Writes in flight during the bulk load.
+    writers: usize,
 }
 
 impl Workload {
-    pub fn new(store: Store, nodes: Vec<String>) -> Self {
-        Self { store, nodes }
+    pub fn new(store: Store, nodes: Vec<String>, writers: usize) -> Self {
+        Self {
+            store,
+            nodes,
+            writers: writers.max(1),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -131,7 +135,7 @@ impl Workload {
         for (key, value) in records {
             let kv = self.store.kv().clone();
             pending.push(async move { kv.put(&key, &value).await });
-            if pending.len() >= IN_FLIGHT {
+            if pending.len() >= self.writers {
                 if let Some(result) = pending.next().await {
                     result?;
                 }
