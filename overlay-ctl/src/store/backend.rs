@@ -184,6 +184,15 @@ impl StoreBackend {
         }
     }
 
+    /// The bytes this process read from the store through this client and its clones
+    /// (Consul: answer bodies; etcd: encoded range answers and watch messages).
+    pub fn bytes_read(&self) -> u64 {
+        match self {
+            Self::Consul(c) => c.bytes_read(),
+            Self::Etcd(e) => e.bytes_read(),
+        }
+    }
+
     /// `consul` or `etcd`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -14,6 +14,8 @@
 //! | `overlay/config/vxlan-port` | the cluster's VXLAN UDP port, see [`crate::store::settings`] |
 //! | `overlay/subnets` | [`SubnetClaims`](crate::store::SubnetClaims): every network's subnet, updated with cas=index |
 //! | `overlay/applied/<node>` | the KV index whose state the node's maps hold |
+//! | `overlay/journal/head` | Consul only: the number of the last change journal entry (decimal), see [`crate::store::journal`] |
+//! | `overlay/journal/<slot>` | Consul only: [`JournalEntry`](crate::store::journal::JournalEntry) number `n` in slot `n % 1024` |
 //!
 //! (Validating a record read at one of these keys is [`crate::store::records`]' job.)
 use std::net::Ipv4Addr;
@@ -116,6 +118,19 @@ impl Keys {
     /// The node a key under [`Keys::applied_all`] names.
     pub fn parse_applied<'k>(&self, key: &'k str) -> Option<&'k str> {
         key.strip_prefix(&self.applied_all())
+    }
+
+    /// Where the change journal lives (Consul only, [`crate::store::journal`]).
+    pub fn journal(&self) -> String {
+        format!("{}journal/", self.prefix)
+    }
+
+    pub fn journal_head(&self) -> String {
+        format!("{}journal/head", self.prefix)
+    }
+
+    pub fn journal_slot(&self, slot: u64) -> String {
+        format!("{}journal/{slot}", self.prefix)
     }
 
     pub fn bootstrap(&self) -> String {

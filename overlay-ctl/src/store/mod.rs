@@ -44,6 +44,7 @@ pub mod etcd;
 pub mod feed;
 pub mod identity;
 pub mod ipam;
+pub mod journal;
 pub mod keys;
 pub mod mtu;
 mod networks;
@@ -359,11 +360,17 @@ impl Store {
         Self::with_backend(StoreBackend::Etcd(client), prefix)
     }
 
+    /// A store on `backend`; on Consul its writes of endpoints and allocations go
+    /// through the change journal that lets agents follow them ([`journal`]).
     pub fn with_backend(backend: StoreBackend, prefix: &str) -> Self {
-        Self {
-            backend,
-            keys: Keys::new(prefix),
-        }
+        let keys = Keys::new(prefix);
+        let backend = match backend {
+            StoreBackend::Consul(client) => {
+                StoreBackend::Consul(client.with_journal(keys.prefix()))
+            }
+            etcd => etcd,
+        };
+        Self { backend, keys }
     }
 
     /// Connects to the store `config` names (etcd connections are made lazily: this
@@ -388,6 +395,12 @@ impl Store {
 
     fn backend(&self) -> &StoreBackend {
         &self.backend
+    }
+
+    /// The bytes read from the store since this client was made (total, every clone of
+    /// the store included): what the feed's economy is measured in.
+    pub fn bytes_read(&self) -> u64 {
+        self.backend.bytes_read()
     }
 
     /// The store as a URL (`consul://host:port`, `etcd://a:2379,...`).

@@ -200,6 +200,10 @@ pub fn required_right(method: &Method, path: &str) -> String {
         let key = super::transport::decode_path(key);
         return format!("key:{access} on {key:?} (key_prefix rule of the overlay prefix)");
     }
+    if path == "/v1/txn" {
+        return "key:write on every key of the transaction (key_prefix rule of the overlay prefix)"
+            .to_string();
+    }
     if path.starts_with("/v1/session/") {
         return format!("session:{access} on the Consul agent's node");
     }

@@ -12,12 +12,12 @@ use super::{
     transport::{encode_path, encode_query, json, Missing, Req},
     ConsulClient, ConsulError, INDEX_HEADER, MAX_WAIT,
 };
-use crate::store::backend::KvPair;
+use crate::store::{backend::KvPair, journal::JournaledWrite};
 
 /// A KV entry as Consul's JSON carries it (value in base64).
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct RawKvPair {
+pub(super) struct RawKvPair {
     key: String,
     #[serde(default)]
     value: Option<String>,
@@ -34,7 +34,7 @@ struct RawKvPair {
 }
 
 impl RawKvPair {
-    fn decode(self, path: &str) -> Result<KvPair, ConsulError> {
+    pub(super) fn decode(self, path: &str) -> Result<KvPair, ConsulError> {
         let value = match self.value {
             None => Vec::new(),
             Some(v) => base64::engine::general_purpose::STANDARD
@@ -170,6 +170,29 @@ impl ConsulClient {
         self.keys_inner(prefix, Some(separator)).await
     }
 
+    /// Blocking `GET /v1/kv/:prefix?keys&separator=&index=&wait=`: the names under
+    /// `prefix` up to `separator` (e.g. the folders), once anything under `prefix`
+    /// changed past `index` (Consul's index covers every key below, not only the names
+    /// listed), with the new `X-Consul-Index`.
+    pub async fn keys_blocking(
+        &self,
+        prefix: &str,
+        separator: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(Vec<String>, u64), ConsulError> {
+        let query = format!(
+            "keys&separator={}&{}",
+            encode_query(separator),
+            blocking_query(index, wait)
+        );
+        let decode = |path: &str, body: &[u8]| -> Result<Vec<String>, ConsulError> {
+            Ok(json::<Option<Vec<String>>>(path, body)?.unwrap_or_default())
+        };
+        self.blocking(prefix_path(prefix, &query), wait, Vec::new(), decode)
+            .await
+    }
+
     async fn keys_inner(
         &self,
         prefix: &str,
@@ -201,7 +224,15 @@ impl ConsulClient {
 
     /// `PUT /v1/kv/:key`: sets the value unconditionally.
     pub async fn put(&self, key: &str, value: &[u8]) -> Result<(), ConsulError> {
-        if self.write_bool(self.put_req(key, None, value)?).await? {
+        let wrote = match self.journal_for(key) {
+            Some(journal) => {
+                journal
+                    .write(self, JournaledWrite::Put { key, value })
+                    .await?
+            }
+            None => self.write_bool(self.put_req(key, None, value)?).await?,
+        };
+        if wrote {
             Ok(())
         } else {
             Err(ConsulError::Rejected {
@@ -219,6 +250,14 @@ impl ConsulClient {
         value: &[u8],
         cas_index: u64,
     ) -> Result<bool, ConsulError> {
+        if let Some(journal) = self.journal_for(key) {
+            let write = JournaledWrite::PutCas {
+                key,
+                value,
+                index: cas_index,
+            };
+            return journal.write(self, write).await;
+        }
         let req = self.put_req(key, Some(format!("cas={cas_index}")), value)?;
         self.write_bool(req.not_idempotent()).await
     }
@@ -253,6 +292,10 @@ impl ConsulClient {
 
     /// `DELETE /v1/kv/:key` (deleting a missing key succeeds).
     pub async fn delete(&self, key: &str) -> Result<(), ConsulError> {
+        if let Some(journal) = self.journal_for(key) {
+            journal.write(self, JournaledWrite::Delete { key }).await?;
+            return Ok(());
+        }
         self.write_bool(self.req(Method::DELETE, key_path(key)?))
             .await?;
         Ok(())
@@ -260,6 +303,11 @@ impl ConsulClient {
 
     /// `DELETE /v1/kv/:key?cas=N`: deletes only if the key's `ModifyIndex` is `index`.
     pub async fn delete_cas(&self, key: &str, index: u64) -> Result<bool, ConsulError> {
+        if let Some(journal) = self.journal_for(key) {
+            return journal
+                .write(self, JournaledWrite::DeleteCas { key, index })
+                .await;
+        }
         let path = format!("{}?cas={index}", key_path(key)?);
         self.write_bool(self.req(Method::DELETE, path).not_idempotent())
             .await
@@ -272,6 +320,12 @@ impl ConsulClient {
             return Err(ConsulError::InvalidArgument(
                 "refusing to delete the whole KV store (empty prefix)".to_string(),
             ));
+        }
+        if let Some(journal) = self.journal_for(prefix) {
+            journal
+                .write(self, JournaledWrite::DeleteTree { prefix })
+                .await?;
+            return Ok(());
         }
         self.write_bool(self.req(Method::DELETE, prefix_path(prefix, "recurse")))
             .await?;

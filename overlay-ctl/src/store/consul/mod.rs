@@ -26,9 +26,16 @@ pub mod error;
 mod kv;
 mod session;
 mod transport;
+mod txn;
 mod watch;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -42,9 +49,11 @@ pub use self::{
     error::{ConsulError, ErrorClass},
     session::{SessionBehavior, SessionInfo},
     transport::{format_duration, RetryPolicy},
+    txn::{TxnFailure, TxnOp, TxnOutcome},
     watch::{next_watch_index, KvWatch},
 };
 pub use crate::store::backend::KvPair;
+use crate::store::journal::Journal;
 
 /// The header Consul reads the ACL token from.
 pub const TOKEN_HEADER: &str = "X-Consul-Token";
@@ -65,6 +74,11 @@ pub struct ConsulClient {
     http: Client<ConsulConnector, Full<Bytes>>,
     retry: RetryPolicy,
     timeout: Duration,
+    /// Bytes of answer bodies read since the client was made (shared by its clones).
+    bytes_read: Arc<AtomicU64>,
+    /// Set for the store's own client: its writes under the journaled sections go
+    /// through the change journal ([`crate::store::journal`]).
+    journal: Option<Arc<Journal>>,
 }
 
 impl std::fmt::Debug for ConsulClient {
@@ -156,6 +170,8 @@ impl ConsulClient {
             http,
             retry: RetryPolicy::default(),
             timeout: Duration::from_secs(10),
+            bytes_read: Arc::default(),
+            journal: None,
         })
     }
 
@@ -183,6 +199,23 @@ impl ConsulClient {
     /// The agent's address as given (`host:port`, `https://...`, `unix://...`).
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// This client with its writes under `prefix`'s journaled sections recorded in the
+    /// change journal ([`crate::store::journal`]), as the store's own writes are.
+    pub fn with_journal(mut self, prefix: &str) -> Self {
+        self.journal = Some(Arc::new(Journal::new(prefix)));
+        self
+    }
+
+    /// The journal a write to `key` goes through, if it is journaled.
+    fn journal_for(&self, key: &str) -> Option<&Journal> {
+        self.journal.as_deref().filter(|j| j.covers(key))
+    }
+
+    /// The bytes of every answer body this client (and its clones) read from Consul.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 }
 

@@ -339,6 +339,9 @@ impl ConsulClient {
             .await
             .map_err(|e| (transport(format!("reading the answer: {e}")), false))?
             .to_bytes();
+        let read = u64::try_from(body.len()).unwrap_or(u64::MAX);
+        self.bytes_read
+            .fetch_add(read, std::sync::atomic::Ordering::Relaxed);
         Ok(RawResponse {
             status,
             index,

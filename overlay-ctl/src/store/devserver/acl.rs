@@ -96,6 +96,32 @@ impl AclTokens {
     }
 }
 
+impl AclTokens {
+    /// A transaction needs, for each of its operations, what the same operation on
+    /// `/v1/kv/KEY` needs (as Consul checks a transaction op by op). A body that does not
+    /// decode is left to the handler's 400.
+    pub(super) fn authorize_txn(
+        &self,
+        body: &[u8],
+        query: &Query,
+        header_token: Option<&str>,
+    ) -> Result<(), Reply> {
+        let Ok(ops) = super::txn::decode_ops(body) else {
+            return Ok(());
+        };
+        for op in ops.iter().filter_map(|op| op.kv.as_ref()) {
+            let method = if op.is_read() {
+                Method::GET
+            } else {
+                Method::PUT
+            };
+            let path = format!("/v1/kv/{}", op.key);
+            self.authorize(&method, &path, query, header_token)?;
+        }
+        Ok(())
+    }
+}
+
 impl AclRule {
     fn grants(&self, needed: &Needed) -> bool {
         self.kind == needed.kind

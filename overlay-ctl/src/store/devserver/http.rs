@@ -202,7 +202,9 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     let token = req
         .headers()
         .get("X-Consul-Token")
-        .and_then(|v| v.to_str().ok());
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let token = token.as_deref();
     if let Err(denied) = shared.config.acl.authorize(&method, &path, &query, token) {
         debug!(%method, path, "ACL denied");
         return denied.into_response();
@@ -214,6 +216,11 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
                 .into_response()
         }
     };
+    if path == "/v1/txn" {
+        if let Err(denied) = shared.config.acl.authorize_txn(&body, &query, token) {
+            return denied.into_response();
+        }
+    }
     let reply = route(&shared, &method, &path, &query, body).await;
     debug!(%method, path, status = reply.status.as_u16(), "request");
     reply.into_response()
@@ -278,6 +285,15 @@ pub(super) async fn route(
     if let Some(id) = path.strip_prefix("/v1/agent/service/deregister/") {
         return match *method {
             Method::PUT => agent_service_deregister(shared, &percent_decode(id)),
+            _ => method_not_allowed(method),
+        };
+    }
+    if path == "/v1/txn" {
+        return match *method {
+            Method::PUT => match super::txn::decode_ops(&body) {
+                Ok(ops) => super::txn::txn(shared, ops),
+                Err(reply) => reply,
+            },
             _ => method_not_allowed(method),
         };
     }

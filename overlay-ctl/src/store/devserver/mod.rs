@@ -12,6 +12,8 @@
 //!   (with `?flags`, `?cas`, `?acquire`, `?release`), `DELETE` (with `?recurse`, `?cas`);
 //!   `X-Consul-Index` on every read; blocking queries with `?index=` and `?wait=`
 //!   (default 5 minutes, at most 10; [`http`]);
+//! - `PUT /v1/txn` with KV operations ([`txn`]): atomic, one index for all writes, 409
+//!   with the failing operation on a failed check;
 //! - sessions ([`session`]) with TTL (invalidated after twice the TTL without a renew, as
 //!   Consul may), `Behavior` `release`/`delete`, lock-delay,
 //!   create/renew/destroy/info/list;
@@ -42,6 +44,7 @@ mod listen;
 mod session;
 mod shared;
 mod state;
+mod txn;
 
 use std::{
     io::Write as _,

@@ -155,6 +155,21 @@ impl State {
         lock_bump: bool,
     ) {
         let idx = self.bump();
+        self.kv_set_at(key, value, flags, idx);
+        let Some(entry) = self.kv.get_mut(key) else {
+            return;
+        };
+        if let Some(session) = session {
+            entry.session = session;
+        }
+        if lock_bump {
+            entry.lock_index += 1;
+        }
+    }
+
+    /// Sets `key` at index `idx` (a transaction's writes share one), keeping its
+    /// session and lock index.
+    pub(super) fn kv_set_at(&mut self, key: &str, value: Vec<u8>, flags: u64, idx: u64) {
         let entry = self.kv.entry(key.to_string()).or_insert_with(|| Entry {
             value: Vec::new(),
             flags: 0,
@@ -166,12 +181,6 @@ impl State {
         entry.value = value;
         entry.flags = flags;
         entry.modify_index = idx;
-        if let Some(session) = session {
-            entry.session = session;
-        }
-        if lock_bump {
-            entry.lock_index += 1;
-        }
     }
 
     pub(super) fn kv_delete(&mut self, key: &str, idx: u64) -> bool {

@@ -19,7 +19,9 @@ mod backend;
 mod config;
 mod error;
 mod lease;
+mod range;
 mod watch;
+mod wire;
 
 pub use backend::parse_lease;
 pub use config::{
@@ -28,12 +30,13 @@ pub use config::{
 };
 pub use error::EtcdError;
 pub use lease::{LeaseId, LeaseInfo, LeaseKeepAlive};
+pub use range::KeyRange;
 pub use watch::{PrefixWatch, ResyncReason, WatchEvent, WatchUpdate};
 
 use std::{
     future::Future,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -130,6 +133,8 @@ pub struct EtcdClient {
     current: Arc<AtomicUsize>,
     config: EtcdConfig,
     endpoints: String,
+    /// Encoded bytes of the range answers and watch messages read (shared by clones).
+    bytes_read: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for EtcdClient {
@@ -187,6 +192,7 @@ impl EtcdClient {
             current: Arc::new(AtomicUsize::new(0)),
             config,
             endpoints,
+            bytes_read: Arc::default(),
         })
     }
 
@@ -230,6 +236,16 @@ impl EtcdClient {
         &self.config
     }
 
+    /// The encoded bytes of every range answer (get, list, keys) and watch message this
+    /// client and its clones read from etcd; writes' small answers are not counted.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    fn count_read(&self, bytes: u64) {
+        self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Runs an idempotent `call`, failing over between members and retrying while the
     /// cluster is unavailable (`max_attempts` rounds over the members, with backoff
     /// between rounds: 100 ms doubling, at most 1 s).
@@ -269,6 +285,7 @@ impl EtcdClient {
         let resp = self
             .call("get", |mut c| async move { c.get(key, None).await })
             .await?;
+        self.count_read(wire::get_response_len(&resp));
         Ok(resp.kvs().first().map(KvEntry::from_kv))
     }
 
@@ -280,6 +297,7 @@ impl EtcdClient {
                 c.get(prefix, Some(prefix_get(prefix))).await
             })
             .await?;
+        self.count_read(wire::get_response_len(&resp));
         Ok(Listing {
             entries: resp.kvs().iter().map(KvEntry::from_kv).collect(),
             revision: resp.header().map_or(0, |h| h.revision()),
@@ -294,6 +312,7 @@ impl EtcdClient {
                     .await
             })
             .await?;
+        self.count_read(wire::get_response_len(&resp));
         Ok(resp
             .kvs()
             .iter()

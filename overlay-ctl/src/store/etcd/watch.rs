@@ -8,7 +8,7 @@ use std::time::Duration;
 use etcd_client::{EventType, WatchOptions, WatchStream};
 use tracing::{debug, warn};
 
-use super::{EtcdClient, EtcdError, KvEntry, Listing};
+use super::{wire, EtcdClient, EtcdError, KeyRange, KvEntry, Listing};
 
 /// Why a watch delivered the whole state instead of changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,10 +57,10 @@ pub enum WatchUpdate {
     },
 }
 
-/// A resumable watch on a key prefix.
+/// A resumable watch on a key prefix (or any [`KeyRange`]).
 pub struct PrefixWatch {
     client: EtcdClient,
-    prefix: String,
+    range: KeyRange,
     /// The last revision delivered (0 before the first snapshot).
     revision: i64,
     /// The open stream and the member it is on.
@@ -73,7 +73,7 @@ pub struct PrefixWatch {
 impl std::fmt::Debug for PrefixWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PrefixWatch")
-            .field("prefix", &self.prefix)
+            .field("range", &format_args!("{}", self.range))
             .field("revision", &self.revision)
             .field("reconnects", &self.reconnects)
             .finish()
@@ -89,9 +89,19 @@ impl PrefixWatch {
     /// A watch delivering changes after `revision` (0: start with a snapshot), e.g. to
     /// continue from a revision a previous process recorded.
     pub fn resume(client: EtcdClient, prefix: impl Into<String>, revision: i64) -> Self {
+        Self::resume_range(client, KeyRange::prefix(&prefix.into()), revision)
+    }
+
+    /// A watch on the keys of `range` whose first update is a snapshot of them.
+    pub fn over(client: EtcdClient, range: KeyRange) -> Self {
+        Self::resume_range(client, range, 0)
+    }
+
+    /// A watch on `range` delivering changes after `revision` (0: a snapshot first).
+    pub fn resume_range(client: EtcdClient, range: KeyRange, revision: i64) -> Self {
         Self {
             client,
-            prefix: prefix.into(),
+            range,
             revision: revision.max(0),
             stream: None,
             reconnects: 0,
@@ -152,10 +162,11 @@ impl PrefixWatch {
                 }
                 Err(e) => return Err(EtcdError::from_client(endpoints, "watch", e)),
             };
+            self.client.count_read(wire::watch_response_len(&resp));
             if resp.compact_revision() > 0 {
                 let requested = self.revision + 1;
                 let compacted = resp.compact_revision();
-                warn!(prefix = %self.prefix, requested, compacted, "etcd compacted the watch's revision; re-reading the prefix");
+                warn!(range = %self.range, requested, compacted, "etcd compacted the watch's revision; re-reading the range");
                 self.stream = None;
                 return self
                     .snapshot(ResyncReason::Compacted {
@@ -187,16 +198,15 @@ impl PrefixWatch {
     async fn open(&mut self) -> Result<(usize, WatchStream), EtcdError> {
         let options = WatchOptions::new()
             .with_start_revision(self.revision + 1)
-            .with_progress_notify();
-        let options = if self.prefix.is_empty() {
-            options.with_all_keys()
-        } else {
-            options.with_prefix()
-        };
+            .with_progress_notify()
+            .with_range(self.range.end().to_vec());
         let (member, mut client) = self.client.member();
-        match client.watch(self.prefix.as_str(), Some(options)).await {
+        match client
+            .watch(self.range.start().to_vec(), Some(options))
+            .await
+        {
             Ok(stream) => {
-                debug!(prefix = %self.prefix, from = self.revision + 1, member, "etcd watch opened");
+                debug!(range = %self.range, from = self.revision + 1, member, "etcd watch opened");
                 Ok((member, stream))
             }
             Err(e) => {
@@ -208,7 +218,7 @@ impl PrefixWatch {
     }
 
     async fn snapshot(&mut self, reason: ResyncReason) -> Result<WatchUpdate, EtcdError> {
-        let listing = self.client.list(&self.prefix).await?;
+        let listing = self.client.list_range(&self.range).await?;
         self.revision = listing.revision;
         Ok(WatchUpdate::Snapshot { listing, reason })
     }

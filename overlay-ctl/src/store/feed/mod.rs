@@ -7,13 +7,17 @@
 //! [`FeedEvent::Changes`] holding only the keys that changed. The cost of an endpoint
 //! change for a watching agent is then that change, not the cluster.
 //!
-//! This first version is the contract only: every answer of the blocking list is
-//! delivered as a snapshot. The per-backend incremental feeds replace its inside.
+//! Per backend: [`etcd`] (one watch on a key range) and [`consul`] (blocking queries per
+//! part of the state, and a change journal for the big parts).
+mod consul;
+mod etcd;
+mod lanes;
+
 use std::time::Duration;
 
+use self::{consul::ConsulFeed, etcd::EtcdFeed};
 use super::{
     backend::{KvPair, StoreBackend},
-    consul::KvWatch,
     StoreError,
 };
 
@@ -57,22 +61,32 @@ impl FeedEvent {
 /// Follows the cluster state under a prefix; see the module documentation.
 #[derive(Debug)]
 pub struct StoreFeed {
-    watch: KvWatch<StoreBackend>,
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Consul(ConsulFeed),
+    Etcd(EtcdFeed),
 }
 
 impl StoreFeed {
     /// A feed of everything under `prefix` that an agent applies; `wait` bounds one
     /// blocking query (Consul) or how long a quiet watch is left alone (etcd).
     pub fn new(backend: StoreBackend, prefix: &str, wait: Duration) -> Self {
-        Self {
-            watch: KvWatch::new(backend, prefix, wait),
-        }
+        let inner = match backend {
+            StoreBackend::Etcd(client) => Inner::Etcd(EtcdFeed::new(client, prefix, wait)),
+            StoreBackend::Consul(client) => Inner::Consul(ConsulFeed::new(client, prefix, wait)),
+        };
+        Self { inner }
     }
 
     /// The next event: the first call returns the initial snapshot at once, later ones
     /// when something changed (or a wait expired: then possibly an empty `Changes`).
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
-        let (pairs, index) = self.watch.next().await?;
-        Ok(FeedEvent::Snapshot { pairs, index })
+        match &mut self.inner {
+            Inner::Etcd(feed) => feed.next().await,
+            Inner::Consul(feed) => feed.next().await,
+        }
     }
 }

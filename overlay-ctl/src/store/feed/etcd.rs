@@ -1,0 +1,134 @@
+//! The feed on etcd: one long-lived watch on the range of keys an agent applies (the
+//! prefix minus `applied/`, which sorts before every kind of key the agent reads), so
+//! after the initial range read only watch events cross the wire.
+use std::time::Duration;
+
+use super::{FeedEvent, KvChange};
+use crate::store::{
+    backend::KvPair,
+    etcd::{EtcdClient, KeyRange, PrefixWatch, WatchEvent, WatchUpdate},
+    keys::Keys,
+    StoreError,
+};
+
+/// The sub-prefix left out of the feed: every node's acknowledgement.
+const EXCLUDED: &str = "applied/";
+
+/// The keys the feed follows under `prefix`.
+pub(super) fn followed_range(prefix: &str) -> KeyRange {
+    KeyRange::prefix_after(Keys::new(prefix).prefix(), EXCLUDED)
+}
+
+#[derive(Debug)]
+pub(super) struct EtcdFeed {
+    watch: PrefixWatch,
+    wait: Duration,
+}
+
+impl EtcdFeed {
+    pub(super) fn new(client: EtcdClient, prefix: &str, wait: Duration) -> Self {
+        Self {
+            watch: PrefixWatch::over(client, followed_range(prefix)),
+            wait,
+        }
+    }
+
+    /// The next update of the watch; after `wait` without one, an empty `Changes` at the
+    /// revision already delivered (the watch stays open and misses nothing meanwhile).
+    pub(super) async fn next(&mut self) -> Result<FeedEvent, StoreError> {
+        let delivered = self.watch.revision();
+        let update = if delivered == 0 {
+            self.watch.next().await?
+        } else {
+            match tokio::time::timeout(self.wait, self.watch.next()).await {
+                Ok(update) => update?,
+                Err(_quiet) => {
+                    return Ok(FeedEvent::Changes {
+                        changes: Vec::new(),
+                        index: revision_index(delivered),
+                    })
+                }
+            }
+        };
+        Ok(convert_update(update))
+    }
+}
+
+fn revision_index(revision: i64) -> u64 {
+    u64::try_from(revision).unwrap_or(0)
+}
+
+fn convert_update(update: WatchUpdate) -> FeedEvent {
+    match update {
+        WatchUpdate::Snapshot { listing, .. } => FeedEvent::Snapshot {
+            pairs: listing.entries.into_iter().map(KvPair::from).collect(),
+            index: revision_index(listing.revision),
+        },
+        WatchUpdate::Changes { events, revision } => FeedEvent::Changes {
+            changes: events
+                .into_iter()
+                .map(|event| match event {
+                    WatchEvent::Put(entry) => KvChange::Put(KvPair::from(entry)),
+                    WatchEvent::Delete { key, .. } => KvChange::Delete { key },
+                })
+                .collect(),
+            index: revision_index(revision),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::etcd::{KvEntry, LeaseId};
+
+    #[test]
+    fn the_followed_range_leaves_out_acknowledgements_only() {
+        let range = followed_range("overlay");
+        let keys = Keys::new("overlay");
+        assert!(!range.contains(keys.applied("n1").as_bytes()));
+        for followed in [
+            keys.cluster_id(),
+            keys.vxlan_port(),
+            keys.endpoint("net1", "web"),
+            keys.allocation("net1", "10.0.0.2".parse().unwrap()),
+            keys.network("net1"),
+            keys.node("n1"),
+            keys.vni(2),
+        ] {
+            assert!(range.contains(followed.as_bytes()), "{followed}");
+        }
+    }
+
+    #[test]
+    fn watch_events_become_changes_with_revisions_and_leases() {
+        let entry = KvEntry {
+            key: "o/nodes/n1".to_string(),
+            value: b"{}".to_vec(),
+            create_revision: 4,
+            mod_revision: 9,
+            version: 2,
+            lease: Some(LeaseId(0x1f)),
+        };
+        let event = convert_update(WatchUpdate::Changes {
+            events: vec![
+                WatchEvent::Put(entry),
+                WatchEvent::Delete {
+                    key: "o/endpoints/a/b".to_string(),
+                    revision: 10,
+                },
+            ],
+            revision: 10,
+        });
+        let FeedEvent::Changes { changes, index } = event else {
+            panic!("expected changes, got {event:?}");
+        };
+        assert_eq!(index, 10);
+        let KvChange::Put(pair) = &changes[0] else {
+            panic!("expected a put, got {:?}", changes[0]);
+        };
+        assert_eq!((pair.create_index, pair.modify_index), (4, 9));
+        assert_eq!(pair.session.as_deref(), Some("1f"));
+        assert_eq!(changes[1].key(), "o/endpoints/a/b");
+    }
+}

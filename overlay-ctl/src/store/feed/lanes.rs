@@ -1,0 +1,183 @@
+//! The Consul feed's blocking queries ("lanes"), each on one part of the state and each
+//! with its own index, running as tasks so that none is cancelled when another answers
+//! (a cancelled request costs a connection). A lane reports only answers whose index
+//! moved; a bounded channel makes a lane wait while the feed is not being read.
+use std::time::Duration;
+
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
+
+use crate::store::{
+    backend::KvPair,
+    consul::{next_watch_index, ConsulClient},
+    StoreError,
+};
+
+/// What one lane watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum LaneKind {
+    /// Every entry under a (small) section: `?recurse`.
+    Section(String),
+    /// One key (the journal head).
+    Key(String),
+    /// The folder names under a (big) section, `?keys&separator=/`: only the index
+    /// matters, which covers every key below.
+    Folders(String),
+}
+
+/// What a lane read.
+#[derive(Debug)]
+pub(super) enum LaneAnswer {
+    Pairs(Vec<KvPair>),
+    Key,
+    Folders(Vec<String>),
+}
+
+/// One answer whose index moved.
+#[derive(Debug)]
+pub(super) struct Report {
+    pub(super) lane: usize,
+    pub(super) answer: LaneAnswer,
+    pub(super) index: u64,
+    /// The index went backwards (a restored or reset store): the lane's history is gone.
+    pub(super) went_back: bool,
+}
+
+/// The running lanes; dropping this stops them.
+#[derive(Debug)]
+pub(super) struct Lanes {
+    reports: mpsc::Receiver<Result<Report, StoreError>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// The pause between the starts of two queries of a lane (so a flapping key costs no
+/// busy loop), and the cap of its backoff after errors.
+const MIN_INTERVAL: Duration = Duration::from_millis(50);
+const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Lanes {
+    /// Starts one task per `(kind, index)`: each blocks from its index.
+    pub(super) fn start(
+        client: &ConsulClient,
+        lanes: Vec<(LaneKind, u64)>,
+        wait: Duration,
+    ) -> Self {
+        let (sender, reports) = mpsc::channel(lanes.len() * 2);
+        let tasks = lanes
+            .into_iter()
+            .enumerate()
+            .map(|(lane, (kind, index))| {
+                let lane = Lane {
+                    client: client.clone(),
+                    number: lane,
+                    kind,
+                    index,
+                    wait,
+                };
+                tokio::spawn(lane.run(sender.clone()))
+            })
+            .collect();
+        Self { reports, tasks }
+    }
+
+    /// The next report (`None` only if every lane stopped).
+    pub(super) async fn recv(&mut self) -> Option<Result<Report, StoreError>> {
+        self.reports.recv().await
+    }
+
+    /// A report already waiting, if any.
+    pub(super) fn try_recv(&mut self) -> Option<Result<Report, StoreError>> {
+        self.reports.try_recv().ok()
+    }
+}
+
+struct Lane {
+    client: ConsulClient,
+    number: usize,
+    kind: LaneKind,
+    index: u64,
+    wait: Duration,
+}
+
+impl Lane {
+    async fn query(&self) -> Result<(LaneAnswer, u64), StoreError> {
+        let (client, index, wait) = (&self.client, self.index, self.wait);
+        Ok(match &self.kind {
+            LaneKind::Section(prefix) => {
+                let (pairs, index) = client.list_blocking(prefix, index, wait).await?;
+                (LaneAnswer::Pairs(pairs), index)
+            }
+            LaneKind::Key(key) => {
+                let (_, index) = client.get_blocking(key, index, wait).await?;
+                (LaneAnswer::Key, index)
+            }
+            LaneKind::Folders(prefix) => {
+                let (names, index) = client.keys_blocking(prefix, "/", index, wait).await?;
+                (LaneAnswer::Folders(names), index)
+            }
+        })
+    }
+
+    fn pause(errors: u32) -> Duration {
+        let factor = 1u32.checked_shl(errors.min(16)).unwrap_or(u32::MAX);
+        MIN_INTERVAL
+            .saturating_mul(factor)
+            .min(MAX_ERROR_BACKOFF)
+            .max(MIN_INTERVAL)
+    }
+
+    async fn run(mut self, reports: mpsc::Sender<Result<Report, StoreError>>) {
+        let mut errors = 0u32;
+        let mut last_start: Option<Instant> = None;
+        loop {
+            if let Some(last) = last_start {
+                tokio::time::sleep_until(last + Self::pause(errors)).await;
+            }
+            last_start = Some(Instant::now());
+            let report = match self.query().await {
+                Ok((answer, returned)) => {
+                    errors = 0;
+                    let next = next_watch_index(self.index, returned);
+                    let moved = returned != self.index;
+                    let report = Report {
+                        lane: self.number,
+                        answer,
+                        index: returned.max(1),
+                        went_back: next == 0,
+                    };
+                    self.index = next;
+                    if !moved {
+                        continue;
+                    }
+                    Ok(report)
+                }
+                Err(e) => {
+                    errors = errors.saturating_add(1);
+                    Err(e)
+                }
+            };
+            if reports.send(report).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_pace_themselves_and_back_off_boundedly() {
+        assert_eq!(Lane::pause(0), MIN_INTERVAL);
+        assert_eq!(Lane::pause(1), MIN_INTERVAL * 2);
+        assert_eq!(Lane::pause(40), MAX_ERROR_BACKOFF);
+    }
+}

@@ -1,0 +1,350 @@
+//! The agent's feed of the store (`StoreFeed`) on both backends: after the first
+//! snapshot an endpoint write arrives as a change carrying only that key, an `applied/`
+//! acknowledgement wakes nobody, a write that bypasses the store's own code is not lost,
+//! lost history (a compacted etcd revision, a reset Consul index, a lapped journal) gives
+//! a snapshot, and the bytes a follower reads per change do not grow with the cluster.
+use std::time::{Duration, Instant};
+
+use overlay_ctl::store::{
+    backend::{KvBackend, StoreBackend},
+    consul::ConsulClient,
+    devserver::ConsulDev,
+    feed::{FeedEvent, KvChange, StoreFeed},
+    journal, Store,
+};
+use overlay_tests::etcd::EtcdCluster;
+
+const PREFIX: &str = "ov/";
+const DEADLINE: Duration = Duration::from_secs(30);
+/// The feed's wait: how soon a quiet feed answers with an empty `Changes`.
+const QUIET: Duration = Duration::from_millis(700);
+
+/// The next event, retrying the feed's errors (a store coming back) until the deadline.
+async fn next_event(feed: &mut StoreFeed) -> FeedEvent {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, feed.next()).await {
+            Ok(Ok(event)) => return event,
+            Ok(Err(e)) => assert!(Instant::now() < deadline, "feed still failing: {e}"),
+            Err(_) => panic!("no feed event within {DEADLINE:?}"),
+        }
+    }
+}
+
+/// Events until one that is not an empty `Changes` (a quiet wait).
+async fn next_news(feed: &mut StoreFeed) -> FeedEvent {
+    loop {
+        match next_event(feed).await {
+            FeedEvent::Changes { changes, .. } if changes.is_empty() => continue,
+            event => return event,
+        }
+    }
+}
+
+fn snapshot_keys(event: &FeedEvent) -> Vec<String> {
+    match event {
+        FeedEvent::Snapshot { pairs, .. } => pairs.iter().map(|p| p.key.clone()).collect(),
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
+
+fn changes_of(event: FeedEvent) -> Vec<KvChange> {
+    match event {
+        FeedEvent::Changes { changes, .. } => changes,
+        other => panic!("expected changes, got {other:?}"),
+    }
+}
+
+fn key(rest: &str) -> String {
+    format!("{PREFIX}{rest}")
+}
+
+/// The small sections a node's state always has, so that every one is populated.
+async fn seed(store: &Store) {
+    for (k, v) in [
+        ("config/cluster-id", "{}"),
+        ("networks/net1", "{\"name\":\"net1\"}"),
+        ("vni/2", "net1"),
+        ("nodes/n1", "{\"name\":\"n1\"}"),
+    ] {
+        store.kv().put(&key(k), v.as_bytes()).await.unwrap();
+    }
+}
+
+/// After the first snapshot: an endpoint put and delete arrive as changes of that key
+/// only, and an acknowledgement under `applied/` produces no event.
+async fn puts_deletes_and_acknowledgements(store: &Store, feed: &mut StoreFeed) {
+    let first = next_event(feed).await;
+    let keys = snapshot_keys(&first);
+    assert!(keys.contains(&key("networks/net1")), "{keys:?}");
+    assert!(!keys.iter().any(|k| k.contains("applied/")), "{keys:?}");
+
+    let web = key("endpoints/net1/web");
+    store.kv().put(&web, b"{\"id\":\"web\"}").await.unwrap();
+    let changes = changes_of(next_news(feed).await);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(
+        matches!(&changes[0], KvChange::Put(p) if p.key == web && p.value == b"{\"id\":\"web\"}")
+    );
+
+    store.put_applied("n1", 42).await.unwrap();
+    store.put_applied("n2", 43).await.unwrap();
+    match next_event(feed).await {
+        FeedEvent::Changes { changes, .. } => {
+            assert!(
+                changes.is_empty(),
+                "an acknowledgement reached the feed: {changes:?}"
+            )
+        }
+        other => panic!("an acknowledgement caused {other:?}"),
+    }
+
+    store.kv().delete(&web).await.unwrap();
+    let changes = changes_of(next_news(feed).await);
+    assert_eq!(changes, [KvChange::Delete { key: web }]);
+}
+
+/// Bytes the feed's own client read per endpoint change, over `changes` changes made
+/// one at a time with `cluster` endpoints in the store.
+async fn bytes_per_change(
+    writer: &Store,
+    feed_client: StoreBackend,
+    cluster: usize,
+    changes: usize,
+) -> u64 {
+    for i in 0..cluster {
+        let k = key(&format!("endpoints/net1/seed-{i:05}"));
+        writer
+            .kv()
+            .put(
+                &k,
+                format!("{{\"id\":\"seed-{i:05}\",\"ip\":\"10.1.0.1\"}}").as_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut feed = StoreFeed::new(feed_client.clone(), PREFIX, QUIET);
+    let first = next_event(&mut feed).await;
+    assert!(snapshot_keys(&first).len() >= cluster);
+    let before = feed_client.bytes_read();
+    for i in 0..changes {
+        let k = key(&format!("endpoints/net1/churn-{i}"));
+        writer
+            .kv()
+            .put(&k, b"{\"id\":\"churn\",\"ip\":\"10.1.0.2\"}")
+            .await
+            .unwrap();
+        loop {
+            let changes = changes_of(next_news(&mut feed).await);
+            if changes.iter().any(|c| c.key() == k) {
+                break;
+            }
+        }
+    }
+    (feed_client.bytes_read() - before) / changes as u64
+}
+
+// ---- Consul (the dev server) ----
+
+async fn dev() -> (ConsulDev, ConsulClient, Store) {
+    let server = ConsulDev::start("127.0.0.1:0").await.expect("dev server");
+    let client = ConsulClient::new(&server.http_addr(), None).unwrap();
+    let store = Store::new(client.clone(), PREFIX);
+    seed(&store).await;
+    (server, client, store)
+}
+
+/// A client of its own for the feed, so its bytes are the feed's alone.
+fn feed_client(server: &ConsulDev) -> StoreBackend {
+    StoreBackend::Consul(ConsulClient::new(&server.http_addr(), None).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_feed_delivers_only_changed_keys_and_ignores_acknowledgements() {
+    let (server, _raw, store) = dev().await;
+    let mut feed = StoreFeed::new(feed_client(&server), PREFIX, QUIET);
+    puts_deletes_and_acknowledgements(&store, &mut feed).await;
+
+    // A small section: a node's record going away (as its session's end deletes it).
+    store.kv().delete(&key("nodes/n1")).await.unwrap();
+    let changes = changes_of(next_news(&mut feed).await);
+    assert_eq!(
+        changes,
+        [KvChange::Delete {
+            key: key("nodes/n1")
+        }]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_journal_writes_are_atomic_with_their_records() {
+    let (_server, raw, store) = dev().await;
+    let web = key("endpoints/net1/web");
+    assert!(store.kv().put_cas(&web, b"one", 0).await.unwrap());
+    let head = raw
+        .get(&key("journal/head"))
+        .await
+        .unwrap()
+        .expect("a head");
+    let record = raw.get(&web).await.unwrap().unwrap();
+    assert_eq!(head.value, b"1");
+    assert_eq!(
+        head.modify_index, record.modify_index,
+        "one transaction, one index"
+    );
+    // A failed check writes nothing: no record, no journal entry.
+    assert!(!store.kv().put_cas(&web, b"two", 0).await.unwrap());
+    assert_eq!(
+        raw.get(&key("journal/head")).await.unwrap().unwrap().value,
+        b"1"
+    );
+    assert_eq!(raw.get(&web).await.unwrap().unwrap().value, b"one");
+    // Other kinds of keys are not journaled.
+    store.kv().put(&key("networks/net2"), b"{}").await.unwrap();
+    assert_eq!(
+        raw.get(&key("journal/head")).await.unwrap().unwrap().value,
+        b"1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_feed_does_not_lose_a_write_that_bypasses_the_journal() {
+    let (server, raw, store) = dev().await;
+    let mut feed = StoreFeed::new(feed_client(&server), PREFIX, QUIET);
+    next_event(&mut feed).await;
+    store
+        .kv()
+        .put(&key("endpoints/net1/web"), b"w")
+        .await
+        .unwrap();
+    next_news(&mut feed).await;
+
+    let evil = key("endpoints/net1/evil");
+    raw.put(&evil, b"{\"id\":\"evil\"}").await.unwrap();
+    let arrived = match next_news(&mut feed).await {
+        FeedEvent::Snapshot { pairs, .. } => pairs.iter().any(|p| p.key == evil),
+        FeedEvent::Changes { changes, .. } => changes.iter().any(|c| c.key() == evil),
+    };
+    assert!(arrived, "the foreign write never reached the feed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_feed_resyncs_when_it_falls_behind_the_journal_or_the_index_resets() {
+    let (server, _raw, store) = dev().await;
+    let mut feed = StoreFeed::new(feed_client(&server), PREFIX, QUIET);
+    next_event(&mut feed).await;
+    let writes = journal::SLOTS as usize + 10;
+    for i in 0..writes {
+        store
+            .kv()
+            .put(&key(&format!("ipam/net1/{i}")), b"x")
+            .await
+            .unwrap();
+    }
+    let keys = snapshot_keys(&next_news(&mut feed).await);
+    assert_eq!(keys.iter().filter(|k| k.contains("/ipam/")).count(), writes);
+
+    // A store that lost its state (a dev server restarted without a data directory):
+    // every index starts over.
+    let addr = server.addr().to_string();
+    server.shutdown().await;
+    let server = ConsulDev::start(&addr)
+        .await
+        .expect("restart on the same address");
+    let store = Store::new(
+        ConsulClient::new(&server.http_addr(), None).unwrap(),
+        PREFIX,
+    );
+    seed(&store).await;
+    store
+        .kv()
+        .put(&key("endpoints/net1/after"), b"a")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(Instant::now() < deadline, "no snapshot after the reset");
+        if let FeedEvent::Snapshot { pairs, .. } = next_news(&mut feed).await {
+            if pairs.iter().any(|p| p.key == key("endpoints/net1/after")) {
+                assert!(
+                    !pairs.iter().any(|p| p.key.contains("/ipam/")),
+                    "stale keys kept"
+                );
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_bytes_per_change_do_not_grow_with_the_cluster() {
+    let mut per_change = Vec::new();
+    for cluster in [200, 2_000] {
+        let (server, _raw, store) = dev().await;
+        per_change.push(bytes_per_change(&store, feed_client(&server), cluster, 20).await);
+    }
+    eprintln!("consul: bytes read per change at 200 and 2000 endpoints: {per_change:?}");
+    assert!(per_change[1] <= 2 * per_change[0], "{per_change:?}");
+    assert!(
+        per_change[1] < 8_000,
+        "a change costs more than a few entries: {per_change:?}"
+    );
+}
+
+// ---- etcd ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_feed_delivers_only_changed_keys_and_resyncs_after_compaction() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let store = Store::etcd(cluster.member_client(1).await, PREFIX);
+    seed(&store).await;
+    // The feed talks to member 0 only, so killing it breaks its watch for sure.
+    let mut feed = StoreFeed::new(
+        StoreBackend::Etcd(cluster.member_client(0).await),
+        PREFIX,
+        QUIET,
+    );
+    puts_deletes_and_acknowledgements(&store, &mut feed).await;
+
+    cluster.kill_member(0);
+    let writer = cluster.member_client(1).await;
+    writer
+        .put(&key("endpoints/net1/during"), b"d")
+        .await
+        .unwrap();
+    let last = writer.put(&key("endpoints/net1/last"), b"l").await.unwrap();
+    writer.compact(last).await.unwrap();
+    cluster.start_member(0);
+    cluster.wait_healthy(DEADLINE).await;
+    let keys = snapshot_keys(&next_news(&mut feed).await);
+    assert!(keys.contains(&key("endpoints/net1/during")), "{keys:?}");
+    assert!(keys.contains(&key("endpoints/net1/last")), "{keys:?}");
+
+    // A direct write (etcdctl put) is a watch event like any other.
+    writer
+        .put(&key("endpoints/net1/foreign"), b"f")
+        .await
+        .unwrap();
+    let changes = changes_of(next_news(&mut feed).await);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].key(), key("endpoints/net1/foreign"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_bytes_per_change_do_not_grow_with_the_cluster() {
+    let mut per_change = Vec::new();
+    for cluster in [200, 2_000] {
+        let etcd = EtcdCluster::start(1).await;
+        let store = Store::etcd(etcd.client().await, PREFIX);
+        seed(&store).await;
+        let feed_client = StoreBackend::Etcd(etcd.client().await);
+        per_change.push(bytes_per_change(&store, feed_client, cluster, 20).await);
+    }
+    eprintln!("etcd: bytes read per change at 200 and 2000 endpoints: {per_change:?}");
+    assert!(per_change[1] <= 2 * per_change[0], "{per_change:?}");
+    assert!(
+        per_change[1] < 4_000,
+        "a change costs more than a few entries: {per_change:?}"
+    );
+}
