@@ -3,7 +3,7 @@
 //! acknowledgement code as a real agent, next to one.
 use std::{net::Ipv4Addr, time::Duration};
 
-use overlay_ctl::store::{Endpoint, IpAllocation};
+use overlay_ctl::store::{backend::KvBackend as _, Endpoint, IpAllocation, Store};
 use overlay_tests::{
     bins,
     cluster::{Bins, DevConsul, Node},
@@ -114,5 +114,43 @@ fn agents_without_a_data_plane_and_a_real_one_see_each_others_endpoints() {
     }
     let real = nodes[0].status().unwrap();
     assert_eq!(real["dataplane"], "bpf", "{real:#}");
+
+    // Written as the CLI writes (through the store's journal), a new endpoint of node3
+    // and the removal of its other one reach node2 as changes, applied on their own.
+    let feed_of = |node: &Node| node.status().unwrap()["feed"].clone();
+    let before = feed_of(&nodes[1]);
+    let node3 = nodes[2].name.clone();
+    let sim9 = endpoint_records("sim9", &node3, Ipv4Addr::new(10, 100, 0, 59));
+    let sim1 = endpoint_records("sim1", &node3, Ipv4Addr::new(10, 100, 0, 51));
+    consul.with_client(|c| async move {
+        let store = Store::new(c, "overlay/");
+        for (key, value) in sim9 {
+            store.kv().put(&key, &value).await.unwrap();
+        }
+        for (key, _) in sim1.into_iter().rev() {
+            store.kv().delete(&key).await.unwrap();
+        }
+    });
+    // node1: web, sim0, sim9; node2: web, sim9; node3: web, sim0.
+    for (node, wanted) in nodes.iter().zip([3, 2, 2]) {
+        wait_until(
+            &format!("{} to hold {wanted} endpoints after the changes", node.name),
+            CONVERGE,
+            || endpoint_map_entries(node) == Some(wanted),
+        );
+    }
+    let after = feed_of(&nodes[1]);
+    assert!(
+        after["change_batches"].as_u64() > before["change_batches"].as_u64(),
+        "{before:#} -> {after:#}"
+    );
+    assert_eq!(
+        after["full_fallbacks"], before["full_fallbacks"],
+        "remote endpoint changes took the full path: {before:#} -> {after:#}"
+    );
+    assert_eq!(
+        after["snapshots"], before["snapshots"],
+        "{before:#} -> {after:#}"
+    );
     drop(web);
 }

@@ -182,7 +182,8 @@ pub struct FeedStatus {
     /// Change batches that took the full path from the agent's copy of the store (a
     /// network, node or config change; a local endpoint).
     pub full_fallbacks: u64,
-    /// Bytes this agent read from the store.
+    /// Bytes this agent process read from the store ([`crate::store::Store::bytes_read`]),
+    /// as of the last feed event.
     pub store_bytes_read: u64,
 }
 

@@ -267,11 +267,16 @@ fn what_only_the_full_path_can_judge_says_so() {
 }
 
 #[test]
-fn acknowledgements_are_not_changes() {
+fn acknowledgements_and_other_unjudged_keys_are_not_changes() {
     let (mut mirror, _, _) = cluster();
-    let scope = mirror.take_changes(puts(vec![pair("applied/b", "42", None)]), SELF);
+    let changes = puts(vec![
+        pair("applied/b", "42", None),
+        pair("journal/head", "7", None),
+    ]);
+    let scope = mirror.take_changes(changes, SELF);
     assert_eq!(scope, Scope::default());
     assert!(mirror.get("overlay/applied/b").is_none());
+    assert!(mirror.get("overlay/journal/head").is_none());
 }
 
 /// The cost of one change at 20,000 endpoints: run with `--ignored --nocapture` (in a

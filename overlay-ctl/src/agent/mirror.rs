@@ -13,6 +13,11 @@ use std::{
 
 use crate::{store::backend::KvPair, store::feed::KvChange, store::keys::Keys};
 
+/// The sections under the prefix that the record rules read
+/// ([`crate::store::records::parse_snapshot`]); other keys (`applied/`, a store's own
+/// bookkeeping) change nothing an agent applies.
+const JUDGED_SECTIONS: [&str; 6] = ["config", "endpoints", "ipam", "networks", "nodes", "vni"];
+
 /// A (network, address) that endpoint records claim.
 pub(super) type Address = (String, Ipv4Addr);
 
@@ -103,7 +108,7 @@ impl Mirror {
         let mut scope = Scope::default();
         for change in changes {
             let key = change.key().to_string();
-            if self.keys.parse_applied(&key).is_some() {
+            if !JUDGED_SECTIONS.contains(&self.section(&key)) {
                 continue;
             }
             let old = self.remove(&key);
@@ -164,10 +169,11 @@ impl Mirror {
         self.keys.allocation(&address.0, address.1)
     }
 
-    /// Stores `pair` (not `applied/` acknowledgements, which nothing judges); returns a
-    /// copy of it when it is an endpoint record (to find its claim).
+    /// Stores `pair` (only what the record rules judge: not the `applied/`
+    /// acknowledgements, nor anything else outside [`JUDGED_SECTIONS`]); returns a copy of
+    /// it when it is an endpoint record (to find its claim).
     fn put(&mut self, pair: KvPair) -> Option<KvPair> {
-        if self.keys.parse_applied(&pair.key).is_some() {
+        if !JUDGED_SECTIONS.contains(&self.section(&pair.key)) {
             return None;
         }
         let claim = self.claim(&pair);

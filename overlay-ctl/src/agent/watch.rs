@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::{delta::DeltaOutcome, lock, reconcile::ClusterState, Agent};
 use crate::{
     store::backend::KvPair,
-    store::feed::{FeedEvent, KvChange, StoreFeed},
+    store::feed::{FeedEvent, StoreFeed},
     store::identity::{self, Judgement, Trust},
     store::records,
 };
@@ -43,21 +43,6 @@ struct Acknowledged {
     index: u64,
     /// The [`super::ClusterView::generation`] acknowledged.
     generation: Option<u64>,
-}
-
-/// The bytes of keys and values an event carried (the feed's own count of what was read).
-fn event_bytes(event: &FeedEvent) -> u64 {
-    let pair_bytes = |p: &KvPair| (p.key.len() + p.value.len()) as u64;
-    match event {
-        FeedEvent::Snapshot { pairs, .. } => pairs.iter().map(pair_bytes).sum(),
-        FeedEvent::Changes { changes, .. } => changes
-            .iter()
-            .map(|c| match c {
-                KvChange::Put(p) => pair_bytes(p),
-                KvChange::Delete { key } => key.len() as u64,
-            })
-            .sum(),
-    }
 }
 
 impl Agent {
@@ -90,11 +75,13 @@ impl Agent {
 
     /// Takes one feed event into the mirror, and applies it on its own when it can.
     async fn follow(&self, event: FeedEvent) -> Followed {
-        let bytes = event_bytes(&event);
         let counted = |snapshots: u64, changes: u64| {
+            // Everything this process read from the store (the feed, and the membership's
+            // and collector's reads), as the store client counts it.
+            let bytes = self.store.bytes_read();
             self.status.send_modify(|status| {
                 let feed = &mut status.feed;
-                feed.store_bytes_read += bytes;
+                feed.store_bytes_read = bytes;
                 feed.snapshots += snapshots;
                 feed.change_batches += u64::from(changes > 0);
                 feed.changes += changes;
