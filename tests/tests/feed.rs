@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use overlay_ctl::store::{
     backend::{KvBackend, StoreBackend},
-    consul::ConsulClient,
-    devserver::ConsulDev,
+    consul::{ConsulClient, ConsulError, TxnOp, TxnOutcome},
+    devserver::{AclTokens, ConsulDev, DevConfig},
     feed::{FeedEvent, KvChange, StoreFeed},
     journal, Store,
 };
@@ -206,6 +206,100 @@ async fn consul_journal_writes_are_atomic_with_their_records() {
         raw.get(&key("journal/head")).await.unwrap().unwrap().value,
         b"1"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_server_transactions_are_atomic_and_say_which_check_failed() {
+    let (_server, c, _store) = dev().await;
+    c.put("t/a", b"1").await.unwrap();
+    let a = c.get("t/a").await.unwrap().unwrap();
+    let set = |key: &str, value: &[u8]| TxnOp::Set {
+        key: key.to_string(),
+        value: value.to_vec(),
+    };
+    // A failed check anywhere rolls back every operation.
+    let outcome = c
+        .txn(&[
+            set("t/b", b"2"),
+            TxnOp::Cas {
+                key: "t/a".into(),
+                value: b"x".to_vec(),
+                index: a.modify_index + 1,
+            },
+        ])
+        .await
+        .unwrap();
+    let TxnOutcome::RolledBack(failures) = outcome else {
+        panic!("a stale cas applied: {outcome:?}");
+    };
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].op_index, 1);
+    assert_eq!(
+        c.get("t/b").await.unwrap(),
+        None,
+        "a rolled-back set was applied"
+    );
+    // Every write of one transaction shares one index; gets see the earlier writes.
+    let outcome = c
+        .txn(&[
+            set("t/b", b"2"),
+            TxnOp::Cas {
+                key: "t/c".into(),
+                value: b"3".to_vec(),
+                index: 0,
+            },
+            TxnOp::DeleteCas {
+                key: "t/a".into(),
+                index: a.modify_index,
+            },
+            TxnOp::Get { key: "t/b".into() },
+        ])
+        .await
+        .unwrap();
+    let TxnOutcome::Applied(results) = outcome else {
+        panic!("expected the transaction to apply: {outcome:?}");
+    };
+    let b = c.get("t/b").await.unwrap().unwrap();
+    let created = c.get("t/c").await.unwrap().unwrap();
+    assert_eq!(b.modify_index, created.modify_index);
+    assert_eq!(c.get("t/a").await.unwrap(), None);
+    assert_eq!(results.last().unwrap().value, b"2");
+    // A get of a missing key fails the transaction; a tree delete takes every key below.
+    let missing = c.txn(&[TxnOp::Get { key: "t/a".into() }]).await.unwrap();
+    assert!(matches!(missing, TxnOutcome::RolledBack(_)), "{missing:?}");
+    c.txn(&[TxnOp::DeleteTree {
+        prefix: "t/".into(),
+    }])
+    .await
+    .unwrap();
+    assert!(c.list("t/").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_server_transactions_need_the_right_on_every_key() {
+    let mut acl = AclTokens::default();
+    acl.add("narrow=key:write:ov/").unwrap();
+    let config = DevConfig {
+        acl,
+        ..DevConfig::default()
+    };
+    let server = ConsulDev::start_with("127.0.0.1:0", config).await.unwrap();
+    let c = ConsulClient::new(&server.http_addr(), Some("narrow".into())).unwrap();
+    let inside = TxnOp::Set {
+        key: key("endpoints/n/a"),
+        value: b"1".to_vec(),
+    };
+    let outside = TxnOp::Set {
+        key: "elsewhere/x".into(),
+        value: b"1".to_vec(),
+    };
+    c.txn(std::slice::from_ref(&inside)).await.unwrap();
+    let denied = c.txn(&[inside, outside]).await.unwrap_err();
+    assert!(
+        matches!(denied, ConsulError::AclDenied { .. }),
+        "{denied:?}"
+    );
+    assert!(denied.to_string().contains("key:write"), "{denied}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -176,15 +176,30 @@ impl JournaledWrite<'_> {
 }
 
 /// The journal of one prefix, as the writing side sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Journal {
     keys: Keys,
+    /// The head (counter, modify index) as this process's last write left it: a writer
+    /// that is alone (a benchmark, a busy CLI) saves the read of the head per write; a
+    /// stale guess only costs the retry its failed check causes.
+    last_head: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 impl Journal {
     pub fn new(prefix: &str) -> Self {
         Self {
             keys: Keys::new(prefix),
+            last_head: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn cached_head(&self) -> Option<(u64, u64)> {
+        self.last_head.lock().map(|h| *h).unwrap_or(None)
+    }
+
+    fn remember_head(&self, head: Option<(u64, u64)>) {
+        if let Ok(mut last) = self.last_head.lock() {
+            *last = head;
         }
     }
 
@@ -204,12 +219,19 @@ impl Journal {
     ) -> Result<bool, ConsulError> {
         let head_key = self.keys.journal_head();
         for race in 0..MAX_HEAD_RACES {
-            if race > 0 {
+            if race > 1 {
                 tokio::time::sleep(HEAD_RACE_PAUSE * race).await;
             }
-            let head = client.get(&head_key).await?;
-            let seq = parse_head(head.as_ref()) + 1;
-            let head_index = head.map_or(0, |h| h.modify_index);
+            let (seq, head_index) = match self.cached_head() {
+                Some((seq, index)) => (seq + 1, index),
+                None => {
+                    let head = client.get(&head_key).await?;
+                    (
+                        parse_head(head.as_ref()) + 1,
+                        head.map_or(0, |h| h.modify_index),
+                    )
+                }
+            };
             let entry = serde_json::to_vec(&write.entry(seq)).unwrap_or_default();
             let ops = [
                 TxnOp::Cas {
@@ -223,12 +245,26 @@ impl Journal {
                 },
                 write.record_op(),
             ];
-            match client.txn(&ops).await? {
-                TxnOutcome::Applied(_) => return Ok(true),
-                TxnOutcome::RolledBack(failures) if failures.iter().any(|f| f.op_index == 0) => {
-                    debug!(seq, "another writer took the journal head; retrying");
+            let outcome = client.txn(&ops).await;
+            match outcome {
+                Ok(TxnOutcome::Applied(written)) => {
+                    let index = written.iter().find(|p| p.key == head_key);
+                    self.remember_head(index.map(|h| (seq, h.modify_index)));
+                    return Ok(true);
                 }
-                TxnOutcome::RolledBack(_) => return Ok(false),
+                Ok(TxnOutcome::RolledBack(failures))
+                    if failures.iter().any(|f| f.op_index == 0) =>
+                {
+                    self.remember_head(None);
+                    if race > 0 {
+                        debug!(seq, "another writer took the journal head; retrying");
+                    }
+                }
+                Ok(TxnOutcome::RolledBack(_)) => return Ok(false),
+                Err(e) => {
+                    self.remember_head(None);
+                    return Err(e);
+                }
             }
         }
         Err(ConsulError::Rejected {
