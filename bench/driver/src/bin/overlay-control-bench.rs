@@ -87,6 +87,10 @@ struct ScaleArgs {
     /// `run`s would send them).
     #[arg(long, default_value_t = 32)]
     writers: usize,
+    /// Run etcd with `--unsafe-no-fsync` (its writes then skip the disk's flush: not a
+    /// deployment setting; to tell the disk's latency from the rest).
+    #[arg(long)]
+    etcd_unsafe_no_fsync: bool,
     /// How long the churn runs, in seconds.
     #[arg(long, default_value_t = 20.0)]
     churn_seconds: f64,
@@ -181,6 +185,7 @@ fn scale_options(args: &ScaleArgs) -> Result<ScaleOptions, String> {
         churn_rate: args.churn_rate,
         churn_duration: Duration::from_secs_f64(args.churn_seconds),
         writers: args.writers,
+        etcd_no_fsync: args.etcd_unsafe_no_fsync,
         timeout: Duration::from_secs(args.timeout_seconds),
     })
 }

@@ -52,6 +52,8 @@ pub struct ScaleOptions {
     pub churn_duration: Duration,
     /// Endpoint writes in flight while the cluster is loaded.
     pub writers: usize,
+    /// etcd runs with `--unsafe-no-fsync`.
+    pub etcd_no_fsync: bool,
     /// How long the agents may take to start, and to converge, before the run fails.
     pub timeout: Duration,
 }
@@ -141,7 +143,7 @@ pub fn progress(line: &str) {
 
 /// One fresh store and fleet, measured at `endpoints`.
 async fn measure(options: &ScaleOptions, backend: Backend, endpoints: usize) -> Result<SizeRun> {
-    let server = StoreServer::start(backend, &options.overlay_ctl).await?;
+    let server = StoreServer::start(backend, &options.overlay_ctl, options.etcd_no_fsync).await?;
     let dir = servers::temp_dir("agents")?;
     let nodes: Vec<String> = (0..options.agents)
         .map(|i| format!("scale-{i:03}"))

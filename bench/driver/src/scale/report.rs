@@ -157,6 +157,9 @@ pub fn markdown(options: &ScaleOptions, results: &[(Backend, Vec<SizeRun>)], not
         .map(|(b, _)| b.describe())
         .collect::<Vec<_>>()
         .join("; ");
+    if options.etcd_no_fsync {
+        out += " (etcd with --unsafe-no-fsync)";
+    }
     out += ".\n";
     out
 }
@@ -245,6 +248,7 @@ pub fn json(options: &ScaleOptions, results: &[(Backend, Vec<SizeRun>)], note: &
         "agents": options.agents,
         "churn_per_s": options.churn_rate,
         "churn_s": options.churn_duration.as_secs_f64(),
+        "etcd_unsafe_no_fsync": options.etcd_no_fsync,
         "note": note,
         "backends": backends,
     })

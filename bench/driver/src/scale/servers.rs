@@ -72,12 +72,13 @@ pub fn temp_dir(what: &str) -> Result<PathBuf> {
 }
 
 impl StoreServer {
-    /// Starts `backend` and waits until it answers a read.
-    pub async fn start(backend: Backend, overlay_ctl: &Path) -> Result<Self> {
+    /// Starts `backend` and waits until it answers a read; `etcd_no_fsync`: etcd with
+    /// `--unsafe-no-fsync` (to tell its disk's latency from the rest).
+    pub async fn start(backend: Backend, overlay_ctl: &Path, etcd_no_fsync: bool) -> Result<Self> {
         let dir = temp_dir(backend.name())?;
         let (child, url) = match backend {
             Backend::Consul => start_dev_server(overlay_ctl, &dir),
-            Backend::Etcd => start_etcd(&dir),
+            Backend::Etcd => start_etcd(&dir, etcd_no_fsync),
         }
         .inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&dir);
@@ -161,14 +162,18 @@ fn start_dev_server(overlay_ctl: &Path, dir: &Path) -> Result<(Child, String)> {
 }
 
 /// One etcd member on free loopback ports, its data directory in `dir`.
-fn start_etcd(dir: &Path) -> Result<(Child, String)> {
+fn start_etcd(dir: &Path, no_fsync: bool) -> Result<(Child, String)> {
     if !Path::new(ETCD_BINARY).exists() {
         bail!("{ETCD_BINARY} is missing: install Debian's etcd-server (`cargo xtask setup` does), or run with --store consul");
     }
     let client = format!("http://127.0.0.1:{}", free_port()?);
     let peer = format!("http://127.0.0.1:{}", free_port()?);
     let log = log_file(dir)?;
-    let child = Command::new(ETCD_BINARY)
+    let mut command = Command::new(ETCD_BINARY);
+    if no_fsync {
+        command.arg("--unsafe-no-fsync");
+    }
+    let child = command
         .arg("--name")
         .arg("scale")
         .arg("--data-dir")
