@@ -378,6 +378,21 @@ impl Node {
 
     /// Starts `overlay-ctl agent` in this host with `extra` arguments.
     pub fn start_agent(&mut self, extra: &[&str]) {
+        let mut args = vec!["--iface", "eth0"];
+        args.extend_from_slice(extra);
+        self.spawn_agent(&args);
+    }
+
+    /// Starts a control-plane-only agent (`agent --dataplane none`) in this host,
+    /// registering the host's underlay address as its VTEP.
+    pub fn start_control_plane_agent(&mut self, extra: &[&str]) {
+        let vtep = self.vtep.to_string();
+        let mut args = vec!["--dataplane", "none", "--vtep", &vtep];
+        args.extend_from_slice(extra);
+        self.spawn_agent(&args);
+    }
+
+    fn spawn_agent(&mut self, agent_args: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -389,12 +404,13 @@ impl Node {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(&self.store_args)
-            .args(["agent", "--iface", "eth0", "--node"])
+            .arg("agent")
+            .args(agent_args)
+            .arg("--node")
             .arg(&self.name)
             .arg("--pin-root")
             .arg(&self.pins.path)
             .args(["--metrics-addr", "127.0.0.1:9465"])
-            .args(extra)
             .env(
                 "RUST_LOG",
                 "info,netlink_packet_route=error,netlink_proto=error",

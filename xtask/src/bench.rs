@@ -94,6 +94,54 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Err(command.exec()).context("cannot start overlay-bench")
 }
 
+#[derive(clap::Args, Debug)]
+pub struct BenchControlArgs {
+    /// Arguments of `overlay-control-bench scale` (after `--`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// `cargo xtask bench-control`: the scale benchmark of the control plane.
+pub fn run_control(args: BenchControlArgs) -> Result<()> {
+    step(
+        "build overlay-control-bench and overlay-ctl (agents, dev server) (release)",
+        || {
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "overlay-bench",
+                "--bin",
+                "overlay-control-bench",
+                "-p",
+                "overlay-ctl",
+                "--bin",
+                "overlay-ctl",
+            ])
+        },
+    )?;
+    let root = workspace_root();
+    let binary = root.join("target/release/overlay-control-bench");
+    let mut command = Command::new(&binary);
+    command
+        .current_dir(&root)
+        .arg("scale")
+        .arg("--out-dir")
+        .arg(root.join("bench/results"))
+        .arg("--note")
+        .arg(format!(
+            "Commit {}; a shared 2-vCPU virtual machine (noisy).",
+            revision()
+        ))
+        .args(&args.args);
+    println!(
+        "==> running {} scale (Ctrl-C stops it and removes everything it started)",
+        binary.display()
+    );
+    // Replace this process so Ctrl-C reaches the benchmark, which cleans up after itself.
+    Err(command.exec()).context("cannot start overlay-control-bench")
+}
+
 /// The commit measured, with "+changes" when the working tree differs from it.
 fn revision() -> String {
     let git = |args: &[&str]| {

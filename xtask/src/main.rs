@@ -93,6 +93,17 @@ enum Task {
     /// `perf record -a -g -- sleep 10; perf report --children --comm overlay-bench`;
     /// the programs show up as bpf_prog_<tag>_*. Partial runs write nothing.
     Bench(bench::BenchArgs),
+    /// The control plane at scale (issue #16): 100 control-plane-only agents, 2,000 and
+    /// 20,000 endpoints, on the Consul dev server and on etcd.
+    ///
+    /// Builds overlay-control-bench and overlay-ctl in release mode and runs
+    /// `overlay-control-bench scale`, passing every argument after `--` (see `cargo
+    /// xtask bench-control -- --help`: `--store consul|etcd|both`, `--agents`,
+    /// `--endpoints 2000,20000`, `--churn-rate`, `--churn-seconds`). Reports convergence,
+    /// the change delay p50/p99 under churn, store bytes and agent CPU time per change,
+    /// and agent memory, against the issue's targets; writes
+    /// bench/results/control-scale.{md,json}. About 5 minutes with the defaults.
+    BenchControl(bench::BenchControlArgs),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +127,7 @@ fn main() -> ExitCode {
             filter.as_deref(),
         ),
         Task::Bench(args) => bench::run(args),
+        Task::BenchControl(args) => bench::run_control(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

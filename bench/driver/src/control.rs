@@ -37,7 +37,8 @@ pub struct ControlPlaneResult {
 const GHOST_NODE: &str = "bench-ghost";
 const GHOST_VTEP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
 
-fn rss_bytes(pid: u32) -> Option<u64> {
+/// VmRSS of `pid`, in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -17,6 +17,7 @@
 //! which runs real agents ([`control`]).
 pub mod control;
 pub mod report;
+pub mod scale;
 pub mod setups;
 pub mod testrun;
 pub mod tools;

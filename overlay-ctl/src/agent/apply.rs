@@ -12,8 +12,8 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
-    agent::reconcile::DesiredMaps,
-    dataplane::datapath::{Datapath, DatapathError},
+    agent::reconcile::DesiredMaps, dataplane::datapath::DatapathError,
+    dataplane::forwarding::ForwardingMaps,
 };
 
 /// How many failures an [`ApplyReport`] describes in full.
@@ -93,12 +93,12 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// Removes the entries of `current` that `desired` does not have.
 fn remove_stale<K: Ord + Copy + fmt::Debug, V>(
-    datapath: &mut Datapath,
+    datapath: &mut dyn ForwardingMaps,
     map: &str,
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
     report: &mut ApplyReport,
-    remove: impl Fn(&mut Datapath, K) -> Result<(), DatapathError>,
+    remove: impl Fn(&mut dyn ForwardingMaps, K) -> Result<(), DatapathError>,
 ) {
     for key in current.keys() {
         if !desired.contains_key(key) {
@@ -113,12 +113,12 @@ fn remove_stale<K: Ord + Copy + fmt::Debug, V>(
 /// Writes the entries of `desired` that differ from `current`; returns the keys whose
 /// write failed (each entry is tried, whatever happened to the others).
 fn upsert_changed<K: Ord + Copy + fmt::Debug, V: PartialEq + Copy>(
-    datapath: &mut Datapath,
+    datapath: &mut dyn ForwardingMaps,
     map: &str,
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
     report: &mut ApplyReport,
-    upsert: impl Fn(&mut Datapath, K, V) -> Result<(), DatapathError>,
+    upsert: impl Fn(&mut dyn ForwardingMaps, K, V) -> Result<(), DatapathError>,
 ) -> BTreeSet<K> {
     let mut failed = BTreeSet::new();
     for (key, value) in desired {
@@ -143,7 +143,7 @@ fn upsert_changed<K: Ord + Copy + fmt::Debug, V: PartialEq + Copy>(
 /// veth gets its program only once its entries are in (never when they could not be
 /// written). Only reading the maps can fail the whole apply.
 pub fn apply(
-    datapath: &mut Datapath,
+    datapath: &mut dyn ForwardingMaps,
     desired: &DesiredMaps,
     veth_names: &BTreeMap<u32, String>,
 ) -> Result<ApplyReport, DatapathError> {
@@ -185,11 +185,11 @@ pub fn apply(
 /// Detaches from veths that are no longer local endpoints; returns the veths still
 /// attached.
 fn detach_unwanted(
-    datapath: &mut Datapath,
+    datapath: &mut dyn ForwardingMaps,
     desired: &DesiredMaps,
     report: &mut ApplyReport,
 ) -> BTreeSet<u32> {
-    let mut attached: BTreeSet<u32> = datapath.attached_containers().collect();
+    let mut attached: BTreeSet<u32> = datapath.attached_containers();
     let pinned: BTreeSet<u32> = datapath.pinned_container_links().into_iter().collect();
     for ifindex in attached.clone().union(&pinned) {
         if !desired.local_ifaces.contains_key(ifindex) {
@@ -207,7 +207,7 @@ fn detach_unwanted(
 
 /// Removes what `desired` does not have, dependents first.
 fn remove_all_stale(
-    datapath: &mut Datapath,
+    datapath: &mut dyn ForwardingMaps,
     current: &DesiredMaps,
     desired: &DesiredMaps,
     report: &mut ApplyReport,
@@ -263,7 +263,7 @@ struct FailedWrites {
 
 /// Writes additions and changes, what others depend on first.
 fn upsert_all(
-    datapath: &mut Datapath,
+    datapath: &mut dyn ForwardingMaps,
     current: &DesiredMaps,
     desired: &DesiredMaps,
     report: &mut ApplyReport,
@@ -319,7 +319,7 @@ fn upsert_all(
 /// Writes the cluster-wide settings when they changed: from the next packet on, this
 /// node encapsulates to and decapsulates only the new VXLAN port.
 fn set_cluster_config(
-    datapath: &mut Datapath,
+    datapath: &mut dyn ForwardingMaps,
     current: &DesiredMaps,
     desired: &DesiredMaps,
     report: &mut ApplyReport,
@@ -342,7 +342,7 @@ fn set_cluster_config(
 
 /// Attaches to new local veths whose entries are in place.
 fn attach_ready(
-    datapath: &mut Datapath,
+    datapath: &mut dyn ForwardingMaps,
     desired: &DesiredMaps,
     veth_names: &BTreeMap<u32, String>,
     failed: &FailedWrites,

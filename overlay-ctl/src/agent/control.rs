@@ -156,6 +156,35 @@ pub struct AgentStatus {
     /// then give containers the gateway as their resolver).
     #[serde(default)]
     pub dns: bool,
+    /// `bpf`, or `none` for a control-plane-only agent (maps in memory).
+    #[serde(default)]
+    pub dataplane: String,
+    /// Entries in this node's endpoint map (kernel or in-memory).
+    #[serde(default)]
+    pub endpoint_map_entries: usize,
+    /// How the agent follows the store: what it read and applied.
+    #[serde(default)]
+    pub feed: FeedStatus,
+}
+
+/// How the agent follows the store (`status --json`'s `feed`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedStatus {
+    /// The store index (Consul) or revision (etcd) of the last state this node applied
+    /// from its feed (0: none yet).
+    pub applied_index: u64,
+    /// Full snapshots applied (the first read, and after lost history).
+    pub snapshots: u64,
+    /// Batches of changed keys applied.
+    pub change_batches: u64,
+    /// Changed keys in those batches.
+    pub changes: u64,
+    /// Change batches that took the full path from the agent's copy of the store (a
+    /// network, node or config change; a local endpoint).
+    pub full_fallbacks: u64,
+    /// Bytes this agent process read from the store ([`crate::store::Store::bytes_read`]),
+    /// as of the last feed event.
+    pub store_bytes_read: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

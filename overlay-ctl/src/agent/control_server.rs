@@ -110,6 +110,9 @@ impl Agent {
     /// Moves the underlay to `iface` at runtime: the XDP program, the underlay settings,
     /// this node's VTEP in the maps and in its cluster entry.
     async fn bind(&self, iface: &str) -> Result<BindReply, String> {
+        if !self.has_host() {
+            return Err("this agent has no data plane (--dataplane none): nothing to bind".into());
+        }
         let link = netlink::link_by_name(&self.handle, iface)
             .await
             .map_err(|e| e.to_string())?;
@@ -123,7 +126,9 @@ impl Agent {
         };
         let old_iface = {
             let mut plane = lock(&self.plane);
-            let datapath = plane.datapath.as_mut().ok_or("the agent is stopping")?;
+            let datapath = (plane.datapath.as_mut())
+                .and_then(|d| d.bpf())
+                .ok_or("the agent is stopping")?;
             let setup = underlay::attach(
                 datapath,
                 &link,

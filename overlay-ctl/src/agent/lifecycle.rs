@@ -25,6 +25,7 @@ use super::{
 use crate::{
     agent::{local_state::LocalState, logs::LogBuffer, metrics::ControlPlaneMetrics},
     dataplane::datapath::{self, Datapath},
+    dataplane::forwarding::{DataPlane, DataplaneMode, MemoryMaps},
     dataplane::netlink,
     dataplane::underlay,
     store::identity::{self, Identity},
@@ -65,12 +66,17 @@ pub async fn run(
         None => None,
     };
     let handle = netlink::connect()?;
-    let (plane, kernel_logger) = attach_data_plane(&handle, &options).await?;
+    let (plane, kernel_logger) = match options.dataplane {
+        DataplaneMode::Bpf => attach_data_plane(&handle, &options).await?,
+        DataplaneMode::None => (control_plane_only(&options)?, None),
+    };
+    let mirror = super::mirror::Mirror::new(store.prefix());
     let agent = Arc::new(Agent {
         store,
         handle,
         plane: Mutex::new(plane),
         cluster: Mutex::new(ClusterView::default()),
+        mirror: Mutex::new(mirror),
         identity: Mutex::new(Identity::load(
             &options.state_dir,
             (options.session_ttl * 3).max(Duration::from_secs(10)),
@@ -160,10 +166,42 @@ async fn attach_data_plane(
         host_changes,
     };
     let plane = Plane {
-        datapath: Some(datapath),
+        datapath: Some(DataPlane::Bpf(datapath)),
         underlay,
     };
     Ok((plane, kernel_logger))
+}
+
+/// The name a control-plane-only agent registers as its underlay interface.
+const NO_UNDERLAY_IFACE: &str = "none";
+/// The underlay MTU a control-plane-only agent registers (Ethernet's).
+const NO_UNDERLAY_MTU: u32 = 1500;
+
+/// `--dataplane none`: maps in memory and an underlay that is only the VTEP address to
+/// register; nothing on the host is touched.
+fn control_plane_only(options: &AgentOptions) -> Result<Plane, AgentError> {
+    let vtep = options.vtep.ok_or(AgentError::NoVtep)?;
+    info!(node = %options.node, %vtep, "no data plane (--dataplane none): the control plane only, maps in memory");
+    let link = netlink::LinkInfo {
+        name: NO_UNDERLAY_IFACE.to_string(),
+        index: 0,
+        mtu: NO_UNDERLAY_MTU,
+        mac: Default::default(),
+        kind: None,
+    };
+    let setup = underlay::UnderlaySetup {
+        decap_hook: "none".to_string(),
+        reason: "--dataplane none".to_string(),
+    };
+    Ok(Plane {
+        datapath: Some(DataPlane::Memory(MemoryMaps::default())),
+        underlay: Underlay {
+            link,
+            vtep,
+            setup,
+            host_changes: Vec::new(),
+        },
+    })
 }
 
 /// Creates the state directory and listens on its control socket, refusing to run next to
@@ -231,8 +269,12 @@ impl Agent {
         tasks.spawn(self.clone().membership_loop());
         tasks.spawn(self.clone().watch_loop());
         tasks.spawn(self.clone().resync_loop());
-        tasks.spawn(self.clone().stats_loop());
-        tasks.spawn(self.clone().gc_loop());
+        if self.has_host() {
+            // Traffic counters and this host's left-over containers: nothing of either
+            // without a data plane.
+            tasks.spawn(self.clone().stats_loop());
+            tasks.spawn(self.clone().gc_loop());
+        }
         tasks.spawn(self.clone().republish_loop());
         tasks.spawn(self.clone().probe_loop());
     }
@@ -247,7 +289,7 @@ impl Agent {
             "the control socket",
         );
         if !self.options.ephemeral {
-            if let Some(datapath) = datapath {
+            if let Some(DataPlane::Bpf(datapath)) = datapath {
                 datapath.release();
             }
             info!("stopped; the data plane stays attached and pinned (a restart takes over without interrupting traffic)");
@@ -267,6 +309,10 @@ impl Agent {
             "the cluster id file",
         );
         drop(datapath);
+        if !self.has_host() {
+            info!("stopped; left the cluster");
+            return;
+        }
         self.remove_egress();
         underlay::restore(&lock(&self.plane).underlay.host_changes);
         if let Err(e) = datapath::remove_pins(&self.options.pin_root) {

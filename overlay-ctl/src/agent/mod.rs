@@ -30,6 +30,7 @@
 pub mod apply;
 pub mod control;
 mod control_server;
+mod delta;
 pub mod dns;
 pub mod egress;
 pub mod gc;
@@ -38,11 +39,13 @@ pub mod local_state;
 pub mod logs;
 mod membership;
 pub mod metrics;
+mod mirror;
 pub mod mtu;
 pub mod names;
 mod reaping;
 pub mod reconcile;
 mod reconciler;
+mod rejections;
 pub mod status;
 mod watch;
 
@@ -66,11 +69,11 @@ use crate::{
         metrics::ControlPlaneMetrics, metrics::MetricsError, reconcile::ClusterState,
         status::LiveStatus,
     },
-    dataplane::datapath::{Datapath, DatapathError, XdpAttachMode},
+    dataplane::datapath::{DatapathError, XdpAttachMode},
+    dataplane::forwarding::{DataPlane, DataplaneMode},
     dataplane::netlink::{LinkInfo, NetlinkError},
     dataplane::underlay::{DecapMode, HostChange, UnderlaySetup},
     store::identity::Identity,
-    store::records::RejectionLog,
     store::Store,
 };
 
@@ -99,6 +102,8 @@ pub enum AgentError {
     /// A [`Companion`] could not start; its error says which and what to do.
     #[error(transparent)]
     Companion(Box<dyn std::error::Error + Send + Sync>),
+    #[error("--dataplane none needs --vtep: the address to register as this node's VTEP")]
+    NoVtep,
     #[error("{0} (choose another with --metrics-addr, or `--metrics-addr off`)")]
     Metrics(#[from] MetricsError),
 }
@@ -138,6 +143,11 @@ pub struct AgentOptions {
     pub docker_plugin: Option<PathBuf>,
     /// The containers' DNS responder on the gateway addresses.
     pub names: names::NameOptions,
+    /// The kernel data plane, or none (the control plane only, maps in memory).
+    pub dataplane: DataplaneMode,
+    /// With `DataplaneMode::None`: the VTEP address to register (there is no underlay
+    /// to take it from).
+    pub vtep: Option<Ipv4Addr>,
 }
 
 /// Where this node meets the underlay.
@@ -152,7 +162,7 @@ struct Underlay {
 /// The data plane and the underlay it is bound to: changed together by `bind`.
 struct Plane {
     /// `None` once the agent is stopping.
-    datapath: Option<Datapath>,
+    datapath: Option<DataPlane>,
     underlay: Underlay,
 }
 
@@ -168,8 +178,32 @@ struct ClusterView {
     /// The interface names on this node at the last reconcile (which local endpoints
     /// are real containers, for [`crate::store::records::View::Node`]).
     links: BTreeSet<String>,
-    /// Store records already reported as rejected (each is logged once while it lasts).
-    rejections: RejectionLog,
+    /// The store records rejected now (each is logged once while it lasts).
+    rejections: rejections::Rejections,
+    /// Changes applied on their own ([`delta`]) are not in `desired`'s endpoints yet:
+    /// the next full run judges the mirror again first.
+    endpoints_behind: bool,
+    /// The networks with an endpoint of this node in `desired` (their names are served).
+    local_networks: BTreeSet<String>,
+    /// Counts the changes of `desired` (what the watch acknowledges, without comparing
+    /// whole states).
+    generation: u64,
+}
+
+impl ClusterView {
+    /// Keeps `state` as the desired one; returns whether it differs from the last.
+    fn set_desired(&mut self, state: ClusterState, node: &str) -> bool {
+        self.endpoints_behind = false;
+        let changed = self.desired.as_ref() != Some(&state);
+        if changed {
+            self.local_networks = (state.local_endpoints(node))
+                .map(|e| e.network.clone())
+                .collect();
+            self.desired = Some(state);
+            self.generation += 1;
+        }
+        changed
+    }
 }
 
 /// What only one reconcile run at a time may touch (its lock is the reconcile lock).
@@ -189,6 +223,8 @@ struct Agent {
     handle: Handle,
     plane: Mutex<Plane>,
     cluster: Mutex<ClusterView>,
+    /// The watch's copy of the followed keys. Taken before `cluster` when both are.
+    mirror: Mutex<mirror::Mirror>,
     /// Whether the store is this cluster's ([`crate::store::identity`]).
     identity: Mutex<Identity>,
     /// Everything `status` and the metrics report about the control plane: one place,
@@ -221,6 +257,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Agent {
     fn node(&self) -> &str {
         &self.options.node
+    }
+
+    /// Whether this agent has a host of its own (`--dataplane none` has not: no
+    /// programs, underlay, veths, host settings, egress table or DNS listeners).
+    fn has_host(&self) -> bool {
+        self.options.dataplane == DataplaneMode::Bpf
     }
 
     fn vtep(&self) -> Ipv4Addr {

@@ -101,7 +101,7 @@ impl Agent {
                 return plane.underlay.link.mtu;
             }
             plane.underlay.link.mtu = current;
-            if let Some(datapath) = plane.datapath.as_mut() {
+            if let Some(datapath) = plane.datapath.as_mut().and_then(|d| d.bpf()) {
                 let updated = datapath.underlay_config().and_then(|mut config| {
                     config.mtu = current;
                     datapath.set_underlay(&config)

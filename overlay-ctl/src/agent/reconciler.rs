@@ -86,7 +86,9 @@ impl Agent {
                 // Outside the reconcile lock, like the follow-ups: the maps (and the
                 // watch's acknowledgement of them) never wait for `nft`. A fetching run
                 // also checks the kernel's copy of the table.
-                self.sync_egress(fetch);
+                if self.has_host() {
+                    self.sync_egress(fetch);
+                }
                 Ok(outcome)
             }
             Err(e) => Err(e),
@@ -129,8 +131,7 @@ impl Agent {
                     return (false, false);
                 };
                 let mut cluster = lock(&self.cluster);
-                let newer = cluster.desired.as_ref() != Some(&state);
-                cluster.desired = Some(state);
+                let newer = cluster.set_desired(state, self.node());
                 // Marked with the state, not after its apply: a watch that reads the same
                 // state meanwhile finds it unchanged and must still acknowledge it, once
                 // this run (which holds the reconcile lock) has applied it.
@@ -146,11 +147,18 @@ impl Agent {
 
     /// Read, plan, apply: the stages of one run on the last known state.
     async fn apply_desired(&self, state: &mut ReconcilerState) -> Result<Pass, String> {
+        if std::mem::take(&mut lock(&self.cluster).endpoints_behind) {
+            // Changes applied on their own since the last full judgement (or a resync):
+            // judge the mirror again, without reading the store.
+            if let Some(state) = self.judge_mirror() {
+                lock(&self.cluster).set_desired(state, self.node());
+            }
+        }
         let Some(cluster) = self.desired() else {
             // Nothing known yet: keep whatever the maps hold (a restart keeps forwarding).
             return Ok(Pass::default());
         };
-        if !std::mem::replace(&mut state.adopted, true) {
+        if !std::mem::replace(&mut state.adopted, true) && self.has_host() {
             gc::adopt_unrecorded(&self.handle, self.node(), &self.local, &cluster.endpoints).await;
         }
         let records = self.local_records();
@@ -166,7 +174,9 @@ impl Agent {
         let plan = reconcile::plan(&cluster, &local, &veths.by_name);
         let (report, attached_now) = self.apply_plan(&plan, &veths.names)?;
         let applied = self.forwarding(&cluster, &plan, &veths, &attached_now);
-        self.check_underlay_mtu(&cluster.networks).await;
+        if self.has_host() {
+            self.check_underlay_mtu(&cluster.networks).await;
+        }
         Ok(Pass {
             outcome: ReconcileOutcome {
                 report,
@@ -208,6 +218,9 @@ impl Agent {
     /// The host veths of this node's endpoints (and every interface name, for the next
     /// read's validation).
     async fn local_veths(&self, state: &ClusterState) -> Result<LocalVeths, String> {
+        if !self.has_host() {
+            return Ok(LocalVeths::default());
+        }
         let wanted: BTreeSet<&str> = state
             .local_endpoints(self.node())
             .map(|e| e.ifname.as_str())
@@ -238,10 +251,14 @@ impl Agent {
         veth_names: &BTreeMap<u32, String>,
     ) -> Result<(ApplyReport, BTreeSet<u32>), String> {
         let mut plane = lock(&self.plane);
-        let datapath = plane.datapath.as_mut().ok_or("the agent is stopping")?;
+        let maps = plane
+            .datapath
+            .as_mut()
+            .ok_or("the agent is stopping")?
+            .maps();
         let report =
-            apply::apply(datapath, &plan.maps, veth_names).map_err(|e| apply::error_chain(&e))?;
-        Ok((report, datapath.attached_containers().collect()))
+            apply::apply(maps, &plan.maps, veth_names).map_err(|e| apply::error_chain(&e))?;
+        Ok((report, maps.attached_containers()))
     }
 
     /// What the data plane forwards for after an apply.

@@ -9,13 +9,14 @@ use overlay_common::{Counter, CounterValue};
 use tracing::{debug, info, warn};
 
 use super::{
-    control::{AgentStatus, ConsulStatus, MapUsage, ReconcileStatus},
+    control::{AgentStatus, ConsulStatus, FeedStatus, MapUsage, ReconcileStatus},
     lock, metrics,
     mtu::UnderlayMtuStatus,
     Agent,
 };
 use crate::{
-    dataplane::datapath::{self, Datapath},
+    dataplane::datapath,
+    dataplane::forwarding::DataPlane,
     store::backend::StoreBackend,
     store::consul::ErrorClass,
     store::records::{RecordKind, RejectReason},
@@ -50,6 +51,8 @@ pub struct LiveStatus {
     pub rejected_by_reason: BTreeMap<(RecordKind, RejectReason), u64>,
     /// This node's underlay MTU and the networks it is too small for.
     pub mtu: UnderlayMtuStatus,
+    /// What the watch read and applied.
+    pub feed: FeedStatus,
 }
 
 impl Agent {
@@ -116,6 +119,7 @@ impl Agent {
         status.attached = live.forwarding.attached.clone();
         status.rejected_records = live.rejected_records;
         status.mtu = live.mtu.clone();
+        status.feed = live.feed.clone();
         status.store_trust = identity.trust().name().to_string();
         status.store_detail = identity.detail().map(str::to_string);
         status.cluster_id = identity.cluster().map(|c| c.cluster.clone());
@@ -130,8 +134,11 @@ impl Agent {
             None => Default::default(),
         };
         let vxlan_port = (plane.datapath.as_mut())
-            .and_then(|d| d.cluster_config().ok())
+            .and_then(|d| d.maps().cluster_config().ok())
             .map(|c| c.vxlan_port());
+        let endpoint_map_entries = (maps.iter())
+            .find(|m| m.name == overlay_common::map_names::ENDPOINTS)
+            .map_or(0, |m| m.entries);
         let underlay = &plane.underlay;
         AgentStatus {
             node: self.node().to_string(),
@@ -142,11 +149,15 @@ impl Agent {
             xdp_mode: format!("{:?}", self.options.xdp_mode).to_lowercase(),
             decap: underlay.setup.clone(),
             host_changes: underlay.host_changes.clone(),
-            tc_attach: if datapath::tcx_supported() {
+            tc_attach: if !self.has_host() {
+                "none".into()
+            } else if datapath::tcx_supported() {
                 "tcx".into()
             } else {
                 "clsact (netlink)".into()
             },
+            dataplane: self.options.dataplane.as_str().to_string(),
+            endpoint_map_entries,
             vxlan_port,
             pin_root: self.options.pin_root.display().to_string(),
             programs,
@@ -173,11 +184,13 @@ impl Agent {
             .unwrap_or_default();
         let (counters, occupancy) = {
             let mut plane = lock(&self.plane);
-            let datapath = plane.datapath.as_mut().ok_or("the agent is stopping")?;
-            (
-                datapath.counters().map_err(|e| e.to_string())?,
-                datapath.map_occupancy().map_err(|e| e.to_string())?,
-            )
+            let plane = plane.datapath.as_mut().ok_or("the agent is stopping")?;
+            let counters = match plane.bpf() {
+                Some(datapath) => datapath.counters().map_err(|e| e.to_string())?,
+                None => BTreeMap::new(),
+            };
+            let occupancy = plane.maps().map_occupancy();
+            (counters, occupancy.map_err(|e| e.to_string())?)
         };
         let store_state = lock(&self.identity).trust().name();
         let egress = self.egress_status();
@@ -203,7 +216,10 @@ impl Agent {
         let mut ticker = tokio::time::interval(self.options.stats_interval);
         loop {
             ticker.tick().await;
-            let now = match lock(&self.plane).datapath.as_ref().map(|d| d.counters()) {
+            let now = match (lock(&self.plane).datapath.as_ref())
+                .and_then(DataPlane::bpf_ref)
+                .map(|d| d.counters())
+            {
                 Some(Ok(now)) => now,
                 Some(Err(e)) => {
                     warn!(error = %e, "cannot read counters");
@@ -217,14 +233,13 @@ impl Agent {
     }
 }
 
-fn programs_and_maps(datapath: &mut Datapath) -> (BTreeMap<String, u32>, Vec<MapUsage>) {
-    let programs = datapath
-        .program_ids()
+fn programs_and_maps(plane: &mut DataPlane) -> (BTreeMap<String, u32>, Vec<MapUsage>) {
+    let programs = (plane.bpf_ref().map(|d| d.program_ids()))
+        .unwrap_or_default()
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-    let maps = datapath
-        .map_occupancy()
+    let maps = (plane.maps().map_occupancy())
         .unwrap_or_default()
         .into_iter()
         .map(|(name, entries, capacity)| MapUsage {

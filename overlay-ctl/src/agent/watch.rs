@@ -1,44 +1,70 @@
-//! Following the store: the blocking-query watch that applies every change as it
+//! Following the store: the feed ([`StoreFeed`]) that applies every change as it
 //! happens (and acknowledges the index it applied, so `run` can wait until every node
 //! forwards for a new endpoint), the periodic full resync, and the judgement of each full
 //! read: its records validated for this node ([`records::parse_snapshot`]) and the store
 //! checked against the cluster id ([`crate::store::identity`]).
+//!
+//! The watch keeps a copy of the followed keys ([`super::mirror::Mirror`]): a snapshot
+//! replaces it and is judged in full; a batch of changes edits it and, when it touches
+//! only other nodes' endpoints and addresses, is applied on its own
+//! ([`super::delta`]); anything else is judged in full from the mirror, so a change
+//! never needs the store to be read again. The resync compares the maps with the state
+//! judged from the mirror, and reads the whole store only every
+//! [`STORE_REREAD_EVERY`]th time.
 use std::{sync::Arc, time::Instant};
 
 use tracing::{debug, info, warn};
 
-use super::{lock, reconcile::ClusterState, Agent};
+use super::{delta::DeltaOutcome, lock, reconcile::ClusterState, Agent};
 use crate::{
     store::backend::KvPair,
-    store::consul::KvWatch,
-    store::identity::{self, Judgement},
+    store::feed::{FeedEvent, StoreFeed},
+    store::identity::{self, Judgement, Trust},
     store::records,
 };
+
+/// Every how many resyncs the whole store is read again (the safety net under the
+/// feed: at the default 30 s resync, every 5 minutes); the others judge the mirror.
+pub(super) const STORE_REREAD_EVERY: u32 = 10;
+
+/// What one feed event asks for.
+enum Followed {
+    /// Nothing to apply (no change, or a store that is not to be applied now).
+    Nothing,
+    /// Applied on its own: acknowledge it.
+    Applied,
+    /// The state judged in full, to apply.
+    State(ClusterState),
+}
 
 /// The last state this node acknowledged applying, and at which watch index.
 #[derive(Default)]
 struct Acknowledged {
     index: u64,
-    state: Option<ClusterState>,
+    /// The [`super::ClusterView::generation`] acknowledged.
+    generation: Option<u64>,
 }
 
 impl Agent {
-    /// Follows every change under the prefix with blocking queries.
+    /// Follows every change under the prefix through the store's feed.
     pub(super) async fn watch_loop(self: Arc<Self>) {
-        let mut watch = KvWatch::new(
+        let mut feed = StoreFeed::new(
             self.store.kv().clone(),
             self.store.prefix(),
             self.options.watch_wait,
         );
         let mut acknowledged = Acknowledged::default();
         loop {
-            match watch.next().await {
-                Ok((pairs, index)) => {
+            match feed.next().await {
+                Ok(event) => {
                     self.consul_ok();
-                    let Some(state) = self.judge(&pairs) else {
-                        continue;
+                    let index = event.index();
+                    let applied = match self.follow(event).await {
+                        Followed::Nothing => continue,
+                        Followed::Applied => true,
+                        Followed::State(state) => self.apply_watched(state, index).await,
                     };
-                    if self.apply_watched(state, index).await {
+                    if applied {
                         self.acknowledge(index, &mut acknowledged).await;
                     }
                 }
@@ -47,17 +73,58 @@ impl Agent {
         }
     }
 
+    /// Takes one feed event into the mirror, and applies it on its own when it can.
+    async fn follow(&self, event: FeedEvent) -> Followed {
+        let counted = |snapshots: u64, changes: u64| {
+            // Everything this process read from the store (the feed, and the membership's
+            // and collector's reads), as the store client counts it.
+            let bytes = self.store.bytes_read();
+            self.status.send_modify(|status| {
+                let feed = &mut status.feed;
+                feed.store_bytes_read = bytes;
+                feed.snapshots += snapshots;
+                feed.change_batches += u64::from(changes > 0);
+                feed.changes += changes;
+            })
+        };
+        match event {
+            FeedEvent::Snapshot { pairs, .. } => {
+                counted(1, 0);
+                lock(&self.mirror).replace(pairs);
+            }
+            FeedEvent::Changes { changes, .. } => {
+                counted(0, changes.len() as u64);
+                let scope = lock(&self.mirror).take_changes(changes, self.node());
+                if !scope.full && scope.keys.is_empty() {
+                    return Followed::Nothing;
+                }
+                if self.apply_changes(&scope).await == DeltaOutcome::Applied {
+                    return Followed::Applied;
+                }
+                self.status
+                    .send_modify(|status| status.feed.full_fallbacks += 1);
+            }
+        }
+        match self.judge_mirror() {
+            Some(state) => Followed::State(state),
+            None => Followed::Nothing,
+        }
+    }
+
+    /// Judges the mirror in full (`None`: no snapshot yet, or the store is not to be
+    /// applied now).
+    pub(super) fn judge_mirror(&self) -> Option<ClusterState> {
+        let mirror = lock(&self.mirror);
+        if !mirror.synced() {
+            return None;
+        }
+        self.judge(mirror.pairs())
+    }
+
     /// Applies a state the watch read at `index`; returns whether it is now applied (by
     /// this call, or by an earlier reconcile the watch had not acknowledged yet).
     async fn apply_watched(&self, state: ClusterState, index: u64) -> bool {
-        let changed = {
-            let mut cluster = lock(&self.cluster);
-            let changed = cluster.desired.as_ref() != Some(&state);
-            if changed {
-                cluster.desired = Some(state);
-            }
-            changed
-        };
+        let changed = lock(&self.cluster).set_desired(state, self.node());
         if changed {
             debug!(index, "cluster state changed");
             self.reconcile(false).await.is_ok()
@@ -75,34 +142,51 @@ impl Agent {
     async fn acknowledge(&self, index: u64, acknowledged: &mut Acknowledged) {
         // An acknowledgement is itself a write under the prefix: one for a state already
         // acknowledged would only cause another.
-        let current = self.desired();
-        if index <= acknowledged.index || current == acknowledged.state {
+        let current = lock(&self.cluster).generation;
+        self.status
+            .send_modify(|status| status.feed.applied_index = index);
+        if index <= acknowledged.index || Some(current) == acknowledged.generation {
             return;
         }
         match self.store.put_applied(self.node(), index).await {
             Ok(()) => {
                 acknowledged.index = index;
-                acknowledged.state = current;
+                acknowledged.generation = Some(current);
             }
             Err(e) => debug!(error = %e, "cannot record the applied index"),
         }
     }
 
-    /// Full resync on a timer: catches map drift and anything a watch may have missed.
+    /// Resync on a timer: compares the maps with the state judged from the mirror (map
+    /// drift, an expired healing period), and every [`STORE_REREAD_EVERY`]th time (the
+    /// first included) with a fresh read of the whole store (anything a feed missed).
     pub(super) async fn resync_loop(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(self.options.resync_interval);
-        loop {
+        for tick in 0u32.. {
             ticker.tick().await;
+            // A store that is not trusted as it is (lost, foreign, healing) is judged
+            // from a fresh read every time, as the mirror may predate what was judged.
+            let trusted = matches!(
+                lock(&self.identity).trust(),
+                Trust::Trusted | Trust::Unknown
+            );
+            let from_store = !trusted || tick % STORE_REREAD_EVERY == 0;
+            if !from_store {
+                lock(&self.cluster).endpoints_behind = true;
+            }
             // A failed run is logged and counted by `reconcile` itself.
-            let _ = self.reconcile(true).await;
+            let _ = self.reconcile(from_store).await;
         }
     }
 
     /// Judges one full read of the store against the cluster id ([`crate::store::identity`]):
     /// the state to apply, or `None` to keep the maps as they are.
-    pub(super) fn judge(&self, pairs: &[KvPair]) -> Option<ClusterState> {
+    pub(super) fn judge<'p>(
+        &self,
+        pairs: impl IntoIterator<Item = &'p KvPair> + Clone,
+    ) -> Option<ClusterState> {
         let prefix = self.store.prefix();
-        let read = self.ingest(pairs);
+        let read = self.ingest(pairs.clone());
         let found = identity::find(prefix, pairs);
         let (judgement, actions) = lock(&self.identity).judge(found, read, Instant::now());
         if let Some(id) = actions.restore {
@@ -125,7 +209,7 @@ impl Agent {
 
     /// Parses a read of the whole prefix at the validation boundary: the valid state for
     /// this node, with every rejected record logged once (while it lasts) and counted.
-    fn ingest(&self, pairs: &[KvPair]) -> ClusterState {
+    fn ingest<'p>(&self, pairs: impl IntoIterator<Item = &'p KvPair>) -> ClusterState {
         let vtep = self.vtep();
         let mut cluster = lock(&self.cluster);
         let view = records::View::Node {
@@ -134,9 +218,15 @@ impl Agent {
             links: &cluster.links,
         };
         let snapshot = records::parse_snapshot(self.store.prefix(), pairs, view);
-        let fresh = cluster.rejections.fresh(&snapshot.rejected);
+        let fresh = cluster.rejections.replace_all(&snapshot.rejected);
         drop(cluster);
-        for r in &fresh {
+        self.report_rejections(&fresh);
+        snapshot.state
+    }
+
+    /// Logs and counts the rejections found fresh, and publishes the current totals.
+    pub(super) fn report_rejections(&self, fresh: &[records::Rejection]) {
+        for r in fresh {
             if r.reason == records::RejectReason::UnknownNetwork {
                 // Also what `network delete --force` looks like for a moment (the
                 // network's key goes first, then its endpoints).
@@ -147,10 +237,13 @@ impl Agent {
         }
         self.metrics
             .record_rejections_reported(fresh.iter().map(|r| (r.kind, r.reason)));
+        let (total, by_reason) = {
+            let cluster = lock(&self.cluster);
+            (cluster.rejections.len(), cluster.rejections.count())
+        };
         self.status.send_modify(|status| {
-            status.rejected_records = snapshot.rejected.len();
-            status.rejected_by_reason = records::count(&snapshot.rejected);
+            status.rejected_records = total;
+            status.rejected_by_reason = by_reason;
         });
-        snapshot.state
     }
 }

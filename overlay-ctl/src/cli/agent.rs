@@ -6,6 +6,7 @@ use crate::{
     agent::control::AgentClient,
     agent::logs::LogBuffer,
     agent::{self, AgentOptions},
+    dataplane::forwarding::DataplaneMode,
     runtimes::docker_server::DockerDriverServer,
     store::{backend::StoreBackend, Store, DEFAULT_PREFIX},
 };
@@ -33,13 +34,24 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
     if matches!(store.kv(), StoreBackend::Consul(_)) {
         check_session_ttl(args.session_ttl, args.dev_store)?;
     }
-    let metrics_addr = (args.metrics_addr != "off").then(|| args.metrics_addr.clone());
+    let has_host = args.dataplane == DataplaneMode::Bpf;
+    if has_host && args.vtep.is_some() {
+        anyhow::bail!(
+            "--vtep is for --dataplane none; a node with a data plane takes its VTEP from --iface"
+        );
+    }
+    // A hundred control-plane-only agents on one machine cannot share the default
+    // metrics port: they serve metrics only where told.
+    let metrics_addr = (args.metrics_addr != "off"
+        && (has_host || args.metrics_addr != agent::metrics::DEFAULT_METRICS_ADDR))
+        .then(|| args.metrics_addr.clone());
     let docker_plugin = match args.docker_plugin {
         DockerPluginMode::On => true,
         DockerPluginMode::Off => false,
         DockerPluginMode::Auto => args.docker_plugin_dir.is_dir(),
     }
-    .then(|| crate::runtimes::docker::socket_path(&args.docker_plugin_dir));
+    .then(|| crate::runtimes::docker::socket_path(&args.docker_plugin_dir))
+    .filter(|_| has_host);
     let options = AgentOptions {
         node,
         iface: args.iface.clone(),
@@ -60,9 +72,11 @@ pub async fn run(cli: &Global, args: &AgentArgs, logs: LogBuffer) -> anyhow::Res
         gc_grace: args.gc_grace,
         docker_plugin,
         names: agent::names::NameOptions {
-            enabled: args.dns == OnOff::On,
+            enabled: args.dns == OnOff::On && has_host,
             upstreams: args.dns_upstreams.clone(),
         },
+        dataplane: args.dataplane,
+        vtep: args.vtep,
     };
     let companions: Vec<Box<dyn agent::Companion>> = match &options.docker_plugin {
         Some(socket) => vec![Box::new(DockerDriverServer::new(

@@ -8,6 +8,7 @@ use crate::{
     agent::control::DEFAULT_STATE_DIR,
     dataplane::datapath::{XdpAttachMode, DEFAULT_PIN_ROOT},
     dataplane::egress::EgressMode,
+    dataplane::forwarding::DataplaneMode,
     dataplane::underlay::DecapMode,
     runtimes::container,
     store::devserver::DevServerArgs,
@@ -242,6 +243,16 @@ pub struct AgentArgs {
     /// order; `IP` or `IP:PORT`) [default: the nameservers of /etc/resolv.conf].
     #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = parse_resolver_addr)]
     pub dns_upstreams: Vec<std::net::SocketAddr>,
+    /// The data plane to drive: `bpf`, the eBPF programs on this host's underlay; or
+    /// `none`, the control plane only (membership, watch, reconcile, acknowledgements)
+    /// with its maps in memory, for scale tests of the control plane: it needs --vtep
+    /// and a --state-dir of its own, touches nothing on the host, and serves neither DNS,
+    /// the Docker driver nor (unless --metrics-addr names an address) metrics.
+    #[arg(long, value_enum, default_value_t = DataplaneMode::Bpf)]
+    pub dataplane: DataplaneMode,
+    /// With `--dataplane none`: the address this node registers as its VTEP.
+    #[arg(long, value_name = "IP", required_if_eq("dataplane", "none"))]
+    pub vtep: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -16,6 +16,7 @@ use crate::{
     agent::control::{AgentClient, AgentStatus},
     agent::logs::LogBuffer,
     agent::KERNEL_LOG_TARGET,
+    dataplane::forwarding::DataplaneMode,
     store::config::StoreConfig,
     store::etcd::TlsFiles,
     store::{Store, DEFAULT_PREFIX},
@@ -36,7 +37,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let logs = LogBuffer::default();
     init_tracing(&cli.command, &logs);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime_for(&cli.command) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -49,6 +50,24 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The async runtime: a control-plane-only agent (`agent --dataplane none`, of which a
+/// scale test runs a hundred on one machine) keeps to one worker thread.
+fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let control_plane_only = matches!(
+        command,
+        Command::Agent { action: None, args } if args.dataplane == DataplaneMode::None
+    );
+    if control_plane_only {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
     }
 }
 

@@ -1,5 +1,7 @@
 //! The data plane as user space drives it:
 //! - [`datapath`]: loading, pinning and attaching the kernel programs; typed map access.
+//! - [`forwarding`]: the maps as the reconcile writes them, in the kernel or in memory
+//!   (`agent --dataplane none`).
 //! - [`map_values`]: store records (networks, endpoints) as map keys and values.
 //! - [`underlay`]: binding a node to its underlay (which hook decapsulates, host settings).
 //! - [`endpoint`]: a container's veth pair, addresses and routes.
@@ -9,6 +11,7 @@
 pub mod datapath;
 pub mod egress;
 pub mod endpoint;
+pub mod forwarding;
 pub mod map_values;
 pub mod netlink;
 pub mod netns;

@@ -81,9 +81,9 @@ pub fn cluster_id_key(store: &Store) -> String {
 }
 
 /// The cluster id in one full read of the prefix (`None`: absent or unreadable).
-pub fn find(prefix: &str, pairs: &[KvPair]) -> Option<ClusterId> {
+pub fn find<'p>(prefix: &str, pairs: impl IntoIterator<Item = &'p KvPair>) -> Option<ClusterId> {
     let key = Keys::new(prefix).cluster_id();
-    let pair = pairs.iter().find(|p| p.key == key)?;
+    let pair = pairs.into_iter().find(|p| p.key == key)?;
     serde_json::from_slice(&pair.value).ok()
 }
 

@@ -77,6 +77,17 @@ impl Datapath {
         self.hash_entries(map_names::ENDPOINTS)
     }
 
+    /// One endpoint entry (`None`: not in the map).
+    pub fn endpoint(&mut self, key: EndpointKey) -> Result<Option<EndpointValue>> {
+        let name = map_names::ENDPOINTS;
+        let map: BpfHashMap<&mut MapData, EndpointKey, EndpointValue> = self.typed_map(name)?;
+        match map.get(&key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map { name, source }),
+        }
+    }
+
     pub fn upsert_local_iface(&mut self, ifindex: u32, iface: &LocalIface) -> Result<()> {
         self.hash_insert(map_names::LOCAL_IFACES, ifindex, *iface)
     }

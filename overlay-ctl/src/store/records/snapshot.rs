@@ -24,7 +24,11 @@ type Allocations = BTreeMap<(String, Ipv4Addr), IpAllocation>;
 /// Parses everything under `prefix` (one recursive read or watch answer) into the valid
 /// cluster state and the rejected records. Deterministic: the same pairs give the same
 /// result on every node (up to the [`View`]'s own-node preferences).
-pub fn parse_snapshot(prefix: &str, pairs: &[KvPair], view: View<'_>) -> Snapshot {
+pub fn parse_snapshot<'p>(
+    prefix: &str,
+    pairs: impl IntoIterator<Item = &'p KvPair>,
+    view: View<'_>,
+) -> Snapshot {
     let mut sections: BTreeMap<&str, Vec<&KvPair>> = BTreeMap::new();
     for pair in pairs {
         let Some(rest) = pair.key.strip_prefix(prefix) else {

@@ -1,0 +1,232 @@
+//! The agent's copy of the followed keys ([`Mirror`]): a feed snapshot replaces it, a
+//! batch of changes edits it, and every full judgement after the first read is made from
+//! it (never from a new read of the store). Besides the records it keeps the one index a
+//! changed endpoint needs to be judged on its own: which endpoint records claim each
+//! (network, address), so that the one-endpoint-per-address rule is applied to that
+//! address's claimants only ([`Mirror::take_changes`] says which addresses a batch
+//! touched, or that it needs the full path).
+use std::{
+    borrow::Borrow,
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use crate::{store::backend::KvPair, store::feed::KvChange, store::keys::Keys};
+
+/// The sections under the prefix that the record rules read
+/// ([`crate::store::records::parse_snapshot`]); other keys (`applied/`, a store's own
+/// bookkeeping) change nothing an agent applies.
+const JUDGED_SECTIONS: [&str; 6] = ["config", "endpoints", "ipam", "networks", "nodes", "vni"];
+
+/// A (network, address) that endpoint records claim.
+pub(super) type Address = (String, Ipv4Addr);
+
+/// A record ordered (and looked up) by its key, so the key is stored once.
+#[derive(Debug)]
+struct ByKey(KvPair);
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+impl Eq for ByKey {}
+impl PartialOrd for ByKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for ByKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.key.cmp(&other.0.key)
+    }
+}
+impl Borrow<str> for ByKey {
+    fn borrow(&self) -> &str {
+        &self.0.key
+    }
+}
+
+/// The part of an endpoint record that says which address it claims (the rest is
+/// judged by the record rules).
+#[derive(serde::Deserialize)]
+struct Claim {
+    ip: Ipv4Addr,
+}
+
+/// What a batch of changes touched.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Scope {
+    /// Something only the full path can judge (a network, node or config key, a record
+    /// of this node's own endpoints, an unknown section).
+    pub full: bool,
+    /// Addresses whose claimants must be judged again.
+    pub addresses: BTreeSet<Address>,
+    /// Every endpoint and IPAM key the batch changed.
+    pub keys: BTreeSet<String>,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub(super) struct Mirror {
+    keys: Keys,
+    records: BTreeSet<ByKey>,
+    /// (network, address) -> the keys of the endpoint records claiming it.
+    claims: HashMap<Address, Vec<Box<str>>>,
+    synced: bool,
+}
+
+impl Mirror {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            keys: Keys::new(prefix),
+            records: BTreeSet::new(),
+            claims: HashMap::new(),
+            synced: false,
+        }
+    }
+
+    /// Whether a snapshot was taken yet.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Replaces everything with a snapshot.
+    pub fn replace(&mut self, pairs: Vec<KvPair>) {
+        self.records.clear();
+        self.claims.clear();
+        for pair in pairs {
+            self.put(pair);
+        }
+        self.claims.shrink_to_fit();
+        self.synced = true;
+    }
+
+    /// Applies a batch of changes and says what it touched; `node` is this node (its own
+    /// endpoints take the full path).
+    pub fn take_changes(&mut self, changes: Vec<KvChange>, node: &str) -> Scope {
+        let mut scope = Scope::default();
+        for change in changes {
+            let key = change.key().to_string();
+            if !JUDGED_SECTIONS.contains(&self.section(&key)) {
+                continue;
+            }
+            let old = self.remove(&key);
+            let new = match change {
+                KvChange::Put(pair) => Some(self.put(pair)),
+                KvChange::Delete { .. } => None,
+            };
+            let section = self.section(&key);
+            match section {
+                "endpoints" => {
+                    for pair in old.iter().chain(new.flatten().as_ref()) {
+                        scope.full |= names_node(pair, node);
+                        scope.addresses.extend(self.claim(pair));
+                    }
+                    scope.keys.insert(key);
+                }
+                "ipam" => {
+                    // A key that names no address is only a rejected record.
+                    if let Some(address) = self.allocation_address(&key) {
+                        scope.addresses.insert(address);
+                    }
+                    scope.keys.insert(key);
+                }
+                _ => scope.full = true,
+            }
+        }
+        scope
+    }
+
+    /// Every record, for a full judgement.
+    pub fn pairs(&self) -> impl Iterator<Item = &KvPair> + Clone {
+        self.records.iter().map(|r| &r.0)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&KvPair> {
+        self.records.get(key).map(|r| &r.0)
+    }
+
+    /// The records under one section (`networks`, `vni`, ...).
+    pub fn section_pairs<'a>(&'a self, section: &str) -> impl Iterator<Item = &'a KvPair> + 'a {
+        let start = format!("{}{section}/", self.keys.prefix());
+        self.records
+            .range::<str, _>((
+                std::ops::Bound::Included(start.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(move |r| r.0.key.starts_with(&start))
+            .map(|r| &r.0)
+    }
+
+    /// The keys of the endpoint records claiming `address`.
+    pub fn claimants(&self, address: &Address) -> impl Iterator<Item = &str> {
+        (self.claims.get(address).into_iter().flatten()).map(|k| &**k)
+    }
+
+    /// The IPAM key of `address`.
+    pub fn allocation_key(&self, address: &Address) -> String {
+        self.keys.allocation(&address.0, address.1)
+    }
+
+    /// Stores `pair` (only what the record rules judge: not the `applied/`
+    /// acknowledgements, nor anything else outside [`JUDGED_SECTIONS`]); returns a copy of
+    /// it when it is an endpoint record (to find its claim).
+    fn put(&mut self, pair: KvPair) -> Option<KvPair> {
+        if !JUDGED_SECTIONS.contains(&self.section(&pair.key)) {
+            return None;
+        }
+        let claim = self.claim(&pair);
+        if let Some(address) = claim.clone() {
+            self.claims
+                .entry(address)
+                .or_default()
+                .push(pair.key.as_str().into());
+        }
+        let endpoint = (self.section(&pair.key) == "endpoints").then(|| pair.clone());
+        self.records.replace(ByKey(pair));
+        endpoint
+    }
+
+    fn remove(&mut self, key: &str) -> Option<KvPair> {
+        let old = self.records.take(key)?.0;
+        if let Some(address) = self.claim(&old) {
+            if let Some(keys) = self.claims.get_mut(&address) {
+                keys.retain(|k| &**k != key);
+                if keys.is_empty() {
+                    self.claims.remove(&address);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    fn section<'k>(&self, key: &'k str) -> &'k str {
+        let rest = key.strip_prefix(self.keys.prefix()).unwrap_or_default();
+        rest.split('/').next().unwrap_or_default()
+    }
+
+    /// The address an endpoint record claims (`None`: not an endpoint record, or one
+    /// whose address cannot be read, which the record rules reject on its own).
+    fn claim(&self, pair: &KvPair) -> Option<Address> {
+        let network = self.keys.parse_endpoint_network(&pair.key)?;
+        let claim: Claim = serde_json::from_slice(&pair.value).ok()?;
+        Some((network.to_string(), claim.ip))
+    }
+
+    fn allocation_address(&self, key: &str) -> Option<Address> {
+        let rest = key.strip_prefix(&format!("{}ipam/", self.keys.prefix()))?;
+        let (network, _) = rest.split_once('/')?;
+        let ip = self.keys.parse_allocation(network, key)?;
+        Some((network.to_string(), ip))
+    }
+}
+
+/// Whether an endpoint record places its endpoint on `node`.
+fn names_node(pair: &KvPair, node: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Placement {
+        node: String,
+    }
+    serde_json::from_slice::<Placement>(&pair.value).is_ok_and(|p| p.node == node)
+}

@@ -1,0 +1,156 @@
+//! `overlay-ctl agent --dataplane none`: agents without a data plane of their own (the
+//! scale benchmark runs a hundred of them) run the same membership, watch, reconcile and
+//! acknowledgement code as a real agent, next to one.
+use std::{net::Ipv4Addr, time::Duration};
+
+use overlay_ctl::store::{backend::KvBackend as _, Endpoint, IpAllocation, Store};
+use overlay_tests::{
+    bins,
+    cluster::{Bins, DevConsul, Node},
+    harness::{require_root, wait_until},
+    topology::Underlay,
+};
+
+const BINS: Bins = bins!();
+const JOIN: Duration = Duration::from_secs(20);
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// The IPAM and endpoint records of a container `id` of `node` at `ip` on net1, as
+/// `run` writes them.
+fn endpoint_records(id: &str, node: &str, ip: Ipv4Addr) -> [(String, Vec<u8>); 2] {
+    let allocation = IpAllocation {
+        endpoint: id.into(),
+        node: node.into(),
+    };
+    let endpoint = Endpoint {
+        id: id.into(),
+        network: "net1".into(),
+        ip,
+        mac: overlay_ctl::dataplane::endpoint::mac_for(ip),
+        node: node.into(),
+        ifname: overlay_ctl::runtimes::container::host_ifname("net1", id),
+        container: None,
+        pid: None,
+        netns: None,
+    };
+    [
+        (
+            format!("overlay/ipam/net1/{ip}"),
+            serde_json::to_vec(&allocation).unwrap(),
+        ),
+        (
+            format!("overlay/endpoints/net1/{id}"),
+            serde_json::to_vec(&endpoint).unwrap(),
+        ),
+    ]
+}
+
+fn endpoint_map_entries(node: &Node) -> Option<u64> {
+    node.status()?["endpoint_map_entries"].as_u64()
+}
+
+#[test]
+fn agents_without_a_data_plane_and_a_real_one_see_each_others_endpoints() {
+    require_root();
+    let underlay = Underlay::new();
+    let consul = DevConsul::start(&BINS, &underlay, None);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|i| Node::new(&BINS, &underlay, i, &consul))
+        .collect();
+    nodes[0].start_agent(&["--bootstrap"]);
+    for node in &mut nodes[1..] {
+        node.start_control_plane_agent(&[]);
+    }
+    for node in &nodes {
+        node.wait_registered(JOIN);
+    }
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/24"])
+        .ok();
+
+    // A real container on the real node, and one record-only container on each of the
+    // others (which have no host to run one on).
+    let web = nodes[0].spawn_run("net1", "web", &["sleep", "60"]);
+    nodes[0].wait_endpoint("net1", "web");
+    let records: Vec<(String, Vec<u8>)> = nodes[1..]
+        .iter()
+        .enumerate()
+        .flat_map(|(i, node)| {
+            let ip = Ipv4Addr::new(10, 100, 0, 50 + i as u8);
+            endpoint_records(&format!("sim{i}"), &node.name, ip)
+        })
+        .collect();
+    consul.with_client(|c| async move {
+        for (key, value) in records {
+            c.put(&key, &value).await.unwrap();
+        }
+    });
+
+    // The real node forwards for all three; an agent without a data plane holds the
+    // endpoints of every other node (its own would need a host to live on).
+    for (node, wanted) in nodes.iter().zip([3, 2, 2]) {
+        wait_until(
+            &format!("{} to hold {wanted} endpoints", node.name),
+            CONVERGE,
+            || endpoint_map_entries(node) == Some(wanted),
+        );
+    }
+    for node in &nodes[1..] {
+        let status = node.status().unwrap();
+        assert_eq!(status["dataplane"], "none", "{status:#}");
+        assert_eq!(status["members"], 3, "{status:#}");
+        assert_eq!(status["programs"], serde_json::json!({}), "{status:#}");
+        assert_eq!(status["vtep"], node.vtep.to_string(), "{status:#}");
+        let feed = &status["feed"];
+        assert!(feed["snapshots"].as_u64() >= Some(1), "{status:#}");
+        assert!(feed["applied_index"].as_u64() > Some(0), "{status:#}");
+        assert!(feed["store_bytes_read"].as_u64() > Some(0), "{status:#}");
+        // Its applied index is what it acknowledged in the store.
+        let applied = consul.with_client(|c| {
+            let key = format!("overlay/applied/{}", node.name);
+            async move { c.get(&key).await.unwrap() }
+        });
+        assert!(applied.is_some(), "{} never acknowledged", node.name);
+    }
+    let real = nodes[0].status().unwrap();
+    assert_eq!(real["dataplane"], "bpf", "{real:#}");
+
+    // Written as the CLI writes (through the store's journal), a new endpoint of node3
+    // and the removal of its other one reach node2 as changes, applied on their own.
+    let feed_of = |node: &Node| node.status().unwrap()["feed"].clone();
+    let before = feed_of(&nodes[1]);
+    let node3 = nodes[2].name.clone();
+    let sim9 = endpoint_records("sim9", &node3, Ipv4Addr::new(10, 100, 0, 59));
+    let sim1 = endpoint_records("sim1", &node3, Ipv4Addr::new(10, 100, 0, 51));
+    consul.with_client(|c| async move {
+        let store = Store::new(c, "overlay/");
+        for (key, value) in sim9 {
+            store.kv().put(&key, &value).await.unwrap();
+        }
+        for (key, _) in sim1.into_iter().rev() {
+            store.kv().delete(&key).await.unwrap();
+        }
+    });
+    // node1: web, sim0, sim9; node2: web, sim9; node3: web, sim0.
+    for (node, wanted) in nodes.iter().zip([3, 2, 2]) {
+        wait_until(
+            &format!("{} to hold {wanted} endpoints after the changes", node.name),
+            CONVERGE,
+            || endpoint_map_entries(node) == Some(wanted),
+        );
+    }
+    let after = feed_of(&nodes[1]);
+    assert!(
+        after["change_batches"].as_u64() > before["change_batches"].as_u64(),
+        "{before:#} -> {after:#}"
+    );
+    assert_eq!(
+        after["full_fallbacks"], before["full_fallbacks"],
+        "remote endpoint changes took the full path: {before:#} -> {after:#}"
+    );
+    assert_eq!(
+        after["snapshots"], before["snapshots"],
+        "{before:#} -> {after:#}"
+    );
+    drop(web);
+}
