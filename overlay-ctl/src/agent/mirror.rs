@@ -172,10 +172,13 @@ impl Mirror {
     /// Stores `pair` (only what the record rules judge: not the `applied/`
     /// acknowledgements, nor anything else outside [`JUDGED_SECTIONS`]); returns a copy of
     /// it when it is an endpoint record (to find its claim).
-    fn put(&mut self, pair: KvPair) -> Option<KvPair> {
+    fn put(&mut self, mut pair: KvPair) -> Option<KvPair> {
         if !JUDGED_SECTIONS.contains(&self.section(&pair.key)) {
             return None;
         }
+        // Kept for long, twenty thousand of them: no spare capacity from decoding.
+        pair.key.shrink_to_fit();
+        pair.value.shrink_to_fit();
         let claim = self.claim(&pair);
         if let Some(address) = claim.clone() {
             self.claims

@@ -27,6 +27,17 @@ use crate::{
 /// feed: at the default 30 s resync, every 5 minutes); the others judge the mirror.
 pub(super) const STORE_REREAD_EVERY: u32 = 10;
 
+/// Gives back to the system what a full judgement freed: a whole read's answer, its
+/// decoded records and judged copies are transient, and glibc keeps freed pages in its
+/// arenas otherwise (an agent's RSS would stay at the peak of its largest read).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns the allocator's own free pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// What one feed event asks for.
 enum Followed {
     /// Nothing to apply (no change, or a store that is not to be applied now).
@@ -62,7 +73,11 @@ impl Agent {
                     let applied = match self.follow(event).await {
                         Followed::Nothing => continue,
                         Followed::Applied => true,
-                        Followed::State(state) => self.apply_watched(state, index).await,
+                        Followed::State(state) => {
+                            let applied = self.apply_watched(state, index).await;
+                            release_freed_memory();
+                            applied
+                        }
                     };
                     if applied {
                         self.acknowledge(index, &mut acknowledged).await;
@@ -176,6 +191,7 @@ impl Agent {
             }
             // A failed run is logged and counted by `reconcile` itself.
             let _ = self.reconcile(from_store).await;
+            release_freed_memory();
         }
     }
 
