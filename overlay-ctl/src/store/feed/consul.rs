@@ -70,6 +70,8 @@ pub(super) struct ConsulFeed {
     delivered: u64,
     /// Set when the next event must be a snapshot, and why.
     resync: Option<Resync>,
+    /// Whether the small sections were re-read for the batch of answers at hand.
+    small_reread: bool,
 }
 
 impl ConsulFeed {
@@ -99,6 +101,7 @@ impl ConsulFeed {
             populated: BTreeMap::new(),
             delivered: 0,
             resync: Some("the first read".to_string()),
+            small_reread: false,
         }
     }
 
@@ -120,6 +123,7 @@ impl ConsulFeed {
             }
             let mut changes = Vec::new();
             let mut failed = None;
+            self.small_reread = false;
             for report in batch {
                 let outcome = match report {
                     Ok(report) => self.apply(report, &mut changes).await,
@@ -162,10 +166,7 @@ impl ConsulFeed {
             return Err(format!("the store's index for {kind:?} went backwards"));
         }
         match (kind, report.answer) {
-            (LaneKind::Section(prefix), LaneAnswer::Pairs(pairs)) => {
-                self.diff_section(&prefix, pairs, report.index, changes);
-                Ok(Ok(()))
-            }
+            (LaneKind::Section(_), LaneAnswer::Section) => Ok(self.reread_small(changes).await),
             (LaneKind::Key(_), _) => self.catch_up(changes).await,
             (LaneKind::Folders(prefix), LaneAnswer::Folders(names)) => {
                 self.check_section(&prefix, !names.is_empty(), report.index, changes)
@@ -176,6 +177,24 @@ impl ConsulFeed {
                 Ok(Ok(()))
             }
         }
+    }
+
+    /// One small section changed: re-reads all of them, in the order their records
+    /// depend on each other (a network's VNI claim is written before the network, so
+    /// `vni/` is read after `networks/`), and delivers what differs. Delivering each
+    /// section as its own lane answered could hand the agent a network before the VNI
+    /// claim that makes it valid. Once per batch: the other lanes' answers are covered.
+    async fn reread_small(&mut self, changes: &mut Vec<KvChange>) -> Result<(), StoreError> {
+        if self.small_reread {
+            return Ok(());
+        }
+        for section in SMALL {
+            let prefix = format!("{}{section}", self.keys.prefix());
+            let (pairs, index) = self.client.list_blocking(&prefix, 0, self.wait).await?;
+            self.diff_section(&prefix, pairs, index, changes);
+        }
+        self.small_reread = true;
+        Ok(())
     }
 
     /// A small section's new listing: the entries that differ from the last one.
@@ -344,49 +363,77 @@ impl ConsulFeed {
         }
     }
 
+    /// The index each lane's first blocking query starts from: its part's own.
+    async fn lane_starts(&self) -> Result<Vec<u64>, StoreError> {
+        let mut starts = Vec::with_capacity(self.lane_kinds.len());
+        for kind in &self.lane_kinds {
+            let index = match kind {
+                LaneKind::Section(p) => self.client.list_blocking(p, 0, self.wait).await?.1,
+                LaneKind::Key(k) => self.client.get_blocking(k, 0, self.wait).await?.1,
+                LaneKind::Folders(p) => self.client.keys_blocking(p, "/", 0, self.wait).await?.1,
+            };
+            starts.push(index);
+        }
+        Ok(starts)
+    }
+
     async fn read_all(&mut self) -> Result<FeedEvent, StoreError> {
-        let wait = self.wait;
-        // The head first: every entry after it is replayed, and replaying an entry the
-        // sections read below already reflect is harmless (each sets or deletes a key).
-        let (head, head_index) = self
-            .client
-            .get_blocking(&self.keys.journal_head(), 0, wait)
-            .await?;
+        // One recursive read of the whole prefix: every section as of one index, so the
+        // agent never judges records of different moments together (e.g. an endpoint
+        // without the allocation written before it). The journal and `applied/` come
+        // with it and are left out of what is delivered.
+        let prefix = self.keys.prefix().to_string();
+        // The lanes start from each part's own index, read before the state (a change
+        // in between is then both in the state and reported again, which is harmless);
+        // starting them from the whole prefix's index would look like an index that
+        // went backwards to them.
+        let starts = match self.lanes {
+            None => Some(self.lane_starts().await?),
+            Some(_) => None,
+        };
+        let (listing, index) = self.client.list_blocking(&prefix, 0, self.wait).await?;
+        let head_key = self.keys.journal_head();
+        let head = listing.iter().find(|p| p.key == head_key).cloned();
         let mut pairs = Vec::new();
-        let mut small = BTreeMap::new();
+        let mut small: BTreeMap<String, Section> = SMALL
+            .iter()
+            .map(|s| {
+                (
+                    format!("{prefix}{s}"),
+                    Section {
+                        index,
+                        pairs: BTreeMap::new(),
+                    },
+                )
+            })
+            .collect();
         let mut read_at = BTreeMap::new();
         let mut populated = BTreeMap::new();
-        for section in SMALL.iter().chain(journal::JOURNALED.iter()) {
-            let prefix = format!("{}{section}", self.keys.prefix());
-            let (listing, index) = self.client.list_blocking(&prefix, 0, wait).await?;
-            if SMALL.contains(section) {
-                let section = Section {
-                    index,
-                    pairs: listing.iter().map(|p| (p.key.clone(), p.clone())).collect(),
-                };
-                small.insert(prefix, section);
-            } else {
-                populated.insert(prefix.clone(), !listing.is_empty());
-                read_at.insert(prefix, index);
-            }
-            pairs.extend(listing);
+        for section in journal::JOURNALED {
+            let section = format!("{prefix}{section}");
+            read_at.insert(section.clone(), index);
+            populated.insert(section, false);
         }
-        pairs.sort_by(|a, b| a.key.cmp(&b.key));
-        let index = small
-            .values()
-            .map(|s: &Section| s.index)
-            .chain(read_at.values().copied())
-            .fold(head_index, u64::max);
+        for pair in listing {
+            if let Some(section) = small.keys().find(|s| pair.key.starts_with(*s)).cloned() {
+                let entry = small.get_mut(&section).expect("found above");
+                entry.pairs.insert(pair.key.clone(), pair.clone());
+            } else if let Some(flag) = populated
+                .iter_mut()
+                .find(|(s, _)| pair.key.starts_with(s.as_str()))
+                .map(|(_, flag)| flag)
+            {
+                *flag = true;
+            } else {
+                continue;
+            }
+            pairs.push(pair);
+        }
         self.seq = journal::parse_head(head.as_ref());
         self.explained = head.map_or(0, |h| h.modify_index);
-        if self.lanes.is_none() {
-            let starts = self.lane_kinds.iter().map(|kind| match kind {
-                LaneKind::Section(p) => small.get(p).map_or(0, |s| s.index),
-                LaneKind::Key(_) => head_index,
-                LaneKind::Folders(p) => read_at.get(p).copied().unwrap_or(0),
-            });
+        if let Some(starts) = starts {
             let lanes = self.lane_kinds.iter().cloned().zip(starts).collect();
-            self.lanes = Some(Lanes::start(&self.client, lanes, wait));
+            self.lanes = Some(Lanes::start(&self.client, lanes, self.wait));
         }
         self.small = small;
         self.read_at = read_at;

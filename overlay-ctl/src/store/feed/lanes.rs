@@ -7,7 +7,6 @@ use std::time::Duration;
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
 use crate::store::{
-    backend::KvPair,
     consul::{next_watch_index, ConsulClient},
     StoreError,
 };
@@ -27,7 +26,8 @@ pub(super) enum LaneKind {
 /// What a lane read.
 #[derive(Debug)]
 pub(super) enum LaneAnswer {
-    Pairs(Vec<KvPair>),
+    /// A small section changed: the feed re-reads all of them together.
+    Section,
     Key,
     Folders(Vec<String>),
 }
@@ -111,8 +111,8 @@ impl Lane {
         let (client, index, wait) = (&self.client, self.index, self.wait);
         Ok(match &self.kind {
             LaneKind::Section(prefix) => {
-                let (pairs, index) = client.list_blocking(prefix, index, wait).await?;
-                (LaneAnswer::Pairs(pairs), index)
+                let (_, index) = client.list_blocking(prefix, index, wait).await?;
+                (LaneAnswer::Section, index)
             }
             LaneKind::Key(key) => {
                 let (_, index) = client.get_blocking(key, index, wait).await?;
