@@ -22,6 +22,7 @@ use aya::{
 use overlay_common::program_names;
 
 mod attach;
+mod counters;
 mod loader;
 mod maps;
 
@@ -50,6 +51,13 @@ pub enum DatapathError {
         kind: &'static str,
         name: &'static str,
     },
+    #[error(
+        "no free counter slot: this node holds at most {} networks",
+        overlay_common::capacity::COUNTER_SLOTS - 1
+    )]
+    NoCounterSlot,
+    #[error("cannot size per-CPU values: {0}")]
+    Cpus(#[source] io::Error),
     #[error("network interface {0:?} not found")]
     UnknownInterface(String),
     #[error("TC on {iface}: {source}")]
