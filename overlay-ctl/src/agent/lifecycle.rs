@@ -235,6 +235,7 @@ impl Agent {
         tasks.spawn(self.clone().gc_loop());
         tasks.spawn(self.clone().republish_loop());
         tasks.spawn(self.clone().probe_loop());
+        tasks.spawn(self.clone().next_hop_loop());
     }
 
     async fn stop(&self) {
