@@ -13,9 +13,38 @@ use super::{Datapath, DatapathError, Result};
 /// The VNI the underlay slot's counters are reported under ("no network known yet").
 const VNI_UNDERLAY: u32 = 0;
 
-/// The lowest network slot (the underlay's excluded) not in `taken`.
+/// The lowest network slot (the underlay's excluded) not in `taken`: one pass over the
+/// taken slots in order, so filling a whole map stays quick.
 pub(super) fn free_slot(taken: &BTreeSet<u32>) -> Option<u32> {
-    (SLOT_UNDERLAY + 1..capacity::COUNTER_SLOTS).find(|slot| !taken.contains(slot))
+    let mut candidate = SLOT_UNDERLAY + 1;
+    for slot in taken.range(candidate..) {
+        if *slot != candidate {
+            break;
+        }
+        candidate += 1;
+    }
+    (candidate < capacity::COUNTER_SLOTS).then_some(candidate)
+}
+
+/// The networks' counter slots as this process last wrote or read them, so that writing
+/// a network costs no read of the whole NETWORKS map (the agent is its only writer).
+#[derive(Debug, Default)]
+pub(super) struct SlotTable {
+    pub by_vni: BTreeMap<u32, u32>,
+    pub taken: BTreeSet<u32>,
+}
+
+impl SlotTable {
+    pub fn assign(&mut self, vni: u32, slot: u32) {
+        self.by_vni.insert(vni, slot);
+        self.taken.insert(slot);
+    }
+
+    pub fn release(&mut self, vni: u32) {
+        if let Some(slot) = self.by_vni.remove(&vni) {
+            self.taken.remove(&slot);
+        }
+    }
 }
 
 impl Datapath {
@@ -66,6 +95,18 @@ impl Datapath {
             .map(|entry| entry.map(|(vni, network)| (vni, network.slot)))
             .collect::<std::result::Result<_, _>>()
             .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// The slot table, read from the NETWORKS map the first time.
+    pub(super) fn slots(&mut self) -> Result<&mut SlotTable> {
+        if self.slots.is_none() {
+            let mut table = SlotTable::default();
+            for (vni, slot) in self.network_slots()? {
+                table.assign(vni, slot);
+            }
+            self.slots = Some(table);
+        }
+        Ok(self.slots.get_or_insert_with(SlotTable::default))
     }
 
     /// Zeroes every counter of `slot` on every CPU, before a new network counts there.

@@ -57,21 +57,30 @@ impl Datapath {
     /// `network` is ignored): a network in the map keeps its slot, a new one gets the
     /// lowest free slot, with its counters zeroed (a deleted network's may be left there).
     pub fn upsert_network(&mut self, vni: u32, network: &NetworkInfo) -> Result<()> {
-        let in_map: BTreeMap<u32, NetworkInfo> = self.hash_entries(map_names::NETWORKS)?;
-        let slot = match in_map.get(&vni) {
-            Some(current) => current.slot,
-            None => {
-                let taken = in_map.values().map(|n| n.slot).collect();
-                let slot = counters::free_slot(&taken).ok_or(DatapathError::NoCounterSlot)?;
-                self.zero_counters(slot)?;
-                slot
-            }
+        let slots = self.slots()?;
+        let (slot, new) = match slots.by_vni.get(&vni) {
+            Some(slot) => (*slot, false),
+            // There is a slot per NETWORKS entry: none is free only when the map is full,
+            // and then the write below fails as a full map's does (and says so).
+            None => match counters::free_slot(&slots.taken) {
+                Some(slot) => (slot, true),
+                None => (overlay_common::SLOT_UNDERLAY, false),
+            },
         };
-        self.hash_insert(map_names::NETWORKS, vni, network.with_slot(slot))
+        if new {
+            self.zero_counters(slot)?;
+        }
+        self.hash_insert(map_names::NETWORKS, vni, network.with_slot(slot))?;
+        if new {
+            self.slots()?.assign(vni, slot);
+        }
+        Ok(())
     }
 
     pub fn remove_network(&mut self, vni: u32) -> Result<()> {
-        self.hash_remove::<u32, NetworkInfo>(map_names::NETWORKS, &vni)
+        self.hash_remove::<u32, NetworkInfo>(map_names::NETWORKS, &vni)?;
+        self.slots()?.release(vni);
+        Ok(())
     }
 
     /// The networks as written (the counter slots left out: see [`Self::network_slots`]),

@@ -51,11 +51,6 @@ pub enum DatapathError {
         kind: &'static str,
         name: &'static str,
     },
-    #[error(
-        "no free counter slot: this node holds at most {} networks",
-        overlay_common::capacity::COUNTER_SLOTS - 1
-    )]
-    NoCounterSlot,
     #[error("cannot size per-CPU values: {0}")]
     Cpus(#[source] io::Error),
     #[error("network interface {0:?} not found")]
@@ -95,6 +90,8 @@ pub struct Datapath {
     pin_root: PathBuf,
     underlay: Option<(u32, UnderlayHook, Attachment)>,
     containers: HashMap<u32, Attachment>,
+    /// The networks' counter slots (`None` until first needed).
+    slots: Option<counters::SlotTable>,
 }
 
 impl std::fmt::Debug for Datapath {
