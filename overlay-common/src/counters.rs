@@ -1,4 +1,10 @@
-//! Data-plane counters: per CPU, per (VNI, counter), packets and bytes.
+//! Data-plane counters: per CPU, per (network slot, counter), packets and bytes.
+//!
+//! The `COUNTERS` map is a per-CPU array: entry [`counter_index`]`(slot, counter)`. A
+//! network's slot is a small number the agent assigns when it writes the network
+//! ([`crate::NetworkInfo::slot`]); slot [`SLOT_UNDERLAY`] counts what happens before a
+//! packet's network is known. An array index costs the programs a few instructions where
+//! a hash keyed by (VNI, counter) cost a hash computation and a bucket walk per packet.
 
 /// Every counter the kernel programs keep. A closed set: the metrics exporter labels by
 /// [`Counter::name`], so cardinality stays bounded.
@@ -33,7 +39,10 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 16] = [
+    /// How many counters there are: the stride of one slot in the `COUNTERS` array.
+    pub const COUNT: u32 = 16;
+
+    pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::UnderlayVxlan,
         Counter::UnderlayOther,
         Counter::Encapsulated,
@@ -88,14 +97,13 @@ impl Counter {
     }
 }
 
-/// Key of the per-CPU `COUNTERS` hash map. VNI 0 stands for "no network known yet"
-/// (e.g. a malformed underlay frame).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CounterKey {
-    pub vni: u32,
-    /// A [`Counter`] as `u32`.
-    pub counter: u32,
+/// The counter slot of everything that happens before a packet's network is known
+/// (e.g. a malformed underlay frame); networks get slots from 1 on.
+pub const SLOT_UNDERLAY: u32 = 0;
+
+/// Index of (`slot`, `counter`) in the `COUNTERS` array.
+pub const fn counter_index(slot: u32, counter: Counter) -> u32 {
+    slot * Counter::COUNT + counter as u32
 }
 
 #[repr(C)]
@@ -105,7 +113,6 @@ pub struct CounterValue {
     pub bytes: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);
 
 #[cfg(test)]
@@ -118,6 +125,13 @@ mod tests {
             assert_eq!(Counter::from_u32(c as u32), Some(c));
         }
         assert_eq!(Counter::from_u32(Counter::ALL.len() as u32), None);
+    }
+
+    #[test]
+    fn counter_indexes_of_two_slots_do_not_overlap() {
+        let last_of_underlay = counter_index(SLOT_UNDERLAY, Counter::DropInternal);
+        assert_eq!(last_of_underlay, Counter::COUNT - 1);
+        assert_eq!(counter_index(1, Counter::UnderlayVxlan), Counter::COUNT);
     }
 
     #[test]

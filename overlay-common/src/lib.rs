@@ -19,7 +19,7 @@ pub mod proto;
 
 use core::net::Ipv4Addr;
 
-pub use counters::{Counter, CounterKey, CounterValue};
+pub use counters::{counter_index, Counter, CounterValue, SLOT_UNDERLAY};
 pub use mac::MacAddr;
 
 /// Map names as they appear in the object file and under the pin directory.
@@ -32,6 +32,7 @@ pub mod map_names {
     pub const VTEPS: &str = "VTEPS";
     pub const UNDERLAY: &str = "UNDERLAY";
     pub const CLUSTER: &str = "CLUSTER";
+    pub const NEXTHOPS: &str = "NEXTHOPS";
 }
 
 /// Program names (the function names in `overlay-ebpf`).
@@ -50,14 +51,18 @@ pub mod program_names {
 
 /// Map capacities.
 pub mod capacity {
-    pub const COUNTERS: u32 = 16_384;
     pub const ENDPOINTS: u32 = 65_536;
     pub const LOCAL_IFACES: u32 = 4_096;
     pub const NETWORKS: u32 = 4_096;
+    /// Counter slots: one per network and [`crate::SLOT_UNDERLAY`].
+    pub const COUNTER_SLOTS: u32 = NETWORKS + 1;
+    /// Entries of the per-CPU `COUNTERS` array: every counter of every slot.
+    pub const COUNTERS: u32 = COUNTER_SLOTS * crate::Counter::COUNT;
     pub const SUBNETS: u32 = 4_096;
     pub const VTEPS: u32 = 4_096;
     pub const UNDERLAY: u32 = 1;
     pub const CLUSTER: u32 = 1;
+    pub const NEXTHOPS: u32 = VTEPS;
 }
 
 /// Largest valid VXLAN network identifier (24 bits).
@@ -218,6 +223,11 @@ pub struct NetworkInfo {
     /// The containers' MTU (the cluster's smallest underlay MTU minus
     /// [`VXLAN_OVERHEAD`] by default): no packet larger is tunnelled (see [`tunnel_mtu`]).
     pub mtu: u32,
+    /// Where this network's counters sit in the `COUNTERS` array (see
+    /// [`counter_index`]): assigned by the agent's map code when it first writes the
+    /// network, kept while the network exists, reused after it is deleted. 0 (the
+    /// underlay's slot) in values built by [`NetworkInfo::new`].
+    pub slot: u32,
 }
 
 impl NetworkInfo {
@@ -229,7 +239,13 @@ impl NetworkInfo {
             netmask: ip_to_map(netmask),
             gateway: ip_to_map(gateway),
             mtu,
+            slot: SLOT_UNDERLAY,
         }
+    }
+
+    /// The same network with its counters in `slot`.
+    pub const fn with_slot(self, slot: u32) -> Self {
+        Self { slot, ..self }
     }
 
     /// Whether `ip` (network byte order) lies in this network's subnet.
@@ -354,6 +370,31 @@ impl ClusterConfig {
     }
 }
 
+/// Value of [`map_names::NEXTHOPS`], keyed by a remote node's VTEP (`u32`, network byte
+/// order): how an encapsulated packet for that VTEP leaves this node. The agent keeps it
+/// in step with the kernel's routes and neighbours; the encap program falls back to a
+/// FIB lookup for a VTEP without an entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    /// The interface the route to the VTEP leaves through.
+    pub ifindex: u32,
+    /// The next hop's MAC: the VTEP's own, or its gateway's.
+    pub dst_mac: [u8; 6],
+    /// That interface's MAC.
+    pub src_mac: [u8; 6],
+}
+
+impl NextHop {
+    pub const fn new(ifindex: u32, dst_mac: MacAddr, src_mac: MacAddr) -> Self {
+        Self {
+            ifindex,
+            dst_mac: dst_mac.octets(),
+            src_mac: src_mac.octets(),
+        }
+    }
+}
+
 macro_rules! assert_size {
     ($t:ty, $n:expr) => {
         const _: () = assert!(core::mem::size_of::<$t>() == $n);
@@ -363,12 +404,13 @@ macro_rules! assert_size {
 assert_size!(EndpointKey, 8);
 assert_size!(EndpointValue, 20);
 assert_size!(LocalIface, 20);
-assert_size!(NetworkInfo, 16);
+assert_size!(NetworkInfo, 20);
 assert_size!(SubnetKey, 8);
 assert_size!(SubnetValue, 4);
 assert_size!(VtepInfo, 4);
 assert_size!(UnderlayConfig, 20);
 assert_size!(ClusterConfig, 4);
+assert_size!(NextHop, 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -384,7 +426,7 @@ mod pod {
     unsafe impl aya::Pod for VtepInfo {}
     unsafe impl aya::Pod for UnderlayConfig {}
     unsafe impl aya::Pod for ClusterConfig {}
-    unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for CounterValue {}
 }
 

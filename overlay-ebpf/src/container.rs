@@ -1,6 +1,7 @@
 //! TC ingress on a host-side container veth: everything a container sends.
 //!
-//! Order of checks: the veth must belong to a known endpoint, the Ethernet and IPv4
+//! Order of checks: the veth must belong to a known endpoint of a known network (whose
+//! counter slot every later verdict counts in), the Ethernet and IPv4
 //! source must be that endpoint's own (else spoofed), ARP is answered here, then the
 //! destination decides: same network on this node (switched), same network elsewhere
 //! (encapsulated), another network (dropped), the gateway or the world (host stack).
@@ -10,12 +11,12 @@ use overlay_common::{
         ARP_HLEN, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ICMP_QUOTED_PAYLOAD, IPPROTO_TCP, IPV4_IHL_MIN,
         IPV4_VERSION,
     },
-    Counter, EndpointKey, LocalIface,
+    Counter, EndpointKey, LocalIface, NetworkInfo,
 };
 
 use crate::{
     arp,
-    counters::{count, VNI_UNDERLAY},
+    counters::{count, SLOT_UNDERLAY},
     encap,
     headers::{EthHdr, Ipv4Hdr, TcpHdrPrefix},
     maps::{ENDPOINTS, LOCAL_IFACES, NETWORKS, SUBNETS},
@@ -44,45 +45,48 @@ pub fn handle(ctx: &TcContext) -> i32 {
     let ifindex: u32 = unsafe { core::ptr::read_volatile(&skb.ifindex) };
     let Some(iface) = (unsafe { LOCAL_IFACES.get(&ifindex) }).copied() else {
         // Attached to a veth the agent has not registered (yet): stay out of the way.
-        return pass_to_host(VNI_UNDERLAY, len);
+        return pass_to_host(SLOT_UNDERLAY, len);
     };
-    let vni = iface.vni;
+    let Some(network) = (unsafe { NETWORKS.get(&iface.vni) }).copied() else {
+        return drop(SLOT_UNDERLAY, Counter::DropUnknownVni, len);
+    };
+    let slot = network.slot;
     // Headers only, never payload (see `make_linear`): a local socket's TCP segment has
     // its headers linear already and is not pulled at all.
     if !make_linear(ctx, FIRST_HEADERS_LEN) {
-        return drop(vni, Counter::DropMalformed, len);
+        return drop(slot, Counter::DropMalformed, len);
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
-        return drop(vni, Counter::DropMalformed, len);
+        return drop(slot, Counter::DropMalformed, len);
     };
     // SAFETY: `ptr_at` bounds-checked the header.
     let eth = unsafe { *eth };
     if eth.src != iface.mac {
-        return drop(vni, Counter::DropSpoofed, len);
+        return drop(slot, Counter::DropSpoofed, len);
     }
     if eth.ether_type == ETH_P_ARP.to_be() {
-        arp::handle(ctx, &iface, len)
+        arp::handle(ctx, &iface, &network, len)
     } else if eth.ether_type == ETH_P_IP.to_be() {
-        ipv4(ctx, &iface, len)
+        ipv4(ctx, &iface, &network, len)
     } else {
         // Not IPv4: the overlay does not carry it; the host may (e.g. IPv6 link-local).
-        pass_to_host(vni, len)
+        pass_to_host(slot, len)
     }
 }
 
 #[inline(always)]
-fn ipv4(ctx: &TcContext, iface: &LocalIface, len: u64) -> i32 {
-    let vni = iface.vni;
+fn ipv4(ctx: &TcContext, iface: &LocalIface, network: &NetworkInfo, len: u64) -> i32 {
+    let slot = network.slot;
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) else {
-        return drop(vni, Counter::DropMalformed, len);
+        return drop(slot, Counter::DropMalformed, len);
     };
     // SAFETY: bounds-checked above.
     let ip = unsafe { *ip };
     if ip.version() != IPV4_VERSION || ip.ihl() < IPV4_IHL_MIN {
-        return drop(vni, Counter::DropMalformed, len);
+        return drop(slot, Counter::DropMalformed, len);
     }
     if ip.saddr != iface.ip {
-        return drop(vni, Counter::DropSpoofed, len);
+        return drop(slot, Counter::DropSpoofed, len);
     }
     let l4_prefix = if ip.protocol == IPPROTO_TCP {
         TCP_PREFIX_LEN
@@ -90,41 +94,42 @@ fn ipv4(ctx: &TcContext, iface: &LocalIface, len: u64) -> i32 {
         OTHER_L4_PREFIX_LEN
     };
     if !make_linear(ctx, ETH_HLEN + ip.header_len() + l4_prefix) {
-        return drop(vni, Counter::DropMalformed, len);
+        return drop(slot, Counter::DropMalformed, len);
     }
-    let Some(network) = (unsafe { NETWORKS.get(&vni) }).copied() else {
-        return drop(vni, Counter::DropUnknownVni, len);
-    };
     let dst = ip.daddr;
     if dst == network.gateway {
-        return pass_to_host(vni, len);
+        return pass_to_host(slot, len);
     }
     if !network.contains(dst) {
         if SUBNETS.get(Key::new(HOST_PREFIX_LEN, dst)).is_some() {
-            return drop(vni, Counter::DropCrossNetwork, len);
+            return drop(slot, Counter::DropCrossNetwork, len);
         }
-        return pass_to_host(vni, len);
+        return pass_to_host(slot, len);
     }
-    let endpoint = match unsafe { ENDPOINTS.get(&EndpointKey { vni, ip: dst }) } {
+    let key = EndpointKey {
+        vni: iface.vni,
+        ip: dst,
+    };
+    let endpoint = match unsafe { ENDPOINTS.get(&key) } {
         Some(ep) => *ep,
-        None => return drop(vni, Counter::DropNoEndpoint, len),
+        None => return drop(slot, Counter::DropNoEndpoint, len),
     };
     if endpoint.is_local() {
-        switch_local(ctx, vni, endpoint.ifindex, &endpoint.mac, len)
+        switch_local(ctx, slot, endpoint.ifindex, &endpoint.mac, len)
     } else {
-        encap::encapsulate(ctx, iface, &network, &endpoint, &ip, len)
+        encap::encapsulate(ctx, iface, network, &endpoint, &ip, len)
     }
 }
 
 /// Delivers to another container on this node, straight into its namespace.
 #[inline(always)]
-fn switch_local(ctx: &TcContext, vni: u32, ifindex: u32, mac: &[u8; 6], len: u64) -> i32 {
+fn switch_local(ctx: &TcContext, slot: u32, ifindex: u32, mac: &[u8; 6], len: u64) -> i32 {
     let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
-        return drop(vni, Counter::DropMalformed, len);
+        return drop(slot, Counter::DropMalformed, len);
     };
     // SAFETY: bounds-checked above.
     unsafe { (*eth).dst = *mac };
-    count(vni, Counter::SwitchedLocal, len);
+    count(slot, Counter::SwitchedLocal, len);
     // SAFETY: plain helper call; the kernel validates the ifindex.
     unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
 }

@@ -11,9 +11,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
     },
-    helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh,
-    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use overlay_common::{
@@ -22,14 +20,16 @@ use overlay_common::{
         IPV4_HLEN_MIN, IPV4_IHL_MIN, IPV4_VERSION, UDP_HLEN, VXLAN_FLAG_I, VXLAN_HLEN,
         VXLAN_SRC_PORT_MIN, VXLAN_SRC_PORT_RANGE,
     },
-    tunnel_mtu, Counter, EndpointValue, LocalIface, NetworkInfo, UnderlayConfig, VXLAN_OVERHEAD,
+    tunnel_mtu, Counter, EndpointValue, LocalIface, NetworkInfo, NextHop, UnderlayConfig,
+    VXLAN_OVERHEAD,
 };
 
 use crate::{
     counters::count,
+    flow_hash::flow_hash,
     headers::{EthHdr, Ipv4Hdr, TcpHdrPrefix, UdpHdr, VxlanHdr},
     icmp,
-    maps::{underlay_config, vxlan_port_be},
+    maps::{underlay_config, vxlan_port_be, NEXTHOPS},
     packet::{fold_checksum, ipv4_header_sum, ptr_at},
     verdict::tc::drop,
 };
@@ -60,15 +60,15 @@ pub fn encapsulate(
     inner_ip: &Ipv4Hdr,
     len: u64,
 ) -> i32 {
-    let vni = iface.vni;
+    let slot = network.slot;
     let Some(underlay) = underlay_config().copied() else {
-        return drop(vni, Counter::DropInternal, len);
+        return drop(slot, Counter::DropInternal, len);
     };
     if underlay.vtep == 0 {
-        return drop(vni, Counter::DropInternal, len);
+        return drop(slot, Counter::DropInternal, len);
     }
     let Some(segment_len) = inner_segment_len(ctx, inner_ip) else {
-        return drop(vni, Counter::DropMalformed, len);
+        return drop(slot, Counter::DropMalformed, len);
     };
     // The network's MTU is the contract with every container on it (a receiver's
     // interface has that MTU); this node's underlay may carry less.
@@ -77,39 +77,38 @@ pub fn encapsulate(
         if inner_ip.dont_fragment() {
             return icmp::send_frag_needed(ctx, iface, network, inner_ip, mtu, len);
         }
-        return drop(vni, Counter::DropMtuExceeded, len);
+        return drop(slot, Counter::DropMtuExceeded, len);
     }
 
-    // SAFETY: the context pointer is valid for the whole program run.
-    let skb = ctx.skb.skb;
-    // Hash of the inner flow, taken before the headers change: ECMP entropy for the
-    // underlay, stable per flow so a flow's packets stay in order.
-    let flow_hash = unsafe { bpf_get_hash_recalc(skb) };
-    let src_port = VXLAN_SRC_PORT_MIN + (flow_hash % VXLAN_SRC_PORT_RANGE) as u16;
+    // ECMP entropy for the underlay, stable per flow so a flow's packets stay in order;
+    // taken before the headers change.
+    let src_port = VXLAN_SRC_PORT_MIN + (flow_hash(ctx, inner_ip) % VXLAN_SRC_PORT_RANGE) as u16;
 
     if ctx
         .adjust_room(ENCAP_ROOM as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
         .is_err()
     {
-        return drop(vni, Counter::DropInternal, len);
+        return drop(slot, Counter::DropInternal, len);
     }
     let new_len = len + ENCAP_ROOM as u64;
-    if write_headers(
-        ctx,
-        &underlay,
+    let outer = OuterHeaders {
+        underlay: &underlay,
         iface,
         endpoint,
-        vni,
-        inner_ip.tos,
+        vni: iface.vni,
+        tos: inner_ip.tos,
         src_port,
-        new_len,
-    )
-    .is_none()
-    {
-        return drop(vni, Counter::DropInternal, len);
+        frame_len: new_len,
+    };
+    if write_headers(ctx, &outer).is_none() {
+        return drop(slot, Counter::DropInternal, len);
     }
-    count(vni, Counter::Encapsulated, len);
-    send_to_vtep(ctx, &underlay, endpoint.vtep, vni, len)
+    count(slot, Counter::Encapsulated, len);
+    // SAFETY: map values are plain data owned by the map.
+    match unsafe { NEXTHOPS.get(&endpoint.vtep) } {
+        Some(next_hop) => send_to_next_hop(ctx, next_hop, slot, len),
+        None => send_to_vtep(ctx, &underlay, endpoint.vtep, slot, len),
+    }
 }
 
 /// Length of the largest IPv4 packet this skb will become on the wire: itself, or one
@@ -135,18 +134,29 @@ fn inner_segment_len(ctx: &TcContext, inner_ip: &Ipv4Hdr) -> Option<u32> {
     Some((ip_hlen + l4_hlen) as u32 + skb.gso_size)
 }
 
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn write_headers(
-    ctx: &TcContext,
-    underlay: &UnderlayConfig,
-    iface: &LocalIface,
-    endpoint: &EndpointValue,
+/// What the outer headers are made of.
+struct OuterHeaders<'a> {
+    underlay: &'a UnderlayConfig,
+    iface: &'a LocalIface,
+    endpoint: &'a EndpointValue,
     vni: u32,
     tos: u8,
     src_port: u16,
+    /// The frame's length once encapsulated.
     frame_len: u64,
-) -> Option<()> {
+}
+
+#[inline(always)]
+fn write_headers(ctx: &TcContext, outer: &OuterHeaders) -> Option<()> {
+    let OuterHeaders {
+        underlay,
+        iface,
+        endpoint,
+        vni,
+        tos,
+        src_port,
+        frame_len,
+    } = *outer;
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let outer_eth = ptr_at::<EthHdr>(data, data_end, 0)?;
     let outer_ip = ptr_at::<Ipv4Hdr>(data, data_end, OUTER_IP_OFFSET)?;
@@ -202,11 +212,26 @@ fn write_headers(
     Some(())
 }
 
-/// Sends the encapsulated packet to `vtep` with the right next-hop MAC: from the FIB and
+/// Sends the encapsulated packet through the next hop the agent cached for its VTEP.
+#[inline(always)]
+fn send_to_next_hop(ctx: &TcContext, next_hop: &NextHop, slot: u32, len: u64) -> i32 {
+    let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
+        return drop(slot, Counter::DropInternal, len);
+    };
+    // SAFETY: bounds-checked above.
+    unsafe {
+        (*eth).dst = next_hop.dst_mac;
+        (*eth).src = next_hop.src_mac;
+        bpf_redirect(next_hop.ifindex, 0) as i32
+    }
+}
+
+/// The fallback for a VTEP without a cached next hop (new, or its neighbour entry just
+/// went away): sends the encapsulated packet to `vtep` with the right next-hop MAC: from the FIB and
 /// neighbour table when both know it, otherwise through `bpf_redirect_neigh`, which
 /// resolves the neighbour (ARP) in the kernel and queues the packet meanwhile.
 #[inline(always)]
-fn send_to_vtep(ctx: &TcContext, underlay: &UnderlayConfig, vtep: u32, vni: u32, len: u64) -> i32 {
+fn send_to_vtep(ctx: &TcContext, underlay: &UnderlayConfig, vtep: u32, slot: u32, len: u64) -> i32 {
     // SAFETY: all-zero is a valid `bpf_fib_lookup`.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -227,7 +252,7 @@ fn send_to_vtep(ctx: &TcContext, underlay: &UnderlayConfig, vtep: u32, vni: u32,
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
-            return drop(vni, Counter::DropInternal, len);
+            return drop(slot, Counter::DropInternal, len);
         };
         // SAFETY: bounds-checked above.
         unsafe {
@@ -240,7 +265,7 @@ fn send_to_vtep(ctx: &TcContext, underlay: &UnderlayConfig, vtep: u32, vni: u32,
         // SAFETY: a null parameter block asks the kernel to do the route lookup itself.
         return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 };
     }
-    drop(vni, Counter::DropInternal, len)
+    drop(slot, Counter::DropInternal, len)
 }
 
 #[inline(always)]

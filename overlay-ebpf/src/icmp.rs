@@ -34,7 +34,7 @@ pub fn send_frag_needed(
     mtu: u32,
     len: u64,
 ) -> i32 {
-    let vni = iface.vni;
+    let slot = network.slot;
     let quoted = offending.header_len() + ICMP_QUOTED_PAYLOAD;
     // Keep only the quoted part of the offending packet, then make room in front of it
     // for the new IPv4 and ICMP headers.
@@ -45,13 +45,13 @@ pub fn send_frag_needed(
             .adjust_room((IPV4_HLEN_MIN + ICMP_HLEN) as i32, BPF_ADJ_ROOM_MAC, 0)
             .is_err()
     {
-        return drop(vni, Counter::DropInternal, len);
+        return drop(slot, Counter::DropInternal, len);
     }
     let icmp_len = ICMP_HLEN + quoted;
     if write_reply(ctx, iface, network.gateway, mtu, icmp_len).is_none() {
-        return drop(vni, Counter::DropInternal, len);
+        return drop(slot, Counter::DropInternal, len);
     }
-    count(vni, Counter::FragNeededSent, len);
+    count(slot, Counter::FragNeededSent, len);
     // SAFETY: the context pointer is valid for the whole program run.
     unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
 }

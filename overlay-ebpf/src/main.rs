@@ -16,6 +16,7 @@ mod arp;
 mod container;
 mod counters;
 mod encap;
+mod flow_hash;
 mod headers;
 mod icmp;
 mod maps;

@@ -2,19 +2,19 @@
 //! restart finds them again and traffic keeps flowing.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, PerCpuHashMap},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, PerCpuArray},
 };
 use overlay_common::{
-    capacity, ClusterConfig, CounterKey, CounterValue, EndpointKey, EndpointValue, LocalIface,
-    NetworkInfo, SubnetValue, UnderlayConfig, VtepInfo,
+    capacity, ClusterConfig, CounterValue, EndpointKey, EndpointValue, LocalIface, NetworkInfo,
+    NextHop, SubnetValue, UnderlayConfig, VtepInfo,
 };
 
 /// `BPF_F_NO_PREALLOC`: LPM tries require it.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
+/// Indexed by `overlay_common::counter_index(slot, counter)`.
 #[map]
-pub static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
-    PerCpuHashMap::pinned(capacity::COUNTERS, 0);
+pub static COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::pinned(capacity::COUNTERS, 0);
 
 #[map]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(capacity::ENDPOINTS, 0);
@@ -35,6 +35,10 @@ pub static SUBNETS: LpmTrie<u32, SubnetValue> =
 /// Keyed by node underlay address (network order).
 #[map]
 pub static VTEPS: HashMap<u32, VtepInfo> = HashMap::pinned(capacity::VTEPS, 0);
+
+/// Keyed by remote VTEP address (network order): the cached next hop towards it.
+#[map]
+pub static NEXTHOPS: HashMap<u32, NextHop> = HashMap::pinned(capacity::NEXTHOPS, 0);
 
 #[map]
 pub static UNDERLAY: Array<UnderlayConfig> = Array::pinned(capacity::UNDERLAY, 0);

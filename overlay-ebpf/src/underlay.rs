@@ -26,7 +26,7 @@ use overlay_common::{
 };
 
 use crate::{
-    counters::{count, VNI_UNDERLAY},
+    counters::{count, SLOT_UNDERLAY},
     headers::{EthHdr, Ipv4Hdr, UdpHdr, VxlanHdr},
     maps::{underlay_config, vxlan_port_be, ENDPOINTS, NETWORKS, VTEPS},
     packet::{make_linear, ptr_at},
@@ -46,7 +46,7 @@ pub fn handle_xdp(ctx: &XdpContext) -> u32 {
     let (outer_src, inner_offset, vxlan) = match classify(data, data_end) {
         Classified::Other => return xdp::underlay_pass(frame_len),
         Classified::Malformed => {
-            return xdp::underlay_drop(VNI_UNDERLAY, Counter::DropMalformed, frame_len)
+            return xdp::underlay_drop(SLOT_UNDERLAY, Counter::DropMalformed, frame_len)
         }
         Classified::Vxlan {
             outer_src,
@@ -54,7 +54,7 @@ pub fn handle_xdp(ctx: &XdpContext) -> u32 {
             vxlan,
         } => (outer_src, inner_offset, vxlan),
     };
-    count(VNI_UNDERLAY, Counter::UnderlayVxlan, frame_len);
+    count(SLOT_UNDERLAY, Counter::UnderlayVxlan, frame_len);
     let dest = match resolve(data, data_end, outer_src, inner_offset, vxlan) {
         Ok(dest) => dest,
         Err((vni, reason)) => return xdp::underlay_drop(vni, reason, frame_len),
@@ -62,16 +62,16 @@ pub fn handle_xdp(ctx: &XdpContext) -> u32 {
     // The sender learned this MAC from our ARP answer; a foreign VTEP (e.g. a Linux vxlan
     // device with static entries) might not have, so deliver to the real one.
     let Some(inner_eth) = ptr_at::<EthHdr>(data, data_end, inner_offset) else {
-        return xdp::underlay_drop(dest.vni, Counter::DropMalformed, frame_len);
+        return xdp::underlay_drop(dest.slot, Counter::DropMalformed, frame_len);
     };
     // SAFETY: bounds-checked above.
     unsafe { (*inner_eth).dst = dest.endpoint.mac };
     // SAFETY: the helper validates the new head itself; pointers are not reused after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_offset as i32) } != 0 {
-        return xdp::underlay_drop(dest.vni, Counter::DropInternal, frame_len);
+        return xdp::underlay_drop(dest.slot, Counter::DropInternal, frame_len);
     }
     count(
-        dest.vni,
+        dest.slot,
         Counter::Decapsulated,
         frame_len - inner_offset as u64,
     );
@@ -83,13 +83,13 @@ pub fn handle_xdp(ctx: &XdpContext) -> u32 {
 pub fn handle_tc(ctx: &TcContext) -> i32 {
     let frame_len = ctx.len() as u64;
     if !linearize_headers(ctx) {
-        return tc::underlay_drop(VNI_UNDERLAY, Counter::DropMalformed, frame_len);
+        return tc::underlay_drop(SLOT_UNDERLAY, Counter::DropMalformed, frame_len);
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (outer_src, inner_offset, vxlan) = match classify(data, data_end) {
         Classified::Other => return tc::underlay_pass(frame_len),
         Classified::Malformed => {
-            return tc::underlay_drop(VNI_UNDERLAY, Counter::DropMalformed, frame_len)
+            return tc::underlay_drop(SLOT_UNDERLAY, Counter::DropMalformed, frame_len)
         }
         Classified::Vxlan {
             outer_src,
@@ -97,7 +97,7 @@ pub fn handle_tc(ctx: &TcContext) -> i32 {
             vxlan,
         } => (outer_src, inner_offset, vxlan),
     };
-    count(VNI_UNDERLAY, Counter::UnderlayVxlan, frame_len);
+    count(SLOT_UNDERLAY, Counter::UnderlayVxlan, frame_len);
     let dest = match resolve(data, data_end, outer_src, inner_offset, vxlan) {
         Ok(dest) => dest,
         Err((vni, reason)) => return tc::underlay_drop(vni, reason, frame_len),
@@ -116,11 +116,11 @@ pub fn handle_tc(ctx: &TcContext) -> i32 {
         )
         .is_err()
     {
-        return tc::underlay_drop(dest.vni, Counter::DropInternal, frame_len);
+        return tc::underlay_drop(dest.slot, Counter::DropInternal, frame_len);
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
-        return tc::underlay_drop(dest.vni, Counter::DropInternal, frame_len);
+        return tc::underlay_drop(dest.slot, Counter::DropInternal, frame_len);
     };
     // SAFETY: bounds-checked above. The EtherType is already IPv4 (outer and inner).
     unsafe {
@@ -128,7 +128,7 @@ pub fn handle_tc(ctx: &TcContext) -> i32 {
         (*eth).src = dest.inner_src_mac;
     }
     count(
-        dest.vni,
+        dest.slot,
         Counter::Decapsulated,
         frame_len - inner_offset as u64,
     );
@@ -234,14 +234,16 @@ fn classify(data: usize, data_end: usize) -> Classified {
 
 /// Where a valid VXLAN packet goes.
 struct Destination {
-    vni: u32,
+    /// The network's counter slot.
+    slot: u32,
     endpoint: EndpointValue,
     /// The inner frame's source MAC, kept when TC rebuilds the Ethernet header.
     inner_src_mac: [u8; 6],
 }
 
 /// Validates a classified VXLAN packet against the maps: known VTEP, the I flag, known
-/// VNI, inner IPv4 to an endpoint on this node. Errors carry the VNI and drop reason.
+/// VNI, inner IPv4 to an endpoint on this node. Errors carry the counter slot and drop
+/// reason.
 #[inline(always)]
 fn resolve(
     data: usize,
@@ -252,25 +254,26 @@ fn resolve(
 ) -> Result<Destination, (u32, Counter)> {
     // SAFETY (map lookups): values are plain data owned by the map.
     if unsafe { VTEPS.get(&outer_src) }.is_none() {
-        return Err((VNI_UNDERLAY, Counter::DropUnknownVtep));
+        return Err((SLOT_UNDERLAY, Counter::DropUnknownVtep));
     }
     if vxlan.flags & VXLAN_FLAG_I == 0 {
-        return Err((VNI_UNDERLAY, Counter::DropMalformed));
+        return Err((SLOT_UNDERLAY, Counter::DropMalformed));
     }
     let vni = vxlan.vni();
-    if unsafe { NETWORKS.get(&vni) }.is_none() {
-        return Err((VNI_UNDERLAY, Counter::DropUnknownVni));
-    }
+    let Some(network) = (unsafe { NETWORKS.get(&vni) }) else {
+        return Err((SLOT_UNDERLAY, Counter::DropUnknownVni));
+    };
+    let slot = network.slot;
     let Some(inner_eth) = ptr_at::<EthHdr>(data, data_end, inner_offset) else {
-        return Err((vni, Counter::DropMalformed));
+        return Err((slot, Counter::DropMalformed));
     };
     // SAFETY: bounds-checked above.
     let inner_eth = unsafe { *inner_eth };
     if inner_eth.ether_type != ETH_P_IP.to_be() {
-        return Err((vni, Counter::DropMalformed));
+        return Err((slot, Counter::DropMalformed));
     }
     let Some(inner_ip) = ptr_at::<Ipv4Hdr>(data, data_end, inner_offset + ETH_HLEN) else {
-        return Err((vni, Counter::DropMalformed));
+        return Err((slot, Counter::DropMalformed));
     };
     let key = EndpointKey {
         vni,
@@ -279,10 +282,10 @@ fn resolve(
     };
     match unsafe { ENDPOINTS.get(&key) } {
         Some(ep) if ep.is_local() => Ok(Destination {
-            vni,
+            slot,
             endpoint: *ep,
             inner_src_mac: inner_eth.src,
         }),
-        _ => Err((vni, Counter::DropNoEndpoint)),
+        _ => Err((slot, Counter::DropNoEndpoint)),
     }
 }

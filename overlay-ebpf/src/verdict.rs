@@ -4,7 +4,7 @@
 //! here, never from each other.
 use overlay_common::Counter;
 
-use crate::counters::{count, log_drop, VNI_UNDERLAY};
+use crate::counters::{count, log_drop, SLOT_UNDERLAY};
 
 /// Names the hook in kernel-log drop messages.
 const CONTAINER: &str = "container";
@@ -12,41 +12,41 @@ const UNDERLAY: &str = "underlay";
 
 /// The one drop path under every verdict below: counted under `reason`, then logged.
 #[inline(always)]
-fn record_drop(hook: &'static str, vni: u32, reason: Counter, len: u64) {
-    count(vni, reason, len);
-    log_drop(hook, vni, reason, len);
+fn record_drop(hook: &'static str, slot: u32, reason: Counter, len: u64) {
+    count(slot, reason, len);
+    log_drop(hook, slot, reason, len);
 }
 
 /// TC verdicts: container veths, and the underlay in TC decap mode.
 pub mod tc {
     use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 
-    use super::{count, record_drop, Counter, CONTAINER, UNDERLAY, VNI_UNDERLAY};
+    use super::{count, record_drop, Counter, CONTAINER, SLOT_UNDERLAY, UNDERLAY};
 
     /// Hands a container's packet to the host stack (gateway traffic, the outside world).
     #[inline(always)]
-    pub fn pass_to_host(vni: u32, len: u64) -> i32 {
-        count(vni, Counter::PassedToHost, len);
+    pub fn pass_to_host(slot: u32, len: u64) -> i32 {
+        count(slot, Counter::PassedToHost, len);
         TC_ACT_OK as i32
     }
 
     /// Drops a container's packet.
     #[inline(always)]
-    pub fn drop(vni: u32, reason: Counter, len: u64) -> i32 {
-        record_drop(CONTAINER, vni, reason, len);
+    pub fn drop(slot: u32, reason: Counter, len: u64) -> i32 {
+        record_drop(CONTAINER, slot, reason, len);
         TC_ACT_SHOT as i32
     }
 
     /// Underlay traffic that is not VXLAN for this node: the host's own business.
     #[inline(always)]
     pub fn underlay_pass(len: u64) -> i32 {
-        count(VNI_UNDERLAY, Counter::UnderlayOther, len);
+        count(SLOT_UNDERLAY, Counter::UnderlayOther, len);
         TC_ACT_OK as i32
     }
 
     #[inline(always)]
-    pub fn underlay_drop(vni: u32, reason: Counter, len: u64) -> i32 {
-        record_drop(UNDERLAY, vni, reason, len);
+    pub fn underlay_drop(slot: u32, reason: Counter, len: u64) -> i32 {
+        record_drop(UNDERLAY, slot, reason, len);
         TC_ACT_SHOT as i32
     }
 }
@@ -55,18 +55,18 @@ pub mod tc {
 pub mod xdp {
     use aya_ebpf::bindings::xdp_action;
 
-    use super::{count, record_drop, Counter, UNDERLAY, VNI_UNDERLAY};
+    use super::{count, record_drop, Counter, SLOT_UNDERLAY, UNDERLAY};
 
     /// Underlay traffic that is not VXLAN for this node: the host's own business.
     #[inline(always)]
     pub fn underlay_pass(len: u64) -> u32 {
-        count(VNI_UNDERLAY, Counter::UnderlayOther, len);
+        count(SLOT_UNDERLAY, Counter::UnderlayOther, len);
         xdp_action::XDP_PASS
     }
 
     #[inline(always)]
-    pub fn underlay_drop(vni: u32, reason: Counter, len: u64) -> u32 {
-        record_drop(UNDERLAY, vni, reason, len);
+    pub fn underlay_drop(slot: u32, reason: Counter, len: u64) -> u32 {
+        record_drop(UNDERLAY, slot, reason, len);
         xdp_action::XDP_DROP
     }
 }

@@ -152,14 +152,16 @@ pub fn host_veths(node: &Node) -> Vec<String> {
     names
 }
 
-/// Entries of every data-plane map but the counters, from the agent's status.
+/// Entries of every data-plane map but the counters and the next-hop cache (which
+/// follow the traffic and the kernel's neighbour table, not the containers), from the
+/// agent's status.
 pub fn map_entries(node: &Node) -> BTreeMap<String, u64> {
     let status = node.status().expect("agent status");
     status["maps"]
         .as_array()
         .expect("maps in status")
         .iter()
-        .filter(|m| m["name"] != "COUNTERS")
+        .filter(|m| m["name"] != "COUNTERS" && m["name"] != "NEXTHOPS")
         .map(|m| {
             (
                 m["name"].as_str().unwrap_or_default().to_string(),

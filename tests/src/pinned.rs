@@ -9,8 +9,8 @@ use std::{
 
 use aya::maps::{lpm_trie::LpmTrie, HashMap, Map, MapData};
 use overlay_common::{
-    ipv4_from_map, map_names, EndpointKey, EndpointValue, LocalIface, NetworkInfo, SubnetValue,
-    VtepInfo,
+    ipv4_from_map, map_names, EndpointKey, EndpointValue, LocalIface, NetworkInfo, NextHop,
+    SubnetValue, VtepInfo,
 };
 
 /// The contents of the maps the control plane writes.
@@ -34,6 +34,14 @@ fn hash<K: aya::Pod + Ord, V: aya::Pod>(pin_root: &Path, name: &str) -> BTreeMap
     let map: HashMap<MapData, K, V> =
         HashMap::try_from(Map::HashMap(open(pin_root, name))).expect("a hash map");
     map.iter().map(|r| r.expect("read entry")).collect()
+}
+
+/// The next hops cached in `NEXTHOPS` under `pin_root` right now, by VTEP.
+pub fn next_hops(pin_root: &Path) -> BTreeMap<Ipv4Addr, NextHop> {
+    hash::<u32, NextHop>(pin_root, map_names::NEXTHOPS)
+        .into_iter()
+        .map(|(vtep, next_hop)| (addr(vtep), next_hop))
+        .collect()
 }
 
 fn addr(value: u32) -> Ipv4Addr {

@@ -1,7 +1,7 @@
 //! The per-packet cost of the encap (TC) and decap (XDP) programs alone, timed by the
 //! kernel with `BPF_PROG_TEST_RUN`, in a namespace whose maps and routes make the frames
 //! take the full path: the encap frame is encapsulated and redirected to the underlay
-//! after a successful FIB lookup (`TC_ACT_REDIRECT`), the decap frame is validated,
+//! through the next hop cached for its VTEP, as the agent caches it (`TC_ACT_REDIRECT`), the decap frame is validated,
 //! decapsulated and redirected to a local endpoint (`XDP_REDIRECT`).
 //!
 //! Why one run per call and not one call with a large `repeat`: the kernel runs the
@@ -24,7 +24,7 @@ use overlay_common::{
     program_names, proto::*, EndpointKey, EndpointValue, LocalIface, MacAddr, NetworkInfo,
     UnderlayConfig, VtepInfo,
 };
-use overlay_ctl::{dataplane::datapath::Datapath, dataplane::netlink};
+use overlay_ctl::dataplane::{datapath::Datapath, netlink, nexthops};
 
 use overlay_tests::{
     frames,
@@ -104,6 +104,17 @@ impl Fixture {
             eth0.mac,
         ))?;
         dp.upsert_vtep(PEER_VTEP, &VtepInfo::remote())?;
+        // The next hop towards the peer, cached as the agent's next-hop task does.
+        let next_hops = ns
+            .block_on(|| async {
+                let handle = netlink::connect()?;
+                anyhow::Ok(nexthops::resolve_all(&handle, [PEER_VTEP]).await?)
+            })
+            .context("resolve the next hop towards the peer VTEP")?;
+        if !next_hops.contains_key(&PEER_VTEP) {
+            bail!("no next hop resolved towards {PEER_VTEP}");
+        }
+        nexthops::apply(&mut dp, &next_hops)?;
         dp.upsert_vtep(LOCAL_VTEP, &VtepInfo::local())?;
         let subnet: ipnetwork::Ipv4Network = "10.100.0.0/24".parse().unwrap();
         dp.upsert_network(

@@ -270,10 +270,11 @@ impl Agent {
         tasks.spawn(self.clone().watch_loop());
         tasks.spawn(self.clone().resync_loop());
         if self.has_host() {
-            // Traffic counters and this host's left-over containers: nothing of either
-            // without a data plane.
+            // Traffic counters, this host's left-over containers and the next hops
+            // towards the VTEPs: nothing of them without a data plane.
             tasks.spawn(self.clone().stats_loop());
             tasks.spawn(self.clone().gc_loop());
+            tasks.spawn(self.clone().next_hop_loop());
         }
         tasks.spawn(self.clone().republish_loop());
         tasks.spawn(self.clone().probe_loop());

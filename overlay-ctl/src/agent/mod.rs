@@ -27,6 +27,7 @@
 //! | [`dns`] | the container-name resolver served on the networks' gateways |
 //! | [`egress`] | the egress nftables table kept in step with the networks |
 //! | [`names`] | the agent's resolver: started with the agent, refreshed by every reconcile |
+//! | [`next_hops`] | the next-hop cache kept in step with the kernel's routes and neighbours |
 pub mod apply;
 pub mod control;
 mod control_server;
@@ -42,6 +43,7 @@ pub mod metrics;
 mod mirror;
 pub mod mtu;
 pub mod names;
+mod next_hops;
 mod reaping;
 pub mod reconcile;
 mod reconciler;

@@ -6,6 +6,7 @@
 //! - [`underlay`]: binding a node to its underlay (which hook decapsulates, host settings).
 //! - [`endpoint`]: a container's veth pair, addresses and routes.
 //! - [`egress`]: the nftables table that masquerades containers' traffic to the outside.
+//! - [`nexthops`]: the next hop towards every remote VTEP, cached for the encap program.
 //! - [`netlink`] and [`netns`]: interfaces, addresses and routes over rtnetlink; network
 //!   namespaces and the threads that work inside them.
 pub mod datapath;
@@ -15,4 +16,5 @@ pub mod forwarding;
 pub mod map_values;
 pub mod netlink;
 pub mod netns;
+pub mod nexthops;
 pub mod underlay;

@@ -511,7 +511,7 @@ fn testrun_rows(decap: Samples, encap: Samples, calls: usize) -> Vec<BenchRow> {
             measured: Measured::Own(encap),
             targets: vec![Target::value_at_most(100.0)],
             method: method(
-                "64-byte UDP to a remote container -> encapsulated, FIB hit, TC_ACT_REDIRECT",
+                "64-byte UDP to a remote container -> encapsulated, next hop from the cache the agent keeps, TC_ACT_REDIRECT",
             ),
         },
     ]

@@ -61,6 +61,7 @@ impl Datapath {
             pin_root: pin_root.to_path_buf(),
             underlay: None,
             containers: HashMap::new(),
+            slots: None,
         })
     }
 

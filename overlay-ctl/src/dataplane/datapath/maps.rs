@@ -6,16 +6,16 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap,
+        Array, HashMap as BpfHashMap, MapData, MapError,
     },
     Pod,
 };
 use overlay_common::{
-    ip_from_map, ip_to_map, map_names, ClusterConfig, Counter, CounterKey, CounterValue,
-    EndpointKey, EndpointValue, LocalIface, NetworkInfo, SubnetValue, UnderlayConfig, VtepInfo,
+    ip_from_map, ip_to_map, map_names, ClusterConfig, EndpointKey, EndpointValue, LocalIface,
+    NetworkInfo, NextHop, SubnetValue, UnderlayConfig, VtepInfo,
 };
 
-use super::{Datapath, DatapathError, Result};
+use super::{counters, Datapath, DatapathError, Result};
 
 impl Datapath {
     pub fn set_underlay(&mut self, config: &UnderlayConfig) -> Result<()> {
@@ -53,16 +53,61 @@ impl Datapath {
             .map_err(|source| DatapathError::Map { name, source })
     }
 
+    /// Writes network `vni`. Its counter slot is this layer's business (the `slot` of
+    /// `network` is ignored): a network in the map keeps its slot, a new one gets the
+    /// lowest free slot, with its counters zeroed (a deleted network's may be left there).
     pub fn upsert_network(&mut self, vni: u32, network: &NetworkInfo) -> Result<()> {
-        self.hash_insert(map_names::NETWORKS, vni, *network)
+        let slots = self.slots()?;
+        let (slot, new) = match slots.by_vni.get(&vni) {
+            Some(slot) => (*slot, false),
+            // There is a slot per NETWORKS entry: none is free only when the map is full,
+            // and then the write below fails as a full map's does (and says so).
+            None => match counters::free_slot(&slots.taken) {
+                Some(slot) => (slot, true),
+                None => (overlay_common::SLOT_UNDERLAY, false),
+            },
+        };
+        if new {
+            self.zero_counters(slot)?;
+        }
+        self.hash_insert(map_names::NETWORKS, vni, network.with_slot(slot))?;
+        if new {
+            self.slots()?.assign(vni, slot);
+        }
+        Ok(())
     }
 
     pub fn remove_network(&mut self, vni: u32) -> Result<()> {
-        self.hash_remove::<u32, NetworkInfo>(map_names::NETWORKS, &vni)
+        self.hash_remove::<u32, NetworkInfo>(map_names::NETWORKS, &vni)?;
+        self.slots()?.release(vni);
+        Ok(())
     }
 
+    /// The networks as written (the counter slots left out: see [`Self::network_slots`]),
+    /// so that they compare equal to what the store says.
     pub fn networks(&mut self) -> Result<BTreeMap<u32, NetworkInfo>> {
-        self.hash_entries(map_names::NETWORKS)
+        Ok(self
+            .hash_entries::<u32, NetworkInfo>(map_names::NETWORKS)?
+            .into_iter()
+            .map(|(vni, network)| (vni, network.with_slot(overlay_common::SLOT_UNDERLAY)))
+            .collect())
+    }
+
+    /// The next hop the encap program uses for `vtep` (without one it asks the FIB).
+    pub fn upsert_next_hop(&mut self, vtep: Ipv4Addr, next_hop: &NextHop) -> Result<()> {
+        self.hash_insert(map_names::NEXTHOPS, ip_to_map(vtep), *next_hop)
+    }
+
+    pub fn remove_next_hop(&mut self, vtep: Ipv4Addr) -> Result<()> {
+        self.hash_remove::<u32, NextHop>(map_names::NEXTHOPS, &ip_to_map(vtep))
+    }
+
+    pub fn next_hops(&mut self) -> Result<BTreeMap<Ipv4Addr, NextHop>> {
+        Ok(self
+            .hash_entries::<u32, NextHop>(map_names::NEXTHOPS)?
+            .into_iter()
+            .map(|(k, v)| (ip_from_map(k), v))
+            .collect())
     }
 
     pub fn upsert_endpoint(&mut self, key: EndpointKey, value: &EndpointValue) -> Result<()> {
@@ -145,32 +190,6 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Every counter, summed over CPUs.
-    pub fn counters(&self) -> Result<BTreeMap<(u32, Counter), CounterValue>> {
-        let name = map_names::COUNTERS;
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(DatapathError::Missing { kind: "map", name })?;
-        let counters: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
-            PerCpuHashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-        let mut out = BTreeMap::new();
-        for entry in counters.iter() {
-            let (key, per_cpu) = entry.map_err(|source| DatapathError::Map { name, source })?;
-            let Some(counter) = Counter::from_u32(key.counter) else {
-                continue;
-            };
-            let sum = per_cpu
-                .iter()
-                .fold(CounterValue::default(), |acc, v| CounterValue {
-                    packets: acc.packets + v.packets,
-                    bytes: acc.bytes + v.bytes,
-                });
-            out.insert((key.vni, counter), sum);
-        }
-        Ok(out)
-    }
-
     /// Entries and capacity of every map, for status and metrics.
     pub fn map_occupancy(&mut self) -> Result<Vec<(&'static str, usize, u32)>> {
         use overlay_common::capacity;
@@ -193,6 +212,11 @@ impl Datapath {
             (map_names::SUBNETS, self.subnets()?.len(), capacity::SUBNETS),
             (map_names::VTEPS, self.vteps()?.len(), capacity::VTEPS),
             (
+                map_names::NEXTHOPS,
+                self.next_hops()?.len(),
+                capacity::NEXTHOPS,
+            ),
+            (
                 map_names::COUNTERS,
                 self.counters()?.len(),
                 capacity::COUNTERS,
@@ -200,7 +224,7 @@ impl Datapath {
         ])
     }
 
-    fn typed_map<'a, M>(&'a mut self, name: &'static str) -> Result<M>
+    pub(super) fn typed_map<'a, M>(&'a mut self, name: &'static str) -> Result<M>
     where
         M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
@@ -222,7 +246,10 @@ impl Datapath {
         ignore_missing(map.remove(key)).map_err(|source| DatapathError::Map { name, source })
     }
 
-    fn hash_entries<K: Pod + Ord, V: Pod>(&mut self, name: &'static str) -> Result<BTreeMap<K, V>> {
+    pub(super) fn hash_entries<K: Pod + Ord, V: Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<BTreeMap<K, V>> {
         let map: BpfHashMap<&mut MapData, K, V> = self.typed_map(name)?;
         map.iter()
             .collect::<std::result::Result<BTreeMap<K, V>, MapError>>()

@@ -22,6 +22,7 @@ use aya::{
 use overlay_common::program_names;
 
 mod attach;
+mod counters;
 mod loader;
 mod maps;
 
@@ -50,6 +51,8 @@ pub enum DatapathError {
         kind: &'static str,
         name: &'static str,
     },
+    #[error("cannot size per-CPU values: {0}")]
+    Cpus(#[source] io::Error),
     #[error("network interface {0:?} not found")]
     UnknownInterface(String),
     #[error("TC on {iface}: {source}")]
@@ -87,6 +90,8 @@ pub struct Datapath {
     pin_root: PathBuf,
     underlay: Option<(u32, UnderlayHook, Attachment)>,
     containers: HashMap<u32, Attachment>,
+    /// The networks' counter slots (`None` until first needed).
+    slots: Option<counters::SlotTable>,
 }
 
 impl std::fmt::Debug for Datapath {
