@@ -322,6 +322,12 @@ impl ConsulClient {
             ));
         }
         if let Some(journal) = self.journal_for(prefix) {
+            // A tree delete makes every follower re-read: not for an empty tree (a
+            // refused `network create` cleaning up what it never wrote). A key created
+            // meanwhile is journaled by its own writer.
+            if self.keys(prefix).await?.is_empty() {
+                return Ok(());
+            }
             journal
                 .write(self, JournaledWrite::DeleteTree { prefix })
                 .await?;
