@@ -3,10 +3,13 @@
 use std::{collections::HashMap, io, path::Path};
 
 use aya::{
+    maps::MapInfo,
     programs::{SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
+use aya_obj::maps::PinningType;
 use overlay_common::program_names;
+use tracing::warn;
 
 use super::{Datapath, DatapathError, Result};
 
@@ -40,6 +43,7 @@ impl Datapath {
             path: map_dir.clone(),
             source,
         })?;
+        retire_incompatible_pins(&map_dir);
         // aya-log's level global: 0 disables every log statement at load time.
         let log_level: u8 = if kernel_log { KERNEL_LOG_DEBUG } else { 0 };
         let mut ebpf = EbpfLoader::new()
@@ -135,6 +139,67 @@ fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false)
+}
+
+/// The layout of a map: type, key and value size, capacity.
+type MapLayout = (u32, u32, u32, u32);
+
+/// Unpins every map under `map_dir` whose layout differs from the object's map of the
+/// same name (an older agent's, e.g. before a value gained a field): aya would reuse
+/// the pin as it is and the programs would then fail to load against it, or read its
+/// entries with the wrong layout. The new map starts empty and the agent refills it
+/// from the store; programs still attached keep the old map until they are replaced.
+fn retire_incompatible_pins(map_dir: &Path) {
+    let wanted = match object_map_layouts() {
+        Ok(wanted) => wanted,
+        Err(e) => {
+            warn!(error = %e, "cannot read the map definitions of the embedded object");
+            return;
+        }
+    };
+    for (name, layout) in wanted {
+        let pin = map_dir.join(&name);
+        let Ok(info) = MapInfo::from_pin(&pin) else {
+            continue; // no pin (a first start) or not a map: aya creates and pins one
+        };
+        let pinned: MapLayout = (
+            info.map_type().map_or(u32::MAX, |t| t as u32),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        if pinned == layout {
+            continue;
+        }
+        warn!(
+            map = %name,
+            pinned = ?pinned,
+            wanted = ?layout,
+            "the pinned map has another layout (an older agent's): replacing it; its entries come back from the store"
+        );
+        if let Err(e) = std::fs::remove_file(&pin) {
+            warn!(map = %name, error = %e, "cannot remove the incompatible pinned map");
+        }
+    }
+}
+
+/// (type, key size, value size, max entries) of every map the object pins by name.
+fn object_map_layouts() -> std::result::Result<Vec<(String, MapLayout)>, aya_obj::ParseError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT)?;
+    Ok(object
+        .maps
+        .iter()
+        .filter(|(_, map)| map.pinning() == PinningType::ByName)
+        .map(|(name, map)| {
+            let layout = (
+                map.map_type(),
+                map.key_size(),
+                map.value_size(),
+                map.max_entries(),
+            );
+            (name.clone(), layout)
+        })
+        .collect())
 }
 
 /// Removes the pinned maps (and any pinned links) under `pin_root`. The next load starts
