@@ -785,6 +785,10 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
         "etcd",
         "needs Debian's etcd, which the busybox guest does not have; the store client has nothing kernel-specific",
     ),
+    (
+        "feed",
+        "the store feed against the dev server and Debian's etcd, which the busybox guest does not have; nothing kernel-specific",
+    ),
 ];
 
 /// The static executables a guest runs.
