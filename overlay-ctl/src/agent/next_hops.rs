@@ -9,13 +9,23 @@ use futures_util::StreamExt;
 use tracing::{debug, warn};
 
 use super::{lock, Agent};
-use crate::dataplane::{forwarding::DataPlane, nexthops};
+use crate::dataplane::{forwarding::DataPlane, netlink, nexthops};
 
 /// How often the next hops are resolved without an event.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Agent {
     pub(super) async fn next_hop_loop(self: Arc<Self>) {
+        // A netlink socket of its own: the kernel refuses a second dump on a socket
+        // whose first one is still running (EBUSY), and the reconcile dumps links and
+        // addresses on the agent's socket at any time.
+        let handle = match netlink::connect() {
+            Ok(handle) => handle,
+            Err(e) => {
+                warn!(error = %e, "no netlink socket for the next-hop cache: encapsulation looks every next hop up in the FIB");
+                return;
+            }
+        };
         let mut events = match nexthops::subscribe() {
             Ok(events) => Some(events),
             Err(e) => {
@@ -40,12 +50,12 @@ impl Agent {
                     ticker.tick().await;
                 }
             }
-            self.sync_next_hops().await;
+            self.sync_next_hops(&handle).await;
         }
     }
 
     /// Resolves every remote VTEP's next hop and writes what changed.
-    async fn sync_next_hops(&self) {
+    async fn sync_next_hops(&self, handle: &rtnetlink::Handle) {
         let vteps: Vec<Ipv4Addr> = {
             let mut plane = lock(&self.plane);
             let Some(datapath) = plane.datapath.as_mut().and_then(DataPlane::bpf) else {
@@ -63,7 +73,7 @@ impl Agent {
                 }
             }
         };
-        let desired = match nexthops::resolve_all(&self.handle, vteps).await {
+        let desired = match nexthops::resolve_all(handle, vteps).await {
             Ok(desired) => desired,
             Err(e) => {
                 warn!(error = %e, "cannot resolve the next hops towards the VTEPs");
