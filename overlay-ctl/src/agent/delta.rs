@@ -179,7 +179,6 @@ impl Agent {
             };
             let judged = judge_scope(&mirror, self.store.prefix(), scope, view);
             let fresh = (cluster.rejections).replace_keys(&judged.keys, judged.rejected.clone());
-            cluster.generation += 1;
             cluster.endpoints_behind = true;
             (judged, placement, fresh)
         };

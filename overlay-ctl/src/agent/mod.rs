@@ -187,9 +187,6 @@ struct ClusterView {
     endpoints_behind: bool,
     /// The networks with an endpoint of this node in `desired` (their names are served).
     local_networks: BTreeSet<String>,
-    /// Counts the changes of `desired` (what the watch acknowledges, without comparing
-    /// whole states).
-    generation: u64,
 }
 
 impl ClusterView {
@@ -202,7 +199,6 @@ impl ClusterView {
                 .map(|e| e.network.clone())
                 .collect();
             self.desired = Some(state);
-            self.generation += 1;
         }
         changed
     }

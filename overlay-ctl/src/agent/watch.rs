@@ -48,14 +48,6 @@ enum Followed {
     State(ClusterState),
 }
 
-/// The last state this node acknowledged applying, and at which watch index.
-#[derive(Default)]
-struct Acknowledged {
-    index: u64,
-    /// The [`super::ClusterView::generation`] acknowledged.
-    generation: Option<u64>,
-}
-
 impl Agent {
     /// Follows every change under the prefix through the store's feed.
     pub(super) async fn watch_loop(self: Arc<Self>) {
@@ -64,7 +56,8 @@ impl Agent {
             self.store.prefix(),
             self.options.watch_wait,
         );
-        let mut acknowledged = Acknowledged::default();
+        // The last index this node acknowledged applying.
+        let mut acknowledged = 0u64;
         loop {
             match feed.next().await {
                 Ok(event) => {
@@ -162,20 +155,16 @@ impl Agent {
 
     /// Records that this node applied the state at `index`: lets `run` (and benchmarks)
     /// see when every node forwards for a new endpoint.
-    async fn acknowledge(&self, index: u64, acknowledged: &mut Acknowledged) {
+    async fn acknowledge(&self, index: u64, acknowledged: &mut u64) {
         // Outside the feed (no agent is woken by it), so every newer index is worth one
         // write: `run` and the tests wait for the index of their own write.
-        let current = lock(&self.cluster).generation;
         self.status
             .send_modify(|status| status.feed.applied_index = index);
-        if index <= acknowledged.index {
+        if index <= *acknowledged {
             return;
         }
         match self.store.put_applied(self.node(), index).await {
-            Ok(()) => {
-                acknowledged.index = index;
-                acknowledged.generation = Some(current);
-            }
+            Ok(()) => *acknowledged = index,
             Err(e) => debug!(error = %e, "cannot record the applied index"),
         }
     }
