@@ -42,25 +42,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("the benchmark builds network namespaces and loads eBPF: sudo -E cargo xtask bench");
     }
     setup_if_needed()?;
-    step(
-        "build overlay-bench and overlay-ctl (agents, dev server) (release)",
-        || {
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "overlay-bench",
-                "--bin",
-                "overlay-bench",
-                "-p",
-                "overlay-ctl",
-                "--bin",
-                "overlay-ctl",
-            ])
-        },
-    )?;
+    let binary = build_release("overlay-bench")?;
     let root = workspace_root();
-    let binary = root.join("target/release/overlay-bench");
     let mut command = Command::new(&binary);
     command
         .current_dir(&root)
@@ -103,25 +86,8 @@ pub struct BenchControlArgs {
 
 /// `cargo xtask bench-control`: the scale benchmark of the control plane.
 pub fn run_control(args: BenchControlArgs) -> Result<()> {
-    step(
-        "build overlay-control-bench and overlay-ctl (agents, dev server) (release)",
-        || {
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "overlay-bench",
-                "--bin",
-                "overlay-control-bench",
-                "-p",
-                "overlay-ctl",
-                "--bin",
-                "overlay-ctl",
-            ])
-        },
-    )?;
+    let binary = build_release("overlay-control-bench")?;
     let root = workspace_root();
-    let binary = root.join("target/release/overlay-control-bench");
     let mut command = Command::new(&binary);
     command
         .current_dir(&root)
@@ -166,4 +132,27 @@ fn revision() -> String {
         }
         None => "unknown".into(),
     }
+}
+
+/// Builds a benchmark driver of `overlay-bench` and the `overlay-ctl` it runs (agents,
+/// dev server) in release mode; returns the driver's path.
+fn build_release(bin: &str) -> Result<std::path::PathBuf> {
+    step(
+        &format!("build {bin} and overlay-ctl (agents, dev server) (release)"),
+        || {
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "overlay-bench",
+                "--bin",
+                bin,
+                "-p",
+                "overlay-ctl",
+                "--bin",
+                "overlay-ctl",
+            ])
+        },
+    )?;
+    Ok(workspace_root().join("target/release").join(bin))
 }
