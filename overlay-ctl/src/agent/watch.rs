@@ -27,6 +27,9 @@ use crate::{
 /// feed: at the default 30 s resync, every 5 minutes); the others judge the mirror.
 pub(super) const STORE_REREAD_EVERY: u32 = 10;
 
+/// How long the acknowledging task waits after a failed write before the next one.
+const ACK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Gives back to the system what a full judgement freed: a whole read's answer, its
 /// decoded records and judged copies are transient, and glibc keeps freed pages in its
 /// arenas otherwise (an agent's RSS would stay at the peak of its largest read).
@@ -56,8 +59,10 @@ impl Agent {
             self.store.prefix(),
             self.options.watch_wait,
         );
-        // The last index this node acknowledged applying.
-        let mut acknowledged = 0u64;
+        // The newest index applied, for the acknowledging task (which writes only the
+        // newest one when several were applied during one write).
+        let (applied_tx, applied_rx) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(self.clone().acknowledge_loop(applied_rx));
         loop {
             match feed.next().await {
                 Ok(event) => {
@@ -73,7 +78,13 @@ impl Agent {
                         }
                     };
                     if applied {
-                        self.acknowledge(index, &mut acknowledged).await;
+                        self.status
+                            .send_modify(|status| status.feed.applied_index = index);
+                        applied_tx.send_if_modified(|newest| {
+                            let newer = index > *newest;
+                            *newest = (*newest).max(index);
+                            newer
+                        });
                     }
                 }
                 Err(e) => self.consul_failed("watch", &e),
@@ -153,19 +164,29 @@ impl Agent {
         }
     }
 
-    /// Records that this node applied the state at `index`: lets `run` (and benchmarks)
-    /// see when every node forwards for a new endpoint.
-    async fn acknowledge(&self, index: u64, acknowledged: &mut u64) {
-        // Outside the feed (no agent is woken by it), so every newer index is worth one
-        // write: `run` and the tests wait for the index of their own write.
-        self.status
-            .send_modify(|status| status.feed.applied_index = index);
-        if index <= *acknowledged {
-            return;
-        }
-        match self.store.put_applied(self.node(), index).await {
-            Ok(()) => *acknowledged = index,
-            Err(e) => debug!(error = %e, "cannot record the applied index"),
+    /// Records in the store the newest index this node applied: lets `run` (and
+    /// benchmarks) see when every node forwards for a new endpoint. A task of its own,
+    /// so the feed never waits on a store write: while one acknowledgement is being
+    /// written, the indexes applied meanwhile collapse into the newest, one write for
+    /// all of them (with 100 agents, one write per agent per change would be 100 store
+    /// writes for every change).
+    async fn acknowledge_loop(self: Arc<Self>, mut applied: tokio::sync::watch::Receiver<u64>) {
+        let mut acknowledged = 0u64;
+        while applied.changed().await.is_ok() {
+            let index = *applied.borrow_and_update();
+            if index <= acknowledged {
+                continue;
+            }
+            // `applied/` is outside the feed: the write wakes no agent.
+            match self.store.put_applied(self.node(), index).await {
+                Ok(()) => acknowledged = index,
+                Err(e) => {
+                    debug!(error = %e, "cannot record the applied index");
+                    // Retried with the next applied index; a store that fails is
+                    // reported by the feed itself.
+                    tokio::time::sleep(ACK_RETRY_PAUSE).await;
+                }
+            }
         }
     }
 
