@@ -4,9 +4,11 @@
 //! networks), and only their ENDPOINTS entries are written. The cost of a change is the
 //! change (and the networks), never the cluster's other endpoints.
 //!
-//! What only the full path can judge (a network, node or config change, this node's own
-//! endpoints, a store that is not trusted, names served for a touched network) is left
-//! to it: [`Agent::apply_changes`] then answers [`DeltaOutcome::Full`].
+//! What only the full path can judge (a network, node or config change, an endpoint this
+//! node created, a store that is not trusted, names served for a touched network) is
+//! left to it: [`Agent::apply_changes`] then answers [`DeltaOutcome::Full`]. A record
+//! naming this node that this node did not create (no local record: a leftover, another
+//! tool's write) gets no entry, as in the full plan, and is applied here.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -103,21 +105,28 @@ pub(super) struct Written {
 
 /// Makes the ENDPOINTS entries of the touched addresses what the full plan would make
 /// them ([`super::reconcile::plan`]): the valid endpoint at its node's VTEP while the
-/// node is live, else no entry; a local endpoint's entry is never displaced.
+/// node is live, else no entry; a local endpoint's entry is never displaced. A valid
+/// endpoint on `node` (this one) that reaches here has no local record (see
+/// [`Agent::apply_changes`]): the full path forwards for none of those.
 pub(super) fn write_addresses(
     maps: &mut dyn ForwardingMaps,
     addresses: &BTreeSet<Address>,
     valid: &[Endpoint],
     placement: &Placement,
+    node: &str,
 ) -> Result<Written, DatapathError> {
     let mut written = Written::default();
+    // A batch can touch thousands of addresses (an agent catching up): one lookup each.
+    let valid_at: std::collections::HashMap<(&str, Ipv4Addr), &Endpoint> = (valid.iter())
+        .map(|e| ((e.network.as_str(), e.ip), e))
+        .collect();
     for (network, ip) in addresses {
         let Some(&vni) = placement.vni_of.get(network) else {
             continue;
         };
         let key = EndpointKey::new(vni, *ip);
-        let want = (valid.iter())
-            .find(|e| &e.network == network && e.ip == *ip)
+        let want = (valid_at.get(&(network.as_str(), *ip)))
+            .filter(|e| e.node != node)
             .and_then(|e| {
                 let vtep = placement.vtep_of.get(&e.node)?;
                 Some(map_values::remote_endpoint(e, *vtep))
@@ -148,6 +157,13 @@ impl Agent {
     pub(super) async fn apply_changes(&self, scope: &Scope) -> DeltaOutcome {
         if scope.full {
             return DeltaOutcome::Full;
+        }
+        if !scope.own.is_empty() {
+            let records = self.local_records();
+            if scope.own.iter().any(|own| records.contains_key(own)) {
+                // This node's own container: its entry comes from its local record.
+                return DeltaOutcome::Full;
+            }
         }
         let _run = self.reconciler.lock().await;
         let started = Instant::now();
@@ -192,6 +208,7 @@ impl Agent {
                 &scope.addresses,
                 &judged.endpoints,
                 &placement,
+                self.node(),
             )
         };
         self.report_rejections(&fresh);

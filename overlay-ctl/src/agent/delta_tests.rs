@@ -140,7 +140,7 @@ fn apply(
     assert!(!scope.full, "{scope:?}");
     let links = BTreeSet::new();
     let judged = judge_scope(mirror, P, &scope, view(&links));
-    write_addresses(maps, &scope.addresses, &judged.endpoints, placement).unwrap();
+    write_addresses(maps, &scope.addresses, &judged.endpoints, placement, SELF).unwrap();
     judged
 }
 
@@ -251,14 +251,6 @@ fn what_only_the_full_path_can_judge_says_so() {
             "the vxlan port",
             puts(vec![pair("config/vxlan-port", "8472", None)]),
         ),
-        (
-            "this node's endpoint",
-            puts(endpoint("mine", "10.100.0.7", SELF)),
-        ),
-        (
-            "a remote endpoint moving here",
-            puts(vec![endpoint_record("e1", "10.100.0.2", SELF)]),
-        ),
     ];
     for (what, changes) in cases {
         let (mut mirror, _, _) = cluster();
@@ -310,4 +302,43 @@ fn cost_per_change_does_not_grow_with_the_cluster() {
         let per_change = started.elapsed() / rounds;
         println!("{per_change:?} per change (judge + write) at {size} endpoint records");
     }
+}
+
+#[test]
+fn records_naming_this_node_are_listed_as_its_own() {
+    let (mut mirror, _, _) = cluster();
+    let scope = mirror.take_changes(puts(endpoint("mine", "10.100.0.7", SELF)), SELF);
+    assert!(!scope.full, "{scope:?}");
+    assert_eq!(
+        scope.own,
+        BTreeSet::from([("net1".to_string(), "mine".to_string())])
+    );
+    // A remote endpoint's record rewritten to name this node: its old and new records
+    // are one (network, id).
+    let scope = mirror.take_changes(puts(vec![endpoint_record("e1", "10.100.0.2", SELF)]), SELF);
+    assert_eq!(
+        scope.own,
+        BTreeSet::from([("net1".to_string(), "e1".to_string())])
+    );
+}
+
+#[test]
+fn a_record_naming_this_node_that_it_did_not_create_gets_no_entry() {
+    let (mut mirror, mut maps, placement) = cluster();
+    apply(
+        &mut mirror,
+        &mut maps,
+        &placement,
+        puts(endpoint("stray", "10.100.0.7", SELF)),
+    );
+    assert_eq!(maps.endpoint(key(7)).unwrap(), None);
+    // A remote endpoint whose record now names this node loses its remote entry.
+    apply(
+        &mut mirror,
+        &mut maps,
+        &placement,
+        puts(vec![endpoint_record("e1", "10.100.0.2", SELF)]),
+    );
+    assert_eq!(maps.endpoint(key(2)).unwrap(), None);
+    assert_eq!(maps.endpoints().unwrap(), planned(&mirror));
 }

@@ -57,9 +57,14 @@ struct Claim {
 /// What a batch of changes touched.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Scope {
-    /// Something only the full path can judge (a network, node or config key, a record
-    /// of this node's own endpoints, an unknown section).
+    /// Something only the full path can judge (a network, node or config key, an
+    /// unknown section).
     pub full: bool,
+    /// The (network, id) of records naming this node that the batch touched: the full
+    /// path judges them when this node created them (it forwards for its own containers
+    /// from its local records); a record naming this node that it did not create gets
+    /// no entry on either path.
+    pub own: BTreeSet<(String, String)>,
     /// Addresses whose claimants must be judged again.
     pub addresses: BTreeSet<Address>,
     /// Every endpoint and IPAM key the batch changed.
@@ -102,8 +107,8 @@ impl Mirror {
         self.synced = true;
     }
 
-    /// Applies a batch of changes and says what it touched; `node` is this node (its own
-    /// endpoints take the full path).
+    /// Applies a batch of changes and says what it touched; `node` is this node (the
+    /// records naming it are listed in [`Scope::own`]).
     pub fn take_changes(&mut self, changes: Vec<KvChange>, node: &str) -> Scope {
         let mut scope = Scope::default();
         for change in changes {
@@ -120,7 +125,7 @@ impl Mirror {
             match section {
                 "endpoints" => {
                     for pair in old.iter().chain(new.flatten().as_ref()) {
-                        scope.full |= names_node(pair, node);
+                        scope.own.extend(own_endpoint(pair, node));
                         scope.addresses.extend(self.claim(pair));
                     }
                     scope.keys.insert(key);
@@ -225,11 +230,14 @@ impl Mirror {
     }
 }
 
-/// Whether an endpoint record places its endpoint on `node`.
-fn names_node(pair: &KvPair, node: &str) -> bool {
+/// The (network, id) of an endpoint record that places its endpoint on `node`.
+fn own_endpoint(pair: &KvPair, node: &str) -> Option<(String, String)> {
     #[derive(serde::Deserialize)]
     struct Placement {
         node: String,
+        network: String,
+        id: String,
     }
-    serde_json::from_slice::<Placement>(&pair.value).is_ok_and(|p| p.node == node)
+    let placement = serde_json::from_slice::<Placement>(&pair.value).ok()?;
+    (placement.node == node).then_some((placement.network, placement.id))
 }

@@ -3,16 +3,23 @@
 //! after the initial range read only watch events cross the wire.
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
+
 use super::{FeedEvent, KvChange};
 use crate::store::{
     backend::KvPair,
-    etcd::{EtcdClient, KeyRange, PrefixWatch, WatchEvent, WatchUpdate},
+    etcd::{EtcdClient, EtcdError, KeyRange, PrefixWatch, WatchEvent, WatchUpdate},
     keys::Keys,
     StoreError,
 };
 
 /// The sub-prefix left out of the feed: every node's acknowledgement.
 const EXCLUDED: &str = "applied/";
+
+/// At most this many events are merged into one batch: an agent that fell behind
+/// applies what arrived meanwhile at once (one judgement, one acknowledgement), in
+/// bounded steps.
+const MAX_BATCH_EVENTS: usize = 4096;
 
 /// The keys the feed follows under `prefix`.
 pub(super) fn followed_range(prefix: &str) -> KeyRange {
@@ -23,6 +30,9 @@ pub(super) fn followed_range(prefix: &str) -> KeyRange {
 pub(super) struct EtcdFeed {
     watch: PrefixWatch,
     wait: Duration,
+    /// An update taken while merging a batch that could not join it (a snapshot, an
+    /// error): delivered next.
+    held: Option<Result<WatchUpdate, EtcdError>>,
 }
 
 impl EtcdFeed {
@@ -30,12 +40,16 @@ impl EtcdFeed {
         Self {
             watch: PrefixWatch::over(client, followed_range(prefix)),
             wait,
+            held: None,
         }
     }
 
     /// The next update of the watch; after `wait` without one, an empty `Changes` at the
     /// revision already delivered (the watch stays open and misses nothing meanwhile).
     pub(super) async fn next(&mut self) -> Result<FeedEvent, StoreError> {
+        if let Some(held) = self.held.take() {
+            return Ok(convert_update(held?));
+        }
         let delivered = self.watch.revision();
         let update = if delivered == 0 {
             self.watch.next().await?
@@ -50,7 +64,38 @@ impl EtcdFeed {
                 }
             }
         };
-        Ok(convert_update(update))
+        Ok(convert_update(self.merge_ready(update)))
+    }
+
+    /// Appends to a batch of changes every update the watch already received, so an
+    /// agent that fell behind catches up in one step instead of one per revision.
+    fn merge_ready(&mut self, update: WatchUpdate) -> WatchUpdate {
+        let WatchUpdate::Changes {
+            mut events,
+            mut revision,
+        } = update
+        else {
+            return update;
+        };
+        while events.len() < MAX_BATCH_EVENTS {
+            // Only a message already in the stream is ready at once; polling the watch
+            // once and dropping it otherwise loses nothing (the stream keeps it).
+            match self.watch.next().now_or_never() {
+                None => break,
+                Some(Ok(WatchUpdate::Changes {
+                    events: more,
+                    revision: at,
+                })) => {
+                    events.extend(more);
+                    revision = at;
+                }
+                Some(other) => {
+                    self.held = Some(other);
+                    break;
+                }
+            }
+        }
+        WatchUpdate::Changes { events, revision }
     }
 }
 
