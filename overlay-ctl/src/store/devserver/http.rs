@@ -18,7 +18,7 @@ use super::{
         serf_flap, session_create, session_destroy, session_info, session_list, session_renew,
     },
     shared::Shared,
-    state::State,
+    state::{Concern, State},
     DEFAULT_WAIT, LEADER_ADDR, MAX_WAIT,
 };
 
@@ -347,6 +347,17 @@ pub(super) async fn blocking_read(
     query: &Query,
     read: impl Fn(&State) -> Reply,
 ) -> Reply {
+    blocking_read_of(shared, query, |_, _| Concern::Maybe, read).await
+}
+
+/// [`blocking_read`] for a read that can tell cheaply whether the writes after a global
+/// index concern it (`concern(state, seen)`): it is answered again only then.
+pub(super) async fn blocking_read_of(
+    shared: &Arc<Shared>,
+    query: &Query,
+    concern: impl Fn(&State, u64) -> Concern,
+    read: impl Fn(&State) -> Reply,
+) -> Reply {
     let params = match blocking_params(query) {
         Ok(p) => p,
         Err(reply) => return reply,
@@ -356,11 +367,23 @@ pub(super) async fn blocking_read(
     };
     let deadline = tokio::time::Instant::now() + wait;
     let mut changes = shared.changes.subscribe();
+    // The global index the last answer was made at.
+    let mut seen: Option<u64> = None;
     loop {
         changes.borrow_and_update();
-        let reply = read(&shared.lock());
-        if reply.index.is_some_and(|i| i > min_index) {
-            return reply;
+        {
+            let state = shared.lock();
+            let answer = match seen {
+                Some(at) => concern(&state, at) == Concern::Maybe,
+                None => true,
+            };
+            if answer {
+                let reply = read(&state);
+                if reply.index.is_some_and(|i| i > min_index) {
+                    return reply;
+                }
+            }
+            seen = Some(state.index);
         }
         match tokio::time::timeout_at(deadline, changes.changed()).await {
             Ok(Ok(())) => continue,

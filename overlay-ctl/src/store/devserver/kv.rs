@@ -8,9 +8,9 @@ use hyper::StatusCode;
 use serde_json::{json, Value};
 
 use super::{
-    http::{blocking_read, Query, Reply},
+    http::{blocking_read_of, Query, Reply},
     shared::Shared,
-    state::Entry,
+    state::{Entry, State},
     MAX_VALUE_SIZE,
 };
 
@@ -42,7 +42,10 @@ pub(super) async fn kv_get(shared: &Arc<Shared>, key: &str, query: &Query) -> Re
         return Reply::text(StatusCode::BAD_REQUEST, "Missing key name");
     }
     let key = key.to_string();
-    blocking_read(shared, query, move |state| {
+    let watched = key.clone();
+    let exact = !recurse && !keys;
+    let concern = move |state: &State, seen: u64| state.kv_concern(&watched, exact, seen);
+    blocking_read_of(shared, query, concern, move |state| {
         if keys {
             let index = state.kv_index(&key, false);
             let mut names: Vec<String> = Vec::new();

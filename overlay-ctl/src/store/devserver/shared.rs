@@ -91,6 +91,7 @@ impl Shared {
             session_index: 0,
             nodes: BTreeMap::new(),
             catalog_index: 0,
+            recent_keys: Default::default(),
         };
         // Consul registers its own node and the `consul` service.
         let idx = state.bump();

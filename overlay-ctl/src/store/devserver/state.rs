@@ -104,12 +104,65 @@ pub(super) struct State {
     pub(super) session_index: u64,
     pub(super) nodes: BTreeMap<String, Node>,
     pub(super) catalog_index: u64,
+    /// The last KV keys written or deleted, with their index: lets a blocking KV read
+    /// stay asleep through writes elsewhere (Consul's watches are per radix-tree node,
+    /// so a write under `applied/` wakes no query on `nodes/`).
+    #[serde(skip)]
+    pub(super) recent_keys: std::collections::VecDeque<(u64, String)>,
+}
+
+/// How many recent KV changes [`State::recent_keys`] keeps; a blocked read that slept
+/// through more is simply answered again.
+const RECENT_KEYS: usize = 4096;
+
+/// Whether a KV read is concerned by writes made after an index.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Concern {
+    /// No key it reads changed.
+    Untouched,
+    /// A key it reads changed, or the changes since then are no longer known.
+    Maybe,
 }
 
 impl State {
     pub(super) fn bump(&mut self) -> u64 {
         self.index += 1;
         self.index
+    }
+
+    fn note_changed(&mut self, idx: u64, key: &str) {
+        if self.recent_keys.len() == RECENT_KEYS {
+            self.recent_keys.pop_front();
+        }
+        self.recent_keys.push_back((idx, key.to_string()));
+    }
+
+    /// Whether a KV read of `prefix` (`exact`: one key) answered at global index
+    /// `seen` may answer differently now.
+    pub(super) fn kv_concern(&self, prefix: &str, exact: bool, seen: u64) -> Concern {
+        if self.index == seen {
+            return Concern::Untouched;
+        }
+        // Complete after `seen` only if the oldest change kept is not after it (a
+        // transaction's keys share an index, and some of them may have been dropped).
+        let oldest = self.recent_keys.front().map_or(u64::MAX, |(i, _)| *i);
+        if oldest > seen {
+            return Concern::Maybe;
+        }
+        let touched = (self.recent_keys.iter().rev())
+            .take_while(|(i, _)| *i > seen)
+            .any(|(_, k)| {
+                if exact {
+                    k == prefix
+                } else {
+                    k.starts_with(prefix)
+                }
+            });
+        if touched {
+            Concern::Maybe
+        } else {
+            Concern::Untouched
+        }
     }
 
     /// The index to report for a KV read of `prefix` (`exact`: one key): the highest
@@ -181,11 +234,13 @@ impl State {
         entry.value = value;
         entry.flags = flags;
         entry.modify_index = idx;
+        self.note_changed(idx, key);
     }
 
     pub(super) fn kv_delete(&mut self, key: &str, idx: u64) -> bool {
         if self.kv.remove(key).is_some() {
             self.tombstones.insert(key.to_string(), idx);
+            self.note_changed(idx, key);
             true
         } else {
             false
@@ -235,10 +290,59 @@ impl State {
                     if let Some(e) = self.kv.get_mut(&key) {
                         e.session = None;
                         e.modify_index = idx;
+                        self.note_changed(idx, &key);
                     }
                 }
             }
         }
         self.lock_delays.retain(|_, until| *until > now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::devserver::{shared::Shared, DevConfig};
+
+    #[test]
+    fn a_kv_read_is_concerned_only_by_writes_under_what_it_reads() {
+        let mut state = Shared::fresh_state(&DevConfig::default());
+        state.kv_set("o/nodes/a", b"1".to_vec(), 0, None, false);
+        let seen = state.index;
+        state.kv_set("o/applied/a", b"7".to_vec(), 0, None, false);
+        assert_eq!(
+            state.kv_concern("o/nodes/", false, seen),
+            Concern::Untouched
+        );
+        assert_eq!(
+            state.kv_concern("o/nodes/a", true, seen),
+            Concern::Untouched
+        );
+        assert_eq!(state.kv_concern("o/applied/", false, seen), Concern::Maybe);
+        let seen = state.index;
+        let idx = state.bump();
+        state.kv_delete("o/nodes/a", idx);
+        assert_eq!(state.kv_concern("o/nodes/", false, seen), Concern::Maybe);
+        assert_eq!(state.kv_concern("o/nodes/a", true, seen), Concern::Maybe);
+        assert_eq!(
+            state.kv_concern("o/nodes/b", true, seen),
+            Concern::Untouched
+        );
+    }
+
+    #[test]
+    fn a_kv_read_that_slept_through_more_than_is_kept_is_answered_again() {
+        let mut state = Shared::fresh_state(&DevConfig::default());
+        let seen = state.index;
+        for i in 0..=RECENT_KEYS {
+            state.kv_set(&format!("o/applied/{i}"), b"1".to_vec(), 0, None, false);
+        }
+        assert_eq!(state.kv_concern("o/nodes/", false, seen), Concern::Maybe);
+        let seen = state.index;
+        state.kv_set("o/applied/x", b"1".to_vec(), 0, None, false);
+        assert_eq!(
+            state.kv_concern("o/nodes/", false, seen),
+            Concern::Untouched
+        );
     }
 }

@@ -62,6 +62,14 @@ impl Drop for Lanes {
 const MIN_INTERVAL: Duration = Duration::from_millis(50);
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The pause between two folder queries of a big section. Consul answers one by visiting
+/// every key below (as the dev server does), and every journaled write moves its index:
+/// at the 50 ms pace of the other lanes, 100 agents would make the store walk all 20,000
+/// endpoints a few thousand times a second. What it catches (a write that bypassed the
+/// journal) is an operator's mistake or a hostile writer, so noticing it within a few
+/// seconds is enough.
+pub(super) const FOLDERS_INTERVAL: Duration = Duration::from_secs(5);
+
 impl Lanes {
     /// Starts one task per `(kind, index)`: each blocks from its index.
     pub(super) fn start(
@@ -125,12 +133,16 @@ impl Lane {
         })
     }
 
-    fn pause(errors: u32) -> Duration {
+    fn pause(kind: &LaneKind, errors: u32) -> Duration {
         let factor = 1u32.checked_shl(errors.min(16)).unwrap_or(u32::MAX);
-        MIN_INTERVAL
+        let after_errors = MIN_INTERVAL
             .saturating_mul(factor)
             .min(MAX_ERROR_BACKOFF)
-            .max(MIN_INTERVAL)
+            .max(MIN_INTERVAL);
+        match kind {
+            LaneKind::Folders(_) => after_errors.max(FOLDERS_INTERVAL),
+            LaneKind::Section(_) | LaneKind::Key(_) => after_errors,
+        }
     }
 
     async fn run(mut self, reports: mpsc::Sender<Result<Report, StoreError>>) {
@@ -138,7 +150,7 @@ impl Lane {
         let mut last_start: Option<Instant> = None;
         loop {
             if let Some(last) = last_start {
-                tokio::time::sleep_until(last + Self::pause(errors)).await;
+                tokio::time::sleep_until(last + Self::pause(&self.kind, errors)).await;
             }
             last_start = Some(Instant::now());
             let report = match self.query().await {
@@ -176,8 +188,12 @@ mod tests {
 
     #[test]
     fn lanes_pace_themselves_and_back_off_boundedly() {
-        assert_eq!(Lane::pause(0), MIN_INTERVAL);
-        assert_eq!(Lane::pause(1), MIN_INTERVAL * 2);
-        assert_eq!(Lane::pause(40), MAX_ERROR_BACKOFF);
+        let head = LaneKind::Key("o/journal/head".into());
+        assert_eq!(Lane::pause(&head, 0), MIN_INTERVAL);
+        assert_eq!(Lane::pause(&head, 1), MIN_INTERVAL * 2);
+        assert_eq!(Lane::pause(&head, 40), MAX_ERROR_BACKOFF);
+        let folders = LaneKind::Folders("o/endpoints/".into());
+        assert_eq!(Lane::pause(&folders, 0), FOLDERS_INTERVAL);
+        assert_eq!(Lane::pause(&folders, 40), MAX_ERROR_BACKOFF);
     }
 }
