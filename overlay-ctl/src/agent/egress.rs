@@ -94,7 +94,7 @@ impl Agent {
         let networks = lock(&self.cluster)
             .desired
             .as_ref()
-            .map(|cluster| cluster.networks.clone());
+            .map(|cluster| cluster.networks.to_vec());
         let Some(networks) = networks else {
             return; // Nothing known yet: keep the table as it is.
         };

@@ -56,6 +56,7 @@ use std::{
     io,
     net::Ipv4Addr,
     path::PathBuf,
+    sync::Arc,
     sync::{Mutex, MutexGuard},
     time::Duration,
 };
@@ -172,7 +173,7 @@ struct Plane {
 #[derive(Default)]
 struct ClusterView {
     /// The last cluster state read from Consul (`None` until the first read).
-    desired: Option<ClusterState>,
+    desired: Option<Arc<ClusterState>>,
     /// A reconcile outside the watch (a `run`'s request, the resync) applied a newer
     /// state than the watch has seen: the watch acknowledges it when it catches up, as
     /// it would have applied it itself.
@@ -191,9 +192,9 @@ struct ClusterView {
 
 impl ClusterView {
     /// Keeps `state` as the desired one; returns whether it differs from the last.
-    fn set_desired(&mut self, state: ClusterState, node: &str) -> bool {
+    fn set_desired(&mut self, state: Arc<ClusterState>, node: &str) -> bool {
         self.endpoints_behind = false;
-        let changed = self.desired.as_ref() != Some(&state);
+        let changed = self.desired.as_deref() != Some(&*state);
         if changed {
             self.local_networks = (state.local_endpoints(node))
                 .map(|e| e.network.clone())
@@ -268,7 +269,7 @@ impl Agent {
     }
 
     /// The last cluster state read (`None` until the first read).
-    fn desired(&self) -> Option<ClusterState> {
+    fn desired(&self) -> Option<Arc<ClusterState>> {
         lock(&self.cluster).desired.clone()
     }
 }

@@ -162,7 +162,7 @@ impl Agent {
             gc::adopt_unrecorded(&self.handle, self.node(), &self.local, &cluster.endpoints).await;
         }
         let records = self.local_records();
-        let cluster = self.narrow_to_local_records(cluster, &records);
+        let cluster = self.narrow_to_local_records(&cluster, &records);
         if let Some(names) = &self.names {
             names.refresh(&cluster, self.node()).await;
         }
@@ -192,15 +192,14 @@ impl Agent {
     /// only says whether it is still wanted, never which interface or address to use.
     fn narrow_to_local_records(
         &self,
-        mut state: ClusterState,
+        state: &ClusterState,
         records: &BTreeMap<(String, String), LocalEndpoint>,
     ) -> ClusterState {
         let node = self.node();
-        state.endpoints = std::mem::take(&mut state.endpoints)
-            .into_iter()
+        let endpoints = (state.endpoints.iter())
             .filter_map(|e| {
                 if e.node != node {
-                    return Some(e);
+                    return Some(e.clone());
                 }
                 let record = records.get(&(e.network.clone(), e.id.clone()))?;
                 if !record.in_use() {
@@ -212,7 +211,12 @@ impl Agent {
                 Some(mine)
             })
             .collect();
-        state
+        ClusterState {
+            networks: state.networks.clone(),
+            nodes: state.nodes.clone(),
+            endpoints,
+            vxlan_port: state.vxlan_port,
+        }
     }
 
     /// The host veths of this node's endpoints (and every interface name, for the next

@@ -41,6 +41,15 @@ fn release_freed_memory() {
     }
 }
 
+/// A duration in `[0, interval)`, different in every process.
+fn random_phase(interval: std::time::Duration) -> std::time::Duration {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    let fraction = (hasher.finish() % 1_000_000) as f64 / 1_000_000.0;
+    interval.mul_f64(fraction)
+}
+
 /// What one feed event asks for.
 enum Followed {
     /// Nothing to apply (no change, or a store that is not to be applied now).
@@ -48,7 +57,7 @@ enum Followed {
     /// Applied on its own: acknowledge it.
     Applied,
     /// The state judged in full, to apply.
-    State(ClusterState),
+    State(Arc<ClusterState>),
 }
 
 impl Agent {
@@ -132,7 +141,7 @@ impl Agent {
 
     /// Judges the mirror in full (`None`: no snapshot yet, or the store is not to be
     /// applied now).
-    pub(super) fn judge_mirror(&self) -> Option<ClusterState> {
+    pub(super) fn judge_mirror(&self) -> Option<Arc<ClusterState>> {
         let mirror = lock(&self.mirror);
         if !mirror.synced() {
             return None;
@@ -142,7 +151,7 @@ impl Agent {
 
     /// Applies a state the watch read at `index`; returns whether it is now applied (by
     /// this call, or by an earlier reconcile the watch had not acknowledged yet).
-    async fn apply_watched(&self, state: ClusterState, index: u64) -> bool {
+    async fn apply_watched(&self, state: Arc<ClusterState>, index: u64) -> bool {
         let changed = lock(&self.cluster).set_desired(state, self.node());
         if changed {
             debug!(index, "cluster state changed");
@@ -194,9 +203,18 @@ impl Agent {
     /// drift, an expired healing period), and every [`STORE_REREAD_EVERY`]th time (the
     /// first included) with a fresh read of the whole store (anything a feed missed).
     pub(super) async fn resync_loop(self: Arc<Self>) {
-        let mut ticker = tokio::time::interval(self.options.resync_interval);
+        let interval = self.options.resync_interval;
+        // The first run at once; the next ones at a phase of this agent's own, so that
+        // agents started together (a cluster's reboot, 100 agents of a benchmark) do not
+        // judge their state and re-read the whole store at the same moment.
+        let mut ticker = tokio::time::interval_at(
+            tokio::time::Instant::now() + random_phase(interval),
+            interval,
+        );
         for tick in 0u32.. {
-            ticker.tick().await;
+            if tick > 0 {
+                ticker.tick().await;
+            }
             // A store that is not trusted as it is (lost, foreign, healing) is judged
             // from a fresh read every time, as the mirror may predate what was judged.
             let trusted = matches!(
@@ -218,7 +236,7 @@ impl Agent {
     pub(super) fn judge<'p>(
         &self,
         pairs: impl IntoIterator<Item = &'p KvPair> + Clone,
-    ) -> Option<ClusterState> {
+    ) -> Option<Arc<ClusterState>> {
         let prefix = self.store.prefix();
         let read = self.ingest(pairs.clone());
         let found = identity::find(prefix, pairs);
@@ -279,5 +297,19 @@ impl Agent {
             status.rejected_records = total;
             status.rejected_by_reason = by_reason;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resync_phases_fall_inside_the_interval_and_differ() {
+        let interval = std::time::Duration::from_secs(30);
+        let phases: Vec<_> = (0..20).map(|_| random_phase(interval)).collect();
+        assert!(phases.iter().all(|p| *p < interval), "{phases:?}");
+        let first = phases[0];
+        assert!(phases.iter().any(|p| *p != first), "{phases:?}");
     }
 }

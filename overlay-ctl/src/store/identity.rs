@@ -20,6 +20,7 @@
 //! `overlay_store_state`.
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -149,8 +150,9 @@ impl Trust {
 /// What to do with one full read of the store.
 #[derive(Debug)]
 pub enum Judgement {
-    /// Apply this state.
-    Apply(ClusterState),
+    /// Apply this state (shared with the identity's last trusted copy: one copy of a
+    /// 20,000-endpoint state, not two).
+    Apply(Arc<ClusterState>),
     /// Keep the maps as they are (the store is not this cluster's state).
     Hold,
 }
@@ -172,7 +174,7 @@ pub struct Identity {
     trust: Trust,
     heal_until: Option<Instant>,
     heal_period: Duration,
-    last_trusted: Option<ClusterState>,
+    last_trusted: Option<Arc<ClusterState>>,
     detail: Option<String>,
 }
 
@@ -209,7 +211,7 @@ impl Identity {
 
     /// The last state applied from a trusted store (what is republished).
     pub fn last_trusted(&self) -> Option<&ClusterState> {
-        self.last_trusted.as_ref()
+        self.last_trusted.as_deref()
     }
 
     fn remember(&mut self, id: ClusterId) {
@@ -258,6 +260,7 @@ impl Identity {
         } else {
             self.set(Trust::Unknown, None);
         }
+        let read = Arc::new(read);
         self.last_trusted = Some(read.clone());
         (Judgement::Apply(read), Actions::default())
     }
@@ -339,8 +342,8 @@ impl Identity {
                 Trust::Healing,
                 Some("the store was restored; nodes are republishing their records".into()),
             );
-            let merged = merge(self.last_trusted.as_ref(), read);
-            return (Judgement::Apply(merged), actions);
+            let merged = merge(self.last_trusted.as_deref(), read);
+            return (Judgement::Apply(Arc::new(merged)), actions);
         }
         let was_untrusted = self.heal_until.take().is_some()
             || matches!(self.trust, Trust::Missing | Trust::Foreign);
@@ -348,6 +351,7 @@ impl Identity {
             info!(cluster = %found_cluster(&self.remembered), "the store is trusted again");
         }
         self.set(Trust::Trusted, None);
+        let read = Arc::new(read);
         self.last_trusted = Some(read.clone());
         (Judgement::Apply(read), actions)
     }

@@ -21,7 +21,7 @@ use std::{collections::BTreeMap, time::Duration};
 use tracing::{info, warn};
 
 use super::{
-    lanes::{LaneAnswer, LaneKind, Lanes, Report},
+    lanes::{LaneAnswer, LaneKind, Lanes, Report, SectionSize},
     FeedEvent, KvChange,
 };
 use crate::store::{
@@ -72,11 +72,15 @@ pub(super) struct ConsulFeed {
     resync: Option<Resync>,
     /// Whether the small sections were re-read for the batch of answers at hand.
     small_reread: bool,
+    /// How many keys each big section holds (counted at each snapshot, then moved by
+    /// the journal's puts and deletes): its folders lane paces itself by it.
+    sizes: BTreeMap<String, SectionSize>,
 }
 
 impl ConsulFeed {
     pub(super) fn new(client: ConsulClient, prefix: &str, wait: Duration) -> Self {
         let keys = Keys::new(prefix);
+        let keys_prefix = keys.prefix().to_string();
         let mut lane_kinds: Vec<LaneKind> = SMALL
             .iter()
             .map(|s| LaneKind::Section(format!("{}{s}", keys.prefix())))
@@ -102,6 +106,10 @@ impl ConsulFeed {
             delivered: 0,
             resync: Some("the first read".to_string()),
             small_reread: false,
+            sizes: journal::JOURNALED
+                .iter()
+                .map(|s| (format!("{}{s}", keys_prefix), SectionSize::default()))
+                .collect(),
         }
     }
 
@@ -328,6 +336,7 @@ impl ConsulFeed {
             ));
         }
         self.explained = self.explained.max(slot.modify_index);
+        self.count(&entry.key, entry.op);
         match entry.op {
             JournalOp::Delete => Ok(KvChange::Delete { key: entry.key }),
             JournalOp::DeleteTree => Err(format!("{} was deleted as a tree", entry.key)),
@@ -346,6 +355,25 @@ impl ConsulFeed {
                     session: None,
                 }))
             }
+        }
+    }
+
+    /// Moves the size of the big section `key` lies in by a journaled write (a put of an
+    /// existing key counts as a new one: endpoints and addresses are created and deleted,
+    /// rarely rewritten, and the next snapshot counts again).
+    fn count(&self, key: &str, op: JournalOp) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some((_, size)) = self.sizes.iter().find(|(s, _)| key.starts_with(s.as_str())) else {
+            return;
+        };
+        match op {
+            JournalOp::Put => {
+                size.fetch_add(1, Relaxed);
+            }
+            JournalOp::Delete => {
+                let _ = size.fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+            }
+            JournalOp::DeleteTree => {}
         }
     }
 
@@ -409,6 +437,7 @@ impl ConsulFeed {
             .collect();
         let mut read_at = BTreeMap::new();
         let mut populated = BTreeMap::new();
+        let mut counted: BTreeMap<&str, usize> = BTreeMap::new();
         for section in journal::JOURNALED {
             let section = format!("{prefix}{section}");
             read_at.insert(section.clone(), index);
@@ -418,12 +447,14 @@ impl ConsulFeed {
             if let Some(section) = small.keys().find(|s| pair.key.starts_with(*s)).cloned() {
                 let entry = small.get_mut(&section).expect("found above");
                 entry.pairs.insert(pair.key.clone(), pair.clone());
-            } else if let Some(flag) = populated
+            } else if let Some((section, flag)) = populated
                 .iter_mut()
                 .find(|(s, _)| pair.key.starts_with(s.as_str()))
-                .map(|(_, flag)| flag)
             {
                 *flag = true;
+                if let Some((s, _)) = self.sizes.get_key_value(section.as_str()) {
+                    *counted.entry(s.as_str()).or_default() += 1;
+                }
             } else {
                 continue;
             }
@@ -431,8 +462,20 @@ impl ConsulFeed {
         }
         self.seq = journal::parse_head(head.as_ref());
         self.explained = head.map_or(0, |h| h.modify_index);
+        for (section, size) in &self.sizes {
+            let keys = counted.get(section.as_str()).copied().unwrap_or(0);
+            size.store(keys, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(starts) = starts {
-            let lanes = self.lane_kinds.iter().cloned().zip(starts).collect();
+            let lanes = (self.lane_kinds.iter().cloned().zip(starts))
+                .map(|(kind, start)| {
+                    let size = match &kind {
+                        LaneKind::Folders(section) => self.sizes.get(section).cloned(),
+                        LaneKind::Section(_) | LaneKind::Key(_) => None,
+                    };
+                    (kind, start, size)
+                })
+                .collect();
             self.lanes = Some(Lanes::start(&self.client, lanes, self.wait));
         }
         self.small = small;

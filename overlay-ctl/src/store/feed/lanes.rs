@@ -62,32 +62,48 @@ impl Drop for Lanes {
 const MIN_INTERVAL: Duration = Duration::from_millis(50);
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(30);
 
-/// The pause between two folder queries of a big section. Consul answers one by visiting
-/// every key below (as the dev server does), and every journaled write moves its index:
-/// at the 50 ms pace of the other lanes, 100 agents would make the store walk all 20,000
-/// endpoints a few thousand times a second. What it catches (a write that bypassed the
-/// journal) is an operator's mistake or a hostile writer, so noticing it within a few
-/// seconds is enough.
-pub(super) const FOLDERS_INTERVAL: Duration = Duration::from_secs(5);
+/// The pause between two folder queries of a big section grows with the section: Consul
+/// answers one by visiting every key below (as the dev server does), and every
+/// journaled write moves its index, so at the 50 ms pace of the other lanes 100 agents
+/// made the store walk all 20,000 endpoints thousands of times a second. At this much
+/// per key, the walks cost the store about the same whatever the cluster's size. What the
+/// query catches (a write that bypassed the journal) is rare, and a small cluster (a
+/// test's, an operator's first steps) still sees it within 50 ms.
+pub(super) const FOLDERS_PAUSE_PER_KEY: Duration = Duration::from_micros(250);
+/// The longest pause between two folder queries.
+pub(super) const FOLDERS_MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// The pause between two folder queries of a section of `keys` keys.
+pub(super) fn folders_pause(keys: usize) -> Duration {
+    let keys = u32::try_from(keys).unwrap_or(u32::MAX);
+    FOLDERS_PAUSE_PER_KEY
+        .saturating_mul(keys)
+        .clamp(MIN_INTERVAL, FOLDERS_MAX_PAUSE)
+}
+
+/// How many keys a big section holds, as the feed last counted them (its lane paces
+/// itself by it).
+pub(super) type SectionSize = std::sync::Arc<std::sync::atomic::AtomicUsize>;
 
 impl Lanes {
     /// Starts one task per `(kind, index)`: each blocks from its index.
     pub(super) fn start(
         client: &ConsulClient,
-        lanes: Vec<(LaneKind, u64)>,
+        lanes: Vec<(LaneKind, u64, Option<SectionSize>)>,
         wait: Duration,
     ) -> Self {
         let (sender, reports) = mpsc::channel(lanes.len() * 2);
         let tasks = lanes
             .into_iter()
             .enumerate()
-            .map(|(lane, (kind, index))| {
+            .map(|(lane, (kind, index, size))| {
                 let lane = Lane {
                     client: client.clone(),
                     number: lane,
                     kind,
                     index,
                     wait,
+                    size,
                 };
                 tokio::spawn(lane.run(sender.clone()))
             })
@@ -112,6 +128,8 @@ struct Lane {
     kind: LaneKind,
     index: u64,
     wait: Duration,
+    /// The size of the section a folders lane watches.
+    size: Option<SectionSize>,
 }
 
 impl Lane {
@@ -133,16 +151,18 @@ impl Lane {
         })
     }
 
-    fn pause(kind: &LaneKind, errors: u32) -> Duration {
+    fn pause(errors: u32, keys: usize) -> Duration {
         let factor = 1u32.checked_shl(errors.min(16)).unwrap_or(u32::MAX);
         let after_errors = MIN_INTERVAL
             .saturating_mul(factor)
             .min(MAX_ERROR_BACKOFF)
             .max(MIN_INTERVAL);
-        match kind {
-            LaneKind::Folders(_) => after_errors.max(FOLDERS_INTERVAL),
-            LaneKind::Section(_) | LaneKind::Key(_) => after_errors,
-        }
+        after_errors.max(folders_pause(keys))
+    }
+
+    /// The keys of the section this lane watches (0: not a folders lane).
+    fn keys(&self) -> usize {
+        (self.size.as_ref()).map_or(0, |s| s.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     async fn run(mut self, reports: mpsc::Sender<Result<Report, StoreError>>) {
@@ -150,7 +170,7 @@ impl Lane {
         let mut last_start: Option<Instant> = None;
         loop {
             if let Some(last) = last_start {
-                tokio::time::sleep_until(last + Self::pause(&self.kind, errors)).await;
+                tokio::time::sleep_until(last + Self::pause(errors, self.keys())).await;
             }
             last_start = Some(Instant::now());
             let report = match self.query().await {
@@ -188,12 +208,13 @@ mod tests {
 
     #[test]
     fn lanes_pace_themselves_and_back_off_boundedly() {
-        let head = LaneKind::Key("o/journal/head".into());
-        assert_eq!(Lane::pause(&head, 0), MIN_INTERVAL);
-        assert_eq!(Lane::pause(&head, 1), MIN_INTERVAL * 2);
-        assert_eq!(Lane::pause(&head, 40), MAX_ERROR_BACKOFF);
-        let folders = LaneKind::Folders("o/endpoints/".into());
-        assert_eq!(Lane::pause(&folders, 0), FOLDERS_INTERVAL);
-        assert_eq!(Lane::pause(&folders, 40), MAX_ERROR_BACKOFF);
+        assert_eq!(Lane::pause(0, 0), MIN_INTERVAL);
+        assert_eq!(Lane::pause(1, 0), MIN_INTERVAL * 2);
+        assert_eq!(Lane::pause(40, 0), MAX_ERROR_BACKOFF);
+        // A folders lane: by the size of its section.
+        assert_eq!(Lane::pause(0, 10), MIN_INTERVAL);
+        assert_eq!(Lane::pause(0, 2_000), Duration::from_millis(500));
+        assert_eq!(Lane::pause(0, 40_000), FOLDERS_MAX_PAUSE);
+        assert_eq!(Lane::pause(40, 40_000), MAX_ERROR_BACKOFF);
     }
 }
