@@ -335,3 +335,35 @@ async fn tls_with_client_certificates() {
     let plain = EtcdClient::connect(config).await.unwrap();
     assert!(plain.get("t/tls").await.is_err());
 }
+
+/// A listing bigger than a gRPC message may hold (4 MiB) is read in pages, all at one
+/// revision: a cluster of 20,000 endpoints is about 5 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_bigger_than_one_message_is_read_whole_at_one_revision() {
+    use futures_util::StreamExt as _;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let value = vec![b'x'; 2048];
+    // 2,500 keys of 2 KiB: 5 MB, and more than two pages.
+    let count = 2500;
+    futures_util::stream::iter(0..count)
+        .map(|i| {
+            let (client, value) = (client.clone(), value.clone());
+            async move { client.put(&format!("big/k{i:05}"), &value).await }
+        })
+        .buffer_unordered(32)
+        .for_each(|r| async move {
+            r.unwrap();
+        })
+        .await;
+    let written = client.put("other/after", b"1").await.unwrap();
+    let listing = client.list("big/").await.unwrap();
+    assert_eq!(listing.entries.len(), count);
+    let keys: Vec<&str> = listing.entries.iter().map(|e| e.key.as_str()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(keys, sorted, "sorted, each key once");
+    assert!(listing.revision >= written);
+    assert_eq!(client.keys("big/").await.unwrap().len(), count);
+}

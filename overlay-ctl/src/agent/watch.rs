@@ -200,28 +200,29 @@ impl Agent {
     }
 
     /// Resync on a timer: compares the maps with the state judged from the mirror (map
-    /// drift, an expired healing period), and every [`STORE_REREAD_EVERY`]th time (the
-    /// first included) with a fresh read of the whole store (anything a feed missed).
+    /// drift, an expired healing period), and every [`STORE_REREAD_EVERY`]th time with a
+    /// fresh read of the whole store (anything a feed missed).
     pub(super) async fn resync_loop(self: Arc<Self>) {
         let interval = self.options.resync_interval;
-        // The first run at once; the next ones at a phase of this agent's own, so that
-        // agents started together (a cluster's reboot, 100 agents of a benchmark) do not
-        // judge their state and re-read the whole store at the same moment.
+        // At a phase of this agent's own, so that agents started together (a cluster's
+        // reboot, 100 agents of a benchmark) do not judge their state and re-read the
+        // whole store at the same moment. Not at once: the feed's first read is applied
+        // as soon as it arrives, and a second read of the whole store beside it would
+        // double what a starting agent costs the store and itself.
         let mut ticker = tokio::time::interval_at(
             tokio::time::Instant::now() + random_phase(interval),
             interval,
         );
         for tick in 0u32.. {
-            if tick > 0 {
-                ticker.tick().await;
-            }
+            ticker.tick().await;
             // A store that is not trusted as it is (lost, foreign, healing) is judged
             // from a fresh read every time, as the mirror may predate what was judged.
             let trusted = matches!(
                 lock(&self.identity).trust(),
                 Trust::Trusted | Trust::Unknown
             );
-            let from_store = !trusted || tick % STORE_REREAD_EVERY == 0;
+            // The feed's first read counts as the first: the next one a full period later.
+            let from_store = !trusted || (tick + 1) % STORE_REREAD_EVERY == 0;
             if !from_store {
                 lock(&self.cluster).endpoints_behind = true;
             }

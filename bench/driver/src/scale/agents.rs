@@ -61,13 +61,26 @@ const AGENT_OPTIONS: &[&str] = &[
 impl Fleet {
     /// Starts `count` agents on the store at `url`.
     pub fn start(overlay_ctl: &Path, url: &str, count: usize, dir: PathBuf) -> Result<Self> {
+        Self::start_named(overlay_ctl, url, "scale", 0, count, dir)
+    }
+
+    /// Starts `count` agents named `{prefix}-000`... whose VTEPs follow those of the
+    /// first `vteps_taken` agents (so a second fleet joins the first one's cluster).
+    pub fn start_named(
+        overlay_ctl: &Path,
+        url: &str,
+        prefix: &str,
+        vteps_taken: usize,
+        count: usize,
+        dir: PathBuf,
+    ) -> Result<Self> {
         let mut fleet = Self {
             agents: Vec::with_capacity(count),
             dir,
         };
         for i in 0..count {
-            let node = format!("scale-{i:03}");
-            let vtep = vtep_of(i);
+            let node = format!("{prefix}-{i:03}");
+            let vtep = vtep_of(vteps_taken + i);
             let state_dir = fleet.dir.join(&node);
             std::fs::create_dir_all(&state_dir)?;
             let log = std::fs::File::create(state_dir.join("agent.log"))?;

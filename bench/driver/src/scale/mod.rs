@@ -74,6 +74,11 @@ pub struct SizeRun {
     pub churn: Option<ChurnResult>,
     /// Every agent's VmRSS after the churn, in bytes.
     pub rss: Vec<u64>,
+    /// A second fleet of as many agents started on the loaded store (a cluster's nodes
+    /// rebooting, or joining): start until every one acknowledged the store's state.
+    pub cold_start: Option<Duration>,
+    /// Agents of the second fleet whose status did not show every endpoint.
+    pub cold_short_agents: Vec<String>,
     pub error: Option<String>,
 }
 
@@ -182,7 +187,55 @@ async fn measure(options: &ScaleOptions, backend: Backend, endpoints: usize) -> 
     run.churn = Some(measure_churn(options, &workload, &fleet, &acks, endpoints).await?);
     fleet.check_running()?;
     run.rss = fleet.rss_bytes();
+    cold_start(options, &server.url, &workload, &mut run).await?;
+    fleet.check_running()?;
     Ok(run)
+}
+
+/// Starts a second fleet on the loaded store, beside the first (whose nodes keep their
+/// endpoints live), and times it until every new agent acknowledged the store's state;
+/// then checks each holds every endpoint (none is on its own node).
+async fn cold_start(
+    options: &ScaleOptions,
+    url: &str,
+    workload: &Workload,
+    run: &mut SizeRun,
+) -> Result<()> {
+    let held = workload.endpoint_count().await?;
+    let last = workload.last_index().await?;
+    progress(&format!(
+        "starting {} more agents on the loaded store ({held} endpoints)",
+        options.agents
+    ));
+    let dir = servers::temp_dir("cold-agents")?;
+    let started = Instant::now();
+    let mut fleet = Fleet::start_named(
+        &options.overlay_ctl,
+        url,
+        "cold",
+        options.agents,
+        options.agents,
+        dir,
+    )?;
+    let acks = AckTracker::start(workload.store(), &fleet.node_names());
+    let Some(reached) = acks.wait_reached(last, options.timeout).await else {
+        fleet.check_running()?;
+        bail!(
+            "the second fleet did not all acknowledge index {last} within {:?} (lowest: {})",
+            options.timeout,
+            acks.lowest()
+        );
+    };
+    let took = reached.saturating_duration_since(started);
+    run.cold_start = Some(took);
+    run.cold_short_agents = status::agents_without(&fleet, |_| held).await;
+    progress(&format!(
+        "{} agents started on {held} endpoints held them all in {:.2} s",
+        options.agents,
+        took.as_secs_f64()
+    ));
+    fleet.check_running()?;
+    Ok(())
 }
 
 /// Waits until every agent acknowledged its first state.

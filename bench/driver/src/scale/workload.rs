@@ -123,6 +123,25 @@ impl Workload {
         self.put_all(range.map(|i| self.endpoint(i))).await
     }
 
+    /// How many endpoint records the store holds.
+    pub async fn endpoint_count(&self) -> Result<usize> {
+        let prefix = self.store.keys().endpoints();
+        Ok(self.store.kv().list(&prefix).await?.len())
+    }
+
+    /// The highest modify index under the prefix but the acknowledgements (what an
+    /// agent that read the store now has applied).
+    pub async fn last_index(&self) -> Result<u64> {
+        let keys = self.store.keys();
+        let applied = keys.applied_all();
+        let pairs = self.store.kv().list(keys.prefix()).await?;
+        Ok((pairs.iter())
+            .filter(|p| !p.key.starts_with(&applied))
+            .map(|p| p.modify_index)
+            .max()
+            .unwrap_or(0))
+    }
+
     /// The highest modify index among the endpoint records.
     pub async fn last_endpoint_index(&self) -> Result<u64> {
         let prefix = self.store.keys().endpoints();

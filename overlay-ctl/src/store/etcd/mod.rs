@@ -43,8 +43,8 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
-    TlsOptions, Txn, TxnOp,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, KeyValue, PutOptions, TlsOptions,
+    Txn, TxnOp,
 };
 use tracing::debug;
 
@@ -282,32 +282,13 @@ impl EtcdClient {
     /// Every key under `prefix`, sorted by key, with the revision read at. An empty
     /// prefix lists the whole keyspace.
     pub async fn list(&self, prefix: &str) -> Result<Listing, EtcdError> {
-        let resp = self
-            .call("list", |mut c| async move {
-                c.get(prefix, Some(prefix_get(prefix))).await
-            })
-            .await?;
-        self.count_read(wire::get_response_len(&resp));
-        Ok(Listing {
-            entries: resp.kvs().iter().map(KvEntry::from_kv).collect(),
-            revision: resp.header().map_or(0, |h| h.revision()),
-        })
+        self.read_pages(&KeyRange::prefix(prefix), false).await
     }
 
     /// The key names under `prefix`.
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, EtcdError> {
-        let resp = self
-            .call("keys", |mut c| async move {
-                c.get(prefix, Some(prefix_get(prefix).with_keys_only()))
-                    .await
-            })
-            .await?;
-        self.count_read(wire::get_response_len(&resp));
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
-            .collect())
+        let listing = self.read_pages(&KeyRange::prefix(prefix), true).await?;
+        Ok(listing.entries.into_iter().map(|e| e.key).collect())
     }
 
     // ---- writes ----
@@ -569,14 +550,6 @@ impl UnavailableReasons {
             }
             other => other,
         }
-    }
-}
-
-fn prefix_get(prefix: &str) -> GetOptions {
-    if prefix.is_empty() {
-        GetOptions::new().with_all_keys()
-    } else {
-        GetOptions::new().with_prefix()
     }
 }
 

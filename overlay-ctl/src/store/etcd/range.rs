@@ -80,25 +80,72 @@ impl std::fmt::Display for KeyRange {
     }
 }
 
+/// Keys read per request of a range read: a whole cluster's state is read in pages of
+/// this many (all at the first page's revision), as one answer of 20,000 endpoints
+/// passes the 4 MiB a gRPC message may hold.
+pub const PAGE_KEYS: i64 = 2000;
+
+/// The first key after `key` in byte order.
+fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
 impl EtcdClient {
     /// Every key in `range`, sorted by key, with the revision read at.
     pub async fn list_range(&self, range: &KeyRange) -> Result<Listing, EtcdError> {
-        let resp = self
-            .call("list", |mut c| async move {
-                c.get(range.start.clone(), Some(range.get_options())).await
-            })
-            .await?;
-        self.count_read(wire::get_response_len(&resp));
-        Ok(Listing {
-            entries: resp.kvs().iter().map(KvEntry::from_kv).collect(),
-            revision: resp.header().map_or(0, |h| h.revision()),
-        })
+        self.read_pages(range, false).await
+    }
+
+    /// Every key in `range` (values left out when `keys_only`), read in pages of
+    /// [`PAGE_KEYS`] at the first page's revision: one consistent listing.
+    pub(super) async fn read_pages(
+        &self,
+        range: &KeyRange,
+        keys_only: bool,
+    ) -> Result<Listing, EtcdError> {
+        let mut entries = Vec::new();
+        let mut revision = 0i64;
+        let mut start = range.start.clone();
+        loop {
+            let mut options = range.get_options().with_limit(PAGE_KEYS);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            if keys_only {
+                options = options.with_keys_only();
+            }
+            let resp = self
+                .call("list", |mut c| {
+                    let (start, options) = (start.clone(), options.clone());
+                    async move { c.get(start, Some(options)).await }
+                })
+                .await?;
+            self.count_read(wire::get_response_len(&resp));
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            entries.extend(resp.kvs().iter().map(KvEntry::from_kv));
+            match (resp.more(), resp.kvs().last()) {
+                (true, Some(last)) => start = key_after(last.key()),
+                _ => break,
+            }
+        }
+        Ok(Listing { entries, revision })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_continue_right_after_the_last_key() {
+        assert_eq!(key_after(b"o/endpoints/a"), b"o/endpoints/a\0".to_vec());
+        let range = KeyRange::prefix("o/");
+        assert!(range.contains(&key_after(b"o/endpoints/a")));
+    }
 
     #[test]
     fn prefix_ends_increment_the_last_byte() {
