@@ -79,6 +79,8 @@ pub struct SizeRun {
     pub cold_start: Option<Duration>,
     /// Agents of the second fleet whose status did not show every endpoint.
     pub cold_short_agents: Vec<String>,
+    /// Why the second fleet was not measured (the rest of the run still was).
+    pub cold_error: Option<String>,
     pub error: Option<String>,
 }
 
@@ -187,7 +189,10 @@ async fn measure(options: &ScaleOptions, backend: Backend, endpoints: usize) -> 
     run.churn = Some(measure_churn(options, &workload, &fleet, &acks, endpoints).await?);
     fleet.check_running()?;
     run.rss = fleet.rss_bytes();
-    cold_start(options, &server.url, &workload, &mut run).await?;
+    if let Err(e) = cold_start(options, &server.url, &workload, &mut run).await {
+        progress(&format!("second fleet: {e:#}"));
+        run.cold_error = Some(format!("{e:#}"));
+    }
     fleet.check_running()?;
     Ok(run)
 }
