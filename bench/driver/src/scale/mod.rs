@@ -206,8 +206,7 @@ async fn cold_start(
     workload: &Workload,
     run: &mut SizeRun,
 ) -> Result<()> {
-    let held = workload.endpoint_count().await?;
-    let last = workload.last_index().await?;
+    let (held, last) = workload.loaded().await?;
     progress(&format!(
         "starting {} more agents on the loaded store ({held} endpoints)",
         options.agents

@@ -123,23 +123,20 @@ impl Workload {
         self.put_all(range.map(|i| self.endpoint(i))).await
     }
 
-    /// How many endpoint records the store holds.
-    pub async fn endpoint_count(&self) -> Result<usize> {
-        let prefix = self.store.keys().endpoints();
-        Ok(self.store.kv().list(&prefix).await?.len())
-    }
-
-    /// The highest modify index under the prefix but the acknowledgements (what an
-    /// agent that read the store now has applied).
-    pub async fn last_index(&self) -> Result<u64> {
+    /// What an agent reading the store now would hold: how many endpoint records, and
+    /// the highest modify index under the prefix but the acknowledgements (the index it
+    /// would acknowledge at least). One read of the whole prefix for both.
+    pub async fn loaded(&self) -> Result<(usize, u64)> {
         let keys = self.store.keys();
-        let applied = keys.applied_all();
+        let (applied, endpoints) = (keys.applied_all(), keys.endpoints());
         let pairs = self.store.kv().list(keys.prefix()).await?;
-        Ok((pairs.iter())
-            .filter(|p| !p.key.starts_with(&applied))
-            .map(|p| p.modify_index)
-            .max()
-            .unwrap_or(0))
+        let followed = pairs.iter().filter(|p| !p.key.starts_with(&applied));
+        let held = followed
+            .clone()
+            .filter(|p| p.key.starts_with(&endpoints))
+            .count();
+        let last = followed.map(|p| p.modify_index).max().unwrap_or(0);
+        Ok((held, last))
     }
 
     /// The highest modify index among the endpoint records.
