@@ -411,9 +411,12 @@ impl Node {
             .arg("--pin-root")
             .arg(&self.pins.path)
             .args(["--metrics-addr", "127.0.0.1:9465"])
+            // OVERLAY_TEST_AGENT_LOG: a finer filter to chase a failure with.
             .env(
                 "RUST_LOG",
-                "info,netlink_packet_route=error,netlink_proto=error",
+                std::env::var("OVERLAY_TEST_AGENT_LOG").unwrap_or_else(|_| {
+                    "info,netlink_packet_route=error,netlink_proto=error".into()
+                }),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -644,6 +647,12 @@ impl Drop for Node {
             eprintln!("---- last agent log lines of {} ----", self.name);
             for line in tail.iter().rev() {
                 eprintln!("{line}");
+            }
+            // OVERLAY_TEST_KEEP_LOGS=DIR: the whole log, to chase a failure with.
+            if let Some(dir) = std::env::var_os("OVERLAY_TEST_KEEP_LOGS") {
+                let kept = std::path::Path::new(&dir).join(format!("{}.log", self.name));
+                let _ = std::fs::write(&kept, &log);
+                eprintln!("whole log kept in {}", kept.display());
             }
         }
         self.kill_agent();

@@ -818,6 +818,8 @@ fn build_test_binaries(vm_dir: &Path) -> Result<TestBinaries> {
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_BUILD_RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR")
+        // A build of its own, rarely repeated: incremental state would only take disk.
+        .env("CARGO_INCREMENTAL", "0")
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot run cargo")?;

@@ -259,6 +259,22 @@ fn what_only_the_full_path_can_judge_says_so() {
 }
 
 #[test]
+fn an_invalidated_mirror_judges_nothing_until_its_next_snapshot() {
+    let (mut mirror, _, _) = cluster();
+    mirror.invalidate();
+    assert!(!mirror.synced());
+    assert_eq!(mirror.pairs().count(), 0);
+    // Changes meant for the old copy are dropped: the snapshot that follows covers them.
+    let scope = mirror.take_changes(puts(endpoint("e3", "10.100.0.4", "b")), SELF);
+    assert!(!scope.full && scope.keys.is_empty() && scope.addresses.is_empty());
+    assert_eq!(mirror.pairs().count(), 0);
+    let (fresh, _, _) = cluster();
+    mirror.replace(fresh.pairs().cloned().collect());
+    assert!(mirror.synced());
+    assert_eq!(planned(&mirror), planned(&fresh));
+}
+
+#[test]
 fn acknowledgements_and_other_unjudged_keys_are_not_changes() {
     let (mut mirror, _, _) = cluster();
     let changes = puts(vec![

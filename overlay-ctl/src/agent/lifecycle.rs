@@ -87,6 +87,7 @@ pub async fn run(
         collector: Default::default(),
         reregister: Notify::new(),
         republish: Notify::new(),
+        feed_stale: Notify::new(),
         logs,
         local: LocalState::new(&options.state_dir),
         egress: Default::default(),

@@ -96,6 +96,15 @@ impl Mirror {
         self.synced
     }
 
+    /// Forgets everything until the next snapshot: a fresh read showed the store is not
+    /// what this copy was taken from (until then nothing is judged from it, and the
+    /// changes that arrive are dropped: the snapshot covers them).
+    pub fn invalidate(&mut self) {
+        self.records.clear();
+        self.claims = HashMap::new();
+        self.synced = false;
+    }
+
     /// Replaces everything with a snapshot.
     pub fn replace(&mut self, pairs: Vec<KvPair>) {
         self.records.clear();
@@ -111,6 +120,9 @@ impl Mirror {
     /// records naming it are listed in [`Scope::own`]).
     pub fn take_changes(&mut self, changes: Vec<KvChange>, node: &str) -> Scope {
         let mut scope = Scope::default();
+        if !self.synced {
+            return scope;
+        }
         for change in changes {
             let key = change.key().to_string();
             if !JUDGED_SECTIONS.contains(&self.section(&key)) {

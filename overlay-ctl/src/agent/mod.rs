@@ -239,6 +239,9 @@ struct Agent {
     reregister: Notify,
     /// Asks the republish task to write this node's records again (a restored store).
     republish: Notify,
+    /// Tells the watch that its copy of the store is older than a fresh read (a store
+    /// that came back without its data): the feed reads the store again.
+    feed_stale: Notify,
     logs: LogBuffer,
     /// This node's records of the endpoints it created (the only thing it acts on).
     local: LocalState,

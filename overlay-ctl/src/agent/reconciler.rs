@@ -11,7 +11,7 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     apply::{self, ApplyReport},
@@ -23,7 +23,10 @@ use super::{
     status::Forwarding,
     Agent, ReconcilerState,
 };
-use crate::store::backend::KvBackend as _;
+use crate::store::{
+    backend::{KvBackend as _, KvPair},
+    identity,
+};
 
 /// What one reconcile run did.
 #[derive(Clone, Debug, Default)]
@@ -127,6 +130,7 @@ impl Agent {
         match self.store.kv().list(self.store.prefix()).await {
             Ok(pairs) => {
                 self.consul_ok();
+                self.check_mirror_against(&pairs);
                 let Some(state) = self.judge(&pairs) else {
                     return (false, false);
                 };
@@ -142,6 +146,31 @@ impl Agent {
                 self.consul_failed("resync", &e);
                 (false, false)
             }
+        }
+    }
+
+    /// A store that came back without its data answers the feed's blocking queries (or
+    /// watch) from indexes it has not reached yet only when they time out, so the
+    /// watch's copy can keep the old cluster for minutes. Judged beside fresh reads, it
+    /// would flip the agent between the two identities. When a fresh read's cluster id
+    /// differs from the copy's, the copy is dropped and the feed reads the store again.
+    fn check_mirror_against(&self, fresh: &[KvPair]) {
+        let prefix = self.store.prefix();
+        let fresh_id = identity::find(prefix, fresh);
+        let mut mirror = lock(&self.mirror);
+        if !mirror.synced() {
+            return;
+        }
+        let mirror_id = identity::find(prefix, mirror.pairs());
+        if fresh_id != mirror_id {
+            info!(
+                fresh = ?fresh_id.map(|id| id.incarnation),
+                followed = ?mirror_id.map(|id| id.incarnation),
+                "the store's identity changed under the watch: following it anew"
+            );
+            mirror.invalidate();
+            drop(mirror);
+            self.feed_stale.notify_one();
         }
     }
 

@@ -73,7 +73,14 @@ impl Agent {
         let (applied_tx, applied_rx) = tokio::sync::watch::channel(0u64);
         tokio::spawn(self.clone().acknowledge_loop(applied_rx));
         loop {
-            match feed.next().await {
+            let next = tokio::select! {
+                next = feed.next() => next,
+                () = self.feed_stale.notified() => {
+                    feed.reread("a fresh read of the store shows another cluster identity than the feed's copy");
+                    continue;
+                }
+            };
+            match next {
                 Ok(event) => {
                     self.consul_ok();
                     let index = event.index();

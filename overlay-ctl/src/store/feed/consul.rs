@@ -113,6 +113,15 @@ impl ConsulFeed {
         }
     }
 
+    /// Starts over with a read of the followed sections and new lanes: the lanes block
+    /// from indexes the store may no longer have reached (a store restarted without its
+    /// data answers them only when its wait expires).
+    pub(super) fn reread(&mut self, reason: &str) {
+        self.lanes = None;
+        self.resync = Some(reason.to_string());
+        info!(%reason, "re-reading the cluster state");
+    }
+
     pub(super) async fn next(&mut self) -> Result<FeedEvent, StoreError> {
         if let Some(reason) = self.resync.take() {
             return self.snapshot(reason).await;

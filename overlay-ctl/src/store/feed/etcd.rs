@@ -28,6 +28,8 @@ pub(super) fn followed_range(prefix: &str) -> KeyRange {
 
 #[derive(Debug)]
 pub(super) struct EtcdFeed {
+    client: EtcdClient,
+    range: KeyRange,
     watch: PrefixWatch,
     wait: Duration,
     /// An update taken while merging a batch that could not join it (a snapshot, an
@@ -37,11 +39,23 @@ pub(super) struct EtcdFeed {
 
 impl EtcdFeed {
     pub(super) fn new(client: EtcdClient, prefix: &str, wait: Duration) -> Self {
+        let range = followed_range(prefix);
         Self {
-            watch: PrefixWatch::over(client, followed_range(prefix)),
+            watch: PrefixWatch::over(client.clone(), range.clone()),
+            client,
+            range,
             wait,
             held: None,
         }
+    }
+
+    /// Starts over with a read of the whole range: the watch resumes from a revision
+    /// the store may no longer have reached (a store restarted without its data
+    /// answers a watch from the future with silence, not an error).
+    pub(super) fn reread(&mut self, reason: &str) {
+        tracing::info!(%reason, "re-reading the cluster state");
+        self.watch = PrefixWatch::over(self.client.clone(), self.range.clone());
+        self.held = None;
     }
 
     /// The next update of the watch; after `wait` without one, an empty `Changes` at the

@@ -83,6 +83,17 @@ impl StoreFeed {
         Self { inner }
     }
 
+    /// Makes the next event a snapshot from a fresh read, with the store followed anew
+    /// from there: for a follower that learnt from elsewhere that the store is not what
+    /// its events describe (e.g. a fresh read of another cluster identity). A `next`
+    /// cancelled midway is covered by it.
+    pub fn reread(&mut self, reason: &str) {
+        match &mut self.inner {
+            Inner::Etcd(feed) => feed.reread(reason),
+            Inner::Consul(feed) => feed.reread(reason),
+        }
+    }
+
     /// The next event: the first call returns the initial snapshot at once, later ones
     /// when something changed (or a wait expired: then possibly an empty `Changes`).
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
