@@ -10,7 +10,7 @@
 //! naming this node that this node did not create (no local record: a leftover, another
 //! tool's write) gets no entry, as in the full plan, and is applied here.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     time::Instant,
 };
@@ -151,6 +151,44 @@ pub(super) fn write_addresses(
     Ok(written)
 }
 
+/// Keeps, for every touched address, the endpoints judged valid there (none: the
+/// address is free now), over what earlier batches found there.
+pub(super) fn note_endpoints_at(
+    changed: &mut HashMap<Address, Vec<Endpoint>>,
+    addresses: &BTreeSet<Address>,
+    valid: &[Endpoint],
+) {
+    for address in addresses {
+        let at = (valid.iter())
+            .filter(|e| e.network == address.0 && e.ip == address.1)
+            .cloned()
+            .collect();
+        changed.insert(address.clone(), at);
+    }
+}
+
+/// `state` with the endpoints at the addresses of `changed` replaced by the ones judged
+/// there: the full judgement of the records, when `state` was the judgement before the
+/// changes and `changed` what [`judge_scope`] found at every address they touched.
+/// Endpoint order is the judgement's, by (network, id).
+pub(super) fn with_endpoints_at(
+    state: &ClusterState,
+    changed: &HashMap<Address, Vec<Endpoint>>,
+) -> ClusterState {
+    let mut endpoints: Vec<Endpoint> = (state.endpoints.iter())
+        .filter(|e| !changed.contains_key(&(e.network.clone(), e.ip)))
+        .cloned()
+        .collect();
+    endpoints.extend(changed.values().flatten().cloned());
+    endpoints.sort_by(|a, b| (&a.network, &a.id).cmp(&(&b.network, &b.id)));
+    ClusterState {
+        networks: state.networks.clone(),
+        nodes: state.nodes.clone(),
+        endpoints,
+        vxlan_port: state.vxlan_port,
+    }
+}
+
 impl Agent {
     /// Applies a batch of changes that [`Mirror::take_changes`] found to touch only
     /// endpoint and IPAM keys of other nodes; see the module documentation.
@@ -195,7 +233,13 @@ impl Agent {
             };
             let judged = judge_scope(&mirror, self.store.prefix(), scope, view);
             let fresh = (cluster.rejections).replace_keys(&judged.keys, judged.rejected.clone());
-            cluster.endpoints_behind = true;
+            // Kept before the maps are written: if that fails, the full path that follows
+            // judges the mirror and sets `desired` afresh.
+            note_endpoints_at(
+                &mut cluster.endpoints_changed,
+                &scope.addresses,
+                &judged.endpoints,
+            );
             (judged, placement, fresh)
         };
         let written = {

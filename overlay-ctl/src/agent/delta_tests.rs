@@ -1,7 +1,7 @@
 //! The delta path against the full path: after every batch, the endpoint map written
 //! change by change equals the one planned from a full judgement of the same records.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     time::Instant,
 };
@@ -255,6 +255,60 @@ fn what_only_the_full_path_can_judge_says_so() {
     for (what, changes) in cases {
         let (mut mirror, _, _) = cluster();
         assert!(mirror.take_changes(changes, SELF).full, "{what}");
+    }
+}
+
+#[test]
+fn the_desired_state_kept_by_changes_equals_a_full_judgement() {
+    let (mut mirror, mut maps, placement) = cluster();
+    let links = BTreeSet::new();
+    let judged_in_full =
+        |mirror: &Mirror| records::parse_snapshot(P, mirror.pairs(), view(&links)).state;
+    let desired = judged_in_full(&mirror);
+    let mut changed = HashMap::new();
+    let mut thief = puts(vec![endpoint_record("thief", "10.100.0.2", "c")]);
+    thief.push(KvChange::Put(pair("endpoints/net1/junk", "{", None)));
+    let mut moved = puts(endpoint("e2", "10.100.0.9", "b"));
+    moved.push(delete("ipam/net1/10.100.0.3"));
+    let batches = vec![
+        ("a new endpoint", puts(endpoint("e3", "10.100.0.4", "b"))),
+        ("a second claim and a malformed record", thief),
+        ("an endpoint moved to another address and node", moved),
+        (
+            "a deleted endpoint",
+            vec![delete("endpoints/net1/e1"), delete("ipam/net1/10.100.0.2")],
+        ),
+        (
+            "the second claim gone",
+            vec![delete("endpoints/net1/thief")],
+        ),
+        (
+            "a record naming this node that it did not create",
+            puts(endpoint("stray", "10.100.0.7", SELF)),
+        ),
+        (
+            "the first endpoint back",
+            puts(endpoint("e1", "10.100.0.2", "c")),
+        ),
+    ];
+    for (what, changes) in batches {
+        let scope = mirror.take_changes(changes, SELF);
+        assert!(!scope.full, "{what}: {scope:?}");
+        let judged = judge_scope(&mirror, P, &scope, view(&links));
+        write_addresses(
+            &mut maps,
+            &scope.addresses,
+            &judged.endpoints,
+            &placement,
+            SELF,
+        )
+        .unwrap();
+        note_endpoints_at(&mut changed, &scope.addresses, &judged.endpoints);
+        assert_eq!(
+            with_endpoints_at(&desired, &changed),
+            judged_in_full(&mirror),
+            "after {what}"
+        );
     }
 }
 

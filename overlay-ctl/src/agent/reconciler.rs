@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use super::{
     apply::{self, ApplyReport},
     control::ReconcileStatus,
-    gc,
+    delta, gc,
     local_state::LocalEndpoint,
     lock,
     reconcile::{self, ClusterState, HostVeth, LocalNode, Plan},
@@ -176,11 +176,15 @@ impl Agent {
 
     /// Read, plan, apply: the stages of one run on the last known state.
     async fn apply_desired(&self, state: &mut ReconcilerState) -> Result<Pass, String> {
-        if std::mem::take(&mut lock(&self.cluster).endpoints_behind) {
-            // Changes applied on their own since the last full judgement (or a resync):
-            // judge the mirror again, without reading the store.
-            if let Some(state) = self.judge_mirror() {
-                lock(&self.cluster).set_desired(state, self.node());
+        {
+            // Changes applied on their own since the last full judgement: their endpoints
+            // take their places in the desired state (no judgement of the whole mirror).
+            let mut cluster = lock(&self.cluster);
+            if !cluster.endpoints_changed.is_empty() {
+                if let Some(desired) = cluster.desired.clone() {
+                    let current = delta::with_endpoints_at(&desired, &cluster.endpoints_changed);
+                    cluster.set_desired(std::sync::Arc::new(current), self.node());
+                }
             }
         }
         let Some(cluster) = self.desired() else {

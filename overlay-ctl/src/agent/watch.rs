@@ -8,9 +8,10 @@
 //! replaces it and is judged in full; a batch of changes edits it and, when it touches
 //! only other nodes' endpoints and addresses, is applied on its own
 //! ([`super::delta`]); anything else is judged in full from the mirror, so a change
-//! never needs the store to be read again. The resync compares the maps with the state
-//! judged from the mirror, and reads the whole store only every
-//! [`STORE_REREAD_EVERY`]th time.
+//! never needs the store to be read again. The changes applied on their own also keep
+//! the desired state current ([`super::delta::with_endpoints_at`]), so the resync
+//! compares the maps with it without judging the whole mirror again, and reads the whole
+//! store only every [`STORE_REREAD_EVERY`]th time.
 use std::{sync::Arc, time::Instant};
 
 use tracing::{debug, info, warn};
@@ -24,7 +25,8 @@ use crate::{
 };
 
 /// Every how many resyncs the whole store is read again (the safety net under the
-/// feed: at the default 30 s resync, every 5 minutes); the others judge the mirror.
+/// feed: at the default 30 s resync, every 5 minutes); the others plan from the desired
+/// state the feed keeps current.
 pub(super) const STORE_REREAD_EVERY: u32 = 10;
 
 /// How long the acknowledging task waits after a failed write before the next one.
@@ -206,9 +208,10 @@ impl Agent {
         }
     }
 
-    /// Resync on a timer: compares the maps with the state judged from the mirror (map
-    /// drift, an expired healing period), and every [`STORE_REREAD_EVERY`]th time with a
-    /// fresh read of the whole store (anything a feed missed).
+    /// Resync on a timer: compares the maps with the desired state (map drift), and
+    /// every [`STORE_REREAD_EVERY`]th time, or every time while the store is not trusted
+    /// as it is (lost, foreign, healing), with a fresh read of the whole store (anything
+    /// a feed missed, an expired healing period).
     pub(super) async fn resync_loop(self: Arc<Self>) {
         let interval = self.options.resync_interval;
         // At a phase of this agent's own, so that agents started together (a cluster's
@@ -229,10 +232,8 @@ impl Agent {
                 Trust::Trusted | Trust::Unknown
             );
             // The feed's first read counts as the first: the next one a full period later.
+            // The other runs plan from the desired state, which the feed keeps current.
             let from_store = !trusted || (tick + 1) % STORE_REREAD_EVERY == 0;
-            if !from_store {
-                lock(&self.cluster).endpoints_behind = true;
-            }
             // A failed run is logged and counted by `reconcile` itself.
             let _ = self.reconcile(from_store).await;
             release_freed_memory();
