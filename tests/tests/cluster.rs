@@ -83,10 +83,10 @@ fn seed_walkthrough_end_to_end() {
 
     // Containers on two hosts get the first addresses, in order.
     let web_name = unique_name("web");
-    let web = nodes[0].spawn_run("net1", &web_name, &["sleep", "120"]);
+    let web = nodes[0].spawn_run("net1", &web_name, &["sleep", "600"]);
     let web_ip = nodes[0].wait_endpoint("net1", &web_name);
     let db_name = unique_name("db");
-    let db = nodes[1].spawn_run("net1", &db_name, &["sleep", "120"]);
+    let db = nodes[1].spawn_run("net1", &db_name, &["sleep", "600"]);
     let db_ip = nodes[0].wait_endpoint("net1", &db_name);
     assert_eq!(web_ip, Ipv4Addr::new(10, 100, 0, 2));
     assert_eq!(db_ip, Ipv4Addr::new(10, 100, 0, 3));
@@ -164,7 +164,7 @@ fn seed_walkthrough_end_to_end() {
         "net1",
         &api_name,
         &["--service", &service],
-        &["sleep", "120"],
+        &["sleep", "600"],
     );
     let api_ip = nodes[2].wait_endpoint("net1", &api_name);
     let catalog = |service: String| {
@@ -300,7 +300,7 @@ fn kill_9_and_restart_of_agents_loses_no_packet() {
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
     let target_name = unique_name("tgt");
-    let _target = nodes[1].spawn_run("net1", &target_name, &["sleep", "120"]);
+    let _target = nodes[1].spawn_run("net1", &target_name, &["sleep", "600"]);
     let target_ip = nodes[1].wait_endpoint("net1", &target_name);
     // Warm up (ARP, both sides' maps), then a measured stream of 400 pings, 20 ms apart.
     let script = format!(
@@ -355,7 +355,7 @@ fn a_killed_node_leaves_its_peers_within_the_session_ttl() {
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
     let name = unique_name("c");
-    let _container = nodes[1].spawn_run("net1", &name, &["sleep", "120"]);
+    let _container = nodes[1].spawn_run("net1", &name, &["sleep", "600"]);
     nodes[1].wait_endpoint("net1", &name);
     for peer in [&nodes[0], &nodes[2]] {
         wait_until("peer knows the remote endpoint", JOIN, || {
@@ -472,7 +472,7 @@ fn bad_input_is_refused_with_one_line_and_no_change() {
     ])
     .ok();
     let taken = unique_name("t");
-    let _holder = node.spawn_run("vetted", &taken, &["sleep", "120"]);
+    let _holder = node.spawn_run("vetted", &taken, &["sleep", "600"]);
     let taken_ip = node.wait_endpoint("vetted", &taken).to_string();
     // Settled: `run` recorded its command's pid and the agent acknowledged the newest
     // state, so nothing but a bad command could change the store from here.
@@ -627,7 +627,7 @@ fn attach_and_detach_an_existing_namespace() {
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
     let peer_name = unique_name("peer");
-    let peer = nodes[1].spawn_run("net1", &peer_name, &["sleep", "120"]);
+    let peer = nodes[1].spawn_run("net1", &peer_name, &["sleep", "600"]);
     let peer_ip = nodes[1].wait_endpoint("net1", &peer_name);
 
     // A namespace made by someone else (a Docker or podman container stands for it).
@@ -797,8 +797,8 @@ fn tcp_between_hosts_set_up_only_by_agents_is_intact_both_ways() {
     nodes[0]
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
-    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
-    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
+    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "600"]);
+    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "600"]);
     let a_ip = nodes[0].wait_endpoint("net1", &a.netns["ovl-net1-".len()..]);
     let b_ip = nodes[1].wait_endpoint("net1", &b.netns["ovl-net1-".len()..]);
     for (from, to, to_ip, port, seed) in [(&a, &b, b_ip, 5101, 1), (&b, &a, a_ip, 5102, 2)] {
@@ -850,8 +850,8 @@ fn cluster_bind_moves_the_underlay_at_runtime() {
     nodes[0]
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
-    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
-    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
+    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "600"]);
+    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "600"]);
     let b_ip = nodes[0].wait_endpoint("net1", &b.netns["ovl-net1-".len()..]);
     nodes[0].wait_endpoint("net1", &a.netns["ovl-net1-".len()..]);
     assert!(in_container(&a, || net::ping_until_reply(
@@ -916,8 +916,8 @@ fn agents_ride_out_a_consul_restart() {
     nodes[0]
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
-    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
-    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
+    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "600"]);
+    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "600"]);
     let a_ip = nodes[0].wait_endpoint("net1", &a.netns["ovl-net1-".len()..]);
     let b_ip = nodes[0].wait_endpoint("net1", &b.netns["ovl-net1-".len()..]);
     assert!(in_container(&a, || net::ping_until_reply(

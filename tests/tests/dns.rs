@@ -459,7 +459,7 @@ fn run_containers_resolve_names_across_hosts_within_their_network() {
         .ok();
 
     let web_name = unique_name("web");
-    let web = nodes[1].spawn_run("net1", &web_name, &["sleep", "120"]);
+    let web = nodes[1].spawn_run("net1", &web_name, &["sleep", "600"]);
     let web_ip = nodes[1].wait_endpoint("net1", &web_name);
     nodes[0].wait_endpoint("net1", &web_name);
 
@@ -474,8 +474,8 @@ fn run_containers_resolve_names_across_hosts_within_their_network() {
         "the host's resolv.conf was changed"
     );
 
-    let client = nodes[0].spawn_run("net1", &unique_name("cli"), &["sleep", "120"]);
-    let stranger = nodes[0].spawn_run("net2", &unique_name("str"), &["sleep", "120"]);
+    let client = nodes[0].spawn_run("net1", &unique_name("cli"), &["sleep", "600"]);
+    let stranger = nodes[0].spawn_run("net2", &unique_name("str"), &["sleep", "600"]);
     let net1_dir = Path::new("/etc/netns").join(&client.netns);
     wait_until("the client's resolv.conf", Duration::from_secs(15), || {
         net1_dir.join("resolv.conf").exists()

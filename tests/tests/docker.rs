@@ -337,7 +337,7 @@ fn start_containers(hosts: &[DockerHost]) -> (String, String) {
 /// the gateway's responder, which knows the cluster's `run` containers on every host.
 fn check_names(nodes: &[Node], hosts: &[DockerHost]) {
     let name = unique_name("web");
-    let _web = nodes[1].spawn_run("net1", &name, &["sleep", "120"]);
+    let _web = nodes[1].spawn_run("net1", &name, &["sleep", "600"]);
     let ip = nodes[1].wait_endpoint("net1", &name);
     let out = hosts[0].docker(&[
         "run",

@@ -439,8 +439,8 @@ fn agent_world(create: &[&str]) -> AgentWorld {
     let mut args = vec!["network", "create", "net1", "10.100.0.0/24"];
     args.extend_from_slice(create);
     nodes[0].cli(&args).ok();
-    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
-    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
+    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "600"]);
+    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "600"]);
     AgentWorld {
         a,
         b,
@@ -569,7 +569,7 @@ fn agent_owns_only_its_table_keeps_it_without_rewrites_and_removes_it() {
 
     // Reconciles that change no network (a new container, a requested reconcile) leave
     // the table as it is: same handles.
-    let c = node.spawn_run("net1", &unique_name("c"), &["sleep", "120"]);
+    let c = node.spawn_run("net1", &unique_name("c"), &["sleep", "600"]);
     node.wait_endpoint("net1", &c.netns["ovl-net1-".len()..]);
     assert_eq!(listing(), before);
 

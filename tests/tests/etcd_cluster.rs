@@ -102,10 +102,10 @@ fn seed_walkthrough_on_etcd() {
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
     let web_name = unique_name("web");
-    let web = nodes[0].spawn_run("net1", &web_name, &["sleep", "120"]);
+    let web = nodes[0].spawn_run("net1", &web_name, &["sleep", "600"]);
     let web_ip = nodes[0].wait_endpoint("net1", &web_name);
     let db_name = unique_name("db");
-    let db = nodes[1].spawn_run("net1", &db_name, &["sleep", "120"]);
+    let db = nodes[1].spawn_run("net1", &db_name, &["sleep", "600"]);
     let db_ip = nodes[0].wait_endpoint("net1", &db_name);
     assert_eq!(web_ip, Ipv4Addr::new(10, 100, 0, 2));
     assert_eq!(db_ip, Ipv4Addr::new(10, 100, 0, 3));
@@ -298,7 +298,7 @@ fn a_killed_node_leaves_its_peers_within_the_lease_ttl() {
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
     let name = unique_name("c");
-    let _container = nodes[1].spawn_run("net1", &name, &["sleep", "120"]);
+    let _container = nodes[1].spawn_run("net1", &name, &["sleep", "600"]);
     nodes[1].wait_endpoint("net1", &name);
     for peer in [&nodes[0], &nodes[2]] {
         wait_until("peer knows the remote endpoint", JOIN, || {
@@ -405,7 +405,7 @@ fn bad_input_on_etcd_is_refused_with_one_line_and_no_change() {
     ])
     .ok();
     let taken = unique_name("t");
-    let _holder = node.spawn_run("vetted", &taken, &["sleep", "120"]);
+    let _holder = node.spawn_run("vetted", &taken, &["sleep", "600"]);
     let taken_ip = node.wait_endpoint("vetted", &taken).to_string();
     // Settled: the agent acknowledged the newest state (the revision of every other key).
     wait_until("the store to settle", Duration::from_secs(15), || {

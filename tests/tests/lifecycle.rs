@@ -492,9 +492,9 @@ fn endpoint_records_naming_interfaces_and_paths_touch_nothing() {
     nodes[0]
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
-    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
+    let a = nodes[0].spawn_run("net1", &unique_name("a"), &["sleep", "600"]);
     let b_name = unique_name("b");
-    let _b = nodes[1].spawn_run("net1", &b_name, &["sleep", "120"]);
+    let _b = nodes[1].spawn_run("net1", &b_name, &["sleep", "600"]);
     let b_ip = nodes[1].wait_endpoint("net1", &b_name);
     let ping_b = || {
         a.open_netns().is_some_and(|ns| {
@@ -752,7 +752,7 @@ fn a_store_restarted_empty_keeps_traffic_and_is_refilled() {
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
     let target_name = unique_name("tgt");
-    let _target = nodes[1].spawn_run("net1", &target_name, &["sleep", "120"]);
+    let _target = nodes[1].spawn_run("net1", &target_name, &["sleep", "600"]);
     let target_ip: Ipv4Addr = nodes[1].wait_endpoint("net1", &target_name);
     for node in &nodes {
         wait_until("the cluster id known", JOIN, || {
@@ -985,7 +985,7 @@ fn endpoints_from_before_local_records_are_adopted_not_dropped() {
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
     let name = unique_name("old");
-    let run = nodes[0].spawn_run("net1", &name, &["sleep", "120"]);
+    let run = nodes[0].spawn_run("net1", &name, &["sleep", "600"]);
     nodes[0].wait_endpoint("net1", &name);
     let record = record_path(&nodes[0], "net1", &name);
     assert!(record.exists());

@@ -72,8 +72,8 @@ fn the_next_hop_cache_follows_the_neighbour_table_within_a_second() {
     sender
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
-    let a = sender.spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
-    let b = receiver.spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
+    let a = sender.spawn_run("net1", &unique_name("a"), &["sleep", "600"]);
+    let b = receiver.spawn_run("net1", &unique_name("b"), &["sleep", "600"]);
     sender.wait_endpoint("net1", &a.netns["ovl-net1-".len()..]);
     let b_ip = receiver.wait_endpoint("net1", &b.netns["ovl-net1-".len()..]);
 

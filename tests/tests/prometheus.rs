@@ -120,9 +120,9 @@ fn prometheus_reports_exactly_the_traffic_sent() {
         || query(node, r#"up{job="overlay"}"#) == Some(1.0),
     );
 
-    let a = node.spawn_run("net1", &unique_name("a"), &["sleep", "120"]);
-    let other = node.spawn_run("net2", &unique_name("x"), &["sleep", "120"]);
-    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "120"]);
+    let a = node.spawn_run("net1", &unique_name("a"), &["sleep", "600"]);
+    let other = node.spawn_run("net2", &unique_name("x"), &["sleep", "600"]);
+    let b = nodes[1].spawn_run("net1", &unique_name("b"), &["sleep", "600"]);
     let a_ip = node.wait_endpoint("net1", &a.netns["ovl-net1-".len()..]);
     let b_ip = node.wait_endpoint("net1", &b.netns["ovl-net1-".len()..]);
     let x_ip = node.wait_endpoint("net2", &other.netns["ovl-net2-".len()..]);

@@ -112,8 +112,8 @@ fn the_port_chosen_at_bootstrap_and_changed_later_is_applied_by_every_agent() {
         .cli(&["network", "create", "net1", "10.100.0.0/24"])
         .ok();
     let (a_name, b_name) = (unique_name("a"), unique_name("b"));
-    let a = nodes[0].spawn_run("net1", &a_name, &["sleep", "120"]);
-    let b = nodes[1].spawn_run("net1", &b_name, &["sleep", "120"]);
+    let a = nodes[0].spawn_run("net1", &a_name, &["sleep", "600"]);
+    let b = nodes[1].spawn_run("net1", &b_name, &["sleep", "600"]);
     let a_ip = nodes[1].wait_endpoint("net1", &a_name);
     let b_ip = nodes[0].wait_endpoint("net1", &b_name);
     assert_pings_both_ways(&a, a_ip, &b, b_ip, "on 8472");
@@ -232,13 +232,17 @@ fn a_store_that_lost_its_data_gets_the_port_back_and_no_node_changes_port() {
     }
     for (node, offset) in nodes.iter().zip(log_offsets) {
         assert_eq!(applied_port(node), Some(8472), "{}", node.name);
-        let log = node.agent_log();
-        assert!(
-            log[offset..].contains("THE STORE HAS LOST THE CLUSTER'S DATA")
-                || log[offset..].contains("the store was restored"),
-            "{} said nothing about the store's loss",
-            node.name
+        // The node that restored the port noticed first; the other within a resync.
+        wait_until(
+            &format!("{} to notice the store's loss", node.name),
+            JOIN,
+            || {
+                let log = node.agent_log();
+                log[offset..].contains("THE STORE HAS LOST THE CLUSTER'S DATA")
+                    || log[offset..].contains("the store was restored")
+            },
         );
+        let log = node.agent_log();
         assert!(
             !log[offset..].contains("VXLAN port changed"),
             "{} changed its port while the store was empty:\n{}",

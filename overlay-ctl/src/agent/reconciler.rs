@@ -23,10 +23,7 @@ use super::{
     status::Forwarding,
     Agent, ReconcilerState,
 };
-use crate::store::{
-    backend::{KvBackend as _, KvPair},
-    identity,
-};
+use crate::store::{backend::KvBackend as _, identity};
 
 /// What one reconcile run did.
 #[derive(Clone, Debug, Default)]
@@ -130,7 +127,7 @@ impl Agent {
         match self.store.kv().list(self.store.prefix()).await {
             Ok(pairs) => {
                 self.consul_ok();
-                self.check_mirror_against(&pairs);
+                self.check_mirror_identity(identity::find(self.store.prefix(), &pairs));
                 let Some(state) = self.judge(&pairs) else {
                     return (false, false);
                 };
@@ -152,25 +149,50 @@ impl Agent {
     /// A store that came back without its data answers the feed's blocking queries (or
     /// watch) from indexes it has not reached yet only when they time out, so the
     /// watch's copy can keep the old cluster for minutes. Judged beside fresh reads, it
-    /// would flip the agent between the two identities. When a fresh read's cluster id
-    /// differs from the copy's, the copy is dropped and the feed reads the store again.
-    fn check_mirror_against(&self, fresh: &[KvPair]) {
-        let prefix = self.store.prefix();
-        let fresh_id = identity::find(prefix, fresh);
+    /// would flip the agent between the two identities. When the cluster id read fresh
+    /// (`fresh`) differs from the copy's, the copy is dropped and the feed reads the
+    /// store again. Returns whether they differed.
+    pub(super) fn check_mirror_identity(&self, fresh: Option<identity::ClusterId>) -> bool {
+        let key = identity::cluster_id_key(&self.store);
         let mut mirror = lock(&self.mirror);
         if !mirror.synced() {
-            return;
+            return false;
         }
-        let mirror_id = identity::find(prefix, mirror.pairs());
-        if fresh_id != mirror_id {
-            info!(
-                fresh = ?fresh_id.map(|id| id.incarnation),
-                followed = ?mirror_id.map(|id| id.incarnation),
-                "the store's identity changed under the watch: following it anew"
-            );
-            mirror.invalidate();
-            drop(mirror);
-            self.feed_stale.notify_one();
+        let followed: Option<identity::ClusterId> =
+            (mirror.get(&key)).and_then(|pair| serde_json::from_slice(&pair.value).ok());
+        if fresh == followed {
+            return false;
+        }
+        info!(
+            fresh = ?fresh.map(|id| id.incarnation),
+            followed = ?followed.map(|id| id.incarnation),
+            "the store's identity changed under the watch: following it anew"
+        );
+        mirror.invalidate();
+        drop(mirror);
+        self.feed_stale.notify_one();
+        true
+    }
+
+    /// Reads the one cluster-id key and checks the watch's copy against it (see
+    /// [`Agent::check_mirror_identity`]): a store restarted without its data is noticed
+    /// within one resync, at the cost of one small read, not a read of the whole store.
+    /// Returns whether the store's identity moved (an unreachable store: no).
+    pub(super) async fn store_identity_moved(&self) -> bool {
+        match self
+            .store
+            .kv()
+            .get(&identity::cluster_id_key(&self.store))
+            .await
+        {
+            Ok(pair) => {
+                let fresh = pair.and_then(|p| serde_json::from_slice(&p.value).ok());
+                self.check_mirror_identity(fresh)
+            }
+            Err(e) => {
+                debug!(error = %e, "cannot read the cluster id now");
+                false
+            }
         }
     }
 

@@ -233,7 +233,12 @@ impl Agent {
             );
             // The feed's first read counts as the first: the next one a full period later.
             // The other runs plan from the desired state, which the feed keeps current.
-            let from_store = !trusted || (tick + 1) % STORE_REREAD_EVERY == 0;
+            let mut from_store = !trusted || (tick + 1) % STORE_REREAD_EVERY == 0;
+            if !from_store {
+                // A store that came back without its data (or another cluster's) is
+                // judged now, from a fresh read, not at the next whole re-read.
+                from_store = self.store_identity_moved().await;
+            }
             // A failed run is logged and counted by `reconcile` itself.
             let _ = self.reconcile(from_store).await;
             release_freed_memory();
