@@ -997,7 +997,10 @@ fn endpoints_from_before_local_records_are_adopted_not_dropped() {
     std::fs::remove_file(&record).unwrap();
     nodes[0].start_agent(GC_ARGS);
     nodes[0].wait_registered(JOIN);
-    wait_until("the endpoint adopted", JOIN, || record.exists());
+    // A record is claimed empty (create-only), then filled in by a rename.
+    wait_until("the endpoint adopted", JOIN, || {
+        std::fs::metadata(&record).is_ok_and(|m| m.len() > 0)
+    });
     let adopted = std::fs::read_to_string(&record).unwrap();
     assert!(
         adopted.contains("\"kind\": \"run\"") && adopted.contains("\"command\": {"),

@@ -23,8 +23,6 @@ pub enum NetlinkError {
     NoIpv4(String),
     #[error("no IPv4 default route: pass the underlay interface explicitly (--iface)")]
     NoDefaultRoute,
-    #[error("the interface list changed during each of {0} dumps in a row")]
-    InconsistentDump(usize),
 }
 
 pub type Result<T, E = NetlinkError> = std::result::Result<T, E>;
@@ -102,53 +100,14 @@ pub async fn link_by_index(handle: &Handle, index: u32) -> Result<LinkInfo> {
     }
 }
 
-/// How many times a dump the kernel marked inconsistent is taken again.
-const DUMP_ATTEMPTS: usize = 5;
-
-/// Every interface of the namespace: a consistent dump, however many there are.
-///
-/// A dump comes in several parts when the links do not fit one message, and the kernel
-/// flags its messages `NLM_F_DUMP_INTR` when the namespace's links changed between two
-/// parts: such a dump may lack a link that existed all along (the kernel's netlink
-/// documentation, "dump consistency"), and an agent that took it at its word would
-/// detach a container or collect it as gone. So an interrupted dump is taken again;
-/// after [`DUMP_ATTEMPTS`] in a row it is an error.
+/// Every interface of the namespace (one dump, however many there are).
 pub async fn list_links(handle: &Handle) -> Result<Vec<LinkInfo>> {
-    for _ in 0..DUMP_ATTEMPTS {
-        if let Some(links) = dump_links(handle).await? {
-            return Ok(links);
-        }
-        tracing::debug!("the kernel flagged a link dump as interrupted: taking it again");
-    }
-    Err(NetlinkError::InconsistentDump(DUMP_ATTEMPTS))
-}
-
-/// One link dump; `None` when the kernel flagged it inconsistent.
-async fn dump_links(handle: &Handle) -> Result<Option<Vec<LinkInfo>>> {
-    use futures_util::StreamExt as _;
-    use netlink_packet_core::{
-        NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
-    };
-    use netlink_packet_route::RouteNetlinkMessage;
-
-    let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetLink(LinkMessage::default()));
-    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut replies = handle.clone().request(request)?;
+    let mut links = handle.link().get().execute();
     let mut out = Vec::new();
-    let mut interrupted = false;
-    while let Some(reply) = replies.next().await {
-        interrupted |= reply.header.flags & NLM_F_DUMP_INTR != 0;
-        match reply.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                out.push(link_info(&link));
-            }
-            NetlinkPayload::Error(e) => {
-                return Err(rtnetlink::Error::NetlinkError(e).into());
-            }
-            _ => {}
-        }
+    while let Some(message) = links.try_next().await? {
+        out.push(link_info(&message));
     }
-    Ok((!interrupted).then_some(out))
+    Ok(out)
 }
 
 /// The first IPv4 address on the link: the node's VTEP address.

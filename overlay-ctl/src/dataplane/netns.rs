@@ -62,9 +62,20 @@ impl NetNs {
         Self::open_path(name, Path::new(NETNS_RUN_DIR).join(name))
     }
 
-    /// Opens a namespace by path (`/run/netns/X`, `/proc/PID/ns/net`).
+    /// Opens a namespace by path (`/run/netns/X`, `/proc/PID/ns/net`). A file that is
+    /// not a namespace is `NotFound`: `/run/netns/X` is an empty file until the bind
+    /// mount of its namespace is in place (another process may be creating it right
+    /// now), and entering it would fail with a bare EINVAL.
     pub fn open_path(name: &str, path: PathBuf) -> io::Result<Self> {
         let file = File::open(&path)?;
+        let is_namespace = nix::sys::statfs::fstatfs(&file)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+        if !is_namespace {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not a network namespace (yet)", path.display()),
+            ));
+        }
         Ok(Self {
             name: name.to_string(),
             path,
