@@ -19,7 +19,7 @@
 use std::{
     fs, io,
     net::Ipv4Addr,
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -239,26 +239,20 @@ impl LocalState {
         self.ensure_dir()?;
         let path = self.dir.join(record.file_name());
         let data = serde_json::to_vec_pretty(record).unwrap_or_default();
-        // Claim the name with a create-only open, then fill it in atomically.
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&path)
-        {
-            Ok(file) => {
-                file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
-                    .map_err(Self::io("chmod", &path))?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(LocalStateError::Exists {
-                    network: record.network.clone(),
-                    id: record.id.clone(),
-                })
-            }
-            Err(e) => return Err(Self::io("create", &path)(e)),
+        // Written whole under a name of its own, then linked into place: the link is
+        // create-only, and no reader ever sees the record empty or half written.
+        let staged = path.with_extension(format!("new{}", std::process::id()));
+        write_private_file(&staged, &data).map_err(Self::io("write", &staged))?;
+        let linked = fs::hard_link(&staged, &path);
+        let _ = fs::remove_file(&staged);
+        match linked {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(LocalStateError::Exists {
+                network: record.network.clone(),
+                id: record.id.clone(),
+            }),
+            Err(e) => Err(Self::io("create", &path)(e)),
         }
-        write_private_file(&path, &data).map_err(Self::io("write", &path))
     }
 
     /// Replaces an existing record.
@@ -352,6 +346,9 @@ mod tests {
             state.create(&record),
             Err(LocalStateError::Exists { .. })
         ));
+        // Nothing staged is left beside the record, created or refused.
+        let files: Vec<_> = fs::read_dir(state.dir()).unwrap().flatten().collect();
+        assert_eq!(files.len(), 1, "{files:?}");
         record.ip = Some(Ipv4Addr::new(10, 0, 0, 2));
         state.update(&record).unwrap();
         assert_eq!(state.get("net1", "web"), Some(record.clone()));
