@@ -27,6 +27,12 @@ pub const ETCD_BINARY: &str = "/usr/bin/etcd";
 const HEARTBEAT_MS: u32 = 100;
 const ELECTION_MS: u32 = 1000;
 
+/// How long a whole cluster (three members started, or restarted, at once) gets to elect
+/// a leader. Alone it takes about a second; in two full test runs of 2026-12-03 on the
+/// shared 2-vCPU machine a cluster was not up after 30 s, its members silent after their
+/// first lines (the failure message now shows their process state to tell why).
+pub const WHOLE_CLUSTER_UP: Duration = Duration::from_secs(90);
+
 /// One member: its ports, data directory and process (when running).
 pub struct EtcdMember {
     pub name: String,
@@ -47,6 +53,19 @@ impl EtcdMember {
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// The member process as the kernel sees it (state and wait channel), for failure
+    /// messages: a member that logs nothing may be blocked (disk, lock) or not scheduled.
+    pub fn process_state(&self) -> String {
+        let Some(child) = &self.child else {
+            return "not running".to_string();
+        };
+        let pid = child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|r| r.split(' ').next());
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        format!("pid {pid}, state {}, wchan {wchan}", state.unwrap_or("?"))
     }
 
     /// The member's own log, for failure messages.
@@ -135,7 +154,7 @@ impl EtcdCluster {
         for i in 0..size {
             cluster.start_member(i);
         }
-        cluster.wait_healthy(Duration::from_secs(30)).await;
+        cluster.wait_healthy(WHOLE_CLUSTER_UP).await;
         cluster
     }
 
@@ -332,7 +351,14 @@ impl EtcdCluster {
                 let logs: Vec<String> = self
                     .members
                     .iter()
-                    .map(|m| format!("--- {} ---\n{}", m.name, m.log_tail()))
+                    .map(|m| {
+                        format!(
+                            "--- {} ({}) ---\n{}",
+                            m.name,
+                            m.process_state(),
+                            m.log_tail()
+                        )
+                    })
                     .collect();
                 panic!(
                     "etcd cluster not healthy after {timeout:?}\n{}",

@@ -35,7 +35,7 @@ fn start_etcd(underlay: &Underlay) -> EtcdCluster {
 fn wait_healthy(etcd: &EtcdCluster) -> usize {
     tokio::runtime::Runtime::new()
         .expect("a runtime")
-        .block_on(etcd.wait_healthy(Duration::from_secs(30)))
+        .block_on(etcd.wait_healthy(overlay_tests::etcd::WHOLE_CLUSTER_UP))
 }
 
 fn leader(etcd: &EtcdCluster) -> Option<usize> {
