@@ -442,3 +442,53 @@ async fn etcd_bytes_per_change_do_not_grow_with_the_cluster() {
         "a change costs more than a few entries: {per_change:?}"
     );
 }
+
+/// After `reread`, the next event is a snapshot of what the store holds now, and the
+/// feed follows on from it (what an agent does when a fresh read shows the store is not
+/// what its copy was taken from).
+async fn reread_starts_over(store: &Store, feed: &mut StoreFeed) {
+    let first = next_news(feed).await;
+    assert!(snapshot_keys(&first).contains(&key("nodes/n1")));
+    store
+        .kv()
+        .put(&key("endpoints/net1/before"), b"b")
+        .await
+        .unwrap();
+    let keys: Vec<String> = (changes_of(next_news(feed).await).iter())
+        .map(|c| c.key().to_string())
+        .collect();
+    assert_eq!(keys, [key("endpoints/net1/before")]);
+    feed.reread("the test says so");
+    let keys = snapshot_keys(&next_news(feed).await);
+    assert!(keys.contains(&key("endpoints/net1/before")), "{keys:?}");
+    assert!(keys.contains(&key("nodes/n1")), "{keys:?}");
+    store
+        .kv()
+        .put(&key("endpoints/net1/after"), b"a")
+        .await
+        .unwrap();
+    let keys: Vec<String> = (changes_of(next_news(feed).await).iter())
+        .map(|c| c.key().to_string())
+        .collect();
+    assert_eq!(keys, [key("endpoints/net1/after")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_feed_reread_starts_over_from_a_snapshot() {
+    let (server, _raw, store) = dev().await;
+    let mut feed = StoreFeed::new(feed_client(&server), PREFIX, QUIET);
+    reread_starts_over(&store, &mut feed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_feed_reread_starts_over_from_a_snapshot() {
+    let cluster = EtcdCluster::start(1).await;
+    let store = Store::etcd(cluster.member_client(0).await, PREFIX);
+    seed(&store).await;
+    let mut feed = StoreFeed::new(
+        StoreBackend::Etcd(cluster.member_client(0).await),
+        PREFIX,
+        QUIET,
+    );
+    reread_starts_over(&store, &mut feed).await;
+}

@@ -100,8 +100,7 @@ impl Mirror {
     /// what this copy was taken from (until then nothing is judged from it, and the
     /// changes that arrive are dropped: the snapshot covers them).
     pub fn invalidate(&mut self) {
-        self.records.clear();
-        self.claims = HashMap::new();
+        self.replace(Vec::new());
         self.synced = false;
     }
 

@@ -158,8 +158,7 @@ impl Agent {
         if !mirror.synced() {
             return false;
         }
-        let followed: Option<identity::ClusterId> =
-            (mirror.get(&key)).and_then(|pair| serde_json::from_slice(&pair.value).ok());
+        let followed = identity::find(self.store.prefix(), mirror.get(&key));
         if fresh == followed {
             return false;
         }
@@ -185,10 +184,7 @@ impl Agent {
             .get(&identity::cluster_id_key(&self.store))
             .await
         {
-            Ok(pair) => {
-                let fresh = pair.and_then(|p| serde_json::from_slice(&p.value).ok());
-                self.check_mirror_identity(fresh)
-            }
+            Ok(pair) => self.check_mirror_identity(identity::find(self.store.prefix(), &pair)),
             Err(e) => {
                 debug!(error = %e, "cannot read the cluster id now");
                 false

@@ -114,6 +114,14 @@ impl PrefixWatch {
         self.revision
     }
 
+    /// Starts over: the next update is a snapshot from a fresh read of the range, and
+    /// the watch follows from its revision (the revision held so far is dropped).
+    pub fn restart(&mut self) {
+        let reconnects = self.reconnects;
+        *self = Self::resume_range(self.client.clone(), self.range.clone(), 0);
+        self.reconnects = reconnects;
+    }
+
     /// How many times the watch stream was reopened after breaking.
     pub fn reconnects(&self) -> u64 {
         self.reconnects

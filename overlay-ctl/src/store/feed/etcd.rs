@@ -28,8 +28,6 @@ pub(super) fn followed_range(prefix: &str) -> KeyRange {
 
 #[derive(Debug)]
 pub(super) struct EtcdFeed {
-    client: EtcdClient,
-    range: KeyRange,
     watch: PrefixWatch,
     wait: Duration,
     /// An update taken while merging a batch that could not join it (a snapshot, an
@@ -39,11 +37,8 @@ pub(super) struct EtcdFeed {
 
 impl EtcdFeed {
     pub(super) fn new(client: EtcdClient, prefix: &str, wait: Duration) -> Self {
-        let range = followed_range(prefix);
         Self {
-            watch: PrefixWatch::over(client.clone(), range.clone()),
-            client,
-            range,
+            watch: PrefixWatch::over(client, followed_range(prefix)),
             wait,
             held: None,
         }
@@ -54,7 +49,7 @@ impl EtcdFeed {
     /// answers a watch from the future with silence, not an error).
     pub(super) fn reread(&mut self, reason: &str) {
         tracing::info!(%reason, "re-reading the cluster state");
-        self.watch = PrefixWatch::over(self.client.clone(), self.range.clone());
+        self.watch.restart();
         self.held = None;
     }
 
