@@ -88,8 +88,13 @@ pub fn spawn_in(netns: &Path, command: &mut Command) -> Child {
     child
 }
 
+/// Signals `child` unless it was already waited for: the PID of a reaped child may
+/// belong to any other process by now (a child that exited but was not reaped keeps its
+/// PID until it is).
 fn kill(child: &mut Child, signal: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+    }
 }
 
 /// Waits for `child` to exit, up to `timeout`.

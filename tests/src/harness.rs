@@ -158,7 +158,10 @@ pub fn block_on<R>(f: impl std::future::Future<Output = R>) -> R {
         .block_on(f)
 }
 
-/// SIGKILLs every process whose command line contains `dir` (unique to one test).
+/// SIGKILLs every process whose command line names `dir` (unique to one test) or a
+/// path under it. A bare substring match is not enough: unique names share prefixes
+/// (`…x2` is the start of `…x27`), and one test's clean-up killed another test's etcd
+/// member that way (seen as a leader turned zombie, with nothing in its log).
 pub fn kill_processes_naming(dir: &Path) {
     let needle = dir.display().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -173,13 +176,23 @@ pub fn kill_processes_naming(dir: &Path) {
             continue;
         };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+        if names_path(&String::from_utf8_lossy(&cmdline), &needle) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
     }
+}
+
+/// Whether `cmdline` (arguments NUL-separated) names `dir` itself or a path under it.
+fn names_path(cmdline: &str, dir: &str) -> bool {
+    cmdline.match_indices(dir).any(|(at, _)| {
+        matches!(
+            cmdline[at + dir.len()..].chars().next(),
+            None | Some('/' | '\0')
+        )
+    })
 }
 
 /// Asserts that a command exited 0, showing its output otherwise.
@@ -191,4 +204,18 @@ pub fn assert_ok(what: &str, out: &Output) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_path;
+
+    #[test]
+    fn a_directory_is_named_whole_not_as_the_prefix_of_another() {
+        let cmdline = "etcd\0--data-dir\0/tmp/overlay-etcd-1x27/m0.data\0";
+        assert!(names_path(cmdline, "/tmp/overlay-etcd-1x27"));
+        assert!(!names_path(cmdline, "/tmp/overlay-etcd-1x2"));
+        assert!(names_path("dockerd\0--root\0/tmp/d-1x2", "/tmp/d-1x2"));
+        assert!(names_path("x\0/tmp/d-1x2\0y", "/tmp/d-1x2"));
+    }
 }
