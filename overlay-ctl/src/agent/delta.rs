@@ -4,8 +4,16 @@
 //! networks), and only their ENDPOINTS entries are written. The cost of a change is the
 //! change (and the networks), never the cluster's other endpoints.
 //!
-//! What only the full path can judge (a network, node or config change, an endpoint this
-//! node created, a store that is not trusted, names served for a touched network) is
+//! A change to another node's record (a node joining, leaving, re-registering) is
+//! applied here too: the node records are judged again (hundreds at most), and only the
+//! VTEPs and the entries of endpoints on a node that joined, left or moved are written.
+//! When a hundred nodes start at once, every other agent sees a hundred joins: judging
+//! the whole cluster for each made a cluster's reboot cost every agent a hundred full
+//! judgements, and the load that caused starved the renewals of the nodes already up.
+//!
+//! What only the full path can judge (a network, config or VNI change, this node's own
+//! record, an endpoint this node created, a store that is not trusted, names served for
+//! a touched network) is
 //! left to it: [`Agent::apply_changes`] then answers [`DeltaOutcome::Full`]. A record
 //! naming this node that this node did not create (no local record: a leftover, another
 //! tool's write) gets no entry, as in the full plan, and is applied here.
@@ -15,7 +23,7 @@ use std::{
     time::Instant,
 };
 
-use overlay_common::EndpointKey;
+use overlay_common::{EndpointKey, VtepInfo};
 use tracing::{debug, warn};
 
 use super::{
@@ -27,7 +35,7 @@ use crate::{
     dataplane::{datapath::DatapathError, forwarding::ForwardingMaps, map_values},
     store::identity::Trust,
     store::records::{self, Rejection, View},
-    store::{ClusterState, Endpoint},
+    store::{backend::KvPair, ClusterState, Endpoint, Network, NodeInfo},
 };
 
 /// What [`Agent::apply_changes`] did.
@@ -82,25 +90,224 @@ pub(super) struct Placement {
 }
 
 impl Placement {
-    pub fn of(state: &ClusterState) -> Self {
+    pub fn new(networks: &[Network], nodes: &[NodeInfo]) -> Self {
         Self {
-            vni_of: (state.networks.iter())
-                .map(|n| (n.name.clone(), n.vni))
-                .collect(),
-            vtep_of: (state.nodes.iter())
-                .map(|n| (n.name.clone(), n.vtep))
-                .collect(),
+            vni_of: (networks.iter()).map(|n| (n.name.clone(), n.vni)).collect(),
+            vtep_of: (nodes.iter()).map(|n| (n.name.clone(), n.vtep)).collect(),
         }
     }
 }
 
-/// What [`write_addresses`] changed in the endpoint map.
+/// What the changes applied on their own found since the desired state was last set:
+/// `desired` with these in place is the full judgement of the mirror, so a resync plans
+/// from it without judging twenty thousand records again ([`Kept::applied_to`]).
+#[derive(Debug, Default)]
+pub(super) struct Kept {
+    /// The endpoints judged valid at every address the changes touched (none: the
+    /// address is free now).
+    pub endpoints: HashMap<Address, Vec<Endpoint>>,
+    /// The live nodes, when a change to node records was judged.
+    pub nodes: Option<Vec<NodeInfo>>,
+}
+
+impl Kept {
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty() && self.nodes.is_none()
+    }
+
+    /// Keeps, for every touched address, the endpoints judged valid there, over what
+    /// earlier batches found there.
+    pub fn note_endpoints_at(&mut self, addresses: &BTreeSet<Address>, valid: &[Endpoint]) {
+        for address in addresses {
+            let at = (valid.iter())
+                .filter(|e| e.network == address.0 && e.ip == address.1)
+                .cloned()
+                .collect();
+            self.endpoints.insert(address.clone(), at);
+        }
+    }
+
+    /// The live nodes now: the last judged, else `state`'s.
+    pub fn nodes<'a>(&'a self, state: &'a ClusterState) -> &'a [NodeInfo] {
+        self.nodes.as_deref().unwrap_or(&state.nodes)
+    }
+
+    /// The valid endpoints placed on one of `nodes` now (`state` with the kept endpoints
+    /// in place).
+    fn endpoints_on(&self, state: &ClusterState, nodes: &BTreeSet<&str>) -> Vec<Endpoint> {
+        let on = |e: &&Endpoint| nodes.contains(e.node.as_str());
+        let mut found: Vec<Endpoint> = (state.endpoints.iter())
+            .filter(on)
+            .filter(|e| !self.endpoints.contains_key(&(e.network.clone(), e.ip)))
+            .cloned()
+            .collect();
+        found.extend(self.endpoints.values().flatten().filter(on).cloned());
+        found
+    }
+
+    /// `state` with the kept endpoints and nodes in place: the full judgement of the
+    /// records, when `state` was the judgement before the changes and these are what
+    /// [`judge_batch`] found. Endpoint order is the judgement's, by (network, id).
+    pub fn applied_to(&self, state: &ClusterState) -> ClusterState {
+        let mut endpoints: Vec<Endpoint> = (state.endpoints.iter())
+            .filter(|e| !self.endpoints.contains_key(&(e.network.clone(), e.ip)))
+            .cloned()
+            .collect();
+        endpoints.extend(self.endpoints.values().flatten().cloned());
+        endpoints.sort_by(|a, b| (&a.network, &a.id).cmp(&(&b.network, &b.id)));
+        ClusterState {
+            networks: state.networks.clone(),
+            nodes: self.nodes(state).to_vec(),
+            endpoints,
+            vxlan_port: state.vxlan_port,
+        }
+    }
+}
+
+/// The node records judged again: all of them, as one VTEP's owner depends on the
+/// others (the oldest record keeps it).
+#[derive(Debug, Default)]
+pub(super) struct NodesJudged {
+    pub nodes: Vec<NodeInfo>,
+    pub rejected: Vec<Rejection>,
+    /// Every node key judged (the records now, and the ones the batch deleted).
+    pub keys: BTreeSet<String>,
+}
+
+/// Judges every node record of the mirror with the record rules of a full read.
+pub(super) fn judge_nodes(
+    mirror: &Mirror,
+    prefix: &str,
+    changed: &BTreeSet<String>,
+    view: View<'_>,
+) -> NodesJudged {
+    let pairs: Vec<&KvPair> = mirror.section_pairs("nodes").collect();
+    let mut keys: BTreeSet<String> = pairs.iter().map(|p| p.key.clone()).collect();
+    keys.extend(changed.iter().cloned());
+    let snapshot = records::parse_snapshot(prefix, pairs, view);
+    NodesJudged {
+        nodes: snapshot.state.nodes,
+        rejected: snapshot.rejected,
+        keys,
+    }
+}
+
+/// The nodes that joined, left, or are reached at another VTEP between `old` and `new`.
+fn moved_nodes<'a>(old: &'a [NodeInfo], new: &'a [NodeInfo]) -> BTreeSet<&'a str> {
+    let vteps = |nodes: &'a [NodeInfo]| -> BTreeMap<&'a str, Ipv4Addr> {
+        nodes.iter().map(|n| (n.name.as_str(), n.vtep)).collect()
+    };
+    let (old, new) = (vteps(old), vteps(new));
+    (old.keys().chain(new.keys()))
+        .filter(|name| old.get(*name) != new.get(*name))
+        .copied()
+        .collect()
+}
+
+/// One batch of changes judged: what to write into the maps.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    /// The addresses whose ENDPOINTS entries are rewritten: the touched ones, and every
+    /// address of an endpoint on a node that joined, left or moved.
+    pub addresses: BTreeSet<Address>,
+    /// The valid endpoints at `addresses`.
+    pub valid: Vec<Endpoint>,
+    pub placement: Placement,
+    /// The live nodes, when node records changed (the VTEPs map follows them).
+    pub nodes: Option<Vec<NodeInfo>>,
+    /// The rejections among `keys`.
+    pub rejected: Vec<Rejection>,
+    /// Every key judged again (their earlier rejections are replaced).
+    pub keys: BTreeSet<String>,
+}
+
+/// Judges a batch that [`Mirror::take_changes`] scoped: the touched addresses'
+/// claimants ([`judge_scope`]) and, when node records changed, every node record
+/// ([`judge_nodes`]). `desired` is the last full judgement and `kept` what the batches
+/// since found; `kept` is brought up to date with this one.
+pub(super) fn judge_batch(
+    mirror: &Mirror,
+    prefix: &str,
+    scope: &Scope,
+    view: View<'_>,
+    desired: &ClusterState,
+    kept: &mut Kept,
+) -> Batch {
+    let judged = judge_scope(mirror, prefix, scope, view);
+    kept.note_endpoints_at(&scope.addresses, &judged.endpoints);
+    let mut batch = Batch {
+        addresses: scope.addresses.clone(),
+        valid: judged.endpoints,
+        placement: Placement::default(),
+        nodes: None,
+        rejected: judged.rejected,
+        keys: judged.keys,
+    };
+    if !scope.nodes.is_empty() {
+        let nodes = judge_nodes(mirror, prefix, &scope.nodes, view);
+        let moved = moved_nodes(kept.nodes(desired), &nodes.nodes);
+        let on_moved = kept.endpoints_on(desired, &moved);
+        batch
+            .addresses
+            .extend(on_moved.iter().map(|e| (e.network.clone(), e.ip)));
+        batch.valid.extend(on_moved);
+        batch.rejected.extend(nodes.rejected);
+        batch.keys.extend(nodes.keys);
+        kept.nodes = Some(nodes.nodes.clone());
+        batch.nodes = Some(nodes.nodes);
+    }
+    batch.placement = Placement::new(&desired.networks, kept.nodes(desired));
+    batch
+}
+
+/// What [`write_batch`] changed in the maps.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Written {
     pub upserted: usize,
     pub removed: usize,
-    /// Entries added minus entries removed.
+    /// Endpoint entries added minus entries removed.
     pub net: isize,
+    /// VTEP entries written or removed.
+    pub vteps: usize,
+}
+
+/// Writes a judged batch: the VTEPs of the live nodes first (a node that joined is
+/// known before endpoints point at it), the touched endpoint entries, then the VTEPs of
+/// nodes gone. This node's VTEP is always a local one, as in the full plan.
+pub(super) fn write_batch(
+    maps: &mut dyn ForwardingMaps,
+    batch: &Batch,
+    node: &str,
+    vtep: Ipv4Addr,
+) -> Result<Written, DatapathError> {
+    let wanted: Option<BTreeMap<Ipv4Addr, VtepInfo>> = batch.nodes.as_ref().map(|nodes| {
+        let mut wanted: BTreeMap<Ipv4Addr, VtepInfo> = (nodes.iter())
+            .map(|n| (n.vtep, VtepInfo::remote()))
+            .collect();
+        wanted.insert(vtep, VtepInfo::local());
+        wanted
+    });
+    let have = match wanted {
+        Some(_) => maps.vteps()?,
+        None => BTreeMap::new(),
+    };
+    let mut vteps = 0;
+    for (address, info) in wanted.iter().flatten() {
+        if have.get(address) != Some(info) {
+            maps.upsert_vtep(*address, info)?;
+            vteps += 1;
+        }
+    }
+    let mut written =
+        write_addresses(maps, &batch.addresses, &batch.valid, &batch.placement, node)?;
+    if let Some(wanted) = &wanted {
+        for address in have.keys().filter(|a| !wanted.contains_key(*a)) {
+            maps.remove_vtep(*address)?;
+            vteps += 1;
+        }
+    }
+    written.vteps = vteps;
+    Ok(written)
 }
 
 /// Makes the ENDPOINTS entries of the touched addresses what the full plan would make
@@ -151,47 +358,9 @@ pub(super) fn write_addresses(
     Ok(written)
 }
 
-/// Keeps, for every touched address, the endpoints judged valid there (none: the
-/// address is free now), over what earlier batches found there.
-pub(super) fn note_endpoints_at(
-    changed: &mut HashMap<Address, Vec<Endpoint>>,
-    addresses: &BTreeSet<Address>,
-    valid: &[Endpoint],
-) {
-    for address in addresses {
-        let at = (valid.iter())
-            .filter(|e| e.network == address.0 && e.ip == address.1)
-            .cloned()
-            .collect();
-        changed.insert(address.clone(), at);
-    }
-}
-
-/// `state` with the endpoints at the addresses of `changed` replaced by the ones judged
-/// there: the full judgement of the records, when `state` was the judgement before the
-/// changes and `changed` what [`judge_scope`] found at every address they touched.
-/// Endpoint order is the judgement's, by (network, id).
-pub(super) fn with_endpoints_at(
-    state: &ClusterState,
-    changed: &HashMap<Address, Vec<Endpoint>>,
-) -> ClusterState {
-    let mut endpoints: Vec<Endpoint> = (state.endpoints.iter())
-        .filter(|e| !changed.contains_key(&(e.network.clone(), e.ip)))
-        .cloned()
-        .collect();
-    endpoints.extend(changed.values().flatten().cloned());
-    endpoints.sort_by(|a, b| (&a.network, &a.id).cmp(&(&b.network, &b.id)));
-    ClusterState {
-        networks: state.networks.clone(),
-        nodes: state.nodes.clone(),
-        endpoints,
-        vxlan_port: state.vxlan_port,
-    }
-}
-
 impl Agent {
     /// Applies a batch of changes that [`Mirror::take_changes`] found to touch only
-    /// endpoint and IPAM keys of other nodes; see the module documentation.
+    /// endpoint and IPAM keys and other nodes' records; see the module documentation.
     pub(super) async fn apply_changes(&self, scope: &Scope) -> DeltaOutcome {
         if scope.full {
             return DeltaOutcome::Full;
@@ -212,9 +381,10 @@ impl Agent {
             return DeltaOutcome::Full;
         }
         let vtep = self.vtep();
-        let (judged, placement, fresh) = {
+        let (batch, fresh) = {
             let mirror = lock(&self.mirror);
             let mut cluster = lock(&self.cluster);
+            let cluster = &mut *cluster;
             let Some(desired) = cluster.desired.as_ref() else {
                 return DeltaOutcome::Full;
             };
@@ -225,45 +395,44 @@ impl Agent {
                 // rebuilt by the full path.
                 return DeltaOutcome::Full;
             }
-            let placement = Placement::of(desired);
             let view = View::Node {
                 name: self.node(),
                 vtep,
                 links: &cluster.links,
             };
-            let judged = judge_scope(&mirror, self.store.prefix(), scope, view);
-            let fresh = (cluster.rejections).replace_keys(&judged.keys, judged.rejected.clone());
-            // Kept before the maps are written: if that fails, the full path that follows
-            // judges the mirror and sets `desired` afresh.
-            note_endpoints_at(
-                &mut cluster.endpoints_changed,
-                &scope.addresses,
-                &judged.endpoints,
+            // `kept` is brought up to date before the maps are written: if that fails,
+            // the full path that follows judges the mirror and sets `desired` afresh.
+            let batch = judge_batch(
+                &mirror,
+                self.store.prefix(),
+                scope,
+                view,
+                desired,
+                &mut cluster.kept,
             );
-            (judged, placement, fresh)
+            let fresh = (cluster.rejections).replace_keys(&batch.keys, batch.rejected.clone());
+            (batch, fresh)
         };
         let written = {
             let mut plane = lock(&self.plane);
             let Some(plane) = plane.datapath.as_mut() else {
                 return DeltaOutcome::Full;
             };
-            write_addresses(
-                plane.maps(),
-                &scope.addresses,
-                &judged.endpoints,
-                &placement,
-                self.node(),
-            )
+            write_batch(plane.maps(), &batch, self.node(), vtep)
         };
         self.report_rejections(&fresh);
         match written {
             Ok(written) => {
                 self.status.send_modify(|status| {
-                    let remote = &mut status.forwarding.remote_endpoints;
+                    let forwarding = &mut status.forwarding;
+                    let remote = &mut forwarding.remote_endpoints;
                     *remote = remote.saturating_add_signed(written.net);
+                    if let Some(nodes) = &batch.nodes {
+                        forwarding.members = nodes.len();
+                    }
                 });
                 self.metrics.record_reconcile(true, started.elapsed());
-                debug!(keys = scope.keys.len(), ?written, elapsed = ?started.elapsed(), "changes applied");
+                debug!(keys = scope.keys.len(), nodes = scope.nodes.len(), ?written, elapsed = ?started.elapsed(), "changes applied");
                 DeltaOutcome::Applied
             }
             Err(e) => {

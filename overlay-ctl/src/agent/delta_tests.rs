@@ -1,16 +1,17 @@
-//! The delta path against the full path: after every batch, the endpoint map written
-//! change by change equals the one planned from a full judgement of the same records.
+//! The delta path against the full path: after every batch, the endpoint and VTEP maps
+//! written change by change equal the ones planned from a full judgement of the same
+//! records, and so does the desired state kept.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     time::Instant,
 };
 
-use overlay_common::{EndpointKey, EndpointValue};
+use overlay_common::{EndpointKey, EndpointValue, VtepInfo};
 
 use super::*;
 use crate::{
-    agent::reconcile::{self, LocalNode},
+    agent::reconcile::{self, DesiredMaps, LocalNode},
     dataplane::forwarding::MemoryMaps,
     store::{backend::KvPair, feed::KvChange, ipam, records::RejectReason},
 };
@@ -98,22 +99,80 @@ fn view(links: &BTreeSet<String>) -> View<'_> {
     }
 }
 
-/// The endpoint map the full path plans for the mirror's records.
-fn planned(mirror: &Mirror) -> BTreeMap<EndpointKey, EndpointValue> {
+/// What the full path plans for the mirror's records: the endpoint and VTEP maps.
+fn planned_maps(mirror: &Mirror) -> DesiredMaps {
     let links = BTreeSet::new();
     let state = records::parse_snapshot(P, mirror.pairs(), view(&links)).state;
     let local = LocalNode {
         name: SELF.into(),
         vtep: SELF_VTEP,
     };
-    reconcile::plan(&state, &local, &BTreeMap::new())
-        .maps
-        .endpoints
+    reconcile::plan(&state, &local, &BTreeMap::new()).maps
+}
+
+/// The endpoint map the full path plans for the mirror's records.
+fn planned(mirror: &Mirror) -> BTreeMap<EndpointKey, EndpointValue> {
+    planned_maps(mirror).endpoints
+}
+
+/// A mirror, the maps the delta path writes, and the desired state it keeps.
+struct Fixture {
+    mirror: Mirror,
+    maps: MemoryMaps,
+    /// The full judgement the fixture started from.
+    desired: ClusterState,
+    kept: Kept,
+}
+
+impl Fixture {
+    /// Applies one batch on its own; returns what it judged.
+    fn apply(&mut self, changes: Vec<KvChange>) -> Batch {
+        let scope = self.mirror.take_changes(changes, SELF);
+        assert!(!scope.full, "{scope:?}");
+        let links = BTreeSet::new();
+        let batch = judge_batch(
+            &self.mirror,
+            P,
+            &scope,
+            view(&links),
+            &self.desired,
+            &mut self.kept,
+        );
+        write_batch(&mut self.maps, &batch, SELF, SELF_VTEP).unwrap();
+        batch
+    }
+
+    /// The endpoint map written.
+    fn endpoints(&mut self) -> BTreeMap<EndpointKey, EndpointValue> {
+        self.maps.endpoints().unwrap()
+    }
+
+    /// Asserts the maps written change by change are the ones the full path plans, and
+    /// the desired state kept is a full judgement of the records.
+    fn assert_as_planned(&mut self, after: &str) {
+        let planned = planned_maps(&self.mirror);
+        assert_eq!(
+            self.endpoints(),
+            planned.endpoints,
+            "endpoints after {after}"
+        );
+        assert_eq!(
+            self.maps.vteps().unwrap(),
+            planned.vteps,
+            "VTEPs after {after}"
+        );
+        let links = BTreeSet::new();
+        assert_eq!(
+            self.kept.applied_to(&self.desired),
+            records::parse_snapshot(P, self.mirror.pairs(), view(&links)).state,
+            "desired state after {after}"
+        );
+    }
 }
 
 /// A cluster of three live nodes (this one, `b` and `c`), network net1 and two remote
 /// endpoints, with its maps as the full path leaves them.
-fn cluster() -> (Mirror, MemoryMaps, Placement) {
+fn cluster() -> Fixture {
     let mut pairs = network("net1", "10.100.0.0/24", 7);
     pairs.extend([node(SELF, 1), node("b", 2), node("c", 3)]);
     pairs.extend(endpoint("e1", "10.100.0.2", "b"));
@@ -121,91 +180,83 @@ fn cluster() -> (Mirror, MemoryMaps, Placement) {
     let mut mirror = Mirror::new(P);
     mirror.replace(pairs);
     let mut maps = MemoryMaps::default();
-    for (key, value) in planned(&mirror) {
+    let planned = planned_maps(&mirror);
+    for (key, value) in planned.endpoints {
         maps.upsert_endpoint(key, &value).unwrap();
     }
+    for (vtep, info) in planned.vteps {
+        maps.upsert_vtep(vtep, &info).unwrap();
+    }
     let links = BTreeSet::new();
-    let state = records::parse_snapshot(P, mirror.pairs(), view(&links)).state;
-    (mirror, maps, Placement::of(&state))
-}
-
-/// Applies one batch on its own; returns what it judged.
-fn apply(
-    mirror: &mut Mirror,
-    maps: &mut MemoryMaps,
-    placement: &Placement,
-    changes: Vec<KvChange>,
-) -> Judged {
-    let scope = mirror.take_changes(changes, SELF);
-    assert!(!scope.full, "{scope:?}");
-    let links = BTreeSet::new();
-    let judged = judge_scope(mirror, P, &scope, view(&links));
-    write_addresses(maps, &scope.addresses, &judged.endpoints, placement, SELF).unwrap();
-    judged
+    let desired = records::parse_snapshot(P, mirror.pairs(), view(&links)).state;
+    Fixture {
+        mirror,
+        maps,
+        desired,
+        kept: Kept::default(),
+    }
 }
 
 fn key(last: u8) -> EndpointKey {
     EndpointKey::new(7, Ipv4Addr::new(10, 100, 0, last))
 }
 
+fn vtep(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, last)
+}
+
 #[test]
 fn a_new_endpoint_adds_only_its_entry() {
-    let (mut mirror, mut maps, placement) = cluster();
-    let judged = apply(
-        &mut mirror,
-        &mut maps,
-        &placement,
-        puts(endpoint("e3", "10.100.0.4", "b")),
-    );
-    assert!(judged.rejected.is_empty(), "{judged:?}");
-    let endpoints = maps.endpoints().unwrap();
+    let mut f = cluster();
+    let batch = f.apply(puts(endpoint("e3", "10.100.0.4", "b")));
+    assert!(batch.rejected.is_empty(), "{batch:?}");
+    let endpoints = f.endpoints();
     assert_eq!(endpoints.len(), 3);
     assert_eq!(
         endpoints[&key(4)],
         EndpointValue::remote(
-            Ipv4Addr::new(192, 0, 2, 2),
+            vtep(2),
             crate::dataplane::endpoint::mac_for(Ipv4Addr::new(10, 100, 0, 4))
         )
     );
-    assert_eq!(endpoints, planned(&mirror));
+    f.assert_as_planned("a new endpoint");
 }
 
 #[test]
 fn a_deleted_endpoint_removes_its_entry() {
-    let (mut mirror, mut maps, placement) = cluster();
-    let changes = vec![delete("endpoints/net1/e1"), delete("ipam/net1/10.100.0.2")];
-    apply(&mut mirror, &mut maps, &placement, changes);
-    let endpoints = maps.endpoints().unwrap();
+    let mut f = cluster();
+    f.apply(vec![
+        delete("endpoints/net1/e1"),
+        delete("ipam/net1/10.100.0.2"),
+    ]);
+    let endpoints = f.endpoints();
     assert!(!endpoints.contains_key(&key(2)));
     assert!(endpoints.contains_key(&key(3)));
-    assert_eq!(endpoints, planned(&mirror));
+    f.assert_as_planned("a deleted endpoint");
 }
 
 #[test]
 fn a_replaced_endpoint_moves_its_entry() {
-    let (mut mirror, mut maps, placement) = cluster();
+    let mut f = cluster();
     // e2 moves from .3 on node c to .9 on node b: new address, old address released.
     let mut changes = puts(endpoint("e2", "10.100.0.9", "b"));
     changes.push(delete("ipam/net1/10.100.0.3"));
-    apply(&mut mirror, &mut maps, &placement, changes);
-    let endpoints = maps.endpoints().unwrap();
+    f.apply(changes);
+    let endpoints = f.endpoints();
     assert!(!endpoints.contains_key(&key(3)));
-    assert_eq!(
-        endpoints[&key(9)].vtep,
-        overlay_common::ip_to_map(Ipv4Addr::new(192, 0, 2, 2))
-    );
-    assert_eq!(endpoints, planned(&mirror));
+    assert_eq!(endpoints[&key(9)].vtep, overlay_common::ip_to_map(vtep(2)));
+    f.assert_as_planned("a moved endpoint");
 }
 
 #[test]
 fn an_invalid_changed_record_is_rejected_and_changes_nothing() {
-    let (mut mirror, mut maps, placement) = cluster();
-    let before = maps.endpoints().unwrap();
+    let mut f = cluster();
+    let before = f.endpoints();
     // A second claim on e1's address (its IPAM key names e1), and a malformed record.
     let mut changes = puts(vec![endpoint_record("thief", "10.100.0.2", "c")]);
     changes.push(KvChange::Put(pair("endpoints/net1/junk", "{", None)));
-    let judged = apply(&mut mirror, &mut maps, &placement, changes);
-    let reasons: BTreeMap<&str, RejectReason> = (judged.rejected.iter())
+    let batch = f.apply(changes);
+    let reasons: BTreeMap<&str, RejectReason> = (batch.rejected.iter())
         .map(|r| (r.key.as_str(), r.reason))
         .collect();
     assert_eq!(
@@ -218,58 +269,117 @@ fn an_invalid_changed_record_is_rejected_and_changes_nothing() {
             ),
         ])
     );
-    assert_eq!(maps.endpoints().unwrap(), before, "e1 keeps its address");
-    assert_eq!(before, planned(&mirror));
+    assert_eq!(f.endpoints(), before, "e1 keeps its address");
+    f.assert_as_planned("a second claim");
 
     // The thief gone, nothing is rejected at that address any more.
-    let judged = apply(
-        &mut mirror,
-        &mut maps,
-        &placement,
-        vec![delete("endpoints/net1/thief")],
-    );
-    assert!(judged.rejected.is_empty(), "{judged:?}");
-    assert!(judged.keys.contains("overlay/endpoints/net1/thief"));
+    let batch = f.apply(vec![delete("endpoints/net1/thief")]);
+    assert!(batch.rejected.is_empty(), "{batch:?}");
+    assert!(batch.keys.contains("overlay/endpoints/net1/thief"));
 }
 
 #[test]
 fn an_endpoint_of_an_unknown_network_is_rejected() {
-    let (mut mirror, mut maps, placement) = cluster();
+    let mut f = cluster();
     let mut record = endpoint_record("lost", "10.9.0.2", "b");
     record.key = format!("{P}endpoints/net9/lost");
-    let judged = apply(&mut mirror, &mut maps, &placement, puts(vec![record]));
-    assert_eq!(judged.rejected.len(), 1, "{judged:?}");
-    assert_eq!(maps.endpoints().unwrap(), planned(&mirror));
+    let batch = f.apply(puts(vec![record]));
+    assert_eq!(batch.rejected.len(), 1, "{batch:?}");
+    f.assert_as_planned("an endpoint of no network");
+}
+
+#[test]
+fn a_node_that_leaves_takes_its_entries_and_vtep_with_it() {
+    let mut f = cluster();
+    let batch = f.apply(vec![delete("nodes/c")]);
+    assert_eq!(batch.nodes.as_ref().map(Vec::len), Some(2));
+    let endpoints = f.endpoints();
+    assert!(!endpoints.contains_key(&key(3)), "e2 was on c");
+    assert!(endpoints.contains_key(&key(2)), "e1 is on b");
+    assert!(!f.maps.vteps().unwrap().contains_key(&vtep(3)));
+    f.assert_as_planned("a node left");
+
+    // Back (its session renewed after an outage): its endpoint is reached again.
+    f.apply(puts(vec![node("c", 3)]));
+    assert_eq!(
+        f.endpoints()[&key(3)].vtep,
+        overlay_common::ip_to_map(vtep(3))
+    );
+    f.assert_as_planned("the node came back");
+}
+
+#[test]
+fn a_node_that_joins_is_a_vtep_and_its_endpoints_follow() {
+    let mut f = cluster();
+    // An endpoint written before its node's record (the node's registration was slow).
+    f.apply(puts(endpoint("early", "10.100.0.5", "d")));
+    assert!(!f.endpoints().contains_key(&key(5)), "node d is not live");
+    f.assert_as_planned("an endpoint on no live node");
+    f.apply(puts(vec![node("d", 4)]));
+    assert_eq!(
+        f.endpoints()[&key(5)].vtep,
+        overlay_common::ip_to_map(vtep(4))
+    );
+    assert_eq!(f.maps.vteps().unwrap()[&vtep(4)], VtepInfo::remote());
+    f.assert_as_planned("node d joined");
+}
+
+#[test]
+fn a_node_at_a_new_vtep_moves_its_entries_and_a_taken_vtep_is_refused() {
+    let mut f = cluster();
+    f.apply(puts(vec![node("b", 9)]));
+    assert_eq!(
+        f.endpoints()[&key(2)].vtep,
+        overlay_common::ip_to_map(vtep(9))
+    );
+    f.assert_as_planned("node b moved");
+
+    // A younger record claiming c's VTEP, and one claiming this node's: both refused.
+    let mut thief = node("thief", 3);
+    thief.create_index = 5;
+    let mut impostor = node("impostor", 1);
+    impostor.create_index = 6;
+    let batch = f.apply(puts(vec![thief, impostor]));
+    let reasons: BTreeMap<&str, RejectReason> = (batch.rejected.iter())
+        .map(|r| (r.key.as_str(), r.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        BTreeMap::from([
+            ("overlay/nodes/impostor", RejectReason::DuplicateVtep),
+            ("overlay/nodes/thief", RejectReason::DuplicateVtep),
+        ])
+    );
+    assert_eq!(f.maps.vteps().unwrap()[&SELF_VTEP], VtepInfo::local());
+    f.assert_as_planned("two nodes claiming taken VTEPs");
 }
 
 #[test]
 fn what_only_the_full_path_can_judge_says_so() {
     let cases: Vec<(&str, Vec<KvChange>)> = vec![
         ("a network", puts(network("net2", "10.200.0.0/24", 8))),
-        ("a node", vec![delete("nodes/c")]),
+        ("this node's own record", puts(vec![node(SELF, 9)])),
+        ("a VNI claim", vec![delete("vni/7")]),
         (
             "the vxlan port",
             puts(vec![pair("config/vxlan-port", "8472", None)]),
         ),
     ];
     for (what, changes) in cases {
-        let (mut mirror, _, _) = cluster();
-        assert!(mirror.take_changes(changes, SELF).full, "{what}");
+        let mut f = cluster();
+        assert!(f.mirror.take_changes(changes, SELF).full, "{what}");
     }
 }
 
 #[test]
 fn the_desired_state_kept_by_changes_equals_a_full_judgement() {
-    let (mut mirror, mut maps, placement) = cluster();
-    let links = BTreeSet::new();
-    let judged_in_full =
-        |mirror: &Mirror| records::parse_snapshot(P, mirror.pairs(), view(&links)).state;
-    let desired = judged_in_full(&mirror);
-    let mut changed = HashMap::new();
+    let mut f = cluster();
     let mut thief = puts(vec![endpoint_record("thief", "10.100.0.2", "c")]);
     thief.push(KvChange::Put(pair("endpoints/net1/junk", "{", None)));
     let mut moved = puts(endpoint("e2", "10.100.0.9", "b"));
     moved.push(delete("ipam/net1/10.100.0.3"));
+    let mut joined_with_endpoint = puts(vec![node("d", 4)]);
+    joined_with_endpoint.extend(puts(endpoint("e4", "10.100.0.10", "d")));
     let batches = vec![
         ("a new endpoint", puts(endpoint("e3", "10.100.0.4", "b"))),
         ("a second claim and a malformed record", thief),
@@ -290,39 +400,36 @@ fn the_desired_state_kept_by_changes_equals_a_full_judgement() {
             "the first endpoint back",
             puts(endpoint("e1", "10.100.0.2", "c")),
         ),
+        ("a node left", vec![delete("nodes/c")]),
+        ("a node joined with an endpoint", joined_with_endpoint),
+        ("a node at a new VTEP", puts(vec![node("b", 9)])),
+        ("a node back", puts(vec![node("c", 3)])),
+        (
+            "an endpoint deleted with its node",
+            vec![
+                delete("nodes/d"),
+                delete("endpoints/net1/e4"),
+                delete("ipam/net1/10.100.0.10"),
+            ],
+        ),
     ];
     for (what, changes) in batches {
-        let scope = mirror.take_changes(changes, SELF);
-        assert!(!scope.full, "{what}: {scope:?}");
-        let judged = judge_scope(&mirror, P, &scope, view(&links));
-        write_addresses(
-            &mut maps,
-            &scope.addresses,
-            &judged.endpoints,
-            &placement,
-            SELF,
-        )
-        .unwrap();
-        note_endpoints_at(&mut changed, &scope.addresses, &judged.endpoints);
-        assert_eq!(
-            with_endpoints_at(&desired, &changed),
-            judged_in_full(&mirror),
-            "after {what}"
-        );
+        f.apply(changes);
+        f.assert_as_planned(what);
     }
 }
 
 #[test]
 fn an_invalidated_mirror_judges_nothing_until_its_next_snapshot() {
-    let (mut mirror, _, _) = cluster();
+    let Fixture { mut mirror, .. } = cluster();
     mirror.invalidate();
     assert!(!mirror.synced());
     assert_eq!(mirror.pairs().count(), 0);
     // Changes meant for the old copy are dropped: the snapshot that follows covers them.
     let scope = mirror.take_changes(puts(endpoint("e3", "10.100.0.4", "b")), SELF);
-    assert!(!scope.full && scope.keys.is_empty() && scope.addresses.is_empty());
+    assert!(scope.is_empty() && scope.addresses.is_empty());
     assert_eq!(mirror.pairs().count(), 0);
-    let (fresh, _, _) = cluster();
+    let fresh = cluster().mirror;
     mirror.replace(fresh.pairs().cloned().collect());
     assert!(mirror.synced());
     assert_eq!(planned(&mirror), planned(&fresh));
@@ -330,7 +437,7 @@ fn an_invalidated_mirror_judges_nothing_until_its_next_snapshot() {
 
 #[test]
 fn acknowledgements_and_other_unjudged_keys_are_not_changes() {
-    let (mut mirror, _, _) = cluster();
+    let mut mirror = cluster().mirror;
     let changes = puts(vec![
         pair("applied/b", "42", None),
         pair("journal/head", "7", None),
@@ -348,14 +455,14 @@ fn acknowledgements_and_other_unjudged_keys_are_not_changes() {
 #[ignore]
 fn cost_per_change_does_not_grow_with_the_cluster() {
     for size in [2_000u32, 20_000] {
-        let (mut mirror, mut maps, placement) = cluster();
+        let mut f = cluster();
         let mut pairs = Vec::new();
         for i in 0..size {
             let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + 10 + i);
             pairs.extend(endpoint(&format!("s{i}"), &ip.to_string(), "b"));
         }
         // A /24 holds only 256 addresses: the rest are rejected, which costs the same.
-        let _ = apply(&mut mirror, &mut maps, &placement, puts(pairs));
+        let _ = f.apply(puts(pairs));
         let rounds = 2_000;
         let started = Instant::now();
         for i in 0..rounds {
@@ -367,16 +474,28 @@ fn cost_per_change_does_not_grow_with_the_cluster() {
                     delete("ipam/net1/10.100.0.250"),
                 ]
             };
-            apply(&mut mirror, &mut maps, &placement, changes);
+            f.apply(changes);
         }
         let per_change = started.elapsed() / rounds;
-        println!("{per_change:?} per change (judge + write) at {size} endpoint records");
+        let started = Instant::now();
+        for i in 0..rounds {
+            let changes = if i % 2 == 0 {
+                puts(vec![node("joiner", 200)])
+            } else {
+                vec![delete("nodes/joiner")]
+            };
+            f.apply(changes);
+        }
+        let per_node = started.elapsed() / rounds;
+        println!(
+            "{per_change:?} per endpoint change, {per_node:?} per node join or leave (judge + write) at {size} endpoint records"
+        );
     }
 }
 
 #[test]
 fn records_naming_this_node_are_listed_as_its_own() {
-    let (mut mirror, _, _) = cluster();
+    let mut mirror = cluster().mirror;
     let scope = mirror.take_changes(puts(endpoint("mine", "10.100.0.7", SELF)), SELF);
     assert!(!scope.full, "{scope:?}");
     assert_eq!(
@@ -394,21 +513,78 @@ fn records_naming_this_node_are_listed_as_its_own() {
 
 #[test]
 fn a_record_naming_this_node_that_it_did_not_create_gets_no_entry() {
-    let (mut mirror, mut maps, placement) = cluster();
-    apply(
-        &mut mirror,
-        &mut maps,
-        &placement,
-        puts(endpoint("stray", "10.100.0.7", SELF)),
-    );
-    assert_eq!(maps.endpoint(key(7)).unwrap(), None);
+    let mut f = cluster();
+    f.apply(puts(endpoint("stray", "10.100.0.7", SELF)));
+    assert_eq!(f.maps.endpoint(key(7)).unwrap(), None);
     // A remote endpoint whose record now names this node loses its remote entry.
-    apply(
-        &mut mirror,
-        &mut maps,
-        &placement,
-        puts(vec![endpoint_record("e1", "10.100.0.2", SELF)]),
-    );
-    assert_eq!(maps.endpoint(key(2)).unwrap(), None);
-    assert_eq!(maps.endpoints().unwrap(), planned(&mirror));
+    f.apply(puts(vec![endpoint_record("e1", "10.100.0.2", SELF)]));
+    assert_eq!(f.maps.endpoint(key(2)).unwrap(), None);
+    f.assert_as_planned("records naming this node");
+}
+
+/// What a resync's stages cost at 20,000 endpoints on 100 nodes: run with `--ignored
+/// --nocapture` in a release build.
+#[test]
+#[ignore]
+fn resync_stages_at_twenty_thousand_endpoints() {
+    let mut pairs = network("net1", "10.96.0.0/12", 7);
+    pairs.push(node(SELF, 1));
+    for n in 0..100u32 {
+        pairs.push(pair(
+            &format!("nodes/n{n}"),
+            &format!(
+                r#"{{"name":"n{n}","vtep":"198.18.1.{}","iface":"eth0"}}"#,
+                n + 1
+            ),
+            Some("s"),
+        ));
+    }
+    for i in 0..20_000u32 {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 1, 0)) + i);
+        pairs.extend(endpoint(
+            &format!("e{i}"),
+            &ip.to_string(),
+            &format!("n{}", i % 100),
+        ));
+    }
+    let mut mirror = Mirror::new(P);
+    mirror.replace(pairs);
+    let links = BTreeSet::new();
+    let time = |what: &str, f: &mut dyn FnMut()| {
+        let started = Instant::now();
+        for _ in 0..10 {
+            f();
+        }
+        println!("{what}: {:?}", started.elapsed() / 10);
+    };
+    let mut desired = ClusterState::default();
+    time("judge the mirror", &mut || {
+        desired = records::parse_snapshot(P, mirror.pairs(), view(&links)).state;
+    });
+    assert_eq!(desired.endpoints.len(), 20_000);
+    let mut kept = Kept::default();
+    let scope = mirror.take_changes(vec![delete("nodes/n7")], SELF);
+    judge_batch(&mirror, P, &scope, view(&links), &desired, &mut kept);
+    let mut current = ClusterState::default();
+    time("kept applied to the desired state", &mut || {
+        current = kept.applied_to(&desired);
+    });
+    time("clone the state", &mut || {
+        current = desired.clone();
+    });
+    let local = LocalNode {
+        name: SELF.into(),
+        vtep: SELF_VTEP,
+    };
+    let mut plan = reconcile::Plan::default();
+    time("plan", &mut || {
+        plan = reconcile::plan(&current, &local, &BTreeMap::new());
+    });
+    let mut maps = MemoryMaps::default();
+    time("apply (the maps already hold it)", &mut || {
+        crate::agent::apply::apply(&mut maps, &plan.maps, &BTreeMap::new()).unwrap();
+    });
+    time("malloc_trim", &mut || unsafe {
+        libc::malloc_trim(0);
+    });
 }

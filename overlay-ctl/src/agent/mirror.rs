@@ -3,8 +3,8 @@
 //! it (never from a new read of the store). Besides the records it keeps the one index a
 //! changed endpoint needs to be judged on its own: which endpoint records claim each
 //! (network, address), so that the one-endpoint-per-address rule is applied to that
-//! address's claimants only ([`Mirror::take_changes`] says which addresses a batch
-//! touched, or that it needs the full path).
+//! address's claimants only ([`Mirror::take_changes`] says which addresses and node
+//! records a batch touched, or that it needs the full path).
 use std::{
     borrow::Borrow,
     collections::{BTreeSet, HashMap},
@@ -57,8 +57,8 @@ struct Claim {
 /// What a batch of changes touched.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Scope {
-    /// Something only the full path can judge (a network, node or config key, an
-    /// unknown section).
+    /// Something only the full path can judge (a network, config or VNI key, this
+    /// node's own node record).
     pub full: bool,
     /// The (network, id) of records naming this node that the batch touched: the full
     /// path judges them when this node created them (it forwards for its own containers
@@ -69,6 +69,15 @@ pub(super) struct Scope {
     pub addresses: BTreeSet<Address>,
     /// Every endpoint and IPAM key the batch changed.
     pub keys: BTreeSet<String>,
+    /// Every record of another node the batch changed (joined, left, re-registered).
+    pub nodes: BTreeSet<String>,
+}
+
+impl Scope {
+    /// Whether the batch changed nothing an agent applies.
+    pub fn is_empty(&self) -> bool {
+        !self.full && self.keys.is_empty() && self.nodes.is_empty()
+    }
 }
 
 /// See the module documentation.
@@ -147,6 +156,10 @@ impl Mirror {
                         scope.addresses.insert(address);
                     }
                     scope.keys.insert(key);
+                }
+                // This node's own record: its registration, judged with its identity.
+                "nodes" if key != self.keys.node(node) => {
+                    scope.nodes.insert(key);
                 }
                 _ => scope.full = true,
             }

@@ -52,7 +52,7 @@ pub mod status;
 mod watch;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     io,
     net::Ipv4Addr,
     path::PathBuf,
@@ -77,7 +77,7 @@ use crate::{
     dataplane::netlink::{LinkInfo, NetlinkError},
     dataplane::underlay::{DecapMode, HostChange, UnderlaySetup},
     store::identity::Identity,
-    store::{Endpoint, Store},
+    store::Store,
 };
 
 /// Consul's own minimum session TTL (`session_ttl_min`).
@@ -183,11 +183,9 @@ struct ClusterView {
     links: BTreeSet<String>,
     /// The store records rejected now (each is logged once while it lasts).
     rejections: rejections::Rejections,
-    /// The endpoints judged at the addresses that changes applied on their own
-    /// ([`delta`]) touched since `desired` was set: `desired` with these in place is the
-    /// full judgement of the mirror, so a resync plans from it without judging twenty
-    /// thousand records again ([`delta::with_endpoints_at`]).
-    endpoints_changed: HashMap<mirror::Address, Vec<Endpoint>>,
+    /// What the changes applied on their own ([`delta`]) found since `desired` was set:
+    /// `desired` with it in place is the full judgement of the mirror.
+    kept: delta::Kept,
     /// The networks with an endpoint of this node in `desired` (their names are served).
     local_networks: BTreeSet<String>,
 }
@@ -195,7 +193,7 @@ struct ClusterView {
 impl ClusterView {
     /// Keeps `state` as the desired one; returns whether it differs from the last.
     fn set_desired(&mut self, state: Arc<ClusterState>, node: &str) -> bool {
-        self.endpoints_changed.clear();
+        self.kept = delta::Kept::default();
         let changed = self.desired.as_deref() != Some(&*state);
         if changed {
             self.local_networks = (state.local_endpoints(node))

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use super::{
     apply::{self, ApplyReport},
     control::ReconcileStatus,
-    delta, gc,
+    gc,
     local_state::LocalEndpoint,
     lock,
     reconcile::{self, ClusterState, HostVeth, LocalNode, Plan},
@@ -196,11 +196,12 @@ impl Agent {
     async fn apply_desired(&self, state: &mut ReconcilerState) -> Result<Pass, String> {
         {
             // Changes applied on their own since the last full judgement: their endpoints
-            // take their places in the desired state (no judgement of the whole mirror).
+            // and nodes take their places in the desired state (no judgement of the whole
+            // mirror).
             let mut cluster = lock(&self.cluster);
-            if !cluster.endpoints_changed.is_empty() {
+            if !cluster.kept.is_empty() {
                 if let Some(desired) = cluster.desired.clone() {
-                    let current = delta::with_endpoints_at(&desired, &cluster.endpoints_changed);
+                    let current = cluster.kept.applied_to(&desired);
                     cluster.set_desired(std::sync::Arc::new(current), self.node());
                 }
             }

@@ -9,7 +9,7 @@
 //! only other nodes' endpoints and addresses, is applied on its own
 //! ([`super::delta`]); anything else is judged in full from the mirror, so a change
 //! never needs the store to be read again. The changes applied on their own also keep
-//! the desired state current ([`super::delta::with_endpoints_at`]), so the resync
+//! the desired state current ([`super::delta::Kept::applied_to`]), so the resync
 //! compares the maps with it without judging the whole mirror again, and reads the whole
 //! store only every [`STORE_REREAD_EVERY`]th time.
 use std::{sync::Arc, time::Instant};
@@ -29,8 +29,36 @@ use crate::{
 /// state the feed keeps current.
 pub(super) const STORE_REREAD_EVERY: u32 = 10;
 
-/// How long the acknowledging task waits after a failed write before the next one.
+/// How long the acknowledging task waits after a failed write before the next one
+/// (doubling while writes keep failing, up to [`ACK_RETRY_PAUSE_MAX`]).
 const ACK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+const ACK_RETRY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long the acknowledgement of changes nobody waits for (other nodes joining or
+/// leaving) may wait to be merged with the next ones.
+const ACK_DEFERRAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the acknowledging task is told: the newest index applied, and the newest one
+/// whose acknowledgement a writer may be waiting for (an endpoint or address change, a
+/// full judgement).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct AppliedIndex {
+    newest: u64,
+    awaited: u64,
+}
+
+impl AppliedIndex {
+    /// Takes in an index applied; returns whether the task has something new to do.
+    fn note(&mut self, index: u64, deferrable: bool) -> bool {
+        let newer = index > self.newest;
+        let awaited = !deferrable && index > self.awaited;
+        self.newest = self.newest.max(index);
+        if awaited {
+            self.awaited = index;
+        }
+        newer || awaited
+    }
+}
 
 /// Gives back to the system what a full judgement freed: a whole read's answer, its
 /// decoded records and judged copies are transient, and glibc keeps freed pages in its
@@ -56,8 +84,9 @@ fn random_phase(interval: std::time::Duration) -> std::time::Duration {
 enum Followed {
     /// Nothing to apply (no change, or a store that is not to be applied now).
     Nothing,
-    /// Applied on its own: acknowledge it.
-    Applied,
+    /// Applied on its own: acknowledge it (`deferrable`: only other nodes' records
+    /// changed, which no writer waits for).
+    Applied { deferrable: bool },
     /// The state judged in full, to apply.
     State(Arc<ClusterState>),
 }
@@ -72,7 +101,7 @@ impl Agent {
         );
         // The newest index applied, for the acknowledging task (which writes only the
         // newest one when several were applied during one write).
-        let (applied_tx, applied_rx) = tokio::sync::watch::channel(0u64);
+        let (applied_tx, applied_rx) = tokio::sync::watch::channel(AppliedIndex::default());
         tokio::spawn(self.clone().acknowledge_loop(applied_rx));
         loop {
             let next = tokio::select! {
@@ -86,23 +115,19 @@ impl Agent {
                 Ok(event) => {
                     self.consul_ok();
                     let index = event.index();
-                    let applied = match self.follow(event).await {
+                    let (applied, deferrable) = match self.follow(event).await {
                         Followed::Nothing => continue,
-                        Followed::Applied => true,
+                        Followed::Applied { deferrable } => (true, deferrable),
                         Followed::State(state) => {
                             let applied = self.apply_watched(state, index).await;
                             release_freed_memory();
-                            applied
+                            (applied, false)
                         }
                     };
                     if applied {
                         self.status
                             .send_modify(|status| status.feed.applied_index = index);
-                        applied_tx.send_if_modified(|newest| {
-                            let newer = index > *newest;
-                            *newest = (*newest).max(index);
-                            newer
-                        });
+                        applied_tx.send_if_modified(|applied| applied.note(index, deferrable));
                     }
                 }
                 Err(e) => self.consul_failed("watch", &e),
@@ -132,11 +157,13 @@ impl Agent {
             FeedEvent::Changes { changes, .. } => {
                 counted(0, changes.len() as u64);
                 let scope = lock(&self.mirror).take_changes(changes, self.node());
-                if !scope.full && scope.keys.is_empty() {
+                if scope.is_empty() {
                     return Followed::Nothing;
                 }
                 if self.apply_changes(&scope).await == DeltaOutcome::Applied {
-                    return Followed::Applied;
+                    return Followed::Applied {
+                        deferrable: scope.keys.is_empty(),
+                    };
                 }
                 self.status
                     .send_modify(|status| status.feed.full_fallbacks += 1);
@@ -188,21 +215,49 @@ impl Agent {
     /// written, the indexes applied meanwhile collapse into the newest, one write for
     /// all of them (with 100 agents, one write per agent per change would be 100 store
     /// writes for every change).
-    async fn acknowledge_loop(self: Arc<Self>, mut applied: tokio::sync::watch::Receiver<u64>) {
+    ///
+    /// Changes no writer waits for (only other nodes' records: a node joining or
+    /// leaving) are acknowledged within [`ACK_DEFERRAL`], merged with what follows: when
+    /// a hundred nodes join at once, each agent writes one acknowledgement, not one per
+    /// node (every store write a hundred agents make for each of a hundred joins was
+    /// what kept an etcd busy past its members' lease renewals).
+    async fn acknowledge_loop(
+        self: Arc<Self>,
+        mut applied: tokio::sync::watch::Receiver<AppliedIndex>,
+    ) {
         let mut acknowledged = 0u64;
-        while applied.changed().await.is_ok() {
-            let index = *applied.borrow_and_update();
-            if index <= acknowledged {
+        let mut retry_pause = ACK_RETRY_PAUSE;
+        loop {
+            let now = *applied.borrow_and_update();
+            if now.newest <= acknowledged {
+                if applied.changed().await.is_err() {
+                    return;
+                }
                 continue;
             }
+            if now.awaited <= acknowledged {
+                let deadline = tokio::time::Instant::now() + ACK_DEFERRAL;
+                while applied.borrow_and_update().awaited <= acknowledged {
+                    match tokio::time::timeout_at(deadline, applied.changed()).await {
+                        Err(_deferred_enough) => break,
+                        Ok(Err(_closed)) => return,
+                        Ok(Ok(())) => {}
+                    }
+                }
+            }
+            let index = applied.borrow_and_update().newest;
             // `applied/` is outside the feed: the write wakes no agent.
             match self.store.put_applied(self.node(), index).await {
-                Ok(()) => acknowledged = index,
+                Ok(()) => {
+                    acknowledged = index;
+                    retry_pause = ACK_RETRY_PAUSE;
+                }
                 Err(e) => {
                     debug!(error = %e, "cannot record the applied index");
-                    // Retried with the next applied index; a store that fails is
+                    // Retried (with the newest index by then); a store that fails is
                     // reported by the feed itself.
-                    tokio::time::sleep(ACK_RETRY_PAUSE).await;
+                    tokio::time::sleep(retry_pause).await;
+                    retry_pause = (retry_pause * 2).min(ACK_RETRY_PAUSE_MAX);
                 }
             }
         }
@@ -325,5 +380,44 @@ mod tests {
         assert!(phases.iter().all(|p| *p < interval), "{phases:?}");
         let first = phases[0];
         assert!(phases.iter().any(|p| *p != first), "{phases:?}");
+    }
+
+    #[test]
+    fn only_awaited_indexes_raise_the_awaited_mark() {
+        let mut applied = AppliedIndex::default();
+        assert!(applied.note(5, true), "a newer index is news");
+        assert_eq!(
+            applied,
+            AppliedIndex {
+                newest: 5,
+                awaited: 0
+            }
+        );
+        assert!(applied.note(7, false));
+        assert_eq!(
+            applied,
+            AppliedIndex {
+                newest: 7,
+                awaited: 7
+            }
+        );
+        assert!(!applied.note(7, true), "nothing new");
+        assert!(applied.note(9, true));
+        assert_eq!(
+            applied,
+            AppliedIndex {
+                newest: 9,
+                awaited: 7
+            }
+        );
+        // An index applied twice, the second time by a path a writer waits for.
+        assert!(applied.note(9, false));
+        assert_eq!(
+            applied,
+            AppliedIndex {
+                newest: 9,
+                awaited: 9
+            }
+        );
     }
 }
