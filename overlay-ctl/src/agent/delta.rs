@@ -127,6 +127,14 @@ impl Kept {
         }
     }
 
+    /// Takes in what a batch found (for a second copy, kept beside another).
+    pub fn take_in(&mut self, batch: &Batch) {
+        self.note_endpoints_at(&batch.addresses, &batch.valid);
+        if let Some(nodes) = &batch.nodes {
+            self.nodes = Some(nodes.clone());
+        }
+    }
+
     /// The live nodes now: the last judged, else `state`'s.
     pub fn nodes<'a>(&'a self, state: &'a ClusterState) -> &'a [NodeInfo] {
         self.nodes.as_deref().unwrap_or(&state.nodes)
@@ -246,7 +254,10 @@ pub(super) fn judge_batch(
     if !scope.nodes.is_empty() {
         let nodes = judge_nodes(mirror, prefix, &scope.nodes, view);
         let moved = moved_nodes(kept.nodes(desired), &nodes.nodes);
-        let on_moved = kept.endpoints_on(desired, &moved);
+        // The touched addresses were judged above.
+        let on_moved: Vec<Endpoint> = (kept.endpoints_on(desired, &moved).into_iter())
+            .filter(|e| !scope.addresses.contains(&(e.network.clone(), e.ip)))
+            .collect();
         batch
             .addresses
             .extend(on_moved.iter().map(|e| (e.network.clone(), e.ip)));
@@ -410,6 +421,9 @@ impl Agent {
                 desired,
                 &mut cluster.kept,
             );
+            if let Some(during) = cluster.kept_during_fetch.as_mut() {
+                during.take_in(&batch);
+            }
             let fresh = (cluster.rejections).replace_keys(&batch.keys, batch.rejected.clone());
             (batch, fresh)
         };

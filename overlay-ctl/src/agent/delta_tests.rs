@@ -419,6 +419,37 @@ fn the_desired_state_kept_by_changes_equals_a_full_judgement() {
     }
 }
 
+/// A fresh read of the whole store taken while changes are applied on their own: its
+/// state with what the changes found since it started is the full judgement, as is the
+/// first desired state with everything kept since.
+#[test]
+fn a_fresh_read_with_the_changes_since_it_started_equals_a_full_judgement() {
+    let mut f = cluster();
+    let links = BTreeSet::new();
+    f.apply(puts(endpoint("e3", "10.100.0.4", "b")));
+    f.apply(vec![delete("nodes/c")]);
+    // The read: the records as they are now.
+    let read = records::parse_snapshot(P, f.mirror.pairs(), view(&links)).state;
+    let mut during = Kept::default();
+    let mut moved = puts(endpoint("e2", "10.100.0.9", "b"));
+    moved.push(delete("ipam/net1/10.100.0.3"));
+    let mut joined = puts(vec![node("d", 4)]);
+    joined.extend(puts(endpoint("e4", "10.100.0.10", "d")));
+    for changes in [
+        moved,
+        joined,
+        vec![delete("endpoints/net1/e1"), delete("ipam/net1/10.100.0.2")],
+        puts(vec![node("c", 3)]),
+    ] {
+        let batch = f.apply(changes);
+        during.take_in(&batch);
+    }
+    let full = records::parse_snapshot(P, f.mirror.pairs(), view(&links)).state;
+    assert_eq!(during.applied_to(&read), full);
+    assert_eq!(f.kept.applied_to(&f.desired), full);
+    assert_ne!(read, full, "the changes after the read matter");
+}
+
 #[test]
 fn an_invalidated_mirror_judges_nothing_until_its_next_snapshot() {
     let Fixture { mut mirror, .. } = cluster();

@@ -84,6 +84,7 @@ pub async fn run(
         status: channel::Sender::new(LiveStatus::default()),
         metrics: ControlPlaneMetrics::default(),
         reconciler: Default::default(),
+        fetching: Default::default(),
         collector: Default::default(),
         reregister: Notify::new(),
         republish: Notify::new(),

@@ -186,6 +186,11 @@ struct ClusterView {
     /// What the changes applied on their own ([`delta`]) found since `desired` was set:
     /// `desired` with it in place is the full judgement of the mirror.
     kept: delta::Kept,
+    /// While a fresh read of the whole store is in flight (outside the reconcile lock):
+    /// what the changes applied on their own found since it started, to be kept over
+    /// the read's state. `None` when no read is in flight, or when a full judgement of
+    /// the watch's copy replaced `desired` meanwhile (the read may be older: dropped).
+    kept_during_fetch: Option<delta::Kept>,
     /// The networks with an endpoint of this node in `desired` (their names are served).
     local_networks: BTreeSet<String>,
 }
@@ -232,6 +237,8 @@ struct Agent {
     /// Counters only (the gauges are read from `status`).
     metrics: ControlPlaneMetrics,
     reconciler: tokio::sync::Mutex<ReconcilerState>,
+    /// One fresh read of the whole store at a time (it runs outside `reconciler`).
+    fetching: tokio::sync::Mutex<()>,
     /// Keeps two collections of one local record apart (the collection task's and a
     /// reconcile's follow-up).
     collector: tokio::sync::Mutex<()>,

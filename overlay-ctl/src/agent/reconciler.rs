@@ -8,6 +8,7 @@
 //! its result through side effects.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::{Instant, SystemTime},
 };
 
@@ -71,11 +72,25 @@ fn unix_ms(t: SystemTime) -> u64 {
 impl Agent {
     /// Applies the cluster state to the maps: a fresh read from Consul when `fetch` (the
     /// last known state when Consul cannot be read), else the last known state.
+    ///
+    /// The fresh read and its judgement happen before the reconcile lock is taken: at
+    /// 20,000 endpoints they take hundreds of milliseconds on a busy host, and the
+    /// changes the watch applies on their own wait for that lock. What those changes
+    /// find meanwhile is kept over the read's state ([`super::ClusterView`]'s
+    /// `kept_during_fetch`).
     pub(super) async fn reconcile(&self, fetch: bool) -> Result<ReconcileOutcome, String> {
         let started = Instant::now();
+        let _one_fetch = match fetch {
+            true => Some(self.fetching.lock().await),
+            false => None,
+        };
+        let fetched = match fetch {
+            true => Some(self.fetch_desired().await),
+            false => None,
+        };
         let pass = {
             let mut state = self.reconciler.lock().await;
-            self.reconcile_locked(&mut state, fetch).await
+            self.reconcile_locked(&mut state, fetched).await
         };
         let result = match pass {
             Ok(Pass {
@@ -100,16 +115,16 @@ impl Agent {
         result
     }
 
-    /// The part of a run that holds the reconcile lock: read, plan, apply.
+    /// The part of a run that holds the reconcile lock: the fresh read's state kept
+    /// (when there is one), plan, apply.
     async fn reconcile_locked(
         &self,
         state: &mut ReconcilerState,
-        fetch: bool,
+        fetched: Option<Option<Arc<ClusterState>>>,
     ) -> Result<Pass, String> {
-        let (fresh, newer) = if fetch {
-            self.fetch_desired().await
-        } else {
-            (false, false)
+        let (fresh, newer) = match fetched {
+            Some(judged) => self.keep_fetched(judged),
+            None => (false, false),
         };
         let pass = self.apply_desired(state).await;
         if newer && pass.is_err() {
@@ -121,29 +136,41 @@ impl Agent {
         Ok(pass)
     }
 
-    /// Reads the whole prefix and keeps it as the desired state when it may be applied.
-    /// Returns whether it was read, and whether it differs from the last one.
-    async fn fetch_desired(&self) -> (bool, bool) {
+    /// Reads the whole prefix and judges it (`None`: not read, or not to be applied);
+    /// from here until [`Agent::keep_fetched`], the changes applied on their own are
+    /// kept aside too.
+    async fn fetch_desired(&self) -> Option<Arc<ClusterState>> {
+        lock(&self.cluster).kept_during_fetch = Some(Default::default());
         match self.store.kv().list(self.store.prefix()).await {
             Ok(pairs) => {
                 self.consul_ok();
                 self.check_mirror_identity(identity::find(self.store.prefix(), &pairs));
-                let Some(state) = self.judge(&pairs) else {
-                    return (false, false);
-                };
-                let mut cluster = lock(&self.cluster);
-                let newer = cluster.set_desired(state, self.node());
-                // Marked with the state, not after its apply: a watch that reads the same
-                // state meanwhile finds it unchanged and must still acknowledge it, once
-                // this run (which holds the reconcile lock) has applied it.
-                cluster.ack_pending |= newer;
-                (true, newer)
+                self.judge(&pairs)
             }
             Err(e) => {
                 self.consul_failed("resync", &e);
-                (false, false)
+                None
             }
         }
+    }
+
+    /// Keeps a fresh read's judged state as the desired one, with what the changes
+    /// applied on their own found since the read started in place. Returns whether it
+    /// was kept, and whether it differs from the last one.
+    fn keep_fetched(&self, judged: Option<Arc<ClusterState>>) -> (bool, bool) {
+        let mut cluster = lock(&self.cluster);
+        let during = cluster.kept_during_fetch.take();
+        let (Some(state), Some(during)) = (judged, during) else {
+            // Not read, or a full judgement of the watch's copy came after the read.
+            return (false, false);
+        };
+        let newer = cluster.set_desired(state, self.node());
+        cluster.kept = during;
+        // Marked with the state, not after its apply: a watch that reads the same state
+        // meanwhile finds it unchanged and must still acknowledge it, once this run
+        // (which holds the reconcile lock) has applied it.
+        cluster.ack_pending |= newer;
+        (true, newer)
     }
 
     /// A store that came back without its data answers the feed's blocking queries (or
@@ -202,7 +229,7 @@ impl Agent {
             if !cluster.kept.is_empty() {
                 if let Some(desired) = cluster.desired.clone() {
                     let current = cluster.kept.applied_to(&desired);
-                    cluster.set_desired(std::sync::Arc::new(current), self.node());
+                    cluster.set_desired(Arc::new(current), self.node());
                 }
             }
         }

@@ -188,7 +188,12 @@ impl Agent {
     /// Applies a state the watch read at `index`; returns whether it is now applied (by
     /// this call, or by an earlier reconcile the watch had not acknowledged yet).
     async fn apply_watched(&self, state: Arc<ClusterState>, index: u64) -> bool {
-        let changed = lock(&self.cluster).set_desired(state, self.node());
+        let changed = {
+            let mut cluster = lock(&self.cluster);
+            // A fresh read in flight may predate this judgement: it is dropped.
+            cluster.kept_during_fetch = None;
+            cluster.set_desired(state, self.node())
+        };
         if changed {
             debug!(index, "cluster state changed");
             self.reconcile(false).await.is_ok()
