@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::{
     control::{self, BindReply, ReconcileReply, Request},
     lock,
-    reconciler::ReconcileOutcome,
+    reconciler::{Fetch, ReconcileOutcome},
     Agent, Underlay,
 };
 use crate::{dataplane::netlink, dataplane::underlay};
@@ -53,7 +53,7 @@ impl Agent {
             Err(e) => control::write_reply::<()>(&mut stream, Err(e)).await,
             Ok(Request::Status) => control::write_reply(&mut stream, Ok(self.status())).await,
             Ok(Request::Reconcile) => {
-                let reply = self.reconcile(true).await.map(|o| self.reply(o));
+                let reply = self.reconcile(Fetch::Now).await.map(|o| self.reply(o));
                 control::write_reply(&mut stream, reply).await
             }
             Ok(Request::Bind { iface }) => {
@@ -148,7 +148,7 @@ impl Agent {
         };
         info!(from = %old_iface, to = %reply.iface, %vtep, "underlay moved");
         self.reregister.notify_one();
-        self.reconcile(false).await?;
+        self.reconcile(Fetch::No).await?;
         Ok(reply)
     }
 }

@@ -26,6 +26,24 @@ use super::{
 };
 use crate::store::{backend::KvBackend as _, identity};
 
+/// Whether a reconcile run reads the whole store afresh first, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Fetch {
+    /// No: the last known state is applied.
+    No,
+    /// Under the reconcile lock, and the read is applied whatever the watch did
+    /// meanwhile: for a caller that just wrote to the store and needs the maps to show
+    /// it when the run returns (`run`'s request).
+    Now,
+    /// Before the reconcile lock is taken (the safety net under the feed: at 20,000
+    /// endpoints the read and its judgement take hundreds of milliseconds on a busy
+    /// host, and the changes the watch applies on their own wait for that lock). What
+    /// those changes find meanwhile is kept over the read's state
+    /// ([`super::ClusterView`]'s `kept_during_fetch`); a full judgement of the watch's
+    /// copy meanwhile drops the read (it may be older).
+    Aside,
+}
+
 /// What one reconcile run did.
 #[derive(Clone, Debug, Default)]
 pub(super) struct ReconcileOutcome {
@@ -70,26 +88,26 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 impl Agent {
-    /// Applies the cluster state to the maps: a fresh read from Consul when `fetch` (the
-    /// last known state when Consul cannot be read), else the last known state.
-    ///
-    /// The fresh read and its judgement happen before the reconcile lock is taken: at
-    /// 20,000 endpoints they take hundreds of milliseconds on a busy host, and the
-    /// changes the watch applies on their own wait for that lock. What those changes
-    /// find meanwhile is kept over the read's state ([`super::ClusterView`]'s
-    /// `kept_during_fetch`).
-    pub(super) async fn reconcile(&self, fetch: bool) -> Result<ReconcileOutcome, String> {
+    /// Applies the cluster state to the maps: after a fresh read of the store when
+    /// `fetch` says so (the last known state when it cannot be read), else the last
+    /// known state.
+    pub(super) async fn reconcile(&self, fetch: Fetch) -> Result<ReconcileOutcome, String> {
         let started = Instant::now();
         let _one_fetch = match fetch {
-            true => Some(self.fetching.lock().await),
-            false => None,
+            Fetch::No => None,
+            Fetch::Now | Fetch::Aside => Some(self.fetching.lock().await),
         };
-        let fetched = match fetch {
-            true => Some(self.fetch_desired().await),
-            false => None,
+        let aside = match fetch {
+            Fetch::Aside => Some(self.fetch_desired(true).await),
+            Fetch::No | Fetch::Now => None,
         };
         let pass = {
             let mut state = self.reconciler.lock().await;
+            let fetched = match fetch {
+                Fetch::No => None,
+                Fetch::Now => Some(self.keep_fetched(self.fetch_desired(false).await, false)),
+                Fetch::Aside => aside.map(|judged| self.keep_fetched(judged, true)),
+            };
             self.reconcile_locked(&mut state, fetched).await
         };
         let result = match pass {
@@ -102,7 +120,7 @@ impl Agent {
                 // watch's acknowledgement of them) never wait for `nft`. A fetching run
                 // also checks the kernel's copy of the table.
                 if self.has_host() {
-                    self.sync_egress(fetch);
+                    self.sync_egress(fetch != Fetch::No);
                 }
                 Ok(outcome)
             }
@@ -115,17 +133,14 @@ impl Agent {
         result
     }
 
-    /// The part of a run that holds the reconcile lock: the fresh read's state kept
-    /// (when there is one), plan, apply.
+    /// The part of a run that holds the reconcile lock: plan and apply, after the fresh
+    /// read's state was kept (`fetched`: whether it was, and whether it is new).
     async fn reconcile_locked(
         &self,
         state: &mut ReconcilerState,
-        fetched: Option<Option<Arc<ClusterState>>>,
+        fetched: Option<(bool, bool)>,
     ) -> Result<Pass, String> {
-        let (fresh, newer) = match fetched {
-            Some(judged) => self.keep_fetched(judged),
-            None => (false, false),
-        };
+        let (fresh, newer) = fetched.unwrap_or((false, false));
         let pass = self.apply_desired(state).await;
         if newer && pass.is_err() {
             // Not applied after all: nothing for the watch to acknowledge.
@@ -136,11 +151,13 @@ impl Agent {
         Ok(pass)
     }
 
-    /// Reads the whole prefix and judges it (`None`: not read, or not to be applied);
-    /// from here until [`Agent::keep_fetched`], the changes applied on their own are
-    /// kept aside too.
-    async fn fetch_desired(&self) -> Option<Arc<ClusterState>> {
-        lock(&self.cluster).kept_during_fetch = Some(Default::default());
+    /// Reads the whole prefix and judges it (`None`: not read, or not to be applied).
+    /// `aside`: the read runs outside the reconcile lock, and from here until
+    /// [`Agent::keep_fetched`] the changes applied on their own are kept aside too.
+    async fn fetch_desired(&self, aside: bool) -> Option<Arc<ClusterState>> {
+        if aside {
+            lock(&self.cluster).kept_during_fetch = Some(Default::default());
+        }
         match self.store.kv().list(self.store.prefix()).await {
             Ok(pairs) => {
                 self.consul_ok();
@@ -154,14 +171,17 @@ impl Agent {
         }
     }
 
-    /// Keeps a fresh read's judged state as the desired one, with what the changes
-    /// applied on their own found since the read started in place. Returns whether it
-    /// was kept, and whether it differs from the last one.
-    fn keep_fetched(&self, judged: Option<Arc<ClusterState>>) -> (bool, bool) {
+    /// Keeps a fresh read's judged state as the desired one; for a read taken `aside`,
+    /// with what the changes applied on their own found since it started in place, or
+    /// not at all when a full judgement of the watch's copy came meanwhile. Returns
+    /// whether it was kept, and whether it differs from the last one.
+    fn keep_fetched(&self, judged: Option<Arc<ClusterState>>, aside: bool) -> (bool, bool) {
         let mut cluster = lock(&self.cluster);
-        let during = cluster.kept_during_fetch.take();
+        let during = match aside {
+            true => cluster.kept_during_fetch.take(),
+            false => Some(Default::default()),
+        };
         let (Some(state), Some(during)) = (judged, during) else {
-            // Not read, or a full judgement of the watch's copy came after the read.
             return (false, false);
         };
         let newer = cluster.set_desired(state, self.node());

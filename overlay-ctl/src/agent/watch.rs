@@ -16,7 +16,7 @@ use std::{sync::Arc, time::Instant};
 
 use tracing::{debug, info, warn};
 
-use super::{delta::DeltaOutcome, lock, reconcile::ClusterState, Agent};
+use super::{delta::DeltaOutcome, lock, reconcile::ClusterState, reconciler::Fetch, Agent};
 use crate::{
     store::backend::KvPair,
     store::feed::{FeedEvent, StoreFeed},
@@ -196,7 +196,7 @@ impl Agent {
         };
         if changed {
             debug!(index, "cluster state changed");
-            self.reconcile(false).await.is_ok()
+            self.reconcile(Fetch::No).await.is_ok()
         } else {
             // Nothing to change: the maps hold this state once the last reconcile
             // succeeded. A fetching reconcile may have taken it first and still be
@@ -300,7 +300,11 @@ impl Agent {
                 from_store = self.store_identity_moved().await;
             }
             // A failed run is logged and counted by `reconcile` itself.
-            let _ = self.reconcile(from_store).await;
+            let fetch = match from_store {
+                true => Fetch::Aside,
+                false => Fetch::No,
+            };
+            let _ = self.reconcile(fetch).await;
             release_freed_memory();
         }
     }
