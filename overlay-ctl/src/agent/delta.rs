@@ -18,7 +18,7 @@
 //! naming this node that this node did not create (no local record: a leftover, another
 //! tool's write) gets no entry, as in the full plan, and is applied here.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     time::Instant,
 };
@@ -140,13 +140,25 @@ impl Kept {
         self.nodes.as_deref().unwrap_or(&state.nodes)
     }
 
+    /// Whether the endpoints at `endpoint`'s address were judged again (the address is
+    /// looked up first, which needs no copy of the network's name).
+    fn replaces(&self, ips: &HashSet<Ipv4Addr>, endpoint: &Endpoint) -> bool {
+        ips.contains(&endpoint.ip)
+            && (self.endpoints).contains_key(&(endpoint.network.clone(), endpoint.ip))
+    }
+
+    fn ips(&self) -> HashSet<Ipv4Addr> {
+        self.endpoints.keys().map(|(_, ip)| *ip).collect()
+    }
+
     /// The valid endpoints placed on one of `nodes` now (`state` with the kept endpoints
     /// in place).
     fn endpoints_on(&self, state: &ClusterState, nodes: &BTreeSet<&str>) -> Vec<Endpoint> {
         let on = |e: &&Endpoint| nodes.contains(e.node.as_str());
+        let ips = self.ips();
         let mut found: Vec<Endpoint> = (state.endpoints.iter())
             .filter(on)
-            .filter(|e| !self.endpoints.contains_key(&(e.network.clone(), e.ip)))
+            .filter(|e| !self.replaces(&ips, e))
             .cloned()
             .collect();
         found.extend(self.endpoints.values().flatten().filter(on).cloned());
@@ -157,8 +169,9 @@ impl Kept {
     /// records, when `state` was the judgement before the changes and these are what
     /// [`judge_batch`] found. Endpoint order is the judgement's, by (network, id).
     pub fn applied_to(&self, state: &ClusterState) -> ClusterState {
+        let ips = self.ips();
         let mut endpoints: Vec<Endpoint> = (state.endpoints.iter())
-            .filter(|e| !self.endpoints.contains_key(&(e.network.clone(), e.ip)))
+            .filter(|e| !self.replaces(&ips, e))
             .cloned()
             .collect();
         endpoints.extend(self.endpoints.values().flatten().cloned());
