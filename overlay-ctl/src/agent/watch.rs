@@ -224,8 +224,8 @@ impl Agent {
     /// Changes no writer waits for (only other nodes' records: a node joining or
     /// leaving) are acknowledged within [`ACK_DEFERRAL`], merged with what follows: when
     /// a hundred nodes join at once, each agent writes one acknowledgement, not one per
-    /// node (every store write a hundred agents make for each of a hundred joins was
-    /// what kept an etcd busy past its members' lease renewals).
+    /// node (ten thousand store writes from a hundred agents, at the moment the store is
+    /// busiest with their first reads).
     async fn acknowledge_loop(
         self: Arc<Self>,
         mut applied: tokio::sync::watch::Receiver<AppliedIndex>,
