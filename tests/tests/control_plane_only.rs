@@ -152,5 +152,38 @@ fn agents_without_a_data_plane_and_a_real_one_see_each_others_endpoints() {
         after["snapshots"], before["snapshots"],
         "{before:#} -> {after:#}"
     );
+
+    // node3 leaves (its agent killed, its key deleted) and joins again: the other agents
+    // drop its endpoint (sim9) and take it back, without judging the whole store.
+    let before = feed_of(&nodes[1]);
+    nodes[2].kill_agent();
+    let node3_key = format!("overlay/nodes/{}", nodes[2].name);
+    consul.with_client(|c| async move { c.delete(&node3_key).await.unwrap() });
+    let members = |node: &Node| node.status().and_then(|s| s["members"].as_u64());
+    for (node, wanted) in nodes[..2].iter().zip([2, 1]) {
+        wait_until(
+            &format!("{} to hold {wanted} endpoints without node3", node.name),
+            CONVERGE,
+            || endpoint_map_entries(node) == Some(wanted) && members(node) == Some(2),
+        );
+    }
+    nodes[2].start_control_plane_agent(&[]);
+    nodes[2].wait_registered(JOIN);
+    for (node, wanted) in nodes[..2].iter().zip([3, 2]) {
+        wait_until(
+            &format!("{} to hold {wanted} endpoints with node3 back", node.name),
+            CONVERGE,
+            || endpoint_map_entries(node) == Some(wanted) && members(node) == Some(3),
+        );
+    }
+    let after = feed_of(&nodes[1]);
+    assert_eq!(
+        after["full_fallbacks"], before["full_fallbacks"],
+        "another node leaving and joining took the full path: {before:#} -> {after:#}"
+    );
+    assert_eq!(
+        after["snapshots"], before["snapshots"],
+        "{before:#} -> {after:#}"
+    );
     drop(web);
 }
