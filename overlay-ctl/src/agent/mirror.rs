@@ -157,7 +157,8 @@ impl Mirror {
                     }
                     scope.keys.insert(key);
                 }
-                // This node's own record: its registration, judged with its identity.
+                // This node's own record keeps the full path: it changes only when this
+                // agent registers, once per start or lost session.
                 "nodes" if key != self.keys.node(node) => {
                     scope.nodes.insert(key);
                 }

@@ -186,7 +186,8 @@ struct ClusterView {
     /// What the changes applied on their own ([`delta`]) found since `desired` was set:
     /// `desired` with it in place is the full judgement of the mirror.
     kept: delta::Kept,
-    /// While a fresh read of the whole store is in flight (outside the reconcile lock):
+    /// While the resync's fresh read of the whole store is in flight (outside the
+    /// reconcile lock, [`reconciler::Fetch::Aside`]):
     /// what the changes applied on their own found since it started, to be kept over
     /// the read's state. `None` when no read is in flight, or when a full judgement of
     /// the watch's copy replaced `desired` meanwhile (the read may be older: dropped).
