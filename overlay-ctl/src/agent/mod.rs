@@ -192,6 +192,13 @@ struct ClusterView {
     /// the read's state. `None` when no read is in flight, or when a full judgement of
     /// the watch's copy replaced `desired` meanwhile (the read may be older: dropped).
     kept_during_fetch: Option<delta::Kept>,
+    /// The newest store index among the followed records of the last fresh read of the
+    /// whole store that set `desired` (0: none since the watch's last snapshot). The
+    /// watch may lag behind such a read (a `run` reads the store right after writing
+    /// its endpoint); a batch of changes older than it is taken into the mirror but not
+    /// applied, as the read's state already holds it and judging the older copy would
+    /// undo what the read applied.
+    fresh_read_index: u64,
     /// The networks with an endpoint of this node in `desired` (their names are served).
     local_networks: BTreeSet<String>,
 }

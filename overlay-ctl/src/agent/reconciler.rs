@@ -154,7 +154,7 @@ impl Agent {
     /// Reads the whole prefix and judges it (`None`: not read, or not to be applied).
     /// `aside`: the read runs outside the reconcile lock, and from here until
     /// [`Agent::keep_fetched`] the changes applied on their own are kept aside too.
-    async fn fetch_desired(&self, aside: bool) -> Option<Arc<ClusterState>> {
+    async fn fetch_desired(&self, aside: bool) -> Option<(Arc<ClusterState>, u64)> {
         if aside {
             lock(&self.cluster).kept_during_fetch = Some(Default::default());
         }
@@ -162,7 +162,13 @@ impl Agent {
             Ok(pairs) => {
                 self.consul_ok();
                 self.check_mirror_identity(identity::find(self.store.prefix(), &pairs));
-                self.judge(&pairs)
+                let acknowledgements = self.store.keys().applied_all();
+                let newest = (pairs.iter())
+                    .filter(|p| !p.key.starts_with(&acknowledgements))
+                    .map(|p| p.modify_index)
+                    .max()
+                    .unwrap_or(0);
+                self.judge(&pairs).map(|state| (state, newest))
             }
             Err(e) => {
                 self.consul_failed("resync", &e);
@@ -175,17 +181,18 @@ impl Agent {
     /// with what the changes applied on their own found since it started in place, or
     /// not at all when a full judgement of the watch's copy came meanwhile. Returns
     /// whether it was kept, and whether it differs from the last one.
-    fn keep_fetched(&self, judged: Option<Arc<ClusterState>>, aside: bool) -> (bool, bool) {
+    fn keep_fetched(&self, judged: Option<(Arc<ClusterState>, u64)>, aside: bool) -> (bool, bool) {
         let mut cluster = lock(&self.cluster);
         let during = match aside {
             true => cluster.kept_during_fetch.take(),
             false => Some(Default::default()),
         };
-        let (Some(state), Some(during)) = (judged, during) else {
+        let (Some((state, newest)), Some(during)) = (judged, during) else {
             return (false, false);
         };
         let newer = cluster.set_desired(state, self.node());
         cluster.kept = during;
+        cluster.fresh_read_index = newest;
         // Marked with the state, not after its apply: a watch that reads the same state
         // meanwhile finds it unchanged and must still acknowledge it, once this run
         // (which holds the reconcile lock) has applied it.

@@ -153,11 +153,21 @@ impl Agent {
             FeedEvent::Snapshot { pairs, .. } => {
                 counted(1, 0);
                 lock(&self.mirror).replace(pairs);
+                // Judged in full from here: no older batch can follow.
+                lock(&self.cluster).fresh_read_index = 0;
             }
-            FeedEvent::Changes { changes, .. } => {
+            FeedEvent::Changes { changes, index } => {
                 counted(0, changes.len() as u64);
                 let scope = lock(&self.mirror).take_changes(changes, self.node());
                 if scope.is_empty() {
+                    return Followed::Nothing;
+                }
+                if index < lock(&self.cluster).fresh_read_index {
+                    // Older than a fresh read already applied, which holds these changes.
+                    debug!(
+                        index,
+                        "changes older than the last fresh read: kept, not applied"
+                    );
                     return Followed::Nothing;
                 }
                 if self.apply_changes(&scope).await == DeltaOutcome::Applied {
