@@ -9,7 +9,7 @@ use overlay_common::{
 };
 use overlay_ctl::{
     dataplane::datapath::{Datapath, XdpAttachMode},
-    dataplane::endpoint::{self, EndpointSpec},
+    dataplane::endpoint::{self, EndpointSpec, PlumbedEndpoint},
     dataplane::netlink::{self, LinkInfo},
     dataplane::underlay::{DecapMode, UnderlaySetup},
 };
@@ -178,6 +178,9 @@ pub struct Container {
     pub ip: Ipv4Addr,
     pub mac: MacAddr,
     pub host_ifindex: u32,
+    /// What attaching it to the data plane takes (see [`Host::reattach`]).
+    spec: EndpointSpec,
+    plumbed: PlumbedEndpoint,
 }
 
 impl Host {
@@ -291,7 +294,22 @@ impl Host {
             ip,
             mac: spec.mac,
             host_ifindex: plumbed.host.index,
+            spec,
+            plumbed,
         }
+    }
+
+    /// Detaches a container of this host from the data plane and attaches it again, as
+    /// the agent does when an endpoint leaves its desired state and comes back.
+    pub fn reattach(&mut self, container: &Container) {
+        let datapath = &mut self.datapath;
+        let vni = container.network.vni;
+        self.ns
+            .run(|| endpoint::detach(datapath, vni, container.ip, container.host_ifindex))
+            .expect("detach container program");
+        self.ns
+            .run(|| endpoint::attach(datapath, vni, &container.spec, &container.plumbed))
+            .expect("attach the container program again");
     }
 
     /// Tells this host's data plane where a container of another host lives.

@@ -86,6 +86,28 @@ fn auto_decap_on_a_veth_underlay_is_tc_ingress() {
     }
 }
 
+/// A container detached from the data plane and attached again (an endpoint that left
+/// the agent's desired state and came back) is reached again. Before Linux 6.6 its
+/// veth keeps the clsact qdisc of the first attachment in between, which the second
+/// must take as it is.
+#[test]
+fn a_container_detached_and_attached_again_is_reached_again() {
+    let mut s = scenario();
+    assert!(
+        s.b1.ns.run(|| net::ping_until_reply(s.a1.ip, REPLY)),
+        "cross-host ping b1 -> a1 before"
+    );
+    s.hosts[0].reattach(&s.a1);
+    assert!(
+        s.b1.ns.run(|| net::ping_until_reply(s.a1.ip, REPLY)),
+        "cross-host ping b1 -> a1 after the container was attached again"
+    );
+    assert!(
+        s.a1.ns.run(|| net::ping_until_reply(s.a2.ip, REPLY)),
+        "same-host ping a1 -> a2 after"
+    );
+}
+
 fn ping_everywhere(s: Scenario) {
     let vni = s.a1.network.vni;
     assert!(

@@ -319,6 +319,10 @@ fn attach_tc_ingress(
 fn add_clsact(iface: &str) -> Result<()> {
     match tc::qdisc_add_clsact(iface) {
         Ok(()) | Err(tc::TcError::AlreadyAttached) => Ok(()),
+        // What aya 0.14 reports for a qdisc that is there already: the kernel's EEXIST
+        // ("Exclusivity flag on, cannot modify"). A detached container program leaves
+        // its veth's clsact behind, so attaching to that veth again meets it.
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         Err(source) => Err(DatapathError::Tc {
             iface: iface.to_string(),
             source,
