@@ -23,13 +23,13 @@ use std::{
     time::Instant,
 };
 
-use overlay_common::{EndpointKey, VtepInfo};
+use overlay_common::EndpointKey;
 use tracing::{debug, warn};
 
 use super::{
     lock,
     mirror::{Address, Mirror, Scope},
-    Agent,
+    reconcile, Agent,
 };
 use crate::{
     dataplane::{datapath::DatapathError, forwarding::ForwardingMaps, map_values},
@@ -127,7 +127,8 @@ impl Kept {
         }
     }
 
-    /// Takes in what a batch found (for a second copy, kept beside another).
+    /// Takes in what a batch found: the endpoints at every address it wrote, and the
+    /// nodes when it judged them.
     pub fn take_in(&mut self, batch: &Batch) {
         self.note_endpoints_at(&batch.addresses, &batch.valid);
         if let Some(nodes) = &batch.nodes {
@@ -155,10 +156,11 @@ impl Kept {
     /// in place).
     fn endpoints_on(&self, state: &ClusterState, nodes: &BTreeSet<&str>) -> Vec<Endpoint> {
         let on = |e: &&Endpoint| nodes.contains(e.node.as_str());
-        let ips = self.ips();
+        // Few endpoints are on the nodes: looked up one by one, not through a set of
+        // every kept address (building it cost more than the rest of a node's join).
         let mut found: Vec<Endpoint> = (state.endpoints.iter())
             .filter(on)
-            .filter(|e| !self.replaces(&ips, e))
+            .filter(|e| !(self.endpoints).contains_key(&(e.network.clone(), e.ip)))
             .cloned()
             .collect();
         found.extend(self.endpoints.values().flatten().filter(on).cloned());
@@ -245,17 +247,16 @@ pub(super) struct Batch {
 /// Judges a batch that [`Mirror::take_changes`] scoped: the touched addresses'
 /// claimants ([`judge_scope`]) and, when node records changed, every node record
 /// ([`judge_nodes`]). `desired` is the last full judgement and `kept` what the batches
-/// since found; `kept` is brought up to date with this one.
+/// since found (bring it up to date with [`Kept::take_in`]).
 pub(super) fn judge_batch(
     mirror: &Mirror,
     prefix: &str,
     scope: &Scope,
     view: View<'_>,
     desired: &ClusterState,
-    kept: &mut Kept,
+    kept: &Kept,
 ) -> Batch {
     let judged = judge_scope(mirror, prefix, scope, view);
-    kept.note_endpoints_at(&scope.addresses, &judged.endpoints);
     let mut batch = Batch {
         addresses: scope.addresses.clone(),
         valid: judged.endpoints,
@@ -277,10 +278,10 @@ pub(super) fn judge_batch(
         batch.valid.extend(on_moved);
         batch.rejected.extend(nodes.rejected);
         batch.keys.extend(nodes.keys);
-        kept.nodes = Some(nodes.nodes.clone());
         batch.nodes = Some(nodes.nodes);
     }
-    batch.placement = Placement::new(&desired.networks, kept.nodes(desired));
+    let nodes = batch.nodes.as_deref().unwrap_or(kept.nodes(desired));
+    batch.placement = Placement::new(&desired.networks, nodes);
     batch
 }
 
@@ -304,13 +305,7 @@ pub(super) fn write_batch(
     node: &str,
     vtep: Ipv4Addr,
 ) -> Result<Written, DatapathError> {
-    let wanted: Option<BTreeMap<Ipv4Addr, VtepInfo>> = batch.nodes.as_ref().map(|nodes| {
-        let mut wanted: BTreeMap<Ipv4Addr, VtepInfo> = (nodes.iter())
-            .map(|n| (n.vtep, VtepInfo::remote()))
-            .collect();
-        wanted.insert(vtep, VtepInfo::local());
-        wanted
-    });
+    let wanted = (batch.nodes.as_deref()).map(|nodes| reconcile::vteps(nodes, vtep));
     let have = match wanted {
         Some(_) => maps.vteps()?,
         None => BTreeMap::new(),
@@ -424,16 +419,17 @@ impl Agent {
                 vtep,
                 links: &cluster.links,
             };
-            // `kept` is brought up to date before the maps are written: if that fails,
-            // the full path that follows judges the mirror and sets `desired` afresh.
             let batch = judge_batch(
                 &mirror,
                 self.store.prefix(),
                 scope,
                 view,
                 desired,
-                &mut cluster.kept,
+                &cluster.kept,
             );
+            // Kept before the maps are written: if that fails, the full path that
+            // follows judges the mirror and sets `desired` afresh.
+            cluster.kept.take_in(&batch);
             if let Some(during) = cluster.kept_during_fetch.as_mut() {
                 during.take_in(&batch);
             }

@@ -136,8 +136,9 @@ impl Fixture {
             &scope,
             view(&links),
             &self.desired,
-            &mut self.kept,
+            &self.kept,
         );
+        self.kept.take_in(&batch);
         write_batch(&mut self.maps, &batch, SELF, SELF_VTEP).unwrap();
         batch
     }
@@ -195,6 +196,13 @@ fn cluster() -> Fixture {
         desired,
         kept: Kept::default(),
     }
+}
+
+/// Why each record a batch rejected was rejected, by key.
+fn reasons(batch: &Batch) -> BTreeMap<&str, RejectReason> {
+    (batch.rejected.iter())
+        .map(|r| (r.key.as_str(), r.reason))
+        .collect()
 }
 
 fn key(last: u8) -> EndpointKey {
@@ -256,11 +264,8 @@ fn an_invalid_changed_record_is_rejected_and_changes_nothing() {
     let mut changes = puts(vec![endpoint_record("thief", "10.100.0.2", "c")]);
     changes.push(KvChange::Put(pair("endpoints/net1/junk", "{", None)));
     let batch = f.apply(changes);
-    let reasons: BTreeMap<&str, RejectReason> = (batch.rejected.iter())
-        .map(|r| (r.key.as_str(), r.reason))
-        .collect();
     assert_eq!(
-        reasons,
+        reasons(&batch),
         BTreeMap::from([
             ("overlay/endpoints/net1/junk", RejectReason::Malformed),
             (
@@ -340,11 +345,8 @@ fn a_node_at_a_new_vtep_moves_its_entries_and_a_taken_vtep_is_refused() {
     let mut impostor = node("impostor", 1);
     impostor.create_index = 6;
     let batch = f.apply(puts(vec![thief, impostor]));
-    let reasons: BTreeMap<&str, RejectReason> = (batch.rejected.iter())
-        .map(|r| (r.key.as_str(), r.reason))
-        .collect();
     assert_eq!(
-        reasons,
+        reasons(&batch),
         BTreeMap::from([
             ("overlay/nodes/impostor", RejectReason::DuplicateVtep),
             ("overlay/nodes/thief", RejectReason::DuplicateVtep),
@@ -595,7 +597,8 @@ fn resync_stages_at_twenty_thousand_endpoints() {
     assert_eq!(desired.endpoints.len(), 20_000);
     let mut kept = Kept::default();
     let scope = mirror.take_changes(vec![delete("nodes/n7")], SELF);
-    judge_batch(&mirror, P, &scope, view(&links), &desired, &mut kept);
+    let batch = judge_batch(&mirror, P, &scope, view(&links), &desired, &kept);
+    kept.take_in(&batch);
     let mut current = ClusterState::default();
     time("kept applied to the desired state", &mut || {
         current = kept.applied_to(&desired);

@@ -9,7 +9,11 @@ use overlay_common::{
     ClusterConfig, EndpointKey, EndpointValue, LocalIface, MacAddr, NetworkInfo, VtepInfo,
 };
 
-use crate::{dataplane::map_values, store::settings::DEFAULT_VXLAN_PORT, store::Endpoint};
+use crate::{
+    dataplane::map_values,
+    store::settings::DEFAULT_VXLAN_PORT,
+    store::{Endpoint, NodeInfo},
+};
 
 pub use crate::store::ClusterState;
 
@@ -61,13 +65,10 @@ pub fn plan(state: &ClusterState, local: &LocalNode, veths: &BTreeMap<String, Ho
         maps.subnets.insert(network.subnet, network.vni);
         vni_of.insert(network.name.as_str(), network.vni);
     }
-    let mut node_vtep = BTreeMap::new();
-    for node in &state.nodes {
-        node_vtep.insert(node.name.as_str(), node.vtep);
-        maps.vteps.insert(node.vtep, VtepInfo::remote());
-    }
-    // This node is always a VTEP, registered or not (Consul may be away).
-    maps.vteps.insert(local.vtep, VtepInfo::local());
+    let node_vtep: BTreeMap<&str, Ipv4Addr> = (state.nodes.iter())
+        .map(|n| (n.name.as_str(), n.vtep))
+        .collect();
+    maps.vteps = vteps(&state.nodes, local.vtep);
 
     let mut missing_veths = Vec::new();
     for endpoint in &state.endpoints {
@@ -100,6 +101,16 @@ pub fn plan(state: &ClusterState, local: &LocalNode, veths: &BTreeMap<String, Ho
         maps,
         missing_veths,
     }
+}
+
+/// The VTEPS map for the live `nodes`: each one's VTEP a remote one, and this node's
+/// (`local`) always a local one, registered or not (the store may be away).
+pub fn vteps(nodes: &[NodeInfo], local: Ipv4Addr) -> BTreeMap<Ipv4Addr, VtepInfo> {
+    let mut vteps: BTreeMap<Ipv4Addr, VtepInfo> = (nodes.iter())
+        .map(|n| (n.vtep, VtepInfo::remote()))
+        .collect();
+    vteps.insert(local, VtepInfo::local());
+    vteps
 }
 
 #[cfg(test)]
