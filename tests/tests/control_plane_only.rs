@@ -49,6 +49,35 @@ fn endpoint_map_entries(node: &Node) -> Option<u64> {
     node.status()?["endpoint_map_entries"].as_u64()
 }
 
+/// Waits until each of `nodes` holds as many endpoints as `wanted` says, and counts
+/// `members` live nodes when given.
+fn wait_holding(nodes: &[Node], wanted: &[u64], members: Option<u64>, when: &str) {
+    let members_of = |node: &Node| node.status().and_then(|s| s["members"].as_u64());
+    for (node, &wanted) in nodes.iter().zip(wanted) {
+        wait_until(
+            &format!("{} to hold {wanted} endpoints {when}", node.name),
+            CONVERGE,
+            || {
+                endpoint_map_entries(node) == Some(wanted)
+                    && members.is_none_or(|m| members_of(node) == Some(m))
+            },
+        );
+    }
+}
+
+/// Asserts that between two `feed` statuses the agent neither judged the whole copy
+/// nor read the whole store.
+fn assert_no_full_path(before: &serde_json::Value, after: &serde_json::Value, what: &str) {
+    assert_eq!(
+        after["full_fallbacks"], before["full_fallbacks"],
+        "{what} took the full path: {before:#} -> {after:#}"
+    );
+    assert_eq!(
+        after["snapshots"], before["snapshots"],
+        "{before:#} -> {after:#}"
+    );
+}
+
 #[test]
 fn agents_without_a_data_plane_and_a_real_one_see_each_others_endpoints() {
     require_root();
@@ -88,13 +117,7 @@ fn agents_without_a_data_plane_and_a_real_one_see_each_others_endpoints() {
 
     // The real node forwards for all three; an agent without a data plane holds the
     // endpoints of every other node (its own would need a host to live on).
-    for (node, wanted) in nodes.iter().zip([3, 2, 2]) {
-        wait_until(
-            &format!("{} to hold {wanted} endpoints", node.name),
-            CONVERGE,
-            || endpoint_map_entries(node) == Some(wanted),
-        );
-    }
+    wait_holding(&nodes, &[3, 2, 2], None, "at first");
     for node in &nodes[1..] {
         let status = node.status().unwrap();
         assert_eq!(status["dataplane"], "none", "{status:#}");
@@ -132,26 +155,13 @@ fn agents_without_a_data_plane_and_a_real_one_see_each_others_endpoints() {
         }
     });
     // node1: web, sim0, sim9; node2: web, sim9; node3: web, sim0.
-    for (node, wanted) in nodes.iter().zip([3, 2, 2]) {
-        wait_until(
-            &format!("{} to hold {wanted} endpoints after the changes", node.name),
-            CONVERGE,
-            || endpoint_map_entries(node) == Some(wanted),
-        );
-    }
+    wait_holding(&nodes, &[3, 2, 2], None, "after the changes");
     let after = feed_of(&nodes[1]);
     assert!(
         after["change_batches"].as_u64() > before["change_batches"].as_u64(),
         "{before:#} -> {after:#}"
     );
-    assert_eq!(
-        after["full_fallbacks"], before["full_fallbacks"],
-        "remote endpoint changes took the full path: {before:#} -> {after:#}"
-    );
-    assert_eq!(
-        after["snapshots"], before["snapshots"],
-        "{before:#} -> {after:#}"
-    );
+    assert_no_full_path(&before, &after, "remote endpoint changes");
 
     // node3 leaves (its agent killed, its key deleted) and joins again: the other agents
     // drop its endpoint (sim9) and take it back, without judging the whole store.
@@ -159,31 +169,11 @@ fn agents_without_a_data_plane_and_a_real_one_see_each_others_endpoints() {
     nodes[2].kill_agent();
     let node3_key = format!("overlay/nodes/{}", nodes[2].name);
     consul.with_client(|c| async move { c.delete(&node3_key).await.unwrap() });
-    let members = |node: &Node| node.status().and_then(|s| s["members"].as_u64());
-    for (node, wanted) in nodes[..2].iter().zip([2, 1]) {
-        wait_until(
-            &format!("{} to hold {wanted} endpoints without node3", node.name),
-            CONVERGE,
-            || endpoint_map_entries(node) == Some(wanted) && members(node) == Some(2),
-        );
-    }
+    wait_holding(&nodes[..2], &[2, 1], Some(2), "without node3");
     nodes[2].start_control_plane_agent(&[]);
     nodes[2].wait_registered(JOIN);
-    for (node, wanted) in nodes[..2].iter().zip([3, 2]) {
-        wait_until(
-            &format!("{} to hold {wanted} endpoints with node3 back", node.name),
-            CONVERGE,
-            || endpoint_map_entries(node) == Some(wanted) && members(node) == Some(3),
-        );
-    }
+    wait_holding(&nodes[..2], &[3, 2], Some(3), "with node3 back");
     let after = feed_of(&nodes[1]);
-    assert_eq!(
-        after["full_fallbacks"], before["full_fallbacks"],
-        "another node leaving and joining took the full path: {before:#} -> {after:#}"
-    );
-    assert_eq!(
-        after["snapshots"], before["snapshots"],
-        "{before:#} -> {after:#}"
-    );
+    assert_no_full_path(&before, &after, "another node leaving and joining");
     drop(web);
 }
