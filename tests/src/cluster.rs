@@ -844,3 +844,33 @@ pub fn start_cluster(
     }
     (consul, nodes)
 }
+
+/// The IPAM and endpoint records of a container `id` of `node` at `ip` on net1, as
+/// `run` writes them.
+pub fn endpoint_records(id: &str, node: &str, ip: Ipv4Addr) -> [(String, Vec<u8>); 2] {
+    let allocation = overlay_ctl::store::IpAllocation {
+        endpoint: id.into(),
+        node: node.into(),
+    };
+    let endpoint = overlay_ctl::store::Endpoint {
+        id: id.into(),
+        network: "net1".into(),
+        ip,
+        mac: overlay_ctl::dataplane::endpoint::mac_for(ip),
+        node: node.into(),
+        ifname: overlay_ctl::runtimes::container::host_ifname("net1", id),
+        container: None,
+        pid: None,
+        netns: None,
+    };
+    [
+        (
+            format!("overlay/ipam/net1/{ip}"),
+            serde_json::to_vec(&allocation).unwrap(),
+        ),
+        (
+            format!("overlay/endpoints/net1/{id}"),
+            serde_json::to_vec(&endpoint).unwrap(),
+        ),
+    ]
+}

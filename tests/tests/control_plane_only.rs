@@ -3,10 +3,10 @@
 //! acknowledgement code as a real agent, next to one.
 use std::{net::Ipv4Addr, time::Duration};
 
-use overlay_ctl::store::{backend::KvBackend as _, Endpoint, IpAllocation, Store};
+use overlay_ctl::store::{backend::KvBackend as _, Store};
 use overlay_tests::{
     bins,
-    cluster::{Bins, DevConsul, Node},
+    cluster::{endpoint_records, Bins, DevConsul, Node},
     harness::{require_root, wait_until},
     topology::Underlay,
 };
@@ -14,36 +14,6 @@ use overlay_tests::{
 const BINS: Bins = bins!();
 const JOIN: Duration = Duration::from_secs(20);
 const CONVERGE: Duration = Duration::from_secs(20);
-
-/// The IPAM and endpoint records of a container `id` of `node` at `ip` on net1, as
-/// `run` writes them.
-fn endpoint_records(id: &str, node: &str, ip: Ipv4Addr) -> [(String, Vec<u8>); 2] {
-    let allocation = IpAllocation {
-        endpoint: id.into(),
-        node: node.into(),
-    };
-    let endpoint = Endpoint {
-        id: id.into(),
-        network: "net1".into(),
-        ip,
-        mac: overlay_ctl::dataplane::endpoint::mac_for(ip),
-        node: node.into(),
-        ifname: overlay_ctl::runtimes::container::host_ifname("net1", id),
-        container: None,
-        pid: None,
-        netns: None,
-    };
-    [
-        (
-            format!("overlay/ipam/net1/{ip}"),
-            serde_json::to_vec(&allocation).unwrap(),
-        ),
-        (
-            format!("overlay/endpoints/net1/{id}"),
-            serde_json::to_vec(&endpoint).unwrap(),
-        ),
-    ]
-}
 
 fn endpoint_map_entries(node: &Node) -> Option<u64> {
     node.status()?["endpoint_map_entries"].as_u64()

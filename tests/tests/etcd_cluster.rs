@@ -11,7 +11,7 @@ use std::{
 
 use overlay_tests::{
     bins,
-    cluster::{start_nodes_on_store, Background, Bins, Node},
+    cluster::{endpoint_records, start_nodes_on_store, Background, Bins, Node},
     etcd::EtcdCluster,
     harness::{require_root, unique_name, wait_until},
     net,
@@ -654,4 +654,64 @@ fn every_member_restarted_causes_no_re_registration() {
     let members = nodes[0].cli(&["cluster", "members", "--json"]).ok();
     let members: serde_json::Value = serde_json::from_str(&members.stdout).unwrap();
     assert_eq!(members.as_array().unwrap().len(), 3);
+}
+
+/// The safety net under the feed, on etcd: every tenth resync the watch checks its copy
+/// against the revisions of the keys in the store, without reading their values (no
+/// whole re-read while they match).
+#[test]
+fn agents_on_etcd_check_their_copy_without_reading_the_whole_store_again() {
+    require_root();
+    let underlay = Underlay::new();
+    let etcd = start_etcd(&underlay);
+    // A check every 10 resyncs: every 3 s.
+    let nodes = start_nodes_on_store(
+        &BINS,
+        &underlay,
+        2,
+        &etcd.address(),
+        &["--resync-interval", "300ms"],
+    );
+    nodes[0]
+        .cli(&["network", "create", "net1", "10.100.0.0/22"])
+        .ok();
+    let records: Vec<(String, Vec<u8>)> = (0..400u32)
+        .flat_map(|i| {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 10)) + i);
+            endpoint_records(&format!("sim{i:03}"), &nodes[1].name, ip)
+        })
+        .collect();
+    let value_bytes: usize = records.iter().map(|(_, value)| value.len()).sum();
+    etcd.with_client(|client| async move {
+        for (key, value) in records {
+            client.put(&key, &value).await.unwrap();
+        }
+    });
+    wait_until("node1 to hold the 400 endpoints", JOIN, || {
+        status_number(&nodes[0], "/remote_endpoints") == Some(400)
+    });
+    let feed = |node: &Node| node.status().unwrap()["feed"].clone();
+    let number = |feed: &serde_json::Value, field: &str| feed[field].as_u64().unwrap();
+    let before = feed(&nodes[0]);
+    wait_until(
+        "two checks of node1's copy",
+        Duration::from_secs(20),
+        || number(&feed(&nodes[0]), "copy_checks") >= number(&before, "copy_checks") + 2,
+    );
+    let after = feed(&nodes[0]);
+    assert_eq!(number(&after, "copy_differences"), 0, "{after:#}");
+    assert_eq!(
+        number(&after, "snapshots"),
+        number(&before, "snapshots"),
+        "the feed read the whole store again: {before:#} -> {after:#}"
+    );
+    // Each check reads keys and revisions only: less than the values of the records it
+    // checked, which a whole read of the store returns every time.
+    let checks = number(&after, "copy_checks") - number(&before, "copy_checks");
+    let read = number(&after, "store_bytes_read") - number(&before, "store_bytes_read");
+    eprintln!("{checks} checks read {read} bytes; the records' values are {value_bytes} bytes");
+    assert!(
+        read / checks < value_bytes as u64,
+        "{read} bytes read for {checks} checks of records whose values are {value_bytes} bytes"
+    );
 }

@@ -2,14 +2,16 @@
 //! snapshot an endpoint write arrives as a change carrying only that key, an `applied/`
 //! acknowledgement wakes nobody, a write that bypasses the store's own code is not lost,
 //! lost history (a compacted etcd revision, a reset Consul index, a lapped journal) gives
-//! a snapshot, and the bytes a follower reads per change do not grow with the cluster.
+//! a snapshot, the bytes a follower reads per change do not grow with the cluster, and
+//! on etcd the feed gives the versions of the followed keys as of what it delivered (a
+//! follower checks its copy against them).
 use std::time::{Duration, Instant};
 
 use overlay_ctl::store::{
     backend::{KvBackend, StoreBackend},
     consul::{ConsulClient, ConsulError, TxnOp, TxnOutcome},
     devserver::{AclTokens, ConsulDev, DevConfig},
-    feed::{FeedEvent, KvChange, StoreFeed},
+    feed::{FeedEvent, KvChange, StoreFeed, Versions},
     journal, Store,
 };
 use overlay_tests::etcd::EtcdCluster;
@@ -491,4 +493,78 @@ async fn etcd_feed_reread_starts_over_from_a_snapshot() {
         QUIET,
     );
     reread_starts_over(&store, &mut feed).await;
+}
+
+/// The (key, modify index) of every pair, sorted by key.
+fn versions_of<'p>(
+    pairs: impl IntoIterator<Item = &'p overlay_ctl::store::backend::KvPair>,
+) -> Vec<(String, u64)> {
+    let mut keys: Vec<(String, u64)> = pairs
+        .into_iter()
+        .map(|p| (p.key.clone(), p.modify_index))
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// On etcd, the versions are those of what the feed delivered, not of what was written
+/// since: a follower that applied every delivered event holds exactly them (so a key
+/// that differs is one it missed), and acknowledgements are not among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_feed_versions_are_those_of_the_last_event_delivered() {
+    let cluster = EtcdCluster::start(1).await;
+    let store = Store::etcd(cluster.member_client(0).await, PREFIX);
+    seed(&store).await;
+    let mut feed = StoreFeed::new(
+        StoreBackend::Etcd(cluster.member_client(0).await),
+        PREFIX,
+        QUIET,
+    );
+    assert_eq!(
+        feed.versions().await.unwrap(),
+        None,
+        "nothing delivered yet"
+    );
+    let (mut held, index) = match next_news(&mut feed).await {
+        FeedEvent::Snapshot { pairs, index } => (versions_of(&pairs), index),
+        other => panic!("expected a snapshot, got {other:?}"),
+    };
+    let versions = feed.versions().await.unwrap().expect("etcd gives versions");
+    assert_eq!(
+        versions,
+        Versions {
+            index,
+            keys: held.clone()
+        }
+    );
+
+    // Written, not delivered yet: not in the versions.
+    let web = key("endpoints/net1/web");
+    store.kv().put(&web, b"w").await.unwrap();
+    store.put_applied("n1", 7).await.unwrap();
+    assert_eq!(feed.versions().await.unwrap().unwrap().keys, held);
+
+    // Delivered: in them, at the index the event carried.
+    let changes = changes_of(next_news(&mut feed).await);
+    for change in &changes {
+        match change {
+            KvChange::Put(pair) => held.extend(versions_of([pair])),
+            KvChange::Delete { key } => held.retain(|(k, _)| k != key),
+        }
+    }
+    held.sort();
+    let versions = feed.versions().await.unwrap().unwrap();
+    assert!(versions.keys.iter().any(|(k, _)| *k == web), "{versions:?}");
+    assert_eq!(versions.keys, held);
+    assert!(!versions.keys.iter().any(|(k, _)| k.contains("applied/")));
+}
+
+/// Consul cannot be read as of a past index: no versions (its follower re-reads the
+/// whole store instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_feed_gives_no_versions() {
+    let (server, _raw, _store) = dev().await;
+    let mut feed = StoreFeed::new(feed_client(&server), PREFIX, QUIET);
+    let _ = next_news(&mut feed).await;
+    assert_eq!(feed.versions().await.unwrap(), None);
 }

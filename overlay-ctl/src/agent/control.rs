@@ -182,6 +182,13 @@ pub struct FeedStatus {
     /// Change batches that took the full path from the agent's copy of the store (a
     /// network, node or config change; a local endpoint).
     pub full_fallbacks: u64,
+    /// Periodic checks of the agent's copy against the versions of the followed keys
+    /// in the store (etcd; on Consul the whole store is read again instead).
+    #[serde(default)]
+    pub copy_checks: u64,
+    /// Those checks that found a difference (the feed then read the store again).
+    #[serde(default)]
+    pub copy_differences: u64,
     /// Bytes this agent process read from the store ([`crate::store::Store::bytes_read`]),
     /// as of the last feed event.
     pub store_bytes_read: u64,

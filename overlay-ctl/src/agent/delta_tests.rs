@@ -622,3 +622,72 @@ fn resync_stages_at_twenty_thousand_endpoints() {
         libc::malloc_trim(0);
     });
 }
+
+/// The check of the mirror against the store's versions of the followed keys: equal
+/// when every judged key is held at the store's index (keys outside the judged
+/// sections do not count), else the first key that differs, whichever side lacks it.
+#[test]
+fn the_mirror_differs_from_the_store_versions_at_the_first_key_that_differs() {
+    use crate::store::feed::Versions;
+    let mut pairs = network("net1", "10.100.0.0/24", 7);
+    pairs.push(node("b", 2));
+    pairs.extend(endpoint("e1", "10.100.0.2", "b"));
+    for (i, pair) in pairs.iter_mut().enumerate() {
+        pair.modify_index = 10 + i as u64;
+    }
+    let mut mirror = Mirror::new(P);
+    mirror.replace(pairs.clone());
+    let mut stored: Vec<(String, u64)> = (pairs.iter())
+        .map(|p| (p.key.clone(), p.modify_index))
+        .chain([
+            (format!("{P}journal/head"), 99),
+            (format!("{P}zz-other/x"), 98),
+        ])
+        .collect();
+    stored.sort();
+    let versions = |keys: &[(String, u64)]| Versions {
+        index: 100,
+        keys: keys.to_vec(),
+    };
+    assert_eq!(mirror.first_difference(&versions(&stored)), None);
+
+    let ipam = format!("{P}ipam/net1/10.100.0.2");
+    let at = stored.iter().position(|(k, _)| *k == ipam).unwrap();
+    let mut rewritten = stored.clone();
+    rewritten[at].1 = 50;
+    let difference = mirror.first_difference(&versions(&rewritten)).unwrap();
+    assert_eq!(
+        (difference.key.as_str(), difference.held, difference.stored),
+        (ipam.as_str(), Some(stored[at].1), Some(50))
+    );
+
+    let mut missed_put = stored.clone();
+    missed_put.push((format!("{P}endpoints/net1/e9"), 60));
+    missed_put.sort();
+    let difference = mirror.first_difference(&versions(&missed_put)).unwrap();
+    assert_eq!(
+        (difference.held, difference.stored),
+        (None, Some(60)),
+        "{difference}"
+    );
+
+    let mut missed_delete = stored.clone();
+    missed_delete.retain(|(k, _)| *k != ipam);
+    let difference = mirror.first_difference(&versions(&missed_delete)).unwrap();
+    assert_eq!(difference.key, ipam);
+    assert_eq!(
+        (difference.held, difference.stored),
+        (Some(stored[at].1), None)
+    );
+    // The last key too: nothing after it in the store.
+    let last = mirror.pairs().last().unwrap().key.clone();
+    let mut missed_last = stored.clone();
+    missed_last.retain(|(k, _)| *k != last);
+    assert_eq!(
+        mirror
+            .first_difference(&versions(&missed_last))
+            .unwrap()
+            .key,
+        last
+    );
+}

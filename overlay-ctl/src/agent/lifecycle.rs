@@ -89,6 +89,7 @@ pub async fn run(
         reregister: Notify::new(),
         republish: Notify::new(),
         feed_stale: Notify::new(),
+        feed_check: Default::default(),
         logs,
         local: LocalState::new(&options.state_dir),
         egress: Default::default(),

@@ -11,7 +11,11 @@ use std::{
     net::Ipv4Addr,
 };
 
-use crate::{store::backend::KvPair, store::feed::KvChange, store::keys::Keys};
+use crate::{
+    store::backend::KvPair,
+    store::feed::{KvChange, Versions},
+    store::keys::Keys,
+};
 
 /// The sections under the prefix that the record rules read
 /// ([`crate::store::records::parse_snapshot`]); other keys (`applied/`, a store's own
@@ -77,6 +81,27 @@ impl Scope {
     /// Whether the batch changed nothing an agent applies.
     pub fn is_empty(&self) -> bool {
         !self.full && self.keys.is_empty() && self.nodes.is_empty()
+    }
+}
+
+/// A key that this copy and the store hold at different indexes (`None`: not held).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Difference {
+    pub key: String,
+    pub held: Option<u64>,
+    pub stored: Option<u64>,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = |index: Option<u64>| index.map_or("absent".to_string(), |i| format!("index {i}"));
+        write!(
+            f,
+            "{}: {} here, {} in the store",
+            self.key,
+            at(self.held),
+            at(self.stored)
+        )
     }
 }
 
@@ -166,6 +191,45 @@ impl Mirror {
             }
         }
         scope
+    }
+
+    /// The first key (in key order) whose index differs between this copy and the
+    /// store's `versions` of the followed keys (`None`: it holds exactly the judged
+    /// records the store held at that index). Both are sorted by key.
+    pub fn first_difference(&self, versions: &Versions) -> Option<Difference> {
+        let difference = |key: &str, held, stored| {
+            Some(Difference {
+                key: key.to_string(),
+                held,
+                stored,
+            })
+        };
+        let mut held = (self.records.iter())
+            .map(|r| (r.0.key.as_str(), r.0.modify_index))
+            .peekable();
+        let mut stored = (versions.keys.iter())
+            .filter(|(key, _)| JUDGED_SECTIONS.contains(&self.section(key)))
+            .map(|(key, index)| (key.as_str(), *index))
+            .peekable();
+        loop {
+            match (held.peek().copied(), stored.peek().copied()) {
+                (None, None) => return None,
+                (Some((key, index)), Some((stored_key, stored_index))) if key == stored_key => {
+                    if index != stored_index {
+                        return difference(key, Some(index), Some(stored_index));
+                    }
+                    held.next();
+                    stored.next();
+                }
+                (Some((key, index)), Some((stored_key, _))) if key < stored_key => {
+                    return difference(key, Some(index), None)
+                }
+                (Some((key, index)), None) => return difference(key, Some(index), None),
+                (_, Some((stored_key, stored_index))) => {
+                    return difference(stored_key, None, Some(stored_index))
+                }
+            }
+        }
     }
 
     /// Every record, for a full judgement.

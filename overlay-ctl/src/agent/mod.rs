@@ -257,6 +257,8 @@ struct Agent {
     /// Tells the watch that its copy of the store is older than a fresh read (a store
     /// that came back without its data): the feed reads the store again.
     feed_stale: Notify,
+    /// The resync's requests that the watch check its copy against the store.
+    feed_check: watch::FeedCheck,
     logs: LogBuffer,
     /// This node's records of the endpoints it created (the only thing it acts on).
     local: LocalState,

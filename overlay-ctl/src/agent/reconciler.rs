@@ -24,7 +24,7 @@ use super::{
     status::Forwarding,
     Agent, ReconcilerState,
 };
-use crate::store::{backend::KvBackend as _, identity};
+use crate::store::{backend::KvBackend as _, identity, Endpoint};
 
 /// Whether a reconcile run reads the whole store afresh first, and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,33 +296,42 @@ impl Agent {
     /// This node forwards for the endpoints it recorded creating, with the values it
     /// recorded and the veth name generated from them: a store entry naming this node
     /// only says whether it is still wanted, never which interface or address to use.
+    /// `state` itself when that changes nothing (the common case: no copy of 20,000
+    /// endpoints at every resync, under the reconcile lock).
     fn narrow_to_local_records(
         &self,
-        state: &ClusterState,
+        state: &Arc<ClusterState>,
         records: &BTreeMap<(String, String), LocalEndpoint>,
-    ) -> ClusterState {
+    ) -> Arc<ClusterState> {
         let node = self.node();
+        let narrowed = |e: &Endpoint| -> Option<Endpoint> {
+            let record = records.get(&(e.network.clone(), e.id.clone()))?;
+            if !record.in_use() {
+                return None;
+            }
+            let mut mine = record.endpoint.clone()?;
+            mine.node = node.to_string();
+            mine.ifname = record.host_ifname();
+            Some(mine)
+        };
+        let unchanged = (state.endpoints.iter())
+            .filter(|e| e.node == node)
+            .all(|e| narrowed(e).as_ref() == Some(e));
+        if unchanged {
+            return state.clone();
+        }
         let endpoints = (state.endpoints.iter())
-            .filter_map(|e| {
-                if e.node != node {
-                    return Some(e.clone());
-                }
-                let record = records.get(&(e.network.clone(), e.id.clone()))?;
-                if !record.in_use() {
-                    return None;
-                }
-                let mut mine = record.endpoint.clone()?;
-                mine.node = node.to_string();
-                mine.ifname = record.host_ifname();
-                Some(mine)
+            .filter_map(|e| match e.node == node {
+                false => Some(e.clone()),
+                true => narrowed(e),
             })
             .collect();
-        ClusterState {
+        Arc::new(ClusterState {
             networks: state.networks.clone(),
             nodes: state.nodes.clone(),
             endpoints,
             vxlan_port: state.vxlan_port,
-        }
+        })
     }
 
     /// The host veths of this node's endpoints (and every interface name, for the next

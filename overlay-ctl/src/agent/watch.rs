@@ -10,10 +10,18 @@
 //! ([`super::delta`]); anything else is judged in full from the mirror, so a change
 //! never needs the store to be read again. The changes applied on their own also keep
 //! the desired state current ([`super::delta::Kept::applied_to`]), so the resync
-//! compares the maps with it without judging the whole mirror again, and reads the whole
-//! store only every [`STORE_REREAD_EVERY`]th time.
-use std::{sync::Arc, time::Instant};
+//! compares the maps with it without judging the whole mirror again. Every
+//! [`STORE_REREAD_EVERY`]th time it checks the mirror against the store: on etcd, the
+//! watch compares the index of every key it holds with the store's as of the revision
+//! it delivered last (keys and revisions only, no values: [`FeedCheck`]), and reads
+//! the store again only when they differ; on Consul, which cannot be read as of a past
+//! index, the whole store is read and judged again.
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
+use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
 use super::{delta::DeltaOutcome, lock, reconcile::ClusterState, reconciler::Fetch, Agent};
@@ -24,10 +32,34 @@ use crate::{
     store::records,
 };
 
-/// Every how many resyncs the whole store is read again (the safety net under the
-/// feed: at the default 30 s resync, every 5 minutes); the others plan from the desired
-/// state the feed keeps current.
+/// Every how many resyncs the mirror is checked against the store (the safety net
+/// under the feed: at the default 30 s resync, every 5 minutes); the others plan from
+/// the desired state the feed keeps current.
 pub(super) const STORE_REREAD_EVERY: u32 = 10;
+
+/// How long the resync waits for the watch to check its copy (it answers between two
+/// events) before it reads the whole store itself.
+const FEED_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The resync's request that the watch check its mirror against the store, and the
+/// channel of the answer.
+#[derive(Debug, Default)]
+pub(super) struct FeedCheck {
+    wanted: Notify,
+    reply: Mutex<Option<oneshot::Sender<CheckOutcome>>>,
+}
+
+/// What a check of the mirror against the store found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CheckOutcome {
+    /// The mirror holds every followed key at the store's index.
+    Matches,
+    /// A key differs: the feed reads the whole store again (its snapshot is judged in
+    /// full, as at start).
+    Differs,
+    /// Not checked (Consul, no snapshot yet, the store did not answer).
+    Unchecked,
+}
 
 /// How long the acknowledging task waits after a failed write before the next one
 /// (doubling while writes keep failing, up to [`ACK_RETRY_PAUSE_MAX`]).
@@ -110,6 +142,13 @@ impl Agent {
                     feed.reread("a fresh read of the store shows another cluster identity than the feed's copy");
                     continue;
                 }
+                () = self.feed_check.wanted.notified() => {
+                    let outcome = self.check_mirror(&mut feed).await;
+                    if let Some(reply) = lock(&self.feed_check.reply).take() {
+                        let _ = reply.send(outcome);
+                    }
+                    continue;
+                }
             };
             match next {
                 Ok(event) => {
@@ -133,6 +172,52 @@ impl Agent {
                 Err(e) => self.consul_failed("watch", &e),
             }
         }
+    }
+
+    /// Checks the mirror against the store's versions of the followed keys, as of the
+    /// last event the feed delivered (called between two events, so the mirror holds
+    /// exactly that); on a difference the feed reads the whole store again.
+    async fn check_mirror(&self, feed: &mut StoreFeed) -> CheckOutcome {
+        if !lock(&self.mirror).synced() {
+            return CheckOutcome::Unchecked;
+        }
+        let versions = match feed.versions().await {
+            Ok(Some(versions)) => versions,
+            Ok(None) => return CheckOutcome::Unchecked,
+            Err(e) => {
+                debug!(error = %e, "cannot check the watch's copy against the store");
+                return CheckOutcome::Unchecked;
+            }
+        };
+        let difference = lock(&self.mirror).first_difference(&versions);
+        let bytes = self.store.bytes_read();
+        self.status.send_modify(|status| {
+            status.feed.store_bytes_read = bytes;
+            status.feed.copy_checks += 1;
+            status.feed.copy_differences += u64::from(difference.is_some());
+        });
+        match difference {
+            None => CheckOutcome::Matches,
+            Some(difference) => {
+                warn!(%difference, index = versions.index, "the watch's copy of the store differs from the store");
+                feed.reread("the watch's copy of the store differs from the store");
+                CheckOutcome::Differs
+            }
+        }
+    }
+
+    /// Asks the watch to check its mirror against the store; returns whether it did
+    /// (they matched, or the feed reads the store again as they did not). When it
+    /// could not, the caller reads the whole store itself.
+    async fn mirror_checked(&self) -> bool {
+        let (reply, answer) = oneshot::channel();
+        *lock(&self.feed_check.reply) = Some(reply);
+        self.feed_check.wanted.notify_one();
+        let outcome = tokio::time::timeout(FEED_CHECK_TIMEOUT, answer).await;
+        matches!(
+            outcome,
+            Ok(Ok(CheckOutcome::Matches | CheckOutcome::Differs))
+        )
     }
 
     /// Takes one feed event into the mirror, and applies it on its own when it can.
@@ -278,10 +363,11 @@ impl Agent {
         }
     }
 
-    /// Resync on a timer: compares the maps with the desired state (map drift), and
-    /// every [`STORE_REREAD_EVERY`]th time, or every time while the store is not trusted
-    /// as it is (lost, foreign, healing), with a fresh read of the whole store (anything
-    /// a feed missed, an expired healing period).
+    /// Resync on a timer: compares the maps with the desired state (map drift); every
+    /// [`STORE_REREAD_EVERY`]th time checks the watch's mirror against the store
+    /// (anything a feed missed), with a fresh read of the whole store when the watch
+    /// cannot check it; and reads the whole store every time while it is not trusted
+    /// as it is (lost, foreign, healing: an expired healing period).
     pub(super) async fn resync_loop(self: Arc<Self>) {
         let interval = self.options.resync_interval;
         // At a phase of this agent's own, so that agents started together (a cluster's
@@ -303,7 +389,8 @@ impl Agent {
             );
             // The feed's first read counts as the first: the next one a full period later.
             // The other runs plan from the desired state, which the feed keeps current.
-            let mut from_store = !trusted || (tick + 1) % STORE_REREAD_EVERY == 0;
+            let check = trusted && (tick + 1) % STORE_REREAD_EVERY == 0;
+            let mut from_store = !trusted || (check && !self.mirror_checked().await);
             if !from_store {
                 // A store that came back without its data (or another cluster's) is
                 // judged now, from a fresh read, not at the next whole re-read.

@@ -282,12 +282,12 @@ impl EtcdClient {
     /// Every key under `prefix`, sorted by key, with the revision read at. An empty
     /// prefix lists the whole keyspace.
     pub async fn list(&self, prefix: &str) -> Result<Listing, EtcdError> {
-        self.read_pages(&KeyRange::prefix(prefix), false).await
+        self.read_pages(&KeyRange::prefix(prefix), false, 0).await
     }
 
     /// The key names under `prefix`.
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, EtcdError> {
-        let listing = self.read_pages(&KeyRange::prefix(prefix), true).await?;
+        let listing = self.read_pages(&KeyRange::prefix(prefix), true, 0).await?;
         Ok(listing.entries.into_iter().map(|e| e.key).collect())
     }
 

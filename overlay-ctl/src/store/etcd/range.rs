@@ -95,18 +95,35 @@ fn key_after(key: &[u8]) -> Vec<u8> {
 impl EtcdClient {
     /// Every key in `range`, sorted by key, with the revision read at.
     pub async fn list_range(&self, range: &KeyRange) -> Result<Listing, EtcdError> {
-        self.read_pages(range, false).await
+        self.read_pages(range, false, 0).await
+    }
+
+    /// The (key, revision of its last write) of every key in `range` as of store
+    /// `revision`, sorted by key: what a follower of the range must hold at that
+    /// revision, without the values (a fraction of the bytes, nothing to decode). Fails
+    /// when etcd compacted `revision` away.
+    pub async fn versions_at(
+        &self,
+        range: &KeyRange,
+        revision: i64,
+    ) -> Result<Vec<(String, i64)>, EtcdError> {
+        let listing = self.read_pages(range, true, revision.max(1)).await?;
+        Ok((listing.entries.into_iter())
+            .map(|e| (e.key, e.mod_revision))
+            .collect())
     }
 
     /// Every key in `range` (values left out when `keys_only`), read in pages of
-    /// [`PAGE_KEYS`] at the first page's revision: one consistent listing.
+    /// [`PAGE_KEYS`] at one revision, `at` (0: the first page's, the newest): one
+    /// consistent listing.
     pub(super) async fn read_pages(
         &self,
         range: &KeyRange,
         keys_only: bool,
+        at: i64,
     ) -> Result<Listing, EtcdError> {
         let mut entries = Vec::new();
-        let mut revision = 0i64;
+        let mut revision = at;
         let mut start = range.start.clone();
         loop {
             let mut options = range.get_options().with_limit(PAGE_KEYS);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt as _;
 
-use super::{FeedEvent, KvChange};
+use super::{FeedEvent, KvChange, Versions};
 use crate::store::{
     backend::KvPair,
     etcd::{EtcdClient, EtcdError, KeyRange, PrefixWatch, WatchEvent, WatchUpdate},
@@ -29,6 +29,9 @@ pub(super) fn followed_range(prefix: &str) -> KeyRange {
 #[derive(Debug)]
 pub(super) struct EtcdFeed {
     watch: PrefixWatch,
+    /// The watch's client and range, for [`EtcdFeed::versions`].
+    client: EtcdClient,
+    range: KeyRange,
     wait: Duration,
     /// An update taken while merging a batch that could not join it (a snapshot, an
     /// error): delivered next.
@@ -37,8 +40,11 @@ pub(super) struct EtcdFeed {
 
 impl EtcdFeed {
     pub(super) fn new(client: EtcdClient, prefix: &str, wait: Duration) -> Self {
+        let range = followed_range(prefix);
         Self {
-            watch: PrefixWatch::over(client, followed_range(prefix)),
+            watch: PrefixWatch::over(client.clone(), range.clone()),
+            client,
+            range,
             wait,
             held: None,
         }
@@ -51,6 +57,24 @@ impl EtcdFeed {
         tracing::info!(%reason, "re-reading the cluster state");
         self.watch.restart();
         self.held = None;
+    }
+
+    /// The followed keys as of the revision delivered last (`None`: nothing delivered
+    /// yet, or an update received and not delivered: the follower is not at the
+    /// watch's revision). etcd keeps its history, so this is exactly what a follower
+    /// that applied every delivered event must hold, whatever was written since.
+    pub(super) async fn versions(&mut self) -> Result<Option<Versions>, StoreError> {
+        let delivered = self.watch.revision();
+        if delivered == 0 || self.held.is_some() {
+            return Ok(None);
+        }
+        let keys = self.client.versions_at(&self.range, delivered).await?;
+        Ok(Some(Versions {
+            index: revision_index(delivered),
+            keys: (keys.into_iter())
+                .map(|(key, revision)| (key, revision_index(revision)))
+                .collect(),
+        }))
     }
 
     /// The next update of the watch; after `wait` without one, an empty `Changes` at the

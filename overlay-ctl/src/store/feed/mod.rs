@@ -58,6 +58,16 @@ impl FeedEvent {
     }
 }
 
+/// The followed keys as the store held them at one index, without their values: what
+/// a follower that applied every event up to `index` holds, if it missed nothing
+/// ([`StoreFeed::versions`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Versions {
+    pub index: u64,
+    /// (key, index of its last write), sorted by key.
+    pub keys: Vec<(String, u64)>,
+}
+
 /// Follows the cluster state under a prefix; see the module documentation.
 #[derive(Debug)]
 pub struct StoreFeed {
@@ -91,6 +101,18 @@ impl StoreFeed {
         match &mut self.inner {
             Inner::Etcd(feed) => feed.reread(reason),
             Inner::Consul(feed) => feed.reread(reason),
+        }
+    }
+
+    /// The followed keys as of the last event delivered, read from the store without
+    /// their values, for a follower to check its copy against (a feed that missed an
+    /// event shows as a key whose index differs). `None` when the store cannot be read
+    /// as of a past index (Consul: its follower re-reads the whole state instead), or
+    /// when there is nothing to compare yet. To be called between two events only.
+    pub async fn versions(&mut self) -> Result<Option<Versions>, StoreError> {
+        match &mut self.inner {
+            Inner::Etcd(feed) => feed.versions().await,
+            Inner::Consul(_) => Ok(None),
         }
     }
 
