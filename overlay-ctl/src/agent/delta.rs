@@ -100,7 +100,7 @@ impl Placement {
 
 /// What the changes applied on their own found since the desired state was last set:
 /// `desired` with these in place is the full judgement of the mirror, so a resync plans
-/// from it without judging twenty thousand records again ([`Kept::applied_to`]).
+/// from it without judging twenty thousand records again ([`Kept::apply_in_place`]).
 #[derive(Debug, Default)]
 pub(super) struct Kept {
     /// The endpoints judged valid at every address the changes touched (none: the
@@ -167,23 +167,28 @@ impl Kept {
         found
     }
 
-    /// `state` with the kept endpoints and nodes in place: the full judgement of the
-    /// records, when `state` was the judgement before the changes and these are what
-    /// [`judge_batch`] found. Endpoint order is the judgement's, by (network, id).
+    /// A copy of `state` with [`Kept::apply_in_place`] done on it.
+    #[cfg(test)]
     pub fn applied_to(&self, state: &ClusterState) -> ClusterState {
+        let mut state = state.clone();
+        self.apply_in_place(&mut state);
+        state
+    }
+
+    /// Puts the kept endpoints and nodes in place in `state`: it becomes the full
+    /// judgement of the records, when it was the judgement before the changes and these
+    /// are what [`judge_batch`] found. Endpoint order is the judgement's, by (network,
+    /// id). In place: only the kept endpoints are copied (a copy of 20,000 endpoints
+    /// costs about 6 ms).
+    pub fn apply_in_place(&self, state: &mut ClusterState) {
         let ips = self.ips();
-        let mut endpoints: Vec<Endpoint> = (state.endpoints.iter())
-            .filter(|e| !self.replaces(&ips, e))
-            .cloned()
-            .collect();
-        endpoints.extend(self.endpoints.values().flatten().cloned());
-        endpoints.sort_by(|a, b| (&a.network, &a.id).cmp(&(&b.network, &b.id)));
-        ClusterState {
-            networks: state.networks.clone(),
-            nodes: self.nodes(state).to_vec(),
-            endpoints,
-            vxlan_port: state.vxlan_port,
-        }
+        state.endpoints.retain(|e| !self.replaces(&ips, e));
+        state
+            .endpoints
+            .extend(self.endpoints.values().flatten().cloned());
+        // One sorted run and a short tail: about linear.
+        (state.endpoints).sort_by(|a, b| (&a.network, &a.id).cmp(&(&b.network, &b.id)));
+        state.nodes = self.nodes(state).to_vec();
     }
 }
 

@@ -252,10 +252,12 @@ impl Agent {
             // Changes applied on their own since the last full judgement: their endpoints
             // and nodes take their places in the desired state (no judgement of the whole
             // mirror).
+            // In place when no reader holds the state (the usual case), else on a copy.
             let mut cluster = lock(&self.cluster);
             if !cluster.kept.is_empty() {
-                if let Some(desired) = cluster.desired.clone() {
-                    let current = cluster.kept.applied_to(&desired);
+                if let Some(desired) = cluster.desired.take() {
+                    let mut current = Arc::unwrap_or_clone(desired);
+                    cluster.kept.apply_in_place(&mut current);
                     cluster.set_desired(Arc::new(current), self.node());
                 }
             }

@@ -9,7 +9,7 @@
 //! only other nodes' endpoints and addresses, is applied on its own
 //! ([`super::delta`]); anything else is judged in full from the mirror, so a change
 //! never needs the store to be read again. The changes applied on their own also keep
-//! the desired state current ([`super::delta::Kept::applied_to`]), so the resync
+//! the desired state current ([`super::delta::Kept::apply_in_place`]), so the resync
 //! compares the maps with it without judging the whole mirror again. Every
 //! [`STORE_REREAD_EVERY`]th time it checks the mirror against the store: on etcd, the
 //! watch compares the index of every key it holds with the store's as of the revision
