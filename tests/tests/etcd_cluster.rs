@@ -658,7 +658,7 @@ fn every_member_restarted_causes_no_re_registration() {
 
 /// The safety net under the feed, on etcd: every tenth resync the watch checks its copy
 /// against the revisions of the keys in the store, without reading their values (no
-/// whole re-read while they match).
+/// whole re-read while they match), while it goes on applying changes.
 #[test]
 fn agents_on_etcd_check_their_copy_without_reading_the_whole_store_again() {
     require_root();
@@ -692,26 +692,63 @@ fn agents_on_etcd_check_their_copy_without_reading_the_whole_store_again() {
     });
     let feed = |node: &Node| node.status().unwrap()["feed"].clone();
     let number = |feed: &serde_json::Value, field: &str| feed[field].as_u64().unwrap();
+    let checks_of = |feed: &serde_json::Value| number(feed, "copy_checks");
+    let wait_checks = |after: &serde_json::Value, what: &str| {
+        wait_until(what, Duration::from_secs(20), || {
+            checks_of(&feed(&nodes[0])) >= checks_of(after) + 2
+        })
+    };
+    let no_difference_nor_reread = |before: &serde_json::Value, after: &serde_json::Value| {
+        assert_eq!(number(after, "copy_differences"), 0, "{after:#}");
+        assert_eq!(
+            number(after, "snapshots"),
+            number(before, "snapshots"),
+            "the feed read the whole store again: {before:#} -> {after:#}"
+        );
+    };
+
+    // A quiet store: each check reads keys and revisions only, less than the values
+    // of the records it checked, which a whole read of the store returns every time.
     let before = feed(&nodes[0]);
-    wait_until(
-        "two checks of node1's copy",
-        Duration::from_secs(20),
-        || number(&feed(&nodes[0]), "copy_checks") >= number(&before, "copy_checks") + 2,
-    );
+    wait_checks(&before, "two checks of node1's copy");
     let after = feed(&nodes[0]);
-    assert_eq!(number(&after, "copy_differences"), 0, "{after:#}");
-    assert_eq!(
-        number(&after, "snapshots"),
-        number(&before, "snapshots"),
-        "the feed read the whole store again: {before:#} -> {after:#}"
-    );
-    // Each check reads keys and revisions only: less than the values of the records it
-    // checked, which a whole read of the store returns every time.
-    let checks = number(&after, "copy_checks") - number(&before, "copy_checks");
+    no_difference_nor_reread(&before, &after);
+    let checks = checks_of(&after) - checks_of(&before);
     let read = number(&after, "store_bytes_read") - number(&before, "store_bytes_read");
     eprintln!("{checks} checks read {read} bytes; the records' values are {value_bytes} bytes");
     assert!(
         read / checks < value_bytes as u64,
         "{read} bytes read for {checks} checks of records whose values are {value_bytes} bytes"
     );
+
+    // Endpoints come and go while the checks read the store: what the watch applies
+    // meanwhile is not a difference.
+    let before = after;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let churned = std::thread::scope(|scope| {
+        let (stop, node, etcd) = (&stop, nodes[1].name.clone(), &etcd);
+        let churn = scope.spawn(move || {
+            etcd.with_client(move |client| async move {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ip = Ipv4Addr::new(10, 100, 3, 200);
+                    let records = endpoint_records(&format!("churn{n}"), &node, ip);
+                    for (key, value) in &records {
+                        client.put(key, value).await.unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    for (key, _) in records.iter().rev() {
+                        client.delete(key).await.unwrap();
+                    }
+                    n += 1;
+                }
+                n
+            })
+        });
+        wait_checks(&before, "two checks of node1's copy during the churn");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        churn.join().expect("the churn thread")
+    });
+    assert!(churned > 10, "only {churned} endpoints came and went");
+    no_difference_nor_reread(&before, &feed(&nodes[0]));
 }

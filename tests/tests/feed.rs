@@ -520,16 +520,14 @@ async fn etcd_feed_versions_are_those_of_the_last_event_delivered() {
         PREFIX,
         QUIET,
     );
-    assert_eq!(
-        feed.versions().await.unwrap(),
-        None,
-        "nothing delivered yet"
-    );
+    assert!(feed.versions_read().is_none(), "nothing delivered yet");
     let (mut held, index) = match next_news(&mut feed).await {
         FeedEvent::Snapshot { pairs, index } => (versions_of(&pairs), index),
         other => panic!("expected a snapshot, got {other:?}"),
     };
-    let versions = feed.versions().await.unwrap().expect("etcd gives versions");
+    let read = feed.versions_read().expect("etcd gives versions");
+    assert_eq!(read.index(), index);
+    let versions = read.clone().read().await.unwrap();
     assert_eq!(
         versions,
         Versions {
@@ -542,9 +540,14 @@ async fn etcd_feed_versions_are_those_of_the_last_event_delivered() {
     let web = key("endpoints/net1/web");
     store.kv().put(&web, b"w").await.unwrap();
     store.put_applied("n1", 7).await.unwrap();
-    assert_eq!(feed.versions().await.unwrap().unwrap().keys, held);
+    assert_eq!(
+        feed.versions_read().unwrap().read().await.unwrap().keys,
+        held
+    );
 
-    // Delivered: in them, at the index the event carried.
+    // Delivered: in them, at the index the event carried; a read taken before it,
+    // made after it, still gives the versions as of its own index.
+    let held_before = held.clone();
     let changes = changes_of(next_news(&mut feed).await);
     for change in &changes {
         match change {
@@ -553,7 +556,8 @@ async fn etcd_feed_versions_are_those_of_the_last_event_delivered() {
         }
     }
     held.sort();
-    let versions = feed.versions().await.unwrap().unwrap();
+    assert_eq!(read.read().await.unwrap().keys, held_before);
+    let versions = feed.versions_read().unwrap().read().await.unwrap();
     assert!(versions.keys.iter().any(|(k, _)| *k == web), "{versions:?}");
     assert_eq!(versions.keys, held);
     assert!(!versions.keys.iter().any(|(k, _)| k.contains("applied/")));
@@ -566,5 +570,5 @@ async fn consul_feed_gives_no_versions() {
     let (server, _raw, _store) = dev().await;
     let mut feed = StoreFeed::new(feed_client(&server), PREFIX, QUIET);
     let _ = next_news(&mut feed).await;
-    assert_eq!(feed.versions().await.unwrap(), None);
+    assert!(feed.versions_read().is_none());
 }

@@ -625,7 +625,9 @@ fn resync_stages_at_twenty_thousand_endpoints() {
 
 /// The check of the mirror against the store's versions of the followed keys: equal
 /// when every judged key is held at the store's index (keys outside the judged
-/// sections do not count), else the first key that differs, whichever side lacks it.
+/// sections do not count), else the first key that differs, whichever side lacks it;
+/// what the mirror applied after the versions' index (a newer write, a delete) does
+/// not count.
 #[test]
 fn the_mirror_differs_from_the_store_versions_at_the_first_key_that_differs() {
     use crate::store::feed::Versions;
@@ -649,31 +651,45 @@ fn the_mirror_differs_from_the_store_versions_at_the_first_key_that_differs() {
         index: 100,
         keys: keys.to_vec(),
     };
-    assert_eq!(mirror.first_difference(&versions(&stored)), None);
+    let none = BTreeSet::new();
+    assert_eq!(mirror.first_difference(&versions(&stored), &none), None);
 
     let ipam = format!("{P}ipam/net1/10.100.0.2");
     let at = stored.iter().position(|(k, _)| *k == ipam).unwrap();
     let mut rewritten = stored.clone();
     rewritten[at].1 = 50;
-    let difference = mirror.first_difference(&versions(&rewritten)).unwrap();
+    let difference = mirror
+        .first_difference(&versions(&rewritten), &none)
+        .unwrap();
     assert_eq!(
         (difference.key.as_str(), difference.held, difference.stored),
         (ipam.as_str(), Some(stored[at].1), Some(50))
     );
 
+    let e9 = format!("{P}endpoints/net1/e9");
     let mut missed_put = stored.clone();
-    missed_put.push((format!("{P}endpoints/net1/e9"), 60));
+    missed_put.push((e9.clone(), 60));
     missed_put.sort();
-    let difference = mirror.first_difference(&versions(&missed_put)).unwrap();
+    let difference = mirror
+        .first_difference(&versions(&missed_put), &none)
+        .unwrap();
     assert_eq!(
         (difference.held, difference.stored),
         (None, Some(60)),
         "{difference}"
     );
+    // Deleted after the versions' index: not a difference.
+    let deleted = BTreeSet::from([e9.clone()]);
+    assert_eq!(
+        mirror.first_difference(&versions(&missed_put), &deleted),
+        None
+    );
 
     let mut missed_delete = stored.clone();
     missed_delete.retain(|(k, _)| *k != ipam);
-    let difference = mirror.first_difference(&versions(&missed_delete)).unwrap();
+    let difference = mirror
+        .first_difference(&versions(&missed_delete), &none)
+        .unwrap();
     assert_eq!(difference.key, ipam);
     assert_eq!(
         (difference.held, difference.stored),
@@ -685,9 +701,18 @@ fn the_mirror_differs_from_the_store_versions_at_the_first_key_that_differs() {
     missed_last.retain(|(k, _)| *k != last);
     assert_eq!(
         mirror
-            .first_difference(&versions(&missed_last))
+            .first_difference(&versions(&missed_last), &none)
             .unwrap()
             .key,
         last
     );
+
+    // Written after the versions' index (a newer index here): rewritten or created,
+    // not a difference; the store's older version of a rewritten key neither.
+    let mut newer = endpoint_record("e1", "10.100.0.2", "b");
+    newer.modify_index = 150;
+    let mut created = endpoint_record("e7", "10.100.0.7", "b");
+    created.modify_index = 151;
+    mirror.take_changes(puts(vec![newer, created]), SELF);
+    assert_eq!(mirror.first_difference(&versions(&stored), &none), None);
 }

@@ -193,10 +193,17 @@ impl Mirror {
         scope
     }
 
-    /// The first key (in key order) whose index differs between this copy and the
-    /// store's `versions` of the followed keys (`None`: it holds exactly the judged
-    /// records the store held at that index). Both are sorted by key.
-    pub fn first_difference(&self, versions: &Versions) -> Option<Difference> {
+    /// The first key (in key order) on which this copy and the store's `versions` of
+    /// the followed keys disagree (`None`: it holds exactly the judged records the
+    /// store held at their index, but for what changed since). The copy may be ahead
+    /// of the versions' index: a record written after it (its index is newer), and a
+    /// key in `deleted_since` (a delete applied after it), do not count. Both are
+    /// sorted by key.
+    pub fn first_difference(
+        &self,
+        versions: &Versions,
+        deleted_since: &BTreeSet<String>,
+    ) -> Option<Difference> {
         let difference = |key: &str, held, stored| {
             Some(Difference {
                 key: key.to_string(),
@@ -206,6 +213,7 @@ impl Mirror {
         };
         let mut held = (self.records.iter())
             .map(|r| (r.0.key.as_str(), r.0.modify_index))
+            .filter(|(_, index)| *index <= versions.index)
             .peekable();
         let mut stored = (versions.keys.iter())
             .filter(|(key, _)| JUDGED_SECTIONS.contains(&self.section(key)))
@@ -226,7 +234,14 @@ impl Mirror {
                 }
                 (Some((key, index)), None) => return difference(key, Some(index), None),
                 (_, Some((stored_key, stored_index))) => {
-                    return difference(stored_key, None, Some(stored_index))
+                    // Held with a newer index (rewritten since), or deleted since.
+                    let newer = self.records.get(stored_key).map(|r| r.0.modify_index);
+                    if newer.is_none_or(|index| index <= versions.index)
+                        && !deleted_since.contains(stored_key)
+                    {
+                        return difference(stored_key, newer, Some(stored_index));
+                    }
+                    stored.next();
                 }
             }
         }

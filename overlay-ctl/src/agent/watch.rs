@@ -12,24 +12,30 @@
 //! the desired state current ([`super::delta::Kept::apply_in_place`]), so the resync
 //! compares the maps with it without judging the whole mirror again. Every
 //! [`STORE_REREAD_EVERY`]th time it checks the mirror against the store: on etcd, the
-//! watch compares the index of every key it holds with the store's as of the revision
-//! it delivered last (keys and revisions only, no values: [`FeedCheck`]), and reads
-//! the store again only when they differ; on Consul, which cannot be read as of a past
-//! index, the whole store is read and judged again.
+//! watch reads the index of every followed key as of the revision it had delivered
+//! (keys and revisions only, no values: [`FeedCheck`]), beside the feed, which goes on
+//! applying changes, and compares them with the mirror's, leaving out what changed
+//! since; it reads the store again only when they differ. On Consul, which cannot be
+//! read as of a past index, the whole store is read and judged again.
 use std::{
+    collections::BTreeSet,
     sync::{Arc, Mutex},
     time::Instant,
 };
 
-use tokio::sync::{oneshot, Notify};
+use tokio::{
+    sync::{oneshot, Notify},
+    task::JoinHandle,
+};
 use tracing::{debug, info, warn};
 
 use super::{delta::DeltaOutcome, lock, reconcile::ClusterState, reconciler::Fetch, Agent};
 use crate::{
     store::backend::KvPair,
-    store::feed::{FeedEvent, StoreFeed},
+    store::feed::{FeedEvent, KvChange, StoreFeed, Versions},
     store::identity::{self, Judgement, Trust},
     store::records,
+    store::StoreError,
 };
 
 /// Every how many resyncs the mirror is checked against the store (the safety net
@@ -37,8 +43,8 @@ use crate::{
 /// the desired state the feed keeps current.
 pub(super) const STORE_REREAD_EVERY: u32 = 10;
 
-/// How long the resync waits for the watch to check its copy (it answers between two
-/// events) before it reads the whole store itself.
+/// How long the resync waits for the watch to check its copy before it reads the whole
+/// store itself.
 const FEED_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The resync's request that the watch check its mirror against the store, and the
@@ -57,8 +63,35 @@ enum CheckOutcome {
     /// A key differs: the feed reads the whole store again (its snapshot is judged in
     /// full, as at start).
     Differs,
+    /// A snapshot replaced the mirror while the versions were read: it is as fresh as
+    /// a check could make it.
+    Replaced,
     /// Not checked (Consul, no snapshot yet, the store did not answer).
     Unchecked,
+}
+
+/// What the watch notes while a check's read of the versions runs beside it.
+#[derive(Debug, Default)]
+struct CheckInFlight {
+    /// Keys deleted by the changes applied since the versions' index.
+    deleted: BTreeSet<String>,
+    /// Whether a snapshot replaced the mirror meanwhile.
+    replaced: bool,
+}
+
+impl CheckInFlight {
+    fn note(&mut self, event: &FeedEvent) {
+        match event {
+            FeedEvent::Snapshot { .. } => self.replaced = true,
+            FeedEvent::Changes { changes, .. } => {
+                self.deleted
+                    .extend(changes.iter().filter_map(|change| match change {
+                        KvChange::Delete { key } => Some(key.clone()),
+                        KvChange::Put(_) => None,
+                    }))
+            }
+        }
+    }
 }
 
 /// How long the acknowledging task waits after a failed write before the next one
@@ -135,6 +168,11 @@ impl Agent {
         // newest one when several were applied during one write).
         let (applied_tx, applied_rx) = tokio::sync::watch::channel(AppliedIndex::default());
         tokio::spawn(self.clone().acknowledge_loop(applied_rx));
+        // A check of the mirror in flight: its read of the versions runs beside the
+        // feed, which goes on applying changes (what they change is left out of the
+        // comparison).
+        let mut check: Option<CheckInFlight> = None;
+        let mut check_read: Option<JoinHandle<Result<Versions, StoreError>>> = None;
         loop {
             let next = tokio::select! {
                 next = feed.next() => next,
@@ -142,14 +180,32 @@ impl Agent {
                     feed.reread("a fresh read of the store shows another cluster identity than the feed's copy");
                     continue;
                 }
-                () = self.feed_check.wanted.notified() => {
-                    let outcome = self.check_mirror(&mut feed).await;
-                    if let Some(reply) = lock(&self.feed_check.reply).take() {
-                        let _ = reply.send(outcome);
+                () = self.feed_check.wanted.notified(), if check.is_none() => {
+                    match feed.versions_read().filter(|_| lock(&self.mirror).synced()) {
+                        Some(read) => {
+                            check = Some(CheckInFlight::default());
+                            check_read = Some(tokio::spawn(read.read()));
+                        }
+                        None => self.answer_check(CheckOutcome::Unchecked),
                     }
                     continue;
                 }
+                read = async {
+                    match check_read.as_mut() {
+                        Some(read) => read.await,
+                        None => std::future::pending().await,
+                    }
+                }, if check_read.is_some() => {
+                    check_read = None;
+                    let noted = check.take().unwrap_or_default();
+                    let outcome = self.compare_mirror(&mut feed, noted, read);
+                    self.answer_check(outcome);
+                    continue;
+                }
             };
+            if let (Some(check), Ok(event)) = (check.as_mut(), &next) {
+                check.note(event);
+            }
             match next {
                 Ok(event) => {
                     self.consul_ok();
@@ -174,22 +230,34 @@ impl Agent {
         }
     }
 
-    /// Checks the mirror against the store's versions of the followed keys, as of the
-    /// last event the feed delivered (called between two events, so the mirror holds
-    /// exactly that); on a difference the feed reads the whole store again.
-    async fn check_mirror(&self, feed: &mut StoreFeed) -> CheckOutcome {
-        if !lock(&self.mirror).synced() {
-            return CheckOutcome::Unchecked;
-        }
-        let versions = match feed.versions().await {
-            Ok(Some(versions)) => versions,
-            Ok(None) => return CheckOutcome::Unchecked,
-            Err(e) => {
+    /// Compares the mirror with the store's versions of the followed keys (read as of
+    /// the index of the last event delivered when the check began; `noted`: what the
+    /// watch applied since); on a difference the feed reads the whole store again.
+    fn compare_mirror(
+        &self,
+        feed: &mut StoreFeed,
+        noted: CheckInFlight,
+        read: Result<Result<Versions, StoreError>, tokio::task::JoinError>,
+    ) -> CheckOutcome {
+        let versions = match read {
+            _ if noted.replaced => return CheckOutcome::Replaced,
+            Ok(Ok(versions)) => versions,
+            Ok(Err(e)) => {
                 debug!(error = %e, "cannot check the watch's copy against the store");
                 return CheckOutcome::Unchecked;
             }
+            Err(e) => {
+                warn!(error = %e, "the check of the watch's copy failed");
+                return CheckOutcome::Unchecked;
+            }
         };
-        let difference = lock(&self.mirror).first_difference(&versions);
+        let difference = {
+            let mirror = lock(&self.mirror);
+            if !mirror.synced() {
+                return CheckOutcome::Unchecked;
+            }
+            mirror.first_difference(&versions, &noted.deleted)
+        };
         let bytes = self.store.bytes_read();
         self.status.send_modify(|status| {
             status.feed.store_bytes_read = bytes;
@@ -206,6 +274,13 @@ impl Agent {
         }
     }
 
+    /// Gives the resync the outcome of its check (when it still waits for it).
+    fn answer_check(&self, outcome: CheckOutcome) {
+        if let Some(reply) = lock(&self.feed_check.reply).take() {
+            let _ = reply.send(outcome);
+        }
+    }
+
     /// Asks the watch to check its mirror against the store; returns whether it did
     /// (they matched, or the feed reads the store again as they did not). When it
     /// could not, the caller reads the whole store itself.
@@ -216,7 +291,9 @@ impl Agent {
         let outcome = tokio::time::timeout(FEED_CHECK_TIMEOUT, answer).await;
         matches!(
             outcome,
-            Ok(Ok(CheckOutcome::Matches | CheckOutcome::Differs))
+            Ok(Ok(CheckOutcome::Matches
+                | CheckOutcome::Differs
+                | CheckOutcome::Replaced))
         )
     }
 

@@ -29,7 +29,7 @@ pub(super) fn followed_range(prefix: &str) -> KeyRange {
 #[derive(Debug)]
 pub(super) struct EtcdFeed {
     watch: PrefixWatch,
-    /// The watch's client and range, for [`EtcdFeed::versions`].
+    /// The watch's client and range, for [`EtcdFeed::versions_read`].
     client: EtcdClient,
     range: KeyRange,
     wait: Duration,
@@ -59,22 +59,19 @@ impl EtcdFeed {
         self.held = None;
     }
 
-    /// The followed keys as of the revision delivered last (`None`: nothing delivered
-    /// yet, or an update received and not delivered: the follower is not at the
-    /// watch's revision). etcd keeps its history, so this is exactly what a follower
-    /// that applied every delivered event must hold, whatever was written since.
-    pub(super) async fn versions(&mut self) -> Result<Option<Versions>, StoreError> {
+    /// A read of the followed keys' versions as of the revision delivered last
+    /// (`None`: nothing delivered yet, or an update received and not delivered: the
+    /// follower is not at the watch's revision).
+    pub(super) fn versions_read(&self) -> Option<VersionsRead> {
         let delivered = self.watch.revision();
         if delivered == 0 || self.held.is_some() {
-            return Ok(None);
+            return None;
         }
-        let keys = self.client.versions_at(&self.range, delivered).await?;
-        Ok(Some(Versions {
-            index: revision_index(delivered),
-            keys: (keys.into_iter())
-                .map(|(key, revision)| (key, revision_index(revision)))
-                .collect(),
-        }))
+        Some(VersionsRead {
+            client: self.client.clone(),
+            range: self.range.clone(),
+            revision: delivered,
+        })
     }
 
     /// The next update of the watch; after `wait` without one, an empty `Changes` at the
@@ -129,6 +126,33 @@ impl EtcdFeed {
             }
         }
         WatchUpdate::Changes { events, revision }
+    }
+}
+
+/// See [`super::StoreFeed::versions_read`].
+#[derive(Clone, Debug)]
+pub struct VersionsRead {
+    client: EtcdClient,
+    range: KeyRange,
+    revision: i64,
+}
+
+impl VersionsRead {
+    /// The index the versions are read as of.
+    pub fn index(&self) -> u64 {
+        revision_index(self.revision)
+    }
+
+    /// Reads them: etcd keeps its history, so they are those of that revision whatever
+    /// was written since (a compacted revision is an error).
+    pub async fn read(self) -> Result<Versions, StoreError> {
+        let keys = self.client.versions_at(&self.range, self.revision).await?;
+        Ok(Versions {
+            index: revision_index(self.revision),
+            keys: (keys.into_iter())
+                .map(|(key, revision)| (key, revision_index(revision)))
+                .collect(),
+        })
     }
 }
 

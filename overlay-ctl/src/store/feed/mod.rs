@@ -15,6 +15,7 @@ mod lanes;
 
 use std::time::Duration;
 
+pub use self::etcd::VersionsRead;
 use self::{consul::ConsulFeed, etcd::EtcdFeed};
 use super::{
     backend::{KvPair, StoreBackend},
@@ -60,7 +61,7 @@ impl FeedEvent {
 
 /// The followed keys as the store held them at one index, without their values: what
 /// a follower that applied every event up to `index` holds, if it missed nothing
-/// ([`StoreFeed::versions`]).
+/// ([`StoreFeed::versions_read`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Versions {
     pub index: u64,
@@ -104,15 +105,17 @@ impl StoreFeed {
         }
     }
 
-    /// The followed keys as of the last event delivered, read from the store without
-    /// their values, for a follower to check its copy against (a feed that missed an
-    /// event shows as a key whose index differs). `None` when the store cannot be read
-    /// as of a past index (Consul: its follower re-reads the whole state instead), or
-    /// when there is nothing to compare yet. To be called between two events only.
-    pub async fn versions(&mut self) -> Result<Option<Versions>, StoreError> {
-        match &mut self.inner {
-            Inner::Etcd(feed) => feed.versions().await,
-            Inner::Consul(_) => Ok(None),
+    /// A read of the followed keys as of the last event delivered, from the store
+    /// without their values, for a follower to check its copy against (a feed that
+    /// missed an event shows as a key whose index differs). It runs beside the feed,
+    /// which goes on delivering: the follower leaves out what changed after
+    /// [`VersionsRead::index`]. `None` when the store cannot be read as of a past index
+    /// (Consul: its follower re-reads the whole state instead), or when there is
+    /// nothing to compare yet. To be taken between two events only.
+    pub fn versions_read(&self) -> Option<VersionsRead> {
+        match &self.inner {
+            Inner::Etcd(feed) => feed.versions_read(),
+            Inner::Consul(_) => None,
         }
     }
 
