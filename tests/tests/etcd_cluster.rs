@@ -657,8 +657,8 @@ fn every_member_restarted_causes_no_re_registration() {
 }
 
 /// The safety net under the feed, on etcd: every tenth resync the watch checks its copy
-/// against the revisions of the keys in the store, without reading their values (no
-/// whole re-read while they match), while it goes on applying changes.
+/// against the revisions of the keys in the store (no whole re-read while they match),
+/// while it goes on applying changes. (What such a read costs: `tests/feed.rs`.)
 #[test]
 fn agents_on_etcd_check_their_copy_without_reading_the_whole_store_again() {
     require_root();
@@ -681,7 +681,6 @@ fn agents_on_etcd_check_their_copy_without_reading_the_whole_store_again() {
             endpoint_records(&format!("sim{i:03}"), &nodes[1].name, ip)
         })
         .collect();
-    let value_bytes: usize = records.iter().map(|(_, value)| value.len()).sum();
     etcd.with_client(|client| async move {
         for (key, value) in records {
             client.put(&key, &value).await.unwrap();
@@ -707,19 +706,11 @@ fn agents_on_etcd_check_their_copy_without_reading_the_whole_store_again() {
         );
     };
 
-    // A quiet store: each check reads keys and revisions only, less than the values
-    // of the records it checked, which a whole read of the store returns every time.
+    // A quiet store.
     let before = feed(&nodes[0]);
     wait_checks(&before, "two checks of node1's copy");
     let after = feed(&nodes[0]);
     no_difference_nor_reread(&before, &after);
-    let checks = checks_of(&after) - checks_of(&before);
-    let read = number(&after, "store_bytes_read") - number(&before, "store_bytes_read");
-    eprintln!("{checks} checks read {read} bytes; the records' values are {value_bytes} bytes");
-    assert!(
-        read / checks < value_bytes as u64,
-        "{read} bytes read for {checks} checks of records whose values are {value_bytes} bytes"
-    );
 
     // Endpoints come and go while the checks read the store: what the watch applies
     // meanwhile is not a difference.

@@ -509,17 +509,15 @@ fn versions_of<'p>(
 
 /// On etcd, the versions are those of what the feed delivered, not of what was written
 /// since: a follower that applied every delivered event holds exactly them (so a key
-/// that differs is one it missed), and acknowledgements are not among them.
+/// that differs is one it missed), and acknowledgements are not among them. Read
+/// without the values, they cost a fraction of a whole read of the same keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_feed_versions_are_those_of_the_last_event_delivered() {
     let cluster = EtcdCluster::start(1).await;
     let store = Store::etcd(cluster.member_client(0).await, PREFIX);
     seed(&store).await;
-    let mut feed = StoreFeed::new(
-        StoreBackend::Etcd(cluster.member_client(0).await),
-        PREFIX,
-        QUIET,
-    );
+    let feed_client = cluster.member_client(0).await;
+    let mut feed = StoreFeed::new(StoreBackend::Etcd(feed_client.clone()), PREFIX, QUIET);
     assert!(feed.versions_read().is_none(), "nothing delivered yet");
     let (mut held, index) = match next_news(&mut feed).await {
         FeedEvent::Snapshot { pairs, index } => (versions_of(&pairs), index),
@@ -561,6 +559,48 @@ async fn etcd_feed_versions_are_those_of_the_last_event_delivered() {
     assert!(versions.keys.iter().any(|(k, _)| *k == web), "{versions:?}");
     assert_eq!(versions.keys, held);
     assert!(!versions.keys.iter().any(|(k, _)| k.contains("applied/")));
+
+    // 400 endpoint records of the usual size: the versions read less than a third of
+    // the bytes of the whole records.
+    for i in 0..400 {
+        let record = format!(
+            r#"{{"id":"e{i:03}","network":"net1","ip":"10.1.{}.{}","mac":"02:42:0a:01:00:00","node":"n1","ifname":"ovl-net1-e{i:03}"}}"#,
+            i / 200,
+            i % 200
+        );
+        let k = key(&format!("endpoints/net1/e{i:03}"));
+        store.kv().put(&k, record.as_bytes()).await.unwrap();
+    }
+    // Until the feed delivered them all (one batch or several).
+    while feed
+        .versions_read()
+        .unwrap()
+        .read()
+        .await
+        .unwrap()
+        .keys
+        .len()
+        < held.len() + 400
+    {
+        let _ = next_news(&mut feed).await;
+    }
+    // The feed's client and its clones share one count; the store is quiet, so the
+    // watch reads nothing meanwhile.
+    let before = feed_client.bytes_read();
+    let versions = feed.versions_read().unwrap().read().await.unwrap();
+    let between = feed_client.bytes_read();
+    let whole = feed_client.list(PREFIX).await.unwrap();
+    let (read_versions, read_whole) = (between - before, feed_client.bytes_read() - between);
+    eprintln!("versions: {read_versions} bytes; whole: {read_whole} bytes");
+    assert_eq!(
+        versions.keys.len(),
+        whole.entries.len() - 1,
+        "applied/ is left out"
+    );
+    assert!(
+        3 * read_versions < read_whole,
+        "{read_versions} bytes of versions, {read_whole} of records"
+    );
 }
 
 /// Consul cannot be read as of a past index: no versions (its follower re-reads the

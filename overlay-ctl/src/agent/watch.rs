@@ -243,7 +243,7 @@ impl Agent {
             _ if noted.replaced => return CheckOutcome::Replaced,
             Ok(Ok(versions)) => versions,
             Ok(Err(e)) => {
-                debug!(error = %e, "cannot check the watch's copy against the store");
+                info!(error = %e, "cannot check the watch's copy against the store: reading the whole store instead");
                 return CheckOutcome::Unchecked;
             }
             Err(e) => {
