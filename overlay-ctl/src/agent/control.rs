@@ -190,7 +190,7 @@ pub struct FeedStatus {
     #[serde(default)]
     pub copy_differences: u64,
     /// Bytes this agent process read from the store ([`crate::store::Store::bytes_read`]),
-    /// as of the last feed event.
+    /// as of the last feed event or check of its copy.
     pub store_bytes_read: u64,
 }
 

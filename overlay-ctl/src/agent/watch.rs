@@ -11,7 +11,7 @@
 //! never needs the store to be read again. The changes applied on their own also keep
 //! the desired state current ([`super::delta::Kept::apply_in_place`]), so the resync
 //! compares the maps with it without judging the whole mirror again. Every
-//! [`STORE_REREAD_EVERY`]th time it checks the mirror against the store: on etcd, the
+//! [`STORE_CHECK_EVERY`]th time it checks the mirror against the store: on etcd, the
 //! watch reads the index of every followed key as of the revision it had delivered
 //! (keys and revisions only, no values: [`FeedCheck`]), beside the feed, which goes on
 //! applying changes, and compares them with the mirror's, leaving out what changed
@@ -41,7 +41,7 @@ use crate::{
 /// Every how many resyncs the mirror is checked against the store (the safety net
 /// under the feed: at the default 30 s resync, every 5 minutes); the others plan from
 /// the desired state the feed keeps current.
-pub(super) const STORE_REREAD_EVERY: u32 = 10;
+const STORE_CHECK_EVERY: u32 = 10;
 
 /// How long the resync waits for the watch to check its copy before it reads the whole
 /// store itself.
@@ -70,9 +70,11 @@ enum CheckOutcome {
     Unchecked,
 }
 
-/// What the watch notes while a check's read of the versions runs beside it.
-#[derive(Debug, Default)]
+/// A check whose read of the versions runs beside the watch, and what the watch notes
+/// meanwhile.
+#[derive(Debug)]
 struct CheckInFlight {
+    read: JoinHandle<Result<Versions, StoreError>>,
     /// Keys deleted by the changes applied since the versions' index.
     deleted: BTreeSet<String>,
     /// Whether a snapshot replaced the mirror meanwhile.
@@ -172,7 +174,6 @@ impl Agent {
         // feed, which goes on applying changes (what they change is left out of the
         // comparison).
         let mut check: Option<CheckInFlight> = None;
-        let mut check_read: Option<JoinHandle<Result<Versions, StoreError>>> = None;
         loop {
             let next = tokio::select! {
                 next = feed.next() => next,
@@ -183,23 +184,26 @@ impl Agent {
                 () = self.feed_check.wanted.notified(), if check.is_none() => {
                     match feed.versions_read().filter(|_| lock(&self.mirror).synced()) {
                         Some(read) => {
-                            check = Some(CheckInFlight::default());
-                            check_read = Some(tokio::spawn(read.read()));
+                            check = Some(CheckInFlight {
+                                read: tokio::spawn(read.read()),
+                                deleted: BTreeSet::new(),
+                                replaced: false,
+                            });
                         }
                         None => self.answer_check(CheckOutcome::Unchecked),
                     }
                     continue;
                 }
                 read = async {
-                    match check_read.as_mut() {
-                        Some(read) => read.await,
+                    match check.as_mut() {
+                        Some(check) => (&mut check.read).await,
                         None => std::future::pending().await,
                     }
-                }, if check_read.is_some() => {
-                    check_read = None;
-                    let noted = check.take().unwrap_or_default();
-                    let outcome = self.compare_mirror(&mut feed, noted, read);
-                    self.answer_check(outcome);
+                }, if check.is_some() => {
+                    if let Some(noted) = check.take() {
+                        let outcome = self.compare_mirror(&mut feed, noted, read);
+                        self.answer_check(outcome);
+                    }
                     continue;
                 }
             };
@@ -441,7 +445,7 @@ impl Agent {
     }
 
     /// Resync on a timer: compares the maps with the desired state (map drift); every
-    /// [`STORE_REREAD_EVERY`]th time checks the watch's mirror against the store
+    /// [`STORE_CHECK_EVERY`]th time checks the watch's mirror against the store
     /// (anything a feed missed), with a fresh read of the whole store when the watch
     /// cannot check it; and reads the whole store every time while it is not trusted
     /// as it is (lost, foreign, healing: an expired healing period).
@@ -466,7 +470,7 @@ impl Agent {
             );
             // The feed's first read counts as the first: the next one a full period later.
             // The other runs plan from the desired state, which the feed keeps current.
-            let check = trusted && (tick + 1) % STORE_REREAD_EVERY == 0;
+            let check = trusted && (tick + 1) % STORE_CHECK_EVERY == 0;
             let mut from_store = !trusted || (check && !self.mirror_checked().await);
             if !from_store {
                 // A store that came back without its data (or another cluster's) is
