@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -44,7 +44,12 @@ const VXLAN_OFFSET: usize = OUTER_UDP_OFFSET + UDP_HLEN;
 const INNER_ETH_OFFSET: usize = VXLAN_OFFSET + VXLAN_HLEN;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header length sits in the top byte.
 const ENCAP_L2_LEN_SHIFT: u64 = 56;
-const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+/// FIXED_GSO keeps a GSO skb's segment size, which counts inner payload only: without
+/// it the kernel takes the outer headers' length off it, and every wire frame of a
+/// segmented packet would carry 50 bytes less than the underlay takes. The size fits:
+/// [`inner_segment_len`] is checked against the tunnel's MTU before.
+const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
     | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
     | (ETH_HLEN as u64) << ENCAP_L2_LEN_SHIFT;

@@ -325,12 +325,17 @@ impl Host {
 
     /// Packets of counter `c` for `vni` on this host.
     pub fn packets(&self, vni: u32, c: overlay_common::Counter) -> u64 {
+        self.counter(vni, c).packets
+    }
+
+    /// Packets and bytes of counter `c` for `vni` on this host.
+    pub fn counter(&self, vni: u32, c: overlay_common::Counter) -> overlay_common::CounterValue {
         self.datapath
             .counters()
             .unwrap()
             .get(&(vni, c))
-            .map(|v| v.packets)
-            .unwrap_or(0)
+            .copied()
+            .unwrap_or_default()
     }
 }
 

@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use overlay_common::{
-    proto::{LINUX_VXLAN_PORT, VXLAN_PORT},
+    proto::{ETH_HLEN, LINUX_VXLAN_PORT, VXLAN_PORT},
     Counter,
 };
-use overlay_ctl::dataplane::underlay::DecapMode;
+use overlay_ctl::dataplane::{endpoint, underlay::DecapMode};
 use overlay_tests::{harness::*, net, topology::*};
 
 const REPLY: Duration = Duration::from_secs(5);
@@ -149,6 +149,9 @@ fn ping_everywhere(s: Scenario) {
     let _ = &s.other;
 }
 
+/// How far below a full frame the decapsulated frames of a bulk transfer may average.
+const MEAN_FRAME_SLACK: u64 = 16;
+
 const QUIET: Duration = Duration::from_millis(800);
 
 /// Sends `data` over TCP from `from` to `to` and returns what arrived (length, digest).
@@ -225,6 +228,48 @@ fn decapsulated_tcp_is_coalesced_by_the_receiver() {
     assert!(
         coalesced * MIN_COALESCED_SHARE >= received,
         "the receiver coalesced {coalesced} of {received} segments"
+    );
+}
+
+/// When the kernel cuts an encapsulated GSO packet into wire frames, each frame is as
+/// large as the network's MTU allows: the inner TCP segment size is the container's,
+/// fixed when the outer headers are added. Left to shrink by the headers' length, every
+/// frame would carry 50 bytes less than the underlay takes.
+///
+/// Both hosts' underlays are made NICs without checksum (so without segmentation)
+/// offload: the kernel segments and finishes checksums in software, as it does for such
+/// a NIC, and the receiver decapsulates wire frames at XDP, as on a NIC.
+#[test]
+fn tunnel_frames_of_bulk_tcp_fill_the_network_mtu() {
+    let s = scenario_with(DecapMode::Xdp);
+    for host in &s.hosts[..2] {
+        host.ns
+            .run(|| endpoint::set_tx_checksum(&host.underlay.name, false))
+            .expect("turn TX checksum offload off on a host's underlay");
+    }
+    let vni = s.a1.network.vni;
+    let before = s.hosts[1].counter(vni, Counter::Decapsulated);
+    let data = net::pattern(20 * 1024 * 1024, 10);
+    assert_eq!(
+        tcp_transfer(&s.a1, &s.b1, 5004, &data),
+        (data.len(), net::digest(&data)),
+        "20 MB a1 -> b1 arrived with the same length and digest"
+    );
+    let after = s.hosts[1].counter(vni, Counter::Decapsulated);
+    let (packets, bytes) = (after.packets - before.packets, after.bytes - before.bytes);
+    // Decapsulated bytes are inner Ethernet frames: at most the network MTU plus the
+    // Ethernet header. Payload only, 20 MB is at least this many full frames.
+    let full_frame = u64::from(s.a1.network.info().mtu) + ETH_HLEN as u64;
+    assert!(
+        packets * full_frame >= bytes && packets as usize >= data.len() / full_frame as usize,
+        "{packets} frames, {bytes} bytes"
+    );
+    // A few frames end a GSO packet short, and a few carry only handshake or FIN.
+    let mean = bytes / packets;
+    assert!(
+        mean + MEAN_FRAME_SLACK >= full_frame,
+        "decapsulated frames average {mean} bytes ({packets} frames), the network \
+         MTU allows {full_frame}"
     );
 }
 
