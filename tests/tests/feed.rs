@@ -210,6 +210,121 @@ async fn consul_journal_writes_are_atomic_with_their_records() {
     );
 }
 
+/// The journaled writes of one process that wait for their turn go out together: 64
+/// endpoint puts at once take far fewer store indexes than writes, each has its journal
+/// entry, and a follower gets every put as a change of its own, none lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_journaled_writes_of_one_process_go_out_together() {
+    const WRITES: usize = 64;
+    let (server, raw, store) = dev().await;
+    let mut feed = StoreFeed::new(feed_client(&server), PREFIX, QUIET);
+    snapshot_keys(&next_event(&mut feed).await);
+    let head =
+        || async { journal::parse_head(raw.get(&key("journal/head")).await.unwrap().as_ref()) };
+    let head_before = head().await;
+
+    let record = |i: usize| {
+        (
+            key(&format!("endpoints/net1/e{i}")),
+            format!("{{\"id\":\"e{i}\"}}"),
+        )
+    };
+    let writes = (0..WRITES).map(|i| {
+        let kv = store.kv().clone();
+        async move {
+            let (k, v) = record(i);
+            kv.put(&k, v.as_bytes()).await
+        }
+    });
+    for result in futures_util::future::join_all(writes).await {
+        result.expect("a journaled put");
+    }
+
+    let pairs = raw.list(&key("endpoints/net1/")).await.unwrap();
+    assert_eq!(pairs.len(), WRITES);
+    let indexes: std::collections::BTreeSet<u64> = pairs.iter().map(|p| p.modify_index).collect();
+    assert!(
+        indexes.len() < WRITES / 4,
+        "{WRITES} writes at once took {} store indexes",
+        indexes.len()
+    );
+    assert_eq!(
+        head().await,
+        head_before + WRITES as u64,
+        "one entry per write"
+    );
+
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < WRITES {
+        for change in changes_of(next_news(&mut feed).await) {
+            let KvChange::Put(pair) = change else {
+                panic!("not a put: {change:?}");
+            };
+            assert!(
+                seen.insert(pair.key.clone(), pair.value).is_none(),
+                "{} twice",
+                pair.key
+            );
+        }
+    }
+    let expected: std::collections::BTreeMap<_, _> = (0..WRITES)
+        .map(|i| {
+            let (k, v) = record(i);
+            (k, v.into_bytes())
+        })
+        .collect();
+    assert_eq!(seen, expected);
+}
+
+/// A write's own check stays its own when it goes out with others: of 16 creations of
+/// one key at once, one is written and the others are told no, and the 16 unconditional
+/// writes that went with them are all written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_journaled_checks_stay_per_write_in_a_group() {
+    const WRITERS: usize = 16;
+    let (_server, raw, store) = dev().await;
+    let head =
+        || async { journal::parse_head(raw.get(&key("journal/head")).await.unwrap().as_ref()) };
+    let head_before = head().await;
+    let contested = key("endpoints/net1/web");
+    let creations = (0..WRITERS).map(|i| {
+        let (kv, contested) = (store.kv().clone(), contested.clone());
+        async move {
+            let value = format!("{i}");
+            (
+                value.clone(),
+                kv.put_cas(&contested, value.as_bytes(), 0).await,
+            )
+        }
+    });
+    let puts = (0..WRITERS).map(|i| {
+        let kv = store.kv().clone();
+        async move { kv.put(&key(&format!("ipam/net1/10.0.0.{i}")), b"x").await }
+    });
+    let (created, put) = tokio::join!(
+        futures_util::future::join_all(creations),
+        futures_util::future::join_all(puts)
+    );
+    let winners: Vec<String> = created
+        .into_iter()
+        .filter_map(|(value, result)| result.expect("a journaled cas").then_some(value))
+        .collect();
+    assert_eq!(winners.len(), 1, "creations that succeeded: {winners:?}");
+    assert_eq!(
+        raw.get(&contested).await.unwrap().unwrap().value,
+        winners[0].as_bytes()
+    );
+    for result in put {
+        result.expect("a journaled put");
+    }
+    assert_eq!(raw.list(&key("ipam/net1/")).await.unwrap().len(), WRITERS);
+    assert_eq!(
+        head().await,
+        head_before + WRITERS as u64 + 1,
+        "an entry for every write made, none for those refused"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_server_transactions_are_atomic_and_say_which_check_failed() {
     let (_server, c, _store) = dev().await;

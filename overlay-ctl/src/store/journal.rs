@@ -6,7 +6,10 @@
 //! section goes through one `/v1/txn` that also writes a journal entry (the key, the
 //! operation and the new value) into a ring of [`SLOTS`] slots and advances the head
 //! counter with a check-and-set: record, entry and head share one Consul index, and
-//! concurrent writers are serialised by the head's CAS. A follower blocks on the small
+//! concurrent writers are serialised by the head's CAS. The writes of one process that
+//! wait for their turn go together in the next transaction (a group commit: one head
+//! check, one index and one wake-up of every follower for up to [`MAX_BATCH`] writes),
+//! each with its own entry, in the order they came. A follower blocks on the small
 //! head key and reads only the slots it missed; it re-reads everything (a snapshot) when
 //! it fell more than the ring behind, when a slot does not hold the entry it expects, or
 //! when the head went backwards.
@@ -41,6 +44,14 @@ pub const JOURNALED: [&str; 2] = ["endpoints/", "ipam/"];
 const HEAD_RACE_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
 const HEAD_RACE_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 const HEAD_RACE_PAUSE_CAP: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The most writes one transaction carries: each takes two operations (its journal
+/// entry and itself) beside the head's check, and Consul takes 128 in a transaction.
+pub const MAX_BATCH: usize = 63;
+/// The most bytes of values one transaction carries (each value travels twice: in the
+/// record and, base64, in its entry), well under Consul's 512 KiB request limit. A
+/// larger write goes alone.
+const MAX_BATCH_VALUE_BYTES: usize = 96 * 1024;
 
 /// What a journal entry says happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +144,14 @@ pub enum JournaledWrite<'a> {
 }
 
 impl JournaledWrite<'_> {
+    /// Bytes of value the write carries.
+    fn value_len(&self) -> usize {
+        match *self {
+            Self::Put { value, .. } | Self::PutCas { value, .. } => value.len(),
+            Self::Delete { .. } | Self::DeleteCas { .. } | Self::DeleteTree { .. } => 0,
+        }
+    }
+
     fn record_op(&self) -> TxnOp {
         match *self {
             Self::Put { key, value } => TxnOp::Set {
@@ -177,19 +196,38 @@ impl JournaledWrite<'_> {
     }
 }
 
+/// A write waiting for a transaction, and whom to tell how it went.
+struct Queued {
+    record: TxnOp,
+    /// Its entry; the number is set when the transaction is made.
+    entry: JournalEntry,
+    value_len: usize,
+    done: tokio::sync::oneshot::Sender<Result<bool, ConsulError>>,
+}
+
 /// The journal of one prefix, as the writing side sees it.
-#[derive(Debug)]
 pub struct Journal {
     keys: Keys,
     /// The head (counter, modify index) as this process's last write left it: a writer
     /// that is alone (a benchmark, a busy CLI) saves the read of the head per write; a
     /// stale guess only costs the retry its failed check causes.
     last_head: std::sync::Mutex<Option<(u64, u64)>>,
+    /// Writes waiting for the next transaction, in the order they came.
+    queue: std::sync::Mutex<std::collections::VecDeque<Queued>>,
     /// Writers of this process take turns: racing each other for the head would only
     /// turn most of their transactions into failed checks (32 concurrent writers of one
-    /// benchmark lost their races until they gave up); in turn, each write is one
-    /// transaction on the remembered head.
+    /// benchmark lost their races until they gave up). Whoever has the turn writes what
+    /// is queued, its own write or others'.
     turn: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("prefix", &self.keys.prefix())
+            .field("last_head", &self.cached_head())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Journal {
@@ -197,6 +235,7 @@ impl Journal {
         Self {
             keys: Keys::new(prefix),
             last_head: std::sync::Mutex::new(None),
+            queue: std::sync::Mutex::new(Default::default()),
             turn: tokio::sync::Mutex::new(()),
         }
     }
@@ -218,72 +257,166 @@ impl Journal {
             .is_some_and(|rest| JOURNALED.iter().any(|s| rest.starts_with(s)))
     }
 
-    /// Makes `write` with its journal entry in one transaction; false when the write's
-    /// own check (a CAS) failed, so nothing was written.
+    /// Makes `write` with its journal entry in one transaction (possibly with other
+    /// writes of this process, each keeping its own check); false when the write's own
+    /// check (a CAS) failed, so it was not written. A caller that stops waiting before
+    /// the write went out takes it back: it is not written later.
     pub async fn write(
         &self,
         client: &ConsulClient,
         write: JournaledWrite<'_>,
     ) -> Result<bool, ConsulError> {
+        let (done, mut outcome) = tokio::sync::oneshot::channel();
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.push_back(Queued {
+                record: write.record_op(),
+                entry: write.entry(0),
+                value_len: write.value_len(),
+                done,
+            });
+        }
+        loop {
+            let _turn = self.turn.lock().await;
+            match outcome.try_recv() {
+                Ok(result) => return result,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    return Err(ConsulError::Transport {
+                        addr: client.addr().to_string(),
+                        message: "the writer carrying this journaled write stopped before \
+                                  its answer: whether it was written is unknown"
+                            .to_string(),
+                    })
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            }
+            let batch = self.next_batch();
+            self.commit(client, batch).await;
+        }
+    }
+
+    /// The writes the next transaction carries: the oldest queued ones whose writers
+    /// still wait, up to [`MAX_BATCH`] and [`MAX_BATCH_VALUE_BYTES`] (at least one).
+    fn next_batch(&self) -> Vec<Queued> {
+        let Ok(mut queue) = self.queue.lock() else {
+            return Vec::new();
+        };
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(next) = queue.front() {
+            if next.done.is_closed() {
+                queue.pop_front();
+                continue;
+            }
+            let full = batch.len() == MAX_BATCH
+                || (!batch.is_empty() && bytes + next.value_len > MAX_BATCH_VALUE_BYTES);
+            if full {
+                break;
+            }
+            bytes += next.value_len;
+            batch.extend(queue.pop_front());
+        }
+        batch
+    }
+
+    /// Writes `batch` in one transaction and tells every writer how its write went. A
+    /// write whose own check fails is answered false and the others are tried again
+    /// without it; a lost race for the head is tried again with the new head.
+    async fn commit(&self, client: &ConsulClient, mut batch: Vec<Queued>) {
         let head_key = self.keys.journal_head();
-        let _turn = self.turn.lock().await;
         let started = std::time::Instant::now();
-        for race in 0u32.. {
+        let mut race = 0u32;
+        while !batch.is_empty() {
             if race > 1 {
                 tokio::time::sleep(race_pause(race)).await;
             }
             if started.elapsed() > HEAD_RACE_BUDGET {
-                break;
+                let rejected = || ConsulError::Rejected {
+                    op: "journal",
+                    key: head_key.clone(),
+                };
+                return answer_all(batch, || Err(rejected()));
             }
-            let (seq, head_index) = match self.cached_head() {
+            let (first, head_index) = match self.cached_head() {
                 Some((seq, index)) => (seq + 1, index),
-                None => {
-                    let head = client.get(&head_key).await?;
-                    (
+                None => match client.get(&head_key).await {
+                    Ok(head) => (
                         parse_head(head.as_ref()) + 1,
                         head.map_or(0, |h| h.modify_index),
-                    )
-                }
+                    ),
+                    Err(e) => return answer_all(batch, || Err(e.clone())),
+                },
             };
-            let entry = serde_json::to_vec(&write.entry(seq)).unwrap_or_default();
-            let ops = [
-                TxnOp::Cas {
-                    key: head_key.clone(),
-                    value: seq.to_string().into_bytes(),
-                    index: head_index,
-                },
-                TxnOp::Set {
-                    key: self.keys.journal_slot(slot_of(seq)),
-                    value: entry,
-                },
-                write.record_op(),
-            ];
-            let outcome = client.txn(&ops).await;
-            match outcome {
+            let last = first + batch.len() as u64 - 1;
+            let ops = self.batch_ops(&batch, first, head_index);
+            match client.txn(&ops).await {
                 Ok(TxnOutcome::Applied(written)) => {
                     let index = written.iter().find(|p| p.key == head_key);
-                    self.remember_head(index.map(|h| (seq, h.modify_index)));
-                    return Ok(true);
+                    self.remember_head(index.map(|h| (last, h.modify_index)));
+                    return answer_all(batch, || Ok(true));
                 }
                 Ok(TxnOutcome::RolledBack(failures))
                     if failures.iter().any(|f| f.op_index == 0) =>
                 {
                     self.remember_head(None);
                     if race > 0 {
-                        debug!(seq, "another writer took the journal head; retrying");
+                        debug!(first, "another writer took the journal head; retrying");
                     }
+                    race += 1;
                 }
-                Ok(TxnOutcome::RolledBack(_)) => return Ok(false),
+                Ok(TxnOutcome::RolledBack(failures)) => {
+                    let failed: std::collections::BTreeSet<usize> =
+                        failures.iter().map(|f| write_of_op(f.op_index)).collect();
+                    let (refused, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut batch)
+                        .into_iter()
+                        .enumerate()
+                        .partition(|(i, _)| failed.contains(i));
+                    answer_all(refused.into_iter().map(|(_, q)| q).collect(), || Ok(false));
+                    batch = rest.into_iter().map(|(_, q)| q).collect();
+                }
                 Err(e) => {
                     self.remember_head(None);
-                    return Err(e);
+                    return answer_all(batch, || Err(e.clone()));
                 }
             }
         }
-        Err(ConsulError::Rejected {
-            op: "journal",
-            key: head_key,
-        })
+    }
+
+    /// The transaction for `batch`: the head's check-and-set to its last entry's number,
+    /// then each write's entry (numbered from `first`) and the write itself.
+    fn batch_ops(&self, batch: &[Queued], first: u64, head_index: u64) -> Vec<TxnOp> {
+        let last = first + batch.len() as u64 - 1;
+        let mut ops = Vec::with_capacity(1 + 2 * batch.len());
+        ops.push(TxnOp::Cas {
+            key: self.keys.journal_head(),
+            value: last.to_string().into_bytes(),
+            index: head_index,
+        });
+        for (seq, queued) in (first..).zip(batch) {
+            let entry = JournalEntry {
+                seq,
+                ..queued.entry.clone()
+            };
+            ops.push(TxnOp::Set {
+                key: self.keys.journal_slot(slot_of(seq)),
+                value: serde_json::to_vec(&entry).unwrap_or_default(),
+            });
+            ops.push(queued.record.clone());
+        }
+        ops
+    }
+}
+
+/// Which write of a batch the transaction's operation `op_index` belongs to (see
+/// [`Journal::batch_ops`]; 0, the head's check, belongs to none).
+fn write_of_op(op_index: usize) -> usize {
+    op_index.saturating_sub(1) / 2
+}
+
+/// Tells each writer of `batch` its write's outcome.
+fn answer_all(batch: Vec<Queued>, outcome: impl Fn() -> Result<bool, ConsulError>) {
+    for queued in batch {
+        // A writer that stopped waiting has nobody to tell.
+        let _ = queued.done.send(outcome());
     }
 }
 
@@ -317,6 +450,104 @@ mod tests {
             })
         );
         assert_eq!(missed(9, 3), Err(Behind::HeadWentBack { have: 9, head: 3 }));
+    }
+
+    /// A queued put of `value_len` bytes to `key`, and the receiver of its outcome.
+    fn queue_put(
+        journal: &Journal,
+        key: &str,
+        value_len: usize,
+    ) -> tokio::sync::oneshot::Receiver<Result<bool, ConsulError>> {
+        let value = vec![b'x'; value_len];
+        let write = JournaledWrite::Put { key, value: &value };
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        journal.queue.lock().unwrap().push_back(Queued {
+            record: write.record_op(),
+            entry: write.entry(0),
+            value_len,
+            done,
+        });
+        outcome
+    }
+
+    fn keys_of(batch: &[Queued]) -> Vec<&str> {
+        batch.iter().map(|q| q.entry.key.as_str()).collect()
+    }
+
+    #[test]
+    fn a_batch_takes_the_oldest_waiting_writes_up_to_its_limits() {
+        let journal = Journal::new("o/");
+        drop(queue_put(&journal, "o/endpoints/n/gone", 10));
+        let _waiting: Vec<_> = (0..MAX_BATCH + 2)
+            .map(|i| queue_put(&journal, &format!("o/endpoints/n/e{i}"), 10))
+            .collect();
+        let first = journal.next_batch();
+        assert_eq!(
+            first.len(),
+            MAX_BATCH,
+            "the writer that stopped waiting is left out"
+        );
+        assert_eq!(
+            keys_of(&first)[..2],
+            ["o/endpoints/n/e0", "o/endpoints/n/e1"]
+        );
+        let second = journal.next_batch();
+        assert_eq!(
+            keys_of(&second),
+            [
+                format!("o/endpoints/n/e{MAX_BATCH}"),
+                format!("o/endpoints/n/e{}", MAX_BATCH + 1)
+            ]
+        );
+        assert!(journal.next_batch().is_empty());
+
+        let big = MAX_BATCH_VALUE_BYTES / 2 + 1;
+        let _waiting = [
+            queue_put(&journal, "o/ipam/n/a", big),
+            queue_put(&journal, "o/ipam/n/b", big),
+            queue_put(&journal, "o/ipam/n/huge", 2 * MAX_BATCH_VALUE_BYTES),
+        ];
+        assert_eq!(keys_of(&journal.next_batch()), ["o/ipam/n/a"]);
+        assert_eq!(keys_of(&journal.next_batch()), ["o/ipam/n/b"]);
+        assert_eq!(
+            keys_of(&journal.next_batch()),
+            ["o/ipam/n/huge"],
+            "alone, but written"
+        );
+    }
+
+    #[test]
+    fn a_batch_is_the_head_then_each_entry_before_its_write() {
+        let journal = Journal::new("o/");
+        let _waiting = [
+            queue_put(&journal, "o/endpoints/n/a", 1),
+            queue_put(&journal, "o/endpoints/n/b", 1),
+        ];
+        let batch = journal.next_batch();
+        let ops = journal.batch_ops(&batch, 7, 99);
+        assert_eq!(
+            ops[0],
+            TxnOp::Cas {
+                key: "o/journal/head".into(),
+                value: b"8".to_vec(),
+                index: 99
+            }
+        );
+        for (write, seq) in [(0, 7), (1, 8)] {
+            let TxnOp::Set { key, value } = &ops[1 + 2 * write] else {
+                panic!("not an entry: {:?}", ops[1 + 2 * write]);
+            };
+            assert_eq!(key, &format!("o/journal/{seq}"));
+            let entry: JournalEntry = serde_json::from_slice(value).unwrap();
+            assert_eq!(
+                (entry.seq, entry.key.as_str()),
+                (seq, batch[write].entry.key.as_str())
+            );
+            assert_eq!(ops[2 + 2 * write], batch[write].record);
+            assert_eq!(write_of_op(1 + 2 * write), write);
+            assert_eq!(write_of_op(2 + 2 * write), write);
+        }
+        assert_eq!(ops.len(), 5);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hyper::Method;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ConsulError {
     #[error("invalid Consul address {addr:?}: {reason}")]
     InvalidAddress { addr: String, reason: String },
