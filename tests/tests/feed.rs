@@ -157,6 +157,11 @@ async fn dev() -> (ConsulDev, ConsulClient, Store) {
     (server, client, store)
 }
 
+/// The journal's head counter, read directly.
+async fn journal_head(raw: &ConsulClient) -> u64 {
+    journal::parse_head(raw.get(&key("journal/head")).await.unwrap().as_ref())
+}
+
 /// A client of its own for the feed, so its bytes are the feed's alone.
 fn feed_client(server: &ConsulDev) -> StoreBackend {
     StoreBackend::Consul(ConsulClient::new(&server.http_addr(), None).unwrap())
@@ -219,9 +224,7 @@ async fn consul_journaled_writes_of_one_process_go_out_together() {
     let (server, raw, store) = dev().await;
     let mut feed = StoreFeed::new(feed_client(&server), PREFIX, QUIET);
     snapshot_keys(&next_event(&mut feed).await);
-    let head =
-        || async { journal::parse_head(raw.get(&key("journal/head")).await.unwrap().as_ref()) };
-    let head_before = head().await;
+    let head_before = journal_head(&raw).await;
 
     let record = |i: usize| {
         (
@@ -249,7 +252,7 @@ async fn consul_journaled_writes_of_one_process_go_out_together() {
         indexes.len()
     );
     assert_eq!(
-        head().await,
+        journal_head(&raw).await,
         head_before + WRITES as u64,
         "one entry per write"
     );
@@ -283,9 +286,7 @@ async fn consul_journaled_writes_of_one_process_go_out_together() {
 async fn consul_journaled_checks_stay_per_write_in_a_group() {
     const WRITERS: usize = 16;
     let (_server, raw, store) = dev().await;
-    let head =
-        || async { journal::parse_head(raw.get(&key("journal/head")).await.unwrap().as_ref()) };
-    let head_before = head().await;
+    let head_before = journal_head(&raw).await;
     let contested = key("endpoints/net1/web");
     let creations = (0..WRITERS).map(|i| {
         let (kv, contested) = (store.kv().clone(), contested.clone());
@@ -319,7 +320,7 @@ async fn consul_journaled_checks_stay_per_write_in_a_group() {
     }
     assert_eq!(raw.list(&key("ipam/net1/")).await.unwrap().len(), WRITERS);
     assert_eq!(
-        head().await,
+        journal_head(&raw).await,
         head_before + WRITERS as u64 + 1,
         "an entry for every write made, none for those refused"
     );

@@ -144,14 +144,6 @@ pub enum JournaledWrite<'a> {
 }
 
 impl JournaledWrite<'_> {
-    /// Bytes of value the write carries.
-    fn value_len(&self) -> usize {
-        match *self {
-            Self::Put { value, .. } | Self::PutCas { value, .. } => value.len(),
-            Self::Delete { .. } | Self::DeleteCas { .. } | Self::DeleteTree { .. } => 0,
-        }
-    }
-
     fn record_op(&self) -> TxnOp {
         match *self {
             Self::Put { key, value } => TxnOp::Set {
@@ -201,8 +193,28 @@ struct Queued {
     record: TxnOp,
     /// Its entry; the number is set when the transaction is made.
     entry: JournalEntry,
-    value_len: usize,
     done: tokio::sync::oneshot::Sender<Result<bool, ConsulError>>,
+}
+
+impl Queued {
+    fn new(
+        write: &JournaledWrite<'_>,
+        done: tokio::sync::oneshot::Sender<Result<bool, ConsulError>>,
+    ) -> Self {
+        Self {
+            record: write.record_op(),
+            entry: write.entry(0),
+            done,
+        }
+    }
+
+    /// Bytes of value the write carries.
+    fn value_len(&self) -> usize {
+        match &self.record {
+            TxnOp::Set { value, .. } | TxnOp::Cas { value, .. } => value.len(),
+            _ => 0,
+        }
+    }
 }
 
 /// The journal of one prefix, as the writing side sees it.
@@ -244,6 +256,12 @@ impl Journal {
         self.last_head.lock().map(|h| *h).unwrap_or(None)
     }
 
+    /// The queue, also after a panic elsewhere held its lock (its entries stay valid;
+    /// a write that could not be queued would wait for its turn forever).
+    fn queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Queued>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn remember_head(&self, head: Option<(u64, u64)>) {
         if let Ok(mut last) = self.last_head.lock() {
             *last = head;
@@ -267,14 +285,7 @@ impl Journal {
         write: JournaledWrite<'_>,
     ) -> Result<bool, ConsulError> {
         let (done, mut outcome) = tokio::sync::oneshot::channel();
-        if let Ok(mut queue) = self.queue.lock() {
-            queue.push_back(Queued {
-                record: write.record_op(),
-                entry: write.entry(0),
-                value_len: write.value_len(),
-                done,
-            });
-        }
+        self.queue().push_back(Queued::new(&write, done));
         loop {
             let _turn = self.turn.lock().await;
             match outcome.try_recv() {
@@ -297,9 +308,7 @@ impl Journal {
     /// The writes the next transaction carries: the oldest queued ones whose writers
     /// still wait, up to [`MAX_BATCH`] and [`MAX_BATCH_VALUE_BYTES`] (at least one).
     fn next_batch(&self) -> Vec<Queued> {
-        let Ok(mut queue) = self.queue.lock() else {
-            return Vec::new();
-        };
+        let mut queue = self.queue();
         let mut batch = Vec::new();
         let mut bytes = 0;
         while let Some(next) = queue.front() {
@@ -308,11 +317,11 @@ impl Journal {
                 continue;
             }
             let full = batch.len() == MAX_BATCH
-                || (!batch.is_empty() && bytes + next.value_len > MAX_BATCH_VALUE_BYTES);
+                || (!batch.is_empty() && bytes + next.value_len() > MAX_BATCH_VALUE_BYTES);
             if full {
                 break;
             }
-            bytes += next.value_len;
+            bytes += next.value_len();
             batch.extend(queue.pop_front());
         }
         batch
@@ -461,12 +470,7 @@ mod tests {
         let value = vec![b'x'; value_len];
         let write = JournaledWrite::Put { key, value: &value };
         let (done, outcome) = tokio::sync::oneshot::channel();
-        journal.queue.lock().unwrap().push_back(Queued {
-            record: write.record_op(),
-            entry: write.entry(0),
-            value_len,
-            done,
-        });
+        journal.queue().push_back(Queued::new(&write, done));
         outcome
     }
 
