@@ -47,8 +47,8 @@ use overlay_common::{Counter, CounterValue};
 use tokio::net::TcpListener;
 
 use crate::{
-    agent::apply::ApplyReport,
     agent::status::LiveStatus,
+    agent::{apply::ApplyReport, lock},
     store::records::{RecordKind, RejectReason},
 };
 
@@ -86,10 +86,6 @@ pub struct ControlPlaneMetrics {
     /// Wanted entries missing from each map after the last reconcile.
     map_missing: Mutex<BTreeMap<String, u64>>,
     map_update_failures: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ControlPlaneMetrics {
