@@ -463,7 +463,7 @@ fn an_invalidated_mirror_judges_nothing_until_its_next_snapshot() {
     assert!(scope.is_empty() && scope.addresses.is_empty());
     assert_eq!(mirror.pairs().count(), 0);
     let fresh = cluster().mirror;
-    mirror.replace(fresh.pairs().cloned().collect());
+    mirror.replace(fresh.pairs().map(Stored::to_pair).collect());
     assert!(mirror.synced());
     assert_eq!(planned(&mirror), planned(&fresh));
 }
@@ -696,7 +696,7 @@ fn the_mirror_differs_from_the_store_versions_at_the_first_key_that_differs() {
         (Some(stored[at].1), None)
     );
     // The last key too: nothing after it in the store.
-    let last = mirror.pairs().last().unwrap().key.clone();
+    let last = mirror.pairs().last().unwrap().key().to_string();
     let mut missed_last = stored.clone();
     missed_last.retain(|(k, _)| *k != last);
     assert_eq!(
@@ -715,4 +715,110 @@ fn the_mirror_differs_from_the_store_versions_at_the_first_key_that_differs() {
     created.modify_index = 151;
     mirror.take_changes(puts(vec![newer, created]), SELF);
     assert_eq!(mirror.first_difference(&versions(&stored), &none), None);
+}
+
+/// What an agent holds per endpoint at 20,000 endpoints, stage by stage (heap bytes in
+/// use after each, glibc's count): a measurement to run by hand with `--ignored
+/// --nocapture --test-threads 1` (other tests' allocations would count), not a check.
+#[test]
+#[ignore]
+fn memory_per_endpoint_at_twenty_thousand_endpoints() {
+    const ENDPOINTS: u32 = 20_000;
+    fn in_use() -> i64 {
+        // SAFETY: both only read or trim the allocator's own bookkeeping.
+        unsafe {
+            libc::malloc_trim(0);
+            libc::mallinfo2().uordblks as i64
+        }
+    }
+    // Before the records are made: the mirror is what stays of them.
+    let mut last = in_use();
+    let mut pairs = network("net1", "10.96.0.0/12", 7);
+    pairs.push(node(SELF, 1));
+    for n in 0..100u32 {
+        pairs.push(pair(
+            &format!("nodes/n{n}"),
+            &format!(
+                r#"{{"name":"n{n}","vtep":"198.18.1.{}","iface":"eth0"}}"#,
+                n + 1
+            ),
+            Some("s"),
+        ));
+    }
+    for i in 0..ENDPOINTS {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 1, 0)) + i);
+        pairs.extend(endpoint(
+            &format!("s{i:06}"),
+            &ip.to_string(),
+            &format!("n{}", i % 100),
+        ));
+    }
+    let mut report = |stage: &str| {
+        let now = in_use();
+        println!(
+            "{stage}: {} B/endpoint",
+            (now - last) / i64::from(ENDPOINTS)
+        );
+        last = now;
+    };
+    let mut mirror = Mirror::new(P);
+    mirror.replace(pairs);
+    report("mirror (records and claims)");
+    let links = BTreeSet::new();
+    let desired = records::parse_snapshot(P, mirror.pairs(), view(&links)).state;
+    report("desired state");
+    let local = LocalNode {
+        name: SELF.into(),
+        vtep: SELF_VTEP,
+    };
+    let plan = reconcile::plan(&desired, &local, &BTreeMap::new());
+    report("plan");
+    let mut maps = MemoryMaps::default();
+    crate::agent::apply::apply(&mut maps, &plan.maps, &BTreeMap::new()).unwrap();
+    report("maps (in memory)");
+    assert_eq!(desired.endpoints.len(), ENDPOINTS as usize);
+}
+
+/// The claims index is kept by address alone, the network being in each claimant's
+/// key: the claimants of an address are those of its network only, and a record that
+/// is deleted, or rewritten with another address, stops claiming it.
+#[test]
+fn the_mirror_claimants_of_an_address_are_those_of_its_network_and_follow_changes() {
+    let ip = |last: u8| Ipv4Addr::new(10, 100, 0, last);
+    let key = |net: &str, id: &str| format!("{P}endpoints/{net}/{id}");
+    let in_net2 = pair(
+        "endpoints/net2/e3",
+        r#"{"id":"e3","network":"net2","ip":"10.100.0.2","mac":"02:42:0a:64:00:02","node":"b","ifname":"x"}"#,
+        None,
+    );
+    let mut mirror = Mirror::new(P);
+    mirror.replace(vec![
+        endpoint_record("e1", "10.100.0.2", "b"),
+        endpoint_record("e2", "10.100.0.2", "c"),
+        in_net2,
+    ]);
+    let claimants = |mirror: &Mirror, net: &str, last: u8| -> Vec<String> {
+        let address = (net.to_string(), ip(last));
+        mirror.claimants(&address).map(str::to_string).collect()
+    };
+    assert_eq!(
+        claimants(&mirror, "net1", 2),
+        [key("net1", "e1"), key("net1", "e2")]
+    );
+    assert_eq!(claimants(&mirror, "net2", 2), [key("net2", "e3")]);
+
+    mirror.take_changes(vec![delete("endpoints/net1/e1")], SELF);
+    assert_eq!(claimants(&mirror, "net1", 2), [key("net1", "e2")]);
+    let scope = mirror.take_changes(puts(vec![endpoint_record("e2", "10.100.0.3", "c")]), SELF);
+    assert_eq!(
+        scope.addresses,
+        BTreeSet::from([("net1".to_string(), ip(2)), ("net1".to_string(), ip(3))]),
+        "the address left and the address taken are both judged again"
+    );
+    assert!(claimants(&mirror, "net1", 2).is_empty());
+    assert_eq!(claimants(&mirror, "net1", 3), [key("net1", "e2")]);
+    assert_eq!(claimants(&mirror, "net2", 2), [key("net2", "e3")]);
+
+    mirror.take_changes(vec![delete("endpoints/net2/e3")], SELF);
+    assert!(claimants(&mirror, "net2", 2).is_empty());
 }

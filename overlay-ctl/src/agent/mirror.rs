@@ -5,14 +5,19 @@
 //! (network, address), so that the one-endpoint-per-address rule is applied to that
 //! address's claimants only ([`Mirror::take_changes`] says which addresses and node
 //! records a batch touched, or that it needs the full path).
+//!
+//! It is most of an agent's memory (two records per endpoint), so it keeps of each
+//! record only what the record rules read ([`Stored`]), the index shares the records'
+//! keys, and a snapshot is built into full tree nodes.
 use std::{
     borrow::Borrow,
     collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use crate::{
-    store::backend::KvPair,
+    store::backend::{KvPair, Record},
     store::feed::{KvChange, Versions},
     store::keys::Keys,
 };
@@ -25,29 +30,126 @@ const JUDGED_SECTIONS: [&str; 6] = ["config", "endpoints", "ipam", "networks", "
 /// A (network, address) that endpoint records claim.
 pub(super) type Address = (String, Ipv4Addr);
 
-/// A record ordered (and looked up) by its key, so the key is stored once.
+/// One followed record as the mirror keeps it: what the record rules read
+/// ([`Record`]), ordered and looked up by its key. A [`KvPair`] as decoded takes 104
+/// bytes before its key and value, with spare capacity in both.
 #[derive(Debug)]
-struct ByKey(KvPair);
+pub(super) struct Stored {
+    /// Shared with the claims index.
+    key: Arc<str>,
+    value: Box<[u8]>,
+    create_index: u64,
+    modify_index: u64,
+    session: Option<Box<str>>,
+}
 
-impl PartialEq for ByKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.key == other.0.key
+impl From<KvPair> for Stored {
+    fn from(pair: KvPair) -> Self {
+        Self {
+            key: pair.key.into(),
+            value: pair.value.into_boxed_slice(),
+            create_index: pair.create_index,
+            modify_index: pair.modify_index,
+            session: pair.session.map(String::into_boxed_str),
+        }
     }
 }
-impl Eq for ByKey {}
-impl PartialOrd for ByKey {
+
+#[cfg(test)]
+impl Stored {
+    /// The record as a pair (what a snapshot is made of).
+    pub fn to_pair(&self) -> KvPair {
+        KvPair {
+            key: self.key.to_string(),
+            value: self.value.to_vec(),
+            create_index: self.create_index,
+            modify_index: self.modify_index,
+            lock_index: 0,
+            flags: 0,
+            session: self.session.as_deref().map(str::to_string),
+        }
+    }
+}
+
+impl Record for Stored {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn value(&self) -> &[u8] {
+        &self.value
+    }
+    fn create_index(&self) -> u64 {
+        self.create_index
+    }
+    fn modify_index(&self) -> u64 {
+        self.modify_index
+    }
+    fn session(&self) -> Option<&str> {
+        self.session.as_deref()
+    }
+}
+
+impl PartialEq for Stored {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+impl Eq for Stored {}
+impl PartialOrd for Stored {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for ByKey {
+impl Ord for Stored {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.key.cmp(&other.0.key)
+        self.key.cmp(&other.key)
     }
 }
-impl Borrow<str> for ByKey {
+impl Borrow<str> for Stored {
     fn borrow(&self) -> &str {
-        &self.0.key
+        &self.key
+    }
+}
+
+/// The keys of the endpoint records claiming one address (in any network: the
+/// network is in the key). Almost always one.
+#[derive(Debug)]
+enum Claimants {
+    One(Arc<str>),
+    Many(Vec<Arc<str>>),
+}
+
+impl Claimants {
+    fn keys(&self) -> &[Arc<str>] {
+        match self {
+            Self::One(key) => std::slice::from_ref(key),
+            Self::Many(keys) => keys,
+        }
+    }
+
+    fn add(&mut self, key: Arc<str>) {
+        match self {
+            Self::One(first) => *self = Self::Many(vec![first.clone(), key]),
+            Self::Many(keys) => keys.push(key),
+        }
+    }
+
+    /// Takes `key` out; `false` when none is left.
+    fn remove(&mut self, key: &str) -> bool {
+        match self {
+            Self::One(only) => &**only != key,
+            Self::Many(keys) => {
+                keys.retain(|k| &**k != key);
+                match keys.as_slice() {
+                    [] => false,
+                    [last] => {
+                        *self = Self::One(last.clone());
+                        true
+                    }
+                    _ => true,
+                }
+            }
+        }
     }
 }
 
@@ -109,9 +211,10 @@ impl std::fmt::Display for Difference {
 #[derive(Debug)]
 pub(super) struct Mirror {
     keys: Keys,
-    records: BTreeSet<ByKey>,
-    /// (network, address) -> the keys of the endpoint records claiming it.
-    claims: HashMap<Address, Vec<Box<str>>>,
+    records: BTreeSet<Stored>,
+    /// address -> the keys of the endpoint records claiming it, in any network (a
+    /// network name per entry would cost more than the rest of the entry).
+    claims: HashMap<Ipv4Addr, Claimants>,
     synced: bool,
 }
 
@@ -140,10 +243,19 @@ impl Mirror {
 
     /// Replaces everything with a snapshot.
     pub fn replace(&mut self, pairs: Vec<KvPair>) {
-        self.records.clear();
-        self.claims.clear();
-        for pair in pairs {
-            self.put(pair);
+        self.records = BTreeSet::new();
+        self.claims = HashMap::new();
+        // Collected, not inserted one by one: a set built from a whole sequence fills
+        // its tree nodes (inserted in key order, they stay about half full).
+        self.records = (pairs.into_iter())
+            .filter(|pair| JUDGED_SECTIONS.contains(&self.section(&pair.key)))
+            .map(Stored::from)
+            .collect();
+        let claims: Vec<(Ipv4Addr, Arc<str>)> = (self.records.iter())
+            .filter_map(|record| Some((self.claim(record)?.1, record.key.clone())))
+            .collect();
+        for (ip, key) in claims {
+            self.add_claim(ip, key);
         }
         self.claims.shrink_to_fit();
         self.synced = true;
@@ -162,16 +274,15 @@ impl Mirror {
                 continue;
             }
             let old = self.remove(&key);
-            let new = match change {
-                KvChange::Put(pair) => Some(self.put(pair)),
-                KvChange::Delete { .. } => None,
-            };
+            if let KvChange::Put(pair) = change {
+                self.put(pair);
+            }
             let section = self.section(&key);
             match section {
                 "endpoints" => {
-                    for pair in old.iter().chain(new.flatten().as_ref()) {
-                        scope.own.extend(own_endpoint(pair, node));
-                        scope.addresses.extend(self.claim(pair));
+                    for record in old.iter().chain(self.records.get(key.as_str())) {
+                        scope.own.extend(own_endpoint(record, node));
+                        scope.addresses.extend(self.claim(record));
                     }
                     scope.keys.insert(key);
                 }
@@ -212,7 +323,7 @@ impl Mirror {
             })
         };
         let mut held = (self.records.iter())
-            .map(|r| (r.0.key.as_str(), r.0.modify_index))
+            .map(|r| (&*r.key, r.modify_index))
             .filter(|(_, index)| *index <= versions.index)
             .peekable();
         let mut stored = (versions.keys.iter())
@@ -235,7 +346,7 @@ impl Mirror {
                 (Some((key, index)), None) => return difference(key, Some(index), None),
                 (_, Some((stored_key, stored_index))) => {
                     // Held with a newer index (rewritten since), or deleted since.
-                    let newer = self.records.get(stored_key).map(|r| r.0.modify_index);
+                    let newer = self.records.get(stored_key).map(|r| r.modify_index);
                     if newer.is_none_or(|index| index <= versions.index)
                         && !deleted_since.contains(stored_key)
                     {
@@ -248,29 +359,31 @@ impl Mirror {
     }
 
     /// Every record, for a full judgement.
-    pub fn pairs(&self) -> impl Iterator<Item = &KvPair> + Clone {
-        self.records.iter().map(|r| &r.0)
+    pub fn pairs(&self) -> impl Iterator<Item = &Stored> + Clone {
+        self.records.iter()
     }
 
-    pub fn get(&self, key: &str) -> Option<&KvPair> {
-        self.records.get(key).map(|r| &r.0)
+    pub fn get(&self, key: &str) -> Option<&Stored> {
+        self.records.get(key)
     }
 
     /// The records under one section (`networks`, `vni`, ...).
-    pub fn section_pairs<'a>(&'a self, section: &str) -> impl Iterator<Item = &'a KvPair> + 'a {
+    pub fn section_pairs<'a>(&'a self, section: &str) -> impl Iterator<Item = &'a Stored> + 'a {
         let start = format!("{}{section}/", self.keys.prefix());
         self.records
             .range::<str, _>((
                 std::ops::Bound::Included(start.as_str()),
                 std::ops::Bound::Unbounded,
             ))
-            .take_while(move |r| r.0.key.starts_with(&start))
-            .map(|r| &r.0)
+            .take_while(move |r| r.key.starts_with(&start))
     }
 
     /// The keys of the endpoint records claiming `address`.
-    pub fn claimants(&self, address: &Address) -> impl Iterator<Item = &str> {
-        (self.claims.get(address).into_iter().flatten()).map(|k| &**k)
+    pub fn claimants<'a>(&'a self, address: &'a Address) -> impl Iterator<Item = &'a str> {
+        let claimants = self.claims.get(&address.1).map(Claimants::keys);
+        (claimants.into_iter().flatten())
+            .map(|key| &**key)
+            .filter(|key| self.keys.parse_endpoint_network(key) == Some(address.0.as_str()))
     }
 
     /// The IPAM key of `address`.
@@ -279,34 +392,35 @@ impl Mirror {
     }
 
     /// Stores `pair` (only what the record rules judge: not the `applied/`
-    /// acknowledgements, nor anything else outside [`JUDGED_SECTIONS`]); returns a copy of
-    /// it when it is an endpoint record (to find its claim).
-    fn put(&mut self, mut pair: KvPair) -> Option<KvPair> {
+    /// acknowledgements, nor anything else outside [`JUDGED_SECTIONS`]).
+    fn put(&mut self, pair: KvPair) {
         if !JUDGED_SECTIONS.contains(&self.section(&pair.key)) {
-            return None;
+            return;
         }
-        // Kept for long, twenty thousand of them: no spare capacity from decoding.
-        pair.key.shrink_to_fit();
-        pair.value.shrink_to_fit();
-        let claim = self.claim(&pair);
-        if let Some(address) = claim.clone() {
-            self.claims
-                .entry(address)
-                .or_default()
-                .push(pair.key.as_str().into());
+        let record = Stored::from(pair);
+        if let Some((_, ip)) = self.claim(&record) {
+            self.add_claim(ip, record.key.clone());
         }
-        let endpoint = (self.section(&pair.key) == "endpoints").then(|| pair.clone());
-        self.records.replace(ByKey(pair));
-        endpoint
+        self.records.replace(record);
     }
 
-    fn remove(&mut self, key: &str) -> Option<KvPair> {
-        let old = self.records.take(key)?.0;
-        if let Some(address) = self.claim(&old) {
-            if let Some(keys) = self.claims.get_mut(&address) {
-                keys.retain(|k| &**k != key);
-                if keys.is_empty() {
-                    self.claims.remove(&address);
+    fn add_claim(&mut self, ip: Ipv4Addr, key: Arc<str>) {
+        match self.claims.entry(ip) {
+            std::collections::hash_map::Entry::Occupied(mut claimants) => {
+                claimants.get_mut().add(key)
+            }
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(Claimants::One(key));
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Stored> {
+        let old = self.records.take(key)?;
+        if let Some((_, ip)) = self.claim(&old) {
+            if let Some(claimants) = self.claims.get_mut(&ip) {
+                if !claimants.remove(key) {
+                    self.claims.remove(&ip);
                 }
             }
         }
@@ -320,9 +434,9 @@ impl Mirror {
 
     /// The address an endpoint record claims (`None`: not an endpoint record, or one
     /// whose address cannot be read, which the record rules reject on its own).
-    fn claim(&self, pair: &KvPair) -> Option<Address> {
-        let network = self.keys.parse_endpoint_network(&pair.key)?;
-        let claim: Claim = serde_json::from_slice(&pair.value).ok()?;
+    fn claim(&self, record: &Stored) -> Option<Address> {
+        let network = self.keys.parse_endpoint_network(&record.key)?;
+        let claim: Claim = serde_json::from_slice(&record.value).ok()?;
         Some((network.to_string(), claim.ip))
     }
 
@@ -335,13 +449,13 @@ impl Mirror {
 }
 
 /// The (network, id) of an endpoint record that places its endpoint on `node`.
-fn own_endpoint(pair: &KvPair, node: &str) -> Option<(String, String)> {
+fn own_endpoint(record: &Stored, node: &str) -> Option<(String, String)> {
     #[derive(serde::Deserialize)]
     struct Placement {
         node: String,
         network: String,
         id: String,
     }
-    let placement = serde_json::from_slice::<Placement>(&pair.value).ok()?;
+    let placement = serde_json::from_slice::<Placement>(&record.value).ok()?;
     (placement.node == node).then_some((placement.network, placement.id))
 }

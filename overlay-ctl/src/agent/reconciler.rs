@@ -257,7 +257,7 @@ impl Agent {
             if !cluster.kept.is_empty() {
                 if let Some(desired) = cluster.desired.take() {
                     let mut current = Arc::unwrap_or_clone(desired);
-                    cluster.kept.apply_in_place(&mut current);
+                    std::mem::take(&mut cluster.kept).apply_in_place(&mut current);
                     cluster.set_desired(Arc::new(current), self.node());
                 }
             }

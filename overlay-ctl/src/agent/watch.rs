@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::{delta::DeltaOutcome, lock, reconcile::ClusterState, reconciler::Fetch, Agent};
 use crate::{
-    store::backend::KvPair,
+    store::backend::Record,
     store::feed::{FeedEvent, KvChange, StoreFeed, Versions},
     store::identity::{self, Judgement, Trust},
     store::records,
@@ -489,9 +489,9 @@ impl Agent {
 
     /// Judges one full read of the store against the cluster id ([`crate::store::identity`]):
     /// the state to apply, or `None` to keep the maps as they are.
-    pub(super) fn judge<'p>(
+    pub(super) fn judge<'p, R: Record + 'p>(
         &self,
-        pairs: impl IntoIterator<Item = &'p KvPair> + Clone,
+        pairs: impl IntoIterator<Item = &'p R> + Clone,
     ) -> Option<Arc<ClusterState>> {
         let prefix = self.store.prefix();
         let read = self.ingest(pairs.clone());
@@ -517,7 +517,7 @@ impl Agent {
 
     /// Parses a read of the whole prefix at the validation boundary: the valid state for
     /// this node, with every rejected record logged once (while it lasts) and counted.
-    fn ingest<'p>(&self, pairs: impl IntoIterator<Item = &'p KvPair>) -> ClusterState {
+    fn ingest<'p, R: Record + 'p>(&self, pairs: impl IntoIterator<Item = &'p R>) -> ClusterState {
         let vtep = self.vtep();
         let mut cluster = lock(&self.cluster);
         let view = records::View::Node {

@@ -43,6 +43,41 @@ impl KvPair {
     }
 }
 
+/// What the record rules ([`crate::store::records`]) read of an entry: a [`KvPair`] as
+/// read from the store, or the agent's compact copy of one (its mirror keeps twenty
+/// thousand of them, without the fields no rule reads).
+pub trait Record {
+    fn key(&self) -> &str;
+    fn value(&self) -> &[u8];
+    fn create_index(&self) -> u64;
+    fn modify_index(&self) -> u64;
+    /// The session holding the entry, if any.
+    fn session(&self) -> Option<&str>;
+
+    /// The value as UTF-8 text (lossy).
+    fn value_text(&self) -> String {
+        String::from_utf8_lossy(self.value()).into_owned()
+    }
+}
+
+impl Record for KvPair {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn value(&self) -> &[u8] {
+        &self.value
+    }
+    fn create_index(&self) -> u64 {
+        self.create_index
+    }
+    fn modify_index(&self) -> u64 {
+        self.modify_index
+    }
+    fn session(&self) -> Option<&str> {
+        self.session.as_deref()
+    }
+}
+
 /// The KV primitives the cluster-state code needs from a store. Every future is `Send`
 /// (the agent runs store calls on spawned tasks).
 pub trait KvBackend: Send + Sync {

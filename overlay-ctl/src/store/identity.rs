@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 use crate::{
     store::ClusterState,
     store::{
-        backend::{KvBackend as _, KvPair},
+        backend::{KvBackend as _, Record},
         keys::Keys,
         Endpoint, IpAllocation, Network, Store, StoreError,
     },
@@ -82,10 +82,13 @@ pub fn cluster_id_key(store: &Store) -> String {
 }
 
 /// The cluster id in one full read of the prefix (`None`: absent or unreadable).
-pub fn find<'p>(prefix: &str, pairs: impl IntoIterator<Item = &'p KvPair>) -> Option<ClusterId> {
+pub fn find<'p, R: Record + 'p>(
+    prefix: &str,
+    pairs: impl IntoIterator<Item = &'p R>,
+) -> Option<ClusterId> {
     let key = Keys::new(prefix).cluster_id();
-    let pair = pairs.into_iter().find(|p| p.key == key)?;
-    serde_json::from_slice(&pair.value).ok()
+    let pair = pairs.into_iter().find(|p| p.key() == key)?;
+    serde_json::from_slice(pair.value()).ok()
 }
 
 /// Creates the cluster id unless one exists (the bootstrapping agent does this): a new

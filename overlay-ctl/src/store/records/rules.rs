@@ -7,7 +7,7 @@ use overlay_common::MacAddr;
 
 use super::{RecordKind, RejectReason, Rejection};
 use crate::{
-    store::consul::KvPair,
+    store::backend::Record,
     store::{self, Endpoint, IpAllocation, Network, NodeInfo},
     store::{ipam, mtu},
 };
@@ -46,15 +46,15 @@ pub fn check_mac(mac: MacAddr) -> Result<(), &'static str> {
 /// An endpoint record that does not decode because of its `mac` text alone is a bad MAC,
 /// not a malformed record (the reason labels a metric, and was `bad_mac` before the MAC
 /// had a type of its own).
-fn unreadable_mac(pair: &KvPair) -> Option<Rejection> {
+fn unreadable_mac(pair: &dyn Record) -> Option<Rejection> {
     #[derive(serde::Deserialize)]
     struct MacText {
         mac: String,
     }
-    let text = serde_json::from_slice::<MacText>(&pair.value).ok()?.mac;
+    let text = serde_json::from_slice::<MacText>(pair.value()).ok()?.mac;
     let error = text.parse::<MacAddr>().err()?;
     Some(Rejection::new(
-        &pair.key,
+        pair.key(),
         RecordKind::Endpoint,
         RejectReason::BadMac,
         format!("{text:?}: {error}"),
@@ -62,11 +62,11 @@ fn unreadable_mac(pair: &KvPair) -> Option<Rejection> {
 }
 
 /// The `config/vxlan-port` record, by the rule of `cluster set vxlan-port`.
-pub fn parse_vxlan_port(prefix: &str, pair: &KvPair) -> Result<u16, Rejection> {
+pub fn parse_vxlan_port(prefix: &str, pair: &dyn Record) -> Result<u16, Rejection> {
     let kind = RecordKind::Config;
-    if pair.key != format!("{prefix}config/vxlan-port") {
+    if pair.key() != format!("{prefix}config/vxlan-port") {
         return Err(Rejection::new(
-            &pair.key,
+            pair.key(),
             kind,
             RejectReason::BadKey,
             "not the VXLAN port's key",
@@ -74,31 +74,34 @@ pub fn parse_vxlan_port(prefix: &str, pair: &KvPair) -> Result<u16, Rejection> {
     }
     let port: u64 = decode(pair, kind)?;
     store::settings::check_vxlan_port(port)
-        .map_err(|e| Rejection::new(&pair.key, kind, RejectReason::BadPort, e.to_string()))
+        .map_err(|e| Rejection::new(pair.key(), kind, RejectReason::BadPort, e.to_string()))
 }
 
 /// A network record that does not decode because of its `egress` text alone has a bad
 /// egress mode, not a malformed record (an operator's typo names the field).
-fn unreadable_egress(pair: &KvPair) -> Option<Rejection> {
+fn unreadable_egress(pair: &dyn Record) -> Option<Rejection> {
     #[derive(serde::Deserialize)]
     struct EgressText {
         egress: serde_json::Value,
     }
-    let text = serde_json::from_slice::<EgressText>(&pair.value)
+    let text = serde_json::from_slice::<EgressText>(pair.value())
         .ok()?
         .egress;
     let error = serde_json::from_value::<store::EgressMode>(text.clone()).err()?;
     Some(Rejection::new(
-        &pair.key,
+        pair.key(),
         RecordKind::Network,
         RejectReason::BadEgress,
         format!("egress {text}: {error} (masquerade or none)"),
     ))
 }
 
-fn decode<T: serde::de::DeserializeOwned>(pair: &KvPair, kind: RecordKind) -> Result<T, Rejection> {
-    serde_json::from_slice(&pair.value)
-        .map_err(|e| Rejection::new(&pair.key, kind, RejectReason::Malformed, e.to_string()))
+fn decode<T: serde::de::DeserializeOwned>(
+    pair: &dyn Record,
+    kind: RecordKind,
+) -> Result<T, Rejection> {
+    serde_json::from_slice(pair.value())
+        .map_err(|e| Rejection::new(pair.key(), kind, RejectReason::Malformed, e.to_string()))
 }
 
 /// The part of `key` after `prefix` + `section` (e.g. `networks/`).
@@ -108,11 +111,11 @@ fn key_rest<'k>(key: &'k str, prefix: &str, section: &str) -> Option<&'k str> {
 
 /// One `networks/<name>` record, by the rules of `network create` (the VNI's ownership
 /// and overlaps with other networks are [`parse_snapshot`]'s).
-pub fn parse_network(prefix: &str, pair: &KvPair) -> Result<Network, Rejection> {
+pub fn parse_network(prefix: &str, pair: &dyn Record) -> Result<Network, Rejection> {
     use RejectReason::*;
     let kind = RecordKind::Network;
-    let reject = |reason, detail: String| Rejection::new(&pair.key, kind, reason, detail);
-    let name = key_rest(&pair.key, prefix, "networks/").unwrap_or(&pair.key);
+    let reject = |reason, detail: String| Rejection::new(pair.key(), kind, reason, detail);
+    let name = key_rest(pair.key(), prefix, "networks/").unwrap_or(pair.key());
     ipam::validate_name(name).map_err(|e| reject(BadKey, e.to_string()))?;
     let network: Network = decode(pair, kind).map_err(|e| unreadable_egress(pair).unwrap_or(e))?;
     if network.name != name {
@@ -132,11 +135,11 @@ pub fn parse_network(prefix: &str, pair: &KvPair) -> Result<Network, Rejection> 
 }
 
 /// One `nodes/<name>` record: a valid name, VTEP and underlay MTU, held by a session.
-pub fn parse_node(prefix: &str, pair: &KvPair) -> Result<NodeInfo, Rejection> {
+pub fn parse_node(prefix: &str, pair: &dyn Record) -> Result<NodeInfo, Rejection> {
     use RejectReason::*;
     let kind = RecordKind::Node;
-    let reject = |reason, detail: String| Rejection::new(&pair.key, kind, reason, detail);
-    let name = key_rest(&pair.key, prefix, "nodes/").unwrap_or(&pair.key);
+    let reject = |reason, detail: String| Rejection::new(pair.key(), kind, reason, detail);
+    let name = key_rest(pair.key(), prefix, "nodes/").unwrap_or(pair.key());
     store::check_segment("node name", name).map_err(|e| reject(BadKey, e.to_string()))?;
     let node: NodeInfo = decode(pair, kind)?;
     if node.name != name {
@@ -158,7 +161,7 @@ pub fn parse_node(prefix: &str, pair: &KvPair) -> Result<NodeInfo, Rejection> {
             format!("invalid interface name {:?}", node.iface),
         ));
     }
-    if pair.session.as_deref().is_none_or(str::is_empty) {
+    if pair.session().is_none_or(str::is_empty) {
         return Err(reject(
             NoSession,
             "not held by a session, so not a live node".to_string(),
@@ -171,13 +174,13 @@ pub fn parse_node(prefix: &str, pair: &KvPair) -> Result<NodeInfo, Rejection> {
 /// of `run`/`attach` (the address's ownership and duplicates are [`parse_snapshot`]'s).
 pub fn parse_endpoint(
     prefix: &str,
-    pair: &KvPair,
+    pair: &dyn Record,
     network: Option<&Network>,
 ) -> Result<Endpoint, Rejection> {
     use RejectReason::*;
     let kind = RecordKind::Endpoint;
-    let reject = |reason, detail: String| Rejection::new(&pair.key, kind, reason, detail);
-    let rest = key_rest(&pair.key, prefix, "endpoints/").unwrap_or(&pair.key);
+    let reject = |reason, detail: String| Rejection::new(pair.key(), kind, reason, detail);
+    let rest = key_rest(pair.key(), prefix, "endpoints/").unwrap_or(pair.key());
     let Some((net_name, id)) = rest.split_once('/') else {
         return Err(reject(BadKey, "not endpoints/<network>/<id>".to_string()));
     };
@@ -230,11 +233,12 @@ pub fn parse_endpoint(
 /// One `ipam/<network>/<ip>` record: ((network, address), allocation).
 pub fn parse_allocation(
     prefix: &str,
-    pair: &KvPair,
+    pair: &dyn Record,
 ) -> Result<((String, Ipv4Addr), IpAllocation), Rejection> {
     let kind = RecordKind::Ipam;
-    let reject = |reason, detail: &str| Rejection::new(&pair.key, kind, reason, detail.to_string());
-    let rest = key_rest(&pair.key, prefix, "ipam/").unwrap_or(&pair.key);
+    let reject =
+        |reason, detail: &str| Rejection::new(pair.key(), kind, reason, detail.to_string());
+    let rest = key_rest(pair.key(), prefix, "ipam/").unwrap_or(pair.key());
     let Some((network, ip)) = rest.split_once('/') else {
         return Err(reject(RejectReason::BadKey, "not ipam/<network>/<ip>"));
     };

@@ -13,7 +13,7 @@ use super::{
     RejectReason, Rejection, Snapshot, View,
 };
 use crate::{
-    store::consul::KvPair,
+    store::backend::Record,
     store::ClusterState,
     store::{Endpoint, IpAllocation, Network, NodeInfo},
 };
@@ -24,14 +24,14 @@ type Allocations = BTreeMap<(String, Ipv4Addr), IpAllocation>;
 /// Parses everything under `prefix` (one recursive read or watch answer) into the valid
 /// cluster state and the rejected records. Deterministic: the same pairs give the same
 /// result on every node (up to the [`View`]'s own-node preferences).
-pub fn parse_snapshot<'p>(
+pub fn parse_snapshot<'p, R: Record + 'p>(
     prefix: &str,
-    pairs: impl IntoIterator<Item = &'p KvPair>,
+    pairs: impl IntoIterator<Item = &'p R>,
     view: View<'_>,
 ) -> Snapshot {
-    let mut sections: BTreeMap<&str, Vec<&KvPair>> = BTreeMap::new();
+    let mut sections: BTreeMap<&str, Vec<&dyn Record>> = BTreeMap::new();
     for pair in pairs {
-        let Some(rest) = pair.key.strip_prefix(prefix) else {
+        let Some(rest) = pair.key().strip_prefix(prefix) else {
             continue;
         };
         let section = rest.split('/').next().unwrap_or_default();
@@ -71,25 +71,25 @@ pub fn parse_snapshot<'p>(
 /// the same on every node, so the nodes keep agreeing on the port).
 fn accept_vxlan_port(
     prefix: &str,
-    pairs: &[&KvPair],
+    pairs: &[&dyn Record],
     rejected: &mut Vec<Rejection>,
 ) -> Option<u16> {
     let key = format!("{prefix}config/vxlan-port");
-    let pair = pairs.iter().find(|p| p.key == key)?;
+    let pair = *pairs.iter().find(|p| p.key() == key)?;
     parse_vxlan_port(prefix, pair)
         .map_err(|r| rejected.push(r))
         .ok()
 }
 
 /// VNI claims: vni -> the network its `vni/N` key names.
-fn vni_claims(prefix: &str, pairs: &[&KvPair]) -> BTreeMap<u32, String> {
+fn vni_claims(prefix: &str, pairs: &[&dyn Record]) -> BTreeMap<u32, String> {
     let vni_prefix = format!("{prefix}vni/");
     pairs
         .iter()
         .filter_map(|p| {
             Some((
-                p.key.strip_prefix(&vni_prefix)?.parse().ok()?,
-                p.value_str(),
+                p.key().strip_prefix(&vni_prefix)?.parse().ok()?,
+                p.value_text(),
             ))
         })
         .collect()
@@ -97,11 +97,11 @@ fn vni_claims(prefix: &str, pairs: &[&KvPair]) -> BTreeMap<u32, String> {
 
 fn accept_allocations(
     prefix: &str,
-    pairs: &[&KvPair],
+    pairs: &[&dyn Record],
     rejected: &mut Vec<Rejection>,
 ) -> Allocations {
     let mut allocations = BTreeMap::new();
-    for pair in pairs {
+    for &pair in pairs {
         match parse_allocation(prefix, pair) {
             Ok((key, value)) => {
                 allocations.insert(key, value);
@@ -115,12 +115,12 @@ fn accept_allocations(
 /// Networks: per record, then the VNI claim, then overlaps (earlier created wins).
 fn accept_networks(
     prefix: &str,
-    pairs: &[&KvPair],
+    pairs: &[&dyn Record],
     claims: &BTreeMap<u32, String>,
     rejected: &mut Vec<Rejection>,
 ) -> Vec<Network> {
     let mut candidates = Vec::new();
-    for pair in pairs {
+    for &pair in pairs {
         let network = match parse_network(prefix, pair) {
             Ok(network) => network,
             Err(r) => {
@@ -138,14 +138,14 @@ fn accept_networks(
                 ),
             };
             rejected.push(Rejection::new(
-                &pair.key,
+                pair.key(),
                 RecordKind::Network,
                 RejectReason::VniNotOwned,
                 detail,
             ));
             continue;
         }
-        candidates.push((pair.create_index, network, pair.key.as_str()));
+        candidates.push((pair.create_index(), network, pair.key()));
     }
     candidates.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
     let mut subnets = SubnetSet::default();
@@ -173,14 +173,14 @@ fn accept_networks(
 /// Nodes: per record, then VTEP conflicts (earlier registered wins; never ours).
 fn accept_nodes(
     prefix: &str,
-    pairs: &[&KvPair],
+    pairs: &[&dyn Record],
     view: View<'_>,
     rejected: &mut Vec<Rejection>,
 ) -> Vec<NodeInfo> {
     let mut candidates = Vec::new();
-    for pair in pairs {
+    for &pair in pairs {
         match parse_node(prefix, pair) {
-            Ok(node) => candidates.push((pair.create_index, node, pair.key.as_str())),
+            Ok(node) => candidates.push((pair.create_index(), node, pair.key())),
             Err(r) => rejected.push(r),
         }
     }
@@ -222,7 +222,7 @@ struct EndpointContext<'a> {
 /// Endpoints: per record, then one per (network, address).
 fn accept_endpoints(
     prefix: &str,
-    pairs: &[&KvPair],
+    pairs: &[&dyn Record],
     context: EndpointContext<'_>,
     rejected: &mut Vec<Rejection>,
 ) -> Vec<Endpoint> {
@@ -233,9 +233,9 @@ fn accept_endpoints(
         .collect();
     let mut groups: BTreeMap<(String, Ipv4Addr), Vec<(Endpoint, &str)>> = BTreeMap::new();
     let endpoint_prefix = format!("{prefix}endpoints/");
-    for pair in pairs {
+    for &pair in pairs {
         let network = pair
-            .key
+            .key()
             .strip_prefix(&endpoint_prefix)
             .and_then(|rest| rest.split('/').next())
             .and_then(|name| by_name.get(name).copied());
@@ -243,11 +243,13 @@ fn accept_endpoints(
             Ok(e) => groups
                 .entry((e.network.clone(), e.ip))
                 .or_default()
-                .push((e, pair.key.as_str())),
+                .push((e, pair.key())),
             Err(r) => rejected.push(r),
         }
     }
-    let mut endpoints = Vec::new();
+    // At most one per address: no spare capacity kept with the agent's desired state
+    // (a doubled vector of twenty thousand endpoints wastes a third of it).
+    let mut endpoints = Vec::with_capacity(groups.len());
     for ((network, ip), group) in groups {
         let winner = address_winner(&network, ip, &group, context);
         for (endpoint, key) in group {
