@@ -13,6 +13,7 @@ use std::{
 };
 
 use overlay_ctl::{
+    store::backend::Record as _,
     store::consul::{ConsulClient, SessionBehavior},
     store::{Endpoint, IpAllocation, NodeInfo},
 };

@@ -101,7 +101,7 @@ impl Placement {
 /// What the changes applied on their own found since the desired state was last set:
 /// `desired` with these in place is the full judgement of the mirror, so a resync plans
 /// from it without judging twenty thousand records again ([`Kept::apply_in_place`]).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct Kept {
     /// The endpoints judged valid at every address the changes touched (none: the
     /// address is free now).
@@ -171,11 +171,7 @@ impl Kept {
     #[cfg(test)]
     pub fn applied_to(&self, state: &ClusterState) -> ClusterState {
         let mut state = state.clone();
-        let kept = Kept {
-            endpoints: self.endpoints.clone(),
-            nodes: self.nodes.clone(),
-        };
-        kept.apply_in_place(&mut state);
+        self.clone().apply_in_place(&mut state);
         state
     }
 

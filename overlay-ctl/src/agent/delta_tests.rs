@@ -555,11 +555,9 @@ fn a_record_naming_this_node_that_it_did_not_create_gets_no_entry() {
     f.assert_as_planned("records naming this node");
 }
 
-/// What a resync's stages cost at 20,000 endpoints on 100 nodes: run with `--ignored
-/// --nocapture` in a release build.
-#[test]
-#[ignore]
-fn resync_stages_at_twenty_thousand_endpoints() {
+/// One network, this node and 100 others, and `endpoints` endpoints spread over the
+/// others (the scale benchmark's shape), for the measurements below.
+fn large_cluster(endpoints: u32) -> Vec<KvPair> {
     let mut pairs = network("net1", "10.96.0.0/12", 7);
     pairs.push(node(SELF, 1));
     for n in 0..100u32 {
@@ -572,14 +570,23 @@ fn resync_stages_at_twenty_thousand_endpoints() {
             Some("s"),
         ));
     }
-    for i in 0..20_000u32 {
+    for i in 0..endpoints {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 1, 0)) + i);
         pairs.extend(endpoint(
-            &format!("e{i}"),
+            &format!("s{i:06}"),
             &ip.to_string(),
             &format!("n{}", i % 100),
         ));
     }
+    pairs
+}
+
+/// What a resync's stages cost at 20,000 endpoints on 100 nodes: run with `--ignored
+/// --nocapture` in a release build.
+#[test]
+#[ignore]
+fn resync_stages_at_twenty_thousand_endpoints() {
+    let pairs = large_cluster(20_000);
     let mut mirror = Mirror::new(P);
     mirror.replace(pairs);
     let links = BTreeSet::new();
@@ -733,26 +740,7 @@ fn memory_per_endpoint_at_twenty_thousand_endpoints() {
     }
     // Before the records are made: the mirror is what stays of them.
     let mut last = in_use();
-    let mut pairs = network("net1", "10.96.0.0/12", 7);
-    pairs.push(node(SELF, 1));
-    for n in 0..100u32 {
-        pairs.push(pair(
-            &format!("nodes/n{n}"),
-            &format!(
-                r#"{{"name":"n{n}","vtep":"198.18.1.{}","iface":"eth0"}}"#,
-                n + 1
-            ),
-            Some("s"),
-        ));
-    }
-    for i in 0..ENDPOINTS {
-        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 1, 0)) + i);
-        pairs.extend(endpoint(
-            &format!("s{i:06}"),
-            &ip.to_string(),
-            &format!("n{}", i % 100),
-        ));
-    }
+    let pairs = large_cluster(ENDPOINTS);
     let mut report = |stage: &str| {
         let now = in_use();
         println!(

@@ -34,7 +34,7 @@ use crate::{
     agent::local_state::{LocalEndpoint, LocalState, LocalStateError},
     dataplane::netlink::{self, NetlinkError},
     dataplane::netns::NetNs,
-    store::backend::{KvBackend as _, KvPair},
+    store::backend::{KvBackend as _, KvPair, Record as _},
     store::consul::ConsulError,
     store::{decode, Endpoint, IpAllocation, Network, Store, StoreError, SubnetClaims},
 };

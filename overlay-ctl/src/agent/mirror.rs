@@ -81,9 +81,6 @@ impl Record for Stored {
     fn create_index(&self) -> u64 {
         self.create_index
     }
-    fn modify_index(&self) -> u64 {
-        self.modify_index
-    }
     fn session(&self) -> Option<&str> {
         self.session.as_deref()
     }
@@ -243,6 +240,7 @@ impl Mirror {
 
     /// Replaces everything with a snapshot.
     pub fn replace(&mut self, pairs: Vec<KvPair>) {
+        // The old copy goes first: never two copies of the cluster at once.
         self.records = BTreeSet::new();
         self.claims = HashMap::new();
         // Collected, not inserted one by one: a set built from a whole sequence fills
@@ -251,11 +249,10 @@ impl Mirror {
             .filter(|pair| JUDGED_SECTIONS.contains(&self.section(&pair.key)))
             .map(Stored::from)
             .collect();
-        let claims: Vec<(Ipv4Addr, Arc<str>)> = (self.records.iter())
-            .filter_map(|record| Some((self.claim(record)?.1, record.key.clone())))
-            .collect();
-        for (ip, key) in claims {
-            self.add_claim(ip, key);
+        for record in &self.records {
+            if let Some(ip) = claimed_ip(&self.keys, record) {
+                add_claim(&mut self.claims, ip, record.key.clone());
+            }
         }
         self.claims.shrink_to_fit();
         self.synced = true;
@@ -398,26 +395,15 @@ impl Mirror {
             return;
         }
         let record = Stored::from(pair);
-        if let Some((_, ip)) = self.claim(&record) {
-            self.add_claim(ip, record.key.clone());
+        if let Some(ip) = claimed_ip(&self.keys, &record) {
+            add_claim(&mut self.claims, ip, record.key.clone());
         }
         self.records.replace(record);
     }
 
-    fn add_claim(&mut self, ip: Ipv4Addr, key: Arc<str>) {
-        match self.claims.entry(ip) {
-            std::collections::hash_map::Entry::Occupied(mut claimants) => {
-                claimants.get_mut().add(key)
-            }
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                entry.insert(Claimants::One(key));
-            }
-        }
-    }
-
     fn remove(&mut self, key: &str) -> Option<Stored> {
         let old = self.records.take(key)?;
-        if let Some((_, ip)) = self.claim(&old) {
+        if let Some(ip) = claimed_ip(&self.keys, &old) {
             if let Some(claimants) = self.claims.get_mut(&ip) {
                 if !claimants.remove(key) {
                     self.claims.remove(&ip);
@@ -436,8 +422,7 @@ impl Mirror {
     /// whose address cannot be read, which the record rules reject on its own).
     fn claim(&self, record: &Stored) -> Option<Address> {
         let network = self.keys.parse_endpoint_network(&record.key)?;
-        let claim: Claim = serde_json::from_slice(&record.value).ok()?;
-        Some((network.to_string(), claim.ip))
+        Some((network.to_string(), claimed_ip(&self.keys, record)?))
     }
 
     fn allocation_address(&self, key: &str) -> Option<Address> {
@@ -445,6 +430,23 @@ impl Mirror {
         let (network, _) = rest.split_once('/')?;
         let ip = self.keys.parse_allocation(network, key)?;
         Some((network.to_string(), ip))
+    }
+}
+
+/// The address an endpoint record claims, without its network (the claims index's key;
+/// `None` as for [`Mirror::claim`]).
+fn claimed_ip(keys: &Keys, record: &Stored) -> Option<Ipv4Addr> {
+    keys.parse_endpoint_network(&record.key)?;
+    let claim: Claim = serde_json::from_slice(&record.value).ok()?;
+    Some(claim.ip)
+}
+
+fn add_claim(claims: &mut HashMap<Ipv4Addr, Claimants>, ip: Ipv4Addr, key: Arc<str>) {
+    match claims.entry(ip) {
+        std::collections::hash_map::Entry::Occupied(mut claimants) => claimants.get_mut().add(key),
+        std::collections::hash_map::Entry::Vacant(entry) => {
+            entry.insert(Claimants::One(key));
+        }
     }
 }
 

@@ -2,7 +2,10 @@
 //! (`applied/<node>`), so a writer can wait until every peer applied its change.
 use std::{collections::BTreeMap, time::Duration};
 
-use super::{backend::KvBackend as _, check_segment, Store, StoreError};
+use super::{
+    backend::{KvBackend as _, Record as _},
+    check_segment, Store, StoreError,
+};
 
 impl Store {
     /// Records that `node`'s maps hold the cluster state as of KV index `index`.

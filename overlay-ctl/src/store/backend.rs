@@ -36,13 +36,6 @@ pub struct KvPair {
     pub session: Option<String>,
 }
 
-impl KvPair {
-    /// The value as UTF-8 text (lossy).
-    pub fn value_str(&self) -> String {
-        String::from_utf8_lossy(&self.value).into_owned()
-    }
-}
-
 /// What the record rules ([`crate::store::records`]) read of an entry: a [`KvPair`] as
 /// read from the store, or the agent's compact copy of one (its mirror keeps twenty
 /// thousand of them, without the fields no rule reads).
@@ -50,12 +43,11 @@ pub trait Record {
     fn key(&self) -> &str;
     fn value(&self) -> &[u8];
     fn create_index(&self) -> u64;
-    fn modify_index(&self) -> u64;
     /// The session holding the entry, if any.
     fn session(&self) -> Option<&str>;
 
     /// The value as UTF-8 text (lossy).
-    fn value_text(&self) -> String {
+    fn value_str(&self) -> String {
         String::from_utf8_lossy(self.value()).into_owned()
     }
 }
@@ -69,9 +61,6 @@ impl Record for KvPair {
     }
     fn create_index(&self) -> u64 {
         self.create_index
-    }
-    fn modify_index(&self) -> u64 {
-        self.modify_index
     }
     fn session(&self) -> Option<&str> {
         self.session.as_deref()

@@ -9,7 +9,7 @@ use overlay_common::{capacity, map_names};
 use tracing::{debug, info, warn};
 
 use super::{
-    backend::KvBackend as _,
+    backend::{KvBackend as _, Record as _},
     decode, encode, ipam,
     mtu::{self, MtuChoice},
     records, skip_invalid, EgressMode, Network, Store, StoreError, SubnetClaims, DEFAULT_GATEWAY,

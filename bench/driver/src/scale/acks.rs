@@ -10,7 +10,7 @@ use std::{
 };
 
 use overlay_ctl::store::{
-    backend::{KvBackend as _, KvPair, StoreBackend},
+    backend::{KvBackend as _, KvPair, Record as _, StoreBackend},
     etcd::{PrefixWatch, WatchEvent, WatchUpdate},
     Store,
 };

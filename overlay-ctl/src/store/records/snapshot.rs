@@ -89,7 +89,7 @@ fn vni_claims(prefix: &str, pairs: &[&dyn Record]) -> BTreeMap<u32, String> {
         .filter_map(|p| {
             Some((
                 p.key().strip_prefix(&vni_prefix)?.parse().ok()?,
-                p.value_text(),
+                p.value_str(),
             ))
         })
         .collect()
